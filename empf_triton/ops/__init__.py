@@ -1,0 +1,1 @@
+"""Public ops: validation, implementation choice and autograd wrappers over kernels/ and reference/."""

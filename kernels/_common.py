@@ -1,0 +1,86 @@
+"""Shared pieces of the Triton kernels: allocation, autotune pinning, launch options, jit helpers.
+
+Only `kernels/` imports triton. Whether kernels run in Triton's CPU interpreter or on the GPU is
+decided when this package is imported: `TRITON_INTERPRET=1` must already be in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: True when kernels run in Triton's CPU interpreter (read once, at import, as Triton does).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Tests set EMPF_POISON_EMPTY=1 so that any output a kernel forgets to write reads as NaN (or 0xFF).
+_POISON: bool = os.environ.get("EMPF_POISON_EMPTY", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """Autotuning needs a GPU driver; under the interpreter or with EMPF_AUTOTUNE=0 pin one config."""
+    return not INTERPRET and os.environ.get("EMPF_AUTOTUNE", "1") != "0"
+
+
+def pick_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """All configs when autotuning, otherwise only the first (the pinned default)."""
+    return configs if autotune_enabled() else configs[:1]
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """`torch.empty`, filled with NaN (floats) or all-ones bits (integers) under test."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON:
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        else:
+            out.fill_(-1 if dtype.is_signed else torch.iinfo(dtype).max)
+    return out
+
+
+def launch_options() -> dict:
+    """Compile options for every launch.
+
+    `enable_fp_fusion=False` stops `a * b + c` from becoming one FMA, so fp32 results round
+    exactly like the eager reference (which multiplies and adds in two steps).
+    """
+    return {"enable_fp_fusion": False}
+
+
+@triton.jit
+def round_half_even(x):
+    """Round to the nearest integer, ties to even (as `torch.round`); NaN stays NaN."""
+    r = tl.floor(x)
+    d = x - r
+    r_odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & r_odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def spike_code(s, step, levels_m1):
+    """k-bit spike code `clamp(round(s / step), 0, 2^k - 1)` in fp32; NaN propagates.
+
+    `levels_m1` is 2^k - 1. The division is IEEE round-to-nearest like torch's.
+    """
+    c = round_half_even(tl.math.div_rn(s, step))
+    c = tl.where(c < 0.0, 0.0, c)
+    c = tl.where(c > levels_m1, levels_m1, c)
+    return c
+
+
+@triton.jit
+def pack_bits(h, BLOCK: tl.constexpr):
+    """Pack a [BLOCK] 0/1 int32 vector into [BLOCK // 8] bytes (element i -> bit i % 8)."""
+    h8 = tl.reshape(h, [BLOCK // 8, 8])
+    shifts = tl.arange(0, 8)
+    return tl.sum(h8 << shifts[None, :], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def unpack_bit(p_bits, o_elem, m_elem):
+    """Bit `o_elem` of a packed byte array (element i lives in byte i // 8, bit i % 8)."""
+    b_byte = tl.load(p_bits + o_elem // 8, mask=m_elem, other=0).to(tl.int32)
+    return (b_byte >> (o_elem % 8).to(tl.int32)) & 1

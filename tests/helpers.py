@@ -1,0 +1,43 @@
+"""Comparison helpers shared by the op tests."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+_EPS = {
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float64: torch.finfo(torch.float64).eps,
+}
+
+
+def assert_close_to_oracle(
+    name: str,
+    out: torch.Tensor | None,
+    ref: torch.Tensor | None,
+    oracle: torch.Tensor | None,
+    *,
+    factor: float = 2.0,
+    allowance: float = 4.0,
+) -> None:
+    """The kernel's error against the fp64 oracle is at most `factor` x the same-dtype reference's
+    error plus `allowance` roundings of the output dtype at the oracle's scale."""
+    if oracle is None:
+        assert out is None or not torch.any(out != 0), f"{name}: expected no gradient"
+        return
+    assert out is not None, f"{name}: missing output"
+    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    assert ref is not None and ref.dtype == out.dtype, f"{name}: reference dtype mismatch"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    o64 = oracle.double().cpu()
+    err_out = (out.double().cpu() - o64).abs().max().item() if out.numel() else 0.0
+    err_ref = (ref.double().cpu() - o64).abs().max().item() if ref.numel() else 0.0
+    scale = o64.abs().max().item() if o64.numel() else 0.0
+    tol = factor * err_ref + allowance * _EPS[out.dtype] * max(scale, 1.0)
+    assert err_out <= tol, (
+        f"{name} ({out.dtype}): max error {err_out:.3g} vs oracle exceeds {tol:.3g} "
+        f"(same-dtype reference error {err_ref:.3g}, scale {scale:.3g})"
+    )
