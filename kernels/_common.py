@@ -15,12 +15,12 @@ import triton.language as tl
 #: True when kernels run in Triton's CPU interpreter (read once, at import, as Triton does).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Tests set EMPF_POISON_EMPTY=1 so that any output a kernel forgets to write reads as NaN (or 0xFF).
+#: Tests set EMPF_POISON_EMPTY=1: an output a kernel forgets to write reads as NaN (or all ones).
 _POISON: bool = os.environ.get("EMPF_POISON_EMPTY", "0") == "1"
 
 
 def autotune_enabled() -> bool:
-    """Autotuning needs a GPU driver; under the interpreter or with EMPF_AUTOTUNE=0 pin one config."""
+    """Autotuning needs a GPU driver: under the interpreter or with EMPF_AUTOTUNE=0, pin one."""
     return not INTERPRET and os.environ.get("EMPF_AUTOTUNE", "1") != "0"
 
 

@@ -22,9 +22,11 @@ def assert_close_to_oracle(
     *,
     factor: float = 2.0,
     allowance: float = 4.0,
+    data_dtype: torch.dtype | None = None,
 ) -> None:
     """The kernel's error against the fp64 oracle is at most `factor` x the same-dtype reference's
-    error plus `allowance` roundings of the output dtype at the oracle's scale."""
+    error plus `allowance` roundings at the oracle's scale. Roundings are of `data_dtype` when
+    given (an fp32 parameter gradient computed from bf16 data), else of the output's dtype."""
     if oracle is None:
         assert out is None or not torch.any(out != 0), f"{name}: expected no gradient"
         return
@@ -36,7 +38,8 @@ def assert_close_to_oracle(
     err_out = (out.double().cpu() - o64).abs().max().item() if out.numel() else 0.0
     err_ref = (ref.double().cpu() - o64).abs().max().item() if ref.numel() else 0.0
     scale = o64.abs().max().item() if o64.numel() else 0.0
-    tol = factor * err_ref + allowance * _EPS[out.dtype] * max(scale, 1.0)
+    eps = _EPS[data_dtype or out.dtype]
+    tol = factor * err_ref + allowance * eps * max(scale, 1.0)
     assert err_out <= tol, (
         f"{name} ({out.dtype}): max error {err_out:.3g} vs oracle exceeds {tol:.3g} "
         f"(same-dtype reference error {err_ref:.3g}, scale {scale:.3g})"

@@ -1,1 +1,1 @@
-"""Public ops: validation, implementation choice and autograd wrappers over kernels/ and reference/."""
+"""Public ops: validation, impl choice and autograd wrappers over kernels/ and reference/."""

@@ -7,6 +7,7 @@ reference. An explicit `impl="triton"` never falls back: it raises `TritonUnavai
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -67,7 +68,9 @@ def check_tensor(name: str, x: object, impl: str, *, min_dim: int = 0) -> torch.
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
         raise TypeError(f"{name} must have dtype in ({names}) for impl={impl!r}, got {x.dtype}")
     if x.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -90,9 +93,9 @@ def per_step(
 ) -> torch.Tensor:
     """A per-step parameter (float, 0-d or [T] tensor) as a [T] tensor, differentiable.
 
-    Floats become fp32 (fp64 for an fp64 current) and are checked (decay in (0, 1], finite threshold); tensor values are not inspected, so no
-    device sync happens on the hot path. Tensors keep their own floating dtype (kernels compute in
-    fp32) but must be on `like`'s device.
+    Floats become fp32 (fp64 for an fp64 current) and are checked (decay in (0, 1], threshold
+    finite); tensor values are not inspected, so no device sync happens on the hot path. Tensors
+    keep their own floating dtype (kernels compute in fp32) but must be on `like`'s device.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
@@ -135,3 +138,14 @@ def check_spike_bits(spike_bits: int | None, spike_step: float, *, allowed=None)
 def check_grad_mode(grad_mode: str) -> None:
     if grad_mode not in ("online", "bptt"):
         raise ValueError(f"grad_mode must be 'online' or 'bptt', got {grad_mode!r}")
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on `x`'s GPU (Triton launches on the current device), a no-op on the CPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def grad_wanted(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these inputs (checked outside Function.forward,
+    where grad mode is always off)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

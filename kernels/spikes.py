@@ -1,0 +1,188 @@
+"""Multi-precision spike kernels (EMPF.md §1): quantise, pack k-bit codes, unpack them.
+
+All three are memory-bound elementwise passes over flattened contiguous tensors. Codes are computed
+in fp32 from the input upcast to fp32 (`kernels._common.spike_code`: IEEE division, round half to
+even, clamp to 0..2^k-1). Packing puts 8 // k codes in a byte, little-endian inside the byte:
+element i lives in byte i // (8 // k) at bit offset (i % (8 // k)) * k.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import empty, launch_options, pick_configs, spike_code
+
+# The first config is the one pinned under the interpreter / EMPF_AUTOTUNE=0: large blocks so few
+# interpreted programs run, and a sound GPU default. Encode/decode blocks count bytes (each byte
+# holds 8 // k elements), so their element tiles are up to 8x larger for the same BLOCK.
+_ELEMENTWISE_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 4096}, num_warps=8),
+    triton.Config({"BLOCK": 512}, num_warps=4),
+]
+_PACK_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 512}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 256}, num_warps=2),
+]
+
+
+@triton.autotune(
+    configs=pick_configs(_ELEMENTWISE_CONFIGS),
+    key=["n_elements"],
+)
+@triton.jit
+def _quantize_spikes_fwd_kernel(p_s, p_out, n_elements, step, levels_m1, BLOCK: tl.constexpr):
+    """out[i] = clamp(round(s[i] / step), 0, levels_m1) * step; NaN propagates."""
+    pid = tl.program_id(0).to(tl.int64)
+    o_elem = pid * BLOCK + tl.arange(0, BLOCK)
+    m_elem = o_elem < n_elements
+    b_s = tl.load(p_s + o_elem, mask=m_elem, other=0.0).to(tl.float32)
+    b_c = spike_code(b_s, step, levels_m1)
+    tl.store(p_out + o_elem, (b_c * step).to(p_out.dtype.element_ty), mask=m_elem)
+
+
+@triton.autotune(
+    configs=pick_configs(_PACK_CONFIGS),
+    key=["n_bytes", "BITS"],
+)
+@triton.jit
+def _encode_spikes_kernel(
+    p_s,
+    p_codes,
+    n_elements,
+    n_bytes,
+    step,
+    levels_m1,
+    BITS: tl.constexpr,
+    PER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """codes[j] = sum_q code(s[j * PER + q]) << (q * BITS) over a [BLOCK, PER] tile of elements.
+
+    Elements past the end read as code 0, so the unused high bits of the last byte are zero.
+    NaN spikes get code 0: a float-to-int conversion of NaN is undefined on the GPU.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    o_byte = pid * BLOCK + tl.arange(0, BLOCK)
+    m_byte = o_byte < n_bytes
+    o_sub = tl.arange(0, PER)
+    o_elem = o_byte[:, None] * PER + o_sub[None, :]
+    m_elem = o_elem < n_elements
+    b_s = tl.load(p_s + o_elem, mask=m_elem, other=0.0).to(tl.float32)
+    b_c = spike_code(b_s, step, levels_m1)
+    b_c = tl.where(b_c == b_c, b_c, 0.0).to(tl.int32)
+    # Fields are disjoint, so the sum is the bitwise or.
+    b_byte = tl.sum(b_c << (o_sub * BITS)[None, :], axis=1)
+    tl.store(p_codes + o_byte, b_byte.to(tl.uint8), mask=m_byte)
+
+
+@triton.autotune(
+    configs=pick_configs(_PACK_CONFIGS),
+    key=["n_bytes", "BITS"],
+)
+@triton.jit
+def _decode_spikes_kernel(
+    p_codes,
+    p_out,
+    n_elements,
+    n_bytes,
+    step,
+    BITS: tl.constexpr,
+    PER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out[j * PER + q] = ((codes[j] >> (q * BITS)) & (2^BITS - 1)) * step, for elements < n."""
+    pid = tl.program_id(0).to(tl.int64)
+    o_byte = pid * BLOCK + tl.arange(0, BLOCK)
+    m_byte = o_byte < n_bytes
+    o_sub = tl.arange(0, PER)
+    o_elem = o_byte[:, None] * PER + o_sub[None, :]
+    m_elem = o_elem < n_elements
+    b_byte = tl.load(p_codes + o_byte, mask=m_byte, other=0).to(tl.int32)
+    b_c = (b_byte[:, None] >> (o_sub * BITS)[None, :]) & ((1 << BITS) - 1)
+    b_out = b_c.to(tl.float32) * step
+    tl.store(p_out + o_elem, b_out.to(p_out.dtype.element_ty), mask=m_elem)
+
+
+def quantize_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
+    """Q(s) of a contiguous s (fp32/fp16/bf16, any shape); same shape and dtype."""
+    out = empty(s.shape, s.dtype, s.device)
+    n = s.numel()
+    if n == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK"]),)
+
+    _quantize_spikes_fwd_kernel[grid](
+        p_s=s,
+        p_out=out,
+        n_elements=n,
+        step=float(step),
+        levels_m1=float(2**bits - 1),
+        **launch_options(),
+    )
+    return out
+
+
+def encode_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
+    """Packed k-bit codes of a contiguous s: 1-D uint8 of length ceil(numel * bits / 8).
+
+    `bits` in {1, 2, 4, 8}.
+    """
+    per = 8 // bits
+    n = s.numel()
+    n_bytes = -(-n // per)
+    codes = empty((n_bytes,), torch.uint8, s.device)
+    if n_bytes == 0:
+        return codes
+
+    def grid(meta):
+        return (triton.cdiv(n_bytes, meta["BLOCK"]),)
+
+    _encode_spikes_kernel[grid](
+        p_s=s,
+        p_codes=codes,
+        n_elements=n,
+        n_bytes=n_bytes,
+        step=float(step),
+        levels_m1=float(2**bits - 1),
+        BITS=bits,
+        PER=per,
+        **launch_options(),
+    )
+    return codes
+
+
+def decode_spikes_fwd(
+    codes: torch.Tensor, bits: int, step: float, n_elements: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """`n_elements` values code * step (1-D, `dtype`) from contiguous packed uint8 `codes`.
+
+    `codes` must hold ceil(n_elements * bits / 8) bytes; `bits` in {1, 2, 4, 8}.
+    """
+    per = 8 // bits
+    n_bytes = codes.numel()
+    out = empty((n_elements,), dtype, codes.device)
+    if n_elements == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(n_bytes, meta["BLOCK"]),)
+
+    _decode_spikes_kernel[grid](
+        p_codes=codes,
+        p_out=out,
+        n_elements=n_elements,
+        n_bytes=n_bytes,
+        step=float(step),
+        BITS=bits,
+        PER=per,
+        **launch_options(),
+    )
+    return out

@@ -1,0 +1,450 @@
+"""EM-PF neuron ops: Triton kernels vs the eager reference vs an fp64 oracle, and the reference vs
+the gradient rules of EMPF.md §1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, assert_close_to_oracle
+
+import empf_triton.ops._common as common
+from empf_triton.ops.neuron import empf_neuron, empf_neuron_step, parallel_neuron
+from empf_triton.reference.neuron import empf_neuron_ref
+
+SIZES = [1, 7, 63, 1000, 4097]
+
+
+def _inputs(T, N, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cur = (torch.randn(T, N, generator=gen) * 0.8 + 0.3).double()
+    v0 = (torch.rand(N, generator=gen) * 0.5).double()
+    decay = (torch.rand(T, generator=gen) * 0.6 + 0.3).float()  # λ in (0.3, 0.9)
+    th = (torch.rand(T, generator=gen) * 0.5 + 0.25).float()
+    g = torch.randn(T, N, generator=gen).double()
+    gv = torch.randn(N, generator=gen).double()
+    return [x.to(device) for x in (cur, v0, decay, th, g, gv)]
+
+
+def _run_multi(impl, dtype, cur, v0, decay, th, g, gv, bits, grad_mode, *, use_v0=True):
+    """Forward + backward at `dtype` (params at fp32, or fp64 for the oracle)."""
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    c = cur.detach().to(dtype).clone().requires_grad_()
+    v = v0.detach().to(dtype).clone().requires_grad_() if use_v0 else None
+    d = decay.detach().to(pdtype).clone().requires_grad_()
+    t = th.detach().to(pdtype).clone().requires_grad_()
+    spikes, v_last = empf_neuron(
+        c, v, decay=d, threshold=t, spike_bits=bits, grad_mode=grad_mode, impl=impl
+    )
+    loss = (spikes * g.to(dtype)).sum() + (v_last * gv.to(dtype)).sum()
+    loss.backward()
+    return {
+        "spikes": spikes.detach(),
+        "v_last": v_last.detach(),
+        "d_current": c.grad,
+        "d_v0": v.grad if v is not None else None,
+        "d_decay": d.grad,
+        "d_threshold": t.grad,
+    }
+
+
+def _check_against_oracle(kern, ref, oracle, dtype):
+    for name in kern:
+        assert_close_to_oracle(name, kern[name], ref[name], oracle[name], data_dtype=dtype)
+        if name in ("d_decay", "d_threshold"):
+            assert kern[name].dtype == torch.float32
+        elif kern[name] is not None:
+            assert kern[name].dtype == dtype, name
+    if dtype == torch.float32:
+        # Same fp32 operations in the same order: the forward is bit-exact.
+        assert torch.equal(kern["spikes"], ref["spikes"])
+        assert torch.equal(kern["v_last"], ref["v_last"])
+
+
+def _oracle_inputs(dtype, cur, v0, g, gv):
+    """fp64 copies of exactly what the low-precision run sees."""
+    return [x.to(dtype).double() for x in (cur, v0, g, gv)]
+
+
+@pytest.mark.parametrize("grad_mode", ["online", "bptt"])
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empf_neuron_matches_reference(device, dtype, T, bits, grad_mode):
+    for N in SIZES:
+        cur, v0, decay, th, g, gv = _inputs(T, N, device, seed=N + T)
+        kern = _run_multi("triton", dtype, cur, v0, decay, th, g, gv, bits, grad_mode)
+        ref = _run_multi("reference", dtype, cur, v0, decay, th, g, gv, bits, grad_mode)
+        c64, v64, g64, gv64 = _oracle_inputs(dtype, cur, v0, g, gv)
+        oracle = _run_multi(
+            "reference", torch.float64, c64, v64, decay, th, g64, gv64, bits, grad_mode
+        )
+        _check_against_oracle(kern, ref, oracle, dtype)
+        if grad_mode == "online":
+            assert kern["d_v0"] is None and ref["d_v0"] is None
+
+
+@pytest.mark.parametrize("grad_mode", ["online", "bptt"])
+def test_empf_neuron_without_v0_and_constant_params(device, grad_mode):
+    cur, v0, decay, th, g, gv = _inputs(4, 333, device)
+    outs = {}
+    for impl in ("triton", "reference"):
+        c = cur.float().requires_grad_()
+        s, vl = empf_neuron(c, decay=0.7, threshold=0.5, grad_mode=grad_mode, impl=impl)
+        ((s * g.float()).sum() + (vl * gv.float()).sum()).backward()
+        outs[impl] = (s, vl, c.grad)
+    for a, b in zip(outs["triton"], outs["reference"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_scalar_tensor_params_get_gradients(device, impl):
+    cur, _, _, _, g, _ = _inputs(3, 50, device)
+    d = torch.tensor(0.6, device=device, requires_grad=True)
+    t = torch.tensor(0.4, device=device, requires_grad=True)
+    s, _ = empf_neuron(cur.float(), decay=d, threshold=t, impl=impl)
+    (s * g.float()).sum().backward()
+    assert d.grad is not None and d.grad.shape == () and t.grad.shape == ()
+    d_vec = torch.full((3,), 0.6, device=device, requires_grad=True)
+    t_vec = torch.full((3,), 0.4, device=device, requires_grad=True)
+    s2, _ = empf_neuron(cur.float(), decay=d_vec, threshold=t_vec, impl=impl)
+    (s2 * g.float()).sum().backward()
+    torch.testing.assert_close(d.grad, d_vec.grad.sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t.grad, t_vec.grad.sum(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against EMPF.md §1, written out by hand.
+
+
+def _formula_grads(cur, v0, decay, th, g, gv, grad_mode):
+    """dL/dI, dL/dv0, dL/dλ, dL/dθ from the equations of EMPF.md §1 (float spikes)."""
+    T = cur.shape[0]
+    v = [v0]
+    H = []
+    for t in range(T):
+        m = decay[t] * v[-1] + cur[t]
+        H.append((m > th[t]).double())
+        v.append(torch.minimum(m, th[t].expand_as(m)))
+    dI = torch.zeros_like(cur)
+    dlam = torch.zeros(T, dtype=torch.float64)
+    dth = torch.zeros(T, dtype=torch.float64)
+    dv = gv.clone()  # dL/dv[T-1]
+    for t in reversed(range(T)):
+        dm = g[t] * H[t] + dv * (1 - H[t])
+        dI[t] = dm
+        dth[t] = -(g[t] * H[t]).sum() + (dv * H[t]).sum()
+        dlam[t] = (dm * v[t]).sum()  # v[t] in this list is v[t-1] of the neuron
+        dv = decay[t] * dm if grad_mode == "bptt" else torch.zeros_like(dm)
+    dv0 = dv if grad_mode == "bptt" else None
+    return dI, dv0, dlam, dth
+
+
+@pytest.mark.parametrize("grad_mode", ["online", "bptt"])
+def test_reference_gradients_follow_empf_md(grad_mode):
+    cur, v0, decay, th, g, gv = _inputs(6, 40, "cpu", seed=3)
+    decay, th = decay.double(), th.double()
+    out = _run_multi("reference", torch.float64, cur, v0, decay, th, g, gv, None, grad_mode)
+    dI, dv0, dlam, dth = _formula_grads(cur, v0, decay, th, g, gv, grad_mode)
+    torch.testing.assert_close(out["d_current"], dI)
+    torch.testing.assert_close(out["d_decay"], dlam)
+    torch.testing.assert_close(out["d_threshold"], dth)
+    if grad_mode == "bptt":
+        torch.testing.assert_close(out["d_v0"], dv0)
+    else:
+        assert out["d_v0"] is None
+
+
+def test_reference_gradcheck_bptt():
+    # Only BPTT is the true derivative; online mode cuts the temporal path on purpose and is
+    # pinned by test_reference_gradients_follow_empf_md instead.
+    grad_mode = "bptt"
+    gen = torch.Generator().manual_seed(1)
+    cur = (torch.randn(3, 5, generator=gen, dtype=torch.float64) + 0.4).requires_grad_()
+    v0 = (torch.rand(5, generator=gen, dtype=torch.float64) * 0.3).requires_grad_()
+    decay = torch.tensor([0.5, 0.7, 0.6], dtype=torch.float64, requires_grad=True)
+    th = torch.tensor([0.3, 0.45, 0.5], dtype=torch.float64, requires_grad=True)
+
+    def f(c, v, d, t):
+        return empf_neuron_ref(c, v, d, t, None, 0.25, grad_mode)
+
+    # Finite differences need every m[t] a margin away from θ_t (the kink of the ReLU).
+    with torch.no_grad():
+        v = v0.clone()
+        for t in range(3):
+            m = decay[t] * v + cur[t]
+            assert (m - th[t]).abs().min() > 1e-3
+            v = torch.minimum(m, th[t])
+    assert torch.autograd.gradcheck(f, (cur, v0, decay, th))
+    # The single-step case of online mode is exact too: v0 enters only through v_last.
+    one = (cur[:1].detach().clone().requires_grad_(), decay[:1], th[:1])
+    assert torch.autograd.gradcheck(
+        lambda c, d, t: empf_neuron_ref(c, None, d, t, None, 0.25, "online"), one
+    )
+
+
+def test_parallel_reference_gradcheck():
+    from empf_triton.reference.neuron import parallel_neuron_ref
+
+    cur = torch.tensor([[0.9, -0.2, 0.4], [0.1, 0.8, 1.2]], dtype=torch.float64, requires_grad=True)
+    th = torch.tensor([0.3, 0.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, t: parallel_neuron_ref(c, t), (cur, th))
+
+
+def test_quantized_spikes_use_straight_through_gradient(device):
+    cur, v0, decay, th, g, gv = _inputs(4, 100, device, seed=5)
+    for impl in ("triton", "reference"):
+        q = _run_multi(impl, torch.float32, cur * 3, v0, decay, th, g, gv, 4, "bptt")
+        f = _run_multi(impl, torch.float32, cur * 3, v0, decay, th, g, gv, None, "bptt")
+        # The reset uses the unquantised surplus, so every gradient is the float-spike one.
+        for name in ("d_current", "d_v0", "d_decay", "d_threshold"):
+            torch.testing.assert_close(q[name], f[name], rtol=0, atol=0)
+        codes = q["spikes"] / 0.25
+        assert torch.equal(codes, codes.round()) and codes.max() <= 15 and codes.min() >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Single step and the parallel neuron.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [None, 4])
+def test_step_matches_multistep_and_reference(device, dtype, bits):
+    cur, v0, decay, th, g, gv = _inputs(1, 1000, device, seed=9)
+    outs = {}
+    for impl, dt in (("triton", dtype), ("reference", dtype), ("oracle", torch.float64)):
+        pdt = torch.float64 if dt == torch.float64 else torch.float32
+        c = cur[0].to(dtype).to(dt).clone().requires_grad_()
+        v = v0.to(dtype).to(dt).clone().requires_grad_()
+        d = decay[0].detach().to(pdt).clone().requires_grad_()
+        t = th[0].detach().to(pdt).clone().requires_grad_()
+        s, vn = empf_neuron_step(
+            c,
+            v,
+            decay=d,
+            threshold=t,
+            spike_bits=bits,
+            impl="reference" if impl == "oracle" else impl,
+        )
+        ((s * g[0].to(dtype).to(dt)).sum() + (vn * gv.to(dtype).to(dt)).sum()).backward()
+        outs[impl] = [s.detach(), vn.detach(), c.grad, v.grad, d.grad, t.grad]
+    multi = _run_multi("triton", dtype, cur, v0, decay, th, g, gv, bits, "bptt")
+    names = ["spikes", "v_last", "d_current", "d_v0", "d_decay", "d_threshold"]
+    for i, name in enumerate(names):
+        a = outs["triton"][i]
+        b = multi[name][0] if name in ("spikes", "d_current") else multi[name]
+        assert torch.equal(a, b.reshape(a.shape)), name  # the step op is the T = 1 kernel
+        assert_close_to_oracle(name, a, outs["reference"][i], outs["oracle"][i], data_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_parallel_neuron_matches_reference(device, dtype, T, bits):
+    for N in SIZES:
+        cur, _, _, th, g, _ = _inputs(T, N, device, seed=N)
+        res = {}
+        for impl, dt in (("triton", dtype), ("reference", dtype), ("oracle", torch.float64)):
+            c = cur.to(dtype).to(dt).clone().requires_grad_()
+            pdt = torch.float64 if dt == torch.float64 else torch.float32
+            t = th.detach().to(pdt).clone().requires_grad_()
+            s = parallel_neuron(
+                c,
+                threshold=t,
+                spike_bits=bits,
+                impl="reference" if impl == "oracle" else impl,
+            )
+            (s * g.to(dtype).to(dt)).sum().backward()
+            res[impl] = {"spikes": s.detach(), "d_current": c.grad, "d_threshold": t.grad}
+        for name in res["triton"]:
+            assert_close_to_oracle(
+                name,
+                res["triton"][name],
+                res["reference"][name],
+                res["oracle"][name],
+                data_dtype=dtype,
+            )
+        if dtype == torch.float32:
+            assert torch.equal(res["triton"]["spikes"], res["reference"]["spikes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory saved for backward, NaN, non-contiguous inputs, auto dispatch.
+
+
+def _saved_bytes(fn):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_online_saves_one_bit_per_neuron_per_step(device):
+    T, N = 8, 1000
+    cur = torch.randn(T, N, device=device, requires_grad=True)
+    th = torch.full((T,), 0.5, device=device, requires_grad=True)
+    saved = _saved_bytes(lambda: empf_neuron(cur, decay=0.5, threshold=th, impl="triton"))
+    assert saved == T * ((N + 7) // 8)
+    # With a learnable decay the membrane history v[0..T-2] is saved too (v0 = zeros, not saved).
+    d = torch.full((T,), 0.5, device=device, requires_grad=True)
+    saved = _saved_bytes(lambda: empf_neuron(cur, decay=d, threshold=th, impl="triton"))
+    assert saved == T * ((N + 7) // 8) + (T - 1) * N * 4
+    # The reference keeps several full tensors per step.
+    ref = _saved_bytes(lambda: empf_neuron(cur, decay=0.5, threshold=th, impl="reference"))
+    assert ref >= T * N * 4
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_nan_propagates(device, impl):
+    cur = torch.full((3, 9), 1.0, device=device)
+    cur[1, 4] = float("nan")
+    s, v = empf_neuron(cur, decay=0.5, threshold=0.5, spike_bits=4, impl=impl)
+    assert torch.isnan(s[1, 4]) and torch.isnan(s[2, 4]) and torch.isnan(v[4])
+    assert not torch.isnan(s[0]).any()
+    assert not torch.isnan(s[:, :4]).any() and not torch.isnan(v[:4]).any()
+
+
+def test_non_contiguous_input(device):
+    base = torch.randn(20, 4, device=device)  # [N, T] storage, used as a [T, N] view
+    cur = base.t()
+    assert not cur.is_contiguous()
+    for impl in ("triton", "reference"):
+        s1, v1 = empf_neuron(cur, decay=0.6, threshold=0.4, impl=impl)
+        s2, v2 = empf_neuron(cur.contiguous(), decay=0.6, threshold=0.4, impl=impl)
+        assert torch.equal(s1, s2) and torch.equal(v1, v2)
+
+
+def test_multi_dim_features_keep_shape(device):
+    cur = torch.randn(3, 2, 5, 7, device=device)
+    s, v = empf_neuron(cur, decay=0.5, threshold=0.5, impl="triton")
+    sr, vr = empf_neuron(cur, decay=0.5, threshold=0.5, impl="reference")
+    assert s.shape == cur.shape and v.shape == cur.shape[1:]
+    assert torch.equal(s, sr) and torch.equal(v, vr)
+
+
+def test_auto_runs_reference_on_cpu_including_fp64():
+    cur = torch.randn(3, 10, dtype=torch.float64)
+    s, v = empf_neuron(cur, decay=0.5, threshold=0.5)
+    sr, vr = empf_neuron_ref(
+        cur,
+        None,
+        torch.full((3,), 0.5, dtype=torch.float64),
+        torch.full((3,), 0.5, dtype=torch.float64),
+    )
+    assert s.dtype == torch.float64 and torch.equal(s, sr) and torch.equal(v, vr)
+
+
+def test_no_grad_forward_matches(device):
+    cur = torch.randn(4, 77, device=device, requires_grad=True)
+    with torch.no_grad():
+        s1, v1 = empf_neuron(cur, decay=0.5, threshold=0.4, impl="triton")
+    s2, v2 = empf_neuron(cur, decay=0.5, threshold=0.4, impl="triton")
+    assert torch.equal(s1, s2) and torch.equal(v1, v2) and not s1.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+KW = {"decay": 0.5, "threshold": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda: empf_neuron(torch.randn(5), **KW), ValueError, "at least 2"),
+        (lambda: empf_neuron(torch.randn(0, 4), **KW), ValueError, "T >= 1"),
+        (lambda: empf_neuron([1.0, 2.0], **KW), TypeError, "torch.Tensor"),
+        (lambda: empf_neuron(torch.randn(3, 4), torch.randn(5), **KW), ValueError, "v0 must"),
+        (lambda: empf_neuron(torch.randn(3, 4), torch.randn(4).half(), **KW), TypeError, "dtype"),
+        (
+            lambda: empf_neuron(torch.randn(3, 4), decay=torch.rand(2), threshold=0.5),
+            ValueError,
+            "decay",
+        ),
+        (
+            lambda: empf_neuron(torch.randn(3, 4), decay=0.5, threshold=torch.rand(4)),
+            ValueError,
+            "threshold",
+        ),
+        (lambda: empf_neuron(torch.randn(3, 4), decay=1.5, threshold=0.5), ValueError, r"\(0, 1\]"),
+        (lambda: empf_neuron(torch.randn(3, 4), decay=0.0, threshold=0.5), ValueError, r"\(0, 1\]"),
+        (lambda: empf_neuron(torch.randn(3, 4), decay="a", threshold=0.5), TypeError, "decay"),
+        (
+            lambda: empf_neuron(torch.randn(3, 4), decay=0.5, threshold=float("nan")),
+            ValueError,
+            "finite",
+        ),
+        (
+            lambda: empf_neuron(
+                torch.randn(3, 4), decay=torch.ones(3, dtype=torch.int64), threshold=0.5
+            ),
+            TypeError,
+            "floating",
+        ),
+        (lambda: empf_neuron(torch.randn(3, 4), spike_bits=0, **KW), ValueError, "spike_bits"),
+        (lambda: empf_neuron(torch.randn(3, 4), spike_bits=9, **KW), ValueError, "spike_bits"),
+        (lambda: empf_neuron(torch.randn(3, 4), spike_bits=4.0, **KW), TypeError, "spike_bits"),
+        (
+            lambda: empf_neuron(torch.randn(3, 4), spike_bits=4, spike_step=0.0, **KW),
+            ValueError,
+            "spike_step",
+        ),
+        (
+            lambda: empf_neuron(torch.randn(3, 4), spike_bits=4, spike_step=-1, **KW),
+            ValueError,
+            "spike_step",
+        ),
+        (lambda: empf_neuron(torch.randn(3, 4), grad_mode="stbp", **KW), ValueError, "grad_mode"),
+        (lambda: empf_neuron(torch.randn(3, 4), impl="cuda", **KW), ValueError, "impl"),
+        (lambda: empf_neuron(torch.randint(0, 3, (3, 4)), impl="triton", **KW), TypeError, "dtype"),
+        (
+            lambda: empf_neuron(torch.randint(0, 3, (3, 4)), impl="reference", **KW),
+            TypeError,
+            "dtype",
+        ),
+        (
+            lambda: empf_neuron(torch.randn(3, 4, dtype=torch.float64), impl="triton", **KW),
+            TypeError,
+            "float64",
+        ),
+        (lambda: empf_neuron_step(torch.tensor(1.0), **KW), ValueError, "at least 1"),
+        (
+            lambda: empf_neuron_step(torch.randn(4), decay=torch.rand(2), threshold=0.5),
+            ValueError,
+            "decay",
+        ),
+        (
+            lambda: parallel_neuron(torch.randn(3, 4), threshold=torch.rand(2)),
+            ValueError,
+            "threshold",
+        ),
+        (
+            lambda: parallel_neuron(torch.randn(3, 4), threshold=0.5, spike_bits=12),
+            ValueError,
+            "spike_bits",
+        ),
+    ],
+)
+def test_bad_input_raises(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_device_mismatch_raises():
+    meta_v0 = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="device|on meta"):
+        empf_neuron(torch.randn(3, 4), meta_v0, **KW)
+    with pytest.raises(ValueError, match="decay is on"):
+        empf_neuron(torch.randn(3, 4), decay=torch.rand(3, device="meta"), threshold=0.5)
+
+
+def test_triton_unavailable_raises(monkeypatch):
+    monkeypatch.setattr(common, "_interpreter_on", lambda: False)
+    with pytest.raises(common.TritonUnavailableError, match="TRITON_INTERPRET"):
+        empf_neuron(torch.randn(3, 4), impl="triton", **KW)
+    # auto never needs triton on the CPU
+    empf_neuron(torch.randn(3, 4), impl="auto", **KW)
