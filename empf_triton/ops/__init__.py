@@ -1,1 +1,18 @@
 """Public ops: validation, impl choice and autograd wrappers over kernels/ and reference/."""
+
+from ._common import TritonUnavailableError
+from .lif import lif_neuron, lif_neuron_step
+from .neuron import empf_neuron, empf_neuron_step, parallel_neuron
+from .spikes import decode_spikes, encode_spikes, quantize_spikes
+
+__all__ = [
+    "TritonUnavailableError",
+    "decode_spikes",
+    "empf_neuron",
+    "empf_neuron_step",
+    "encode_spikes",
+    "lif_neuron",
+    "lif_neuron_step",
+    "parallel_neuron",
+    "quantize_spikes",
+]

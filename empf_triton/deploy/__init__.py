@@ -1,0 +1,1 @@
+"""empf_triton.deploy"""

@@ -1,0 +1,252 @@
+"""Neuron modules: `EMPFNeuron` (EM-PF, optionally parallel and/or k-bit spikes) and `LIFNeuron`.
+
+SpikingJelly conventions: multi-step inputs are time-first `[T, N, *]`; `step_mode="s"` takes one
+step `[N, *]` per call and keeps the membrane between calls; `reset_net(model)` clears it between
+samples and `detach_net(model)` cuts its graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.lif import lif_neuron, lif_neuron_step
+from ..ops.neuron import empf_neuron, empf_neuron_step, parallel_neuron
+
+STEP_MODES = ("s", "m")
+
+
+class StatefulNeuron(nn.Module):
+    """Base of neurons that carry a membrane `v` and a step counter `t` between calls."""
+
+    def __init__(self, step_mode: str, grad_mode: str, impl: str) -> None:
+        super().__init__()
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
+        if grad_mode not in ("online", "bptt"):
+            raise ValueError(f"grad_mode must be 'online' or 'bptt', got {grad_mode!r}")
+        if impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        self.step_mode = step_mode
+        self.grad_mode = grad_mode
+        self.impl = impl
+        self.v: torch.Tensor | None = None
+        self.t = 0
+
+    def reset(self) -> None:
+        """Forget the membrane and restart at step 0 (call between samples)."""
+        self.v = None
+        self.t = 0
+
+    def detach(self) -> None:
+        """Cut the membrane's graph, keeping its value."""
+        if self.v is not None:
+            self.v = self.v.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "s":
+            return self.single_step_forward(x)
+        return self.multi_step_forward(x)
+
+    def _carried_v(self) -> torch.Tensor | None:
+        """The membrane entering this step; online mode sees it as a constant."""
+        if self.v is None or self.grad_mode == "bptt":
+            return self.v
+        return self.v.detach()
+
+    def _keep_v(self, v: torch.Tensor) -> None:
+        # Online mode never back-propagates into the kept membrane: drop its graph right away.
+        self.v = v.detach() if self.grad_mode == "online" else v
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"step_mode={self.step_mode!r}, grad_mode={self.grad_mode!r}, impl={self.impl!r}"
+
+
+class EMPFNeuron(StatefulNeuron):
+    """EM-PF neuron with learnable per-step decay λ_t = sigmoid(a_t) and threshold θ_t = sigmoid(b_t).
+
+    Args:
+        T: number of time steps (length of a and b; both initialised to 0, so λ = θ = 0.5).
+        spike_bits: None for float spikes, or k in 1..8 for k-bit quantised spikes.
+        spike_step: the quantiser's step Δ.
+        parallel: the stateless member `Q(relu(I[t] - θ_t))` (no decay parameter, no membrane).
+        step_mode: "s" (one step `[N, *]` per call, at most T calls between resets) or
+            "m" (`[T, N, *]` in one call).
+        grad_mode: "online" (membrane detached between steps) or "bptt".
+        impl: "auto", "triton" or "reference", passed to the ops.
+    """
+
+    def __init__(
+        self,
+        T: int,
+        spike_bits: int | None = None,
+        spike_step: float = 0.25,
+        parallel: bool = False,
+        step_mode: str = "s",
+        grad_mode: str = "online",
+        impl: str = "auto",
+    ) -> None:
+        super().__init__(step_mode, grad_mode, impl)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be an int >= 1, got {T!r}")
+        self.T = T
+        self.spike_bits = spike_bits
+        self.spike_step = spike_step
+        self.parallel = parallel
+        self.threshold_logit = nn.Parameter(torch.zeros(T))
+        self.decay_logit = None if parallel else nn.Parameter(torch.zeros(T))
+        # Fail at construction, not at the first forward, on a bad quantiser setting.
+        from ..ops._common import check_spike_bits
+
+        check_spike_bits(spike_bits, spike_step)
+
+    @property
+    def decay(self) -> torch.Tensor | None:
+        """λ = sigmoid(a), [T] (None for a parallel neuron)."""
+        return None if self.decay_logit is None else torch.sigmoid(self.decay_logit)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """θ = sigmoid(b), [T]."""
+        return torch.sigmoid(self.threshold_logit)
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        if t >= self.T:
+            raise RuntimeError(
+                f"EMPFNeuron(T={self.T}) was called for step {t + 1} since its last reset; "
+                "call empf_triton.reset_net(model) between samples"
+            )
+        th = torch.sigmoid(self.threshold_logit[t])
+        q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
+        if self.parallel:
+            if not isinstance(x, torch.Tensor) or x.dim() < 1:
+                raise ValueError("EMPFNeuron input must be a tensor [N, *] in step mode")
+            spike = parallel_neuron(x.unsqueeze(0), threshold=th, **q)[0]
+        else:
+            decay = torch.sigmoid(self.decay_logit[t])
+            spike, v = empf_neuron_step(x, self._carried_v(), decay=decay, threshold=th, **q)
+            self._keep_v(v)
+        self.t = t + 1
+        return spike
+
+    def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.T:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"EMPFNeuron(T={self.T}) in step_mode='m' needs [T, N, *], got {shape}")
+        if self.t != 0:
+            raise RuntimeError(
+                "EMPFNeuron in step_mode='m' runs all T steps per call; "
+                "call empf_triton.reset_net(model) before the next sample"
+            )
+        q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
+        if self.parallel:
+            spikes = parallel_neuron(x, threshold=self.threshold, **q)
+        else:
+            spikes, v = empf_neuron(
+                x, None, decay=self.decay, threshold=self.threshold, grad_mode=self.grad_mode, **q
+            )
+            self._keep_v(v)
+        self.t = self.T
+        return spikes
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.T}, spike_bits={self.spike_bits}, spike_step={self.spike_step}, "
+            f"parallel={self.parallel}, " + super().extra_repr()
+        )
+
+
+class LIFNeuron(StatefulNeuron):
+    """LIF baseline with binary spikes and soft reset, equal to SpikingJelly's
+    `LIFNode(tau, decay_input=False, v_reset=None)` (decay λ = 1 - 1/tau).
+
+    Args:
+        tau: membrane time constant, > 1.
+        v_threshold: firing threshold θ.
+        surrogate: "sigmoid" (α=4), "atan" (α=2) or "triangle" (γ=1).
+        alpha: the surrogate's sharpness (γ for the triangle); None takes the default.
+        detach_reset: detach the spike in the reset.
+        step_mode, grad_mode, impl: as in `EMPFNeuron` (grad_mode defaults to "bptt" here).
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        grad_mode: str = "bptt",
+        impl: str = "auto",
+    ) -> None:
+        super().__init__(step_mode, grad_mode, impl)
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 1:
+            raise ValueError(f"tau must be a float > 1 (decay = 1 - 1/tau in (0, 1)), got {tau!r}")
+        if not isinstance(v_threshold, (int, float)) or not math.isfinite(v_threshold):
+            raise ValueError(f"v_threshold must be a finite float, got {v_threshold!r}")
+        self.tau = float(tau)
+        self.v_threshold = float(v_threshold)
+        self.surrogate = surrogate
+        self.alpha = alpha
+        self.detach_reset = detach_reset
+        # Validate the surrogate now (an unknown one must never silently give zero gradients).
+        lif_neuron_step(
+            torch.zeros(1), decay=self.decay, threshold=self.v_threshold, surrogate=surrogate,
+            alpha=alpha, impl="reference",
+        )
+
+    @property
+    def decay(self) -> float:
+        return 1.0 - 1.0 / self.tau
+
+    def _kw(self) -> dict:
+        return {
+            "decay": self.decay,
+            "threshold": self.v_threshold,
+            "surrogate": self.surrogate,
+            "alpha": self.alpha,
+            "detach_reset": self.detach_reset,
+            "impl": self.impl,
+        }
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        spike, v = lif_neuron_step(x, self._carried_v(), **self._kw())
+        self._keep_v(v)
+        self.t += 1
+        return spike
+
+    def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        spikes, v = lif_neuron(x, self._carried_v(), grad_mode=self.grad_mode, **self._kw())
+        self._keep_v(v)
+        self.t += x.shape[0]
+        return spikes
+
+    def extra_repr(self) -> str:
+        return (
+            f"tau={self.tau}, v_threshold={self.v_threshold}, surrogate={self.surrogate!r}, "
+            f"alpha={self.alpha}, detach_reset={self.detach_reset}, " + super().extra_repr()
+        )
+
+
+def reset_net(model: nn.Module) -> None:
+    """Reset every stateful neuron in `model` (membrane cleared, step counter 0)."""
+    for m in model.modules():
+        if isinstance(m, StatefulNeuron):
+            m.reset()
+
+
+def detach_net(model: nn.Module) -> None:
+    """Detach the membrane of every stateful neuron in `model` from its graph."""
+    for m in model.modules():
+        if isinstance(m, StatefulNeuron):
+            m.detach()

@@ -1,0 +1,140 @@
+"""Neuron modules: step mode vs multi-step mode, state handling, SpikingJelly equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from empf_triton import detach_net, reset_net
+from empf_triton.nn import EMPFNeuron, LIFNeuron
+
+
+def _grads(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("grad_mode", ["online", "bptt"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_empf_step_mode_equals_multi_step(device, impl, grad_mode, parallel):
+    T = 4
+    x = torch.randn(T, 3, 5, device=device) + 0.5
+    g = torch.randn(T, 3, 5, device=device)
+    ms = EMPFNeuron(T, spike_bits=4, parallel=parallel, step_mode="m", grad_mode=grad_mode,
+                    impl=impl).to(device)
+    ss = EMPFNeuron(T, spike_bits=4, parallel=parallel, step_mode="s", grad_mode=grad_mode,
+                    impl=impl).to(device)
+    with torch.no_grad():
+        for p in list(ms.parameters()) + list(ss.parameters()):
+            p.copy_(torch.linspace(-0.5, 0.5, T))
+    xm = x.clone().requires_grad_()
+    out_m = ms(xm)
+    (out_m * g).sum().backward()
+    xs = x.clone().requires_grad_()
+    out_s = torch.stack([ss(xs[t]) for t in range(T)])
+    (out_s * g).sum().backward()
+    torch.testing.assert_close(out_s, out_m, rtol=0, atol=1e-6)
+    torch.testing.assert_close(xs.grad, xm.grad, rtol=0, atol=1e-6)
+    for a, b in zip(_grads(ss), _grads(ms)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_empf_initial_parameters_and_state():
+    n = EMPFNeuron(3)
+    assert torch.equal(n.decay, torch.full((3,), 0.5))
+    assert torch.equal(n.threshold, torch.full((3,), 0.5))
+    assert EMPFNeuron(3, parallel=True).decay is None
+    assert n.v is None and n.t == 0
+
+
+def test_step_mode_limits_calls_to_T_and_reset_net_restarts():
+    net = torch.nn.Sequential(torch.nn.Identity(), EMPFNeuron(2))
+    x = torch.ones(4)
+    net(x)
+    net(x)
+    with pytest.raises(RuntimeError, match="reset_net"):
+        net(x)
+    reset_net(net)
+    assert net[1].t == 0 and net[1].v is None
+    net(x)
+
+
+def test_multi_step_checks_T_and_fresh_state():
+    n = EMPFNeuron(3, step_mode="m")
+    with pytest.raises(ValueError, match=r"T=3"):
+        n(torch.randn(4, 2))
+    n(torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="reset_net"):
+        n(torch.randn(3, 2))
+
+
+def test_online_step_mode_keeps_no_graph_across_steps():
+    n = EMPFNeuron(4, grad_mode="online")
+    x = torch.randn(6, requires_grad=True)
+    n(x)
+    assert n.v is not None and n.v.grad_fn is None and not n.v.requires_grad
+    b = EMPFNeuron(4, grad_mode="bptt")
+    b(x)
+    assert b.v.grad_fn is not None
+    detach_net(b)
+    assert b.v.grad_fn is None and b.v is not None
+
+
+def test_online_step_mode_per_step_backward_matches_multistep_online():
+    """Online training calls backward after every step; the summed gradients equal one online
+    multi-step backward (the temporal path is cut either way)."""
+    T = 3
+    x = torch.randn(T, 10) + 0.4
+    ss = EMPFNeuron(T, grad_mode="online")
+    ms = EMPFNeuron(T, grad_mode="online", step_mode="m")
+    for t in range(T):
+        ss(x[t]).sum().backward()
+    ms(x).sum().backward()
+    for a, b in zip(_grads(ss), _grads(ms)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("make", "exc"),
+    [
+        (lambda: EMPFNeuron(0), ValueError),
+        (lambda: EMPFNeuron(2.5), ValueError),
+        (lambda: EMPFNeuron(2, spike_bits=9), ValueError),
+        (lambda: EMPFNeuron(2, spike_step=0), ValueError),
+        (lambda: EMPFNeuron(2, step_mode="x"), ValueError),
+        (lambda: EMPFNeuron(2, grad_mode="stbp"), ValueError),
+        (lambda: EMPFNeuron(2, impl="gpu"), ValueError),
+        (lambda: LIFNeuron(tau=1.0), ValueError),
+        (lambda: LIFNeuron(surrogate="erf"), ValueError),
+        (lambda: LIFNeuron(alpha=-1.0), ValueError),
+        (lambda: LIFNeuron(v_threshold=float("inf")), ValueError),
+    ],
+)
+def test_bad_construction_raises(make, exc):
+    with pytest.raises(exc):
+        make()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("detach_reset", [False, True])
+def test_lif_equals_spikingjelly(device, impl, step_mode, detach_reset):
+    sj = pytest.importorskip("spikingjelly.activation_based.neuron")
+    from spikingjelly.activation_based import surrogate
+
+    T, tau, vth = 5, 2.0, 1.0
+    x = (torch.rand(T, 4, 6, device=device) * 1.5).requires_grad_()
+    ref = sj.LIFNode(tau=tau, decay_input=False, v_reset=None, v_threshold=vth,
+                     surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=detach_reset,
+                     step_mode="m")
+    ours = LIFNeuron(tau=tau, v_threshold=vth, detach_reset=detach_reset, step_mode=step_mode,
+                     impl=impl)
+    x2 = x.detach().clone().requires_grad_()
+    s_ref = ref(x)
+    s_ours = ours(x2) if step_mode == "m" else torch.stack([ours(x2[t]) for t in range(T)])
+    g = torch.randn_like(s_ref)
+    (s_ref * g).sum().backward()
+    (s_ours * g).sum().backward()
+    torch.testing.assert_close(s_ours, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(ours.v, ref.v, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
