@@ -84,3 +84,16 @@ def unpack_bit(p_bits, o_elem, m_elem):
     """Bit `o_elem` of a packed byte array (element i lives in byte i // 8, bit i % 8)."""
     b_byte = tl.load(p_bits + o_elem // 8, mask=m_elem, other=0).to(tl.int32)
     return (b_byte >> (o_elem % 8).to(tl.int32)) & 1
+
+
+@triton.jit
+def store_partials(p_row, b_x, pid, P, BLOCK: tl.constexpr, SUB: tl.constexpr):
+    """Store the sum of each SUB-long chunk j of the [BLOCK] vector `b_x` at p_row[pid*BLOCK/SUB+j].
+
+    Parameter gradients are reduced over fixed SUB-element chunks whatever the block size, so every
+    autotune config writes the same [T, ⌈N/SUB⌉] buffer completely (no stale entries from another
+    config) and the final torch sum is deterministic and config-independent.
+    """
+    b_part = tl.sum(tl.reshape(b_x, [BLOCK // SUB, SUB]), axis=1)
+    o_p = pid * (BLOCK // SUB) + tl.arange(0, BLOCK // SUB)
+    tl.store(p_row + o_p, b_part, mask=o_p < P)

@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, launch_options, pack_bits, pick_configs, spike_code, unpack_bit
+from ._common import (
+    empty,
+    launch_options,
+    pack_bits,
+    pick_configs,
+    spike_code,
+    store_partials,
+    unpack_bit,
+)
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -27,18 +35,8 @@ CONFIGS = pick_configs(
         triton.Config({"BLOCK": 256}, num_warps=2),
     ]
 )
-# Parameter-gradient partial sums are taken over fixed SUB-neuron chunks whatever the block size,
-# so every config writes the same [T, ⌈N/SUB⌉] buffer completely (autotuning cannot leave stale
-# entries) and the final torch sum does not depend on the chosen config.
+# Chunk size of the parameter-gradient partial sums (see _common.store_partials).
 SUB = min(c.kwargs["BLOCK"] for c in CONFIGS)
-
-
-@triton.jit
-def store_partials(p_row, b_x, pid, P, BLOCK: tl.constexpr, SUB: tl.constexpr):
-    """Store the sum of each SUB-long chunk j of the [BLOCK] vector `b_x` at p_row[pid*BLOCK/SUB+j]."""
-    b_part = tl.sum(tl.reshape(b_x, [BLOCK // SUB, SUB]), axis=1)
-    o_p = pid * (BLOCK // SUB) + tl.arange(0, BLOCK // SUB)
-    tl.store(p_row + o_p, b_part, mask=o_p < P)
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "T", "QUANT", "SAVE_V"])
@@ -142,7 +140,8 @@ def empf_bwd_kernel(
     else:
         b_dv = tl.zeros([BLOCK], dtype=tl.float32)
 
-    last = (T - 1).to(tl.int64)
+    # tl.cast: an integer argument equal to 1 is specialised to a Python int (no .to()).
+    last = tl.cast(T, tl.int64) - 1
     p_g_t = p_g + last * N + o_n
     p_dcur_t = p_dcur + last * N + o_n
     p_vh_t = p_vhist + (last - 1) * N + o_n

@@ -20,10 +20,12 @@ def test_empf_step_mode_equals_multi_step(device, impl, grad_mode, parallel):
     T = 4
     x = torch.randn(T, 3, 5, device=device) + 0.5
     g = torch.randn(T, 3, 5, device=device)
-    ms = EMPFNeuron(T, spike_bits=4, parallel=parallel, step_mode="m", grad_mode=grad_mode,
-                    impl=impl).to(device)
-    ss = EMPFNeuron(T, spike_bits=4, parallel=parallel, step_mode="s", grad_mode=grad_mode,
-                    impl=impl).to(device)
+    ms = EMPFNeuron(
+        T, spike_bits=4, parallel=parallel, step_mode="m", grad_mode=grad_mode, impl=impl
+    ).to(device)
+    ss = EMPFNeuron(
+        T, spike_bits=4, parallel=parallel, step_mode="s", grad_mode=grad_mode, impl=impl
+    ).to(device)
     with torch.no_grad():
         for p in list(ms.parameters()) + list(ss.parameters()):
             p.copy_(torch.linspace(-0.5, 0.5, T))
@@ -124,11 +126,18 @@ def test_lif_equals_spikingjelly(device, impl, step_mode, detach_reset):
 
     T, tau, vth = 5, 2.0, 1.0
     x = (torch.rand(T, 4, 6, device=device) * 1.5).requires_grad_()
-    ref = sj.LIFNode(tau=tau, decay_input=False, v_reset=None, v_threshold=vth,
-                     surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=detach_reset,
-                     step_mode="m")
-    ours = LIFNeuron(tau=tau, v_threshold=vth, detach_reset=detach_reset, step_mode=step_mode,
-                     impl=impl)
+    ref = sj.LIFNode(
+        tau=tau,
+        decay_input=False,
+        v_reset=None,
+        v_threshold=vth,
+        surrogate_function=surrogate.Sigmoid(alpha=4.0),
+        detach_reset=detach_reset,
+        step_mode="m",
+    )
+    ours = LIFNeuron(
+        tau=tau, v_threshold=vth, detach_reset=detach_reset, step_mode=step_mode, impl=impl
+    )
     x2 = x.detach().clone().requires_grad_()
     s_ref = ref(x)
     s_ours = ours(x2) if step_mode == "m" else torch.stack([ours(x2[t]) for t in range(T)])

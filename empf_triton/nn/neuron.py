@@ -14,6 +14,7 @@ from torch import nn
 
 from ..ops.lif import lif_neuron, lif_neuron_step
 from ..ops.neuron import empf_neuron, empf_neuron_step, parallel_neuron
+from .membn import MemBN
 
 STEP_MODES = ("s", "m")
 
@@ -82,6 +83,16 @@ class EMPFNeuron(StatefulNeuron):
             "m" (`[T, N, *]` in one call).
         grad_mode: "online" (membrane detached between steps) or "bptt".
         impl: "auto", "triton" or "reference", passed to the ops.
+        mem_bn: apply Mem-BN (`empf_triton.nn.MemBN`, EMPF.md §2) to the membrane each step.
+        channels: C, dim 1 of the per-step input `[N, C, *]`; required with mem_bn.
+
+    With mem_bn the charge cannot stay inside the fused kernel, because BN_t needs the batch
+    statistics of m[t] before firing. Each step then runs: `m = λ_t v + I` in torch (v detached
+    in online mode), `m' = MemBN_t(m)`, and fire/reset through the ops as a neuron with zero
+    incoming membrane, `empf_neuron_step(m', None, threshold=θ_t)` (or `parallel_neuron` for a
+    parallel neuron, whose m is I), which gives `s = Q(relu(m' - θ_t))` and `v = m' - s`. Mode "m"
+    loops over the T steps the same way. `fold_mem_bn()` replaces Mem-BN by its eval-mode affine
+    map for deployment: `m' = (k_t λ_t) v + (k_t I + b_t)`.
     """
 
     def __init__(
@@ -93,16 +104,30 @@ class EMPFNeuron(StatefulNeuron):
         step_mode: str = "s",
         grad_mode: str = "online",
         impl: str = "auto",
+        mem_bn: bool = False,
+        channels: int | None = None,
     ) -> None:
         super().__init__(step_mode, grad_mode, impl)
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be an int >= 1, got {T!r}")
+        if not isinstance(mem_bn, bool):
+            raise TypeError(f"mem_bn must be a bool, got {type(mem_bn).__name__}")
+        if mem_bn and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise ValueError(
+                f"EMPFNeuron(mem_bn=True) needs channels, an int >= 1 (dim 1 of its input "
+                f"[N, C, *]), got {channels!r}"
+            )
         self.T = T
         self.spike_bits = spike_bits
         self.spike_step = spike_step
         self.parallel = parallel
+        self.channels = channels
         self.threshold_logit = nn.Parameter(torch.zeros(T))
         self.decay_logit = None if parallel else nn.Parameter(torch.zeros(T))
+        self.mem_bn: MemBN | None = MemBN(channels, T) if mem_bn else None
+        # Set by fold_mem_bn(): the eval-mode Mem-BN as a per-step, per-channel affine map.
+        self.register_buffer("mem_scale", None)
+        self.register_buffer("mem_bias", None)
         # Fail at construction, not at the first forward, on a bad quantiser setting.
         from ..ops._common import check_spike_bits
 
@@ -118,6 +143,55 @@ class EMPFNeuron(StatefulNeuron):
         """θ = sigmoid(b), [T]."""
         return torch.sigmoid(self.threshold_logit)
 
+    @property
+    def has_mem_bn(self) -> bool:
+        """Whether the membrane is normalised (by Mem-BN, or by its folded affine map)."""
+        return self.mem_bn is not None or self.mem_scale is not None
+
+    @torch.no_grad()
+    def fold_mem_bn(self) -> EMPFNeuron:
+        """Replace Mem-BN by the per-channel affine map it applies in eval mode (deployment).
+
+        Stores `mem_scale` k and `mem_bias` b (`[T, C]` buffers, from `MemBN.fold()`) and drops
+        the MemBN module; the neuron then charges `m' = (k_t λ_t) v + (k_t I + b_t)`, which equals
+        the unfolded neuron in eval mode. Idempotent; a no-op without mem_bn. Returns self.
+        """
+        if self.mem_bn is None:
+            return self
+        k, b = self.mem_bn.fold()
+        self.mem_bn = None
+        self.mem_scale, self.mem_bias = k, b
+        return self
+
+    def _mem_bn_step(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """One step with the membrane normalised between charge and fire (see the class doc)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != self.channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"EMPFNeuron(mem_bn=True, channels={self.channels}) needs a per-step input "
+                f"[N, {self.channels}, *], got {shape}"
+            )
+        th = torch.sigmoid(self.threshold_logit[t])
+        q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
+        v = None if self.parallel else self._carried_v()
+        decay = None if self.parallel else torch.sigmoid(self.decay_logit[t])
+        if self.mem_bn is not None:
+            m = x if v is None else decay * v + x
+            m = self.mem_bn(m, t)
+        else:
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            k = self.mem_scale[t].view(view).to(x.dtype)
+            b = self.mem_bias[t].view(view).to(x.dtype)
+            m = k * x + b  # I' = k I + b
+            if v is not None:
+                m = m + (k * decay.to(x.dtype)) * v  # λ' = k λ, per channel
+        if self.parallel:
+            return parallel_neuron(m.unsqueeze(0), threshold=th, **q)[0]
+        # v = None: the fused step sees no incoming membrane, so its decay is unused.
+        spike, v_new = empf_neuron_step(m, None, decay=1.0, threshold=th, **q)
+        self._keep_v(v_new)
+        return spike
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.t
         if t >= self.T:
@@ -125,6 +199,10 @@ class EMPFNeuron(StatefulNeuron):
                 f"EMPFNeuron(T={self.T}) was called for step {t + 1} since its last reset; "
                 "call empf_triton.reset_net(model) between samples"
             )
+        if self.has_mem_bn:
+            spike = self._mem_bn_step(x, t)
+            self.t = t + 1
+            return spike
         th = torch.sigmoid(self.threshold_logit[t])
         q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
         if self.parallel:
@@ -141,12 +219,18 @@ class EMPFNeuron(StatefulNeuron):
     def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.T:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"EMPFNeuron(T={self.T}) in step_mode='m' needs [T, N, *], got {shape}")
+            raise ValueError(
+                f"EMPFNeuron(T={self.T}) in step_mode='m' needs [T, N, *], got {shape}"
+            )
         if self.t != 0:
             raise RuntimeError(
                 "EMPFNeuron in step_mode='m' runs all T steps per call; "
                 "call empf_triton.reset_net(model) before the next sample"
             )
+        if self.has_mem_bn:
+            spikes = torch.stack([self._mem_bn_step(x[t], t) for t in range(self.T)])
+            self.t = self.T
+            return spikes
         q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
         if self.parallel:
             spikes = parallel_neuron(x, threshold=self.threshold, **q)
@@ -161,7 +245,7 @@ class EMPFNeuron(StatefulNeuron):
     def extra_repr(self) -> str:
         return (
             f"T={self.T}, spike_bits={self.spike_bits}, spike_step={self.spike_step}, "
-            f"parallel={self.parallel}, " + super().extra_repr()
+            f"parallel={self.parallel}, mem_bn={self.has_mem_bn}, " + super().extra_repr()
         )
 
 
@@ -201,8 +285,12 @@ class LIFNeuron(StatefulNeuron):
         self.detach_reset = detach_reset
         # Validate the surrogate now (an unknown one must never silently give zero gradients).
         lif_neuron_step(
-            torch.zeros(1), decay=self.decay, threshold=self.v_threshold, surrogate=surrogate,
-            alpha=alpha, impl="reference",
+            torch.zeros(1),
+            decay=self.decay,
+            threshold=self.v_threshold,
+            surrogate=surrogate,
+            alpha=alpha,
+            impl="reference",
         )
 
     @property

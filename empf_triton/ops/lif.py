@@ -1,0 +1,190 @@
+"""LIF baseline ops (EMPF.md §2): multi-step `lif_neuron` and single-step `lif_neuron_step`.
+
+Kernels: kernels/lif.py. Reference: reference/lif.py. Tests: tests/test_lif.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..reference.lif import SURROGATES, lif_neuron_ref
+from ._common import (
+    check_grad_mode,
+    check_like,
+    check_tensor,
+    device_guard,
+    grad_wanted,
+    load_kernels,
+    per_step,
+    resolve_impl,
+)
+
+
+class LIFNeuronFunction(torch.autograd.Function):
+    """Autograd over the fused LIF kernels; inputs are a contiguous [T, N] current, [N] v0 (or
+    None) and contiguous fp32 [T] decay and threshold."""
+
+    @staticmethod
+    def forward(ctx, current, v0, decay, threshold, surrogate, alpha, detach_reset, bptt):
+        spikes, v_last, h = load_kernels("lif").lif_fwd(current, v0, decay, threshold, save_h=True)
+        need_ddecay = ctx.needs_input_grad[2]
+        # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
+        ctx.save_for_backward(h, v0 if need_ddecay else None, decay, threshold)
+        ctx.surrogate = surrogate
+        ctx.alpha = alpha
+        ctx.detach_reset = detach_reset
+        ctx.bptt = bptt
+        ctx.has_v0 = v0 is not None
+        ctx.set_materialize_grads(False)
+        return spikes, v_last
+
+    @staticmethod
+    def backward(ctx, g, gv):
+        h, v0, decay, threshold = ctx.saved_tensors
+        dcur, dv0, ddecay, dth = load_kernels("lif").lif_bwd(
+            g.contiguous() if g is not None else None,
+            gv.contiguous() if gv is not None else None,
+            h,
+            v0,
+            decay,
+            threshold,
+            surrogate=ctx.surrogate,
+            alpha=ctx.alpha,
+            detach_reset=ctx.detach_reset,
+            bptt=ctx.bptt,
+            need_dcur=ctx.needs_input_grad[0],
+            need_dv0=ctx.bptt and ctx.has_v0 and ctx.needs_input_grad[1],
+            need_ddecay=ctx.needs_input_grad[2],
+            need_dth=ctx.needs_input_grad[3],
+        )
+        return dcur, dv0, ddecay, dth, None, None, None, None
+
+
+def _check_surrogate(surrogate: str, alpha: float | None) -> float:
+    """Validate the surrogate name and alpha; returns alpha (its default when None)."""
+    if not isinstance(surrogate, str) or surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
+    if alpha is None:
+        return SURROGATES[surrogate]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float or None, got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive finite float, got {alpha}")
+    return alpha
+
+
+def lif_neuron(
+    current: torch.Tensor,
+    v0: torch.Tensor | None = None,
+    *,
+    decay: float | torch.Tensor,
+    threshold: float | torch.Tensor,
+    surrogate: str = "sigmoid",
+    alpha: float | None = None,
+    detach_reset: bool = False,
+    grad_mode: str = "bptt",
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-step LIF neuron with soft reset and a surrogate gradient (EMPF.md §2), one launch.
+
+    `m[t] = λ_t v[t-1] + I[t]`, `s[t] = 1[m[t] - θ_t >= 0]`, `v[t] = m[t] - s[t] θ_t`.
+    Equals SpikingJelly's `LIFNode(tau, decay_input=False, v_reset=None)` with λ = 1 - 1/tau.
+
+    Gradient: ds/dm = sg'(m - θ) and ds/dθ = -sg'(m - θ), with sg' the surrogate's derivative:
+    "sigmoid" `α σ(αx)(1 - σ(αx))` (α = 4), "atan" `(α/2) / (1 + (π/2 α x)^2)` (α = 2),
+    "triangle" `(1/γ)^2 max(γ - |x|, 0)` (γ = alpha = 1). Everything else is exact autograd of the
+    forward: `detach_reset` drops the path through s in the reset, "online" treats v[t-1] in m[t]
+    as a constant (λ still learns; no gradient to v0).
+
+    Args:
+        current: [T, *] input current, fp32/fp16/bf16 (fp64 too on the reference), T >= 1.
+        v0: [*] initial membrane in the current's dtype and device; None means zeros.
+        decay: λ, a float in (0, 1], a 0-d tensor or a [T] tensor (differentiable).
+        threshold: θ, a float, a 0-d tensor or a [T] tensor (differentiable).
+        surrogate: "sigmoid", "atan" or "triangle".
+        alpha: the surrogate's sharpness (γ for "triangle"), a positive float; None = default.
+        detach_reset: detach the spike in the reset term.
+        grad_mode: "bptt" (back-propagation through time) or "online".
+        impl: "auto" (Triton on CUDA, else reference), "triton" or "reference".
+
+    Returns:
+        (spikes [T, *] in {0, 1}, v_last [*]), both in the current's dtype.
+    """
+    if not isinstance(current, torch.Tensor):
+        raise TypeError(f"current must be a torch.Tensor, got {type(current).__name__}")
+    impl = resolve_impl(impl, current)
+    check_tensor("current", current, impl, min_dim=2)
+    if current.shape[0] == 0:
+        raise ValueError(f"current must be [T, *] with T >= 1, got shape {tuple(current.shape)}")
+    T, feat = current.shape[0], current.shape[1:]
+    check_like("v0", v0, "current", current, feat)
+    alpha = _check_surrogate(surrogate, alpha)
+    check_grad_mode(grad_mode)
+    if not isinstance(detach_reset, bool):
+        raise TypeError(f"detach_reset must be a bool, got {type(detach_reset).__name__}")
+    decay_t = per_step("decay", decay, T, current, is_decay=True)
+    th_t = per_step("threshold", threshold, T, current)
+    if impl == "reference" or current.numel() == 0:
+        return lif_neuron_ref(current, v0, decay_t, th_t, surrogate, alpha, detach_reset, grad_mode)
+
+    cur2 = current.reshape(T, -1).contiguous()
+    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
+    decay32 = decay_t.to(torch.float32).contiguous()
+    th32 = th_t.to(torch.float32).contiguous()
+    with device_guard(current):
+        if grad_wanted(current, v0, decay_t, th_t):
+            spikes, v_last = LIFNeuronFunction.apply(
+                cur2, v02, decay32, th32, surrogate, alpha, detach_reset, grad_mode == "bptt"
+            )
+        else:
+            spikes, v_last, _ = load_kernels("lif").lif_fwd(cur2, v02, decay32, th32, save_h=False)
+    return spikes.view(current.shape), v_last.view(feat)
+
+
+def lif_neuron_step(
+    current: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    decay: float | torch.Tensor,
+    threshold: float | torch.Tensor,
+    surrogate: str = "sigmoid",
+    alpha: float | None = None,
+    detach_reset: bool = False,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LIF time step: charge, fire and soft reset in one fused launch.
+
+    The gradient flows into `v` as well (`λ · dL/dm`); online training cuts it by passing
+    `v.detach()` between steps.
+
+    Args:
+        current: [*] input current of this step (at least 1-D), fp32/fp16/bf16.
+        v: [*] membrane from the previous step (None means zeros), same dtype and device.
+        decay: λ, a float in (0, 1] or a 0-d tensor.
+        threshold: θ, a float or a 0-d tensor.
+        surrogate, alpha, detach_reset, impl: as in `lif_neuron`.
+
+    Returns:
+        (spike [*], v_new [*]) in the current's dtype.
+    """
+    if not isinstance(current, torch.Tensor):
+        raise TypeError(f"current must be a torch.Tensor, got {type(current).__name__}")
+    if current.dim() < 1:
+        raise ValueError(
+            f"current must have at least 1 dimension, got shape {tuple(current.shape)}"
+        )
+    spikes, v_new = lif_neuron(
+        current.unsqueeze(0),
+        v,
+        decay=decay,
+        threshold=threshold,
+        surrogate=surrogate,
+        alpha=alpha,
+        detach_reset=detach_reset,
+        grad_mode="bptt",
+        impl=impl,
+    )
+    return spikes[0], v_new

@@ -1,0 +1,187 @@
+"""Compile every kernel launch for a GPU target without a GPU (run as a script, not under pytest).
+
+The interpreter runs kernels as numpy and misses errors only the compiler sees (an integer argument
+equal to 1 specialised to a Python int, a reshape the layout pass rejects, ...). This script imports
+the kernels with the interpreter OFF, replaces the autotuner's launch by a compile of every config for
+`GPUTarget("cuda", 90, 32)` (Hopper, as the lent GPUs), calls the launchers with CPU tensors of
+each dtype and each constexpr variant, and prints one line per compiled variant. Exit status 0
+means every variant compiled to a cubin.
+
+Usage: TRITON_INTERPRET=0 python tests/gpu_compile.py [op ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with TRITON_INTERPRET=0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "i1",
+}
+compiled: set[tuple] = set()
+seen: set[str] = set()
+
+
+def _compile(fn, kwargs: dict, config: triton.Config) -> None:
+    args = {**kwargs, **config.kwargs}
+    sig, const = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name not in args:  # a default
+            continue
+        v = args[name]
+        if i in fn.constexprs or name in config.kwargs:
+            sig[name] = "constexpr"
+            const[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:  # Triton specialises integer arguments equal to 1 into constants
+                sig[name] = "constexpr"
+                const[(i,)] = 1
+            else:
+                sig[name] = "i64" if abs(v) >= 2**31 else "i32"
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        elif v is None:
+            sig[name] = "constexpr"
+            const[(i,)] = None
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
+    key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, const.items()))))
+    if key in compiled:
+        return
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if "enable_fp_fusion" in kwargs:
+        options["enable_fp_fusion"] = kwargs["enable_fp_fusion"]
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=const), target=TARGET, options=options
+    )
+    assert "cubin" in kernel.asm, fn.__name__
+    compiled.add(key)
+    print(f"compiled {fn.__name__} {config}", flush=True)
+
+
+def _fake_run(self, *args, **kwargs):
+    kwargs.pop("grid", None)
+    kwargs.pop("warmup", None)
+    if args:
+        raise TypeError("launch kernels with keyword arguments")
+    fn = self.fn
+    extra = {k: kwargs.pop(k) for k in ("enable_fp_fusion",) if k in kwargs}
+    # Every config for the first variant of a kernel, then the pinned config for the others
+    # (the configs differ in block sizes, the variants in constexpr branches and dtypes).
+    first = fn.__name__ not in seen
+    seen.add(fn.__name__)
+    for config in self.configs if first else self.configs[:1]:
+        _compile(fn, {**kwargs, **extra}, config)
+
+
+Autotuner.run = _fake_run
+
+
+def neuron_cases():
+    from empf_triton.kernels import neuron as k
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for T, N in ((1, 1), (3, 1000)):
+            cur = torch.zeros(T, N, dtype=dtype)
+            v0 = torch.zeros(N, dtype=dtype)
+            p = torch.zeros(T)
+            for bits in (None, 4):
+                for has_v0 in (False, True):
+                    k.empf_fwd(cur, v0 if has_v0 else None, p, p, bits, 0.25, True, True)
+                k.empf_fwd(cur, None, p, p, bits, 0.25, False, False)
+                k.parallel_fwd(cur, p, bits, 0.25, True)
+            mask = torch.zeros(T, (N + 7) // 8, dtype=torch.uint8)
+            vh = torch.zeros(max(T - 1, 1), N, dtype=dtype)
+            for bptt in (False, True):
+                for need in (False, True):
+                    k.empf_bwd(
+                        cur,
+                        v0,
+                        mask,
+                        vh if need else None,
+                        v0 if need else None,
+                        p if bptt else None,
+                        N,
+                        dtype,
+                        bptt,
+                        need,
+                        bptt and need,
+                    )
+            k.empf_bwd(None, None, mask, None, None, None, N, dtype, False, False, False)
+            k.parallel_bwd(cur, mask, N)
+
+
+def lif_cases():
+    from empf_triton.kernels import lif as k
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for T, N in ((1, 1), (3, 1000)):
+            cur = torch.zeros(T, N, dtype=dtype)
+            v0 = torch.zeros(N, dtype=dtype)
+            p = torch.zeros(T)
+            for has_v0 in (False, True):
+                k.lif_fwd(cur, v0 if has_v0 else None, p, p, True)
+            k.lif_fwd(cur, None, p, p, False)
+            for surrogate in k.SURROGATE_IDS:
+                for detach_reset in (False, True):
+                    for bptt in (False, True):
+                        k.lif_bwd(
+                            cur,
+                            v0,
+                            cur,
+                            v0,
+                            p,
+                            p,
+                            surrogate,
+                            4.0,
+                            detach_reset,
+                            bptt,
+                            True,
+                            bptt,
+                            True,
+                            True,
+                        )
+            k.lif_bwd(
+                cur, None, cur, None, p, p, "sigmoid", 4.0, False, False, True, False, False, False
+            )
+
+
+def spikes_cases():
+    from empf_triton.kernels import spikes as k
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        s = torch.zeros(1000, dtype=dtype)
+        k.quantize_spikes_fwd(s, 4, 0.25)
+        for bits in (1, 2, 4, 8):
+            codes = k.encode_spikes_fwd(s, bits, 0.25)
+            k.decode_spikes_fwd(codes, bits, 0.25, 1000, dtype)
+
+
+CASES = {"neuron": neuron_cases, "lif": lif_cases, "spikes": spikes_cases}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(CASES)
+    for name in names:
+        CASES[name]()
+    print(f"OK: {len(compiled)} kernel variants compiled for {TARGET}")
