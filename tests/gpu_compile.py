@@ -2,7 +2,7 @@
 
 The interpreter runs kernels as numpy and misses errors only the compiler sees (an integer argument
 equal to 1 specialised to a Python int, a reshape the layout pass rejects, ...). This script imports
-the kernels with the interpreter OFF, replaces the autotuner's launch by a compile of every config for
+the kernels with the interpreter OFF, replaces the autotuner's launch by a compile for
 `GPUTarget("cuda", 90, 32)` (Hopper, as the lent GPUs), calls the launchers with CPU tensors of
 each dtype and each constexpr variant, and prints one line per compiled variant. Exit status 0
 means every variant compiled to a cubin.
