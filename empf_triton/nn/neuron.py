@@ -72,7 +72,7 @@ class StatefulNeuron(nn.Module):
 
 
 class EMPFNeuron(StatefulNeuron):
-    """EM-PF neuron with learnable per-step decay λ_t = sigmoid(a_t) and threshold θ_t = sigmoid(b_t).
+    """EM-PF neuron with learnable per-step decay λ_t = sigmoid(a_t), threshold θ_t = sigmoid(b_t).
 
     Args:
         T: number of time steps (length of a and b; both initialised to 0, so λ = θ = 0.5).
