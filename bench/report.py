@@ -1,0 +1,865 @@
+"""Turn benchmark JSON files (pytest-benchmark's `--benchmark-json`) into PNG plots and a summary.
+
+Usage: `python bench/report.py results.json [more.json ...] --out DIR`
+
+Writes into DIR, for each device found in the files (a device suffix when there are several):
+- `speedup_<op>.png`: speed-up over the eager reference vs T, per pass and grad mode, with the
+  issue's targets marked (fused fwd+bwd 5x at T=4 and 10x at T=32; single step 3x);
+- `memory_saved.png`: bits saved for backward per element per step vs T (target for the fused
+  online neuron: 1 bit plus v when the decay learns), and `memory_peak.png` (CUDA peak memory);
+- `bandwidth.png`: achieved GB/s vs T against the copy bandwidth measured in the same run;
+- `empf_vs_lif.png`: EM-PF and LIF times at the same T (project goal: EM-PF at least as fast);
+- `binary_gemm.png` (time, GB/s, TFLOP/s vs M per impl) and `spikes.png` when present;
+- `summary.md` and `summary.csv`: times, speed-ups and GB/s fractions at T=4 and T=32, and a
+  target check.
+Every plot is labelled with the device, torch/triton versions and commit of its run.
+`main(argv)` is the entry point (for a CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+NEURON_OPS = ("empf_neuron", "empf_neuron_step", "parallel_neuron", "lif_neuron")
+BASELINE = "eager"
+IMPL_COLORS = {
+    "eager": "tab:gray",
+    "compile": "tab:orange",
+    "triton": "tab:blue",
+    "reference": "tab:gray",
+    "packed": "tab:blue",
+    "cublas": "tab:green",
+    "dense": "tab:purple",
+    "auto": "tab:red",
+    "torch": "k",
+}
+PASS_STYLE = {"fwd": "--", "fwd+bwd": "-"}
+MODE_MARKER = {"online": "o", "bptt": "s", None: "^"}
+SUMMARY_T = (4, 32)
+#: Targets from the issue (measured side by side on one H100/H200 run).
+SPEEDUP_TARGETS = {("empf_neuron", "fwd+bwd"): {4: 5.0, 32: 10.0}}
+STEP_SPEEDUP_TARGET = 3.0
+BANDWIDTH_TARGET = 0.8
+GEMM_OPS = ("binary_gemm", "binary_matmul", "binary_linear", "bgemm")
+SPIKE_OPS = ("quantize", "encode", "decode")
+
+
+# ---------------------------------------------------------------------------------------- load
+
+
+def _dtype_name(d) -> str | None:
+    if d is None:
+        return None
+    d = str(d).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}.get(d, d)
+
+
+def load(paths: Sequence[str | Path]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """All benchmark records of the files (extra_info + median time + device), and the run
+    environments per device (from machine_info["empf"], else pytest-benchmark's own fields)."""
+    records: list[dict] = []
+    envs: dict[str, list[dict]] = defaultdict(list)
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        machine = doc.get("machine_info") or {}
+        commit = doc.get("commit_info") or {}
+        env = dict(machine.get("empf") or {})
+        env.setdefault("torch", None)
+        env.setdefault("triton", None)
+        if not env.get("commit"):
+            env["commit"] = (commit.get("id") or "unknown")[:12]
+            env["commit_dirty"] = commit.get("dirty")
+        env.setdefault("date", doc.get("datetime"))
+        for bench in doc.get("benchmarks", []):
+            extra = dict(bench.get("extra_info") or {})
+            stats = bench.get("stats") or {}
+            device = (
+                env.get("device")
+                or extra.get("device")
+                or (machine.get("cpu") or {}).get("brand_raw")
+                or "unknown device"
+            )
+            rec = dict(extra)
+            rec.update(
+                device=device,
+                name=bench.get("name", ""),
+                median_s=stats.get("median"),
+                min_s=stats.get("min"),
+                rounds=stats.get("rounds"),
+                source=str(path),
+            )
+            rec["op"] = extra.get("op") or _infer_op(rec["name"])
+            rec["impl"] = extra.get("impl") or "?"
+            rec["dtype"] = _dtype_name(extra.get("dtype"))
+            if rec.get("gbps") is None and extra.get("bytes_moved") and rec["median_s"]:
+                rec["gbps"] = extra["bytes_moved"] / rec["median_s"] / 1e9
+            if rec.get("tflops") is None and extra.get("flops") and rec["median_s"]:
+                rec["tflops"] = extra["flops"] / rec["median_s"] / 1e12
+            records.append(rec)
+            if env not in envs[device]:
+                envs[device].append(env)
+    return records, dict(envs)
+
+
+def _infer_op(name: str) -> str:
+    base = re.sub(r"\[.*\]$", "", name).removeprefix("test_bench_")
+    return base or name
+
+
+def env_label(envs: list[dict], device: str) -> str:
+    """One line: device · torch · triton · commit (dirty) · date, merging several runs."""
+
+    def join(key, fmt=str):
+        vals = []
+        for e in envs:
+            v = e.get(key)
+            if v is not None and fmt(v) not in vals:
+                vals.append(fmt(v))
+        return "/".join(vals) if vals else "?"
+
+    commits = []
+    for e in envs:
+        c = str(e.get("commit") or "unknown")[:12] + ("+dirty" if e.get("commit_dirty") else "")
+        if c not in commits:
+            commits.append(c)
+    date = join("date", lambda d: str(d)[:10])
+    return (
+        f"{device} · torch {join('torch')} · triton {join('triton')} · "
+        f"commit {'/'.join(commits)} · {date}"
+    )
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _main_variant(r: dict) -> bool:
+    """The default case of a sweep: fp32 current, float spikes."""
+    return r.get("dtype") in (None, "fp32") and r.get("spike_bits") is None
+
+
+def _variant(r: dict) -> str:
+    spk = "float" if r.get("spike_bits") is None else f"{r['spike_bits']}-bit"
+    return f"{r.get('dtype')} {spk}"
+
+
+def _key(r: dict, *, impl: bool = True) -> tuple:
+    k = (
+        r["op"],
+        r.get("pass"),
+        r.get("grad_mode"),
+        r.get("T"),
+        r.get("dtype"),
+        r.get("spike_bits"),
+        r.get("N"),
+    )
+    return (*k, r["impl"]) if impl else k
+
+
+def speedups(records: list[dict]) -> dict[tuple, float]:
+    """Eager median / impl median for every record that has an eager twin (same everything)."""
+    base = {_key(r, impl=False): r["median_s"] for r in records if r["impl"] == BASELINE}
+    out = {}
+    for r in records:
+        b = base.get(_key(r, impl=False))
+        if b and r.get("median_s"):
+            out[_key(r)] = b / r["median_s"]
+    return out
+
+
+def copy_bandwidth(records: list[dict]) -> float | None:
+    vals = [r["gbps"] for r in records if r["op"] == "copy" and r.get("gbps")]
+    return max(vals) if vals else None
+
+
+def saved_bits(r: dict) -> float | None:
+    if r.get("saved_bytes") is None or not r.get("T") or not r.get("N"):
+        return None
+    return r["saved_bytes"] * 8 / (r["T"] * r["N"])
+
+
+def _dtype_bits(dtype: str | None) -> int:
+    return {"fp32": 32, "bf16": 16, "fp16": 16, "fp64": 64}.get(dtype or "fp32", 32)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "device"
+
+
+def _setup_axes_T(ax, Ts):
+    ax.set_xscale("log", base=2)
+    if Ts:
+        ax.set_xticks(sorted(Ts))
+        ax.set_xticklabels([str(t) for t in sorted(Ts)])
+    ax.set_xlabel("T (time steps)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _finish(fig, label: str, title: str, path: Path, written: list[Path]) -> None:
+    fig.suptitle(f"{title}\n{label}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    written.append(path)
+
+
+def _series(records, **match) -> dict[str, list[dict]]:
+    out = defaultdict(list)
+    for r in records:
+        if all(r.get(k) == v for k, v in match.items()):
+            out[r["impl"]].append(r)
+    return out
+
+
+def _present(records, key) -> list:
+    seen = []
+    for r in records:
+        v = r.get(key)
+        if v not in seen:
+            seen.append(v)
+    order = {"online": 0, "bptt": 1, "fwd": 0, "fwd+bwd": 1}
+    return sorted(seen, key=lambda v: (order.get(v, 9), str(v)))
+
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def plot_speedup(records, label, out: Path, suffix: str, written: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    sp = speedups(records)
+    for op in NEURON_OPS:
+        recs = [r for r in records if r["op"] == op and r.get("T") is not None]
+        if not any(_key(r) in sp and r["impl"] != BASELINE for r in recs):
+            continue
+        modes, passes = _present(recs, "grad_mode"), _present(recs, "pass")
+        fig, axes = plt.subplots(
+            len(modes), len(passes), figsize=(5.2 * len(passes), 3.6 * len(modes)), squeeze=False
+        )
+        for i, mode in enumerate(modes):
+            for j, pass_ in enumerate(passes):
+                ax = axes[i][j]
+                cell = [r for r in recs if r.get("grad_mode") == mode and r.get("pass") == pass_]
+                for impl, rs in sorted(_series(cell).items()):
+                    if impl == BASELINE:
+                        continue
+                    main = sorted(
+                        (r for r in rs if _main_variant(r) and _key(r) in sp), key=lambda r: r["T"]
+                    )
+                    if main:
+                        ax.plot(
+                            [r["T"] for r in main],
+                            [sp[_key(r)] for r in main],
+                            marker="o",
+                            color=IMPL_COLORS.get(impl),
+                            label=f"{impl} fp32",
+                        )
+                    for r in rs:
+                        if not _main_variant(r) and _key(r) in sp:
+                            ax.scatter(
+                                [r["T"]],
+                                [sp[_key(r)]],
+                                marker="D",
+                                s=30,
+                                color=IMPL_COLORS.get(impl),
+                                edgecolors="k",
+                                label=f"{impl} {_variant(r)}",
+                            )
+                ax.axhline(1.0, color=IMPL_COLORS["eager"], lw=1, label="eager = 1")
+                for T, target in SPEEDUP_TARGETS.get((op, pass_), {}).items():
+                    ax.scatter(
+                        [T],
+                        [target],
+                        marker="*",
+                        s=120,
+                        color="red",
+                        zorder=5,
+                        label=f"target {target:g}x @T={T}",
+                    )
+                if op == "empf_neuron_step" and pass_ == "fwd+bwd":
+                    ax.axhline(STEP_SPEEDUP_TARGET, color="red", ls=":", label="target 3x")
+                _setup_axes_T(ax, {r["T"] for r in cell})
+                ax.set_yscale("log")
+                ax.set_ylabel("speed-up over eager (x)")
+                ax.set_title(f"{op} · {pass_} · grad_mode={mode}", fontsize=9)
+                _dedup_legend(ax)
+        _finish(
+            fig,
+            label,
+            f"{op}: speed-up over the eager reference",
+            out / f"speedup_{op}{suffix}.png",
+            written,
+        )
+
+
+def _dedup_legend(ax, **kw) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    if uniq:
+        kw.setdefault("fontsize", 6)
+        kw.setdefault("ncol", 2 if len(uniq) > 8 else 1)
+        ax.legend(uniq.values(), uniq.keys(), **kw)
+
+
+def _one_pass(recs: list[dict]) -> list[dict]:
+    """Saved bytes do not depend on the pass: keep fwd+bwd where both exist."""
+    keyed = {}
+    for r in recs:
+        k = (r["impl"], r.get("grad_mode"), r.get("T"), r.get("dtype"), r.get("spike_bits"))
+        if k not in keyed or r.get("pass") == "fwd+bwd":
+            keyed[k] = r
+    return list(keyed.values())
+
+
+def plot_memory(records, label, out: Path, suffix: str, written: list[Path]) -> None:
+
+    ops = [
+        op for op in NEURON_OPS if any(r["op"] == op and saved_bits(r) is not None for r in records)
+    ]
+    if ops:
+        fig, axes = _grid(len(ops))
+        for ax, op in zip(axes, ops):
+            recs = _one_pass(
+                [
+                    r
+                    for r in records
+                    if r["op"] == op and _main_variant(r) and saved_bits(r) is not None
+                ]
+            )
+            Ts = sorted({r["T"] for r in recs})
+            for (impl, mode), rs in sorted(
+                _group(recs, "impl", "grad_mode").items(), key=lambda kv: str(kv[0])
+            ):
+                rs.sort(key=lambda r: r["T"])
+                ax.plot(
+                    [r["T"] for r in rs],
+                    [saved_bits(r) for r in rs],
+                    marker=MODE_MARKER.get(mode, "o"),
+                    color=IMPL_COLORS.get(impl),
+                    ls="-" if mode != "bptt" else "--",
+                    label=f"{impl} {mode or ''}".strip(),
+                )
+            if op in ("empf_neuron", "empf_neuron_step") and Ts:
+                # The mask, plus v[0..T-2] (the step op: v of steps 1..T-1) because λ learns.
+                ys = [1 + 32 * (T - 1) / T for T in Ts]
+                ax.plot(Ts, ys, color="red", ls=":", label="target: 1 bit + v (fp32)")
+            _setup_axes_T(ax, Ts)
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel("saved for backward (bits / element / step)")
+            ax.set_title(op, fontsize=9)
+            _dedup_legend(ax)
+        _finish(
+            fig,
+            label,
+            "Activation memory saved for backward (fp32, float spikes)",
+            out / f"memory_saved{suffix}.png",
+            written,
+        )
+
+    peak = [
+        r
+        for r in records
+        if r["op"] in NEURON_OPS
+        and r.get("cuda_peak_bytes") is not None
+        and _main_variant(r)
+        and r.get("pass") == "fwd+bwd"
+    ]
+    if peak:
+        ops = [op for op in NEURON_OPS if any(r["op"] == op for r in peak)]
+        fig, axes = _grid(len(ops))
+        for ax, op in zip(axes, ops):
+            recs = [r for r in peak if r["op"] == op]
+            for (impl, mode), rs in sorted(
+                _group(recs, "impl", "grad_mode").items(), key=lambda kv: str(kv[0])
+            ):
+                rs.sort(key=lambda r: r["T"])
+                ax.plot(
+                    [r["T"] for r in rs],
+                    [r["cuda_peak_bytes"] / 2**20 for r in rs],
+                    marker=MODE_MARKER.get(mode, "o"),
+                    color=IMPL_COLORS.get(impl),
+                    ls="-" if mode != "bptt" else "--",
+                    label=f"{impl} {mode or ''}".strip(),
+                )
+            _setup_axes_T(ax, {r["T"] for r in recs})
+            ax.set_yscale("log", base=2)
+            ax.set_ylabel("CUDA peak memory above inputs (MiB)")
+            ax.set_title(f"{op} · fwd+bwd", fontsize=9)
+            _dedup_legend(ax)
+        _finish(
+            fig,
+            label,
+            "CUDA peak memory of one forward + backward",
+            out / f"memory_peak{suffix}.png",
+            written,
+        )
+
+
+def _grid(n: int, w: float = 5.4, h: float = 4.0):
+    """A figure with n axes, at most two per row; returns (fig, flat list of n axes)."""
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _group(recs, *keys) -> dict[tuple, list[dict]]:
+    out = defaultdict(list)
+    for r in recs:
+        out[tuple(r.get(k) for k in keys)].append(r)
+    return out
+
+
+def plot_bandwidth(records, label, out: Path, suffix: str, written: list[Path]) -> None:
+
+    copy_bw = copy_bandwidth(records)
+    ops = [op for op in NEURON_OPS if any(r["op"] == op and r.get("gbps") for r in records)]
+    if not ops:
+        return
+    fig, axes = _grid(len(ops), w=6.0, h=4.6)
+    for ax, op in zip(axes, ops):
+        recs = [r for r in records if r["op"] == op and _main_variant(r) and r.get("gbps")]
+        for (impl, pass_, mode), rs in sorted(
+            _group(recs, "impl", "pass", "grad_mode").items(), key=lambda kv: str(kv[0])
+        ):
+            rs.sort(key=lambda r: r["T"])
+            ax.plot(
+                [r["T"] for r in rs],
+                [r["gbps"] for r in rs],
+                color=IMPL_COLORS.get(impl),
+                ls=PASS_STYLE.get(pass_, "-"),
+                marker=MODE_MARKER.get(mode, "o"),
+                alpha=0.5 if impl == BASELINE else 1.0,
+                label=f"{impl} {pass_} {mode or ''}".strip(),
+            )
+        if copy_bw:
+            ax.axhline(copy_bw, color="k", lw=1, label=f"copy {copy_bw:.0f} GB/s")
+            ax.axhline(
+                BANDWIDTH_TARGET * copy_bw,
+                color="red",
+                ls=":",
+                label=f"{BANDWIDTH_TARGET:.0%} of copy",
+            )
+        _setup_axes_T(ax, {r["T"] for r in recs})
+        ax.set_yscale("log")
+        ax.set_ylabel("GB/s (byte model / median time)")
+        ax.set_title(op, fontsize=9)
+        _dedup_legend(ax)
+    _finish(
+        fig,
+        label,
+        "Achieved bandwidth vs the device's copy bandwidth (fp32, float spikes)",
+        out / f"bandwidth{suffix}.png",
+        written,
+    )
+
+
+def plot_empf_vs_lif(records, label, out: Path, suffix: str, written: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    recs = [
+        r
+        for r in records
+        if r["op"] in ("empf_neuron", "lif_neuron")
+        and _main_variant(r)
+        and r.get("pass") == "fwd+bwd"
+        and r.get("median_s")
+    ]
+    if not {"empf_neuron", "lif_neuron"} <= {r["op"] for r in recs}:
+        return
+    modes = _present(recs, "grad_mode")
+    fig, axes = plt.subplots(2, len(modes), figsize=(5.2 * len(modes), 7.0), squeeze=False)
+    for j, mode in enumerate(modes):
+        ax, ax_ratio = axes[0][j], axes[1][j]
+        cell = [r for r in recs if r.get("grad_mode") == mode]
+        by = _group(cell, "op", "impl")
+        for (op, impl), rs in sorted(by.items(), key=lambda kv: str(kv[0])):
+            rs.sort(key=lambda r: r["T"])
+            ax.plot(
+                [r["T"] for r in rs],
+                [r["median_s"] * 1e3 for r in rs],
+                color=IMPL_COLORS.get(impl),
+                ls="-" if op == "empf_neuron" else "--",
+                marker="o" if op == "empf_neuron" else "x",
+                label=f"{op} {impl}",
+            )
+        for impl in sorted({r["impl"] for r in cell}):
+            empf = {r["T"]: r["median_s"] for r in by.get(("empf_neuron", impl), [])}
+            lif = {r["T"]: r["median_s"] for r in by.get(("lif_neuron", impl), [])}
+            Ts = sorted(set(empf) & set(lif))
+            if Ts:
+                ax_ratio.plot(
+                    Ts,
+                    [lif[T] / empf[T] for T in Ts],
+                    marker="o",
+                    color=IMPL_COLORS.get(impl),
+                    label=impl,
+                )
+        ax_ratio.axhline(1.0, color="red", ls=":", label="goal: EM-PF at least as fast")
+        for a in (ax, ax_ratio):
+            _setup_axes_T(a, {r["T"] for r in cell})
+            a.set_yscale("log")
+            _dedup_legend(a)
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"fwd+bwd · grad_mode={mode}", fontsize=9)
+        ax_ratio.set_ylabel("LIF time / EM-PF time")
+    _finish(
+        fig,
+        label,
+        "EM-PF vs LIF at the same T (fp32, forward + backward)",
+        out / f"empf_vs_lif{suffix}.png",
+        written,
+    )
+
+
+def _is_gemm(r: dict) -> bool:
+    return r["op"] in GEMM_OPS or "gemm" in str(r["op"]) or "binary" in r.get("name", "")
+
+
+def plot_gemm(records, label, out: Path, suffix: str, written: list[Path]) -> None:
+    """One row per GEMM benchmark op (inference GEMM, training step), columns time / GB/s /
+    TFLOP/s vs M; solid = wall time of a synchronised call, dashed = GPU-only time where the
+    benchmark recorded one (`gpu_time_s`, e.g. from a CUDA-graph replay)."""
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if _is_gemm(r) and r.get("M") is not None and r.get("median_s")]
+    if not recs:
+        return
+    copy_bw = copy_bandwidth(records)
+    ops = _present(recs, "op")
+    fig, axes = plt.subplots(len(ops), 3, figsize=(15, 4.2 * len(ops)), squeeze=False)
+    metrics = (
+        ("median_s", "gpu_time_s", 1e3, "time (ms)"),
+        ("gbps", "gbps_gpu", 1.0, "GB/s"),
+        ("tflops", "tflops_gpu", 1.0, "TFLOP/s"),
+    )
+    for i, op in enumerate(ops):
+        groups = _group([r for r in recs if r["op"] == op], "impl", "K", "N", "dtype", "bits")
+        for ax, (wall, gpu, scale, ylabel) in zip(axes[i], metrics):
+            for (impl, K, N, dtype, bits), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                rs = sorted(rs, key=lambda r: r["M"])
+                name = " ".join(
+                    str(x)
+                    for x in (impl, K is not None and f"K={K} N={N}", dtype, bits and f"{bits}-bit")
+                    if x
+                )
+                color = IMPL_COLORS.get(impl)
+                for field, ls, tag in ((wall, "-", ""), (gpu, "--", " (GPU time)")):
+                    pts = [(r["M"], r[field] * scale) for r in rs if r.get(field) is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", ls=ls, color=color, label=name + tag)
+            if wall == "gbps" and copy_bw:
+                ax.axhline(copy_bw, color="k", lw=1, label=f"copy {copy_bw:.0f} GB/s")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("M (rows of x)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(op, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            _dedup_legend(ax)
+    _finish(fig, label, "Binary-weight GEMM vs M", out / f"binary_gemm{suffix}.png", written)
+
+
+def plot_spikes(records, label, out: Path, suffix: str, written: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r["op"] in SPIKE_OPS and r.get("gbps")]
+    if not recs:
+        return
+    cases = sorted({(r["op"], r.get("bits"), r.get("dtype")) for r in recs}, key=str)
+    impls = sorted({r["impl"] for r in recs})
+    width = 0.8 / len(impls)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4))
+    for k, impl in enumerate(impls):
+        vals = []
+        for c in cases:
+            hit = [
+                r["gbps"]
+                for r in recs
+                if (r["op"], r.get("bits"), r.get("dtype")) == c and r["impl"] == impl
+            ]
+            vals.append(hit[0] if hit else 0.0)
+        ax.bar(
+            [i + k * width for i in range(len(cases))],
+            vals,
+            width,
+            color=IMPL_COLORS.get(impl),
+            label=impl,
+        )
+    copy_bw = copy_bandwidth(records)
+    if copy_bw:
+        ax.axhline(copy_bw, color="k", lw=1, label=f"copy {copy_bw:.0f} GB/s")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([f"{o}\n{b}-bit {d or ''}" for o, b, d in cases], fontsize=7)
+    ax.set_ylabel("GB/s")
+    ax.legend(fontsize=7)
+    _finish(
+        fig,
+        label,
+        "Spike quantise / encode / decode bandwidth",
+        out / f"spikes{suffix}.png",
+        written,
+    )
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    """One row per (op, pass, grad mode, dtype, spikes, impl, N) of the T sweeps."""
+    sp = speedups(records)
+    copy_bw = copy_bandwidth(records)
+    groups = defaultdict(dict)
+    for r in records:
+        if r["op"] not in NEURON_OPS or r.get("T") is None:
+            continue
+        gk = (
+            r["op"],
+            r.get("pass"),
+            r.get("grad_mode"),
+            r.get("dtype"),
+            "float" if r.get("spike_bits") is None else f"{r['spike_bits']}-bit",
+            r["impl"],
+            r.get("N"),
+        )
+        groups[gk][r["T"]] = r
+    rows = []
+    for gk, byT in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        op, pass_, mode, dtype, spikes, impl, n = gk
+        row = {
+            "op": op,
+            "pass": pass_,
+            "grad_mode": mode,
+            "dtype": dtype,
+            "spikes": spikes,
+            "impl": impl,
+            "N": n,
+        }
+        for T in SUMMARY_T:
+            r = byT.get(T)
+            row[f"ms_T{T}"] = r["median_s"] * 1e3 if r and r.get("median_s") else None
+            row[f"speedup_T{T}"] = sp.get(_key(r)) if r else None
+            row[f"gbps_T{T}"] = r.get("gbps") if r else None
+            row[f"copy_frac_T{T}"] = (
+                r["gbps"] / copy_bw if r and r.get("gbps") and copy_bw else None
+            )
+            row[f"saved_bits_T{T}"] = saved_bits(r) if r else None
+        if any(row[f"ms_T{T}"] is not None for T in SUMMARY_T):
+            rows.append(row)
+    return rows
+
+
+def target_checks(records: list[dict]) -> list[dict]:
+    """The issue's targets against this run; 'n/a' where the run lacks the cases."""
+    sp = speedups(records)
+    copy_bw = copy_bandwidth(records)
+    checks = []
+
+    def find(**m):
+        return [r for r in records if all(r.get(k) == v for k, v in m.items()) and _main_variant(r)]
+
+    for mode in ("online", "bptt"):
+        for T, target in SPEEDUP_TARGETS[("empf_neuron", "fwd+bwd")].items():
+            rs = find(op="empf_neuron", impl="triton", T=T, grad_mode=mode, **{"pass": "fwd+bwd"})
+            val = sp.get(_key(rs[0])) if rs else None
+            checks.append(_check(f"fused fwd+bwd speed-up, {mode}, T={T}", val, target, "x"))
+    for T in SUMMARY_T:
+        rs = find(op="empf_neuron_step", impl="triton", T=T, **{"pass": "fwd+bwd"})
+        val = sp.get(_key(rs[0])) if rs else None
+        checks.append(_check(f"single-step fwd+bwd speed-up, T={T}", val, STEP_SPEEDUP_TARGET, "x"))
+    for mode in ("online", "bptt"):
+        rs = find(op="empf_neuron", impl="triton", grad_mode=mode, **{"pass": "fwd+bwd"})
+        best = max(rs, key=lambda r: r.get("gbps") or 0, default=None)
+        val = best["gbps"] / copy_bw if best and best.get("gbps") and copy_bw else None
+        name = f"fused fwd+bwd bandwidth / copy, {mode}, best T"
+        if best:
+            name += f" (T={best['T']})"
+        checks.append(_check(name, val, BANDWIDTH_TARGET, "", fmt="{:.0%}"))
+    rs = find(op="empf_neuron", impl="triton", grad_mode="online")
+    worst = None
+    for r in rs:
+        bits = saved_bits(r)
+        if bits is None:
+            continue
+        limit = 1 + _dtype_bits(r.get("dtype")) * (r["T"] - 1) / r["T"]
+        excess = bits - limit
+        if worst is None or excess > worst[0]:
+            worst = (excess, bits, limit, r["T"])
+    if worst is not None:
+        checks.append(
+            {
+                "check": f"online saved bits/elem/step ≤ 1 + v (worst T={worst[3]})",
+                "value": f"{worst[1]:.3g}",
+                "target": f"≤ {worst[2]:.3g}",
+                "status": "PASS" if worst[0] <= 1e-6 else "FAIL",
+            }
+        )
+    else:
+        checks.append(
+            {
+                "check": "online saved bits/elem/step ≤ 1 + v",
+                "value": "n/a",
+                "target": "",
+                "status": "n/a",
+            }
+        )
+    for mode in ("online", "bptt"):
+        for T in SUMMARY_T:
+            e = find(op="empf_neuron", impl="triton", T=T, grad_mode=mode, **{"pass": "fwd+bwd"})
+            lif = find(op="lif_neuron", impl="triton", T=T, grad_mode=mode, **{"pass": "fwd+bwd"})
+            val = lif[0]["median_s"] / e[0]["median_s"] if e and lif else None
+            checks.append(
+                _check(f"LIF time / EM-PF time (triton fwd+bwd, {mode}, T={T})", val, 1.0, "x")
+            )
+    return checks
+
+
+def _check(name, value, target, unit, fmt="{:.2f}") -> dict:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return {
+            "check": name,
+            "value": "n/a",
+            "target": f"≥ {fmt.format(target)}{unit}",
+            "status": "n/a",
+        }
+    return {
+        "check": name,
+        "value": fmt.format(value) + unit,
+        "target": f"≥ {fmt.format(target)}{unit}",
+        "status": "PASS" if value >= target else "FAIL",
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def write_summary(records, label, out: Path, suffix: str, written: list[Path]) -> None:
+    rows = summary_rows(records)
+    copy_bw = copy_bandwidth(records)
+    csv_path = out / f"summary{suffix}.csv"
+    fields = ["op", "pass", "grad_mode", "dtype", "spikes", "impl", "N"] + [
+        f"{m}_T{T}" for T in SUMMARY_T for m in ("ms", "speedup", "gbps", "copy_frac", "saved_bits")
+    ]
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in fields})
+    written.append(csv_path)
+
+    lines = [f"# Benchmark summary\n\n{label}\n"]
+    lines.append(
+        f"Copy bandwidth (read + write): {_fmt(copy_bw)} GB/s\n"
+        if copy_bw
+        else "Copy bandwidth: not measured in these files\n"
+    )
+    lines.append("## Targets\n")
+    lines.append("| check | value | target | status |\n|---|---|---|---|")
+    for c in target_checks(records):
+        lines.append(f"| {c['check']} | {c['value']} | {c['target']} | {c['status']} |")
+    lines.append("\n## Neuron ops at T=4 and T=32\n")
+    lines.append(
+        "Times are medians; speed-up is over the eager reference of the same case; "
+        "GB/s uses the byte model in bench/test_bench_neuron.py; saved bits are per "
+        "element per step.\n"
+    )
+    head = ["op", "pass", "mode", "dtype", "spikes", "impl"]
+    for T in SUMMARY_T:
+        head += [f"ms T={T}", f"x T={T}", f"GB/s T={T}", f"copy% T={T}", f"bits T={T}"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for row in rows:
+        cells = [row["op"], row["pass"], row["grad_mode"], row["dtype"], row["spikes"], row["impl"]]
+        for T in SUMMARY_T:
+            frac = row[f"copy_frac_T{T}"]
+            cells += [
+                _fmt(row[f"ms_T{T}"]),
+                _fmt(row[f"speedup_T{T}"]),
+                _fmt(row[f"gbps_T{T}"]),
+                f"{frac:.0%}" if frac is not None else "",
+                _fmt(row[f"saved_bits_T{T}"]),
+            ]
+        lines.append("| " + " | ".join(str(c) if c is not None else "" for c in cells) + " |")
+    other = [r for r in records if r["op"] not in NEURON_OPS]
+    if other:
+        lines.append("\n## Other benchmarks\n")
+        lines.append("| benchmark | impl | median ms | GB/s | TFLOP/s |\n|---|---|---|---|---|")
+        for r in sorted(other, key=lambda r: r["name"]):
+            ms = r["median_s"] * 1e3 if r.get("median_s") else None
+            lines.append(
+                f"| {r['name']} | {r['impl']} | {_fmt(ms)} | {_fmt(r.get('gbps'))} | "
+                f"{_fmt(r.get('tflops'))} |"
+            )
+    md_path = out / f"summary{suffix}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    written.append(md_path)
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def report(paths: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Write all plots and summaries for `paths` into `out`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, envs = load(paths)
+    records = [r for r in records if r.get("median_s")]
+    written: list[Path] = []
+    devices = sorted({r["device"] for r in records})
+    for device in devices:
+        recs = [r for r in records if r["device"] == device]
+        label = env_label(envs.get(device, [{}]), device)
+        suffix = "" if len(devices) == 1 else "_" + _slug(device)
+        plot_speedup(recs, label, out, suffix, written)
+        plot_memory(recs, label, out, suffix, written)
+        plot_bandwidth(recs, label, out, suffix, written)
+        plot_empf_vs_lif(recs, label, out, suffix, written)
+        plot_gemm(recs, label, out, suffix, written)
+        plot_spikes(recs, label, out, suffix, written)
+        write_summary(recs, label, out, suffix, written)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench/report.py", description="Plot benchmark JSON files (pytest-benchmark format)."
+    )
+    parser.add_argument("json", nargs="+", help="--benchmark-json output files")
+    parser.add_argument("--out", required=True, help="directory for the PNGs and summaries")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.json if not Path(p).is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
+    written = report(args.json, args.out)
+    if not written:
+        print("no benchmark records with timings found", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

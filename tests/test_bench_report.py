@@ -1,0 +1,113 @@
+"""bench/report.py turns a real (tiny, CPU) benchmark run into plots and a summary.
+
+The benchmarks run in a subprocess on the CPU with tiny sizes: the eager cases, a few Triton cases
+in the interpreter (so the speed-up plots have something to show), and once more through the
+built-in fallback runner that replaces pytest-benchmark where it is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def _run_bench(out_json: Path, select: str, *extra: str, fallback: bool = False) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMPF_", "TRITON_"))}
+    env.update(
+        EMPF_BENCH_DEVICE="cpu",
+        EMPF_BENCH_N="1024",
+        EMPF_BENCH_T="1,4",
+        EMPF_BENCH_COMPILE_T="none",
+        EMPF_BENCH_TARGET_S="0.001",
+        EMPF_POISON_EMPTY="0",
+        EMPF_AUTOTUNE="0",
+        TRITON_INTERPRET="1",  # Triton cases on CPU tensors: harness check only
+        EMPF_COMMIT="testcommit",
+    )
+    if fallback:
+        env["EMPF_BENCH_FALLBACK"] = "1"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(BENCH / "test_bench_neuron.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        select,
+        f"--benchmark-json={out_json}",
+        *extra,
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert out_json.is_file(), proc.stdout[-2000:]
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("empf_bench_report", BENCH / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_from_a_real_cpu_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("triton")
+    main_json = tmp_path / "neuron.json"
+    triton_cases = "triton and fwd-online and fp32-float and not step and not lif"
+    _run_bench(main_json, f"copy or eager or ({triton_cases})")
+    fb_json = tmp_path / "fallback.json"
+    _run_bench(
+        fb_json, "copy or (eager and T1 and fwd-online)", "-p", "no:benchmark", fallback=True
+    )
+
+    doc = json.loads(main_json.read_text())
+    env = doc["machine_info"]["empf"]
+    assert env["commit"] == "testcommit" and env["device_type"] == "cpu"
+    by_name = {b["name"]: b for b in doc["benchmarks"]}
+    rec = by_name["test_bench_empf_neuron[triton-fwd-online-T4-fp32-float]"]["extra_info"]
+    # The fused op saves 1 mask bit per element per step plus v[0..2] (fp32) because λ learns.
+    assert rec["saved_bytes"] == 4 * (1024 // 8) + 3 * 1024 * 4
+    assert rec["rel_err_vs_eager"] == 0.0
+    assert rec["gbps"] > 0 and rec["bytes_moved"] > 0
+    assert any(b["extra_info"]["op"] == "copy" for b in doc["benchmarks"])
+
+    fb = json.loads(fb_json.read_text())
+    assert fb["version"].startswith("empf-fallback")
+    assert fb["benchmarks"] and all(b["stats"]["median"] > 0 for b in fb["benchmarks"])
+    assert set(fb["benchmarks"][0]) >= {"name", "fullname", "params", "extra_info", "stats"}
+
+    report = _load_report()
+    out = tmp_path / "report"
+    assert report.main([str(main_json), str(fb_json), "--out", str(out)]) == 0
+    pngs = {p.name for p in out.glob("*.png")}
+    for name in (
+        "speedup_empf_neuron.png",
+        "memory_saved.png",
+        "bandwidth.png",
+        "empf_vs_lif.png",
+    ):
+        assert name in pngs, sorted(pngs)
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "testcommit" in summary and "| empf_neuron | fwd | online | fp32 | float | triton" in (
+        summary
+    )
+    assert (out / "summary.csv").read_text().startswith("op,pass,grad_mode")
+
+
+def test_report_rejects_missing_files(tmp_path):
+    report = _load_report()
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "nope.json"), "--out", str(tmp_path)])
