@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("gpu_compile.py")
-OPS = ["neuron", "lif", "spikes"]
+OPS = ["neuron", "lif", "spikes", "binary"]
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -23,6 +23,7 @@ from .common import ArrayDataset, DatasetNotFoundError, MissingDependencyError
 
 __all__ = [
     "DATASETS",
+    "EVENT_DATASETS",
     "ArrayDataset",
     "DatasetInfo",
     "DatasetNotFoundError",
@@ -100,6 +101,10 @@ DATASETS: dict[str, Callable] = {
     "dvs_cifar10": _dvs_cifar10,
     "dvs_gesture": _dvs_gesture,
 }
+
+
+#: Data sets whose samples are event frames [T, ...]; their loaders take the time steps `T`.
+EVENT_DATASETS = frozenset({"dvs_cifar10", "dvs_gesture"})
 
 
 def load_dataset(name: str, root: str | None = None, **kw) -> tuple:

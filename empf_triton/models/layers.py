@@ -1,0 +1,331 @@
+"""Building blocks shared by the models: step-mode containers, layer factories, the registry.
+
+Step modes follow SpikingJelly: in step mode "s" a module sees one time step `[N, *]` per call, in
+step mode "m" all steps at once `[T, N, *]`. Stateless layers (convolutions, BatchNorm, pooling,
+the classifier) do not care about time; `SeqToANN` folds T into the batch for them in mode "m".
+Stateful neurons (`empf_triton.nn.StatefulNeuron`) handle both modes themselves.
+
+BatchNorm note: in training mode a BatchNorm inside `SeqToANN` normalises with the statistics of
+the batch it sees, i.e. one step's N samples in mode "s" and all T*N samples in mode "m" (the
+SpikingJelly convention). Both modes give identical results in eval mode (running statistics).
+Mem-BN (`EMPFNeuron(mem_bn=True)`) is per step in both modes.
+
+The registry: `MODELS` maps a name to a factory taking keyword arguments `in_shape`,
+`num_classes`, `T` and the model options (see `COMMON_OPTIONS`); `register_model(name)` is the
+decorator that adds a factory, `build_model` validates names and options and calls it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..nn.binary import BinaryConv2d, BinaryLinear
+from ..nn.neuron import STEP_MODES, EMPFNeuron, StatefulNeuron
+
+__all__ = [
+    "COMMON_OPTIONS",
+    "MODELS",
+    "SeqToANN",
+    "SpikingModel",
+    "NeuronFactory",
+    "build_model",
+    "check_flag",
+    "check_weight_bits",
+    "conv2d",
+    "count_parameters",
+    "empf_neuron",
+    "linear",
+    "register_model",
+    "set_grad_mode",
+    "set_step_mode",
+]
+
+#: Options every registered model accepts (besides in_shape, num_classes and T); the models of
+#: resnet.py and vgg.py also take `step_mode` and `width`.
+COMMON_OPTIONS = (
+    "weight_bits",
+    "spike_bits",
+    "spike_step",
+    "parallel",
+    "seca",
+    "mem_bn",
+    "grad_mode",
+    "impl",
+)
+#: weight_bits values: 1 (binary), 1.5 (ternary), 32 (full precision).
+WEIGHT_BITS = (1, 1.5, 32)
+
+
+def _check_step_mode(mode: object) -> str:
+    if mode not in STEP_MODES:
+        raise ValueError(f"step_mode must be 's' or 'm', got {mode!r}")
+    return mode
+
+
+class SeqToANN(nn.Sequential):
+    """Stateless layers applied to one step `[N, *]` (mode "s") or to all steps `[T, N, *]`
+    (mode "m", T folded into the batch: `[T*N, *]` through the layers, then split again).
+
+    Args:
+        *modules: stateless modules run in order (as `nn.Sequential`).
+        step_mode: "s" or "m"; `set_step_mode(model, mode)` switches it.
+    """
+
+    def __init__(self, *modules: nn.Module, step_mode: str = "s") -> None:
+        super().__init__(*modules)
+        self.step_mode = _check_step_mode(step_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "s":
+            return super().forward(x)
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SeqToANN in step_mode='m' needs [T, N, *], got {shape}")
+        T, N = x.shape[:2]
+        y = super().forward(x.flatten(0, 1))
+        return y.reshape(T, N, *y.shape[1:])
+
+    def extra_repr(self) -> str:
+        return f"step_mode={self.step_mode!r}"
+
+
+def set_step_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set `step_mode` on every module of `model` that has one (neurons, SeqToANN, SECA, the
+    model itself). Returns `model`. Reset the neurons (`reset_net`) before switching mid-sample."""
+    _check_step_mode(mode)
+    for m in model.modules():
+        if isinstance(m, StatefulNeuron) or hasattr(m, "step_mode"):
+            m.step_mode = mode
+    return model
+
+
+def set_grad_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set `grad_mode` ("online" or "bptt") on every module of `model` that has one."""
+    if mode not in ("online", "bptt"):
+        raise ValueError(f"grad_mode must be 'online' or 'bptt', got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, StatefulNeuron) or hasattr(m, "grad_mode"):
+            m.grad_mode = mode
+    return model
+
+
+def check_weight_bits(weight_bits: object) -> float:
+    """1 (binary), 1.5 (ternary) or 32 (full precision)."""
+    if isinstance(weight_bits, bool) or not isinstance(weight_bits, (int, float)):
+        raise TypeError(f"weight_bits must be 1, 1.5 or 32, got {type(weight_bits).__name__}")
+    if weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"weight_bits must be 1 (binary), 1.5 (ternary) or 32, got {weight_bits}")
+    return weight_bits
+
+
+def conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    *,
+    weight_bits: float = 1,
+    impl: str = "auto",
+) -> nn.Module:
+    """A bias-free convolution: `BinaryConv2d` for weight_bits 1 / 1.5, `nn.Conv2d` for 32."""
+    if check_weight_bits(weight_bits) == 32:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+    return BinaryConv2d(
+        in_channels, out_channels, kernel_size, stride, padding, weight_bits=weight_bits, impl=impl
+    )
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    bias: bool = True,
+    *,
+    weight_bits: float = 1,
+    impl: str = "auto",
+) -> nn.Module:
+    """`BinaryLinear` for weight_bits 1 / 1.5, `nn.Linear` for 32."""
+    if check_weight_bits(weight_bits) == 32:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return BinaryLinear(in_features, out_features, bias, weight_bits=weight_bits, impl=impl)
+
+
+def empf_neuron(
+    T: int,
+    channels: int | None = None,
+    *,
+    spike_bits: int | None = None,
+    spike_step: float = 0.25,
+    parallel: bool = False,
+    mem_bn: bool = False,
+    grad_mode: str = "online",
+    impl: str = "auto",
+    step_mode: str = "s",
+) -> EMPFNeuron:
+    """An `EMPFNeuron`; `channels` (dim 1 of its per-step input) is needed with mem_bn."""
+    return EMPFNeuron(
+        T,
+        spike_bits=spike_bits,
+        spike_step=spike_step,
+        parallel=parallel,
+        step_mode=step_mode,
+        grad_mode=grad_mode,
+        impl=impl,
+        mem_bn=mem_bn,
+        channels=channels,
+    )
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+class NeuronFactory:
+    """Makes the EM-PF neurons of one model from the model's options (validated here, once).
+
+    `factory(channels, parallel=False)` returns an `EMPFNeuron`; it is a parallel neuron only if
+    the call asks for one and the model's `parallel` option is on.
+    """
+
+    def __init__(
+        self,
+        T: int,
+        *,
+        spike_bits: int | None = None,
+        spike_step: float = 0.25,
+        parallel: bool = False,
+        mem_bn: bool = False,
+        grad_mode: str = "online",
+        impl: str = "auto",
+    ) -> None:
+        self.parallel = check_flag("parallel", parallel)
+        self.kw = {
+            "spike_bits": spike_bits,
+            "spike_step": spike_step,
+            "mem_bn": check_flag("mem_bn", mem_bn),
+            "grad_mode": grad_mode,
+            "impl": impl,
+        }
+        self.T = T
+        self(1)  # validates T, spike_bits, spike_step, grad_mode and impl now
+
+    def __call__(self, channels: int, parallel: bool = False) -> EMPFNeuron:
+        return empf_neuron(self.T, channels, parallel=parallel and self.parallel, **self.kw)
+
+
+class SpikingModel(nn.Module):
+    """Base of the models: holds `T`, `num_classes`, `in_shape` and `step_mode`, checks inputs.
+
+    Subclasses implement `forward_features(x)` (x one step `[N, *in_shape]` or all steps
+    `[T, N, *in_shape]`, as `step_mode` says) returning the logits.
+    """
+
+    def __init__(
+        self, T: int, num_classes: int, in_shape: Sequence[int], step_mode: str = "s"
+    ) -> None:
+        super().__init__()
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be an int >= 1, got {T!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if not isinstance(in_shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in in_shape
+        ):
+            raise ValueError(f"in_shape must be a tuple of positive ints, got {in_shape!r}")
+        self.T = T
+        self.num_classes = num_classes
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.step_mode = _check_step_mode(step_mode)
+
+    def check_input(self, x: object) -> torch.Tensor:
+        """x must be `[N, *in_shape]` in mode "s" and `[T, N, *in_shape]` in mode "m"."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"model input must be a torch.Tensor, got {type(x).__name__}")
+        if self.step_mode == "s":
+            ok = x.dim() == len(self.in_shape) + 1 and tuple(x.shape[1:]) == self.in_shape
+            want = f"[N, {', '.join(map(str, self.in_shape))}]"
+        else:
+            ok = (
+                x.dim() == len(self.in_shape) + 2
+                and x.shape[0] == self.T
+                and tuple(x.shape[2:]) == self.in_shape
+            )
+            want = f"[T={self.T}, N, {', '.join(map(str, self.in_shape))}]"
+        if not ok:
+            raise ValueError(
+                f"{type(self).__name__} in step_mode={self.step_mode!r} needs input {want}, "
+                f"got {tuple(x.shape)}"
+            )
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(self.check_input(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.T}, num_classes={self.num_classes}, in_shape={self.in_shape}, "
+            f"step_mode={self.step_mode!r}"
+        )
+
+
+# ---------------------------------------------------------------------------------- the registry
+
+#: name -> factory(*, in_shape, num_classes, T, **options) -> nn.Module
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a model factory to `MODELS` under `name` (names are unique)."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS and MODELS[name] is not fn:
+            raise ValueError(f"model name {name!r} is already registered")
+        MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def build_model(
+    name: str, *, in_shape: Sequence[int], num_classes: int, T: int, **options
+) -> nn.Module:
+    """Build the registered model `name` (see `MODELS`).
+
+    Raises:
+        ValueError: unknown name, or an option the model does not take (the message lists the
+            accepted ones); the factory itself rejects bad option values.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    fn = MODELS[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [k for k in params if k not in ("in_shape", "num_classes", "T")]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"model {name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
+                f"accepted: {', '.join(accepted)}"
+            )
+    try:
+        return fn(in_shape=tuple(in_shape), num_classes=num_classes, T=T, **options)
+    except TypeError as e:
+        # A factory taking **options passes them on; an unknown one surfaces as a TypeError.
+        if "unexpected keyword argument" in str(e):
+            raise ValueError(f"model {name!r}: {e}") from e
+        raise
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameter elements."""
+    return sum(math.prod(p.shape) for p in model.parameters() if p.requires_grad)

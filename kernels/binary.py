@@ -1,0 +1,645 @@
+"""Triton kernels for binary and ternary synapses (EMPF.md §2).
+
+Packed layout (shared with `reference/binary.py`): a weight viewed as [N, K] (N output channels,
+K the flattened input dimension) becomes int32 words `[planes, N, ceil(K / 32)]`; element k of
+row n is bit `k % 32` of word `k // 32`. Plane 0 holds the sign (1 = +1, 0 = -1); ternary weights
+add plane 1, the non-zero flag, and decode as `nz ? (sign ? +1 : -1) : 0`. Padding bits past K
+are 0. A per-row fp32 scale multiplies the decoded value.
+
+The GEMM family computes `C[M, P] = A[M, R] @ B[R, P]` where B is the decoded packed matrix read in
+place: forward (`TRANS=False`) is `out = x @ W^T` with B[k, n] = W[n, k]; the input gradient
+(`TRANS=True`) is `grad_x = grad_out @ W` with B[n, k] = W[n, k], so neither direction makes a
+dense copy of the weights. Each packed word of a tile is loaded once and expanded to its 32
+elements in registers (shift, mask, 2b - 1); the decoded tile is the B operand of `tl.dot`.
+Tile offsets are int32 relative to int64 tile bases that the K loop advances, which keeps every
+pinned and large config free of register spills on sm_90 (checked with cuobjdump -res-usage).
+
+Dot precision: ±1 and 0 are exact in every float type, so only the activation operand matters.
+- interpreter: fp32 tiles, `ieee` (numpy) -- exact products, fp32 sums.
+- fp16 activations: fp16 tiles -- exact products, fp32 accumulation.
+- bf16 activations: fp32 tiles with `tf32` -- bf16 values are exactly representable in tf32, so
+  the products are exact (we never call `tl.dot` on bf16 operands, and casting bf16 to fp16 would
+  overflow above 65504 and lose precision below 6e-5).
+- fp32 activations: x split into a tf32 high part and a low part, two `tf32` dots (`_dot_acc`):
+  about 21 significant bits per product, close to fp32, at tensor-core speed. `ieee` would be
+  exact but runs on the FMA units (~16x slower at large M); plain `tf32` keeps only 11 bits;
+  `tf32x3` also splits the exact ±1 operand and spilled registers in every config.
+The input-gradient kernel scales the gradient by the per-row scale before the dot, so its operand
+is never exactly representable in fp16: it always uses fp32 tiles (`tf32` for 16-bit gradients,
+which keeps fp16's precision without its range limits; the two-pass split for fp32).
+
+Two config families, each autotuned on (M size class, P, R): `SMALL` for M <= SMALL_M_MAX
+(BLOCK_M = 16, the smallest tensor-core tile; reading the weights is the cost, so long reductions
+and split-K) and `LARGE` (tensor-core tiles). Split-K is chosen by the launcher from the shape, not
+by the autotuner: splits write fp32 partials `[S, M, P]` (every element of every split is written,
+so autotuner re-runs cannot double-count) and `_splitk_reduce_kernel` sums them in a fixed order and
+applies the epilogue -- deterministic, no atomics, no `reset_to_zero` needed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, empty, launch_options, pick_configs
+
+# ------------------------------------------------------------------------------------------ configs
+
+#: Largest M served by the small-M (GEMV / split-K) family.
+SMALL_M_MAX = 16
+#: Split-K chunk lengths are multiples of this; every BLOCK_R in the configs divides it.
+SPLIT_ALIGN = 256
+#: Most partial sums one GEMM writes.
+MAX_SPLITS = 32
+
+
+def _cfg(bm: int, bp: int, br: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_R": br}, num_warps=warps, num_stages=stages
+    )
+
+
+# The first config of each list is the pinned one (interpreter, EMPF_AUTOTUNE=0).
+# Small M decodes a [BLOCK_R, BLOCK_P] sign tile per step for very little MMA work: the tiles
+# keep it at <= 64 elements per thread so the decoded tile stays in registers.
+SMALL_CONFIGS = [
+    _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 128, 64, 4, 4),
+    _cfg(16, 128, 128, 8, 3),
+    _cfg(16, 32, 128, 2, 4),
+    _cfg(16, 64, 256, 8, 3),
+    _cfg(16, 32, 256, 4, 4),
+]
+LARGE_CONFIGS = [
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 8, 3),
+    _cfg(64, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 128, 64, 8, 4),
+]
+# Register use of each config was checked by compiling for sm_90 (cuobjdump -res-usage): the
+# pinned (first) configs and the large family do not spill for any dtype; the last two small
+# configs spill for fp32 activations only (the autotuner then prefers another).
+
+# Elementwise / packing kernels are not autotuned (one pass over N*K, memory bound).
+_ELEM_BLOCK = 1024
+_PACK_BLOCK_N = 16
+_PACK_BLOCK_W = 16
+_UNPACK_BLOCK_N = 16
+_UNPACK_BLOCK_K = 256
+
+#: dot modes (see module docstring)
+DOT_IEEE, DOT_FP16, DOT_TF32, DOT_TF32X3 = 0, 1, 2, 3
+
+
+def m_class(M: int) -> int:
+    """Size class of M for the autotune key: the next power of two, capped at 4096."""
+    return min(triton.next_power_of_2(max(int(M), 1)), 4096)
+
+
+# ------------------------------------------------------------------------------------------ pruning
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (they only waste work); keep at least one."""
+    args = {**named_args, **kwargs}
+    M, P, R = args["M"], args["P"], args["R"]
+    keep = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(M))
+        and c.kwargs["BLOCK_P"] <= max(32, triton.next_power_of_2(P))
+        and c.kwargs["BLOCK_R"] <= max(64, triton.next_power_of_2(R))
+    ]
+    return keep or configs[:1]
+
+
+_KEY = ["M_CLASS", "P", "R"]
+_PRUNE = {"early_config_prune": _prune}
+
+# -------------------------------------------------------------------------------------- jit kernels
+
+
+@triton.jit
+def _to_out(x, p_out):
+    """fp32 `x` cast to `p_out`'s element type, rounding to nearest even for every dtype.
+
+    The interpreter's fp32 -> bf16 cast truncates (the GPU's rounds), so bf16 is rounded here in
+    fp32 bits first; the cast that follows is then exact on both. NaN passes unchanged.
+    """
+    if p_out.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(p_out.dtype.element_ty)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; a, b are fp32 tiles (b holds -1, 0, +1)."""
+    if DOT_MODE == 1:
+        res = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    elif DOT_MODE == 2:
+        res = tl.dot(a, b, acc, input_precision="tf32")
+    elif DOT_MODE == 3:
+        # b is exactly representable in tf32, so only a needs splitting (two passes, not
+        # tf32x3's three, and no split of b): a = hi + lo with hi = a rounded to tf32's 10
+        # mantissa bits, |lo| <= 2^-11 |a|; the MMA keeps 10 bits of lo, so each product has a
+        # relative error <= 2^-21.
+        a_hi = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        res = tl.dot(a_hi, b, acc, input_precision="tf32")
+        res = tl.dot(a - a_hi, b, res, input_precision="tf32")
+    else:
+        res = tl.dot(a, b, acc, input_precision="ieee")
+    return res
+
+
+@triton.jit
+def _decode_gather(p_w, stride_wp, shift, m_b, TERNARY: tl.constexpr):
+    """Decode the packed elements whose words `p_w` point at (bit `shift`) to fp32 -1 / 0 / +1."""
+    b_sign = (tl.load(p_w, mask=m_b, other=0) >> shift) & 1
+    b_val = 2 * b_sign - 1
+    if TERNARY:
+        b_nz = (tl.load(p_w + stride_wp, mask=m_b, other=0) >> shift) & 1
+        b_val = b_val * b_nz
+    return b_val.to(tl.float32)
+
+
+@triton.jit
+def _bgemm_kernel(
+    p_a,
+    p_words,
+    p_scale,
+    p_bias,
+    p_out,
+    M,
+    P,
+    R,
+    M_CLASS,
+    R_SPLIT,
+    stride_am,
+    stride_ar,
+    stride_wp,
+    stride_wn,
+    stride_os,
+    stride_om,
+    stride_op,
+    TRANS: tl.constexpr,
+    TERNARY: tl.constexpr,
+    SCALE_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """C[M, P] = A[M, R] @ B[R, P], B decoded from packed words (module docstring).
+
+    Program (m, p, s) owns a [BLOCK_M, BLOCK_P] tile and reduces over r in
+    [s * R_SPLIT, min((s + 1) * R_SPLIT, R)). `SCALE_A` multiplies A's columns by scale[r]
+    (input gradient); otherwise the epilogue multiplies C's columns by scale[p] (forward).
+    `EPILOGUE=False` stores raw fp32 partials at split s instead (split-K).
+    """
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    o_tm = tl.arange(0, BLOCK_M)
+    o_tp = tl.arange(0, BLOCK_P)
+    o_i = tl.arange(0, BLOCK_R)
+    o_bit = tl.arange(0, 32)
+    m0 = pid_m * BLOCK_M
+    p0 = pid_p * BLOCK_P
+    m_m = (m0 + o_tm) < M
+    m_p = (p0 + o_tp) < P
+    r_start = pid_s * R_SPLIT
+    r_stop = tl.minimum(r_start + R_SPLIT, R)
+
+    # Scalar int64 tile bases that the loop advances, and loop-invariant int32 offsets inside
+    # the tile (the launcher checks they fit): few registers per element. r_start is a multiple
+    # of SPLIT_ALIGN and BLOCK_R, BLOCK_P of 32, so every tile starts on a word boundary and
+    # the words are loaded once each, then expanded to 32 elements in registers.
+    p_a_t = p_a + m0.to(tl.int64) * stride_am + r_start.to(tl.int64) * stride_ar
+    off_a = o_tm[:, None] * stride_am + o_i[None, :] * stride_ar
+    step_a = tl.full([], BLOCK_R, tl.int64) * stride_ar
+    if TRANS:  # B[r, p] = W[n = r, k = p]: words [BLOCK_R, BLOCK_P // 32], rows advance with r
+        o_wc = tl.arange(0, BLOCK_P // 32)
+        p_b = p_words + r_start.to(tl.int64) * stride_wn + p0 // 32
+        off_b = o_i[:, None] * stride_wn + o_wc[None, :]
+        m_wc = (p0 + o_wc * 32) < P
+        step_b = tl.full([], BLOCK_R, tl.int64) * stride_wn
+    else:  # B[r, p] = W[n = p, k = r]: words [BLOCK_R // 32, BLOCK_P], word rows advance with r
+        o_wr = tl.arange(0, BLOCK_R // 32)
+        p_b = p_words + p0.to(tl.int64) * stride_wn + r_start // 32
+        off_b = o_tp[None, :] * stride_wn + o_wr[:, None]
+        step_b = BLOCK_R // 32
+    p_sa = p_scale + r_start
+
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for r0 in range(r_start, r_stop, BLOCK_R):
+        m_r = (r0 + o_i) < r_stop
+        b_a = tl.load(p_a_t + off_a, mask=m_m[:, None] & m_r[None, :], other=0.0).to(tl.float32)
+        if SCALE_A:
+            b_a = b_a * tl.load(p_sa + o_i, mask=m_r, other=0.0)[None, :]
+            p_sa += BLOCK_R
+        # Elements past r_stop decode to -1 (padding bits are 0) but meet A's zeros.
+        if TRANS:
+            m_b = m_r[:, None] & m_wc[None, :]
+            b_w = tl.load(p_b + off_b, mask=m_b, other=0)
+            b_v = 2 * ((b_w[:, :, None] >> o_bit[None, None, :]) & 1) - 1
+            if TERNARY:
+                b_w = tl.load(p_b + stride_wp + off_b, mask=m_b, other=0)
+                b_v = b_v * ((b_w[:, :, None] >> o_bit[None, None, :]) & 1)
+        else:
+            m_b = ((r0 + o_wr * 32) < r_stop)[:, None] & m_p[None, :]
+            b_w = tl.load(p_b + off_b, mask=m_b, other=0)
+            b_v = 2 * ((b_w[:, None, :] >> o_bit[None, :, None]) & 1) - 1
+            if TERNARY:
+                b_w = tl.load(p_b + stride_wp + off_b, mask=m_b, other=0)
+                b_v = b_v * ((b_w[:, None, :] >> o_bit[None, :, None]) & 1)
+        b_b = tl.reshape(b_v, [BLOCK_R, BLOCK_P]).to(tl.float32)
+        acc = _dot_acc(b_a, b_b, acc, DOT_MODE)
+        p_a_t += step_a
+        p_b += step_b
+
+    o_m = (m0 + o_tm).to(tl.int64)
+    o_p = (p0 + o_tp).to(tl.int64)
+    m_out = m_m[:, None] & m_p[None, :]
+    if EPILOGUE:
+        if not SCALE_A:
+            b_sc = tl.load(p_scale + o_p, mask=m_p, other=0.0)
+            acc = acc * b_sc[None, :]
+        if HAS_BIAS:
+            b_bias = tl.load(p_bias + o_p, mask=m_p, other=0.0).to(tl.float32)
+            acc = acc + b_bias[None, :]
+        p_c = p_out + o_m[:, None] * stride_om + o_p[None, :] * stride_op
+        tl.store(p_c, _to_out(acc, p_out), mask=m_out)
+    else:
+        p_c = p_out + pid_s.to(tl.int64) * stride_os + o_m[:, None] * stride_om
+        tl.store(p_c + o_p[None, :] * stride_op, acc, mask=m_out)
+
+
+_bgemm_small = triton.autotune(
+    configs=pick_configs(SMALL_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
+)(_bgemm_kernel)
+_bgemm_large = triton.autotune(
+    configs=pick_configs(LARGE_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
+)(_bgemm_kernel)
+# Separate tuners (separate caches) for the two directions: their best tiles differ.
+_bgemm_small_t = triton.autotune(
+    configs=pick_configs(SMALL_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
+)(_bgemm_kernel)
+_bgemm_large_t = triton.autotune(
+    configs=pick_configs(LARGE_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
+)(_bgemm_kernel)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    p_part,
+    p_scale,
+    p_bias,
+    p_out,
+    MP,
+    P,
+    S,
+    SCALE_OUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out[i] = (sum_s part[s, i]) * scale[i % P] + bias[i % P] over the flat [M, P] index i."""
+    pid = tl.program_id(0)
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < MP
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    p_s = p_part + o
+    for _ in range(0, S):  # fixed order: deterministic
+        acc += tl.load(p_s, mask=m, other=0.0)
+        p_s += MP
+    o_p = o % P
+    if SCALE_OUT:
+        acc = acc * tl.load(p_scale + o_p, mask=m, other=0.0)
+    if HAS_BIAS:
+        acc = acc + tl.load(p_bias + o_p, mask=m, other=0.0).to(tl.float32)
+    tl.store(p_out + o, _to_out(acc, p_out), mask=m)
+
+
+@triton.jit
+def _quantize_kernel(
+    p_w, p_scale, p_delta, p_out, NK, K, TERNARY: tl.constexpr, BLOCK: tl.constexpr
+):
+    """out[n, k] = scale[n] * q(w[n, k]); q = sign (sign(0) = +1) or the ternary rule with Δ."""
+    pid = tl.program_id(0)
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < NK
+    b_w = tl.load(p_w + o, mask=m, other=0.0).to(tl.float32)
+    b_sc = tl.load(p_scale + o // K, mask=m, other=0.0)
+    if TERNARY:
+        delta = tl.load(p_delta)
+        b_wc = tl.minimum(tl.maximum(b_w, -1.0), 1.0)
+        b_q = tl.where(b_wc > delta, b_sc, tl.where(b_wc < -delta, -b_sc, 0.0))
+    else:
+        b_q = tl.where(b_w >= 0.0, b_sc, -b_sc)
+    tl.store(p_out + o, _to_out(b_q, p_out), mask=m)
+
+
+@triton.jit
+def _ste_kernel(p_g, p_w, p_out, NUMEL, BLOCK: tl.constexpr):
+    """Clipped straight-through gradient: out = g where |w| <= 1, else 0."""
+    pid = tl.program_id(0)
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < NUMEL
+    b_g = tl.load(p_g + o, mask=m, other=0.0)
+    b_w = tl.load(p_w + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(p_out + o, tl.where(tl.abs(b_w) <= 1.0, b_g, 0.0).to(p_out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _pack_kernel(
+    p_w,
+    p_delta,
+    p_words,
+    N,
+    K,
+    KW,
+    stride_wn,
+    stride_wk,
+    stride_pn,
+    stride_pp,
+    TERNARY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Pack a [BLOCK_N, BLOCK_W * 32] tile of w into [BLOCK_N, BLOCK_W] words per plane."""
+    pid_n = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_w = pid_w.to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    o_bit = tl.arange(0, 32)
+    o_k = o_w[:, None] * 32 + o_bit[None, :]  # [BLOCK_W, 32]
+    m_n = o_n < N
+    m_e = m_n[:, None, None] & (o_k < K)[None, :, :]
+    b_w = tl.load(
+        p_w + o_n[:, None, None] * stride_wn + o_k[None, :, :] * stride_wk, mask=m_e, other=0.0
+    ).to(tl.float32)
+    if TERNARY:
+        delta = tl.load(p_delta)
+        b_wc = tl.minimum(tl.maximum(b_w, -1.0), 1.0)
+        b_sign = (b_wc > delta) & m_e
+        b_nz = (tl.abs(b_wc) > delta) & m_e
+    else:
+        b_sign = (b_w >= 0.0) & m_e
+    # Distinct powers of two: the int32 sum is their bitwise OR (bit 31 wraps to the sign bit).
+    shifts = o_bit[None, None, :]
+    m_out = m_n[:, None] & (o_w < KW)[None, :]
+    p_out = p_words + o_n[:, None] * stride_pn + o_w[None, :]
+    tl.store(p_out, tl.sum(b_sign.to(tl.int32) << shifts, axis=2), mask=m_out)
+    if TERNARY:
+        tl.store(p_out + stride_pp, tl.sum(b_nz.to(tl.int32) << shifts, axis=2), mask=m_out)
+
+
+@triton.jit
+def _unpack_kernel(
+    p_words,
+    p_scale,
+    p_out,
+    N,
+    K,
+    stride_pp,
+    stride_pn,
+    TERNARY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[n, k] = scale[n] * decode(words[:, n, k // 32] bit k % 32), out contiguous [N, K]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = (o_n < N)[:, None] & (o_k < K)[None, :]
+    p_w = p_words + o_n[:, None] * stride_pn + (o_k // 32)[None, :]
+    shift = (o_k % 32).to(tl.int32)[None, :]
+    b_val = _decode_gather(p_w, stride_pp, shift, m, TERNARY)
+    b_sc = tl.load(p_scale + o_n, mask=o_n < N, other=0.0)
+    b_out = _to_out(b_val * b_sc[:, None], p_out)
+    tl.store(p_out + o_n[:, None] * K + o_k[None, :], b_out, mask=m)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+
+@functools.cache
+def _num_sms_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms_cuda(device.index if device.index is not None else 0)
+    return 4  # interpreter: small, so that split-K is exercised on test-sized shapes
+
+
+def _dot_mode(dtype: torch.dtype, scaled_a: bool) -> int:
+    if INTERPRET:
+        return DOT_IEEE
+    if dtype == torch.float32:
+        return DOT_TF32X3
+    if dtype == torch.float16 and not scaled_a:
+        return DOT_FP16
+    return DOT_TF32
+
+
+def choose_split(M: int, P: int, R: int, device: torch.device) -> int:
+    """Split-K factor: split the reduction only when the output tiles cannot fill the GPU."""
+    small = M <= SMALL_M_MAX
+    bm, bp = (16, 64) if small else (128, 128)
+    min_chunk = SPLIT_ALIGN if small else 4 * SPLIT_ALIGN
+    n_sm = _num_sms(device)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(P, bp)
+    if tiles >= n_sm:
+        return 1
+    return max(1, min(triton.cdiv(R, min_chunk), triton.cdiv(2 * n_sm, tiles), MAX_SPLITS))
+
+
+def _bgemm(
+    a: torch.Tensor,
+    words: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    P: int,
+    R: int,
+    *,
+    trans: bool,
+    split: int | None,
+) -> torch.Tensor:
+    M = a.shape[0]
+    out = empty((M, P), a.dtype, a.device)
+    if M == 0 or P == 0:
+        return out
+    if split is None:
+        split = choose_split(M, P, R, a.device)
+    r_split = triton.cdiv(triton.cdiv(max(R, 1), split), SPLIT_ALIGN) * SPLIT_ALIGN
+    n_split = max(1, triton.cdiv(R, r_split))
+    # The kernel keeps int32 offsets inside a tile (largest tile: 128 x 256, 256 x 256 words).
+    if 127 * abs(a.stride(0)) + 255 * abs(a.stride(1)) >= 2**31:
+        a = a.contiguous()
+    if 256 * words.stride(1) + 8 >= 2**31:
+        raise ValueError(f"packed rows too long for int32 tile offsets: {words.stride(1)} words")
+    small = M <= SMALL_M_MAX
+    if trans:
+        kernel = _bgemm_small_t if small else _bgemm_large_t
+    else:
+        kernel = _bgemm_small if small else _bgemm_large
+    target = out if n_split == 1 else empty((n_split, M, P), torch.float32, a.device)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(P, meta["BLOCK_P"]), n_split)
+
+    kernel[grid](
+        p_a=a,
+        p_words=words,
+        p_scale=scale,
+        p_bias=bias if bias is not None else scale,
+        p_out=target,
+        M=M,
+        P=P,
+        R=R,
+        M_CLASS=m_class(M),
+        R_SPLIT=r_split,
+        stride_am=a.stride(0),
+        stride_ar=a.stride(1),
+        stride_wp=words.stride(0),
+        stride_wn=words.stride(1),
+        stride_os=M * P if n_split > 1 else 0,
+        stride_om=target.stride(-2),
+        stride_op=target.stride(-1),
+        TRANS=trans,
+        TERNARY=words.shape[0] == 2,
+        SCALE_A=trans,
+        HAS_BIAS=bias is not None,
+        EPILOGUE=n_split == 1,
+        DOT_MODE=_dot_mode(a.dtype, scaled_a=trans),
+        **launch_options(),
+    )
+    if n_split > 1:
+        MP = M * P
+        _splitk_reduce_kernel[(triton.cdiv(MP, _ELEM_BLOCK),)](
+            p_part=target,
+            p_scale=scale,
+            p_bias=bias if bias is not None else scale,
+            p_out=out,
+            MP=MP,
+            P=P,
+            S=n_split,
+            SCALE_OUT=not trans,
+            HAS_BIAS=bias is not None,
+            BLOCK=_ELEM_BLOCK,
+            **launch_options(),
+        )
+    return out
+
+
+def binary_gemm(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    split: int | None = None,
+) -> torch.Tensor:
+    """out[M, N] = (x @ decode(words)^T) * scale + bias, in x's dtype.
+
+    x: [M, K] (any strides); words: int32 [planes, N, ceil(K/32)] with unit last stride;
+    scale: fp32 [N] contiguous; bias: [N] contiguous or None. `split` forces the split-K factor.
+    """
+    K = x.shape[1]
+    return _bgemm(x, words, scale, bias, words.shape[1], K, trans=False, split=split)
+
+
+def binary_gemm_t(
+    g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int, *, split: int | None = None
+) -> torch.Tensor:
+    """grad_x[M, K] = (g * scale) @ decode(words), in g's dtype; g: [M, N] (any strides)."""
+    return _bgemm(g, words, scale, None, K, words.shape[1], trans=True, split=split)
+
+
+def quantize(w2d: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """scale[n] * q(w[n, k]) in w's dtype; ternary when `delta` (fp32, 1 element) is given."""
+    N, K = w2d.shape
+    out = empty((N, K), w2d.dtype, w2d.device)
+    if out.numel():
+        _quantize_kernel[(triton.cdiv(N * K, _ELEM_BLOCK),)](
+            p_w=w2d,
+            p_scale=scale,
+            p_delta=delta if delta is not None else scale,
+            p_out=out,
+            NK=N * K,
+            K=K,
+            TERNARY=delta is not None,
+            BLOCK=_ELEM_BLOCK,
+            **launch_options(),
+        )
+    return out
+
+
+def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """g where |w| <= 1 else 0; g and w contiguous, same shape."""
+    out = empty(w.shape, w.dtype, w.device)
+    if out.numel():
+        _ste_kernel[(triton.cdiv(w.numel(), _ELEM_BLOCK),)](
+            p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK, **launch_options()
+        )
+    return out
+
+
+def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """Sign (and, with `delta`, non-zero) planes of w [N, K] as int32 [planes, N, ceil(K/32)]."""
+    N, K = w2d.shape
+    KW = triton.cdiv(K, 32)
+    planes = 1 if delta is None else 2
+    words = empty((planes, N, KW), torch.int32, w2d.device)
+    if words.numel():
+        grid = (triton.cdiv(N, _PACK_BLOCK_N), triton.cdiv(KW, _PACK_BLOCK_W))
+        _pack_kernel[grid](
+            p_w=w2d,
+            p_delta=delta if delta is not None else w2d,
+            p_words=words,
+            N=N,
+            K=K,
+            KW=KW,
+            stride_wn=w2d.stride(0),
+            stride_wk=w2d.stride(1),
+            stride_pn=words.stride(1),
+            stride_pp=words.stride(0),
+            TERNARY=delta is not None,
+            BLOCK_N=_PACK_BLOCK_N,
+            BLOCK_W=_PACK_BLOCK_W,
+            **launch_options(),
+        )
+    return words
+
+
+def unpack(words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [N, K] = scale[n] * decode(words) in `dtype`."""
+    N = words.shape[1]
+    out = empty((N, K), dtype, words.device)
+    if out.numel():
+        grid = (triton.cdiv(N, _UNPACK_BLOCK_N), triton.cdiv(K, _UNPACK_BLOCK_K))
+        _unpack_kernel[grid](
+            p_words=words,
+            p_scale=scale,
+            p_out=out,
+            N=N,
+            K=K,
+            stride_pp=words.stride(0),
+            stride_pn=words.stride(1),
+            TERNARY=words.shape[0] == 2,
+            BLOCK_N=_UNPACK_BLOCK_N,
+            BLOCK_K=_UNPACK_BLOCK_K,
+            **launch_options(),
+        )
+    return out

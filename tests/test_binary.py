@@ -1,0 +1,427 @@
+"""Binary / ternary synapse ops: quantisers, packing, the packed GEMM (EMPF.md §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPES, assert_close_to_oracle
+
+from empf_triton.ops.binary import (
+    AUTO_PACKED_MAX_M,
+    AUTO_PACKED_MAX_M_TRAIN,
+    PackedWeight,
+    binarize,
+    binary_auto_choice,
+    binary_linear,
+    binary_matmul,
+    pack_weight,
+    ternarize,
+    unpack_weight,
+)
+from empf_triton.reference.binary import (
+    binary_linear_ref,
+    binary_matmul_ref,
+    unpack_weight_ref,
+)
+
+
+def _oracle_matmul(x, packed, bias, g):
+    """fp64 forward and gradients of x @ unpack(p).T + bias."""
+    x64 = x.detach().double().requires_grad_()
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    w64 = unpack_weight_ref(packed.words, packed.scale, packed.K, torch.float64)
+    y = F.linear(x64, w64.reshape(packed.N, packed.K), b64)
+    grads = torch.autograd.grad(y, [t for t in (x64, b64) if t is not None], g.double())
+    return y, grads[0], grads[1] if bias is not None else None
+
+
+def _weight(N, K, device, dtype=torch.float32, scale=0.7):
+    return (torch.randn(N, K, device=device) * scale).to(dtype)
+
+
+# -------------------------------------------------------------------------------- binarize / STE
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 9), (63, 17), (1, 4097), (4, 3, 3, 3)])
+def test_binarize_matches_reference_and_formula(device, dtype, shape):
+    w = (torch.randn(shape, device=device) * 0.8).to(dtype)
+    w.view(-1)[0] = 0.0  # sign(0) = +1
+    if w.numel() > 1:
+        w.view(-1)[1] = -0.0
+    alpha = w.float().abs().reshape(shape[0], -1).mean(1).reshape(-1, *[1] * (w.dim() - 1))
+    expected = torch.where(w >= 0, alpha, -alpha).to(dtype)
+    ref = binarize(w, impl="reference")
+    out = binarize(w, impl="triton")
+    assert torch.equal(ref, expected)
+    assert torch.equal(out, expected)
+    assert (out.reshape(-1)[:2] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant", [binarize, ternarize])
+def test_clipped_ste_gradient(device, dtype, quant):
+    w = (torch.randn(7, 63, device=device) * 1.2).to(dtype)
+    w[0, :4] = torch.tensor([1.0, -1.0, 1.0078125, -1.0078125], dtype=dtype)  # |w| = 1 passes
+    g = torch.randn(7, 63, device=device).to(dtype)
+    expected = torch.where(w.abs() <= 1, g, torch.zeros_like(g))
+    for impl in ("reference", "triton"):
+        wr = w.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(quant(wr, impl=impl), wr, g)
+        # α is detached: the gradient is exactly g, masked, with no α-term
+        assert torch.equal(gw, expected), impl
+    assert torch.equal(expected[0, :4] != 0, torch.tensor([True, True, False, False]).to(device))
+
+
+# ------------------------------------------------------------------------------------- ternarize
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 9), (17, 100), (1, 4097), (6, 2, 3, 3)])
+def test_ternarize_matches_twn_rule(device, dtype, shape):
+    w = (torch.randn(shape, device=device) * 0.9).to(dtype)
+    wc = w.float().clamp(-1, 1)
+    delta = 0.7 * wc.abs().mean()
+    big = wc.abs() > delta
+    alpha = wc.abs()[big].mean() if big.any() else torch.zeros(())
+    pattern = (wc > delta).to(torch.int8) - (wc < -delta).to(torch.int8)
+    ref = ternarize(w, impl="reference")
+    out = ternarize(w, impl="triton")
+    assert torch.equal(out, ref)
+    assert torch.equal(torch.sign(ref).to(torch.int8), pattern)
+    nz = ref[pattern != 0].float().abs()
+    if nz.numel():  # one α for the whole layer, equal to mean(|Wc| > Δ) up to rounding
+        assert torch.all(nz == nz[0])
+        torch.testing.assert_close(
+            nz[0], alpha.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=0
+        )
+
+
+def test_ternarize_all_zero_weight_is_zero(device):
+    w = torch.zeros(5, 7, device=device)
+    for impl in ("reference", "triton"):
+        out = ternarize(w, impl=impl)
+        assert torch.equal(out, torch.zeros_like(w)), impl
+        p = pack_weight(w, 2, impl=impl)
+        assert torch.equal(unpack_weight(p, impl=impl).reshape(5, 7), torch.zeros_like(w)), impl
+
+
+# ----------------------------------------------------------------------------------- pack/unpack
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("N", [1, 17, 64])
+@pytest.mark.parametrize("K", [1, 31, 32, 33, 100, 1000])
+def test_pack_unpack_round_trip(device, bits, N, K):
+    w = _weight(N, K, device)
+    quant = binarize if bits == 1 else ternarize
+    expected = quant(w, impl="reference")
+    pr = pack_weight(w, bits, impl="reference")
+    pt = pack_weight(w, bits, impl="triton")
+    assert pr.words.shape == (bits, N, -(-K // 32)) and pr.words.dtype == torch.int32
+    assert torch.equal(pr.words, pt.words)
+    assert torch.equal(pr.scale, pt.scale)
+    assert (pr.K, pr.bits, pr.shape) == (K, bits, (N, K))
+    assert torch.equal(unpack_weight(pr, impl="reference"), expected)
+    assert torch.equal(unpack_weight(pt, impl="triton"), expected)
+    if K % 32:  # padding bits are zero
+        tail = pr.words[..., -1].to(torch.int64) & ~((1 << (K % 32)) - 1) & 0xFFFFFFFF
+        assert not tail.any()
+
+
+def test_pack_bit_layout(device):
+    # element k of row n is bit k % 32 of word k // 32; bit set = +1
+    w = -torch.ones(2, 33, device=device)
+    w[0, 0] = 1.0
+    w[0, 31] = 0.0  # sign(0) = +1 -> bit 31 (the int32 sign bit)
+    w[1, 32] = 2.0
+    for impl in ("reference", "triton"):
+        p = pack_weight(w, 1, impl=impl)
+        assert p.words[0].tolist() == [[1 - 2**31, 0], [0, 1]], impl
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_4d_and_dtypes(device, dtype):
+    w = (torch.randn(6, 3, 3, 3, device=device) * 0.5).to(dtype)
+    for bits, quant in ((1, binarize), (2, ternarize)):
+        p = pack_weight(w, bits, impl="triton")
+        assert p.shape == (6, 3, 3, 3) and p.K == 27
+        assert torch.equal(unpack_weight(p, dtype, impl="triton"), quant(w, impl="reference"))
+        assert torch.equal(unpack_weight(p, dtype, impl="reference"), quant(w, impl="reference"))
+
+
+def test_pack_non_contiguous_weight(device):
+    base = _weight(40, 17, device)
+    w = base.t()  # [17, 40], non-contiguous
+    for bits in (1, 2):
+        assert torch.equal(
+            pack_weight(w, bits, impl="triton").words,
+            pack_weight(w.contiguous(), bits, impl="reference").words,
+        )
+
+
+def test_packed_weight_nbytes_and_rows(device):
+    p = pack_weight(_weight(64, 100, device), 1)
+    assert p.nbytes == 64 * 4 * 4 + 64 * 4
+    r = p.rows(16, 48)
+    assert r.shape == (32, 100) and torch.equal(r.words, p.words[:, 16:48])
+    p2 = pack_weight(_weight(64, 100, device), 2)
+    assert p2.nbytes == 2 * 64 * 4 * 4 + 64 * 4
+
+
+# ---------------------------------------------------------------------------------- packed GEMM
+
+GEMM_SHAPES = [(1, 17, 300), (5, 64, 33), (64, 17, 100), (130, 64, 70)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
+def test_binary_matmul_vs_reference(device, dtype, bits, M, N, K):
+    packed = pack_weight(_weight(N, K, device), bits)
+    x = torch.randn(M, K, device=device).to(dtype).requires_grad_()
+    bias = torch.randn(N, device=device).to(dtype).requires_grad_() if M != 64 else None
+    params = [t for t in (x, bias) if t is not None]
+    g = torch.randn(M, N, device=device).to(dtype)
+
+    out = binary_matmul(x, packed, bias, impl="triton")
+    grads = torch.autograd.grad(out, params, g)
+    ref = binary_matmul(x, packed, bias, impl="reference")
+    ref_grads = torch.autograd.grad(ref, params, g)
+    o_out, o_gx, o_gb = _oracle_matmul(x, packed, bias, g)
+
+    assert out.dtype == dtype and grads[0].dtype == dtype
+    assert_close_to_oracle("out", out, ref, o_out)
+    assert_close_to_oracle("grad_x", grads[0], ref_grads[0], o_gx)
+    if bias is not None:
+        assert_close_to_oracle("grad_bias", grads[1], ref_grads[1], o_gb)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_split_k_partials(device, split):
+    # forward splits K, the input gradient splits N; any split gives the same sums
+    k = pytest.importorskip("empf_triton.kernels.binary")
+    M, N, K = 5, 40, 600
+    packed = pack_weight(_weight(N, K, device), 1)
+    x = torch.randn(M, K, device=device)
+    bias = torch.randn(N, device=device)
+    g = torch.randn(M, N, device=device)
+    w = unpack_weight(packed).double()
+    out = k.binary_gemm(x, packed.words, packed.scale, bias, split=split)
+    tol = {"atol": 1e-4, "rtol": 1e-5}
+    torch.testing.assert_close(out.double(), x.double() @ w.T + bias.double(), **tol)
+    gx = k.binary_gemm_t(g, packed.words, packed.scale, K, split=split)
+    torch.testing.assert_close(gx.double(), g.double() @ w, **tol)
+
+
+def test_non_contiguous_and_transposed_x(device):
+    N, K, M = 33, 70, 9
+    packed = pack_weight(_weight(N, K, device), 1)
+    bias = torch.randn(N, device=device)
+    x = torch.randn(M, K, device=device)
+    expected = binary_matmul(x, packed, bias, impl="triton")
+    x_t = x.t().contiguous().t()  # transposed storage, strides (1, M)
+    assert not x_t.is_contiguous()
+    assert torch.equal(binary_matmul(x_t, packed, bias, impl="triton"), expected)
+    x_s = torch.randn(M, 2 * K, device=device)[:, ::2]
+    x_s.copy_(x)
+    assert torch.equal(binary_matmul(x_s, packed, bias, impl="triton"), expected)
+    x3 = x.reshape(3, 3, K)
+    out3 = binary_matmul(x3, packed, bias, impl="triton")
+    assert out3.shape == (3, 3, N) and torch.equal(out3.reshape(M, N), expected)
+    # gradient through the transposed input lands in the right place
+    xg = x_t.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(binary_matmul(xg, packed, bias, impl="triton").sum(), xg)
+    torch.testing.assert_close(gx, unpack_weight(packed).sum(0).expand(M, K))
+
+
+def test_gradcheck_reference_fp64():
+    packed = pack_weight(torch.randn(5, 7, dtype=torch.float64), 2)
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, b: binary_matmul_ref(x, packed.words, packed.scale, 7, b)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, b))
+    w = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    fn2 = lambda x, b: binary_linear_ref(x, w.detach(), b, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn2, (x, b))
+
+
+# ----------------------------------------------------------------- training op (latent weights)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("M,N,K", [(1, 17, 300), (130, 64, 70)])
+def test_binary_linear_vs_reference(device, dtype, bits, M, N, K):
+    w = (torch.randn(N, K, device=device) * 0.8).requires_grad_()  # fp32 latent, some |w| > 1
+    x = torch.randn(M, K, device=device).to(dtype).requires_grad_()
+    b = torch.randn(N, device=device).to(dtype).requires_grad_()
+    g = torch.randn(M, N, device=device).to(dtype)
+    out = binary_linear(x, w, b, bits=bits, impl="triton")
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
+    ref = binary_linear(x, w, b, bits=bits, impl="reference")
+    rx, rw, rb = torch.autograd.grad(ref, (x, w, b), g)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    wq = (binarize if bits == 1 else ternarize)(w.detach(), impl="reference").double()
+    o = x64 @ wq.T + b64
+    ox, ob = torch.autograd.grad(o, (x64, b64), g.double())
+    ow = (g.double().T @ x64.detach()) * (w64.detach().abs() <= 1)
+
+    assert_close_to_oracle("out", out, ref, o)
+    assert_close_to_oracle("grad_x", gx, rx, ox)
+    assert_close_to_oracle("grad_bias", gb, rb, ob)
+    assert gw.dtype == torch.float32
+    scale = ow.abs().max().item()
+    torch.testing.assert_close(
+        gw.double(),
+        ow,
+        atol=4 * (rw.double() - ow).abs().max().item() + 8 * torch.finfo(dtype).eps * scale,
+        rtol=0,
+    )
+    assert torch.equal(gw == 0, (w.abs() > 1) | (ow == 0))
+
+
+def test_auto_rule():
+    assert binary_auto_choice(1, "cpu") == "reference"
+    assert binary_auto_choice(10**6, "cpu") == "reference"
+    assert binary_auto_choice(1, "cuda") == "triton"
+    assert binary_auto_choice(AUTO_PACKED_MAX_M, "cuda") == "triton"
+    assert binary_auto_choice(AUTO_PACKED_MAX_M + 1, "cuda") == "dense"
+    assert binary_auto_choice(AUTO_PACKED_MAX_M_TRAIN, "cuda", training=True) == "triton"
+    assert binary_auto_choice(AUTO_PACKED_MAX_M_TRAIN + 1, "cuda", training=True) == "dense"
+
+
+def test_auto_on_cpu_is_reference():
+    packed = pack_weight(torch.randn(6, 10), 1)
+    x = torch.randn(3, 10)
+    assert torch.equal(binary_matmul(x, packed), binary_matmul(x, packed, impl="reference"))
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _packed(device, N=6, K=40, bits=1):
+    return pack_weight(_weight(N, K, device), bits)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_bad_inputs_binary_matmul(device, impl):
+    p = _packed(device)
+    x = torch.randn(3, 40, device=device)
+    with pytest.raises(ValueError, match="K = 40"):
+        binary_matmul(torch.randn(3, 41, device=device), p, impl=impl)
+    with pytest.raises(TypeError, match="dtype"):
+        binary_matmul(torch.randint(0, 2, (3, 40), device=device), p, impl=impl)
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        binary_matmul(x, p, torch.zeros(5, device=device), impl=impl)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        binary_matmul(x, p, torch.zeros(6, dtype=torch.float16, device=device), impl=impl)
+    with pytest.raises(TypeError, match="PackedWeight"):
+        binary_matmul(x, p.words, impl=impl)
+    with pytest.raises(ValueError, match="impl"):
+        binary_matmul(x, p, impl="cuda")
+    # device mismatch (the meta device stands in for a second device here)
+    p_meta = p.to("meta")
+    with pytest.raises(ValueError, match="is on"):
+        binary_matmul(x, p_meta, impl=impl)
+
+
+def test_bad_packed_weight_fields(device):
+    p = _packed(device)
+    with pytest.raises(TypeError, match="int32"):
+        dataclasses.replace(p, words=p.words.float())
+    with pytest.raises(TypeError, match="int32"):
+        dataclasses.replace(p, words=p.words.to(torch.int64))
+    with pytest.raises(ValueError, match="ceil"):
+        dataclasses.replace(p, words=p.words[:, :, :1].contiguous())
+    with pytest.raises(ValueError, match="ceil"):
+        dataclasses.replace(p, words=p.words[:, :5])
+    with pytest.raises(ValueError, match="bits"):
+        dataclasses.replace(p, bits=3)
+    with pytest.raises(ValueError, match="ceil"):  # bits=2 needs two planes
+        dataclasses.replace(p, bits=2)
+    with pytest.raises(ValueError, match="K must equal"):
+        dataclasses.replace(p, K=41)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        dataclasses.replace(p, scale=p.scale[:3])
+    with pytest.raises(ValueError, match="unit stride"):
+        PackedWeight(p.words.repeat(1, 1, 2)[:, :, ::2], p.scale, p.shape, p.K, 1)
+
+
+def test_bad_bits_and_dtypes(device):
+    w = _weight(6, 40, device)
+    for bits in (0, 3, 32):
+        with pytest.raises(ValueError, match="bits"):
+            pack_weight(w, bits)
+    with pytest.raises(TypeError, match="bits"):
+        pack_weight(w, True)
+    with pytest.raises(TypeError, match="bits"):
+        pack_weight(w, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        pack_weight(torch.ones(6, 40, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        binarize(torch.ones(6, 4, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        unpack_weight(_packed(device), torch.int32)
+    with pytest.raises(TypeError, match="float64"):
+        binarize(w.double(), impl="triton")
+    with pytest.raises(ValueError, match="at least 1"):
+        binarize(torch.tensor(1.0, device=device))
+    with pytest.raises(ValueError, match=r"weight must have shape \[N, K\]"):
+        binary_linear(torch.randn(2, 4, device=device), torch.randn(3, 2, 2, device=device))
+    with pytest.raises(ValueError, match="K = 4"):
+        binary_linear(torch.randn(2, 5, device=device), torch.randn(3, 4, device=device))
+    with pytest.raises(ValueError, match="bits"):
+        binary_linear(torch.randn(2, 4, device=device), torch.randn(3, 4, device=device), bits=3)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 16, 17, 300])
+def test_large_shapes_gpu(dtype, M):
+    N, K = 1024, 2048
+    packed = pack_weight(_weight(N, K, "cuda"), 1)
+    x = torch.randn(M, K, device="cuda").to(dtype).requires_grad_()
+    g = torch.randn(M, N, device="cuda").to(dtype)
+    out = binary_matmul(x, packed, impl="triton")
+    (gx,) = torch.autograd.grad(out, x, g)
+    ref = binary_matmul(x, packed, impl="reference")
+    (rx,) = torch.autograd.grad(ref, x, g)
+    o, ox, _ = _oracle_matmul(x, packed, None, g)
+    # tf32x3 for fp32 keeps ~22 bits per product: a slightly larger rounding allowance
+    allow = 16.0 if dtype == torch.float32 else 4.0
+    assert_close_to_oracle("out", out, ref, o, allowance=allow)
+    assert_close_to_oracle("grad_x", gx, rx, ox, allowance=allow)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("M", [4, 200])
+def test_binary_linear_auto_gpu(bits, M):
+    # auto: packed kernels at M <= AUTO_PACKED_MAX_M_TRAIN, Triton quantise + cuBLAS above
+    N, K = 512, 1000
+    w = (torch.randn(N, K, device="cuda") * 0.8).requires_grad_()
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16, requires_grad=True)
+    b = torch.randn(N, device="cuda", dtype=torch.float16, requires_grad=True)
+    g = torch.randn(M, N, device="cuda", dtype=torch.float16)
+    out = binary_linear(x, w, b, bits=bits)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
+    ref = binary_linear(x, w, b, bits=bits, impl="reference")
+    rx, rw, rb = torch.autograd.grad(ref, (x, w, b), g)
+    wq = (binarize if bits == 1 else ternarize)(w.detach(), impl="reference").double()
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    o = x64 @ wq.T + b64
+    ox, ob = torch.autograd.grad(o, (x64, b64), g.double())
+    assert_close_to_oracle("out", out, ref, o)
+    assert_close_to_oracle("grad_x", gx, rx, ox)
+    assert_close_to_oracle("grad_bias", gb, rb, ob)
+    torch.testing.assert_close(gw, rw, atol=5e-2, rtol=1e-2)  # both fp16 GEMMs of g^T x

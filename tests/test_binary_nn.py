@@ -1,0 +1,267 @@
+"""BinaryLinear and BinaryConv2d: training forward, packed path, bookkeeping (EMPF.md §2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPES, assert_close_to_oracle
+
+from empf_triton.nn.binary import BinaryConv2d, BinaryLinear, PackedLayerTrainingError
+from empf_triton.reference.binary import binarize_ref, ternarize_ref
+
+IMPLS = ["reference", "triton"]
+
+
+def _quant(bits):
+    return binarize_ref if bits == 1 else ternarize_ref
+
+
+def _spread(layer, scale=0.6):
+    # some latent weights outside the STE window |w| <= 1
+    with torch.no_grad():
+        layer.weight.normal_(0, scale)
+    return layer
+
+
+# ---------------------------------------------------------------------------------- BinaryLinear
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("weight_bits", [1, 1.5])
+def test_linear_training_forward_and_grads(device, impl, weight_bits):
+    bits = 1 if weight_bits == 1 else 2
+    layer = _spread(BinaryLinear(70, 17, weight_bits=weight_bits, impl=impl, device=device))
+    x = torch.randn(4, 3, 70, device=device, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y_ref = F.linear(x2, _quant(bits)(w), b)
+    rx, rw, rb = torch.autograd.grad(y_ref, (x2, w, b), g)
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(gx, rx, **tol)
+    torch.testing.assert_close(gw, rw, **tol)
+    torch.testing.assert_close(gb, rb, **tol)
+    assert (gw[layer.weight.abs() > 1] == 0).all() and (layer.weight.abs() > 1).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_low_precision_input(device, dtype):
+    layer = BinaryLinear(33, 9, impl="triton", device=device)
+    x = torch.randn(5, 33, device=device).to(dtype)
+    y = layer(x)
+    y_ref = BinaryLinear(33, 9, impl="reference", device=device)
+    y_ref.load_state_dict(layer.state_dict())
+    ref = y_ref(x)
+    w64 = binarize_ref(layer.weight.detach()).double()
+    oracle = x.double() @ w64.T + layer.bias.detach().to(dtype).double()
+    assert y.dtype == dtype
+    assert_close_to_oracle("out", y, ref, oracle)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("weight_bits", [1, 1.5])
+def test_linear_packed_equals_unpacked(device, impl, weight_bits):
+    layer = _spread(BinaryLinear(100, 17, weight_bits=weight_bits, impl=impl, device=device))
+    layer.eval()
+    x = torch.randn(6, 100, device=device)
+    with torch.no_grad():
+        y0 = layer(x)
+    layer.pack()
+    assert layer.is_packed and layer.weight is None
+    assert layer.packed_words.dtype == torch.int32
+    x_req = x.clone().requires_grad_()
+    y1 = layer(x_req)  # eval mode: grad w.r.t. the input flows
+    # same packed words and the same kernel or formula: identical output
+    assert torch.equal(y1.detach(), y0)
+    (gx,) = torch.autograd.grad(y1.sum(), x_req)
+    w = layer.quantized_weight()
+    torch.testing.assert_close(gx, w.sum(0).expand_as(x), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_layer_refuses_to_train_and_unpack_restores(device):
+    layer = _spread(BinaryLinear(40, 8, device=device))
+    x = torch.randn(3, 40, device=device)
+    layer.eval()
+    y_latent = layer(x).detach()
+    layer.pack()
+    layer.train()
+    with pytest.raises(PackedLayerTrainingError, match=r"unpack\(\)"):
+        layer(x)
+    with torch.no_grad():  # no gradient asked for: fine in train mode too
+        assert torch.equal(layer(x), y_latent)
+    layer.eval()
+    assert torch.equal(layer(x).detach(), y_latent)
+    layer.unpack()
+    layer.train()
+    assert not layer.is_packed and isinstance(layer.weight, torch.nn.Parameter)
+    y = layer(x)
+    torch.testing.assert_close(y.detach(), y_latent, atol=1e-6, rtol=1e-6)
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with pytest.raises(PackedLayerTrainingError):
+        layer.pack().reset_parameters()
+
+
+def test_packed_state_dict_round_trip(device):
+    a = _spread(BinaryLinear(50, 12, weight_bits=1.5, device=device)).pack().eval()
+    sd = a.state_dict()
+    assert set(sd) == {"bias", "packed_words", "packed_scale"}
+    b = BinaryLinear(50, 12, weight_bits=1.5, device=device).pack().eval()
+    b.load_state_dict(sd)
+    x = torch.randn(2, 50, device=device)
+    assert torch.equal(a(x), b(x))
+
+
+def test_weight_bytes():
+    lin = BinaryLinear(1024, 1024)
+    fp32 = 1024 * 1024 * 4
+    assert lin.weight_bytes() == 1024 * 32 * 4 + 1024 * 4
+    assert fp32 / lin.weight_bytes() >= 30
+    lin.pack()
+    assert lin.weight_bytes() == lin.packed_weight().nbytes
+    tern = BinaryLinear(1024, 1024, weight_bits=1.5)
+    assert tern.weight_bytes() == 2 * 1024 * 32 * 4 + 1024 * 4
+    assert fp32 / tern.weight_bytes() >= 15
+    conv = BinaryConv2d(64, 128, 3, groups=2)  # K = 32 * 9 = 288 -> 9 words
+    assert conv.weight_bytes() == 128 * 9 * 4 + 128 * 4
+    assert conv.pack().weight_bytes() == conv.packed_weight().nbytes
+
+
+def test_linear_bad_inputs(device):
+    with pytest.raises(ValueError, match="weight_bits"):
+        BinaryLinear(4, 4, weight_bits=2)
+    with pytest.raises(TypeError, match="weight_bits"):
+        BinaryLinear(4, 4, weight_bits=True)
+    with pytest.raises(ValueError, match="impl"):
+        BinaryLinear(4, 4, impl="cuda")
+    with pytest.raises(ValueError, match="in_features"):
+        BinaryLinear(0, 4)
+    layer = BinaryLinear(8, 4, device=device)
+    with pytest.raises(ValueError, match="K = 8"):
+        layer(torch.randn(2, 7, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.ones(2, 8, dtype=torch.int32, device=device))
+    layer.pack().eval()
+    with pytest.raises(ValueError, match="K = 8"):
+        layer(torch.randn(2, 7, device=device))
+
+
+# ---------------------------------------------------------------------------------- BinaryConv2d
+
+CONV_CASES = [
+    # in, out, kernel, stride, padding, dilation, groups, bias
+    (4, 6, 3, 1, 1, 1, 1, False),
+    (4, 6, (3, 2), 2, (1, 0), (1, 2), 1, True),
+    (4, 6, 3, 1, 1, 1, 2, True),
+    (4, 8, 3, 2, 1, 1, 4, False),  # depthwise-style
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("weight_bits", [1, 1.5])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_vs_f_conv2d(device, impl, weight_bits, case):
+    cin, cout, k, s, p, d, g, bias = case
+    bits = 1 if weight_bits == 1 else 2
+    layer = BinaryConv2d(cin, cout, k, s, p, d, g, bias, weight_bits, impl=impl, device=device)
+    _spread(layer)
+    x = torch.randn(2, cin, 7, 8, device=device, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    params = [x, layer.weight] + ([layer.bias] if bias else [])
+    grads = torch.autograd.grad(y, params, gy)
+
+    w = layer.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_() if bias else None
+    y_ref = F.conv2d(x2, _quant(bits)(w), b, layer.stride, layer.padding, layer.dilation, g)
+    ref_grads = torch.autograd.grad(y_ref, [x2, w] + ([b] if bias else []), gy)
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("weight_bits", [1, 1.5])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_packed_equals_unpacked(device, weight_bits, case):
+    cin, cout, k, s, p, d, g, bias = case
+    layer = BinaryConv2d(cin, cout, k, s, p, d, g, bias, weight_bits, impl="triton", device=device)
+    _spread(layer).eval()
+    x = torch.randn(2, cin, 7, 8, device=device)
+    y0 = layer(x).detach()
+    layer.pack()
+    x_req = x.clone().requires_grad_()
+    y1 = layer(x_req)  # im2col + packed Triton GEMM per group
+    torch.testing.assert_close(y1.detach(), y0, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(y1)
+    (gx,) = torch.autograd.grad(y1, x_req, gy)
+    x2 = x.clone().requires_grad_()
+    w = layer.quantized_weight()
+    y2 = F.conv2d(x2, w, layer.bias, layer.stride, layer.padding, layer.dilation, g)
+    (gx2,) = torch.autograd.grad(y2, x2, gy)
+    torch.testing.assert_close(gx, gx2, atol=1e-5, rtol=1e-5)
+    # the reference route of a packed layer agrees too
+    layer.impl = "reference"
+    torch.testing.assert_close(layer(x), y0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_packed_dtypes(device, dtype):
+    layer = BinaryConv2d(3, 5, 3, padding=1, bias=True, impl="triton", device=device).eval()
+    x = torch.randn(2, 3, 5, 6, device=device).to(dtype)
+    ref = layer(x)  # training forward: quantise + F.conv2d in x's dtype
+    oracle = F.conv2d(
+        x.double(),
+        layer.quantized_weight().double(),
+        layer.bias.detach().to(dtype).double(),
+        padding=1,
+    )
+    layer.pack()
+    out = layer(x)
+    assert out.dtype == dtype
+    assert_close_to_oracle("out", out, ref.detach(), oracle)
+
+
+def test_conv_multistep_and_unbatched_and_channels_last(device):
+    layer = BinaryConv2d(3, 4, 3, padding=1, device=device).eval()
+    x = torch.randn(2, 3, 3, 5, 5, device=device)  # [T, B, C, H, W]
+    y = layer(x)
+    assert y.shape == (2, 3, 4, 5, 5)
+    torch.testing.assert_close(y, layer(x.flatten(0, 1)).reshape(2, 3, 4, 5, 5))
+    torch.testing.assert_close(layer(x[0, 0]), y[0, 0])
+    layer.impl = "triton"
+    layer.pack()
+    xc = x[0].contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(xc), y[0], atol=1e-5, rtol=1e-5)
+
+
+def test_conv_bad_inputs(device):
+    with pytest.raises(ValueError, match="groups=3 must divide"):
+        BinaryConv2d(4, 6, 3, groups=3)
+    with pytest.raises(ValueError, match="groups=4 must divide"):
+        BinaryConv2d(8, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="groups"):
+        BinaryConv2d(4, 4, 3, groups=0)
+    with pytest.raises(ValueError, match="weight_bits"):
+        BinaryConv2d(4, 4, 3, weight_bits=2)
+    with pytest.raises(ValueError, match="padding"):
+        BinaryConv2d(4, 4, 3, padding="same")
+    with pytest.raises(ValueError, match="kernel_size"):
+        BinaryConv2d(4, 4, 0)
+    layer = BinaryConv2d(4, 4, 3, device=device)
+    with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):
+        layer(torch.randn(1, 3, 8, 8, device=device))
+    with pytest.raises(TypeError, match="floating"):
+        layer(torch.ones(1, 4, 8, 8, dtype=torch.int64, device=device))
+    layer.pack()
+    with pytest.raises(PackedLayerTrainingError):
+        layer(torch.randn(1, 4, 8, 8, device=device))
+    layer.eval()
+    with pytest.raises(ValueError, match="is on"):
+        layer(torch.randn(1, 4, 8, 8, device="meta"))

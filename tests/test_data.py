@@ -1,0 +1,240 @@
+"""Data loaders: MNIST-1D (generation, cache, split, augmentation), digits, CIFAR folders, DVS."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from empf_triton.data import (
+    DATASETS,
+    ArrayDataset,
+    DatasetInfo,
+    DatasetNotFoundError,
+    MissingDependencyError,
+    load_dataset,
+)
+from empf_triton.data.cifar import cifar_augment, read_batch
+from empf_triton.data.mnist1d import mnist1d_arrays, mnist1d_augment
+
+
+@pytest.fixture(scope="module")
+def mnist1d_cache(tmp_path_factory):
+    """A private cache folder, generated once for the module (about 6 s)."""
+    root = tmp_path_factory.mktemp("mnist1d_cache")
+    pytest.importorskip("mnist1d")
+    load_dataset("mnist1d", str(root))
+    return root
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist2d'.*mnist1d"):
+        load_dataset("mnist2d")
+    assert {"mnist1d", "digits", "cifar10", "cifar100", "dvs_cifar10", "dvs_gesture"} <= set(
+        DATASETS
+    )
+
+
+def test_mnist1d_split_and_shapes(mnist1d_cache):
+    train, test, info = load_dataset("mnist1d", str(mnist1d_cache))
+    assert isinstance(info, DatasetInfo)
+    assert (len(train), len(test)) == (4000, 1000)
+    assert info.in_shape == (1, 40) and info.num_classes == 10 and not info.is_event
+    assert info.default_model == "mnist1d_cnn"
+    assert train.x.shape == (4000, 1, 40) and train.x.dtype == torch.float32
+    assert train.y.dtype == torch.int64 and set(train.y.tolist()) == set(range(10))
+    x, y = train[3]
+    assert x.shape == (1, 40) and int(y) in range(10)
+    # mnist1d normalises the whole set to zero mean, unit std.
+    allx = torch.cat([train.x, test.x])
+    assert abs(float(allx.mean())) < 1e-3 and abs(float(allx.std()) - 1) < 1e-2
+
+
+def test_mnist1d_deterministic_and_cached(mnist1d_cache):
+    files = list(mnist1d_cache.glob("mnist1d-*.npz"))
+    assert len(files) == 1
+    assert not list(mnist1d_cache.glob("*.tmp"))  # the atomic write left no temp file
+    a = mnist1d_arrays(mnist1d_cache)  # from the cache
+    state = np.random.get_state()
+    b = mnist1d_arrays(cache=False)  # generated afresh
+    # Generation seeds numpy's global RNG internally; the caller's stream is left as it was.
+    assert np.array_equal(np.random.get_state()[1], state[1])
+    for k in ("x", "y", "x_test", "y_test"):
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_mnist1d_corrupt_cache_regenerated(mnist1d_cache, tmp_path):
+    (f,) = mnist1d_cache.glob("mnist1d-*.npz")
+    bad = tmp_path / f.name
+    bad.write_bytes(f.read_bytes()[:1000])  # a truncated cache file
+    good = mnist1d_arrays(mnist1d_cache)
+    again = mnist1d_arrays(tmp_path)
+    assert np.array_equal(good["x"], again["x"])
+    with np.load(bad) as z:  # replaced by a whole file
+        assert z["x"].shape == (4000, 40)
+
+
+def test_mnist1d_bad_generation_arg():
+    with pytest.raises(ValueError, match="unknown mnist1d generation arguments"):
+        load_dataset("mnist1d", num_sample=10)
+
+
+def test_mnist1d_augment_is_a_circular_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 40)
+    y = mnist1d_augment(x, g, max_shift=5)
+    assert y.shape == x.shape
+    shifted = 0
+    for i in range(64):
+        matches = [s for s in range(-5, 6) if torch.equal(torch.roll(x[i], s, -1), y[i])]
+        assert matches, f"sample {i} is not a circular shift within 5"
+        shifted += matches[0] != 0
+    assert shifted > 40  # most samples move
+    y2 = mnist1d_augment(x, torch.Generator().manual_seed(0), max_shift=5)
+    assert torch.equal(y, y2)
+    assert torch.equal(mnist1d_augment(x, g, max_shift=0), x)
+
+
+def test_mnist1d_train_transform(mnist1d_cache):
+    _, _, info = load_dataset("mnist1d", str(mnist1d_cache))
+    assert info.train_transform is not None
+    _, _, off = load_dataset("mnist1d", str(mnist1d_cache), augment=False)
+    assert off.train_transform is None
+
+
+def test_digits_fixed_stratified_split():
+    pytest.importorskip("sklearn")
+    train, test, info = load_dataset("digits")
+    assert (len(train), len(test)) == (1438, 359)
+    assert info.in_shape == (64,) and info.num_classes == 10 and info.default_model == "digits_mlp"
+    assert float(train.x.min()) >= 0 and float(train.x.max()) <= 1
+    counts = torch.bincount(test.y, minlength=10)
+    assert int(counts.min()) >= 30  # every class is in the test split
+    train2, test2, _ = load_dataset("digits")
+    assert torch.equal(train.x, train2.x) and torch.equal(test.y, test2.y)
+    # train and test are disjoint (no sample row appears in both with its label)
+    tr = {(tuple(r), int(c)) for r, c in zip(train.x.numpy().round(4).tolist(), train.y)}
+    dup = sum((tuple(r), int(c)) in tr for r, c in zip(test.x.numpy().round(4).tolist(), test.y))
+    assert dup < 5  # digits holds a handful of exact duplicate images
+
+
+def test_array_dataset_rejects_mismatch():
+    with pytest.raises(ValueError, match="3 samples but y has 2"):
+        ArrayDataset(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------- CIFAR
+
+
+def _write_batch(path, n, label_key, seed, extra=None):
+    rng = np.random.RandomState(seed)
+    d = {
+        b"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8),
+        label_key: rng.randint(0, 10, n).tolist(),
+        b"filenames": [f"img{i}.png".encode() for i in range(n)],
+        **(extra or {}),
+    }
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+    return d
+
+
+def _fake_cifar10(root):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = [_write_batch(folder / f"data_batch_{i}", 4, b"labels", i) for i in range(1, 6)]
+    test = _write_batch(folder / "test_batch", 3, b"labels", 9)
+    return folder, batches, test
+
+
+def test_cifar10_missing_folder_names_path(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nowhere")):
+        load_dataset("cifar10", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetNotFoundError, match="cifar-100-python"):
+        load_dataset("cifar100", str(tmp_path))
+
+
+def test_cifar10_reads_fake_folder(tmp_path):
+    folder, batches, test_b = _fake_cifar10(tmp_path)
+    train, test, info = load_dataset("cifar10", str(tmp_path))
+    assert (len(train), len(test)) == (20, 3)
+    assert info.in_shape == (3, 32, 32) and info.num_classes == 10
+    assert train.x.shape == (20, 3, 32, 32) and train.x.dtype == torch.float32
+    assert train.y.tolist() == sum((b[b"labels"] for b in batches), [])
+    # pixel (c=0, 0, 0) of the first image, normalised with the CIFAR-10 mean/std
+    raw = batches[0][b"data"][0, 0] / 255.0
+    assert float(train.x[0, 0, 0, 0]) == pytest.approx((raw - 0.4914) / 0.2470, abs=1e-5)
+    # the batches folder itself is accepted as root too
+    train2, _, _ = load_dataset("cifar10", str(folder))
+    assert torch.equal(train.x, train2.x)
+    # a missing batch file is named
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DatasetNotFoundError, match="data_batch_3"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_cifar100_reads_fake_folder(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    tr = _write_batch(folder / "train", 5, b"fine_labels", 1, {b"coarse_labels": [0] * 5})
+    _write_batch(folder / "test", 2, b"fine_labels", 2, {b"coarse_labels": [0] * 2})
+    train, test, info = load_dataset("cifar100", str(tmp_path))
+    assert info.num_classes == 100 and len(train) == 5 and len(test) == 2
+    assert train.y.tolist() == tr[b"fine_labels"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_cifar_batch_refuses_code(tmp_path):
+    """A tampered batch file that would run code on unpickling is refused."""
+    folder, _, _ = _fake_cifar10(tmp_path)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _Evil(), b"labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match="refusing to load"):
+        read_batch(folder / "data_batch_1")
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_cifar_augment_crop_flip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    y = cifar_augment(x, g)
+    assert y.shape == x.shape
+    assert torch.equal(y, cifar_augment(x, torch.Generator().manual_seed(0)))
+    # pad=0 leaves only flips: every sample equals itself or its mirror
+    z = cifar_augment(x, torch.Generator().manual_seed(1), pad=0)
+    for i in range(8):
+        assert torch.equal(z[i], x[i]) or torch.equal(z[i], x[i].flip(-1))
+
+
+# ------------------------------------------------------------------------------------------- DVS
+
+
+def test_dvs_needs_tonic_or_files(tmp_path):
+    try:
+        import tonic  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match="tonic"):
+            load_dataset("dvs_cifar10", str(tmp_path))
+    else:
+        with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "CIFAR10DVS")):
+            load_dataset("dvs_cifar10", str(tmp_path))
+    with pytest.raises(ValueError, match="T must be an int >= 1"):
+        load_dataset("dvs_gesture", str(tmp_path), T=0)
+
+
+def test_mnist1d_default_args_match_package():
+    """The cache key uses a copy of the package's defaults: it must not drift from them."""
+    data = pytest.importorskip("mnist1d.data")
+    from empf_triton.data.mnist1d import DEFAULT_ARGS
+
+    args = data.get_dataset_args(as_dict=True)
+    args.pop("url", None)
+    assert args == DEFAULT_ARGS

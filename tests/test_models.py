@@ -1,0 +1,325 @@
+"""EM-PF models: registry, topology options, step mode "s" x T == step mode "m", Triton path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from empf_triton import reset_net
+from empf_triton.models import (
+    MODELS,
+    SeqToANN,
+    build_model,
+    count_parameters,
+    register_model,
+    set_grad_mode,
+    set_step_mode,
+)
+from empf_triton.models.resnet import PreActBlock
+from empf_triton.nn.binary import BinaryConv2d
+from empf_triton.nn.neuron import EMPFNeuron, StatefulNeuron
+from empf_triton.nn.seca import SECA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many tiny ops; on a small shared CPU one intra-op thread is ~10x faster
+    than several (thread hand-off dominates). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+IMG = (3, 16, 16)
+
+
+def _run(model: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str):
+    """Logits [T, N, K] and the gradients of sum(logits * g) w.r.t. x and every parameter."""
+    model.zero_grad(set_to_none=True)
+    reset_net(model)
+    set_step_mode(model, mode)
+    xi = x.clone().requires_grad_()
+    if mode == "m":
+        out = model(xi)
+    else:
+        out = torch.stack([model(xi[t]) for t in range(x.shape[0])])
+    (out * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), xi.grad, grads
+
+
+def _calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Eval-mode statistics from one train-mode pass on x (BN and Mem-BN momentum 1), so that
+    the eval-mode net keeps its activations alive, then random Mem-BN gates."""
+    moms = [m for m in model.modules() if hasattr(m, "momentum") and hasattr(m, "running_var")]
+    for m in moms:
+        m.momentum = 1.0
+    model.train()
+    set_step_mode(model, "m")
+    with torch.no_grad():
+        model(x)
+        for m in model.modules():
+            if hasattr(m, "p") and hasattr(m, "running_var"):  # MemBN
+                m.p.uniform_(-1, 1)
+                m.q.uniform_(-1, 1)
+    reset_net(model)
+    return model.eval()
+
+
+# -------------------------------------------------------------------- step "s" x T == step "m"
+
+TINY = [
+    ("resnet18", IMG, {"width": 4, "parallel": True, "seca": True, "mem_bn": True}),
+    ("resnet18", IMG, {"width": 4, "spike_bits": 4, "weight_bits": 1.5}),
+    ("resnet19", IMG, {"width": 4, "parallel": True}),
+    ("resnet34", IMG, {"width": 2, "weight_bits": 32, "seca": True}),
+    ("vgg11", (2, 16, 16), {"width": 8, "parallel": True, "mem_bn": True, "spike_bits": 2}),
+]
+
+
+@pytest.mark.parametrize("grad_mode", ["online", "bptt"])
+@pytest.mark.parametrize(("name", "in_shape", "opts"), TINY, ids=lambda v: str(v))
+def test_step_mode_equals_multi_step(name, in_shape, opts, grad_mode):
+    """fp64 reference, eval mode (BN uses running statistics in both modes): same logits and the
+    same gradients for x and every parameter, in both gradient modes."""
+    T, N = 2, 2
+    model = build_model(name, in_shape=in_shape, num_classes=5, T=T, grad_mode=grad_mode, **opts)
+    x = torch.rand(T, N, *in_shape, dtype=torch.float64) * 2
+    model = _calibrate(model.double(), x)
+    g = torch.randn(T, N, 5, dtype=torch.float64)
+    out_m, gx_m, gp_m = _run(model, x, g, "m")
+    out_s, gx_s, gp_s = _run(model, x, g, "s")
+    assert out_m.shape == (T, N, 5)
+    assert (out_m[:, 0] - out_m[:, 1]).abs().max() > 1e-3 and gx_m.abs().min() >= 0
+    assert (gx_m != 0).float().mean() > 0.2
+    torch.testing.assert_close(out_s, out_m, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gx_s, gx_m, rtol=1e-9, atol=1e-10)
+    assert gp_s.keys() == gp_m.keys() and len(gp_m) > 0
+    for k in gp_m:
+        torch.testing.assert_close(gp_s[k], gp_m[k], rtol=1e-8, atol=1e-10, msg=k)
+    # The neurons' own parameters learn (decay and threshold get gradients).
+    assert any(k.endswith("decay_logit") for k in gp_m)
+    assert any(k.endswith("threshold_logit") for k in gp_m)
+
+
+def test_online_and_bptt_gradients_differ():
+    """Sanity of the grad-mode switch: online cuts the temporal path, so the gradients change."""
+    T = 3
+    model = build_model("resnet18", in_shape=IMG, num_classes=4, T=T, width=2).double()
+    x = torch.rand(T, 2, *IMG, dtype=torch.float64) * 2
+    _calibrate(model, x)
+    g = torch.randn(T, 2, 4, dtype=torch.float64)
+    set_grad_mode(model, "bptt")
+    out_b, gx_b, _ = _run(model, x, g, "m")
+    set_grad_mode(model, "online")
+    out_o, gx_o, _ = _run(model, x, g, "m")
+    torch.testing.assert_close(out_o, out_b)
+    assert not torch.allclose(gx_o, gx_b)
+
+
+def test_full_resnet18_cifar_step_equals_multi_step():
+    T, N = 2, 2
+    model = build_model("resnet18", in_shape=(3, 32, 32), num_classes=10, T=T, seca=True)
+    x = torch.rand(T, N, 3, 32, 32)
+    _calibrate(model, x)
+    with torch.no_grad():
+        set_step_mode(model, "m")
+        out_m = model(x)
+        reset_net(model)
+        set_step_mode(model, "s")
+        out_s = torch.stack([model(x[t]) for t in range(T)])
+    assert out_m.shape == (T, N, 10)
+    assert (out_m[:, 0] - out_m[:, 1]).abs().max() > 1e-3
+    torch.testing.assert_close(out_s, out_m, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ Triton path
+
+
+@pytest.mark.parametrize(
+    ("mode", "grad_mode", "mem_bn"), [("m", "bptt", False), ("s", "online", True)]
+)
+def test_triton_tiny_resnet_matches_reference(device, mode, grad_mode, mem_bn, monkeypatch):
+    import empf_triton.ops.binary as ops_binary
+    import empf_triton.ops.neuron as ops_neuron
+
+    loaded = []
+    for mod in (ops_neuron, ops_binary):
+        real = mod.load_kernels
+        monkeypatch.setattr(
+            mod, "load_kernels", lambda name, real=real: loaded.append(name) or real(name)
+        )
+    T, N = 2, 2
+    opts = {"width": 2, "parallel": True, "seca": True, "spike_bits": 4, "mem_bn": mem_bn}
+    kw = {"in_shape": (3, 8, 8), "num_classes": 3, "T": T, "grad_mode": grad_mode, **opts}
+    ref = build_model("resnet18", impl="reference", **kw).to(device)
+    tri = build_model("resnet18", impl="triton", **kw).to(device)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.rand(T, N, 3, 8, 8, device=device) * 2
+    g = torch.randn(T, N, 3, device=device)
+    out_r, gx_r, gp_r = _run(ref, x, g, mode)
+    assert not loaded
+    out_t, gx_t, gp_t = _run(tri, x, g, mode)
+    assert {"neuron", "binary"} <= set(loaded)  # the kernels really ran
+    torch.testing.assert_close(out_t, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_t, gx_r, rtol=1e-4, atol=1e-5)
+    assert gp_t.keys() == gp_r.keys()
+    for k in gp_r:
+        torch.testing.assert_close(gp_t[k], gp_r[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+# -------------------------------------------------------------------------- registry, options
+
+
+def test_registry_names_and_contract_attributes():
+    assert {"resnet18", "resnet19", "resnet34", "vgg11"} <= set(MODELS)
+    for name, shape in [("resnet19", IMG), ("vgg11", (2, 48, 48))]:
+        m = build_model(name, in_shape=shape, num_classes=7, T=3, width=4)
+        assert m.T == 3 and m.num_classes == 7
+        assert any(isinstance(n, StatefulNeuron) for n in m.modules())
+
+
+@pytest.mark.parametrize(
+    ("name", "lo", "hi"),
+    [("resnet18", 11.0e6, 11.3e6), ("resnet19", 12.4e6, 12.7e6), ("resnet34", 21.1e6, 21.5e6)],
+)
+def test_parameter_counts(name, lo, hi):
+    m = build_model(name, in_shape=(3, 32, 32), num_classes=10, T=4)
+    assert lo < count_parameters(m) < hi
+
+
+def test_resnet18_layout():
+    m = build_model(
+        "resnet18", in_shape=(3, 32, 32), num_classes=10, T=4, parallel=True, seca=True, mem_bn=True
+    )
+    blocks = [b for b in m.modules() if isinstance(b, PreActBlock)]
+    assert len(blocks) == 8
+    assert all(b.neuron2.parallel and not b.neuron1.parallel for b in blocks)
+    assert sum(b.shortcut is not None for b in blocks) == 3
+    assert sum(isinstance(s, SECA) for s in m.modules()) == 16
+    neurons = [n for n in m.modules() if isinstance(n, EMPFNeuron)]
+    assert len(neurons) == 17 and all(n.has_mem_bn for n in neurons)
+    # Full-precision stem (no neuron before the first block) and classifier.
+    assert type(m.stem[0]) is nn.Conv2d and m.stem[0].kernel_size == (3, 3)
+    assert isinstance(m.classifier[-1], nn.Linear)
+    convs = [c for c in m.layers.modules() if isinstance(c, (nn.Conv2d, BinaryConv2d))]
+    assert len(convs) == 19 and all(isinstance(c, BinaryConv2d) for c in convs)
+
+
+@pytest.mark.parametrize("bits", [1.5, 32])
+def test_weight_bits_option(bits):
+    m = build_model("vgg11", in_shape=(2, 32, 32), num_classes=10, T=2, weight_bits=bits, width=4)
+    convs = [c for c in m.modules() if isinstance(c, (nn.Conv2d, BinaryConv2d))]
+    assert len(convs) == 8 and type(convs[0]) is nn.Conv2d  # first conv full precision
+    if bits == 32:
+        assert all(type(c) is nn.Conv2d for c in convs)
+    else:
+        assert all(isinstance(c, BinaryConv2d) and c.weight_bits == 1.5 for c in convs[1:])
+
+
+def test_large_inputs_imagenet_stem_and_dvs128():
+    r = build_model("resnet34", in_shape=(3, 128, 128), num_classes=4, T=1, width=2)
+    assert r.stem_kind == "imagenet"
+    assert r(torch.rand(1, 3, 128, 128)).shape == (1, 4)
+    v = build_model("vgg11", in_shape=(2, 128, 128), num_classes=11, T=1, width=4)
+    assert v(torch.rand(1, 2, 128, 128)).shape == (1, 11)
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "exc"),
+    [
+        ("resnet50", {}, ValueError),
+        ("resnet18", {"dropout": 0.1}, ValueError),
+        ("vgg11", {"foo": 1}, ValueError),
+        ("resnet18", {"weight_bits": 2}, ValueError),
+        ("resnet18", {"weight_bits": "1"}, TypeError),
+        ("resnet18", {"spike_bits": 9}, ValueError),
+        ("resnet18", {"spike_step": 0.0}, ValueError),
+        ("resnet18", {"grad_mode": "stbp"}, ValueError),
+        ("resnet18", {"impl": "cuda"}, ValueError),
+        ("resnet18", {"step_mode": "x"}, ValueError),
+        ("resnet18", {"parallel": "yes"}, TypeError),
+        ("resnet18", {"seca": 1}, TypeError),
+        ("resnet18", {"mem_bn": None}, TypeError),
+        ("resnet18", {"width": 0}, ValueError),
+        ("resnet18", {"stem": "big"}, ValueError),
+        ("resnet18", {"in_shape": (3, 32)}, ValueError),
+        ("resnet18", {"T": 0}, ValueError),
+        ("resnet18", {"num_classes": 0}, ValueError),
+        ("vgg11", {"in_shape": (2, 8, 8)}, ValueError),
+    ],
+)
+def test_bad_build_raises(name, kw, exc):
+    args = {"in_shape": IMG, "num_classes": 10, "T": 2, "width": 2}
+    args.update(kw)
+    with pytest.raises(exc):
+        build_model(name, **args)
+
+
+def test_unknown_name_lists_models():
+    with pytest.raises(ValueError, match="resnet18"):
+        build_model("nope", in_shape=IMG, num_classes=10, T=2)
+
+
+def test_register_model_rejects_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("resnet18")(lambda **kw: nn.Identity())
+
+
+def test_set_modes_switch_everything_and_validate():
+    m = build_model("resnet18", in_shape=IMG, num_classes=3, T=2, width=2, seca=True)
+    set_step_mode(m, "m")
+    set_grad_mode(m, "bptt")
+    moded = [x for x in m.modules() if isinstance(x, (StatefulNeuron, SeqToANN, SECA))]
+    assert m.step_mode == "m" and len(moded) > 40
+    assert all(x.step_mode == "m" for x in moded)
+    assert all(n.grad_mode == "bptt" for n in m.modules() if isinstance(n, StatefulNeuron))
+    with pytest.raises(ValueError):
+        set_step_mode(m, "multi")
+    with pytest.raises(ValueError):
+        set_grad_mode(m, "stbp")
+
+
+def test_input_shape_checked():
+    m = build_model("resnet18", in_shape=IMG, num_classes=3, T=2, width=2)
+    with pytest.raises(ValueError, match=r"\[N, 3, 16, 16\]"):
+        m(torch.rand(2, 2, *IMG))
+    set_step_mode(m, "m")
+    with pytest.raises(ValueError, match=r"T=2"):
+        m(torch.rand(3, 2, *IMG))
+    with pytest.raises(TypeError):
+        m([1.0])
+
+
+def test_online_training_step_keeps_no_graph_across_steps():
+    """Step mode "s", train mode: per-step backward and optimizer step, as the online strategy."""
+    T = 3
+    m = build_model("resnet18", in_shape=IMG, num_classes=4, T=T, width=2, mem_bn=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, y = torch.rand(4, *IMG), torch.tensor([0, 1, 2, 3])
+    before = m.classifier[-1].weight.detach().clone()
+    for _ in range(T):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert all(
+            n.v is None or n.v.grad_fn is None for n in m.modules() if isinstance(n, EMPFNeuron)
+        )
+    assert not torch.equal(before, m.classifier[-1].weight)
+    with pytest.raises(RuntimeError, match="reset_net"):
+        m(x)
+
+
+def test_seq_to_ann_folds_time_into_batch():
+    lin = SeqToANN(nn.Linear(6, 3), nn.ReLU())
+    x = torch.randn(4, 2, 6)
+    want = torch.stack([lin(x[t]) for t in range(4)])
+    set_step_mode(lin, "m")
+    torch.testing.assert_close(lin(x), want)
+    with pytest.raises(ValueError, match=r"\[T, N, \*\]"):
+        lin(torch.randn(6))
+    with pytest.raises(ValueError):
+        SeqToANN(nn.ReLU(), step_mode="x")

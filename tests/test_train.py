@@ -1,0 +1,407 @@
+"""Training strategies, evaluation, memory behaviour and checkpoints (EMPF.md §3)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from empf_triton.models import build_model
+from empf_triton.train.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    check_compatible,
+    load_checkpoint,
+    load_model_state,
+    restore_rng,
+    save_checkpoint,
+)
+from empf_triton.train.loop import TrainConfig, run_training
+from empf_triton.train.memory import SavedTensorMeter
+from empf_triton.train.strategies import (
+    STRATEGIES,
+    draw_t_star,
+    evaluate,
+    iterate_batches,
+    train_batch,
+    train_epoch,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These nets are tiny: extra OpenMP threads only add overhead, and on a loaded 2-core
+    # machine their busy-waiting slows the tests down many times over.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _mlp(T, hidden=(32, 32), seed=0):
+    torch.manual_seed(seed)
+    return build_model("digits_mlp", in_shape=(64,), num_classes=10, T=T, hidden=hidden)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pytest.importorskip("sklearn")
+    from empf_triton.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_reduces_loss(strategy, digits):
+    train, _, _ = digits
+    x, y = train.x[:128], train.y[:128]
+    T = 3
+    model = _mlp(T)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def full_loss():
+        ev = evaluate(model, [(x, y)], T)
+        return ev["loss"]
+
+    before = full_loss()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        r = train_batch(model, x, y, opt, strategy, T, generator=g)
+        assert r.steps == (r.t_star + 1 if strategy == "random_step" else T)
+        assert r.logits.shape == (128, 10)
+    after = full_loss()
+    assert after < 0.7 * before, (strategy, before, after)
+
+
+def test_random_step_runs_t_star_plus_one_steps():
+    T = 5
+    model = _mlp(T)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    for t_star in range(T):
+        calls.clear()
+        before = [p.detach().clone() for p in model.parameters()]
+        r = train_batch(model, x, y, opt, "random_step", T, t_star=t_star)
+        assert r.t_star == t_star and r.steps == t_star + 1
+        # t* + 1 forward steps, only the last one builds a graph
+        assert calls == [False] * t_star + [True]
+        # one optimizer step happened (weights moved)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="t_star must be in 0..4"):
+        train_batch(model, x, y, opt, "random_step", T, t_star=5)
+
+
+def test_online_steps_optimizer_every_step():
+    T = 3
+    model = _mlp(T)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    steps = []
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    train_batch(model, x, y, opt, "online", T)
+    assert len(steps) == T
+    for strategy in ("accumulate", "bptt", "random_step"):
+        steps.clear()
+        train_batch(model, x, y, opt, strategy, T)
+        assert len(steps) == 1, strategy
+
+
+def test_t_star_uniform():
+    g = torch.Generator().manual_seed(0)
+    T, n = 4, 8000
+    counts = torch.bincount(torch.tensor([draw_t_star(T, g) for _ in range(n)]), minlength=T)
+    # chi-square with 3 dof: 16.3 is the 0.1% quantile
+    chi2 = float(((counts - n / T) ** 2 / (n / T)).sum())
+    assert chi2 < 16.3, counts
+    # identical seeds give identical draws (what keeps DDP ranks in step)
+    a = [draw_t_star(T, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(a)) == 1
+
+
+def test_train_epoch_counts_t_star(digits):
+    train, _, _ = digits
+    T = 4
+    model = _mlp(T)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    r = train_epoch(
+        model,
+        iterate_batches(train, 16, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        opt,
+        "random_step",
+        T,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert r.batches == 90 and r.samples == len(train)
+    assert sum(r.t_star_counts) == 90 and min(r.t_star_counts) > 10
+    assert 0 <= r.accuracy <= 1 and r.loss > 0
+
+
+def _peak_saved(strategy: str, T: int) -> int:
+    torch.manual_seed(0)
+    model = build_model(
+        "mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=T, channels=(8, 8, 16), pool_after=(0,)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 1, 40), torch.randint(0, 10, (16,))
+    with SavedTensorMeter() as meter:
+        # random_step at its costliest draw, t* = T - 1
+        train_batch(
+            model, x, y, opt, strategy, T, t_star=T - 1 if strategy == "random_step" else None
+        )
+    assert meter.current == 0  # every graph was freed
+    return meter.peak
+
+
+@pytest.mark.parametrize("strategy", ["online", "random_step", "accumulate"])
+def test_online_memory_does_not_grow_with_T(strategy):
+    m1, m8 = _peak_saved(strategy, 1), _peak_saved(strategy, 8)
+    assert m1 > 0
+    assert m8 <= 1.1 * m1, (strategy, m1, m8)
+
+
+def test_bptt_memory_grows_with_T():
+    m1, m8 = _peak_saved("bptt", 1), _peak_saved("bptt", 8)
+    assert m8 > 4 * m1, (m1, m8)
+
+
+def test_evaluate_anytime_and_step_modes(digits):
+    _, test, _ = digits
+    T = 3
+    model = _mlp(T)
+    batches = list(iterate_batches(test, 100))
+    ev_m = evaluate(model, batches, T, step_mode="m")
+    ev_s = evaluate(model, batches, T, step_mode="s")
+    assert len(ev_m["anytime"]) == T and ev_m["samples"] == len(test)
+    assert ev_m["anytime"] == ev_s["anytime"]
+    assert ev_m["accuracy"] == ev_m["anytime"][-1] == ev_m["correct"] / len(test)
+    assert ev_m["loss"] == pytest.approx(ev_s["loss"], rel=1e-5)
+    assert model.training  # restored
+
+
+def test_bad_strategy_and_T():
+    model = _mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(4, 64), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="unknown strategy 'sltt'"):
+        train_batch(model, x, y, opt, "sltt", 2)
+    with pytest.raises(ValueError, match="T must be an int >= 1"):
+        train_batch(model, x, y, opt, "online", 0)
+    for field, value, msg in [
+        ("T", 0, "T must be an int >= 1"),
+        ("strategy", "nope", "unknown strategy"),
+        ("epochs", 0, "epochs must be"),
+        ("optimizer", "lion", "unknown optimizer"),
+        ("lr", -1.0, "lr must be"),
+        ("weight_bits", 2, "weight_bits must be"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**{field: value}).validate()
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def _ckpt_args(model, **kw):
+    return dict(
+        model=model,
+        model_name="digits_mlp",
+        model_config={"in_shape": (64,), "num_classes": 10, "T": 2, "hidden": [32, 32]},
+        **kw,
+    )
+
+
+def test_checkpoint_roundtrip_and_rng(tmp_path):
+    model = _mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    g = torch.Generator().manual_seed(3)
+    path = save_checkpoint(
+        tmp_path / "c.pt", **_ckpt_args(model, optimizer=opt, epoch=7, generators={"g": g})
+    )
+    expect_torch, expect_g = torch.rand(3), torch.rand(3, generator=g)
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 7 and ckpt["model_name"] == "digits_mlp"
+    model2 = _mlp(2, seed=1)
+    load_model_state(model2, ckpt)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(ckpt["optimizer"])
+    g2 = torch.Generator()
+    restore_rng(ckpt["rng"], {"g": g2})
+    assert torch.equal(torch.rand(3), expect_torch)
+    assert torch.equal(torch.rand(3, generator=g2), expect_g)
+    st = capture_rng()
+    assert set(st) >= {"torch", "numpy", "python", "generators"}
+
+
+def test_checkpoint_atomic_on_crash(tmp_path, monkeypatch):
+    model = _mlp(2)
+    path = save_checkpoint(tmp_path / "last.pt", **_ckpt_args(model, epoch=1))
+    good = path.read_bytes()
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    # crash after the temp file is written, before the rename
+    monkeypatch.setattr(os, "replace", crash)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, **_ckpt_args(model, epoch=2))
+    monkeypatch.undo()
+    # crash while the temp file is being written
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, **_ckpt_args(model, epoch=2))
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp files left
+
+
+def test_checkpoint_rejects_damaged_files(tmp_path):
+    model = _mlp(2)
+    path = save_checkpoint(tmp_path / "c.pt", **_ckpt_args(model))
+    data = path.read_bytes()
+    cases = {
+        "trunc.pt": data[: len(data) // 2],
+        "empty.pt": b"",
+        "garbage.pt": b"not a checkpoint at all" * 10,
+    }
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # inside the payload: only the checksum notices
+    cases["flipped.pt"] = bytes(flipped)
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match="corrupt|truncated|empty|cannot be read"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an empf_triton checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_checkpoint_of_other_model_rejected(tmp_path):
+    model = _mlp(2)
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "c.pt", **_ckpt_args(model)))
+    with pytest.raises(CheckpointError, match="model 'digits_mlp', not 'mnist1d_cnn'"):
+        check_compatible(ckpt, "mnist1d_cnn")
+    with pytest.raises(CheckpointError, match="T: saved 2 vs requested 4"):
+        check_compatible(ckpt, "digits_mlp", {"T": 4})
+    check_compatible(ckpt, "digits_mlp", {"T": 2})
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_model_state(_mlp(2, hidden=(16, 16)), ckpt)
+
+
+def _state(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_exact_resume(tmp_path, digits):
+    """Train 2 epochs == train 1, stop, resume 1 more: bit-identical weights on CPU."""
+    common = dict(
+        dataset="digits",
+        strategy="random_step",
+        epochs=2,
+        batch_size=64,
+        T=3,
+        device="cpu",
+        progress=False,
+        model_options={"hidden": [64, 64]},
+    )
+    a = run_training(TrainConfig(out=str(tmp_path / "a"), **common), log=lambda s: None)
+    assert a["epochs_run"] == 2
+    b = run_training(
+        TrainConfig(out=str(tmp_path / "b"), stop_after=1, **common), log=lambda s: None
+    )
+    assert b["epochs_run"] == 1 and _state(tmp_path / "b" / "last.pt")
+    c = run_training(TrainConfig(resume=str(tmp_path / "b"), **common), log=lambda s: None)
+    assert c["epochs_run"] == 1 and c["epochs_done"] == 2 and c["out"] == str(tmp_path / "b")
+    sa, sc = _state(tmp_path / "a" / "last.pt"), _state(tmp_path / "b" / "last.pt")
+    assert sa.keys() == sc.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+    assert a["final"]["test_accuracy"] == c["final"]["test_accuracy"]
+    hist = load_checkpoint(tmp_path / "b" / "last.pt")["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+
+
+def test_resume_with_other_model_keeps_checkpoint(tmp_path, digits):
+    common = dict(dataset="digits", epochs=1, T=2, device="cpu", progress=False)
+    run_training(TrainConfig(out=str(tmp_path / "r"), **common), log=lambda s: None)
+    last = tmp_path / "r" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match="T: saved 2 vs requested 3"):
+        run_training(
+            TrainConfig(**{**common, "T": 3, "epochs": 2}, resume=str(last)), log=lambda s: None
+        )
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        run_training(TrainConfig(out=str(tmp_path / "r"), **common), log=lambda s: None)
+    assert last.read_bytes() == before
+
+
+# ---------------------------------------------------------------------- the small nets (small.py)
+
+
+@pytest.mark.parametrize(
+    "name,in_shape,options",
+    [
+        ("mnist1d_cnn", (1, 40), {}),
+        ("mnist1d_cnn", (1, 40), {"spike_bits": 4, "mem_bn": True, "seca": True}),
+        ("mnist1d_cnn", (1, 40), {"parallel": True, "weight_bits": 1.5}),
+        ("mnist1d_cnn", (1, 40), {"weight_bits": 32, "channels": (8, 8, 8)}),
+        ("digits_mlp", (64,), {}),
+        ("digits_mlp", (64,), {"spike_bits": 2, "mem_bn": True, "parallel": True}),
+    ],
+)
+def test_small_models_step_modes_agree(name, in_shape, options):
+    from empf_triton import reset_net
+    from empf_triton.models import set_step_mode
+    from empf_triton.nn import EMPFNeuron
+    from empf_triton.nn.binary import BinaryConv2d, BinaryLinear
+
+    T = 3
+    torch.manual_seed(0)
+    model = build_model(name, in_shape=in_shape, num_classes=10, T=T, **options)
+    assert model.T == T and model.num_classes == 10
+    neurons = [m for m in model.modules() if isinstance(m, EMPFNeuron)]
+    assert len(neurons) >= 2
+    binary = [m for m in model.modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
+    assert bool(binary) == (options.get("weight_bits", 1) != 32)
+    # train a little so BN statistics and thresholds are not at their initial values
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(16, *in_shape), torch.randint(0, 10, (16,))
+    for _ in range(2):
+        train_batch(model, x, y, opt, "online", T)
+    model.eval()
+    with torch.no_grad():
+        reset_net(model)
+        set_step_mode(model, "s")
+        s_out = torch.stack([model(x) for _ in range(T)])
+        reset_net(model)
+        set_step_mode(model, "m")
+        m_out = model(x.unsqueeze(0).expand(T, *x.shape))
+    assert s_out.shape == (T, 16, 10)
+    torch.testing.assert_close(s_out, m_out, rtol=1e-5, atol=1e-5)
+
+
+def test_small_models_bad_options():
+    with pytest.raises(ValueError, match="does not take option|unexpected keyword"):
+        build_model("mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=2, width=3)
+    with pytest.raises(ValueError, match="seca"):
+        build_model("digits_mlp", in_shape=(64,), num_classes=10, T=2, seca=True)
+    with pytest.raises(ValueError, match="weight_bits"):
+        build_model("digits_mlp", in_shape=(64,), num_classes=10, T=2, weight_bits=2)
+    with pytest.raises(ValueError, match="in_shape must be"):
+        build_model("mnist1d_cnn", in_shape=(40,), num_classes=10, T=2)
+    with pytest.raises(ValueError, match="spike_bits"):
+        build_model("mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=2, spike_bits=9)
+    model = build_model("mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=2)
+    with pytest.raises(ValueError, match=r"needs input \[N, 1, 40\]"):
+        model(torch.randn(4, 40))
