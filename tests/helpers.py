@@ -44,3 +44,23 @@ def assert_close_to_oracle(
         f"{name} ({out.dtype}): max error {err_out:.3g} vs oracle exceeds {tol:.3g} "
         f"(same-dtype reference error {err_ref:.3g}, scale {scale:.3g})"
     )
+
+
+def import_spikingjelly():
+    """SpikingJelly's activation_based package, for the LIF equivalence tests.
+
+    Skipped where it is not installed, except under CI (`CI` set), where .ci/run installs it and a
+    missing module must fail instead of silently skipping the equivalence checks.
+    """
+    import os
+
+    import pytest
+
+    if os.environ.get("CI"):
+        import spikingjelly.activation_based.neuron  # noqa: F401
+        import spikingjelly.activation_based.surrogate  # noqa: F401
+    else:
+        pytest.importorskip("spikingjelly.activation_based.neuron", exc_type=ImportError)
+    import spikingjelly.activation_based as sj
+
+    return sj

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close_to_oracle
+from helpers import DTYPES, assert_close_to_oracle, import_spikingjelly
 
 import empf_triton.ops._common as common
 import empf_triton.reference.lif as ref_lif
@@ -416,7 +416,7 @@ def test_empty_features(device):
 @pytest.mark.parametrize("detach_reset", [False, True])
 @pytest.mark.parametrize("surrogate", ["sigmoid", "atan"])
 def test_matches_spikingjelly(impl, surrogate, detach_reset):
-    sj = pytest.importorskip("spikingjelly.activation_based")
+    sj = import_spikingjelly()
     from spikingjelly.activation_based import neuron as sj_neuron
     from spikingjelly.activation_based import surrogate as sj_surrogate
 

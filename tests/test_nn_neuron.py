@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import import_spikingjelly
 
 from empf_triton import detach_net, reset_net
 from empf_triton.nn import EMPFNeuron, LIFNeuron
@@ -121,7 +122,7 @@ def test_bad_construction_raises(make, exc):
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 @pytest.mark.parametrize("detach_reset", [False, True])
 def test_lif_equals_spikingjelly(device, impl, step_mode, detach_reset):
-    sj = pytest.importorskip("spikingjelly.activation_based.neuron")
+    sj = import_spikingjelly().neuron
     from spikingjelly.activation_based import surrogate
 
     T, tau, vth = 5, 2.0, 1.0
