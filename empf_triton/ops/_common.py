@@ -74,6 +74,25 @@ def check_tensor(name: str, x: object, impl: str, *, min_dim: int = 0) -> torch.
     return x
 
 
+def check_sequence(name: str, x: object, impl: str) -> str:
+    """Resolve `impl` for a multi-step input and check it is a [T, *] tensor with T >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    impl = resolve_impl(impl, x)
+    check_tensor(name, x, impl, min_dim=2)
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must be [T, *] with T >= 1, got shape {tuple(x.shape)}")
+    return impl
+
+
+def check_step_input(name: str, x: object) -> None:
+    """A single-step input: a tensor with at least one dimension (dtype checked by the op)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension, got shape {tuple(x.shape)}")
+
+
 def check_like(name: str, x: torch.Tensor | None, ref_name: str, ref: torch.Tensor, shape) -> None:
     """`x` (optional) must match `ref`'s device and dtype and have exactly `shape`."""
     if x is None:

@@ -13,12 +13,12 @@ from ..reference.lif import SURROGATES, lif_neuron_ref
 from ._common import (
     check_grad_mode,
     check_like,
-    check_tensor,
+    check_sequence,
+    check_step_input,
     device_guard,
     grad_wanted,
     load_kernels,
     per_step,
-    resolve_impl,
 )
 
 
@@ -113,12 +113,7 @@ def lif_neuron(
     Returns:
         (spikes [T, *] in {0, 1}, v_last [*]), both in the current's dtype.
     """
-    if not isinstance(current, torch.Tensor):
-        raise TypeError(f"current must be a torch.Tensor, got {type(current).__name__}")
-    impl = resolve_impl(impl, current)
-    check_tensor("current", current, impl, min_dim=2)
-    if current.shape[0] == 0:
-        raise ValueError(f"current must be [T, *] with T >= 1, got shape {tuple(current.shape)}")
+    impl = check_sequence("current", current, impl)
     T, feat = current.shape[0], current.shape[1:]
     check_like("v0", v0, "current", current, feat)
     alpha = _check_surrogate(surrogate, alpha)
@@ -170,12 +165,7 @@ def lif_neuron_step(
     Returns:
         (spike [*], v_new [*]) in the current's dtype.
     """
-    if not isinstance(current, torch.Tensor):
-        raise TypeError(f"current must be a torch.Tensor, got {type(current).__name__}")
-    if current.dim() < 1:
-        raise ValueError(
-            f"current must have at least 1 dimension, got shape {tuple(current.shape)}"
-        )
+    check_step_input("current", current)
     spikes, v_new = lif_neuron(
         current.unsqueeze(0),
         v,

@@ -12,13 +12,13 @@ from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
 from ._common import (
     check_grad_mode,
     check_like,
+    check_sequence,
     check_spike_bits,
-    check_tensor,
+    check_step_input,
     device_guard,
     grad_wanted,
     load_kernels,
     per_step,
-    resolve_impl,
 )
 
 
@@ -90,17 +90,6 @@ class ParallelNeuronFunction(torch.autograd.Function):
         return dcur, dth, None, None
 
 
-def _validate_sequence(current, impl, name="current"):
-    """Resolve impl and check a [T, *] current; returns the resolved impl."""
-    if not isinstance(current, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(current).__name__}")
-    impl = resolve_impl(impl, current)
-    check_tensor(name, current, impl, min_dim=2)
-    if current.shape[0] == 0:
-        raise ValueError(f"{name} must be [T, *] with T >= 1, got shape {tuple(current.shape)}")
-    return impl
-
-
 def empf_neuron(
     current: torch.Tensor,
     v0: torch.Tensor | None = None,
@@ -132,7 +121,7 @@ def empf_neuron(
         (spikes [T, *], v_last [*]), both in the current's dtype. NaN in the current propagates to
         the spikes and membrane as NaN (it never counts as firing).
     """
-    impl = _validate_sequence(current, impl)
+    impl = check_sequence("current", current, impl)
     T, feat = current.shape[0], current.shape[1:]
     check_like("v0", v0, "current", current, feat)
     check_spike_bits(spike_bits, spike_step)
@@ -184,12 +173,7 @@ def empf_neuron_step(
     Returns:
         (spike [*], v_new [*]) in the current's dtype.
     """
-    if not isinstance(current, torch.Tensor):
-        raise TypeError(f"current must be a torch.Tensor, got {type(current).__name__}")
-    if current.dim() < 1:
-        raise ValueError(
-            f"current must have at least 1 dimension, got shape {tuple(current.shape)}"
-        )
+    check_step_input("current", current)
     spikes, v_new = empf_neuron(
         current.unsqueeze(0),
         v,
@@ -222,7 +206,7 @@ def parallel_neuron(
     Returns:
         spikes [T, *] in the current's dtype; `dL/dI = g · 1[I > θ]`.
     """
-    impl = _validate_sequence(current, impl)
+    impl = check_sequence("current", current, impl)
     T = current.shape[0]
     check_spike_bits(spike_bits, spike_step)
     th_t = per_step("threshold", threshold, T, current)
