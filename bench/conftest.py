@@ -20,8 +20,34 @@ Environment knobs (all optional):
                           `--benchmark-json`.
     EMPF_COMMIT           commit id to record when the checkout has no .git (copied trees).
 
-Fixtures: `bench_device` (str) and `bench_tools` (`BenchTools`: sync, saved-for-backward bytes,
-CUDA peak memory, and `run`, which times a case with `benchmark.pedantic` and fills extra_info).
+Fixture API (every file in bench/ uses it; `from conftest import ...` for the constants):
+
+    def test_bench_x(benchmark, bench_tools):
+        x = torch.randn(..., device=bench_tools.device)
+        bench_tools.run(                       # alias: bench_tools.case
+            benchmark,
+            lambda: my_op(x, impl="triton"),   # the timed call (forward, or forward + backward)
+            check=lambda: check_vs_ref(...),   # REQUIRED when impl starts with "triton": runs once
+                                               # before timing, raises AssertionError if wrong;
+                                               # its return value: extra_info["check"] (a dict
+                                               # is merged into extra_info)
+            forward=lambda: my_op(x),          # optional: grad-recording forward -> saved_bytes
+            params=(w,),                       # storages left out of saved_bytes
+            bytes_moved=..., flops=...,        # optional: -> gbps / tflops
+            graph=True,                        # also capture in a CUDA graph and replay it
+            op="my_op", impl="triton", T=4,    # anything else -> extra_info (report.py needs
+        )                                      # op and impl)
+
+    `run` records in extra_info: wall_time_s (= time_median_s; perf_counter + synchronize per
+    call, from pytest-benchmark or, when that is disabled as under xdist, from its own loop),
+    device_time_s (CUDA events, L2 flushed before each call), graph_wall_time_s and
+    graph_device_time_s (the call captured in a torch.cuda.CUDAGraph and replayed) or
+    graph_skip_reason, cuda_peak_bytes, saved_bytes, gbps (+ gbps_basis), tflops, rounds, and
+    `measured`: a sentence per recorded number saying how it was measured.
+    Other fixtures/helpers: `bench_device` (str); `bench_tools.sync()`, `.device_time(fn, reps)`,
+    `.capture_graph(fn)`, `.saved_for_backward(fn, exclude)`, `.cuda_peak_bytes(fn)`;
+    `bench_skip(reason)` for a baseline that cannot run here. Skipped cases and their reasons go
+    into the JSON as `empf_skipped`, which report.py lists as "not measured".
 """
 
 from __future__ import annotations
@@ -249,6 +275,102 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int | None:
     return int(peak)
 
 
+#: L2 flush buffer for device timing: larger than any current GPU's L2 (H200: 60 MiB).
+FLUSH_BYTES = 256 << 20
+_FLUSH: torch.Tensor | None = None
+
+
+def _flush_l2() -> None:
+    """Overwrite a 256 MiB buffer so the next kernel starts with a cold L2 (as do_bench does)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    _FLUSH.zero_()
+
+
+def device_time(fn: Callable[[], object], reps: int, *, flush: bool = True) -> float | None:
+    """Median GPU seconds of one call of `fn`: CUDA events recorded around each call, L2 flushed
+    before each (outside the events). None on the CPU. Host overhead shows only where the GPU
+    waits for the host (the events measure the GPU stream, not the Python call)."""
+    if not ON_CUDA:
+        return None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush:
+            _flush_l2()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def wall_times(fn: Callable[[], object], rounds: int) -> list[float]:
+    """Wall seconds of `rounds` calls of `fn`, each followed by a CUDA synchronise."""
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def capture_graph(fn: Callable[[], object]) -> tuple[object | None, str | None]:
+    """Capture one call of `fn` in a `torch.cuda.CUDAGraph` (after warm-up on a side stream).
+
+    Returns (graph, None), or (None, reason) where the case cannot be captured (CPU, host syncs,
+    data-dependent shapes, ...). The reason is recorded in extra_info, never hidden.
+    """
+    if not ON_CUDA:
+        return None, "no CUDA device (CUDA graphs need one)"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        return graph, None
+    except Exception as exc:  # noqa: BLE001 - any capture failure is a recorded result
+        torch.cuda.synchronize()
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+MEASURED = {
+    "wall_time_s": (
+        "median wall seconds of one call including Python dispatch and launch: "
+        "time.perf_counter() around fn() + torch.cuda.synchronize()"
+    ),
+    "device_time_s": (
+        "median GPU seconds of one call: CUDA events around fn(), L2 flushed before each "
+        "call by zeroing a 256 MiB buffer outside the events"
+    ),
+    "graph_wall_time_s": (
+        "median wall seconds of one CUDAGraph.replay() + synchronize of the captured call "
+        "(launch overhead removed)"
+    ),
+    "graph_device_time_s": "median GPU seconds of one replay (CUDA events, L2 flushed before each)",
+    "gbps": "bytes_moved / device_time_s on CUDA, / wall_time_s on the CPU (see gbps_basis)",
+    "saved_bytes": (
+        "storages saved for backward in one grad-recording forward "
+        "(torch.autograd.graph.saved_tensors_hooks), parameters left out"
+    ),
+    "cuda_peak_bytes": "torch.cuda.max_memory_allocated during one call, above the level before it",
+}
+
+
+def _rounds(estimate_s: float) -> int:
+    return int(min(500, max(5, TARGET_S / max(estimate_s, 1e-6))))
+
+
 class BenchTools:
     """Helpers handed to the benchmark files through the `bench_tools` fixture."""
 
@@ -261,30 +383,51 @@ class BenchTools:
 
     saved_for_backward = staticmethod(saved_for_backward)
     cuda_peak_bytes = staticmethod(cuda_peak_bytes)
+    device_time = staticmethod(device_time)
+    capture_graph = staticmethod(capture_graph)
 
     @staticmethod
     def run(
         benchmark,
         fn: Callable[[], object],
         *,
+        check: Callable[[], object] | None = None,
         forward: Callable[[], object] | None = None,
         params: Iterable[torch.Tensor] = (),
         bytes_moved: int | None = None,
         flops: int | None = None,
+        graph: bool = True,
         warmup: int = 2,
         **info,
-    ) -> None:
-        """Time `fn` with `benchmark.pedantic` and record what the report needs in extra_info.
+    ) -> dict:
+        """Check, then time one case and record everything in `benchmark.extra_info`.
 
-        `fn` runs one case (the forward, or forward + backward) and returns its outputs; the timed
-        call synchronises CUDA before it returns. Before timing, `fn` runs `warmup` times
-        (compilation, autotuning), once to size the number of rounds (about `TARGET_S` in all),
-        and once more for the CUDA peak memory. `forward` (a grad-recording forward of the same
-        case) is run once under saved-tensor hooks; the storages of `params` (learnable
-        parameters, kept anyway) are left out of its `saved_bytes`. Saved inputs do count: in a
-        network the input current is an activation that only lives on if the neuron saves it.
-        `bytes_moved` / `flops` give GB/s and TFLOP/s from the median time.
+        Order: `check()` (must raise AssertionError on a wrong result; what it returns is stored
+        as extra_info["check"], or merged into extra_info if a dict; required when info["impl"]
+        starts with "triton"), `warmup` calls
+        of `fn` (compile, autotune), one call to size the rounds (about TARGET_S of timing),
+        wall time (pytest-benchmark's pedantic when enabled, else the same loop here: xdist or
+        --benchmark-disable leave pytest-benchmark's stats empty), device time (CUDA events,
+        L2 flushed), CUDA peak memory, saved-for-backward bytes of `forward` (a grad-recording
+        forward; storages of `params` left out), then the case captured in a CUDA graph and
+        replayed (`graph=False` for cases that must not be, e.g. a whole optimizer loop).
+        `bytes_moved` / `flops` give GB/s and TFLOP/s. Returns the extra_info dict.
         """
+        impl = str(info.get("impl", ""))
+        if impl.startswith("triton") and check is None:
+            raise ValueError(
+                f"bench case with impl={impl!r} has no check: every Triton case is compared with "
+                "the reference before it is timed"
+            )
+        extra: dict = {"device": env_info()["device"], "device_type": env_info()["device_type"]}
+        extra.update(info)
+        if check is not None:
+            result = check()
+            if isinstance(result, dict):
+                extra.update(result)
+                result = None
+            extra["check"] = result if result is not None else "passed"
+            sync()
 
         def timed() -> None:
             fn()
@@ -294,26 +437,56 @@ class BenchTools:
             timed()
         t0 = time.perf_counter()
         timed()
-        estimate = max(time.perf_counter() - t0, 1e-6)
-        rounds = int(min(500, max(5, TARGET_S / estimate)))
+        rounds = _rounds(time.perf_counter() - t0)
 
-        extra: dict = {"device": env_info()["device"], "device_type": env_info()["device_type"]}
-        extra.update(info)
+        sync()
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+        meta = getattr(benchmark, "stats", None)
+        if meta is not None and getattr(meta, "stats", None) is not None:
+            wall = meta.stats.median
+            extra["wall_time_source"] = "pytest-benchmark"
+        else:
+            wall = statistics.median(wall_times(fn, rounds))
+            extra["wall_time_source"] = "bench/conftest.py (pytest-benchmark disabled)"
+        extra["time_median_s"] = wall
+        extra["wall_time_s"] = wall
+        extra["rounds"] = rounds
+        dev = device_time(fn, rounds)
+        extra["device_time_s"] = dev
         extra["cuda_peak_bytes"] = cuda_peak_bytes(fn)
         if forward is not None:
             extra.update(saved_for_backward(forward, params))
 
-        sync()
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-        median = benchmark.stats.stats.median
-        extra["time_median_s"] = median
+        if graph:
+            g, reason = capture_graph(fn)
+            if g is not None:
+                extra["graph_wall_time_s"] = statistics.median(wall_times(g.replay, rounds))
+                extra["graph_device_time_s"] = device_time(g.replay, rounds)
+                del g
+            else:
+                extra["graph_skip_reason"] = reason
+        else:
+            extra["graph_skip_reason"] = "not captured: the case asked for graph=False"
+
+        basis = dev if dev is not None else wall
+        extra["gbps_basis"] = "device_time_s" if dev is not None else "wall_time_s"
         if bytes_moved is not None:
             extra["bytes_moved"] = int(bytes_moved)
-            extra["gbps"] = bytes_moved / median / 1e9
+            extra["gbps"] = bytes_moved / basis / 1e9
+            extra["gbps_wall"] = bytes_moved / wall / 1e9
         if flops is not None:
             extra["flops"] = int(flops)
-            extra["tflops"] = flops / median / 1e12
+            extra["tflops"] = flops / basis / 1e12
+        extra["measured"] = {k: v for k, v in MEASURED.items() if extra.get(k) is not None}
         benchmark.extra_info.update(extra)
+        return extra
+
+    case = run
+
+
+def bench_skip(reason: str) -> None:
+    """Skip a case with a reason that report.py lists (a baseline whose package is missing)."""
+    pytest.skip(reason)
 
 
 # ------------------------------------------------------------------------------- pytest hooks
@@ -338,6 +511,23 @@ def pytest_configure(config):
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["empf"] = env_info()
+
+
+_SKIPPED: list[dict] = []
+
+
+def pytest_runtest_logreport(report):
+    """Remember every skipped case and why, so the JSON (and report.py) can say what was not
+    measured instead of silently leaving it out."""
+    if report.skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        _SKIPPED.append({"nodeid": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["empf_skipped"] = list(_SKIPPED)
 
 
 @pytest.fixture(autouse=True)
@@ -472,6 +662,7 @@ if USE_FALLBACK:
             },
             "commit_info": {"id": env_info()["commit"], "dirty": env_info()["commit_dirty"]},
             "benchmarks": session.config._empf_fallback_results,
+            "empf_skipped": list(_SKIPPED),
             "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "version": "empf-fallback-1",
         }

@@ -238,9 +238,11 @@ def test_bench_empf_neuron(benchmark, bench_tools, impl, T, pass_, mode, dtype, 
         forward = op("reference")
     else:
         forward = op("triton")
-        info["rel_err_vs_eager"] = check_against_eager(
-            forward, op("reference"), pass_, wrt, grad, dtype
-        )
+        info["check"] = lambda: {
+            "rel_err_vs_eager": check_against_eager(
+                forward, op("reference"), pass_, wrt, grad, dtype
+            )
+        }
     bench_tools.run(
         benchmark,
         _with_backward(forward, pass_, wrt, grad),
@@ -248,8 +250,17 @@ def test_bench_empf_neuron(benchmark, bench_tools, impl, T, pass_, mode, dtype, 
         params=wrt[1:],
         bytes_moved=empf_bytes(T, N, current.element_size(), pass_),
         **_info("empf_neuron", impl, T, pass_, mode, dtype, bits),
-        **info,
+        check=info.get("check"),
     )
+
+
+def _op_step(impl_arg: str, decay, threshold, bits):
+    def step(x, v, t):
+        return empf_neuron_step(
+            x, v, decay=decay[t], threshold=threshold[t], spike_bits=bits, impl=impl_arg
+        )
+
+    return step
 
 
 @pytest.mark.parametrize(
@@ -267,14 +278,9 @@ def test_bench_empf_neuron_step(benchmark, bench_tools, impl, T, pass_, mode, dt
             s, v_new = ref(x[None], v, decay[t : t + 1], threshold[t : t + 1], bits, STEP, "bptt")
             return s[0], v_new
     else:
-        impl_arg = "reference" if impl == "eager" else "triton"
+        step = _op_step("reference" if impl == "eager" else "triton", decay, threshold, bits)
 
-        def step(x, v, t):
-            return empf_neuron_step(
-                x, v, decay=decay[t], threshold=threshold[t], spike_bits=bits, impl=impl_arg
-            )
-
-    def forward():
+    def forward(step=step):
         v, out = None, []
         for t in range(T):
             s, v = step(steps[t], v, t)
@@ -282,16 +288,32 @@ def test_bench_empf_neuron_step(benchmark, bench_tools, impl, T, pass_, mode, dt
             v = v.detach()  # online: the temporal path is cut between steps
         return out
 
-    def forward_backward():
-        v = None
+    def forward_backward(step=step):
+        v, grads = None, []
         for t in range(T):
             s, v = step(steps[t], v, t)
-            torch.autograd.grad(s, (steps[t], decay, threshold), grad[t])
+            grads.append(torch.autograd.grad(s, (steps[t], decay, threshold), grad[t]))
             v = v.detach()
+        return grads
+
+    def check():
+        ref_step = _op_step("reference", decay, threshold, bits)
+        worst = 0.0
+        pairs = list(zip(forward(), forward(ref_step)))
+        if pass_ == "fwd+bwd":
+            for got, ref in zip(forward_backward(), forward_backward(ref_step)):
+                pairs += list(zip(got, ref))
+        for a, b in pairs:
+            a, b = a.detach().double(), b.detach().double()
+            scale = max(1.0, b.abs().max().item())
+            worst = max(worst, (a - b).abs().max().item() / scale)
+        assert worst <= 1e-4, f"Triton step differs from the eager reference: rel. error {worst:.3g}"
+        return {"rel_err_vs_eager": worst}
 
     bench_tools.run(
         benchmark,
         forward if pass_ == "fwd" else forward_backward,
+        check=check if impl == "triton" else None,
         forward=forward,
         params=(decay, threshold),
         bytes_moved=step_bytes(T, N, current.element_size(), pass_),
@@ -320,9 +342,11 @@ def test_bench_parallel_neuron(benchmark, bench_tools, impl, T, pass_, mode, dty
         forward = op("reference")
     else:
         forward = op("triton")
-        info["rel_err_vs_eager"] = check_against_eager(
-            forward, op("reference"), pass_, wrt, grad, dtype
-        )
+        info["check"] = lambda: {
+            "rel_err_vs_eager": check_against_eager(
+                forward, op("reference"), pass_, wrt, grad, dtype
+            )
+        }
     bench_tools.run(
         benchmark,
         _with_backward(forward, pass_, wrt, grad),
@@ -330,7 +354,7 @@ def test_bench_parallel_neuron(benchmark, bench_tools, impl, T, pass_, mode, dty
         params=wrt[1:],
         bytes_moved=parallel_bytes(T, N, current.element_size(), pass_),
         **_info("parallel_neuron", impl, T, pass_, None, dtype, bits),
-        **info,
+        check=info.get("check"),
     )
 
 
@@ -355,9 +379,11 @@ def test_bench_lif_neuron(benchmark, bench_tools, impl, T, pass_, mode, dtype, b
         forward = op("reference")
     else:
         forward = op("triton")
-        info["rel_err_vs_eager"] = check_against_eager(
-            forward, op("reference"), pass_, wrt, grad, dtype
-        )
+        info["check"] = lambda: {
+            "rel_err_vs_eager": check_against_eager(
+                forward, op("reference"), pass_, wrt, grad, dtype
+            )
+        }
     bench_tools.run(
         benchmark,
         _with_backward(forward, pass_, wrt, grad),
@@ -365,5 +391,110 @@ def test_bench_lif_neuron(benchmark, bench_tools, impl, T, pass_, mode, dtype, b
         params=wrt[1:],
         bytes_moved=lif_bytes(T, N, current.element_size(), pass_),
         **_info("lif_neuron", impl, T, pass_, mode, dtype, bits),
-        **info,
+        check=info.get("check"),
+    )
+
+
+# ------------------------------------------------------------------------ external baselines
+# SpikingJelly 2.0 on the same inputs: its multi-step LIF (it picks its own CUDA backend) and its
+# FlexSN running the EM-PF step itself (BPTT through its generated kernels). Each is checked
+# against our reference before it is timed; the harness also replays it from a CUDA graph.
+
+
+def _spikingjelly():
+    """SpikingJelly's neuron module, or None with the reason it cannot be imported."""
+    try:
+        from spikingjelly.activation_based import functional, neuron
+    except Exception as exc:  # noqa: BLE001 - ImportError, or its own import-time failures
+        return None, None, f"SpikingJelly is not importable here ({type(exc).__name__}: {exc})"
+    return neuron, functional, None
+
+
+def _empf_core(x, v, lam, theta):
+    """The EM-PF step as FlexSN's pure single-step core: (spike, new v)."""
+    m = lam * v + x
+    s = torch.relu(m - theta)
+    return s, m - s
+
+
+def _sj_cases():
+    return [
+        pytest.param(pass_, T, id=f"{pass_}-bptt-T{T}-fp32-float")
+        for pass_ in PASSES
+        for T in BENCH_T
+    ]
+
+
+@pytest.mark.parametrize(("pass_", "T"), _sj_cases())
+def test_bench_sj_lif(benchmark, bench_tools, pass_, T):
+    """SpikingJelly's `LIFNode(decay_input=False, v_reset=None, step_mode="m")`, tau = 2
+    (λ = 0.5), θ = 0.5 (scalars: its LIF has no per-step parameters), gradient for the input."""
+    sj_neuron, functional, reason = _spikingjelly()
+    if reason:
+        pytest.skip(reason)
+    current, _, _, grad = _inputs(T, torch.float32)
+    node = sj_neuron.LIFNode(
+        tau=2.0, decay_input=False, v_threshold=0.5, v_reset=None, step_mode="m"
+    ).to(DEVICE)
+
+    def forward():
+        functional.reset_net(node)
+        return (node(current),)
+
+    def check():
+        s_sj = forward()[0]
+        s_ref, _ = lif_neuron(current, decay=0.5, threshold=0.5, grad_mode="bptt", impl="reference")
+        assert torch.equal(s_sj.detach(), s_ref.detach()), "SpikingJelly LIF != lif_neuron_ref"
+        return {"backend": getattr(node, "backend", None) or type(node).__name__}
+
+    bench_tools.run(
+        benchmark,
+        _with_backward(forward, pass_, (current,), grad),
+        check=check,
+        forward=forward,
+        bytes_moved=lif_bytes(T, N, 4, pass_),
+        **_info("lif_neuron", "spikingjelly", T, pass_, "bptt", torch.float32, None),
+        baseline="spikingjelly.LIFNode(decay_input=False, v_reset=None, step_mode='m')",
+    )
+
+
+@pytest.mark.parametrize(("pass_", "T"), _sj_cases())
+def test_bench_sj_flexsn(benchmark, bench_tools, pass_, T):
+    """SpikingJelly's FlexSN with the EM-PF step as its core (`m = λv + x; s = relu(m - θ);
+    v = m - s`), λ and θ learnable 0-d parameters (one per layer, not per step), BPTT."""
+    sj_neuron, functional, reason = _spikingjelly()
+    if reason:
+        pytest.skip(reason)
+    if not hasattr(sj_neuron, "FlexSN"):
+        pytest.skip("this SpikingJelly has no FlexSN (needs 2.0)")
+    current, _, _, grad = _inputs(T, torch.float32)
+    lam = torch.nn.Parameter(torch.tensor(0.5, device=DEVICE))
+    theta = torch.nn.Parameter(torch.tensor(0.5, device=DEVICE))
+    node = sj_neuron.FlexSN(_empf_core, 1, static_inputs=(lam, theta), step_mode="m")
+
+    def forward():
+        functional.reset_net(node)
+        return (node(current),)
+
+    def ref():
+        return empf_neuron_ref(current, None, lam.expand(T), theta.expand(T), None, STEP, "bptt")
+
+    def check():
+        s_sj = forward()[0]
+        s_ref, _ = ref()
+        torch.testing.assert_close(s_sj, s_ref, rtol=1e-5, atol=1e-6)
+        (g_sj,) = torch.autograd.grad(forward()[0], (current,), grad)
+        (g_ref,) = torch.autograd.grad(ref()[0], (current,), grad)
+        torch.testing.assert_close(g_sj, g_ref, rtol=1e-5, atol=1e-6)
+        return {"backend": "FlexSN (SpikingJelly picks Triton on CUDA, torch otherwise)"}
+
+    bench_tools.run(
+        benchmark,
+        _with_backward(forward, pass_, (current, lam, theta), grad),
+        check=check,
+        forward=forward,
+        params=(lam, theta),
+        bytes_moved=empf_bytes(T, N, 4, pass_),
+        **_info("empf_neuron", "flexsn", T, pass_, "bptt", torch.float32, None),
+        baseline="spikingjelly FlexSN(EM-PF core, num_states=1, step_mode='m')",
     )

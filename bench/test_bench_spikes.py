@@ -1,45 +1,29 @@
 """Benchmarks of the multi-precision spike ops: reference vs Triton for quantize / encode / decode.
 
-Run: `pytest bench/test_bench_spikes.py --benchmark-json=bench/results/spikes.json`.
-Without CUDA only the reference runs (the Triton cases are skipped; the interpreter is not a
-performance target). `extra_info` records the bytes each call must move and the achieved GB/s
-(median time), so Triton can be compared with the memory bandwidth of the card.
+Run: `pytest bench/test_bench_spikes.py --benchmark-json=spikes.json` (bench/ on its own).
+Timing, checks and CUDA-graph replay come from bench/conftest.py (`bench_tools.run`). Every
+Triton case is compared with the reference (bit-exact: these ops are exact) before it is timed.
+Without CUDA the Triton cases are skipped unless TRITON_INTERPRET=1 (harness check only).
+`extra_info`: op, impl, bits, dtype, n_elements, bytes_moved (read input + write output in their
+stored formats) and GB/s.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BENCH_N, DEVICE, triton_skip_reason
 
 from empf_triton.ops.spikes import decode_spikes, encode_spikes, quantize_spikes
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-N = 1 << 24 if HAS_CUDA else 1 << 20  # elements per call
+# 8 x the neuron benchmarks' elements per step: 2^24 on CUDA by default.
+N = 8 * BENCH_N
 STEP = 0.25
+_SKIP = triton_skip_reason()
 IMPLS = [
     "reference",
-    pytest.param("triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")),
+    pytest.param("triton", marks=pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")),
 ]
-
-
-def _bench(benchmark, fn, n_bytes_moved: int, **info) -> None:
-    def timed():
-        out = fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.pedantic(timed, rounds=30 if HAS_CUDA else 5, warmup_rounds=3, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu",
-        torch=torch.__version__,
-        n_elements=N,
-        bytes_moved=n_bytes_moved,
-        gbps=n_bytes_moved / median / 1e9,
-        **info,
-    )
 
 
 def _spikes(bits: int, dtype=torch.float32) -> torch.Tensor:
@@ -48,49 +32,69 @@ def _spikes(bits: int, dtype=torch.float32) -> torch.Tensor:
     return s.to(dtype).to(DEVICE)
 
 
+def _exact(fn, ref_fn):
+    """A check: the Triton result equals the reference's bit for bit."""
+
+    def check():
+        got, ref = fn(), ref_fn()
+        assert torch.equal(got, ref), "Triton result differs from the reference"
+        return {"max_abs_err_vs_reference": 0.0}
+
+    return check
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_bench_quantize(benchmark, impl, dtype):
+def test_bench_quantize(benchmark, bench_tools, impl, dtype):
     s = _spikes(4, dtype)
     moved = 2 * s.numel() * s.element_size()  # read s, write out
-    _bench(
+    fn = lambda: quantize_spikes(s, 4, STEP, impl=impl)  # noqa: E731
+    bench_tools.run(
         benchmark,
-        lambda: quantize_spikes(s, 4, STEP, impl=impl),
-        moved,
+        fn,
+        check=_exact(fn, lambda: quantize_spikes(s, 4, STEP, impl="reference")),
+        bytes_moved=moved,
         op="quantize",
         impl=impl,
         bits=4,
         dtype=str(dtype),
+        n_elements=N,
     )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bits", [1, 4, 8])
-def test_bench_encode(benchmark, impl, bits):
+def test_bench_encode(benchmark, bench_tools, impl, bits):
     s = _spikes(bits)
     moved = s.numel() * s.element_size() + N * bits // 8
-    _bench(
+    fn = lambda: encode_spikes(s, bits, STEP, impl=impl)  # noqa: E731
+    bench_tools.run(
         benchmark,
-        lambda: encode_spikes(s, bits, STEP, impl=impl),
-        moved,
+        fn,
+        check=_exact(fn, lambda: encode_spikes(s, bits, STEP, impl="reference")),
+        bytes_moved=moved,
         op="encode",
         impl=impl,
         bits=bits,
         dtype="torch.float32",
+        n_elements=N,
     )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bits", [1, 4, 8])
-def test_bench_decode(benchmark, impl, bits):
+def test_bench_decode(benchmark, bench_tools, impl, bits):
     codes = encode_spikes(_spikes(bits), bits, STEP)
     moved = codes.numel() + N * 4
-    _bench(
+    fn = lambda: decode_spikes(codes, bits, STEP, (N,), impl=impl)  # noqa: E731
+    bench_tools.run(
         benchmark,
-        lambda: decode_spikes(codes, bits, STEP, (N,), impl=impl),
-        moved,
+        fn,
+        check=_exact(fn, lambda: decode_spikes(codes, bits, STEP, (N,), impl="reference")),
+        bytes_moved=moved,
         op="decode",
         impl=impl,
         bits=bits,
         dtype="torch.float32",
+        n_elements=N,
     )
