@@ -1,7 +1,8 @@
 """Benchmarks of the binary-weight GEMM: packed Triton kernel vs dense cuBLAS vs the reference.
 
 Run: `pytest bench/test_bench_binary_gemm.py --benchmark-json=results.json` (on its own, not with
-tests/). Works with pytest-benchmark's `benchmark` fixture alone; bench/conftest.py is not needed.
+tests/). Timing, checks and CUDA-graph replay: bench/conftest.py (`bench_tools.run`); every
+case is checked before it is timed (the GEMM per output against a rounding bound).
 
 Cases, all with `extra_info` (device, versions, impl, M, N, K, dtype, bits, weight bytes, bytes
 moved, GB/s and TFLOP/s from the median wall time, the same from GPU-only time on CUDA, and
@@ -18,24 +19,23 @@ moved, GB/s and TFLOP/s from the median wall time, the same from GPU-only time o
   `dense` (Triton binarize + cuBLAS, what `auto` runs above AUTO_PACKED_MAX_M_TRAIN), `reference`,
   `auto`.
 
-Timing: the wall time of one synchronised call (pytest-benchmark's stats; includes Python and
-launch overhead, which dominates at M = 1), and `gpu_time_s`: the mean GPU time of the call
-replayed from a CUDA graph (launch overhead removed), the number to compare with the bandwidth
-bound (`bytes_moved` / the device's memory bandwidth). Byte model: weights read once in their
+Timing (bench/conftest.py): `wall_time_s`, one synchronised call (includes Python and launch
+overhead, which dominates at M = 1); `device_time_s` (CUDA events, L2 flushed); and the call
+replayed from a CUDA graph (`graph_wall_time_s`, `graph_device_time_s`: launch overhead
+removed), the numbers to compare with the bandwidth bound. Byte model: weights read once in their
 stored format (packed: bits/8 B per weight + 4 B scale per row; dense: 2 B per weight), x read,
 out written; `dense`/`reference` also write and re-read the dense weight they build.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import os
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ON_CUDA, triton_skip_reason
 
 from empf_triton.ops.binary import (
     binarize,
@@ -46,96 +46,57 @@ from empf_triton.ops.binary import (
     unpack_weight,
 )
 
-ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if ON_CUDA else "cpu"
-MS = [1, 4, 16, 64, 256, 1024, 4096] if ON_CUDA else [1, 16, 64]
-KN = 4096 if ON_CUDA else 256
+_MS = os.environ.get("EMPF_BENCH_GEMM_M")
+MS = [int(m) for m in _MS.split(",")] if _MS else [1, 4, 16, 64, 256, 1024, 4096] if ON_CUDA else [
+    1,
+    16,
+    64,
+]
+KN = int(os.environ.get("EMPF_BENCH_GEMM_KN", 4096 if ON_CUDA else 256))
 DTYPE = torch.float16 if ON_CUDA else torch.float32
-TRITON_SKIP = "the packed Triton kernels are timed on CUDA only (the interpreter is no target)"
+TRITON_SKIP = triton_skip_reason()
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _gemm_check(fn, x: torch.Tensor, w: torch.Tensor):
+    """Before timing: out = x @ w^T against an fp64 product of the same operands, per output
+    within γ_K·Σ|x||w| (fp32 accumulation in any order, γ_K = K·u/(1 - K·u), u = 2^-24) plus two
+    roundings of the output dtype (the output itself, and α applied after the sum rather than
+    folded into a rounded dense weight). A wrong kernel is off by O(|out|), far outside."""
+
+    def check():
+        got = fn().double()
+        xd, wd = x.double(), w.double()
+        ref = xd @ wd.t()
+        K = x.shape[-1]
+        u = 2.0**-24
+        gamma = K * u / (1 - K * u)
+        s = xd.abs() @ wd.abs().t()
+        u_out = torch.finfo(DTYPE).eps / 2
+        bound = gamma * s + 2 * u_out * (ref.abs() + gamma * s) + torch.finfo(DTYPE).tiny
+        excess = ((got - ref).abs() - bound).max().item()
+        assert excess <= 0, f"result exceeds the rounding bound by {excess:.3g}"
+        return {"max_abs_err_vs_fp64": (got - ref).abs().max().item()}
+
+    return check
 
 
-def _env() -> dict:
-    info = {
-        "device": torch.cuda.get_device_name() if ON_CUDA else f"cpu: {platform.processor()}",
-        "device_type": DEVICE,
-        "torch": torch.__version__,
-        "triton": _version("triton") or _version("pytorch-triton"),
-        "cuda": torch.version.cuda,
-        "autotune": os.environ.get("EMPF_AUTOTUNE", "1"),
-    }
-    if ON_CUDA:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info["sm_count"] = props.multi_processor_count
-    return info
+def _train_check(fn, ref_fn):
+    """Before timing: the gradients against the eager reference's, relative to their largest
+    magnitude (1e-2 for fp16 data, 1e-4 for fp32). A sanity check that catches a wrong kernel;
+    the rounding audit of these kernels is in tests/test_binary.py."""
 
+    def check():
+        worst = 0.0
+        for a, b in zip(fn(), ref_fn()):
+            a, b = a.double(), b.double()
+            scale = max(b.abs().max().item(), 1e-30) if b.numel() else 1.0
+            worst = max(worst, (a - b).abs().max().item() / scale if b.numel() else 0.0)
+        limit = 1e-2 if DTYPE != torch.float32 else 1e-4
+        assert worst <= limit, f"gradients differ from the reference: rel. error {worst:.3g}"
+        return {"rel_err_vs_reference": worst}
 
-def _sync() -> None:
-    if ON_CUDA:
-        torch.cuda.synchronize()
-
-
-def _gpu_time(fn, reps: int = 50) -> float | None:
-    """Mean GPU seconds per call of `fn` replayed from a CUDA graph (events if capture fails)."""
-    if not ON_CUDA:
-        return None
-    fn()
-    _sync()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        _sync()
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-    except RuntimeError:
-        _sync()
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-    _sync()
-    return start.elapsed_time(end) / 1e3 / reps
-
-
-def _run(benchmark, fn, *, bytes_moved: int, flops: int, **info) -> None:
-    def timed():
-        fn()
-        _sync()
-
-    for _ in range(3):  # compile + autotune outside the timing
-        timed()
-    benchmark.pedantic(timed, rounds=30 if ON_CUDA else 5, warmup_rounds=2, iterations=1)
-    median = benchmark.stats.stats.median
-    extra = _env()
-    extra.update(info)
-    extra.update(
-        time_median_s=median,
-        bytes_moved=int(bytes_moved),
-        gbps=bytes_moved / median / 1e9,
-        flops=int(flops),
-        tflops=flops / median / 1e12,
-    )
-    gpu = _gpu_time(fn)
-    if gpu is not None:
-        extra.update(gpu_time_s=gpu, gbps_gpu=bytes_moved / gpu / 1e9)
-        extra["tflops_gpu"] = flops / gpu / 1e12
-    benchmark.extra_info.update(extra)
+    return check
 
 
 def _packed_bytes(N: int, K: int, bits: int) -> int:
@@ -147,8 +108,8 @@ GEMM_IMPLS = ["triton", "cublas", "dense", "reference", "auto"]
 
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("impl", GEMM_IMPLS)
-def test_bench_binary_gemm(benchmark, impl, M):
-    if impl in ("triton", "dense") and not ON_CUDA:
+def test_bench_binary_gemm(benchmark, bench_tools, impl, M):
+    if impl in ("triton", "dense") and TRITON_SKIP:
         pytest.skip(TRITON_SKIP)
     N = K = KN
     bits = 1
@@ -175,9 +136,11 @@ def test_bench_binary_gemm(benchmark, impl, M):
         weight_b = packed_b
         moved = packed_b + io + (2 * dense_b if runs != "triton" else 0)
 
-    _run(
+    w_exact = unpack_weight(packed, torch.float32, impl="reference")
+    bench_tools.run(
         benchmark,
         fn,
+        check=_gemm_check(fn, x, w_exact),
         bytes_moved=moved,
         flops=2 * M * N * K,
         op="binary_gemm",
@@ -200,8 +163,8 @@ TRAIN_IMPLS = ["triton", "dense", "reference", "auto"]
 
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("impl", TRAIN_IMPLS)
-def test_bench_binary_linear_train(benchmark, impl, M):
-    if impl in ("triton", "dense") and not ON_CUDA:
+def test_bench_binary_linear_train(benchmark, bench_tools, impl, M):
+    if impl in ("triton", "dense") and TRITON_SKIP:
         pytest.skip(TRITON_SKIP)
     N = K = KN
     torch.manual_seed(0)
@@ -227,9 +190,13 @@ def test_bench_binary_linear_train(benchmark, impl, M):
     # fwd: W fp32 read (quantise/pack), x read, out written; bwd: g, x read, grad_x, grad_W
     # written; the packed path re-reads packed words, the dense one its dense copy.
     moved = N * K * 4 + 2 * M * K * ds + 2 * M * N * ds + M * K * ds + N * K * 4
-    _run(
+    def reference():
+        return torch.autograd.grad(binary_linear(x, w, b, bits=1, impl="reference"), (x, w, b), g)
+
+    bench_tools.run(
         benchmark,
         fn,
+        check=_train_check(fn, reference),
         bytes_moved=moved,
         flops=3 * 2 * M * N * K,
         op="binary_linear_train",
