@@ -60,7 +60,7 @@ TRITON_SKIP = triton_skip_reason()
 
 def _gemm_check(fn, x: torch.Tensor, w: torch.Tensor):
     """Before timing: out = x @ w^T against an fp64 product of the same operands, per output
-    within γ_K·Σ|x||w| (fp32 accumulation in any order, γ_K = K·u/(1 - K·u), u = 2^-24) plus two
+    within γ_K·Σ|x||w| (fp32 accumulation, any order; γ_K = K·u/(1 - K·u), u = 2^-24) plus two
     roundings of the output dtype (the output itself, and α applied after the sum rather than
     folded into a rounded dense weight). A wrong kernel is off by O(|out|), far outside."""
 

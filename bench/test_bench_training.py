@@ -19,7 +19,8 @@ which is the training memory that grows with T in BPTT and must not in online tr
 also `cuda_peak_bytes` (peak allocated above the model and optimizer state) and
 `cuda_total_peak_bytes` (everything allocated, model and optimizer included: like for like with
 the paper's 1.68 GB). Timing: bench/conftest.py's harness (wall time; device time on CUDA; no CUDA
-graph, a batch runs the optimizer). `impl` is "auto" (`impl_resolved`: what it ran). Targets recorded in
+graph, a batch runs the optimizer). `impl` is "auto" (`impl_resolved`: what it ran).
+Targets recorded in
 `extra_info["targets"]` and checked by the non-timed tests at the end: online memory at T=32
 within 10% of T=1, BPTT growing about linearly; on CUDA a CIFAR ResNet-18 step at batch 64, T=4
 under the paper's 1.68 GB.
