@@ -7,7 +7,17 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close_to_oracle, import_spikingjelly
+from helpers import (
+    DEVICE,
+    DTYPES,
+    HALF_DTYPES,
+    assert_close_to_oracle,
+    assert_half_matches_fp32_oracle,
+    carry_forward,
+    import_spikingjelly,
+    lif_decision_distance,
+    near_boundary,
+)
 
 import empf_triton.ops._common as common
 import empf_triton.reference.lif as ref_lif
@@ -67,6 +77,14 @@ def _compare(device, dtype, T, N, seed=0, **kw):
         assert torch.equal(kern["v_last"], ref["v_last"])
     if kw.get("grad_mode") == "online":
         assert kern["d_v0"] is None and ref["d_v0"] is None
+    if dtype in HALF_DTYPES:
+        # fp32-compute oracle: spikes flip only near θ (and the neuron's later steps with them).
+        c32, v32, g32, gv32 = (x.float() for x in (cur, v0, g, gv))
+        o32 = _run("reference", torch.float32, c32, v32, decay, th, g32, gv32, **kw)
+        dist, m = lif_decision_distance(c32, v32 if kw.get("use_v0", True) else None, decay, th)
+        may_flip = carry_forward(near_boundary(dist, m, dtype))
+        assert_half_matches_fp32_oracle("spikes", kern["spikes"], o32["spikes"], may_flip)
+        assert_half_matches_fp32_oracle("v_last", kern["v_last"], o32["v_last"], may_flip[-1])
     return kern
 
 
@@ -415,7 +433,7 @@ def test_empty_features(device):
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("detach_reset", [False, True])
 @pytest.mark.parametrize("surrogate", ["sigmoid", "atan"])
-def test_matches_spikingjelly(impl, surrogate, detach_reset):
+def test_matches_spikingjelly(device, impl, surrogate, detach_reset):
     sj = import_spikingjelly()
     from spikingjelly.activation_based import neuron as sj_neuron
     from spikingjelly.activation_based import surrogate as sj_surrogate
@@ -424,8 +442,8 @@ def test_matches_spikingjelly(impl, surrogate, detach_reset):
     del sj
     gen = torch.Generator().manual_seed(7)
     for tau, v_th in ((2.0, 1.0), (5.0, 0.6)):
-        x = torch.randn(6, 4, 33, generator=gen) * 0.8 + 0.5
-        g = torch.randn(6, 4, 33, generator=gen)
+        x = (torch.randn(6, 4, 33, generator=gen) * 0.8 + 0.5).to(device)
+        g = torch.randn(6, 4, 33, generator=gen).to(device)
         node = sj_neuron.LIFNode(
             tau=tau,
             decay_input=False,
@@ -503,14 +521,22 @@ KW = {"decay": 0.5, "threshold": 0.5}
         ),
         (lambda: lif_neuron(torch.randn(3, 4), grad_mode="stbp", **KW), ValueError, "grad_mode"),
         (lambda: lif_neuron(torch.randn(3, 4), impl="cuda", **KW), ValueError, "impl"),
-        (lambda: lif_neuron(torch.randint(0, 3, (3, 4)), impl="triton", **KW), TypeError, "dtype"),
+        (
+            lambda: lif_neuron(
+                torch.randint(0, 3, (3, 4), device=DEVICE), impl="triton", **KW
+            ),
+            TypeError,
+            "dtype",
+        ),
         (
             lambda: lif_neuron(torch.randint(0, 3, (3, 4)), impl="reference", **KW),
             TypeError,
             "dtype",
         ),
         (
-            lambda: lif_neuron(torch.randn(3, 4, dtype=torch.float64), impl="triton", **KW),
+            lambda: lif_neuron(
+                torch.randn(3, 4, dtype=torch.float64, device=DEVICE), impl="triton", **KW
+            ),
             TypeError,
             "float64",
         ),

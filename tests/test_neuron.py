@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close_to_oracle
+from helpers import (
+    DEVICE,
+    DTYPES,
+    HALF_DTYPES,
+    assert_close_to_oracle,
+    assert_half_matches_fp32_oracle,
+    empf_decision_distance,
+    near_boundary,
+)
 
 import empf_triton.ops._common as common
 from empf_triton.ops.neuron import empf_neuron, empf_neuron_step, parallel_neuron
@@ -81,6 +89,19 @@ def test_empf_neuron_matches_reference(device, dtype, T, bits, grad_mode):
         _check_against_oracle(kern, ref, oracle, dtype)
         if grad_mode == "online":
             assert kern["d_v0"] is None and ref["d_v0"] is None
+        if dtype in HALF_DTYPES:
+            _check_half_forward(kern, dtype, cur, v0, decay, th, g, gv, bits, grad_mode)
+
+
+def _check_half_forward(kern, dtype, cur, v0, decay, th, g, gv, bits, grad_mode):
+    """Spikes and v_last of a half-precision run against the fp32-compute oracle: one half
+    rounding everywhere, flips only next to a decision boundary."""
+    c32, v32, g32, gv32 = (x.to(dtype).float() for x in (cur, v0, g, gv))
+    o32 = _run_multi("reference", torch.float32, c32, v32, decay, th, g32, gv32, bits, grad_mode)
+    dist, m = empf_decision_distance(c32, v32, decay, th, bits)
+    may_flip = near_boundary(dist, m, dtype)
+    assert_half_matches_fp32_oracle("spikes", kern["spikes"], o32["spikes"], may_flip)
+    assert_half_matches_fp32_oracle("v_last", kern["v_last"], o32["v_last"], may_flip[-1])
 
 
 @pytest.mark.parametrize("grad_mode", ["online", "bptt"])
@@ -265,6 +286,12 @@ def test_parallel_neuron_matches_reference(device, dtype, T, bits):
             )
         if dtype == torch.float32:
             assert torch.equal(res["triton"]["spikes"], res["reference"]["spikes"])
+        else:  # stateless: m = I, so the EM-PF distances with λ = 0
+            c32 = cur.to(dtype).float()
+            o32 = parallel_neuron(c32, threshold=th.float(), spike_bits=bits, impl="reference")
+            dist, m = empf_decision_distance(c32, None, torch.zeros(T), th, bits)
+            may_flip = near_boundary(dist, m, dtype)
+            assert_half_matches_fp32_oracle("spikes", res["triton"]["spikes"], o32, may_flip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,14 +427,22 @@ KW = {"decay": 0.5, "threshold": 0.5}
         ),
         (lambda: empf_neuron(torch.randn(3, 4), grad_mode="stbp", **KW), ValueError, "grad_mode"),
         (lambda: empf_neuron(torch.randn(3, 4), impl="cuda", **KW), ValueError, "impl"),
-        (lambda: empf_neuron(torch.randint(0, 3, (3, 4)), impl="triton", **KW), TypeError, "dtype"),
+        (
+            lambda: empf_neuron(
+                torch.randint(0, 3, (3, 4), device=DEVICE), impl="triton", **KW
+            ),
+            TypeError,
+            "dtype",
+        ),
         (
             lambda: empf_neuron(torch.randint(0, 3, (3, 4)), impl="reference", **KW),
             TypeError,
             "dtype",
         ),
         (
-            lambda: empf_neuron(torch.randn(3, 4, dtype=torch.float64), impl="triton", **KW),
+            lambda: empf_neuron(
+                torch.randn(3, 4, dtype=torch.float64, device=DEVICE), impl="triton", **KW
+            ),
             TypeError,
             "float64",
         ),
