@@ -22,6 +22,11 @@ import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# fp32 comparisons are against fp32/fp64 oracles: cuBLAS/cuDNN must not silently use TF32 (10-bit
+# mantissa products) in the references and oracles the kernels are compared with.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -100,7 +100,10 @@ def _free_port() -> int:
 
 
 def _torchrun(args, cwd, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # Keep the caller's PYTHONPATH first (a GPU run puts wheels and the package there) and add
+    # the checkout after it, instead of replacing it.
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
     env.pop("EMPF_DEBUG", None)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -157,6 +160,8 @@ def test_torchrun_cli_train(tmp_path):
         [
             "-m", "empf_triton.cli", "train", "--dataset", "digits", "--epochs", "1", "--T", "2",
             "--batch-size", "64", "--out", str(out), "--no-progress",
+            # 2 ranks on CPU/gloo: on a one-GPU machine "auto" would make rank 1 select cuda:1
+            "--device", "cpu",
         ],
         cwd=tmp_path,
     )  # fmt: skip

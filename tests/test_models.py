@@ -92,7 +92,7 @@ def test_step_mode_equals_multi_step(name, in_shape, opts, grad_mode):
     out_m, gx_m, gp_m = _run(model, x, g, "m")
     out_s, gx_s, gp_s = _run(model, x, g, "s")
     assert out_m.shape == (T, N, 5)
-    assert (out_m[:, 0] - out_m[:, 1]).abs().max() > 1e-3 and gx_m.abs().min() >= 0
+    assert (out_m[:, 0] - out_m[:, 1]).abs().max() > 1e-3 and torch.isfinite(gx_m).all()
     assert (gx_m != 0).float().mean() > 0.2
     torch.testing.assert_close(out_s, out_m, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(gx_s, gx_m, rtol=1e-9, atol=1e-10)
