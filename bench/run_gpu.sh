@@ -1,184 +1,244 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks in one go, for a machine with CUDA (an H100/H200: under 8 minutes).
+# GPU checks and benchmarks in one go, ordered by value, for a machine lent for a few minutes.
 #
-#   bash bench/run_gpu.sh [RESULTS_DIR]
+#   EMPF_COMMIT=<id> EMPF_RESULTS_TAR=$OUT/results.tar.gz bash bench/run_gpu.sh [RESULTS_DIR]
+#   bash bench/run_gpu.sh --dry-run [RESULTS_DIR]     # CPU rehearsal: tiny sizes, interpreter
 #
-# Writes into RESULTS_DIR (default bench/results/<device>-<UTC date>/): env.txt (nvidia-smi,
-# versions), one log per stage, stages.tsv (stage, exit code, seconds), tests.xml (JUnit),
-# bench_*.json (pytest-benchmark format) and the report (PNGs, summary.md, summary.csv).
-# Every stage runs under `timeout` and the script goes on when one fails; it exits 1 if any
-# stage failed. Kernels are compiled (TRITON_INTERPRET is unset). Nothing is installed: the
-# package is imported from this checkout through a PYTHONPATH shim that maps kernels/ to
-# empf_triton.kernels as the wheel does.
+# Stages (limit in seconds; the sum stays under 8 minutes, and a stage never gets more than what
+# is left of EMPF_GPU_BUDGET_S):
+#   env 10            nvidia-smi, versions, commit, installed wheels
+#   tests 55          the test suite on the GPU, one pinned config per kernel (EMPF_AUTOTUNE=0),
+#                     xdist when installed; JUnit XML
+#   autotune 50       tests/test_autotune_configs.py with EMPF_AUTOTUNE=1: every config of every
+#                     autotuner run on its own against the reference
+#   bench_neuron 80   copy bandwidth, empf_neuron, empf_neuron_step, parallel, LIF (autotuned)
+#   bench_gemm 40     binary GEMM vs cuBLAS (eager and CUDA graph)
+#   bench_compile 50  torch.compile(reference) at every T (fp32, fwd+bwd, online)
+#   bench_baselines 25  SpikingJelly LIF and FlexSN (skipped, with the reason, when not installed)
+#   bench_spikes 15, bench_overhead 25, bench_training 45, bench_deploy 25, bench_binary_conv 25
+#                     (a file that does not exist is skipped with a note)
+#   report 20         bench/report.py: plots, summary.md (pass/fail per target), README table
+# Every stage runs under `timeout -s INT`: pytest stops as after Ctrl-C and pytest-benchmark still
+# writes the cases it finished. After EVERY stage the stage table and logs are updated and the
+# tarball ($EMPF_RESULTS_TAR) is rewritten, so a run cut short still returns what it measured.
 #
-# Environment: PYTHON (default python3); EMPF_COMMIT (commit id to record when the tree has no
-# .git); EMPF_GPU_BUDGET_S (default 465: later stages get only what is left of it);
-# EMPF_RESULTS_TAR (also pack the results folder into this .tar.gz, e.g. for a remote runner
-# that returns only a few files); EMPF_GPU_TESTS (test paths, default "tests"); EMPF_BENCH_*
-# (see bench/conftest.py). EMPF_GPU_ALLOW_CPU=1 lets the script run without CUDA, only to try
-# the script itself (with small EMPF_BENCH_N / EMPF_BENCH_T and EMPF_GPU_TESTS).
+# Install: nothing from the network. Wheels brought in wheels/ (bench/fetch_wheels.sh fills it on
+# a networked machine; the device tool's `carry` sends it) are installed with
+# `pip install --no-index --no-deps --target "$WHEEL_DIR"`, and "$ROOT:$WHEEL_DIR" goes on
+# PYTHONPATH with empf_triton/kernels linked to ../kernels (as the wheel installs it).
+#
+# Environment: PYTHON (default python3); EMPF_COMMIT (commit id to record; the copied tree has no
+# .git); EMPF_RESULTS_TAR (tarball to refresh after every stage); EMPF_GPU_BUDGET_S (default 460);
+# EMPF_GPU_XDIST (xdist workers for the tests, default 14); EMPF_BENCH_* (see bench/conftest.py).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 T_START=$SECONDS
-BUDGET=${EMPF_GPU_BUDGET_S:-465}
-REPORT_RESERVE=30
 
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then
+    DRY=1
+    shift
+fi
+
 if [ -z "${EMPF_COMMIT:-}" ]; then
     EMPF_COMMIT=$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-    if [ "$EMPF_COMMIT" != unknown ] && [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
-        EMPF_COMMIT="$EMPF_COMMIT+dirty"
-    fi
 fi
 export EMPF_COMMIT
+export PYTHONUNBUFFERED=1
 
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name())" | tr -c 'A-Za-z0-9._\n-' '-')
-elif [ "${EMPF_GPU_ALLOW_CPU:-0}" = 1 ]; then
-    DEVICE=cpu
+if [ "$DRY" = 1 ]; then
+    # Same code paths on a CPU: kernels in the interpreter, tiny sizes, JSON, tarball, report.
+    export TRITON_INTERPRET=1 EMPF_BENCH_DEVICE=cpu EMPF_BENCH_N=${EMPF_BENCH_N:-1024}
+    export EMPF_BENCH_T=${EMPF_BENCH_T:-1,4} EMPF_BENCH_TARGET_S=${EMPF_BENCH_TARGET_S:-0.001}
+    export EMPF_BENCH_GEMM_KN=${EMPF_BENCH_GEMM_KN:-64} EMPF_BENCH_GEMM_M=${EMPF_BENCH_GEMM_M:-1,16}
+    export EMPF_BENCH_COMPILE_T=${EMPF_BENCH_COMPILE_T:-none}
+    DEVICE=cpu-dryrun
+    BUDGET=${EMPF_GPU_BUDGET_S:-175}
+    # .ci/run has just run the whole suite on the CPU: here only the stages' code paths.
+    TEST_SELECT=(tests/test_nan_gradients.py)
+    AUTOTUNE_SELECT=(tests/test_autotune_configs.py -k "gpu")
 else
-    echo "run_gpu.sh: torch sees no CUDA device; this script is for GPU machines" >&2
-    exit 2
+    unset TRITON_INTERPRET
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        echo "run_gpu.sh: torch sees no CUDA device (use --dry-run to rehearse on a CPU)" >&2
+        exit 2
+    fi
+    DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name())" | tr -c 'A-Za-z0-9._\n-' '-')
+    BUDGET=${EMPF_GPU_BUDGET_S:-460}
+    # the issue's neuron targets are stated at N = 2^22 elements per step
+    export EMPF_BENCH_N=${EMPF_BENCH_N:-4194304}
+    TEST_SELECT=(tests --ignore=tests/test_autotune_configs.py --ignore=tests/test_gpu_compile.py
+        --deselect tests/test_packaging.py::test_wheel_contains_kernels_and_every_subpackage)
+    AUTOTUNE_SELECT=(tests/test_autotune_configs.py)
 fi
-RESULTS=${1:-bench/results/${DEVICE}-$(date -u +%Y%m%d-%H%M)}
+
+if [ "$DRY" = 1 ] && [ -z "${1:-}" ]; then
+    RESULTS=$(mktemp -d)/dryrun
+else
+    RESULTS=${1:-bench/results/${DEVICE}-$(date -u +%Y%m%d-%H%M)}
+fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
+if [ -z "${EMPF_RESULTS_TAR:-}" ] && [ "$DRY" = 1 ]; then
+    EMPF_RESULTS_TAR=$RESULTS.tar.gz
+fi
 LOG="$RESULTS/run.log"
-printf 'stage\texit\tseconds\tlimit\n' >"$RESULTS/stages.tsv"
+printf 'stage\texit\tseconds\tlimit\tnote\n' >"$RESULTS/stages.tsv"
 FAILED=0
+REPORT_RESERVE=30
 
 log() { echo "$*" | tee -a "$LOG"; }
 
-# Import the package from this checkout without installing it: a folder whose empf_triton/ links
-# every entry of ./empf_triton plus kernels/ as empf_triton/kernels.
-SHIM=$(mktemp -d)
-trap 'rm -rf "$SHIM"' EXIT
-mkdir -p "$SHIM/empf_triton"
-for entry in "$ROOT"/empf_triton/*; do
-    ln -s "$entry" "$SHIM/empf_triton/$(basename "$entry")"
-done
-ln -s "$ROOT/kernels" "$SHIM/empf_triton/kernels"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+pack() {  # refresh the tarball (after every stage): a cut-short run still returns its results
+    [ -n "${EMPF_RESULTS_TAR:-}" ] || return 0
+    mkdir -p "$(dirname "$EMPF_RESULTS_TAR")"
+    tar -czf "$EMPF_RESULTS_TAR.tmp" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" \
+        && mv -f "$EMPF_RESULTS_TAR.tmp" "$EMPF_RESULTS_TAR"
+}
+
+# --- the package from this checkout, wheels from wheels/ (no network, no index).
+if [ ! -e "$ROOT/empf_triton/kernels" ]; then
+    ln -s ../kernels "$ROOT/empf_triton/kernels"
+fi
+WHEEL_DIR=$(mktemp -d)/site
+trap 'rm -rf "$(dirname "$WHEEL_DIR")"' EXIT
+mkdir -p "$WHEEL_DIR"
+WHEEL_NOTE="no wheels/ folder: SpikingJelly/mnist1d baselines are skipped where missing"
+if compgen -G "$ROOT/wheels/*.whl" >/dev/null; then
+    if "$PY" -m pip install -q --no-index --no-deps --target "$WHEEL_DIR" "$ROOT"/wheels/*.whl \
+        >"$RESULTS/wheels.log" 2>&1; then
+        WHEEL_NOTE="installed: $(cd "$ROOT/wheels" && ls -- *.whl | tr '\n' ' ')"
+    else
+        WHEEL_NOTE="pip install of wheels/ FAILED (see wheels.log)"
+    fi
+fi
+export PYTHONPATH="$ROOT:$WHEEL_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
 has_module() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
-# stage NAME LIMIT_S CMD...: run CMD under timeout (clamped to the budget left), log to NAME.log.
+# stage NAME LIMIT_S CMD...: run CMD under `timeout -s INT` (clamped to the budget left),
+# log to NAME.log, record it in stages.tsv, refresh the tarball.
 stage() {
     local name=$1 limit=$2
     shift 2
+    # the report keeps REPORT_RESERVE seconds that no earlier stage may take
     local left=$((BUDGET - REPORT_RESERVE - (SECONDS - T_START)))
     [ "$name" = report ] && left=$((BUDGET - (SECONDS - T_START)))
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
-    if [ "$limit" -lt 10 ]; then
+    if [ "$limit" -lt 5 ]; then
         log "== $name: skipped (budget spent)"
-        printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >>"$RESULTS/stages.tsv"
+        printf '%s\tskipped\t0\t%s\tbudget spent\n' "$name" "$limit" >>"$RESULTS/stages.tsv"
         FAILED=1
+        pack
         return 0
     fi
     log "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout -k 10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+    timeout -s INT -k 15 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
     local rc=$?
-    local dt=$((SECONDS - t0))
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$dt" "$limit" >>"$RESULTS/stages.tsv"
-    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && log "   TIMED OUT"
-    log "   exit $rc after ${dt}s; last lines:"
-    tail -n 4 "$RESULTS/$name.log" | sed 's/^/   | /' | tee -a "$LOG"
-    [ "$rc" -eq 0 ] || FAILED=1
+    local dt=$((SECONDS - t0)) note=""
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] || [ "$rc" -eq 130 ]; then note="timed out"; fi
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$dt" "$limit" "$note" >>"$RESULTS/stages.tsv"
+    log "   exit $rc after ${dt}s ${note}; last lines:"
+    tail -n 3 "$RESULTS/$name.log" | sed 's/^/   | /' | tee -a "$LOG"
+    # exit 5 = no tests collected (a -k that selects nothing here), not a failure of the code
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then FAILED=1; fi
+    pack
     return 0
 }
 
-env_info() {  # runs in its own bash under `timeout` (exported with export -f)
+note_missing() {  # a stage whose file does not exist (yet): recorded, not failed
+    log "== $1: skipped, $2 does not exist"
+    printf '%s\tmissing\t0\t0\t%s does not exist\n' "$1" "$2" >>"$RESULTS/stages.tsv"
+}
+
+env_info() {
     echo "date (UTC): $(date -u +%FT%TZ)"
     echo "commit: $EMPF_COMMIT"
+    echo "dry run: $DRY"
+    echo "wheels: $WHEEL_NOTE"
     echo "host: $(uname -a)"
-    echo
-    nvidia-smi 2>&1 || echo "nvidia-smi failed"
-    echo
+    nvidia-smi 2>&1 | head -n 20 || echo "nvidia-smi: not available"
     "$PY" - <<'EOF'
 import importlib.metadata as md
 import os, sys
 import torch
-print("python", sys.version.split()[0], sys.executable)
-print("torch", torch.__version__, "cuda", torch.version.cuda)
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
-    print("device", torch.cuda.get_device_name(), f"sm_{p.major}{p.minor}",
-          p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
-for dist in ("triton", "numpy", "pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout",
-             "matplotlib"):
+    print("device", torch.cuda.get_device_name(), f"sm_{p.major}{p.minor}", p.multi_processor_count,
+          "SMs", round(p.total_memory / 2**30, 1), "GiB")
+for dist in ("triton", "numpy", "pytest", "pytest-benchmark", "pytest-xdist", "matplotlib",
+             "spikingjelly", "loguru", "mnist1d", "safetensors"):
     try:
         print(dist, md.version(dist))
     except md.PackageNotFoundError:
         print(dist, "MISSING")
-print("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET"), "PYTHONPATH",
-      os.environ.get("PYTHONPATH"))
+print("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET"), "PYTHONPATH", os.environ.get("PYTHONPATH"))
 import empf_triton, empf_triton.kernels
-print("empf_triton", empf_triton.__file__, "kernels", empf_triton.kernels.__path__)
+print("empf_triton", empf_triton.__file__, "kernels", list(empf_triton.kernels.__path__))
 EOF
 }
-
-log "run_gpu.sh on $DEVICE, commit $EMPF_COMMIT, results in $RESULTS"
 export -f env_info
-export PY
-stage env 60 bash -c env_info
-cp "$RESULTS/env.log" "$RESULTS/env.txt" 2>/dev/null
+export PY DRY WHEEL_NOTE
 
-# --- tests on the GPU: the whole suite, kernels compiled (the `device` fixture is "cuda").
-# One pinned config per kernel (EMPF_AUTOTUNE=0) keeps compile time down; the benchmarks below
-# autotune and check every Triton case against the eager reference before timing it.
-# Left out: the sm_90 cross-compile test (this machine compiles for real) and the wheel build
-# (needs the network for build isolation); both run in CPU CI.
-read -r -a TEST_PATHS <<<"${EMPF_GPU_TESTS:-tests}"
-TEST_ARGS=("${TEST_PATHS[@]}" -q -ra -p no:cacheprovider --junitxml="$RESULTS/tests.xml"
-    --ignore=tests/test_gpu_compile.py
-    --deselect tests/test_packaging.py::test_wheel_contains_kernels_and_every_subpackage)
-has_module xdist && TEST_ARGS+=(-n 8)
-has_module pytest_timeout && TEST_ARGS+=(--timeout=120)
-stage tests 150 env EMPF_AUTOTUNE=0 "$PY" -m pytest "${TEST_ARGS[@]}"
+log "run_gpu.sh on $DEVICE, commit $EMPF_COMMIT, results in $RESULTS, budget ${BUDGET}s"
+stage env 10 bash -c env_info
 
-# --- benchmarks: real kernels, autotuned, outputs not poisoned. One pytest call (and JSON) per
-# op, most important first, so a timeout loses one file and the budget squeezes the least useful.
+# --- 1. tests: compiled kernels on the GPU, one pinned config, spread over xdist workers.
+XDIST=()
+if has_module xdist && [ "$DRY" = 0 ]; then  # 2 CPU cores: xdist start-up would cost more
+    XDIST=(-n "${EMPF_GPU_XDIST:-14}")
+fi
+stage tests 55 env EMPF_AUTOTUNE=0 "$PY" -m pytest "${TEST_SELECT[@]}" -q -ra -p no:cacheprovider \
+    "${XDIST[@]}" --junitxml="$RESULTS/tests.xml"
+# --- 2. every autotune config on its own (needs the full config lists: EMPF_AUTOTUNE=1).
+stage autotune 50 env EMPF_AUTOTUNE=1 "$PY" -m pytest "${AUTOTUNE_SELECT[@]}" -q -ra \
+    -p no:cacheprovider "${XDIST[@]}" --junitxml="$RESULTS/autotune.xml"
+
+# --- 3. benchmarks: autotuned kernels, outputs not poisoned, one JSON per stage.
 export EMPF_AUTOTUNE=${EMPF_AUTOTUNE_BENCH:-1} EMPF_POISON_EMPTY=0
+[ "$DRY" = 1 ] && export EMPF_AUTOTUNE=0
 export EMPF_BENCH_TARGET_S=${EMPF_BENCH_TARGET_S:-0.1}
-BENCH_ARGS=(-q -p no:cacheprovider -p no:xdist)
+BENCH_ARGS=(-q -p no:cacheprovider -p no:xdist -rs)
 if ! has_module pytest_benchmark; then
-    log "pytest-benchmark missing: using bench/conftest.py's fallback runner (same JSON shape)"
+    log "pytest-benchmark missing: bench/conftest.py's fallback runner writes the same JSON"
     export EMPF_BENCH_FALLBACK=1
 fi
-has_module pytest_timeout && BENCH_ARGS+=(--timeout=240)
-NB=bench/test_bench_neuron.py
 
-# bench NAME LIMIT_S PYTEST_ARGS...: one benchmark stage writing RESULTS/bench_NAME.json
+# bench NAME LIMIT FILE [PYTEST ARGS...]: one benchmark stage writing RESULTS/bench_NAME.json
 bench() {
-    local name=$1 limit=$2
-    shift 2
-    stage "bench_$name" "$limit" "$PY" -m pytest "$@" "${BENCH_ARGS[@]}" \
+    local name=$1 limit=$2 file=$3
+    shift 3
+    if [ ! -f "$file" ]; then
+        note_missing "bench_$name" "$file"
+        return 0
+    fi
+    stage "bench_$name" "$limit" "$PY" -m pytest "$file" "$@" "${BENCH_ARGS[@]}" \
         --benchmark-json="$RESULTS/bench_$name.json"
 }
 
-bench empf 120 "$NB::test_bench_copy_bandwidth" "$NB::test_bench_empf_neuron" -k "not compile"
-bench step 60 "$NB::test_bench_empf_neuron_step" -k "not compile"
-bench lif 70 "$NB::test_bench_lif_neuron" -k "not compile"
-bench parallel 45 "$NB::test_bench_parallel_neuron" -k "not compile"
-bench spikes 40 bench/test_bench_spikes.py
-[ -f bench/test_bench_binary_gemm.py ] && bench binary_gemm 60 bench/test_bench_binary_gemm.py
-# torch.compile(reference) at the two summary T only (inductor compiles each shape for seconds),
-# fp32 float spikes; the fused multi-step op first.
-export EMPF_BENCH_COMPILE_T=${EMPF_BENCH_COMPILE_T:-4,32}
-bench compile_empf 100 "$NB::test_bench_empf_neuron" -k "compile and fp32-float"
-bench compile_other 80 "$NB::test_bench_empf_neuron_step" "$NB::test_bench_lif_neuron" \
-    "$NB::test_bench_parallel_neuron" -k "compile"
+NB=bench/test_bench_neuron.py
+bench neuron 80 "$NB" -k "(copy or empf or parallel or lif) and not compile and not sj_"
+bench gemm 40 bench/test_bench_binary_gemm.py
+EMPF_BENCH_COMPILE_T=${EMPF_BENCH_COMPILE_T:-all} bench compile 50 "$NB" \
+    -k "compile and fwd+bwd and online and fp32-float and empf_neuron and not step"
+bench baselines 25 "$NB" -k "sj_"
+bench spikes 15 bench/test_bench_spikes.py
+bench overhead 25 bench/test_bench_overhead.py
+bench training 45 bench/test_bench_training.py
+bench deploy 25 bench/test_bench_deploy.py
+bench binary_conv 25 bench/test_bench_binary_conv.py
 
-# --- report from whatever JSON exists.
+# --- 4. report from whatever JSON exists.
 JSONS=()
 for f in "$RESULTS"/bench_*.json; do [ -s "$f" ] && JSONS+=("$f"); done
 if [ "${#JSONS[@]}" -gt 0 ]; then
-    stage report 60 "$PY" bench/report.py "${JSONS[@]}" --out "$RESULTS"
-    [ -f "$RESULTS/summary.md" ] && sed -n '/^## Targets/,/^## Neuron/p' "$RESULTS/summary.md" | tee -a "$LOG"
+    stage report 30 "$PY" bench/report.py "${JSONS[@]}" --out "$RESULTS" \
+        --readme-table "$RESULTS/readme_table.md" --stages "$RESULTS/stages.tsv"
+    [ -f "$RESULTS/summary.md" ] && sed -n '/^## Targets/,/^## /p' "$RESULTS/summary.md" | head -n 40 | tee -a "$LOG"
 else
     log "== report: no benchmark JSON was written"
     FAILED=1
@@ -186,8 +246,15 @@ fi
 
 log "total $((SECONDS - T_START))s; stages:"
 column -t -s $'\t' "$RESULTS/stages.tsv" 2>/dev/null | tee -a "$LOG" || cat "$RESULTS/stages.tsv"
-if [ -n "${EMPF_RESULTS_TAR:-}" ]; then
-    tar -czf "$EMPF_RESULTS_TAR" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" &&
-        log "packed into $EMPF_RESULTS_TAR"
+pack
+if [ -n "${EMPF_RESULTS_TAR:-}" ]; then log "packed into $EMPF_RESULTS_TAR"; fi
+if [ "$DRY" = 1 ]; then
+    # The rehearsal must reach the end: JSON from the benchmarks, a report, a tarball.
+    for must in "$RESULTS/bench_neuron.json" "$RESULTS/summary.md" "$EMPF_RESULTS_TAR"; do
+        if [ ! -s "$must" ]; then
+            log "dry run: $must is missing"
+            FAILED=1
+        fi
+    done
 fi
 exit "$FAILED"
