@@ -110,6 +110,8 @@ if compgen -G "$ROOT/wheels/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --target "$WHEEL_DIR" "$ROOT"/wheels/*.whl \
         >"$RESULTS/wheels.log" 2>&1; then
         WHEEL_NOTE="installed: $(cd "$ROOT/wheels" && ls -- *.whl | tr '\n' ' ')"
+    elif [ "$DRY" = 1 ]; then
+        WHEEL_NOTE="dry run: wheels/ does not install on this Python (it holds the GPU machine's)"
     else
         WHEEL_NOTE="pip install of wheels/ FAILED (see wheels.log)"
     fi
