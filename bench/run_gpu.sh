@@ -7,17 +7,20 @@
 # Stages (limit in seconds; the sum stays under 8 minutes, and a stage never gets more than what
 # is left of EMPF_GPU_BUDGET_S):
 #   env 10            nvidia-smi, versions, commit, installed wheels
-#   tests 55          the test suite on the GPU, one pinned config per kernel (EMPF_AUTOTUNE=0),
+#   tests 45          the test suite on the GPU, one pinned config per kernel (EMPF_AUTOTUNE=0),
 #                     xdist when installed; JUnit XML
-#   autotune 50       tests/test_autotune_configs.py with EMPF_AUTOTUNE=1: every config of every
+#   autotune 45       tests/test_autotune_configs.py with EMPF_AUTOTUNE=1: every config of every
 #                     autotuner run on its own against the reference
-#   bench_neuron 80   copy bandwidth, empf_neuron, empf_neuron_step, parallel, LIF (autotuned)
+#   bench_neuron_targets 45  copy bandwidth; empf_neuron and empf_neuron_step fwd+bwd at T=4 and
+#                     T=32, eager and Triton (autotuned): the cases the targets read
+#   bench_compile_t4 30  torch.compile(reference) of empf_neuron fwd+bwd at T=4
 #   bench_gemm 40     binary GEMM vs cuBLAS (eager and CUDA graph)
-#   bench_compile 50  torch.compile(reference) at every T (fp32, fwd+bwd, online)
+#   bench_neuron 45   the other neuron cases (every T, fwd, parallel, LIF, 4-bit, bf16)
+#   bench_compile 30  torch.compile(reference) of empf_neuron fwd+bwd at the other T
 #   bench_baselines 25  SpikingJelly LIF and FlexSN (skipped, with the reason, when not installed)
-#   bench_spikes 15, bench_overhead 25, bench_training 45, bench_deploy 25, bench_binary_conv 25
+#   bench_spikes 15, bench_overhead 20, bench_training 40, bench_deploy 20, bench_binary_conv 20
 #                     (a file that does not exist is skipped with a note)
-#   report 20         bench/report.py: plots, summary.md (pass/fail per target), README table
+#   report 30         bench/report.py: plots, summary.md (pass/fail per target), README table
 # Every stage runs under `timeout -s INT`: pytest stops as after Ctrl-C and pytest-benchmark still
 # writes the cases it finished. After EVERY stage the stage table and logs are updated and the
 # tarball ($EMPF_RESULTS_TAR) is rewritten, so a run cut short still returns what it measured.
@@ -55,7 +58,7 @@ if [ "$DRY" = 1 ]; then
     export EMPF_BENCH_GEMM_KN=${EMPF_BENCH_GEMM_KN:-64} EMPF_BENCH_GEMM_M=${EMPF_BENCH_GEMM_M:-1,16}
     export EMPF_BENCH_COMPILE_T=${EMPF_BENCH_COMPILE_T:-none}
     DEVICE=cpu-dryrun
-    BUDGET=${EMPF_GPU_BUDGET_S:-175}
+    BUDGET=${EMPF_GPU_BUDGET_S:-200}
     # .ci/run has just run the whole suite on the CPU: here only the stages' code paths.
     TEST_SELECT=(tests/test_nan_gradients.py)
     AUTOTUNE_SELECT=(tests/test_autotune_configs.py -k "gpu")
@@ -194,10 +197,10 @@ XDIST=()
 if has_module xdist && [ "$DRY" = 0 ]; then  # 2 CPU cores: xdist start-up would cost more
     XDIST=(-n "${EMPF_GPU_XDIST:-14}")
 fi
-stage tests 55 env EMPF_AUTOTUNE=0 "$PY" -m pytest "${TEST_SELECT[@]}" -q -ra -p no:cacheprovider \
+stage tests 45 env EMPF_AUTOTUNE=0 "$PY" -m pytest "${TEST_SELECT[@]}" -q -ra -p no:cacheprovider \
     "${XDIST[@]}" --junitxml="$RESULTS/tests.xml"
 # --- 2. every autotune config on its own (needs the full config lists: EMPF_AUTOTUNE=1).
-stage autotune 50 env EMPF_AUTOTUNE=1 "$PY" -m pytest "${AUTOTUNE_SELECT[@]}" -q -ra \
+stage autotune 45 env EMPF_AUTOTUNE=1 "$PY" -m pytest "${AUTOTUNE_SELECT[@]}" -q -ra \
     -p no:cacheprovider "${XDIST[@]}" --junitxml="$RESULTS/autotune.xml"
 
 # --- 3. benchmarks: autotuned kernels, outputs not poisoned, one JSON per stage.
@@ -223,16 +226,22 @@ bench() {
 }
 
 NB=bench/test_bench_neuron.py
-bench neuron 80 "$NB" -k "(copy or empf or parallel or lif) and not compile and not sj_"
+# The cases the targets read first (copy bandwidth; fused op and step, fwd+bwd, T=4 and T=32),
+# then torch.compile at T=4, the GEMM, everything else.
+TARGET_CASES="(eager or triton) and fwd+bwd and (T4-fp32-float or T32-fp32-float) and not parallel and not lif"
+export EMPF_BENCH_COMPILE_T=${EMPF_BENCH_COMPILE_T:-all}
+bench neuron_targets 45 "$NB" -k "copy or ($TARGET_CASES and not sj_)"
+bench compile_t4 30 "$NB" -k "compile and fwd+bwd and T4-fp32-float and empf_neuron and not step"
 bench gemm 40 bench/test_bench_binary_gemm.py
-EMPF_BENCH_COMPILE_T=${EMPF_BENCH_COMPILE_T:-all} bench compile 50 "$NB" \
-    -k "compile and fwd+bwd and online and fp32-float and empf_neuron and not step"
+bench neuron 45 "$NB" -k "(empf or parallel or lif) and not compile and not sj_ and not ($TARGET_CASES)"
+bench compile 30 "$NB" \
+    -k "compile and fwd+bwd and fp32-float and empf_neuron and not step and not T4-fp32-float"
 bench baselines 25 "$NB" -k "sj_"
 bench spikes 15 bench/test_bench_spikes.py
-bench overhead 25 bench/test_bench_overhead.py
-bench training 45 bench/test_bench_training.py
-bench deploy 25 bench/test_bench_deploy.py
-bench binary_conv 25 bench/test_bench_binary_conv.py
+bench overhead 20 bench/test_bench_overhead.py
+bench training 40 bench/test_bench_training.py
+bench deploy 20 bench/test_bench_deploy.py
+bench binary_conv 20 bench/test_bench_binary_conv.py
 
 # --- 4. report from whatever JSON exists.
 JSONS=()
@@ -252,7 +261,7 @@ pack
 if [ -n "${EMPF_RESULTS_TAR:-}" ]; then log "packed into $EMPF_RESULTS_TAR"; fi
 if [ "$DRY" = 1 ]; then
     # The rehearsal must reach the end: JSON from the benchmarks, a report, a tarball.
-    for must in "$RESULTS/bench_neuron.json" "$RESULTS/summary.md" "$EMPF_RESULTS_TAR"; do
+    for must in "$RESULTS/bench_neuron_targets.json" "$RESULTS/summary.md" "$EMPF_RESULTS_TAR"; do
         if [ ! -s "$must" ]; then
             log "dry run: $must is missing"
             FAILED=1
