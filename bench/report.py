@@ -966,7 +966,7 @@ def write_summary(records, label, out: Path, suffix: str, written: list[Path]) -
     lines.append("## Targets\n")
     lines.append(
         "The GPU targets of the open issues. A target whose benchmark did not run here is "
-        "\"not measured\", never passed.\n"
+        '"not measured", never passed.\n'
     )
     lines.append("| target | value | goal | status | measured as |\n|---|---|---|---|---|")
     for c in gpu_targets(records):

@@ -48,11 +48,10 @@ from empf_triton.ops.binary import (
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 _MS = os.environ.get("EMPF_BENCH_GEMM_M")
-MS = [int(m) for m in _MS.split(",")] if _MS else [1, 4, 16, 64, 256, 1024, 4096] if ON_CUDA else [
-    1,
-    16,
-    64,
-]
+if _MS:
+    MS = [int(m) for m in _MS.split(",")]
+else:
+    MS = [1, 4, 16, 64, 256, 1024, 4096] if ON_CUDA else [1, 16, 64]
 KN = int(os.environ.get("EMPF_BENCH_GEMM_KN", 4096 if ON_CUDA else 256))
 DTYPE = torch.float16 if ON_CUDA else torch.float32
 TRITON_SKIP = triton_skip_reason()
@@ -191,6 +190,7 @@ def test_bench_binary_linear_train(benchmark, bench_tools, impl, M):
     # fwd: W fp32 read (quantise/pack), x read, out written; bwd: g, x read, grad_x, grad_W
     # written; the packed path re-reads packed words, the dense one its dense copy.
     moved = N * K * 4 + 2 * M * K * ds + 2 * M * N * ds + M * K * ds + N * K * 4
+
     def reference():
         return torch.autograd.grad(binary_linear(x, w, b, bits=1, impl="reference"), (x, w, b), g)
 

@@ -136,9 +136,7 @@ def assert_half_matches_fp32_oracle(
     flips = int(bad.sum())
     if flips == 0:
         return 0
-    allowed = (
-        torch.zeros_like(bad) if may_flip is None else may_flip.cpu().expand_as(bad).bool()
-    )
+    allowed = torch.zeros_like(bad) if may_flip is None else may_flip.cpu().expand_as(bad).bool()
     outside = bad & ~allowed
     if outside.any():
         idx = tuple(i.item() for i in outside.nonzero()[0])

@@ -321,7 +321,7 @@ def test_every_autotuner_is_reached_and_pinned_configs_match(monkeypatch):
     modules = {name.split(".")[0] for name in tuners}
     for module in ("neuron", "lif", "spikes", "binary"):
         assert module in modules, f"no autotuner found in kernels/{module}.py ({sorted(tuners)})"
-    for name, tuner in tuners.items():
+    for name in tuners:
         assert full[name], f"{name} has no configs"
     assert any(getattr(t, "early_config_prune", None) for t in tuners.values()), (
         "no autotuner has a prune function (the binary GEMM's prune_configs_by was expected)"
@@ -344,7 +344,7 @@ def test_partial_sums_with_block_larger_than_sub(monkeypatch):
             monkeypatch.setattr(module, "SUB", sub // 4)
             lowered.append(module.__name__)
     assert lowered, "no kernel module defines SUB: update this test with the new chunking"
-    for name, tuner in tuners.items():
+    for tuner in tuners.values():
         _pin(tuner, tuner.configs[:1], monkeypatch)
     for case in ("empf_neuron", "empf_neuron_step", "parallel_neuron", "lif_neuron"):
         CASES[case]()

@@ -522,9 +522,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
         (lambda: lif_neuron(torch.randn(3, 4), grad_mode="stbp", **KW), ValueError, "grad_mode"),
         (lambda: lif_neuron(torch.randn(3, 4), impl="cuda", **KW), ValueError, "impl"),
         (
-            lambda: lif_neuron(
-                torch.randint(0, 3, (3, 4), device=DEVICE), impl="triton", **KW
-            ),
+            lambda: lif_neuron(torch.randint(0, 3, (3, 4), device=DEVICE), impl="triton", **KW),
             TypeError,
             "dtype",
         ),

@@ -428,9 +428,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
         (lambda: empf_neuron(torch.randn(3, 4), grad_mode="stbp", **KW), ValueError, "grad_mode"),
         (lambda: empf_neuron(torch.randn(3, 4), impl="cuda", **KW), ValueError, "impl"),
         (
-            lambda: empf_neuron(
-                torch.randint(0, 3, (3, 4), device=DEVICE), impl="triton", **KW
-            ),
+            lambda: empf_neuron(torch.randint(0, 3, (3, 4), device=DEVICE), impl="triton", **KW),
             TypeError,
             "dtype",
         ),
