@@ -198,10 +198,10 @@ if has_module xdist && [ "$DRY" = 0 ]; then  # 2 CPU cores: xdist start-up would
     XDIST=(-n "${EMPF_GPU_XDIST:-14}")
 fi
 stage tests 45 env EMPF_AUTOTUNE=0 "$PY" -m pytest "${TEST_SELECT[@]}" -q -ra -p no:cacheprovider \
-    "${XDIST[@]}" --junitxml="$RESULTS/tests.xml"
+    ${XDIST[@]+"${XDIST[@]}"} --junitxml="$RESULTS/tests.xml"
 # --- 2. every autotune config on its own (needs the full config lists: EMPF_AUTOTUNE=1).
 stage autotune 45 env EMPF_AUTOTUNE=1 "$PY" -m pytest "${AUTOTUNE_SELECT[@]}" -q -ra \
-    -p no:cacheprovider "${XDIST[@]}" --junitxml="$RESULTS/autotune.xml"
+    -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$RESULTS/autotune.xml"
 
 # --- 3. benchmarks: autotuned kernels, outputs not poisoned, one JSON per stage.
 export EMPF_AUTOTUNE=${EMPF_AUTOTUNE_BENCH:-1} EMPF_POISON_EMPTY=0

@@ -149,3 +149,55 @@ def test_gpu_targets_pass_fail_and_not_measured():
     # the same records from a CPU run never count for a GPU target
     cpu = [dict(r, device_type="cpu") for r in recs]
     assert all(r["status"] == "not measured" for r in report.gpu_targets(cpu))
+
+
+def _load_bench_conftest():
+    import torch
+
+    threads = torch.get_num_threads()  # the bench conftest pins 1 CPU thread: restore it
+    spec = importlib.util.spec_from_file_location("empf_bench_conftest", BENCH / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        torch.set_num_threads(threads)
+    return module
+
+
+class _DisabledBenchmark:
+    """What pytest-benchmark's fixture looks like when disabled: pedantic runs, stats stay None."""
+
+    def __init__(self):
+        self.extra_info: dict = {}
+        self.stats = None
+        self.calls = 0
+
+    def pedantic(self, target, rounds=1, warmup_rounds=0, iterations=1, **_):
+        self.calls += 1
+        target()
+
+
+def test_harness_refuses_unchecked_triton_case_and_times_without_stats():
+    harness = _load_bench_conftest()
+    tools = harness.BenchTools()
+    calls = []
+    with pytest.raises(ValueError, match="no check"):
+        tools.run(_DisabledBenchmark(), lambda: calls.append(1), op="x", impl="triton")
+    assert not calls, "an unchecked Triton case must not run at all"
+    bm = _DisabledBenchmark()
+    checked = []
+    extra = tools.run(
+        bm,
+        lambda: calls.append(1),
+        check=lambda: checked.append(1) or {"rel_err_vs_eager": 0.0},
+        bytes_moved=1000,
+        op="x",
+        impl="triton",
+    )
+    assert checked == [1] and bm.calls == 1 and calls
+    assert extra["wall_time_source"].startswith("bench/conftest.py")
+    assert extra["wall_time_s"] > 0 and extra["rel_err_vs_eager"] == 0.0
+    assert extra["gbps"] > 0 and "wall_time_s" in extra["measured"]
+    assert bm.extra_info == extra
+    if not harness.ON_CUDA:
+        assert extra["device_time_s"] is None and "no CUDA" in extra["graph_skip_reason"]
