@@ -415,11 +415,16 @@ def check_model_options(name: str, options: dict | None) -> None:
             if not isinstance(v, list):
                 raise bad("a list")
             if all(isinstance(e, int) and not isinstance(e, bool) for e in d) and d:
-                if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in v):
-                    raise bad("a list of non-negative integers")
+                # widths (all positive by default) must be >= 1; indices may be 0
+                low = 1 if min(d) > 0 else 0
+                if not v or any(
+                    isinstance(e, bool) or not isinstance(e, int) or e < low for e in v
+                ):
+                    raise bad(f"a non-empty list of integers >= {low}")
         elif isinstance(d, int):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad("a non-negative integer")
+            low = 1 if d > 0 else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad(f"an integer >= {low}")
         elif isinstance(d, float):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise bad("a number")
@@ -445,6 +450,35 @@ def _build_model(name: str, config: dict, impl: str):
             raise
         opts = json.dumps(kw, default=str)
         raise ValueError(f"model {name!r} cannot be built with options {opts}: {e}") from e
+
+
+def _smoke_forward(model, name: str, model_config: dict, device: torch.device, event: bool) -> None:
+    """One eval-mode forward step on a zero input, so model options that build but cannot run
+    (a width of 0, a shape the layers do not fit, ...) fail here with one clear message rather
+    than deep inside the first batch. Consumes no random numbers and leaves no state."""
+    from ..nn.neuron import reset_net
+    from .strategies import set_step_mode
+
+    shape = [1, *model_config["in_shape"]]
+    was_training = model.training
+    model.eval()
+    set_step_mode(model, "s")
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape, device=device))
+        n = model_config["num_classes"]
+        if tuple(out.shape) != (1, n):
+            raise ValueError(f"it gives logits of shape {tuple(out.shape)}, expected (1, {n})")
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        opts = {k: v for k, v in model_config.items() if k not in ("in_shape", "num_classes")}
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"model {name!r} with options {json.dumps(opts, default=str)} cannot run on inputs "
+            f"of shape {tuple(model_config['in_shape'])}: {msg}"
+        ) from e
+    finally:
+        reset_net(model)
+        model.train(was_training)
 
 
 def build_from_checkpoint(ckpt: dict, *, impl: str = "auto", path: str = "checkpoint"):
@@ -767,6 +801,7 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log, state) -> dict
 
     torch.manual_seed(cfg.seed)
     model = _build_model(model_name, model_config, cfg.impl).to(device)
+    _smoke_forward(model, model_name, model_config, device, info.is_event)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
