@@ -397,8 +397,15 @@ def check_model_options(name: str, options: dict | None) -> None:
     number for a list of widths, a list for a flag, a negative width, ... (ValueError naming the
     option, its default and the value given)."""
     defaults = _option_defaults(name)
+    takes = sorted(set(defaults) - set(_RESERVED_OPTIONS) - {"grad_mode", "step_mode"})
     for k, v in (options or {}).items():
-        if k not in defaults or defaults[k] is None:
+        if k not in defaults:
+            if defaults:
+                raise ValueError(
+                    f"model {name!r} does not take the option {k!r}; it takes {', '.join(takes)}"
+                )
+            continue  # the model's options are unknown here: build_model checks them
+        if defaults[k] is None:
             continue
         d = defaults[k]
 
