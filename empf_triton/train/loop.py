@@ -459,7 +459,7 @@ def _build_model(name: str, config: dict, impl: str):
         raise ValueError(f"model {name!r} cannot be built with options {opts}: {e}") from e
 
 
-def _smoke_forward(model, name: str, model_config: dict, device: torch.device, event: bool) -> None:
+def _smoke_forward(model, name: str, model_config: dict, device: torch.device) -> None:
     """One eval-mode forward step on a zero input, so model options that build but cannot run
     (a width of 0, a shape the layers do not fit, ...) fail here with one clear message rather
     than deep inside the first batch. Consumes no random numbers and leaves no state."""
@@ -808,7 +808,7 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log, state) -> dict
 
     torch.manual_seed(cfg.seed)
     model = _build_model(model_name, model_config, cfg.impl).to(device)
-    _smoke_forward(model, model_name, model_config, device, info.is_event)
+    _smoke_forward(model, model_name, model_config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
