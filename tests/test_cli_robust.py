@@ -92,7 +92,7 @@ def test_resume_honours_changed_lr_and_records_it(tmp_path, capsys):
         (["--optimizer", "sgd"], "optimizer 'adamw'; a resumed run cannot use 'sgd'"),
         (["--batch-size", "64"], "batch_size 128; a resumed run cannot use 64"),
         (["--seed", "5"], "seed 0; a resumed run cannot use 5"),
-        (["--neuron", "lif"], "neuron: saved (not set) vs requested 'lif'"),
+        (["--neuron", "lif"], "neuron 'empf'; a resumed run cannot use 'lif'"),
     ],
 )
 def test_resume_refuses_fixed_settings(tmp_path, capsys, extra, match):
@@ -533,3 +533,55 @@ def test_compile_default_equals_eager(tmp_path, capsys):
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_lif_options_reach_the_model_factory(tmp_path, capsys, monkeypatch):
+    """End to end through run_training, with a stand-in model that takes the LIF keywords (the
+    real models get them on another branch): they arrive under exactly these names, and are
+    saved in the checkpoint's model config and in config.json."""
+    from empf_triton.models import MODELS
+    from empf_triton.models.small import DigitsMLP
+
+    seen = []
+
+    def lif_mlp(
+        *, in_shape, num_classes, T, neuron="empf", tau=2.0, v_threshold=1.0,
+        surrogate="sigmoid", alpha=None, detach_reset=False, **options,
+    ) -> DigitsMLP:  # fmt: skip
+        seen.append(dict(neuron=neuron, tau=tau, v_threshold=v_threshold, surrogate=surrogate,
+                         alpha=alpha, detach_reset=detach_reset))  # fmt: skip
+        return DigitsMLP(in_shape, num_classes, T, **options)
+
+    monkeypatch.setitem(MODELS, "lif_mlp", lif_mlp)
+    argv = _argv("run", "--model", "lif_mlp", "--neuron", "lif", "--tau", "3", "--surrogate",
+                 "triangle", "--surrogate-alpha", "0.5", "--detach-reset")  # fmt: skip
+    _ok(capsys, argv)
+    want = dict(neuron="lif", tau=3.0, v_threshold=1.0, surrogate="triangle", alpha=0.5,
+                detach_reset=True)  # fmt: skip
+    assert seen and all(s == want for s in seen)
+    mc = load_checkpoint("run/last.pt")["model_config"]
+    assert {k: mc[k] for k in want} == want
+    conf = json.loads(Path("run/config.json").read_text())
+    assert (conf["neuron"], conf["tau"], conf["surrogate_alpha"]) == ("lif", 3.0, 0.5)
+    # a resume keeps them without repeating the flags, and refuses a changed tau
+    seen.clear()
+    _ok(capsys, ["train", "--resume", "run", "--epochs", "2"])
+    assert seen and all(s == want for s in seen)
+    _error(capsys, ["train", "--resume", "run", "--epochs", "3", "--tau", "5"], "tau: saved 3.0")
+    _error(
+        capsys,
+        ["train", "--resume", "run", "--epochs", "3", "--neuron", "empf"],
+        "neuron 'lif'; a resumed run cannot use 'empf'",
+    )
+
+
+def test_lif_on_a_model_without_lif_is_one_error(capsys, monkeypatch):
+    from empf_triton.models import MODELS
+    from empf_triton.models.small import DigitsMLP
+
+    def plain(*, in_shape, num_classes, T, hidden=(16,)) -> DigitsMLP:
+        return DigitsMLP(in_shape, num_classes, T, hidden=hidden)
+
+    monkeypatch.setitem(MODELS, "plain_mlp", plain)
+    argv = ["train", "--dataset", "digits", "--model", "plain_mlp", "--neuron", "lif"]
+    _error(capsys, argv, "model 'plain_mlp' cannot build LIF neurons")

@@ -382,13 +382,16 @@ def _option_defaults(name: str) -> dict[str, Any]:
         except (TypeError, ValueError):
             return {}
     out = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return out
     cls = sig.return_annotation
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) and inspect.isclass(cls):
-        try:
-            csig = inspect.signature(cls)
-        except (TypeError, ValueError):
-            return out
-        out.update({k: p.default for k, p in csig.parameters.items() if p.default is not p.empty})
+    if not inspect.isclass(cls):
+        return {}  # **options go somewhere unknown: the model's own checks decide
+    try:
+        csig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return {}
+    out.update({k: p.default for k, p in csig.parameters.items() if p.default is not p.empty})
     return out
 
 
@@ -784,6 +787,15 @@ class _DeferInterrupt:
 def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log, state) -> dict:
     from ..data import EVENT_DATASETS
 
+    changes: dict = {}
+    if ckpt is not None:  # settings a resume cannot change: refused before any work
+        saved = dict(ckpt.get("extra", {}).get("config", {}))
+        saved_ds = saved.get("dataset")
+        if saved_ds is not None and saved_ds != cfg.dataset:
+            raise CheckpointError(
+                f"{resume_path} was trained on dataset {saved_ds!r}, not {cfg.dataset!r}"
+            )
+        changes = resume_changes(cfg, saved, resume_path)
     kw = {"T": cfg.T} if cfg.dataset in EVENT_DATASETS else {}
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, **kw)
     model_name = cfg.model if cfg.model != "auto" else info.default_model
@@ -794,17 +806,16 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log, state) -> dict
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(sorted(MODELS))}")
     check_model_options(model_name, cfg.model_options)
+    if cfg.neuron == "lif":
+        defaults = _option_defaults(model_name)
+        if defaults and "neuron" not in defaults:
+            raise ValueError(
+                f"model {model_name!r} cannot build LIF neurons (it takes no 'neuron' option); "
+                "use --neuron empf or a model that supports LIF"
+            )
     model_config = cfg.model_config(info.in_shape, info.num_classes)
-    changes: dict = {}
     if ckpt is not None:
         check_compatible(ckpt, model_name, model_config, path=resume_path)
-        saved = dict(ckpt.get("extra", {}).get("config", {}))
-        saved_ds = saved.get("dataset")
-        if saved_ds is not None and saved_ds != cfg.dataset:
-            raise CheckpointError(
-                f"{resume_path} was trained on dataset {saved_ds!r}, not {cfg.dataset!r}"
-            )
-        changes = resume_changes(cfg, saved, resume_path)
 
     torch.manual_seed(cfg.seed)
     model = _build_model(model_name, model_config, cfg.impl).to(device)
