@@ -585,3 +585,37 @@ def test_lif_on_a_model_without_lif_is_one_error(capsys, monkeypatch):
     monkeypatch.setitem(MODELS, "plain_mlp", plain)
     argv = ["train", "--dataset", "digits", "--model", "plain_mlp", "--neuron", "lif"]
     _error(capsys, argv, "model 'plain_mlp' cannot build LIF neurons")
+
+
+def test_resume_from_best_does_not_replace_a_later_last(tmp_path, capsys):
+    _ok(capsys, _argv("run", epochs=2))
+    # make best.pt an earlier epoch than last.pt, as after a late drop in accuracy
+    import shutil
+
+    _ok(capsys, _argv("one", epochs=1))
+    shutil.copy("one/last.pt", "run/best.pt")
+    saved = _files(tmp_path / "run")
+    _error(
+        capsys,
+        ["train", "--resume", "run/best.pt", "--epochs", "3"],
+        "would replace",
+        "a later checkpoint of this run",
+    )
+    assert _files(tmp_path / "run") == saved
+    _ok(capsys, ["train", "--resume", "run/best.pt", "--epochs", "3", "--out", "branch"])
+    assert load_checkpoint("branch/last.pt")["epoch"] == 3
+    assert _files(tmp_path / "run") == saved
+
+
+def test_resume_refused_when_checkpoint_changes_meanwhile(tmp_path, capsys, monkeypatch):
+    _ok(capsys, _argv("run"))
+    real = loop.load_checkpoint
+
+    def load_then_touch(path, *a, **k):
+        ck = real(path, *a, **k)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # another run saved it
+        return ck
+
+    monkeypatch.setattr(loop, "load_checkpoint", load_then_touch)
+    _error(capsys, ["train", "--resume", "run", "--epochs", "2"], "changed while this run started")

@@ -574,29 +574,48 @@ def _check_out_folder(out: Path) -> None:
         raise ValueError(f"--out {out} exists and is not a folder; choose a folder path")
 
 
-def _lock_out(cfg: TrainConfig, model_name: str, resume_dir: Path | None) -> tuple[Path, Any]:
+def _lock_out(
+    cfg: TrainConfig, model_name: str, resume_path: Path | None, resume_stat=None
+) -> tuple[Path, Any]:
     """Choose the output folder and lock it (see lock.py); returns (folder, lock).
 
-    An explicit `out` is used as given: refused if it is a file, if another run holds its lock,
-    or if it holds a checkpoint of another run (unless `overwrite`, or it is the folder being
-    resumed). The default folder `runs/<dataset>-<model>-<strategy>-T<T>` is suffixed -2, -3, ...
+    An explicit `out` (or, for a resume, the resumed checkpoint's folder) is used as given:
+    refused if it is a file, if another run holds its lock, or if it holds a last.pt that this
+    run would replace without continuing it (a fresh run, a resume from another folder, or a
+    resume from best.pt while a later last.pt is there), unless `overwrite`; and refused if the
+    resumed last.pt changed since it was read (`resume_stat`: another run wrote it meanwhile).
+    The default folder `runs/<dataset>-<model>-<strategy>-T<T>` is suffixed -2, -3, ...
     past folders that hold a checkpoint or are in use. The checks run after the lock is taken,
     so two runs racing for one folder cannot both pass them.
     """
     from .lock import OutputFolderBusyError
 
-    if cfg.out is not None or resume_dir is not None:
-        out = Path(cfg.out) if cfg.out is not None else resume_dir
+    if cfg.out is not None or resume_path is not None:
+        out = Path(cfg.out) if cfg.out is not None else resume_path.parent
         _check_out_folder(out)
         lock = OutputLock(out).acquire()
-        same = resume_dir is not None and out.resolve() == resume_dir.resolve()
-        if _holds_run(out) and not cfg.overwrite and not same:
+        last = out / "last.pt"
+        continuing = resume_path is not None and last.exists() and last.samefile(resume_path)
+        if _holds_run(out) and not cfg.overwrite and not continuing:
             lock.release()
-            hint = f"pass --resume {out} to continue that run, " if resume_dir is None else ""
+            if resume_path is not None and out.resolve() == resume_path.parent.resolve():
+                raise ValueError(
+                    f"resuming from {resume_path} would replace {last}, a later checkpoint of "
+                    f"this run; pass --out NEW_FOLDER to branch off, or --overwrite"
+                )
+            hint = f"pass --resume {out} to continue that run, " if resume_path is None else ""
             raise ValueError(
                 f"output folder {out} already holds a checkpoint (last.pt) of another run; "
                 f"{hint}--overwrite to replace it, or another --out"
             )
+        if continuing and resume_stat is not None:
+            now = last.stat()
+            if (now.st_mtime_ns, now.st_size) != resume_stat:
+                lock.release()
+                raise ValueError(
+                    f"{last} changed while this run started (another run wrote it); "
+                    "run the command again to resume from the new checkpoint"
+                )
         return out, lock
     base = Path("runs") / f"{cfg.dataset}-{model_name}-{cfg.strategy}-T{cfg.T}"
     k = 1
@@ -704,18 +723,22 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 def _start(cfg: TrainConfig, device: torch.device, log, load_dataset) -> dict:
     ckpt = None
     resume_path = None
+    resume_stat = None
     if cfg.resume is not None:
         resume_path = Path(cfg.resume)
         if resume_path.is_dir():
             resume_path = resume_path / "last.pt"
+        st = resume_path.stat() if resume_path.is_file() else None
         ckpt = load_checkpoint(resume_path)  # fail before anything is written or trained
+        if st is not None:
+            resume_stat = (st.st_mtime_ns, st.st_size)
 
     dist = ddp.init_distributed(device)
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)
     state = _RunState()
     try:
-        return _run(cfg, device, dist, ckpt, resume_path, load_dataset, log, state)
+        return _run(cfg, device, dist, ckpt, (resume_path, resume_stat), load_dataset, log, state)
     except KeyboardInterrupt as e:
         if isinstance(e, TrainingInterrupted):
             raise
@@ -784,7 +807,8 @@ class _DeferInterrupt:
             raise KeyboardInterrupt
 
 
-def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log, state) -> dict:
+def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
+    resume_path, resume_stat = resume
     from ..data import EVENT_DATASETS
 
     changes: dict = {}
@@ -864,14 +888,16 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log, state) -> dict
         best = max((h.get("test_accuracy", -1.0) for h in history), default=-1.0)
         state.resumed = (resume_path, start_epoch)
     if dist.is_main:
-        out, state.lock = _lock_out(
-            cfg, model_name, resume_path.parent if resume_path is not None else None
-        )
+        out, state.lock = _lock_out(cfg, model_name, resume_path, resume_stat)
         state.preexisting = _holds_run(out)
     else:
         out = Path(cfg.out) if cfg.out is not None else Path(".")
     state.out = out
-    same_folder = resume_path is not None and resume_path.parent.resolve() == out.resolve()
+    same_folder = (
+        (out / "last.pt").exists()
+        and resume_path is not None
+        and ((out / "last.pt").samefile(resume_path))
+    )
     wrapped = ddp.wrap_model(model, device, dist, cfg.sync_bn)
     train_model = compile_model(wrapped, cfg.compile)
     eval_model = train_model if wrapped is model else compile_model(model, cfg.compile)
