@@ -758,8 +758,11 @@ class _RunState:
         self.saved_epoch: int | None = None  # epoch of out/last.pt written by this run
         self.resumed: tuple[Path, int] | None = None  # (checkpoint resumed from, its epoch)
         self.preexisting = False  # out/last.pt of an earlier run was there at the start
+        self.main = True  # only rank 0 writes (and knows what it wrote)
 
     def describe(self) -> str:
+        if not self.main:
+            return "rank 0 saves the checkpoints and reports what was kept"
         if self.out is None:
             return "nothing was written"
         last = self.out / "last.pt"
@@ -892,6 +895,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         state.preexisting = _holds_run(out)
     else:
         out = Path(cfg.out) if cfg.out is not None else Path(".")
+        state.main = False
     state.out = out
     same_folder = (
         (out / "last.pt").exists()
