@@ -7,9 +7,10 @@
     empf report                      # PNG plots of the runs' logs (+ benchmark JSON with --bench)
     torchrun --nproc_per_node=2 -m empf_triton.cli train --dataset digits
 
-User errors (unknown data set / model / strategy, T < 1, a checkpoint of another model, a corrupt
-or truncated checkpoint, missing data files, ...) print one message on stderr and exit with
-status 2, without a traceback; set EMPF_DEBUG=1 to see the traceback.
+User errors (unknown data set / model / strategy, T < 1, a number out of range, a checkpoint of
+another model, a corrupt or truncated checkpoint, missing data files, an output folder in use,
+...) print one line on stderr and exit with status 2, without a traceback; set EMPF_DEBUG=1 to
+see the traceback. Ctrl-C exits with status 130 and says which checkpoint is left on disk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -25,32 +27,101 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-#: Fields a resumed run takes from its checkpoint unless given again on the command line.
-_RUN_CONTROL = {"device", "threads", "out", "resume", "overwrite", "stop_after", "progress"}
-
 
 class UsageError(ValueError):
     """A bad command line (reported like every other user error)."""
 
 
-def _int_or_none(s: str) -> int | None:
-    return None if s.lower() in ("none", "float") else int(s)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2): `empf train: error: ... (see --help)`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: The range of every numeric option of every subcommand, by argparse dest:
+#: (int or float, lower bound, lower bound included, upper bound, upper bound included).
+NUMERIC_OPTIONS: dict[str, tuple[type, float, bool, float, bool]] = {
+    "T": (int, 1, True, math.inf, False),
+    "epochs": (int, 1, True, math.inf, False),
+    "batch_size": (int, 1, True, math.inf, False),
+    "eval_batch_size": (int, 1, True, math.inf, False),
+    "stop_after": (int, 1, True, math.inf, False),
+    "threads": (int, 0, True, math.inf, False),
+    "seed": (int, 0, True, math.inf, False),
+    "spike_bits": (int, 1, True, 8, True),
+    "lr": (float, 0, False, math.inf, False),
+    "weight_decay": (float, 0, True, math.inf, False),
+    "momentum": (float, 0, True, 1, False),
+    "warmup_epochs": (float, 0, True, math.inf, False),
+    "spike_step": (float, 0, False, math.inf, False),
+    "grad_clip": (float, 0, False, math.inf, False),
+    "tau": (float, 1, False, math.inf, False),
+    "v_threshold": (float, 0, False, math.inf, False),
+    "surrogate_alpha": (float, 0, False, math.inf, False),
+}
+
+
+def _number(dest: str, none_words: tuple[str, ...] = ()):
+    """An argparse `type` that parses option `dest` and checks it against NUMERIC_OPTIONS."""
+    kind, lo, lo_in, hi, hi_in = NUMERIC_OPTIONS[dest]
+
+    def parse(text: str):
+        if text.strip().lower() in none_words:
+            return None
+        what = "an integer" if kind is int else "a number"
+        rng = f"{'>=' if lo_in else '>'} {lo:g}"
+        if hi != math.inf:
+            rng = f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+        alt = f" or {'/'.join(none_words)}" if none_words else ""
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {rng}{alt}, got {text!r}") from None
+        ok = math.isfinite(v) and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {what} {rng}{alt}, got {text!r}")
+        return v
+
+    parse.__name__ = dest
+    return parse
 
 
 def _weight_bits(s: str) -> float:
-    v = float(s)
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if v not in (1, 1.5, 32):
+        raise argparse.ArgumentTypeError(f"must be 1, 1.5 or 32, got {s!r}")
     return int(v) if v.is_integer() else v
 
 
+def _json_object(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({e.msg}): {s!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object such as '{{\"hidden\": [64]}}', got {s!r}"
+        )
+    return v
+
+
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from .train.loop import TrainConfig
+    from .train.loop import LIF_DEFAULTS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train a model",
-        description="Train an EM-PF network online. Defaults: the README's main job "
-        "(MNIST-1D, binary hidden weights, random-step online training, T=4).",
+        description="Train an EM-PF (or LIF) spiking network. Defaults: the README's main job "
+        "(MNIST-1D, binary hidden weights, random-step online training, T=4). The output "
+        "folder is locked while a run uses it. --resume continues a run with its saved "
+        "settings; a changed learning rate, schedule, epoch count, strategy, precision, ... is "
+        "honoured and logged, while a changed model, data set, optimizer, batch size or seed is "
+        "refused.",
         argument_default=argparse.SUPPRESS,
     )
     a = p.add_argument
@@ -58,24 +129,49 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "--dataset",
         help=f"mnist1d, digits, cifar10, cifar100, dvs_cifar10, dvs_gesture (default {d.dataset})",
     )
-    a("--data-root", dest="data_root", help="folder of the data files (cifar/dvs) or cache")
-    a("--model", help=f"registered model name or auto (default {d.model})")
-    a("--T", "-T", type=int, help=f"time steps (default {d.T})")
+    a(
+        "--data-root",
+        dest="data_root",
+        help="folder of the data files (cifar/dvs) or of the cache (default: the data set's)",
+    )
+    a("--model", help=f"registered model name, or auto for the data set's net (default {d.model})")
+    a("--T", "-T", type=_number("T"), help=f"time steps, >= 1 (default {d.T})")
     a("--strategy", help=f"online, random_step, accumulate or bptt (default {d.strategy})")
-    a("--epochs", type=int, help=f"total epochs (default {d.epochs})")
+    a("--epochs", type=_number("epochs"), help=f"total epochs of the run (default {d.epochs})")
     a(
         "--batch-size",
         dest="batch_size",
-        type=int,
-        help=f"batch size per process (default {d.batch_size})",
+        type=_number("batch_size"),
+        help=f"training batch size per process (default {d.batch_size})",
     )
-    a("--eval-batch-size", dest="eval_batch_size", type=int)
-    a("--optimizer", help=f"adamw or sgd (default {d.optimizer})")
-    a("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    a("--weight-decay", dest="weight_decay", type=float, help=f"(default {d.weight_decay})")
-    a("--momentum", type=float, help=f"SGD momentum, Nesterov (default {d.momentum})")
-    a("--schedule", help=f"cosine or constant (default {d.schedule})")
-    a("--warmup-epochs", dest="warmup_epochs", type=float)
+    a(
+        "--eval-batch-size",
+        dest="eval_batch_size",
+        type=_number("eval_batch_size"),
+        help=f"batch size of the test-set evaluation after each epoch (default "
+        f"{d.eval_batch_size})",
+    )
+    a("--optimizer", help=f"adamw or sgd (momentum, Nesterov) (default {d.optimizer})")
+    a("--lr", type=_number("lr"), help=f"peak learning rate, > 0 (default {d.lr})")
+    a(
+        "--weight-decay",
+        dest="weight_decay",
+        type=_number("weight_decay"),
+        help=f"weight decay, >= 0 (default {d.weight_decay})",
+    )
+    a(
+        "--momentum",
+        type=_number("momentum"),
+        help=f"SGD momentum in [0, 1), Nesterov when > 0 (default {d.momentum})",
+    )
+    a("--schedule", help=f"learning-rate schedule: cosine or constant (default {d.schedule})")
+    a(
+        "--warmup-epochs",
+        dest="warmup_epochs",
+        type=_number("warmup_epochs"),
+        help=f"epochs of linear learning-rate warm-up, may be fractional (default "
+        f"{d.warmup_epochs:g})",
+    )
     a(
         "--weight-bits",
         dest="weight_bits",
@@ -85,37 +181,105 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a(
         "--spike-bits",
         dest="spike_bits",
-        type=_int_or_none,
-        help="k-bit spikes 1..8, or none for float spikes (default none)",
+        type=_number("spike_bits", ("none", "float")),
+        help="k-bit spikes, k in 1..8, or none for float spikes (default none)",
     )
-    a("--spike-step", dest="spike_step", type=float)
+    a(
+        "--spike-step",
+        dest="spike_step",
+        type=_number("spike_step"),
+        help="the k-bit spike quantiser's step: a spike is round(s / step) * step, clamped to "
+        f"0..(2^k - 1) * step; used only with --spike-bits (default {d.spike_step})",
+    )
     a("--parallel", action="store_true", help="parallel (stateless) neurons where the net allows")
-    a("--seca", action="store_true", help="SECA channel attention")
-    a("--mem-bn", dest="mem_bn", action="store_true", help="Mem-BN in the neurons")
+    a("--seca", action="store_true", help="SECA channel attention on the input currents")
+    a("--mem-bn", dest="mem_bn", action="store_true", help="Mem-BN (per-step membrane BN)")
+    a(
+        "--neuron",
+        choices=("empf", "lif"),
+        help="empf (EM-PF) or lif (the LIF baseline with a surrogate gradient) (default empf)",
+    )
+    a(
+        "--tau",
+        type=_number("tau"),
+        help=f"LIF time constant, > 1; decay 1 - 1/tau (default {LIF_DEFAULTS['tau']}; "
+        "--neuron lif only)",
+    )
+    a(
+        "--v-threshold",
+        dest="v_threshold",
+        type=_number("v_threshold"),
+        help=f"LIF firing threshold, > 0 (default {LIF_DEFAULTS['v_threshold']}; --neuron lif "
+        "only)",
+    )
+    a(
+        "--surrogate",
+        choices=("sigmoid", "atan", "triangle"),
+        help="LIF surrogate gradient (default sigmoid; --neuron lif only)",
+    )
+    a(
+        "--surrogate-alpha",
+        dest="surrogate_alpha",
+        type=_number("surrogate_alpha"),
+        help="the surrogate's sharpness, > 0 (default: the surrogate's own, sigmoid 4, atan 2, "
+        "triangle 1; --neuron lif only)",
+    )
+    a(
+        "--detach-reset",
+        dest="detach_reset",
+        action="store_true",
+        help="LIF: detach the spike in the soft reset (--neuron lif only)",
+    )
     a(
         "--model-options",
         dest="model_options",
-        type=json.loads,
-        help="extra model options as JSON, e.g. '{\"channels\": [32, 32, 64, 64]}'",
+        type=_json_object,
+        help="extra model options as a JSON object, e.g. '{\"channels\": [32, 32, 64, 64]}'",
     )
-    a("--impl", help="auto, triton or reference (default auto)")
+    a("--impl", help="kernels: auto (Triton on CUDA), triton or reference (default auto)")
+    a(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="fp32, or bf16/fp16 autocast for convolutions and linears (neuron state stays "
+        "fp32; fp16 adds a gradient scaler) (default fp32)",
+    )
+    a(
+        "--compile",
+        choices=("none", "default", "reduce-overhead"),
+        help="torch.compile the model: none, default, or reduce-overhead (CUDA graphs; on a CPU "
+        "the same as default) (default none)",
+    )
     a("--no-augment", dest="augment", action="store_false", help="no train-time augmentation")
-    a("--grad-clip", dest="grad_clip", type=float)
+    a(
+        "--grad-clip",
+        dest="grad_clip",
+        type=_number("grad_clip"),
+        help="clip the gradient norm to this, > 0 (default: no clipping)",
+    )
     a("--sync-bn", dest="sync_bn", action="store_true", help="SyncBatchNorm under DDP (CUDA)")
     a("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    a("--threads", type=int, help="CPU threads (default 0 = auto: 1 on CPU)")
-    a("--seed", type=int, help=f"(default {d.seed})")
+    a("--threads", type=_number("threads"), help="CPU threads (default 0 = auto: 1 on CPU)")
+    a("--seed", type=_number("seed"), help=f"random seed, >= 0 (default {d.seed})")
     a("--out", help="output folder (default runs/<dataset>-<model>-<strategy>-T<T>)")
     a("--resume", help="checkpoint file or run folder to continue from")
-    a("--overwrite", action="store_true", help="start afresh in an --out holding a checkpoint")
-    a("--stop-after", dest="stop_after", type=int, help="stop after N epochs in this invocation")
+    a(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out holding a checkpoint (replaced at the first save)",
+    )
+    a(
+        "--stop-after",
+        dest="stop_after",
+        type=_number("stop_after"),
+        help="stop after N epochs in this invocation (resume later)",
+    )
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.checkpoint import load_checkpoint
-    from .train.loop import TrainConfig, run_training
+    from .train.checkpoint import CheckpointError, load_checkpoint
+    from .train.loop import LIF_FIELDS, RUN_CONTROL, TrainConfig, run_training
 
     explicit = {k: v for k, v in vars(args).items() if k != "command"}
     base = asdict(TrainConfig())
@@ -124,18 +288,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(path / "last.pt" if path.is_dir() else path)
         saved = dict(ckpt.get("extra", {}).get("config", {}))
         if isinstance(saved.get("model_options"), str):
-            saved["model_options"] = json.loads(saved["model_options"]) or None
-        names = {f.name for f in fields(TrainConfig)} - _RUN_CONTROL
+            try:
+                saved["model_options"] = json.loads(saved["model_options"]) or None
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path} records unreadable model options: {e}") from e
+        names = {f.name for f in fields(TrainConfig)} - set(RUN_CONTROL)
+        if explicit.get("neuron", saved.get("neuron")) != saved.get("neuron"):
+            # another neuron type (refused by run_training): do not inherit the LIF options
+            names -= set(LIF_FIELDS)
         base.update({k: v for k, v in saved.items() if k in names})
     base.update(explicit)
     cfg = TrainConfig(**base)
     summary = run_training(cfg)
     if summary["epochs_run"] and summary["final"]:
         f = summary["final"]
+        best = summary["best_test_accuracy"] * 100
         print(
-            f"done: test accuracy {f['test_accuracy'] * 100:.2f}% after {summary['epochs_done']} "
-            f"epoch(s) (best {summary['best_test_accuracy'] * 100:.2f}%); logs and checkpoints "
-            f"in {summary['out']}"
+            f"done: test accuracy {f['test_accuracy'] * 100:.2f}% after "
+            f"{_plural(summary['epochs_done'], 'epoch')} (best {best:.2f}%); logs and "
+            f"checkpoints in {summary['out']}"
         )
     return 0
 
@@ -146,6 +317,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import EVENT_DATASETS, load_dataset
     from .train.checkpoint import load_checkpoint
     from .train.loop import build_from_checkpoint, resolve_device, resolve_threads
+    from .train.precision import compile_model
     from .train.strategies import evaluate, iterate_batches
 
     device = resolve_device(args.device)
@@ -167,11 +339,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = build_from_checkpoint(ckpt, impl=args.impl, path=args.checkpoint).to(device)
     T = int(cfg["T"])
     ev = evaluate(
-        model,
+        compile_model(model, args.compile),
         iterate_batches(test_set, args.batch_size, device=device),
         T,
         is_event=info.is_event,
         step_mode=args.step_mode,
+        precision=args.precision,
     )
     print(
         f"{ckpt['model_name']} on {dataset} (epoch {ckpt['epoch']}, T={T}): test accuracy "
@@ -187,10 +360,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "model": ckpt["model_name"],
             "dataset": dataset,
             "epoch": ckpt["epoch"],
+            "precision": args.precision,
+            "compile": args.compile,
             **ev,
         }
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _load_bench_report():
@@ -207,48 +386,105 @@ def _load_bench_report():
     return None
 
 
+#: Fields every epoch row of a metrics.json must hold for `empf report` (numbers).
+_LOG_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_accuracy")
+
+
+def read_training_log(run_dir: Path) -> list[dict]:
+    """The epoch rows of `run_dir/metrics.json`, checked: a list of objects, each with the
+    numeric fields of `_LOG_FIELDS` (and, if present, `anytime_accuracy` a list of numbers).
+
+    Raises:
+        UsageError: naming the file, the row and the missing or malformed field.
+    """
+    f = Path(run_dir) / "metrics.json"
+    try:
+        hist = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read training log {f}: {e}") from e
+    if not isinstance(hist, list) or not hist:
+        raise UsageError(f"training log {f} holds no epochs (expected a list of epoch rows)")
+
+    def num(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for i, row in enumerate(hist):
+        if not isinstance(row, dict):
+            raise UsageError(f"training log {f}: row {i + 1} is not an object")
+        for k in _LOG_FIELDS:
+            if k not in row:
+                raise UsageError(f"training log {f}: row {i + 1} lacks the field {k!r}")
+            if not num(row[k]):
+                raise UsageError(
+                    f"training log {f}: row {i + 1} field {k!r} is not a number: {row[k]!r}"
+                )
+        any_t = row.get("anytime_accuracy")
+        if any_t is not None and not (isinstance(any_t, list) and all(map(num, any_t))):
+            raise UsageError(
+                f"training log {f}: row {i + 1} field 'anytime_accuracy' is not a list of numbers"
+            )
+    return hist
+
+
+def run_table(runs: Sequence[tuple[str, list[dict]]]) -> str:
+    """A markdown table of each run's final, best (with its epoch) and last-epoch anytime
+    accuracy (%)."""
+    lines = [
+        "| run | epochs | final acc % | best acc % (epoch) | anytime acc % (t = 1..T) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, hist in runs:
+        last = hist[-1]
+        best = max(hist, key=lambda h: h["test_accuracy"])
+        any_t = last.get("anytime_accuracy") or []
+        lines.append(
+            f"| {name} | {last['epoch']} | {100 * last['test_accuracy']:.2f} | "
+            f"{100 * best['test_accuracy']:.2f} ({best['epoch']}) | "
+            f"{' / '.join(f'{100 * a:.1f}' for a in any_t) or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _zoom(ax, values: Sequence[float], pad_frac: float = 0.08, min_span: float = 2.0) -> None:
+    """Limit the y axis to the range the values occupy (plus a margin), within [0, 100]."""
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return
+    lo, hi = min(vals), max(vals)
+    span = max(hi - lo, min_span)
+    mid = (lo + hi) / 2
+    lo, hi = mid - span / 2 - pad_frac * span, mid + span / 2 + pad_frac * span
+    ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
+
+
 def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
-    """Accuracy curves (test and train accuracy per epoch) and the final anytime accuracy of
-    each run folder holding a metrics.json. Returns the PNGs written."""
+    """Accuracy curves (test and train accuracy per epoch), the final anytime accuracy and the
+    loss of each run folder holding a metrics.json, with the accuracy axes zoomed to the range
+    the runs occupy; writes runs.md (see `run_table`). Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = []
-    for d in run_dirs:
-        f = Path(d) / "metrics.json"
-        try:
-            hist = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"cannot read training log {f}: {e}") from e
-        if not isinstance(hist, list) or not hist:
-            raise UsageError(f"training log {f} holds no epochs")
-        runs.append((Path(d).name, hist))
+    runs = [(Path(d).name, read_training_log(Path(d))) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     written = []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    acc_vals: list[float] = []
+    any_vals: list[float] = []
     for name, hist in runs:
         ep = [h["epoch"] for h in hist]
-        line = ax1.plot(
-            ep, [100 * h["test_accuracy"] for h in hist], marker="o", ms=3, label=f"{name} test"
-        )[0]
-        ax1.plot(
-            ep,
-            [100 * h["train_accuracy"] for h in hist],
-            ls="--",
-            color=line.get_color(),
-            label=f"{name} train",
-        )
-        any_t = hist[-1].get("anytime_accuracy") or []
-        ax2.plot(
-            range(1, len(any_t) + 1),
-            [100 * a for a in any_t],
-            marker="o",
-            color=line.get_color(),
-            label=name,
-        )
+        test = [100 * h["test_accuracy"] for h in hist]
+        train = [100 * h["train_accuracy"] for h in hist]
+        acc_vals += test + train
+        line = ax1.plot(ep, test, marker="o", ms=3, label=f"{name} test")[0]
+        ax1.plot(ep, train, ls="--", color=line.get_color(), label=f"{name} train")
+        any_t = [100 * a for a in hist[-1].get("anytime_accuracy") or []]
+        any_vals += any_t
+        ax2.plot(range(1, len(any_t) + 1), any_t, marker="o", color=line.get_color(), label=name)
     ax1.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy per epoch")
+    ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _zoom(ax1, acc_vals)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=7)
     ax2.set(
@@ -257,6 +493,7 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
         title="anytime accuracy (last epoch)",
     )
     ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _zoom(ax2, any_vals)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)
     fig.tight_layout()
@@ -268,13 +505,23 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, hist in runs:
         ax.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label=name)
-    ax.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    losses = [h["train_loss"] for _, hist in runs for h in hist]
+    log_scale = all(math.isfinite(v) and v > 0 for v in losses)
+    ax.set(
+        xlabel="epoch", ylabel="train loss", yscale="log" if log_scale else "linear",
+        title="training loss",
+    )  # fmt: skip
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "loss.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    written.append(path)
+
+    path = out / "runs.md"
+    path.write_text("# Training runs\n\n" + run_table(runs))
     written.append(path)
     return written
 
@@ -363,10 +610,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         )
     written: list[Path] = []
     if runs:
+        table = run_table([(r.name, read_training_log(r)) for r in runs])
         try:
             written += plot_training_logs(runs, out)
         except ImportError as e:
             raise UsageError("empf report needs matplotlib: pip install 'empf-triton[plot]'") from e
+        print(table)
     if args.bench:
         missing = [b for b in args.bench if not Path(b).is_file()]
         if missing:
@@ -392,29 +641,73 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="empf", description="EM-PF spiking networks: online training, evaluation, reports."
     )
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,report}")
     sub.required = True
     _train_parser(sub)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its test set")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on its test set",
+        description="Evaluate a checkpoint written by empf train on its data set's test split: "
+        "accuracy of the logits summed over T, and the anytime accuracy after each step.",
+    )
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by empf train")
-    e.add_argument("--dataset", default=None, help="override the checkpoint's data set")
-    e.add_argument("--data-root", dest="data_root", default=None)
-    e.add_argument("--batch-size", dest="batch_size", type=int, default=500)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--threads", type=int, default=0)
-    e.add_argument("--impl", default="auto")
+    e.add_argument(
+        "--dataset", default=None, help="override the checkpoint's data set (same input shape)"
+    )
+    e.add_argument(
+        "--data-root",
+        dest="data_root",
+        default=None,
+        help="folder of the data files (default: the one the run used)",
+    )
+    e.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=_number("batch_size"),
+        default=500,
+        help="evaluation batch size (default 500)",
+    )
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    e.add_argument(
+        "--threads",
+        type=_number("threads"),
+        default=0,
+        help="CPU threads (default 0 = auto: 1 on CPU)",
+    )
+    e.add_argument(
+        "--impl", default="auto", help="kernels: auto, triton or reference (default auto)"
+    )
     e.add_argument(
         "--step-mode",
         dest="step_mode",
         choices=("m", "s"),
         default="m",
-        help="m: all steps per call (fast); s: one step per call",
+        help="m: all steps per call (fast); s: one step per call (default m)",
+    )
+    e.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32, or bf16/fp16 autocast for convolutions and linears (default fp32)",
+    )
+    e.add_argument(
+        "--compile",
+        choices=("none", "default", "reduce-overhead"),
+        default="none",
+        help="torch.compile the model: none, default, or reduce-overhead (CUDA graphs; on a CPU "
+        "the same as default) (default none)",
     )
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    r = sub.add_parser("report", help="plot training logs and benchmark JSON as PNGs")
+    r = sub.add_parser(
+        "report",
+        help="plot training logs and benchmark JSON as PNGs",
+        description="Plot the accuracy and loss curves of training runs, with a table of each "
+        "run's final, best and anytime accuracy (printed and written as runs.md), and plot "
+        "pytest-benchmark JSON files.",
+    )
     r.add_argument(
         "--runs",
         nargs="*",
@@ -427,7 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="pytest-benchmark JSON files (plotted by bench/report.py)",
     )
-    r.add_argument("--out", default="reports", help="folder for the PNGs (default reports)")
+    r.add_argument(
+        "--out", default="reports", help="folder for the PNGs and runs.md (default reports)"
+    )
     return parser
 
 
@@ -442,9 +737,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DatasetNotFoundError,
         MissingDependencyError,
         TrainingDivergedError,
-        FileNotFoundError,
-        PermissionError,
-        IsADirectoryError,
+        OSError,  # missing / unwritable files, a file where a folder should be, disk full, ...
         json.JSONDecodeError,
     )
 
@@ -452,19 +745,32 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `empf` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse reports its own errors (exit 2, no traceback)
+    try:
+        args = parser.parse_args(argv)  # one-line errors, exit status 2 (see _Parser)
+    except SystemExit as e:  # --help (0) or a bad command line (2)
+        return e.code if isinstance(e.code, int) else 2
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report}
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt:
-        print("empf: interrupted (the last saved checkpoint is intact)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from .train.loop import TrainingInterrupted
+
+        msg = str(e) if isinstance(e, TrainingInterrupted) and str(e) else "interrupted"
+        print(f"empf {args.command}: {msg}", file=sys.stderr)
         return 130
     except _user_errors() as e:
         if os.environ.get("EMPF_DEBUG"):
             raise
-        msg = str(e) or type(e).__name__
-        print(f"empf {args.command}: error: {msg}", file=sys.stderr)
+        print(f"empf {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, UsageError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
 
 
 if __name__ == "__main__":

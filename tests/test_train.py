@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -405,3 +406,70 @@ def test_small_models_bad_options():
     model = build_model("mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=2)
     with pytest.raises(ValueError, match=r"needs input \[N, 1, 40\]"):
         model(torch.randn(4, 40))
+
+
+def test_fp16_scaler_path_with_grad_clip_steps_every_strategy():
+    """fp16 autocast with a GradScaler (CPU): every strategy trains, the scaler is stepped,
+    parameters stay fp32 and finite."""
+    from empf_triton.train.precision import make_grad_scaler
+
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    for strategy in STRATEGIES:
+        model = _mlp(2, hidden=(16,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = make_grad_scaler("cpu", "fp16")
+        before = [p.detach().clone() for p in model.parameters()]
+        r = train_batch(
+            model, x, y, opt, strategy, 2, precision="fp16", scaler=scaler, grad_clip=1.0,
+            t_star=1,
+        )  # fmt: skip
+        assert torch.isfinite(torch.tensor(r.loss)), strategy
+        assert scaler.get_scale() > 0
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), strategy
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert make_grad_scaler("cpu", "bf16") is None and make_grad_scaler("cpu", "fp32") is None
+    with pytest.raises(ValueError, match="precision"):
+        train_batch(_mlp(2), x, y, opt, "online", 2, precision="fp8")
+
+
+def test_compiled_and_ddp_wrappers_are_unwrapped():
+    from empf_triton.train.precision import compile_model
+    from empf_triton.train.strategies import _base
+
+    model = _mlp(2, hidden=(8,))
+    assert compile_model(model, "none") is model
+    compiled = compile_model(model, "default")  # lazy: nothing compiles until it is called
+    assert _base(compiled) is model
+    with pytest.raises(ValueError, match="compile"):
+        compile_model(model, "fast")
+
+
+def test_resume_changes_and_hyperparameters_applied():
+    from empf_triton.train.loop import _apply_hyperparameters, _make_scheduler, resume_changes
+
+    cfg = TrainConfig(lr=0.5, epochs=4, schedule="cosine", optimizer="sgd", momentum=0.5)
+    saved = {"lr": 0.1, "epochs": 2, "optimizer": "sgd", "momentum": 0.9, "batch_size": 128}
+    assert resume_changes(cfg, saved) == {
+        "lr": (0.1, 0.5), "epochs": (2, 4), "momentum": (0.9, 0.5),
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="optimizer 'adamw'; a resumed run cannot use 'sgd'"):
+        resume_changes(cfg, {**saved, "optimizer": "adamw"})
+    model = _mlp(2, hidden=(8,))
+    old = TrainConfig(lr=0.1, epochs=2, optimizer="sgd")
+    opt = torch.optim.SGD(model.parameters(), lr=old.lr, momentum=0.9)
+    sched = _make_scheduler(old, opt, steps_per_epoch=10)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    state_o, state_s = opt.state_dict(), sched.state_dict()
+    opt2 = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    sched2 = _make_scheduler(cfg, opt2, steps_per_epoch=10)
+    opt2.load_state_dict(state_o)
+    sched2.load_state_dict(state_s)
+    _apply_hyperparameters(cfg, opt2, sched2)
+    g = opt2.param_groups[0]
+    # step 10 of a 40-step cosine from 0.5: 0.5 * (1 + cos(pi / 4)) / 2
+    assert g["lr"] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert g["momentum"] == 0.5 and g["nesterov"] is True
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.25 * (1 + math.cos(math.pi * 11 / 40)))

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .lock import default_file_mode
+
 __all__ = [
     "FORMAT",
     "CheckpointError",
@@ -172,6 +174,8 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (umask respected).
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(buf.getbuffer())
             f.flush()
@@ -242,11 +246,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+def _first_sentence(text: str, limit: int = 240) -> str:
+    """The first sentence of `text`'s first line, cut at a word end if still over `limit`."""
+    line = text.strip().splitlines()[0].strip()
+    end = line.find(". ")
+    if end >= 0:
+        line = line[: end + 1]
+    if len(line) <= limit:
+        return line
+    return line[: line[:limit].rfind(" ")].rstrip(" ,;:") + " ..."
+
+
 def _safe_load(path: Path, data: bytes, map_location) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        detail = _first_sentence(str(e)) if str(e) else "no detail"
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated and cannot be read "
             f"({type(e).__name__}: {detail})"

@@ -33,13 +33,25 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .lock import OutputLock, default_file_mode
+from .precision import (
+    check_compile,
+    check_precision,
+    compile_model,
+    make_grad_scaler,
+)
 from .strategies import STRATEGIES, evaluate, iterate_batches, num_batches, train_epoch
 
 __all__ = [
+    "NEURONS",
     "OPTIMIZERS",
+    "RESUME_CHANGEABLE",
+    "RESUME_FIXED",
+    "SURROGATES",
     "SCHEDULES",
     "TrainConfig",
     "TrainingDivergedError",
+    "TrainingInterrupted",
     "build_from_checkpoint",
     "resolve_device",
     "run_training",
@@ -47,10 +59,42 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+NEURONS = ("empf", "lif")
+SURROGATES = ("sigmoid", "atan", "triangle")
+#: LIF defaults filled in when neuron="lif" and the option is not given.
+LIF_DEFAULTS = {"tau": 2.0, "v_threshold": 1.0, "surrogate": "sigmoid"}
+LIF_FIELDS = ("tau", "v_threshold", "surrogate", "surrogate_alpha", "detach_reset")
+
+#: Settings a resumed run may change: they are honoured from the resumed epoch on (and logged).
+RESUME_CHANGEABLE = (
+    "epochs",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "schedule",
+    "warmup_epochs",
+    "strategy",
+    "grad_clip",
+    "eval_batch_size",
+    "augment",
+    "impl",
+    "data_root",
+    "sync_bn",
+    "precision",
+    "compile",
+)
+#: Settings a resumed run must keep (the model's are also checked against the checkpoint).
+RESUME_FIXED = ("dataset", "batch_size", "optimizer", "seed", "neuron")
+#: Fields that steer one invocation and are never compared on resume.
+RUN_CONTROL = ("device", "threads", "out", "resume", "overwrite", "stop_after", "progress")
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or the weights became non-finite; the last good checkpoint was kept."""
+    """The loss or the weights became non-finite (the message says which checkpoint is left)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says which checkpoint (if any) is left on disk."""
 
 
 @dataclass
@@ -80,7 +124,15 @@ class TrainConfig:
         grad_clip: clip the gradient norm (None: no clipping).
         sync_bn: SyncBatchNorm under DDP (CUDA only).
         progress: show a progress bar on stderr (only where stderr is a terminal).
-        model_options: extra keyword options for the model factory.
+        model_options: extra keyword options for the model factory (a dict; keys the
+            command line sets elsewhere, such as T or impl, are refused).
+        precision: "fp32" | "bf16" | "fp16" (autocast for convolutions and linears; fp16 adds a
+            GradScaler). compile: "none" | "default" | "reduce-overhead" (`torch.compile`).
+        neuron: "empf" | "lif". tau (LIF decay 1 - 1/tau, tau > 1; default 2.0), v_threshold
+            (default 1.0), surrogate ("sigmoid" | "atan" | "triangle"; default sigmoid),
+            surrogate_alpha (None: the surrogate's default), detach_reset: LIF options, passed
+            to the model as `neuron`, `tau`, `v_threshold`, `surrogate`, `alpha`,
+            `detach_reset` only when neuron="lif" (and refused with neuron="empf").
     """
 
     dataset: str = "mnist1d"
@@ -116,9 +168,36 @@ class TrainConfig:
     sync_bn: bool = False
     progress: bool = True
     model_options: dict | None = None
+    precision: str = "fp32"
+    compile: str = "none"
+    neuron: str = "empf"
+    tau: float | None = None
+    v_threshold: float | None = None
+    surrogate: str | None = None
+    surrogate_alpha: float | None = None
+    detach_reset: bool = False
+
+    def __post_init__(self) -> None:
+        if self.neuron == "lif":  # record the values that actually run
+            for k, v in LIF_DEFAULTS.items():
+                if getattr(self, k) is None:
+                    setattr(self, k, v)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+
+        def number(name: str, v: object, lo: float, hi: float = math.inf, lo_open=True) -> None:
+            ok = (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and (v > lo if lo_open else v >= lo)
+                and v <= hi
+            )
+            if not ok:
+                rng = f"> {lo}" if lo_open else f">= {lo}"
+                rng += "" if hi == math.inf else f" and <= {hi}"
+                raise ValueError(f"{name} must be a finite number {rng}, got {v!r}")
 
         def pos_int(name: str, v: object, minimum: int = 1) -> None:
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
@@ -143,12 +222,12 @@ class TrainConfig:
             raise ValueError(
                 f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}"
             )
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.momentum < 1:
+        number("lr", self.lr, 0)
+        number("weight_decay", self.weight_decay, 0, lo_open=False)
+        number("momentum", self.momentum, 0, lo_open=False)
+        if not self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        number("warmup_epochs", self.warmup_epochs, 0, lo_open=False)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs!r}"
@@ -157,8 +236,44 @@ class TrainConfig:
             raise ValueError(
                 f"weight_bits must be 1, 1.5 or 32 (full precision), got {self.weight_bits!r}"
             )
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
+        if self.grad_clip is not None:
+            number("grad_clip", self.grad_clip, 0)
+        if self.spike_bits is not None:
+            pos_int("spike_bits", self.spike_bits)
+            if self.spike_bits > 8:
+                raise ValueError(f"spike_bits must be 1..8 or None, got {self.spike_bits!r}")
+        number("spike_step", self.spike_step, 0)
+        pos_int("seed", self.seed, 0)
+        check_precision(self.precision)
+        check_compile(self.compile)
+        if self.model_options is not None and not isinstance(self.model_options, dict):
+            mo = self.model_options
+            raise ValueError(
+                "model_options must be a JSON object such as '{\"hidden\": [64]}', got "
+                f"{json.dumps(mo) if _jsonable(mo) else repr(mo)}"
+            )
+        reserved = sorted(set(self.model_options or {}) & set(_RESERVED_OPTIONS))
+        if reserved:
+            k = reserved[0]
+            how = _RESERVED_OPTIONS[k]
+            raise ValueError(f"model_options may not set {k!r}: {how}")
+        if self.neuron not in NEURONS:
+            raise ValueError(f"neuron must be one of {', '.join(NEURONS)}, got {self.neuron!r}")
+        if self.neuron == "empf":
+            given = [k for k in LIF_FIELDS if getattr(self, k) not in (None, False)]
+            if given:
+                raise ValueError(
+                    f"{given[0]} is a LIF option; it needs neuron='lif' (--neuron lif)"
+                )
+        else:
+            number("tau", self.tau, 1)
+            number("v_threshold", self.v_threshold, 0)
+            if self.surrogate not in SURROGATES:
+                raise ValueError(
+                    f"surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}"
+                )
+            if self.surrogate_alpha is not None:
+                number("surrogate_alpha", self.surrogate_alpha, 0)
 
     def model_config(self, in_shape, num_classes: int) -> dict:
         """The build_model keyword arguments (what a checkpoint must match)."""
@@ -174,8 +289,47 @@ class TrainConfig:
             "seca": bool(self.seca),
             "mem_bn": bool(self.mem_bn),
         }
+        if self.neuron == "lif":
+            cfg.update(
+                neuron="lif",
+                tau=float(self.tau),
+                v_threshold=float(self.v_threshold),
+                surrogate=self.surrogate,
+                detach_reset=bool(self.detach_reset),
+            )
+            if self.surrogate_alpha is not None:
+                cfg["alpha"] = float(self.surrogate_alpha)
         cfg.update(self.model_options or {})
         return cfg
+
+
+def _jsonable(v: object) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+#: model_options keys that other settings own, and what to use instead.
+_RESERVED_OPTIONS = {
+    "in_shape": "the input shape is fixed by the data set",
+    "num_classes": "the number of classes is fixed by the data set",
+    "T": "use --T",
+    "impl": "use --impl",
+    "weight_bits": "use --weight-bits",
+    "spike_bits": "use --spike-bits",
+    "spike_step": "use --spike-step",
+    "parallel": "use --parallel",
+    "seca": "use --seca",
+    "mem_bn": "use --mem-bn",
+    "neuron": "use --neuron",
+    "tau": "use --tau",
+    "v_threshold": "use --v-threshold",
+    "surrogate": "use --surrogate",
+    "alpha": "use --surrogate-alpha",
+    "detach_reset": "use --detach-reset",
+}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -210,12 +364,131 @@ def resolve_threads(threads: int, device: torch.device) -> int:
     return 1 if device.type == "cpu" else torch.get_num_threads()
 
 
+def _option_defaults(name: str) -> dict[str, Any]:
+    """The keyword defaults of model `name`: its factory's, or (for a factory that passes
+    **options on) those of the class named in its return annotation. {} if unknown."""
+    import inspect
+
+    from ..models import MODELS
+
+    fn = MODELS.get(name)
+    if fn is None:
+        return {}
+    try:
+        sig = inspect.signature(fn, eval_str=True)
+    except (NameError, TypeError, ValueError):
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return {}
+    out = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return out
+    cls = sig.return_annotation
+    if not inspect.isclass(cls):
+        return {}  # **options go somewhere unknown: the model's own checks decide
+    try:
+        csig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return {}
+    out.update({k: p.default for k, p in csig.parameters.items() if p.default is not p.empty})
+    return out
+
+
+def check_model_options(name: str, options: dict | None) -> None:
+    """Refuse model options whose kind differs from the model's default for that option: a
+    number for a list of widths, a list for a flag, a negative width, ... (ValueError naming the
+    option, its default and the value given)."""
+    defaults = _option_defaults(name)
+    takes = sorted(set(defaults) - set(_RESERVED_OPTIONS) - {"grad_mode", "step_mode"})
+    for k, v in (options or {}).items():
+        if k not in defaults:
+            if defaults:
+                raise ValueError(
+                    f"model {name!r} does not take the option {k!r}; it takes {', '.join(takes)}"
+                )
+            continue  # the model's options are unknown here: build_model checks them
+        if defaults[k] is None:
+            continue
+        d = defaults[k]
+
+        def bad(expected: str, k=k, d=d, v=v) -> ValueError:
+            return ValueError(
+                f"model option {k!r} of {name!r} must be {expected} "
+                f"(default {json.dumps(_plain_default(d))}), got {json.dumps(v)}"
+            )
+
+        if isinstance(d, bool):
+            if not isinstance(v, bool):
+                raise bad("true or false")
+        elif isinstance(d, (tuple, list)):
+            if not isinstance(v, list):
+                raise bad("a list")
+            if all(isinstance(e, int) and not isinstance(e, bool) for e in d) and d:
+                # widths (all positive by default) must be >= 1; indices may be 0
+                low = 1 if min(d) > 0 else 0
+                if not v or any(
+                    isinstance(e, bool) or not isinstance(e, int) or e < low for e in v
+                ):
+                    raise bad(f"a non-empty list of integers >= {low}")
+        elif isinstance(d, int):
+            low = 1 if d > 0 else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad(f"an integer >= {low}")
+        elif isinstance(d, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad("a number")
+        elif isinstance(d, str) and not isinstance(v, str):
+            raise bad("a string")
+
+
+def _plain_default(d: Any) -> Any:
+    return list(d) if isinstance(d, tuple) else d
+
+
 def _build_model(name: str, config: dict, impl: str):
+    """build_model(name, **config); any failure of the factory on these options becomes one
+    ValueError that names the model and the options (not the Python internals behind it)."""
     from ..models import build_model
 
     kw = dict(config)
     in_shape, num_classes, T = tuple(kw.pop("in_shape")), kw.pop("num_classes"), kw.pop("T")
-    return build_model(name, in_shape=in_shape, num_classes=num_classes, T=T, impl=impl, **kw)
+    try:
+        return build_model(name, in_shape=in_shape, num_classes=num_classes, T=T, impl=impl, **kw)
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(f"model {name!r}"):
+            raise
+        opts = json.dumps(kw, default=str)
+        raise ValueError(f"model {name!r} cannot be built with options {opts}: {e}") from e
+
+
+def _smoke_forward(model, name: str, model_config: dict, device: torch.device) -> None:
+    """One eval-mode forward step on a zero input, so model options that build but cannot run
+    (a width of 0, a shape the layers do not fit, ...) fail here with one clear message rather
+    than deep inside the first batch. Consumes no random numbers and leaves no state."""
+    from ..nn.neuron import reset_net
+    from .strategies import set_step_mode
+
+    shape = [1, *model_config["in_shape"]]
+    was_training = model.training
+    model.eval()
+    set_step_mode(model, "s")
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape, device=device))
+        n = model_config["num_classes"]
+        if tuple(out.shape) != (1, n):
+            raise ValueError(f"it gives logits of shape {tuple(out.shape)}, expected (1, {n})")
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        opts = {k: v for k, v in model_config.items() if k not in ("in_shape", "num_classes")}
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"model {name!r} with options {json.dumps(opts, default=str)} cannot run on inputs "
+            f"of shape {tuple(model_config['in_shape'])}: {msg}"
+        ) from e
+    finally:
+        reset_net(model)
+        model.train(was_training)
 
 
 def build_from_checkpoint(ckpt: dict, *, impl: str = "auto", path: str = "checkpoint"):
@@ -259,6 +532,7 @@ class _Progress:
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would ignore the user's umask
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -291,21 +565,75 @@ def _peak_memory_mb(device: torch.device) -> tuple[str, float]:
     return "peak_rss_mb", rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _resolve_out(cfg: TrainConfig, model_name: str) -> Path:
-    if cfg.out is not None:
-        out = Path(cfg.out)
-        if (out / "last.pt").exists() and not cfg.overwrite and cfg.resume is None:
+def _holds_run(folder: Path) -> bool:
+    return (folder / "last.pt").exists()
+
+
+def _check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder; choose a folder path")
+
+
+def _lock_out(
+    cfg: TrainConfig, model_name: str, resume_path: Path | None, resume_stat=None
+) -> tuple[Path, Any]:
+    """Choose the output folder and lock it (see lock.py); returns (folder, lock).
+
+    An explicit `out` (or, for a resume, the resumed checkpoint's folder) is used as given:
+    refused if it is a file, if another run holds its lock, or if it holds a last.pt that this
+    run would replace without continuing it (a fresh run, a resume from another folder, or a
+    resume from best.pt while a later last.pt is there), unless `overwrite`; and refused if the
+    resumed last.pt changed since it was read (`resume_stat`: another run wrote it meanwhile).
+    The default folder `runs/<dataset>-<model>-<strategy>-T<T>` is suffixed -2, -3, ...
+    past folders that hold a checkpoint or are in use. The checks run after the lock is taken,
+    so two runs racing for one folder cannot both pass them.
+    """
+    from .lock import OutputFolderBusyError
+
+    if cfg.out is not None or resume_path is not None:
+        out = Path(cfg.out) if cfg.out is not None else resume_path.parent
+        _check_out_folder(out)
+        lock = OutputLock(out).acquire()
+        last = out / "last.pt"
+        continuing = resume_path is not None and last.exists() and last.samefile(resume_path)
+        if _holds_run(out) and not cfg.overwrite and not continuing:
+            lock.release()
+            if resume_path is not None and out.resolve() == resume_path.parent.resolve():
+                raise ValueError(
+                    f"resuming from {resume_path} would replace {last}, a later checkpoint of "
+                    f"this run; pass --out NEW_FOLDER to branch off, or --overwrite"
+                )
+            hint = f"pass --resume {out} to continue that run, " if resume_path is None else ""
             raise ValueError(
-                f"output folder {out} already holds a checkpoint (last.pt); pass --resume {out} "
-                "to continue that run, --overwrite to start over, or another --out"
+                f"output folder {out} already holds a checkpoint (last.pt) of another run; "
+                f"{hint}--overwrite to replace it, or another --out"
             )
-        return out
+        if continuing and resume_stat is not None:
+            now = last.stat()
+            if (now.st_mtime_ns, now.st_size) != resume_stat:
+                lock.release()
+                raise ValueError(
+                    f"{last} changed while this run started (another run wrote it); "
+                    "run the command again to resume from the new checkpoint"
+                )
+        return out, lock
     base = Path("runs") / f"{cfg.dataset}-{model_name}-{cfg.strategy}-T{cfg.T}"
-    out, k = base, 1
-    while (out / "last.pt").exists() and cfg.resume is None and not cfg.overwrite:
+    k = 1
+    while True:
+        out = base if k == 1 else base.with_name(f"{base.name}-{k}")
         k += 1
-        out = base.with_name(f"{base.name}-{k}")
-    return out
+        if out.exists() and not out.is_dir():
+            continue
+        if _holds_run(out) and not cfg.overwrite:
+            continue
+        try:
+            lock = OutputLock(out).acquire()
+        except OutputFolderBusyError:
+            continue
+        if _holds_run(out) and not cfg.overwrite:  # another run finished here meanwhile
+            lock.release()
+            continue
+        return out, lock
 
 
 def _make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -324,14 +652,61 @@ def _make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def resume_changes(cfg: TrainConfig, saved: dict, path: object = "checkpoint") -> dict:
+    """The settings `cfg` changes relative to the resumed run's saved config.
+
+    Returns {field: (saved, requested)} for the changed fields of `RESUME_CHANGEABLE` (a resumed
+    run honours them). Raises ValueError for a changed field of `RESUME_FIXED`. Fields the
+    checkpoint does not record are taken as unchanged (checkpoints of older versions).
+    """
+    now = asdict(cfg)
+    for k in RESUME_FIXED:
+        if k in saved and saved[k] != now[k]:
+            why = {
+                "optimizer": "its optimizer state cannot be carried over to another optimizer",
+                "batch_size": "the schedule and data order are counted in its batches",
+                "seed": "its random streams are restored from the checkpoint",
+                "dataset": "the model was trained on that data set",
+                "neuron": "the model was built with those neurons",
+            }[k]
+            raise ValueError(
+                f"{path} was trained with {k} {saved[k]!r}; a resumed run cannot use "
+                f"{now[k]!r} ({why}). Start a new run to change it"
+            )
+    return {k: (saved[k], now[k]) for k in RESUME_CHANGEABLE if k in saved and saved[k] != now[k]}
+
+
+def _apply_hyperparameters(cfg: TrainConfig, optimizer, scheduler) -> None:
+    """Put cfg's lr / weight decay / momentum into a restored optimizer and scheduler (their
+    state_dicts bring back the saved ones), with the lr at the scheduler's current position."""
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    step = scheduler.last_epoch
+    for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        g["initial_lr"] = cfg.lr
+        g["lr"] = cfg.lr * lam(step)
+        g["weight_decay"] = cfg.weight_decay
+        if cfg.optimizer == "sgd":
+            g["momentum"] = cfg.momentum
+            g["nesterov"] = cfg.momentum > 0
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train as `cfg` says; returns a summary dict (final metrics, paths, epochs run).
 
+    The output folder is locked for the whole run (a second run into it fails at once), and
+    config.json, last.pt, best.pt and the logs are (re)written together at the end of each
+    epoch, so the folder never mixes files of two runs. A resumed run honours changed
+    `RESUME_CHANGEABLE` settings (it logs them and records them in config.json) and refuses
+    changed `RESUME_FIXED` ones.
+
     Raises:
-        ValueError: a bad configuration (unknown data set / model / strategy, T < 1, ...).
+        ValueError: a bad configuration (unknown data set / model / strategy, T < 1, ...), an
+            output folder in use or holding another run, a setting a resume cannot change.
         CheckpointError: `resume` names a missing, corrupt or incompatible checkpoint.
         DatasetNotFoundError, MissingDependencyError: the data set cannot be loaded.
-        TrainingDivergedError: the loss became non-finite (last good checkpoint kept).
+        TrainingDivergedError: the loss became non-finite (the message says what was kept).
+        TrainingInterrupted: Ctrl-C (the message says which checkpoint is left).
     """
     cfg.validate()
     from ..data import load_dataset
@@ -348,24 +723,106 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 def _start(cfg: TrainConfig, device: torch.device, log, load_dataset) -> dict:
     ckpt = None
     resume_path = None
+    resume_stat = None
     if cfg.resume is not None:
         resume_path = Path(cfg.resume)
         if resume_path.is_dir():
             resume_path = resume_path / "last.pt"
+        st = resume_path.stat() if resume_path.is_file() else None
         ckpt = load_checkpoint(resume_path)  # fail before anything is written or trained
+        if st is not None:
+            resume_stat = (st.st_mtime_ns, st.st_size)
 
     dist = ddp.init_distributed(device)
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)
+    state = _RunState()
     try:
-        return _run(cfg, device, dist, ckpt, resume_path, load_dataset, log)
+        return _run(cfg, device, dist, ckpt, (resume_path, resume_stat), load_dataset, log, state)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(f"interrupted; {state.describe()}") from None
     finally:
+        if state.lock is not None:
+            state.lock.release()
         ddp.cleanup(dist)
 
 
-def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
+class _RunState:
+    """What is on disk for this run, so errors and interrupts can say what is true."""
+
+    def __init__(self) -> None:
+        self.out: Path | None = None
+        self.lock = None
+        self.saved_epoch: int | None = None  # epoch of out/last.pt written by this run
+        self.resumed: tuple[Path, int] | None = None  # (checkpoint resumed from, its epoch)
+        self.preexisting = False  # out/last.pt of an earlier run was there at the start
+        self.main = True  # only rank 0 writes (and knows what it wrote)
+
+    def describe(self) -> str:
+        if not self.main:
+            return "rank 0 saves the checkpoints and reports what was kept"
+        if self.out is None:
+            return "nothing was written"
+        last = self.out / "last.pt"
+        if self.saved_epoch is not None:
+            return f"the last good checkpoint, {last} (epoch {self.saved_epoch}), was kept"
+        if self.resumed is not None and self.resumed[0].resolve() == last.resolve():
+            return (
+                f"no epoch finished in this run; the checkpoint it resumed from, {last} "
+                f"(epoch {self.resumed[1]}), is unchanged"
+            )
+        msg = f"no epoch finished, so this run saved no checkpoint in {self.out}"
+        if self.preexisting:
+            msg += f" (the earlier run's {last} there is unchanged)"
+        if self.resumed is not None:
+            msg += f"; the checkpoint it resumed from, {self.resumed[0]}, is unchanged"
+        return msg
+
+
+class _DeferInterrupt:
+    """Hold Ctrl-C until the block ends (the main thread only), so the checkpoints and logs of
+    an epoch are all written, never some of them."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.pending = False
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.old = signal.signal(signal.SIGINT, self._hold)
+            except ValueError:
+                self.old = None
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        self.pending = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.pending and exc[0] is None:
+            raise KeyboardInterrupt
+
+
+def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
+    resume_path, resume_stat = resume
     from ..data import EVENT_DATASETS
 
+    changes: dict = {}
+    if ckpt is not None:  # settings a resume cannot change: refused before any work
+        saved = dict(ckpt.get("extra", {}).get("config", {}))
+        saved_ds = saved.get("dataset")
+        if saved_ds is not None and saved_ds != cfg.dataset:
+            raise CheckpointError(
+                f"{resume_path} was trained on dataset {saved_ds!r}, not {cfg.dataset!r}"
+            )
+        changes = resume_changes(cfg, saved, resume_path)
     kw = {"T": cfg.T} if cfg.dataset in EVENT_DATASETS else {}
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, **kw)
     model_name = cfg.model if cfg.model != "auto" else info.default_model
@@ -375,17 +832,21 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
 
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(sorted(MODELS))}")
+    check_model_options(model_name, cfg.model_options)
+    if cfg.neuron == "lif":
+        defaults = _option_defaults(model_name)
+        if defaults and "neuron" not in defaults:
+            raise ValueError(
+                f"model {model_name!r} cannot build LIF neurons (it takes no 'neuron' option); "
+                "use --neuron empf or a model that supports LIF"
+            )
     model_config = cfg.model_config(info.in_shape, info.num_classes)
     if ckpt is not None:
         check_compatible(ckpt, model_name, model_config, path=resume_path)
-        saved_ds = ckpt.get("extra", {}).get("config", {}).get("dataset")
-        if saved_ds is not None and saved_ds != cfg.dataset:
-            raise CheckpointError(
-                f"{resume_path} was trained on dataset {saved_ds!r}, not {cfg.dataset!r}"
-            )
 
     torch.manual_seed(cfg.seed)
     model = _build_model(model_name, model_config, cfg.impl).to(device)
+    _smoke_forward(model, model_name, model_config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -399,6 +860,7 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
         )
     steps = num_batches(len(train_set), cfg.batch_size, dist.world_size)
     scheduler = _make_scheduler(cfg, optimizer, steps)
+    scaler = make_grad_scaler(device, cfg.precision)
     # Separate streams, so e.g. turning augmentation off does not change the data order or t*.
     gens = {
         "shuffle": torch.Generator().manual_seed(cfg.seed + 1),
@@ -409,40 +871,73 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
     start_epoch, history, best = 0, [], -1.0
     if ckpt is not None:
         load_model_state(model, ckpt, path=resume_path)
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
+        try:
+            if ckpt.get("optimizer") is not None:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scheduler") is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"the optimizer state in {resume_path} does not fit this run's "
+                f"{cfg.optimizer} optimizer ({type(e).__name__}: {e})"
+            ) from e
+        _apply_hyperparameters(cfg, optimizer, scheduler)
+        scaler_state = ckpt.get("extra", {}).get("grad_scaler")
+        if scaler is not None and scaler_state:
+            scaler.load_state_dict(scaler_state)
         restore_rng(ckpt["rng"], gens)
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt.get("history", []))
         best = max((h.get("test_accuracy", -1.0) for h in history), default=-1.0)
-        if start_epoch >= cfg.epochs:
-            log(
-                f"checkpoint {resume_path} already completed {start_epoch} epoch(s) of "
-                f"{cfg.epochs}; nothing to train (raise --epochs to continue)"
-            )
-    out = (
-        _resolve_out(cfg, model_name)
-        if ckpt is None
-        else (Path(cfg.out) if cfg.out is not None else resume_path.parent)
+        state.resumed = (resume_path, start_epoch)
+    if dist.is_main:
+        out, state.lock = _lock_out(cfg, model_name, resume_path, resume_stat)
+        state.preexisting = _holds_run(out)
+    else:
+        out = Path(cfg.out) if cfg.out is not None else Path(".")
+        state.main = False
+    state.out = out
+    same_folder = (
+        (out / "last.pt").exists()
+        and resume_path is not None
+        and ((out / "last.pt").samefile(resume_path))
     )
     wrapped = ddp.wrap_model(model, device, dist, cfg.sync_bn)
+    train_model = compile_model(wrapped, cfg.compile)
+    eval_model = train_model if wrapped is model else compile_model(model, cfg.compile)
+    conf = asdict(cfg)
+    conf.update(
+        model_resolved=model_name,
+        model_config=model_config,
+        device_resolved=str(device),
+        world_size=dist.world_size,
+    )
+    if ckpt is not None:
+        conf["resumed_from"] = {"checkpoint": str(resume_path), "epoch": start_epoch}
+        conf["changed_on_resume"] = {k: {"saved": a, "now": b} for k, (a, b) in changes.items()}
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        conf = asdict(cfg)
-        conf.update(
-            model_resolved=model_name, device_resolved=str(device), world_size=dist.world_size
-        )
-        _atomic_write_text(out / "config.json", json.dumps(conf, indent=1, default=str) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         log(
             f"empf train: {cfg.dataset} ({len(train_set)} train / {len(test_set)} test), "
-            f"model {model_name} ({n_params:,} params, weight_bits={cfg.weight_bits}), "
-            f"strategy {cfg.strategy}, T={cfg.T}, {cfg.epochs} epochs, batch {cfg.batch_size}"
-            f"{f' x {dist.world_size} ranks' if dist.enabled else ''}, device {device}, "
+            f"model {model_name} ({n_params:,} params, weight_bits={cfg.weight_bits}"
+            f"{', LIF neurons' if cfg.neuron == 'lif' else ''}), "
+            f"strategy {cfg.strategy}, T={cfg.T}, {_plural(cfg.epochs, 'epoch')}, "
+            f"batch {cfg.batch_size}"
+            f"{f' x {dist.world_size} ranks' if dist.enabled else ''}, device {device}"
+            f"{'' if cfg.precision == 'fp32' else f', {cfg.precision} autocast'}"
+            f"{'' if cfg.compile == 'none' else f', torch.compile {cfg.compile}'}, "
             f"out {out}" + (f", resumed at epoch {start_epoch}" if ckpt is not None else "")
         )
+        if changes:
+            log(
+                "resumed with changed settings (honoured from here on): "
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            )
+        if ckpt is not None and start_epoch >= cfg.epochs:
+            log(
+                f"checkpoint {resume_path} already completed {_plural(start_epoch, 'epoch')} of "
+                f"{cfg.epochs}; nothing to train (raise --epochs to continue)"
+            )
 
     transform = info.train_transform if cfg.augment else None
     extra = {"config": {k: v for k, v in asdict(cfg).items() if k != "model_options"}}
@@ -465,7 +960,7 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
             device=device,
         )
         r = train_epoch(
-            wrapped,
+            train_model,
             batches,
             optimizer,
             cfg.strategy,
@@ -478,6 +973,8 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
             grad_clip=cfg.grad_clip,
             progress=bar,
             check_tstar=dist.enabled,
+            precision=cfg.precision,
+            scaler=scaler,
         )
         bar.close()
         test_batches = (
@@ -491,7 +988,9 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
             if not dist.enabled
             else _eval_shard(test_set, cfg.eval_batch_size, dist, device)
         )
-        ev = evaluate(model, test_batches, cfg.T, is_event=info.is_event)
+        ev = evaluate(
+            eval_model, test_batches, cfg.T, is_event=info.is_event, precision=cfg.precision
+        )
         # Sum counts over ranks (each evaluated and trained on its own shard).
         sums = ddp.all_reduce_sum(
             [
@@ -525,8 +1024,8 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
             torch.isfinite(p).all() for p in model.parameters()
         ):
             raise TrainingDivergedError(
-                f"training diverged at epoch {epoch + 1} (train loss {train_loss}); the last "
-                f"good checkpoint in {out} was kept. Try a lower --lr."
+                f"training diverged at epoch {epoch + 1} (train loss {train_loss}); "
+                f"{state.describe()}. Try a lower --lr."
             )
         history.append(row)
         run_epochs += 1
@@ -537,6 +1036,11 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
                 f"(anytime {' '.join(f'{a * 100:.1f}' for a in anytime)}) "
                 f"{r.seconds:5.1f}s {mem_key.replace('_mb', '')} {mem:.0f} MB"
             )
+            if scaler is not None:
+                extra["grad_scaler"] = {
+                    k: (float(v) if isinstance(v, float) else v)
+                    for k, v in scaler.state_dict().items()
+                }
             ck = {
                 "model": model,
                 "model_name": model_name,
@@ -548,11 +1052,19 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
                 "history": history,
                 "extra": extra,
             }
-            save_checkpoint(out / "last.pt", **ck)
-            if anytime[-1] > best:
-                best = anytime[-1]
-                save_checkpoint(out / "best.pt", **ck)
-            _write_logs(out, history)
+            # All of an epoch's files, or none: Ctrl-C waits until they are written.
+            with _DeferInterrupt():
+                _atomic_write_text(
+                    out / "config.json", json.dumps(conf, indent=1, default=str) + "\n"
+                )
+                save_checkpoint(out / "last.pt", **ck)
+                # The first save into a folder other than the resumed one writes best.pt too,
+                # so best.pt never belongs to another run (--overwrite) or is missing.
+                if anytime[-1] > best or (state.saved_epoch is None and not same_folder):
+                    save_checkpoint(out / "best.pt", **ck)
+                best = max(best, anytime[-1])
+                _write_logs(out, history)
+                state.saved_epoch = epoch + 1
         summary = row
     ddp.barrier(dist)
     return {
@@ -564,6 +1076,10 @@ def _run(cfg, device, dist, ckpt, resume_path, load_dataset, log) -> dict:
         "final": summary,
         "history": history,
     }
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _eval_shard(dataset, batch_size: int, dist, device):

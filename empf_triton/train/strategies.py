@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.neuron import STEP_MODES, StatefulNeuron, reset_net
+from .precision import autocast, check_precision
 
 __all__ = [
     "STRATEGIES",
@@ -50,7 +51,9 @@ STRATEGIES = ("online", "random_step", "accumulate", "bptt")
 
 
 def _base(model: nn.Module) -> nn.Module:
-    """The wrapped module of a DDP / DataParallel model (their `.module`), else the model."""
+    """The plain model under a `torch.compile` wrapper (`._orig_mod`) and/or a DDP /
+    DataParallel wrapper (`.module`)."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 
@@ -132,6 +135,8 @@ def train_batch(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     grad_clip: float | None = None,
     t_star: int | None = None,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> BatchResult:
     """Train on one batch with `strategy` (see the module docstring).
 
@@ -148,13 +153,32 @@ def train_batch(
         loss_fn: per-step loss on [N, C] logits.
         grad_clip: clip the gradient norm to this before each optimizer step (None: no clip).
         t_star: force t* for `random_step` (tests; normally drawn).
+        precision: "fp32" | "bf16" | "fp16": autocast for the forward passes (see precision.py).
+        scaler: a `torch.amp.GradScaler` (for fp16): losses are scaled before backward and the
+            optimizer is stepped through it.
     """
     _check_strategy(strategy)
     _check_T(T)
+    check_precision(precision)
     base = _base(model)
     reset_net(base)
+    device = x.device
+
+    def fwd(inp: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return model(inp)
+
+    def backward(loss: torch.Tensor) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def opt_step() -> None:
+        if scaler is not None:
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(base.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            return
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(base.parameters(), grad_clip)
         optimizer.step()
@@ -163,9 +187,9 @@ def train_batch(
         set_step_mode(base, "m")
         set_grad_mode(base, "bptt")
         optimizer.zero_grad(set_to_none=True)
-        out = model(seq_inputs(x, T, is_event))  # [T, N, C]
+        out = fwd(seq_inputs(x, T, is_event)).float()  # [T, N, C]
         loss = loss_fn(out.mean(0), y)
-        loss.backward()
+        backward(loss)
         opt_step()
         reset_net(base)  # drop the temporal graph held by the kept membranes
         return BatchResult(float(loss.detach()), out.detach().sum(0), T)
@@ -180,12 +204,12 @@ def train_batch(
             raise ValueError(f"t_star must be in 0..{T - 1}, got {t_star}")
         with torch.no_grad():
             for t in range(t_star):
-                o = model(step_inputs(x, t, is_event))
+                o = fwd(step_inputs(x, t, is_event)).float()
                 total = o if total is None else total + o
         optimizer.zero_grad(set_to_none=True)
-        out = model(step_inputs(x, t_star, is_event))
+        out = fwd(step_inputs(x, t_star, is_event)).float()
         loss = loss_fn(out, y)
-        loss.backward()
+        backward(loss)
         opt_step()
         total = out.detach() if total is None else total + out.detach()
         return BatchResult(float(loss.detach()), total, t_star + 1, t_star)
@@ -199,9 +223,9 @@ def train_batch(
         sync = strategy == "online" or t == T - 1
         ctx = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
         with ctx:
-            out = model(step_inputs(x, t, is_event))
+            out = fwd(step_inputs(x, t, is_event)).float()
             loss = loss_fn(out, y)
-            (loss if strategy == "online" else loss / T).backward()
+            backward(loss if strategy == "online" else loss / T)
         if strategy == "online":
             opt_step()
         losses += float(loss.detach())
@@ -304,6 +328,8 @@ def train_epoch(
     grad_clip: float | None = None,
     progress: Callable[[int, float, float], None] | None = None,
     check_tstar: bool = False,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochResult:
     """One pass over `batches` with `strategy`; `scheduler.step()` after every batch if given.
 
@@ -313,6 +339,7 @@ def train_epoch(
         transform: training augmentation `f(x, transform_generator) -> x` per batch.
         progress: called after each batch as `progress(batch_index, loss, accuracy_so_far)`.
         check_tstar: under torch.distributed, all-gather t* each batch and raise if ranks differ.
+        precision, scaler: as `train_batch`.
     """
     _check_strategy(strategy)
     _check_T(T)
@@ -342,6 +369,8 @@ def train_epoch(
             loss_fn=loss_fn,
             grad_clip=grad_clip,
             t_star=t_star,
+            precision=precision,
+            scaler=scaler,
         )
         if scheduler is not None:
             scheduler.step()
@@ -382,6 +411,7 @@ def evaluate(
     is_event: bool = False,
     loss_fn: Callable = F.cross_entropy,
     step_mode: str = "m",
+    precision: str = "fp32",
 ) -> dict:
     """Accuracy of the logits summed over T, and the anytime accuracy after each step.
 
@@ -389,6 +419,10 @@ def evaluate(
         batches: (x, y) batches on the model's device.
         step_mode: "m" runs all T steps in one call (fast); "s" steps one at a time. Both give
             the same logits in eval mode.
+        precision: "fp32" | "bf16" | "fp16": autocast for the forward passes.
+
+    A `torch.compile`d model is called as it is (so the compiled code runs); a DDP wrapper is
+    bypassed (each rank evaluates its own shard without gradient synchronisation).
 
     Returns:
         {"loss": cross-entropy of the mean logits, "accuracy": final accuracy,
@@ -396,7 +430,9 @@ def evaluate(
          "samples": n, "correct": the count behind "accuracy", "anytime_correct": counts}.
     """
     _check_T(T)
+    check_precision(precision)
     base = _base(model)
+    fwd = model if hasattr(model, "_orig_mod") else base
     was_training = base.training
     base.eval()
     set_grad_mode(base, "online")
@@ -405,12 +441,13 @@ def evaluate(
     try:
         for x, y in batches:
             reset_net(base)
-            if step_mode == "m":
-                set_step_mode(base, "m")
-                out = base(seq_inputs(x, T, is_event))  # [T, N, C]
-            else:
-                set_step_mode(base, "s")
-                out = torch.stack([base(step_inputs(x, t, is_event)) for t in range(T)])
+            with autocast(x.device, precision):
+                if step_mode == "m":
+                    set_step_mode(base, "m")
+                    out = fwd(seq_inputs(x, T, is_event))  # [T, N, C]
+                else:
+                    set_step_mode(base, "s")
+                    out = torch.stack([fwd(step_inputs(x, t, is_event)) for t in range(T)])
             cum = out.float().cumsum(0)  # [T, N, C]
             correct_t += (cum.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
             loss_sum += float(loss_fn(cum[-1] / T, y, reduction="sum"))

@@ -1,0 +1,58 @@
+"""Mixed precision and torch.compile settings of a training or evaluation run.
+
+- precision "fp32": no autocast. "bf16" / "fp16": `torch.autocast` around the forward passes, so
+  convolutions and linears run in half precision; the neuron ops take the half-precision currents
+  and keep their membrane state in fp32; losses and BN statistics stay in fp32 (autocast's
+  rules). "fp16" also uses a `torch.amp.GradScaler` (its small exponent range would flush small
+  gradients to zero); bf16 has fp32's exponent range and needs none.
+- compile "none": eager. "default": `torch.compile(model)`. "reduce-overhead":
+  `torch.compile(model, mode="reduce-overhead")`, which captures CUDA graphs on a GPU; on a CPU
+  there are no CUDA graphs and it behaves like "default". Not fullgraph: until every op is
+  visible to the compiler, a graph break falls back to eager for that piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+__all__ = ["COMPILE_MODES", "PRECISIONS", "autocast", "compile_model", "make_grad_scaler"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+
+
+def check_precision(precision: object) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
+def check_compile(mode: object) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def autocast(device: torch.device | str, precision: str = "fp32"):
+    """`torch.autocast(device.type, dtype)` for "bf16"/"fp16"; a no-op context for "fp32"."""
+    dtype = PRECISIONS[check_precision(precision)]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device | str, precision: str):
+    """A `torch.amp.GradScaler` for "fp16" (None otherwise)."""
+    if check_precision(precision) != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """`model` itself for "none", else `torch.compile(model, mode=...)` (not fullgraph)."""
+    if check_compile(mode) == "none":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
