@@ -34,7 +34,6 @@ __all__ = ["MAX_CODE_K", "binary_conv_neuron"]
 #: K * 255 stays below 2^24, so the sums are exact in fp32 (and in the kernel's accumulators).
 MAX_CODE_K = (2**24 - 1) // 255
 
-_KERNEL_READY = False
 _X_DTYPES = (torch.uint8, torch.float16, torch.float32, torch.bfloat16)
 _X_DTYPES_REF = (*_X_DTYPES, torch.float64)
 
@@ -102,6 +101,7 @@ def binary_conv_neuron(
     spike_step: float = 0.25,
     out_dtype: torch.dtype = torch.float32,
     impl: str = "auto",
+    in_bits: int | None = None,
 ) -> torch.Tensor:
     """Packed binary/ternary convolution, folded scale/bias and EM-PF neuron in one fused op.
 
@@ -133,6 +133,9 @@ def binary_conv_neuron(
         out_dtype: fp32, fp16 or bf16: dtype of float spikes or currents.
         impl: "auto" (Triton on CUDA, else the reference), "triton" (the fused kernel; on CPU
             only under TRITON_INTERPRET=1) or "reference". No silent fallback.
+        in_bits: uint8 inputs only: the codes' bit width k_in in 1..8 (default 8). Only the low
+            k_in bits of each byte are read (both paths mask them), and with k_in <= 7 the GPU
+            kernel uses int8 tensor-core dots (codes < 128); 8 uses exact fp16 dots.
 
     Returns:
         [T, N, C_out, Ho, Wo]: uint8 codes, float spikes or currents (see above), contiguous.
@@ -191,6 +194,12 @@ def binary_conv_neuron(
             raise TypeError(f"in_step must be a float, got {type(in_step).__name__}")
         if not (math.isfinite(in_step) and in_step > 0):
             raise ValueError(f"in_step must be a finite float > 0, got {in_step}")
+        if in_bits is None:
+            in_bits = 8
+        if isinstance(in_bits, bool) or not isinstance(in_bits, int):
+            raise TypeError(f"in_bits must be an int or None, got {type(in_bits).__name__}")
+        if not 1 <= in_bits <= 8:
+            raise ValueError(f"in_bits must be in 1..8, got {in_bits}")
         in_step32 = float(torch.tensor(float(in_step), dtype=torch.float32))
         if not (math.isfinite(in_step32) and in_step32 > 0):
             raise ValueError(f"in_step must be a positive normal fp32 value, got {in_step}")
@@ -200,8 +209,10 @@ def binary_conv_neuron(
                 f"got K = {packed.K}"
             )
     else:
-        if in_step is not None:
-            raise ValueError(f"in_step is only for uint8 code inputs; x has dtype {x.dtype}")
+        if in_step is not None or in_bits is not None:
+            raise ValueError(
+                f"in_step and in_bits are only for uint8 code inputs; x has dtype {x.dtype}"
+            )
         in_step32 = None
 
     scale = _check_param("scale", scale, T, C_out, x.device, optional=False)
@@ -245,6 +256,7 @@ def binary_conv_neuron(
             padding=(ph, pw),
             groups=groups,
             in_step=in_step32,
+            in_bits=in_bits,
             decay=decay,
             threshold=threshold,
             parallel=parallel,
@@ -253,8 +265,6 @@ def binary_conv_neuron(
             out_dtype=out_dtype,
         )
 
-    if not _KERNEL_READY:
-        raise NotImplementedError("binary_conv_neuron: the Triton kernel is not written yet")
     k = load_kernels("binary_conv")
     with device_guard(x):
         return k.binary_conv_neuron_fwd(
@@ -269,6 +279,7 @@ def binary_conv_neuron(
             padding=(ph, pw),
             groups=groups,
             in_step=in_step32,
+            in_bits=in_bits if in_bits is not None else 8,
             parallel=parallel,
             spike_bits=spike_bits,
             spike_step=spike_step,

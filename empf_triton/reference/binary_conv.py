@@ -49,13 +49,18 @@ def binary_conv_ref(
     padding: tuple[int, int],
     groups: int,
     in_step: float | None,
+    in_bits: int | None = None,
 ) -> torch.Tensor:
     """fp32 convolution [T, N, C_out, Ho, Wo] of the spikes x [T, N, C_in, H, W] with the packed
-    signs (no scale): codes are convolved as integers and multiplied by fp32(in_step) once."""
+    signs (no scale): codes (their low `in_bits` bits) are convolved as integers and multiplied
+    by fp32(in_step) once."""
     T, N = x.shape[:2]
     K = math.prod(shape[1:])
     w = decode_ref(words, K).to(torch.float32).reshape(shape)
-    xf = x.reshape(T * N, *x.shape[2:]).to(torch.float32)
+    xf = x.reshape(T * N, *x.shape[2:])
+    if x.dtype == torch.uint8 and in_bits is not None and in_bits < 8:
+        xf = xf & (2**in_bits - 1)
+    xf = xf.to(torch.float32)
     with _no_tf32(x.device):
         y = F.conv2d(xf, w, stride=stride, padding=padding, groups=groups)
     if in_step is not None:
@@ -73,6 +78,7 @@ def binary_conv_neuron_ref(
     padding: int | tuple[int, int] = 0,
     groups: int = 1,
     in_step: float | None = None,
+    in_bits: int | None = None,
     decay: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None,
     parallel: bool = False,
@@ -97,6 +103,7 @@ def binary_conv_neuron_ref(
         padding=padding,
         groups=groups,
         in_step=in_step if x.dtype == torch.uint8 else None,
+        in_bits=in_bits,
     )
     bshape = (T, 1, -1, 1, 1)
     y = conv * _per_step(scale, T).reshape(bshape)
