@@ -10,8 +10,9 @@ One launch runs a deployed spiking convolution layer for all T steps:
 - Program tile = BLOCK_P output positions of one image x BLOCK_CO output channels of one group;
   the program loops over t = 0..T-1 itself, so the neuron's membrane v stays in registers.
 - Epilogue per step: `y = acc (* in_step for codes) * scale[t, co] + bias[t, co]`, then the neuron
-  `m = decay·v + y; s = relu(m - θ); v = m - s` (or the parallel `s = relu(y - θ)`), and the store
-  of uint8 codes `clamp(round_half_even(s / step), 0, 2^k - 1)`, float spikes s, or currents y.
+  `m = decay·v + y; s = relu(m - θ); v = m - s` (or the parallel `s = relu(y - θ)`), and the
+  store of uint8 codes `clamp(round_half_even(s / step), 0, 2^k - 1)`, float spikes s or the
+  currents y.
 
 Dot precision (±1/0 weights are exact in every format, so only the spike operand matters):
 - uint8 codes with `in_bits <= 7` (codes < 128): int8 tensor-core dots, int32 accumulation: exact.
@@ -188,9 +189,7 @@ def _bconv_neuron_kernel(
             rem = o_k % KHW
             ih = ih0[:, None] + (rem // KW)[None, :]
             iw = iw0[:, None] + (rem % KW)[None, :]
-            m_a = (
-                m_p[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            )
+            m_a = m_p[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             off_a = ci[None, :] * stride_xc + ih * stride_xh + iw * stride_xw
             b_a = tl.load(p_xg + off_a, mask=m_a, other=0)
             if CODES:

@@ -253,10 +253,10 @@ def binary_conv_cases():
         launch(x, 1, 64, 1, "current", None, dtype, True)
     # T = 1, depthwise (one channel per group) and grouped convolutions: integer arguments equal
     # to 1 become constants.
-    launch(torch.zeros(1, 1, 16, 5, 5, dtype=torch.uint8), 1, 16, 16, "empf", 4, torch.float32,
-           True, 4, T=1)
-    launch(torch.zeros(2, 1, 16, 5, 5, dtype=torch.float16), 2, 32, 2, "parallel", None,
-           torch.float16, False)
+    dw = torch.zeros(1, 1, 16, 5, 5, dtype=torch.uint8)
+    launch(dw, 1, 16, 16, "empf", 4, torch.float32, True, 4, T=1)
+    grouped = torch.zeros(2, 1, 16, 5, 5, dtype=torch.float16)
+    launch(grouped, 2, 32, 2, "parallel", None, torch.float16, False)
 
 
 CASES = {

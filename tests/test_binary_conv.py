@@ -127,7 +127,9 @@ def test_in_bits_masks_high_bits_on_both_paths():
     scale, bias = _params(2, 6, per_step=False, bias=True)
     out, ref = _both(x, packed, scale, bias, padding=1, in_step=0.5, in_bits=3)
     _assert_equal(out, ref, "in_bits=3")
-    masked = binary_conv_neuron(x & 7, packed, scale, bias, padding=1, in_step=0.5, impl="reference")
+    masked = binary_conv_neuron(
+        x & 7, packed, scale, bias, padding=1, in_step=0.5, impl="reference"
+    )
     assert torch.equal(ref, masked)
 
 
@@ -148,15 +150,10 @@ def test_non_contiguous_input():
     packed = _packed(C_out, C_in, (3, 3), 1)
     scale, bias = _params(T, C_out, per_step=True, bias=True)
     decay, threshold = _neuron(T, C_out)
-    out, ref = _both(
-        x, packed, scale, bias, stride=2, padding=1, in_step=0.25, decay=decay,
-        threshold=threshold, spike_bits=4,
-    )
+    kw = dict(stride=2, padding=1, in_step=0.25, decay=decay, threshold=threshold, spike_bits=4)
+    out, ref = _both(x, packed, scale, bias, **kw)
     _assert_equal(out, ref, "non-contiguous")
-    contiguous = binary_conv_neuron(
-        x.contiguous(), packed, scale, bias, stride=2, padding=1, in_step=0.25, decay=decay,
-        threshold=threshold, spike_bits=4, impl="triton",
-    )
+    contiguous = binary_conv_neuron(x.contiguous(), packed, scale, bias, impl="triton", **kw)
     assert torch.equal(out, contiguous)
 
 
@@ -226,9 +223,18 @@ def test_matches_unfused_fold_dense_conv_empf_neuron():
     x = torch.randint(0, 16, (T, N, C_in, 8, 8), dtype=torch.uint8, generator=g)
     lam, theta = 0.5, 0.8  # θ off the 1/32 grid of the currents
     fused = binary_conv_neuron(
-        x, packed, scale, bias, stride=2, padding=1, in_step=0.25,
-        decay=torch.full((T, C_out), lam), threshold=torch.full((T, C_out), theta),
-        spike_bits=4, spike_step=0.25, impl="triton",
+        x,
+        packed,
+        scale,
+        bias,
+        stride=2,
+        padding=1,
+        in_step=0.25,
+        decay=torch.full((T, C_out), lam),
+        threshold=torch.full((T, C_out), theta),
+        spike_bits=4,
+        spike_step=0.25,
+        impl="triton",
     )
     sign = unpack_weight(packed, torch.float32) / packed.scale[:, None, None, None]
     w_fold = sign * scale[:, None, None, None]
