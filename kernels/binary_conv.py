@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, launch_options, pick_configs, spike_code
+from ._common import INTERPRET, empty, launch_options, pick_configs, spike_code
 from .binary import DOT_FP16, DOT_IEEE, DOT_TF32, DOT_TF32X3, _dot_acc, _to_out
 
 #: int8 tensor-core dots on int8 tiles with int32 accumulation (codes < 128).
@@ -288,8 +288,6 @@ def binary_conv_neuron_fwd(
     float spikes; words: int32 [planes, C_out, ceil(K / 32)]; scale, bias: [C] or [T, C];
     decay, threshold: [T, C_out] or None. Returns [T, N, C_out, Ho, Wo] contiguous.
     """
-    from ._common import INTERPRET
-
     T, N, C_in, H, W = x.shape
     C_out, CG, kh, kw = wshape
     sh, sw = stride

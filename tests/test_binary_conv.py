@@ -24,6 +24,8 @@ from empf_triton.reference.binary import decode_ref
 from empf_triton.reference.binary_conv import binary_conv_neuron_ref
 
 U32 = 2.0**-24  # unit roundoff of fp32
+# Kernels run on CUDA where it exists (the interpreter is off there), else in the interpreter.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (C_in, C_out, (kh, kw), stride, padding, groups, H, W): odd channel counts, C_out > BLOCK_CO,
 # K > BLOCK_K, H*W > BLOCK_P, 1x1, grouped, depthwise, 1-D (H = 1) and asymmetric stride/padding.
@@ -42,8 +44,8 @@ def _params(T, C, *, per_step, bias, seed=0):
     """Positive scales and biases on a grid (exact in fp32 and fp16), [C] or [T, C]."""
     g = torch.Generator().manual_seed(seed)
     shape = (T, C) if per_step else (C,)
-    scale = torch.randint(1, 9, shape, generator=g).float() / 8
-    b = (torch.randint(-8, 9, shape, generator=g).float() / 16) if bias else None
+    scale = (torch.randint(1, 9, shape, generator=g).float() / 8).to(DEV)
+    b = (torch.randint(-8, 9, shape, generator=g).float() / 16).to(DEV) if bias else None
     return scale, b
 
 
@@ -52,12 +54,12 @@ def _neuron(T, C, seed=1):
     decay = torch.randint(2, 8, (T, C), generator=g).float() / 8
     # Thresholds off the 1/64 grid that the codes' currents live on: no current ever equals one.
     threshold = (torch.randint(4, 40, (T, C), generator=g).float() + 0.37) / 16
-    return decay, threshold
+    return decay.to(DEV), threshold.to(DEV)
 
 
 def _packed(C_out, Cg, k, bits, seed=2):
     g = torch.Generator().manual_seed(seed)
-    return pack_weight(torch.randn(C_out, Cg, *k, generator=g), bits, impl="reference")
+    return pack_weight(torch.randn(C_out, Cg, *k, generator=g), bits, impl="reference").to(DEV)
 
 
 def _both(*args, **kwargs):
@@ -85,7 +87,7 @@ def test_codes_in_every_output_matches_reference(geom, T, bits):
     decay, threshold = _neuron(T, C_out)
     fired = 0
     for i, k_in in enumerate((1, 2, 4, 8)):
-        x = torch.randint(0, 2**k_in, (T, 2, C_in, H, W), dtype=torch.uint8)
+        x = torch.randint(0, 2**k_in, (T, 2, C_in, H, W), dtype=torch.uint8, device=DEV)
         scale, bias = _params(T, C_out, per_step=i % 2 == 1, bias=i != 2, seed=i)
         # Decoded spikes up to about 2-4 whatever k_in (powers of two: exact steps).
         in_step = 2.0 ** (2 - k_in)
@@ -111,7 +113,7 @@ def test_currents_equal_exact_convolution():
     """The reference itself: codes * in_step convolved with the ±1 weight, scaled, biased."""
     T, C_in, C_out = 2, 5, 7
     packed = _packed(C_out, C_in, (3, 3), 1)
-    x = torch.randint(0, 256, (T, 3, C_in, 6, 5), dtype=torch.uint8)
+    x = torch.randint(0, 256, (T, 3, C_in, 6, 5), dtype=torch.uint8, device=DEV)
     scale, bias = _params(T, C_out, per_step=True, bias=True)
     y = binary_conv_neuron(x, packed, scale, bias, padding=1, in_step=0.125, impl="triton")
     w = decode_ref(packed.words, packed.K).double().reshape(packed.shape)
@@ -123,7 +125,7 @@ def test_currents_equal_exact_convolution():
 
 def test_in_bits_masks_high_bits_on_both_paths():
     packed = _packed(6, 4, (3, 3), 2)
-    x = torch.randint(0, 256, (2, 2, 4, 5, 5), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 2, 4, 5, 5), dtype=torch.uint8, device=DEV)
     scale, bias = _params(2, 6, per_step=False, bias=True)
     out, ref = _both(x, packed, scale, bias, padding=1, in_step=0.5, in_bits=3)
     _assert_equal(out, ref, "in_bits=3")
@@ -136,7 +138,7 @@ def test_in_bits_masks_high_bits_on_both_paths():
 def test_large_codes_stay_exact():
     """8-bit codes near 255 with K = 16*9 = 144: sums up to ~37000, exact on both paths."""
     packed = _packed(20, 16, (3, 3), 1)
-    x = torch.randint(200, 256, (1, 1, 16, 6, 6), dtype=torch.uint8)
+    x = torch.randint(200, 256, (1, 1, 16, 6, 6), dtype=torch.uint8, device=DEV)
     scale, bias = _params(1, 20, per_step=False, bias=True)
     out, ref = _both(x, packed, scale, bias, padding=1, in_step=0.3)
     _assert_equal(out, ref, "large codes")
@@ -144,7 +146,7 @@ def test_large_codes_stay_exact():
 
 def test_non_contiguous_input():
     T, N, C_in, C_out = 2, 3, 5, 6
-    base = torch.randint(0, 16, (N, T, 7, 8, C_in), dtype=torch.uint8)  # channels-last, N first
+    base = torch.randint(0, 16, (N, T, 7, 8, C_in), dtype=torch.uint8, device=DEV)  # NTHWC
     x = base.permute(1, 0, 4, 2, 3)
     assert not x.is_contiguous()
     packed = _packed(C_out, C_in, (3, 3), 1)
@@ -166,7 +168,7 @@ def test_float_spikes_on_a_grid_match_exactly(x_dtype, bits):
     """Spikes k/16 (exact in every dtype; exact fp32 sums): every output matches bit for bit."""
     T, C_in, C_out = 3, 7, 11
     packed = _packed(C_out, C_in, (3, 3), bits)
-    x = (torch.randint(0, 32, (T, 2, C_in, 6, 7)).float() / 16).to(x_dtype)
+    x = (torch.randint(0, 32, (T, 2, C_in, 6, 7), device=DEV).float() / 16).to(x_dtype)
     scale, bias = _params(T, C_out, per_step=True, bias=True)
     decay, threshold = _neuron(T, C_out)
     common = dict(stride=1, padding=1)
@@ -189,10 +191,10 @@ def test_float_spikes_currents_within_fp32_summation_bound(x_dtype):
     plus one rounding each for the scale multiply and the bias add."""
     T, C_in, C_out = 2, 9, 13
     packed = _packed(C_out, C_in, (3, 3), 2)
-    x = (torch.rand(T, 2, C_in, 5, 6) * 3).to(x_dtype)
+    x = (torch.rand(T, 2, C_in, 5, 6, device=DEV) * 3).to(x_dtype)
     g = torch.Generator().manual_seed(5)
-    scale = torch.rand(T, C_out, generator=g) + 0.1
-    bias = torch.randn(C_out, generator=g)
+    scale = (torch.rand(T, C_out, generator=g) + 0.1).to(DEV)
+    bias = torch.randn(C_out, generator=g).to(DEV)
     w = decode_ref(packed.words, packed.K).double().reshape(packed.shape)
     x64 = x.double().reshape(T * 2, C_in, 5, 6)
     conv = F.conv2d(x64, w, padding=1).reshape(T, 2, C_out, 5, 6)
@@ -216,11 +218,11 @@ def test_matches_unfused_fold_dense_conv_empf_neuron():
     T, N, C_in, C_out = 3, 2, 6, 10
     g = torch.Generator().manual_seed(7)
     w = torch.randn(C_out, C_in, 3, 3, generator=g)
-    packed = pack_weight(w, 1, impl="reference")
+    packed = pack_weight(w, 1, impl="reference").to(DEV)
     # Folded BN scale and bias on a power-of-two grid, so both paths are exact.
-    scale = torch.randint(1, 5, (C_out,), generator=g).float() / 4
-    bias = torch.randint(-4, 5, (C_out,), generator=g).float() / 8
-    x = torch.randint(0, 16, (T, N, C_in, 8, 8), dtype=torch.uint8, generator=g)
+    scale = (torch.randint(1, 5, (C_out,), generator=g).float() / 4).to(DEV)
+    bias = (torch.randint(-4, 5, (C_out,), generator=g).float() / 8).to(DEV)
+    x = torch.randint(0, 16, (T, N, C_in, 8, 8), dtype=torch.uint8, generator=g).to(DEV)
     lam, theta = 0.5, 0.8  # θ off the 1/32 grid of the currents
     fused = binary_conv_neuron(
         x,
@@ -230,8 +232,8 @@ def test_matches_unfused_fold_dense_conv_empf_neuron():
         stride=2,
         padding=1,
         in_step=0.25,
-        decay=torch.full((T, C_out), lam),
-        threshold=torch.full((T, C_out), theta),
+        decay=torch.full((T, C_out), lam, device=DEV),
+        threshold=torch.full((T, C_out), theta, device=DEV),
         spike_bits=4,
         spike_step=0.25,
         impl="triton",
@@ -247,18 +249,26 @@ def test_matches_unfused_fold_dense_conv_empf_neuron():
     assert torch.equal(fused, unfused)
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_auto_runs_triton_on_cuda_and_the_reference_on_cpu(monkeypatch):
+    import empf_triton.ops.binary_conv as op
+
+    calls = []
+    real_ref = op.binary_conv_neuron_ref
+    monkeypatch.setattr(
+        op, "binary_conv_neuron_ref", lambda *a, **k: calls.append(1) or real_ref(*a, **k)
+    )
     packed = _packed(4, 3, (3, 3), 1)
-    x = torch.randint(0, 4, (2, 1, 3, 5, 5), dtype=torch.uint8)
+    x = torch.randint(0, 4, (2, 1, 3, 5, 5), dtype=torch.uint8, device=DEV)
     scale, bias = _params(2, 4, per_step=False, bias=True)
     a = binary_conv_neuron(x, packed, scale, bias, in_step=1.0)
+    assert len(calls) == (0 if DEV == "cuda" else 1)
     r = binary_conv_neuron_ref(x, packed, scale, bias, in_step=1.0)
     assert torch.equal(a, r)
 
 
 def test_empty_batch():
     packed = _packed(4, 3, (3, 3), 1)
-    x = torch.zeros(2, 0, 3, 5, 5, dtype=torch.uint8)
+    x = torch.zeros(2, 0, 3, 5, 5, dtype=torch.uint8, device=DEV)
     scale, _ = _params(2, 4, per_step=False, bias=False)
     for impl in ("triton", "reference"):
         out = binary_conv_neuron(x, packed, scale, None, in_step=1.0, impl=impl)
@@ -270,8 +280,8 @@ def test_empty_batch():
 
 def test_requires_grad_raises_and_no_grad_runs():
     packed = _packed(4, 3, (3, 3), 1)
-    x = torch.rand(1, 1, 3, 5, 5)
-    scale = torch.ones(4, requires_grad=True)
+    x = torch.rand(1, 1, 3, 5, 5, device=DEV)
+    scale = torch.ones(4, device=DEV, requires_grad=True)
     for impl in ("triton", "reference"):
         with pytest.raises(ValueError, match="inference only"):
             binary_conv_neuron(x, packed, scale, None, impl=impl)
@@ -289,14 +299,14 @@ def test_requires_grad_raises_and_no_grad_runs():
 def _good():
     T, C_in, C_out = 2, 4, 6
     return dict(
-        x=torch.randint(0, 4, (T, 1, C_in, 5, 5), dtype=torch.uint8),
+        x=torch.randint(0, 4, (T, 1, C_in, 5, 5), dtype=torch.uint8, device=DEV),
         packed=_packed(C_out, C_in // 2, (3, 3), 1),
-        scale=torch.ones(C_out),
+        scale=torch.ones(C_out, device=DEV),
         bias=None,
         groups=2,
         in_step=0.25,
-        decay=torch.full((T, C_out), 0.5),
-        threshold=torch.full((T, C_out), 0.5),
+        decay=torch.full((T, C_out), 0.5, device=DEV),
+        threshold=torch.full((T, C_out), 0.5, device=DEV),
     )
 
 
@@ -320,7 +330,8 @@ BAD = [
     ("in_step", 0.0, ValueError, "in_step must be a finite float > 0"),
     ("in_step", float("inf"), ValueError, "in_step must be a finite"),
     ("in_step", "0.25", TypeError, "in_step must be a float"),
-    ("in_step", 1e-50, ValueError, "positive normal fp32"),
+    ("in_step", 1e-50, ValueError, "finite and > 0 in fp32"),
+    ("in_step", 1e39, ValueError, "finite and > 0 in fp32"),
     ("in_bits", 0, ValueError, "in_bits must be in 1..8"),
     ("in_bits", 9, ValueError, "in_bits must be in 1..8"),
     ("in_bits", 4.0, TypeError, "in_bits must be an int"),
@@ -351,9 +362,9 @@ BAD = [
 )
 def test_bad_input_raises(name, value, exc, match):
     kw = _good()
-    kw[name] = value
+    kw[name] = value.to(DEV) if isinstance(value, torch.Tensor) else value
     if name == "threshold" and value is None:
-        kw["decay"] = torch.full((2, _C), 0.5)  # decay without a threshold
+        kw["decay"] = torch.full((2, _C), 0.5, device=DEV)  # decay without a threshold
     args = [kw.pop(k) for k in ("x", "packed", "scale", "bias")]
     impls = ("reference",) if name == "impl" else ("triton", "reference")
     for impl in impls:
@@ -374,16 +385,23 @@ def test_bad_combinations_raise():
         binary_conv_neuron(x.float(), packed, scale, None, groups=2, in_bits=4)
     with pytest.raises(TypeError, match="x must have dtype"):
         binary_conv_neuron(x.double(), packed, scale, None, groups=2, impl="triton")
-    linear = pack_weight(torch.randn(6, 18), 1, impl="reference")
+    linear = pack_weight(torch.randn(6, 18), 1, impl="reference").to(DEV)
     with pytest.raises(ValueError, match="conv weight"):
         binary_conv_neuron(x, linear, scale, None, **common)
-    big = pack_weight(torch.randn(2, MAX_CODE_K + 1, 1, 1), 1, impl="reference")
-    xb = torch.zeros(1, 1, MAX_CODE_K + 1, 1, 1, dtype=torch.uint8)
+    big = pack_weight(torch.randn(2, MAX_CODE_K + 1, 1, 1), 1, impl="reference").to(DEV)
+    xb = torch.zeros(1, 1, MAX_CODE_K + 1, 1, 1, dtype=torch.uint8, device=DEV)
     with pytest.raises(ValueError, match="K = C_in/groups"):
-        binary_conv_neuron(xb, big, torch.ones(2), None, in_step=1.0)
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="is on"):
-            binary_conv_neuron(x, packed.to("cuda"), scale, None, **common)
+        binary_conv_neuron(xb, big, torch.ones(2, device=DEV), None, in_step=1.0)
+    # Device mismatches (a meta tensor stands in for another device on a CPU-only machine).
+    other = "cpu" if DEV == "cuda" else "meta"
+    for impl in ("triton", "reference"):
+        with pytest.raises(ValueError, match="packed weight is on"):
+            binary_conv_neuron(x, packed.to(other), scale, None, impl=impl, **common)
+        with pytest.raises(ValueError, match="scale is on"):
+            binary_conv_neuron(x, packed, scale.to(other), None, impl=impl, **common)
+        th = kw["threshold"].to(other)
+        with pytest.raises(ValueError, match="threshold is on"):
+            binary_conv_neuron(x, packed, scale, None, threshold=th, parallel=True, **common)
 
 
 # -------------------------------------------------------------------------------- sm_90 compilation

@@ -14,6 +14,7 @@ requires grad) raises a ValueError instead of silently dropping gradients; wrap 
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -36,6 +37,14 @@ MAX_CODE_K = (2**24 - 1) // 255
 
 _X_DTYPES = (torch.uint8, torch.float16, torch.float32, torch.bfloat16)
 _X_DTYPES_REF = (*_X_DTYPES, torch.float64)
+
+
+def _fp32(value: float) -> float:
+    """`value` rounded to fp32 (as the kernel receives it), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", float(value)))[0]
+    except OverflowError:
+        return math.inf
 
 
 def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
@@ -200,9 +209,9 @@ def binary_conv_neuron(
             raise TypeError(f"in_bits must be an int or None, got {type(in_bits).__name__}")
         if not 1 <= in_bits <= 8:
             raise ValueError(f"in_bits must be in 1..8, got {in_bits}")
-        in_step32 = float(torch.tensor(float(in_step), dtype=torch.float32))
+        in_step32 = _fp32(in_step)
         if not (math.isfinite(in_step32) and in_step32 > 0):
-            raise ValueError(f"in_step must be a positive normal fp32 value, got {in_step}")
+            raise ValueError(f"in_step must be finite and > 0 in fp32, got {in_step}")
         if packed.K > MAX_CODE_K:
             raise ValueError(
                 f"uint8 inputs need K = C_in/groups*kh*kw <= {MAX_CODE_K} (exact fp32 sums), "
