@@ -210,6 +210,30 @@ def test_float_spikes_currents_within_fp32_summation_bound(x_dtype):
         assert (err <= bound).all(), f"{impl}: worst error/bound {(err / bound).max():.3g}"
 
 
+def test_nan_and_inf_spikes():
+    """NaN propagates to float outputs (and its window) and codes it as 0; +inf is the top code."""
+    T, C_in, C_out = 2, 3, 17
+    packed = _packed(C_out, C_in, (1, 1), 1)
+    x = torch.rand(T, 1, C_in, 4, 4, device=DEV)
+    x[0, 0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0, 0] = float("inf")
+    scale = torch.ones(C_out, device=DEV)
+    decay, threshold = _neuron(T, C_out)
+    for kw in (dict(spike_bits=4), dict(spike_bits=None), dict(spike_bits=3, parallel=True)):
+        kw = dict(kw, threshold=threshold, decay=None if kw.get("parallel") else decay)
+        out, ref = _both(x, packed, scale, None, **kw)
+        if out.is_floating_point():
+            assert torch.equal(out.isnan(), ref.isnan()) and out[0, 0, :, 2, 3].isnan().all()
+            fin = ~ref.isnan()
+            assert torch.equal(out[fin], ref[fin])
+        else:
+            _assert_equal(out, ref, str(kw))
+            assert (out[0, 0, :, 2, 3] == 0).all()
+            top = 2 ** kw["spike_bits"] - 1
+            at_inf = out[1, 0, :, 0, 0]  # +inf or -inf, by the channel's weight sign
+            assert ((at_inf == 0) | (at_inf == top)).all() and (at_inf == top).any()
+
+
 # ---------------------------------------------------------------------- unfused path, public API
 
 
