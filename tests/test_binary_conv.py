@@ -101,6 +101,8 @@ def test_codes_in_every_output_matches_reference(geom, T, bits):
             "currents": dict(),
         }
         for name, kw in cases.items():
+            if k_in != 4 and name not in ("codes", "currents"):
+                continue  # every output format once per geometry: the interpreter is slow
             out, ref = _both(x, packed, scale, bias, **common, **kw)
             _assert_equal(out, ref, f"k_in={k_in} {name}")
             if name == "codes":
