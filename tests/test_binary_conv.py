@@ -161,6 +161,26 @@ def test_non_contiguous_input():
     assert torch.equal(out, contiguous)
 
 
+def test_strided_and_half_precision_parameters():
+    """[T, C] scale as a transposed view, bias as a strided [C] column expanded to [T, C], fp16
+    decay and threshold: converted to fp32 alike on both paths."""
+    T, C_in, C_out = 3, 4, 9
+    packed = _packed(C_out, C_in, (3, 3), 1)
+    x = torch.randint(0, 16, (T, 2, C_in, 5, 5), dtype=torch.uint8, device=DEV)
+    scale_ct, bias_c = _params(C_out, T, per_step=True, bias=True)  # [C, T]
+    scale = scale_ct.t()
+    bias = bias_c[:, 0].expand(T, C_out)  # strides (0, T)
+    assert not scale.is_contiguous() and bias.stride() == (0, T)
+    decay, threshold = _neuron(T, C_out)
+    kw = dict(padding=1, in_step=0.25, decay=decay.half(), threshold=threshold.half())
+    out, ref = _both(x, packed, scale, bias, spike_bits=4, **kw)
+    _assert_equal(out, ref, "strided params")
+    dense = binary_conv_neuron(
+        x, packed, scale.contiguous(), bias.contiguous(), spike_bits=4, impl="triton", **kw
+    )
+    assert torch.equal(out, dense)
+
+
 # ------------------------------------------------------------------------------ float spike inputs
 
 
