@@ -212,7 +212,60 @@ def binary_cases():
         k.ste_grad(torch.zeros(7, 40, dtype=dtype), torch.zeros(7, 40, dtype=dtype))
 
 
-CASES = {"neuron": neuron_cases, "lif": lif_cases, "spikes": spikes_cases, "binary": binary_cases}
+def binary_conv_cases():
+    from empf_triton.kernels import binary_conv as k
+
+    def launch(x, bits, C_out, groups, neuron, spike_bits, out_dtype, bias, in_bits=8, T=2):
+        C_in = x.shape[2]
+        words = torch.zeros(bits, C_out, (C_in // groups * 9 + 31) // 32, dtype=torch.int32)
+        p = torch.zeros(T, C_out)
+        k.binary_conv_neuron_fwd(
+            x,
+            words,
+            (C_out, C_in // groups, 3, 3),
+            torch.zeros(C_out),
+            torch.zeros(C_out) if bias else None,
+            p if neuron == "empf" else None,
+            p if neuron != "current" else None,
+            stride=(1, 1),
+            padding=(1, 1),
+            groups=groups,
+            in_step=0.25 if x.dtype == torch.uint8 else None,
+            in_bits=in_bits,
+            parallel=neuron == "parallel",
+            spike_bits=spike_bits,
+            spike_step=0.25,
+            out_dtype=out_dtype,
+        )
+
+    codes = torch.zeros(2, 2, 64, 8, 8, dtype=torch.uint8)
+    for in_bits in (4, 8):  # int8 dots, fp16 dots
+        for bits in (1, 2):
+            for neuron in ("empf", "parallel"):
+                launch(codes, bits, 64, 1, neuron, 4, torch.float32, True, in_bits)
+            launch(codes, bits, 64, 1, "empf", None, torch.float16, False, in_bits)
+            launch(codes, bits, 64, 1, "current", None, torch.float32, True, in_bits)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.zeros(2, 2, 64, 8, 8, dtype=dtype)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            launch(x, 1, 64, 1, "empf", None, out_dtype, True)
+        launch(x, 2, 64, 1, "parallel", 2, torch.float32, False)
+        launch(x, 1, 64, 1, "current", None, dtype, True)
+    # T = 1, depthwise (one channel per group) and grouped convolutions: integer arguments equal
+    # to 1 become constants.
+    dw = torch.zeros(1, 1, 16, 5, 5, dtype=torch.uint8)
+    launch(dw, 1, 16, 16, "empf", 4, torch.float32, True, 4, T=1)
+    grouped = torch.zeros(2, 1, 16, 5, 5, dtype=torch.float16)
+    launch(grouped, 2, 32, 2, "parallel", None, torch.float16, False)
+
+
+CASES = {
+    "neuron": neuron_cases,
+    "lif": lif_cases,
+    "spikes": spikes_cases,
+    "binary": binary_cases,
+    "binary_conv": binary_conv_cases,
+}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
