@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .deploy import cli as deploy_cli
+
 __all__ = ["main"]
 
 #: Fields a resumed run takes from its checkpoint unless given again on the command line.
@@ -148,6 +150,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.loop import build_from_checkpoint, resolve_device, resolve_threads
     from .train.strategies import evaluate, iterate_batches
 
+    if args.deployed is not None or args.checkpoint is None:
+        return deploy_cli.cmd_eval(args)
     device = resolve_device(args.device)
     torch.set_num_threads(resolve_threads(args.threads, device))
     ckpt = load_checkpoint(args.checkpoint)
@@ -347,6 +351,8 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.deployed is not None:
+        return deploy_cli.cmd_report(args)
     out = Path(args.out)
     runs = (
         [Path(r) for r in args.runs]
@@ -395,11 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="empf", description="EM-PF spiking networks: online training, evaluation, reports."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,report,export}")
     sub.required = True
     _train_parser(sub)
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test set")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint written by empf train")
+    e.add_argument("--checkpoint", default=None, help="a checkpoint written by empf train")
     e.add_argument("--dataset", default=None, help="override the checkpoint's data set")
     e.add_argument("--data-root", dest="data_root", default=None)
     e.add_argument("--batch-size", dest="batch_size", type=int, default=500)
@@ -428,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pytest-benchmark JSON files (plotted by bench/report.py)",
     )
     r.add_argument("--out", default="reports", help="folder for the PNGs (default reports)")
+    deploy_cli.register(sub, e, r)
     return parser
 
 
@@ -454,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse reports its own errors (exit 2, no traceback)
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report}
+    handlers["export"] = deploy_cli.cmd_export
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ See docs/deployment.md for the format, the folding math and the energy accountin
 
 from .errors import DeployError, DeployFormatError
 from .fold import fold
+from .format import export, load, read_header
 from .runtime import DeployedModel
 
-__all__ = ["DeployError", "DeployFormatError", "DeployedModel", "fold"]
+__all__ = ["DeployError", "DeployFormatError", "DeployedModel", "export", "fold", "load", "read_header"]

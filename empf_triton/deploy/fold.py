@@ -287,6 +287,11 @@ def fold(model: nn.Module) -> DeployedModel:
     """
     model = getattr(model, "module", model)
     info = model_info(model)
+    neurons = [m for m in model.modules() if isinstance(m, EMPFNeuron)]
+    info["model_class"] = type(model).__name__
+    if neurons:
+        info["spike_bits"] = neurons[0].spike_bits
+        info["spike_step"] = float(neurons[0].spike_step)
     g = _Graph(info["T"])
     cur = "x"
     if isinstance(model, MNIST1DCNN):

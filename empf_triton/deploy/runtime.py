@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -148,18 +147,18 @@ def empf_neuron_channels(
     return torch.stack(out)
 
 
-# Dense ±1 (0) weights decoded from packed words, cached per words tensor and dtype (only the
-# torch stand-in below uses them; the fused kernel reads the packed words).
-_SIGNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _signs(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    per = _SIGNS.setdefault(packed.words, {})
-    key = (dtype, packed.words._version)
-    if key not in per:
-        per.clear()
-        per[key] = decode_ref(packed.words, packed.K).to(dtype).reshape(packed.shape)
-    return per[key]
+    """Dense ±1 (0) weights decoded from the packed words, cached on the words tensor itself
+    (per dtype and version; only the torch twin below uses them, the fused kernel reads the
+    packed words)."""
+    words = packed.words
+    key = (dtype, words._version)
+    cache = getattr(words, "_empf_signs", None)
+    if cache is None or cache[0] != key:
+        dense = decode_ref(words, packed.K).to(dtype).reshape(packed.shape)
+        cache = (key, dense)
+        words._empf_signs = cache
+    return cache[1]
 
 
 def binary_conv_neuron_torch(
@@ -473,6 +472,14 @@ class DeployedModel(nn.Module):
 
     # ------------------------------------------------------------------------------ inference
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as stored in an export: `{"{node_index}.{name}": CPU tensor}`."""
+        return {
+            f"{n.index}.{k}": getattr(self, b).detach().cpu().contiguous()
+            for n in self._nodes
+            for k, b in n.buffers.items()
+        }
+
     @property
     def nodes(self) -> list[dict]:
         """The graph's node descriptions (plain data)."""
@@ -547,7 +554,10 @@ def _steps(x: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def _run_unsqueeze(m, node, args, dtype):
-    return args[0].unsqueeze(node.attrs["dim"])
+    x = args[0]
+    if isinstance(x, Codes):
+        return Codes(x.codes.unsqueeze(node.attrs["dim"]), x.step)
+    return x.unsqueeze(node.attrs["dim"])
 
 
 def _run_flatten(m, node, args, dtype):
