@@ -286,6 +286,7 @@ def fold(model: nn.Module) -> DeployedModel:
         DeployError: a model type or layer the exporter does not know (the message names it).
     """
     model = getattr(model, "module", model)
+    parts = list(_parts(model))  # refuses an unknown model type first
     info = model_info(model)
     neurons = [m for m in model.modules() if isinstance(m, EMPFNeuron)]
     info["model_class"] = type(model).__name__
@@ -296,7 +297,7 @@ def fold(model: nn.Module) -> DeployedModel:
     cur = "x"
     if isinstance(model, MNIST1DCNN):
         cur = g.add("unsqueeze", [cur], {"dim": -2})  # [*, C, L] -> [*, C, 1, L]
-    for name, part in _parts(model):
+    for name, part in parts:
         cur = _walk(g, part, cur, name)
     nodes, tensors = [], {}
     for i, n in enumerate(g.nodes):

@@ -6,7 +6,8 @@ Metadata (safetensors' string map): one entry `"empf_triton"` holding JSON:
 
 ```
 {"format": "empf_triton.deploy", "version": 1,
- "sha256": hex digest of the tensor payload (names, dtypes, shapes and bytes, sorted by name),
+ "sha256": hex digest of this document without "sha256" (canonical JSON) and the tensor
+           payload (names, dtypes, shapes and bytes, sorted by name),
  "model": {"T": int, "in_shape": [...], "num_classes": int},
  "graph": {"nodes": [{"op", "in", "out", "attrs"}, ...], "output": name},
  "meta": {"model_name", "model_options", "spike_bits", "spike_step", "dataset", "is_event",
@@ -42,9 +43,13 @@ META_KEY = "empf_triton"
 _MAX_HEADER = 100 * 2**20
 
 
-def payload_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+def payload_sha256(tensors: Mapping[str, torch.Tensor], doc: Mapping | None = None) -> str:
+    """SHA-256 over the metadata document (without its "sha256" entry, canonical JSON) and the
+    tensors' names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
+    if doc is not None:
+        rest = {k: v for k, v in doc.items() if k != "sha256"}
+        h.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode() + b"\0")
     for k in sorted(tensors):
         t = tensors[k].detach().cpu().contiguous()
         h.update(f"{k}\0{str(t.dtype)}\0{list(t.shape)}\0".encode())
@@ -139,11 +144,11 @@ def export(
     doc = {
         "format": FORMAT,
         "version": VERSION,
-        "sha256": payload_sha256(tensors),
         "model": info,
         "graph": deployed.graph,
         "meta": stored,
     }
+    doc["sha256"] = payload_sha256(tensors, doc)
     from safetensors.torch import save
 
     data = save(tensors, metadata={META_KEY: json.dumps(doc, separators=(",", ":"))})
@@ -239,8 +244,10 @@ def load(
     except Exception as e:  # safetensors raises its own error type on damaged files
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise _bad(path, f"is truncated or corrupt ({detail})") from e
-    if payload_sha256(tensors) != doc["sha256"]:
-        raise _bad(path, "is corrupt: its tensors do not match the stored SHA-256 checksum")
+    if payload_sha256(tensors, doc) != doc["sha256"]:
+        raise _bad(
+            path, "is corrupt: its tensors or metadata do not match the stored SHA-256 checksum"
+        )
     model_info = doc["model"]
     if not isinstance(model_info, dict) or not isinstance(doc["meta"], dict):
         raise _bad(path, "has malformed metadata")
