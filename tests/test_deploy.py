@@ -232,15 +232,35 @@ def test_export_load_round_trip(tmp_path):
     assert words and all(w["dtype"] == "I32" for w in words)
 
 
-def test_load_to_dtype_and_device(tmp_path):
-    model = _small()
+def test_load_to_dtype(tmp_path):
+    model = _small(spike_bits=4)
     p = export(model, tmp_path / "m.safetensors")
-    d64 = load(p, "cpu", dtype=torch.float64)
     x = torch.randn(3, 1, 24)
-    assert d64.dtype == torch.float64
-    assert rel_err(d64(x).float(), trained_logits(model, x)) <= 1e-5
+    ref = trained_logits(model, x)
+    for dt in (torch.float16, torch.bfloat16):
+        d = load(p, "cpu", dtype=dt)
+        assert d.dtype == dt and d(x).dtype == dt
+        assert rel_err(d(x).float(), ref) <= 0.1  # half-precision currents, same network
     with pytest.raises(TypeError, match="dtype"):
-        load(p, dtype=torch.int32)
+        load(p, dtype=torch.float64)
+    with pytest.raises(ValueError, match="impl"):
+        load(p, impl="cuda")
+
+
+@pytest.mark.parametrize("spike_bits", [None, 4])
+def test_triton_path_equals_reference_path(spike_bits):
+    """The deployed model on the Triton kernels (the interpreter on a CPU) gives the reference
+    path's logits: fused binary conv + neuron, standalone neurons, codes between layers."""
+    model = randomize(build_model("resnet18", in_shape=(3, 6, 6), num_classes=3, T=2, width=2,
+                                  spike_bits=spike_bits, parallel=True))  # fmt: skip
+    model.layers = model.layers[:3]  # keep the interpreter quick: stage 1 and one stride-2 block
+    model.final_neuron = EMPFNeuron(2, spike_bits=spike_bits)
+    model.classifier[2] = nn.Linear(4, 3)
+    x = torch.randn(2, 3, 6, 6)
+    ref = fold(model, impl="reference")(x)
+    out = fold(model, impl="triton")(x)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(ref, trained_logits(model, x)) <= 1e-5
 
 
 def test_runtime_modules_do_not_import_training_code():

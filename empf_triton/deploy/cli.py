@@ -112,11 +112,11 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _load_for_eval(path: str, dataset: str | None, data_root: str | None, device):
+def _load_for_eval(path: str, dataset: str | None, data_root: str | None, device, impl="auto"):
     from ..data import load_dataset
     from .format import load
 
-    model = load(path, device)
+    model = load(path, device, impl=impl)
     info = model.info
     dataset = dataset or info.get("dataset")
     if not dataset:
@@ -161,7 +161,6 @@ def _latency(model, x: torch.Tensor, runs: int, device) -> float:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`empf eval --deployed FILE`: accuracy, sizes, energy table and latency."""
     from .report import energy_report, format_energy_table, format_size_report, size_report
-    from .runtime import fused_op_source
 
     if args.deployed is None:
         raise DeployError("empf eval needs --checkpoint FILE or --deployed FILE")
@@ -175,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif device.type == "cpu":
         torch.set_num_threads(1)  # as `empf eval`: robust on shared CPUs
     model, test_set, dinfo, dataset = _load_for_eval(
-        args.deployed, args.dataset, args.data_root, device
+        args.deployed, args.dataset, args.data_root, device, args.impl
     )
     ev = dinfo.is_event
     correct = n = 0
@@ -201,6 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_energy_table(energy))
     lat: dict[str, Any] = {}
     first = next(_batches(test_set, args.batch_size, device, ev))[0]
+    impl = args.impl if args.impl != "auto" else ("triton" if device.type == "cuda" else "reference")
     for bs in sorted({1, first.shape[1] if ev else first.shape[0]}):
         xb = first[:, :bs] if ev else first[:bs]
         t = _latency(model, xb, args.latency_runs, device)
@@ -208,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             f"latency at batch {bs}: {t * 1e3:.3f} ms per batch, {t / bs * 1e3:.4f} ms per "
             f"sample (wall time, median of {args.latency_runs}, {device.type}, "
-            f"{torch.get_num_threads()} thread(s), binary conv op: {fused_op_source()})"
+            f"{torch.get_num_threads()} thread(s), impl {impl})"
         )
     if args.json:
         record = {

@@ -272,7 +272,7 @@ def model_info(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def fold(model: nn.Module) -> DeployedModel:
+def fold(model: nn.Module, *, impl: str = "auto") -> DeployedModel:
     """Fold a trained EM-PF model into a `DeployedModel` (inference only, packed weights).
 
     The model itself is not changed. Its logits in eval mode, summed over T, equal the deployed
@@ -281,6 +281,7 @@ def fold(model: nn.Module) -> DeployedModel:
     Args:
         model: a model of the registry (`mnist1d_cnn`, `digits_mlp`, `resnet18/19/34`,
             `vgg11`), possibly DDP-wrapped, on any device (the result is on the CPU; `.to()` it).
+        impl: "auto" | "triton" | "reference" for the deployed model's ops.
 
     Raises:
         DeployError: a model type or layer the exporter does not know (the message names it).
@@ -304,4 +305,4 @@ def fold(model: nn.Module) -> DeployedModel:
         nodes.append({"op": n.op, "in": n.inputs, "out": n.output, "attrs": n.attrs})
         for k, t in n.tensors.items():
             tensors[f"{i}.{k}"] = t.detach().cpu().contiguous()
-    return DeployedModel({"nodes": nodes, "output": cur}, tensors, info)
+    return DeployedModel({"nodes": nodes, "output": cur}, tensors, info, impl=impl)

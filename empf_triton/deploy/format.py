@@ -214,6 +214,7 @@ def load(
     device: str | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,
+    impl: str = "auto",
 ) -> DeployedModel:
     """Load an export as a `DeployedModel` (inference only) on `device`.
 
@@ -223,12 +224,15 @@ def load(
     Args:
         path: a file written by `export`.
         device: where to put the model.
-        dtype: compute dtype for the floating tensors (default: as stored, fp32).
+        dtype: compute dtype, fp32 (as stored, the default), fp16 or bf16.
+        impl: "auto" | "triton" | "reference" for the ops (auto: Triton on CUDA).
 
     Raises:
         DeployFormatError: the file is missing, truncated, corrupt (SHA-256 mismatch), of another
             format version, or not an export; one message naming the file and the reason.
     """
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     path = Path(path)
     if not path.is_file():
         raise _bad(path, "no such file" if not path.exists() else "not a file")
@@ -253,13 +257,13 @@ def load(
         raise _bad(path, "has malformed metadata")
     info = {**doc["meta"], **model_info}
     try:
-        model = DeployedModel(doc["graph"], tensors, info)
+        model = DeployedModel(doc["graph"], tensors, info, impl=impl)
     except DeployFormatError as e:
         raise _bad(path, str(e)) from e
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise _bad(path, f"has an inconsistent graph ({type(e).__name__}: {e})") from e
     if dtype is not None:
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
         model = model.to(dtype)
     return model.to(device)

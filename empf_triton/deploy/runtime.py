@@ -19,15 +19,15 @@ repeating the input T times gives). Node kinds (`op`), with their attributes and
 | `avgpool` | - (global average pool to 1 x 1) | - |
 | `add` | - (two inputs) | - |
 
-`bconv` runs `binary_conv_neuron` (the fused packed convolution + neuron); with `neuron` set and
-k-bit spikes its output is uint8 codes (`Codes`), which the next `bconv` reads directly. A
+`bconv` runs `empf_triton.ops.binary_conv.binary_conv_neuron` (the fused packed convolution +
+neuron: one Triton kernel on CUDA, its eager reference on the CPU); with `neuron` set and k-bit
+spikes its output is uint8 codes (`Codes`), which the next `bconv` reads directly. A
 standalone `neuron` with a per-channel decay (a folded Mem-BN that could not fold into a
 convolution) runs `empf_neuron_channels` below.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,17 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.binary import PackedWeight
+from ..ops.binary_conv import binary_conv_neuron
 from ..ops.neuron import empf_neuron, parallel_neuron
-from ..reference.binary import decode_ref
 from .errors import DeployError, DeployFormatError
 
 __all__ = [
     "OPS",
     "Codes",
     "DeployedModel",
-    "binary_conv_neuron_torch",
     "empf_neuron_channels",
-    "fused_op_source",
 ]
 
 #: op -> (required attributes, required tensors, optional tensors)
@@ -80,10 +78,10 @@ SPIKE_PRESERVING_OPS = ("maxpool", "flatten", "unsqueeze")
 class Codes:
     """k-bit spike codes between layers: `codes` uint8 [T, N, *], value = code * step."""
 
-    __slots__ = ("codes", "step")
+    __slots__ = ("codes", "step", "bits")
 
-    def __init__(self, codes: torch.Tensor, step: float) -> None:
-        self.codes, self.step = codes, float(step)
+    def __init__(self, codes: torch.Tensor, step: float, bits: int) -> None:
+        self.codes, self.step, self.bits = codes, float(step), int(bits)
 
     @property
     def shape(self) -> torch.Size:
@@ -147,90 +145,6 @@ def empf_neuron_channels(
     return torch.stack(out)
 
 
-def _signs(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ±1 (0) weights decoded from the packed words, cached on the words tensor itself
-    (per dtype and version; only the torch twin below uses them, the fused kernel reads the
-    packed words)."""
-    words = packed.words
-    key = (dtype, words._version)
-    cache = getattr(words, "_empf_signs", None)
-    if cache is None or cache[0] != key:
-        dense = decode_ref(words, packed.K).to(dtype).reshape(packed.shape)
-        cache = (key, dense)
-        words._empf_signs = cache
-    return cache[1]
-
-
-def binary_conv_neuron_torch(
-    x: torch.Tensor,
-    packed: PackedWeight,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    groups: int = 1,
-    in_step: float | None = None,
-    decay: torch.Tensor | None = None,
-    threshold: torch.Tensor | None = None,
-    parallel: bool = False,
-    spike_bits: int | None = None,
-    spike_step: float = 0.25,
-    out_dtype: torch.dtype = torch.float32,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """Torch twin of `empf_triton.ops.binary_conv.binary_conv_neuron` (same interface).
-
-    `I = conv(x, signs(packed)) * scale + bias` per output channel (and step, for [T, C_out]
-    scale/bias), then the EM-PF neuron with per-channel `decay`/`threshold` [T, C_out] (or none:
-    currents out). x [T, N, C_in, H, W] is float spikes, or uint8 codes with value `code*in_step`.
-    Returns uint8 codes when `spike_bits` is set and a neuron runs, else `out_dtype` values.
-    """
-    del impl
-    T, N = x.shape[:2]
-    xf = x.to(out_dtype) * in_step if in_step is not None else x.to(out_dtype)
-    y = F.conv2d(xf.flatten(0, 1), _signs(packed, out_dtype), None, stride, padding, 1, groups)
-    y = y.reshape(T, N, *y.shape[1:])
-    sv = (-1, 1, y.shape[2], 1, 1) if scale.dim() == 2 else (1, 1, -1, 1, 1)
-    y = y * scale.to(out_dtype).view(sv)
-    if bias is not None:
-        bv = (-1, 1, y.shape[2], 1, 1) if bias.dim() == 2 else (1, 1, -1, 1, 1)
-        y = y + bias.to(out_dtype).view(bv)
-    if threshold is None:
-        return y
-    return empf_neuron_channels(
-        y,
-        None if parallel else decay,
-        threshold,
-        spike_bits=spike_bits,
-        spike_step=spike_step,
-        codes=spike_bits is not None,
-    )
-
-
-def fused_op_source() -> str:
-    """Which implementation the deployed `bconv` nodes call: "ops.binary_conv" (the fused
-    kernel's public op) when the package has it, else "torch" (`binary_conv_neuron_torch`)."""
-    return "ops.binary_conv" if _fused_op() is not binary_conv_neuron_torch else "torch"
-
-
-_FUSED: list[Callable] = []
-
-
-def _fused_op() -> Callable:
-    if not _FUSED:
-        # The fused packed conv + neuron op lives in ops/binary_conv.py; until that file is part
-        # of the package the torch twin with the same interface runs (no silent swap at call
-        # time: the choice is made once, and `fused_op_source()` reports it).
-        if importlib.util.find_spec("empf_triton.ops.binary_conv") is not None:
-            from ..ops.binary_conv import binary_conv_neuron
-
-            _FUSED.append(binary_conv_neuron)
-        else:
-            _FUSED.append(binary_conv_neuron_torch)
-    return _FUSED[0]
-
-
 # ----------------------------------------------------------------------------------------- nodes
 
 
@@ -272,15 +186,25 @@ class DeployedModel(nn.Module):
         tensors: {f"{node_index}.{name}": tensor} for every node's tensors.
         info: {"T": int, "in_shape": [...], "num_classes": int} and any other plain metadata
             (kept as `self.info`).
+        impl: "auto" | "triton" | "reference", passed to the ops (the fused binary conv and the
+            neurons); "auto" runs Triton on CUDA and the eager reference on the CPU.
 
     Raises:
         DeployFormatError: the graph or its tensors are inconsistent (names the node).
     """
 
     def __init__(
-        self, graph: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], info: Mapping
+        self,
+        graph: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        info: Mapping,
+        *,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        self.impl = impl
         self.info = dict(info)
         try:
             T, in_shape, num_classes = info["T"], info["in_shape"], info["num_classes"]
@@ -556,14 +480,14 @@ def _steps(x: torch.Tensor, T: int) -> torch.Tensor:
 def _run_unsqueeze(m, node, args, dtype):
     x = args[0]
     if isinstance(x, Codes):
-        return Codes(x.codes.unsqueeze(node.attrs["dim"]), x.step)
+        return Codes(x.codes.unsqueeze(node.attrs["dim"]), x.step, x.bits)
     return x.unsqueeze(node.attrs["dim"])
 
 
 def _run_flatten(m, node, args, dtype):
     x = args[0]
     if isinstance(x, Codes):
-        return Codes(x.codes.flatten(2), x.step)
+        return Codes(x.codes.flatten(2), x.step, x.bits)
     return x.flatten(2)
 
 
@@ -588,9 +512,9 @@ def _run_linear(m, node, args, dtype):
 def _run_bconv(m, node, args, dtype):
     a = node.attrs
     x = args[0]
-    in_step = None
+    in_step = in_bits = None
     if isinstance(x, Codes):
-        x, in_step = x.codes, x.step
+        x, in_step, in_bits = x.codes, x.step, x.bits
     if a["linear"]:
         x = x.reshape(*x.shape, 1, 1)
     neuron = a["neuron"]
@@ -611,7 +535,7 @@ def _run_bconv(m, node, args, dtype):
             "spike_bits": neuron["spike_bits"],
             "spike_step": neuron["spike_step"],
         }
-    y = _fused_op()(
+    y = binary_conv_neuron(
         x,
         packed,
         scale,
@@ -620,13 +544,15 @@ def _run_bconv(m, node, args, dtype):
         padding=tuple(a["padding"]),
         groups=a["groups"],
         in_step=in_step,
+        in_bits=in_bits,
         out_dtype=dtype,
+        impl=m.impl,
         **kw,
     )
     if a["linear"]:
         y = y.reshape(y.shape[:-2])
     if neuron is not None and neuron["spike_bits"] is not None:
-        return Codes(y, neuron["spike_step"])
+        return Codes(y, neuron["spike_step"], neuron["spike_bits"])
     return y
 
 
@@ -638,13 +564,13 @@ def _run_neuron(m, node, args, dtype):
         view = (m.T, 1, -1) + (1,) * (x.dim() - 3)
         x = k.view(view) * x + b.view(view)
     th, decay = m._t(node, "threshold"), m._t(node, "decay")
-    q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"]}
+    q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": m.impl}
     if decay is None:
         return parallel_neuron(x, threshold=th, **q)
     if decay.dim() == 1:
         return empf_neuron(x, None, decay=decay, threshold=th, **q)[0]
     # Per-channel decay (folded Mem-BN): the torch loop until `empf_neuron` takes [T, C].
-    return empf_neuron_channels(x, decay, th, **q)
+    return empf_neuron_channels(x, decay, th, spike_bits=a["spike_bits"], spike_step=a["spike_step"])
 
 
 def _run_seca(m, node, args, dtype):
