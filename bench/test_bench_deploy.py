@@ -1,5 +1,5 @@
-"""Benchmarks of deployed inference: the packed, folded EM-PF ResNet-18 (CIFAR, T=4) against the same
-architecture with dense weights.
+"""Benchmarks of deployed inference: the packed, folded EM-PF ResNet-18 (CIFAR, T=4) against the
+same architecture with dense weights.
 
 Run: `pytest bench/test_bench_deploy.py --benchmark-json=results.json` (on its own, not with
 tests/). Works with pytest-benchmark's `benchmark` fixture alone.

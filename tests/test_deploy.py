@@ -539,7 +539,8 @@ def test_float_spike_energy_and_plot(tmp_path):
     rep = energy_report(d, [torch.randn(5, 1, 24)])
     sop_layers = [r for r in rep["layers"] if r["sops"]]
     assert sop_layers and all(r["input_bits"] is None for r in sop_layers)
-    assert rep["totals"]["energy_paper_mj"] == pytest.approx(rep["totals"]["sops"] * E_SOP_PJ * 1e-9)
+    t = rep["totals"]
+    assert t["energy_paper_mj"] == pytest.approx(t["sops"] * E_SOP_PJ * 1e-9)
     png = plot_energy(rep, tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

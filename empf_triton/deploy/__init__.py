@@ -14,4 +14,12 @@ from .fold import fold
 from .format import export, load, read_header
 from .runtime import DeployedModel
 
-__all__ = ["DeployError", "DeployFormatError", "DeployedModel", "export", "fold", "load", "read_header"]
+__all__ = [
+    "DeployError",
+    "DeployFormatError",
+    "DeployedModel",
+    "export",
+    "fold",
+    "load",
+    "read_header",
+]

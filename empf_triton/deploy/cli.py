@@ -79,7 +79,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     ck_bytes = Path(args.checkpoint).stat().st_size
     meta = {
         "model_name": ckpt["model_name"],
-        "model_options": {k: v for k, v in cfg.items() if k not in ("in_shape", "num_classes", "T")},
+        "model_options": {
+            k: v for k, v in cfg.items() if k not in ("in_shape", "num_classes", "T")
+        },
         "spike_bits": cfg.get("spike_bits"),
         "spike_step": cfg.get("spike_step", 0.25),
         "dataset": dataset,
@@ -200,7 +202,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_energy_table(energy))
     lat: dict[str, Any] = {}
     first = next(_batches(test_set, args.batch_size, device, ev))[0]
-    impl = args.impl if args.impl != "auto" else ("triton" if device.type == "cuda" else "reference")
+    impl = args.impl
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "reference"
     for bs in sorted({1, first.shape[1] if ev else first.shape[0]}):
         xb = first[:, :bs] if ev else first[:bs]
         t = _latency(model, xb, args.latency_runs, device)

@@ -15,8 +15,8 @@ Metadata (safetensors' string map): one entry `"empf_triton"` holding JSON:
 ```
 
 `load` parses the header itself, checks the format marker and version, loads the tensors with
-safetensors (which never executes code), recomputes the SHA-256 and builds a `DeployedModel` from the
-graph. Every way a file can be unusable becomes one `DeployFormatError` naming the file.
+safetensors (which never executes code), recomputes the SHA-256 and builds a `DeployedModel` from
+the graph. Every way a file can be unusable becomes one `DeployFormatError` naming the file.
 """
 
 from __future__ import annotations

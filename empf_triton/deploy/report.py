@@ -63,7 +63,8 @@ def _label(node, model: DeployedModel) -> str:
         return s
     if node.op == "conv":
         w = getattr(model, node.buffers["weight"])
-        return f"{node.index}:conv{w.shape[2]}x{w.shape[3]} {w.shape[1] * a['groups']}->{w.shape[0]}"
+        O, Ig, kh, kw = w.shape
+        return f"{node.index}:conv{kh}x{kw} {Ig * a['groups']}->{O}"
     if node.op == "linear":
         w = getattr(model, node.buffers["weight"])
         return f"{node.index}:linear {w.shape[1]}->{w.shape[0]}"

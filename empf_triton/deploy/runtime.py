@@ -6,18 +6,19 @@ or 1 for a value that does not depend on the step yet (a static image through th
 computed once, and the first neuron broadcasts it over the T steps, which gives exactly what
 repeating the input T times gives). Node kinds (`op`), with their attributes and tensors:
 
-| op | attributes | tensors |
-|---|---|---|
-| `unsqueeze` | `dim` (negative) | - |
-| `flatten` | - (flattens every dim after N) | - |
-| `conv` | `stride`, `padding`, `dilation`, `groups` | `weight` [O, I/g, kh, kw] (BN folded), `bias` [O] |
-| `linear` | - | `weight` [O, I], `bias` [O] (optional) |
-| `bconv` | `bits` (1 binary, 2 ternary), `shape` [O, I/g, kh, kw], `stride`, `padding`, `groups`, `linear` (a BinaryLinear as a 1x1 conv), `neuron` (null, or the fused neuron's `parallel`, `spike_bits`, `spike_step`) | `words` int32 [bits, O, ceil(K/32)], `scale` [O] or [T, O], `bias` [O] or [T, O] (optional), `threshold` [T, O] and `decay` [T, O] (fused neuron; no decay when parallel) |
-| `neuron` | `parallel`, `spike_bits`, `spike_step` | `threshold` [T], `decay` [T] or [T, C] (not when parallel), `in_scale`, `in_bias` [T, C] (folded Mem-BN, optional) |
-| `seca` | - | `weight` [1, 1, k] |
-| `maxpool` | `kernel_size`, `stride`, `padding` | - |
-| `avgpool` | - (global average pool to 1 x 1) | - |
-| `add` | - (two inputs) | - |
+- `unsqueeze` (attr `dim`, negative) and `flatten` (every dim after N): reshapes.
+- `conv`: full-precision convolution, attrs `stride`, `padding`, `dilation`, `groups`; tensors
+  `weight` [O, I/g, kh, kw] (BN folded in) and `bias` [O].
+- `linear`: tensors `weight` [O, I], `bias` [O] (optional).
+- `bconv`: packed binary/ternary convolution; attrs `bits` (1 binary, 2 ternary), `shape`
+  [O, I/g, kh, kw], `stride`, `padding`, `groups`, `linear` (a BinaryLinear run as a 1x1 conv)
+  and `neuron` (null, or the fused neuron's `parallel`, `spike_bits`, `spike_step`); tensors
+  `words` int32 [bits, O, ceil(K/32)], `scale` and `bias` [O] or [T, O], and for a fused
+  neuron `threshold` [T, O] and `decay` [T, O] (none when parallel).
+- `neuron`: attrs `parallel`, `spike_bits`, `spike_step`; tensors `threshold` [T], `decay` [T]
+  or [T, C] (none when parallel), `in_scale` and `in_bias` [T, C] (folded Mem-BN, optional).
+- `seca` (tensor `weight` [1, 1, k]), `maxpool` (attrs `kernel_size`, `stride`, `padding`),
+  `avgpool` (global, to 1 x 1), `add` (two inputs: the residual join).
 
 `bconv` runs `empf_triton.ops.binary_conv.binary_conv_neuron` (the fused packed convolution +
 neuron: one Triton kernel on CUDA, its eager reference on the CPU); with `neuron` set and k-bit
@@ -69,8 +70,6 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "avgpool": ((), (), ()),
     "add": ((), (), ()),
 }
-#: Ops whose output is spikes (a fused bconv only when its `neuron` is set).
-SPIKING_OPS = ("neuron",)
 #: Ops that keep "spikes" spikes (a max-pool of spikes is spikes; reshapes too).
 SPIKE_PRESERVING_OPS = ("maxpool", "flatten", "unsqueeze")
 
@@ -365,7 +364,11 @@ class DeployedModel(nn.Module):
         if (ks is None) != (kb is None):
             raise _fail(f"node {node.index}: in_scale and in_bias come together")
         d = self._t(node, "decay")
-        C = ks.shape[-1] if ks is not None else (d.shape[-1] if d is not None and d.dim() == 2 else 0)
+        C = 0
+        if ks is not None:
+            C = ks.shape[-1]
+        elif d is not None and d.dim() == 2:
+            C = d.shape[-1]
         shapes = [(T,)] + ([(T, C)] if C else [])
         self._check_shape(node, "decay", shapes)
         self._check_shape(node, "in_scale", [(T, C)])
@@ -570,7 +573,9 @@ def _run_neuron(m, node, args, dtype):
     if decay.dim() == 1:
         return empf_neuron(x, None, decay=decay, threshold=th, **q)[0]
     # Per-channel decay (folded Mem-BN): the torch loop until `empf_neuron` takes [T, C].
-    return empf_neuron_channels(x, decay, th, spike_bits=a["spike_bits"], spike_step=a["spike_step"])
+    return empf_neuron_channels(
+        x, decay, th, spike_bits=a["spike_bits"], spike_step=a["spike_step"]
+    )
 
 
 def _run_seca(m, node, args, dtype):
