@@ -335,7 +335,7 @@ def plot_energy(report: Mapping[str, Any], out: str | os.PathLike, *, title: str
     layers = report["layers"]
     names = [r["layer"] for r in layers]
     x = range(len(layers))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(layers) + 2), 7.5))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, 0.45 * len(layers) + 2), 8))
     fr = [r["firing_rate"] if r["firing_rate"] is not None else math.nan for r in layers]
     ax1.bar(x, fr, color="tab:blue")
     ax1.set(ylabel="firing rate", title="firing rate per spiking layer (non-zero outputs)")
@@ -350,8 +350,8 @@ def plot_energy(report: Mapping[str, Any], out: str | os.PathLike, *, title: str
     t = report["totals"]
     fig.suptitle(
         (title + "\n" if title else "")
-        + f"paper accounting {t['energy_paper_mj']:.4g} mJ/sample, usual SNN accounting "
-        f"{t['energy_usual_mj']:.4g} mJ/sample ({report['samples']} samples, T={report['T']})",
+        + f"paper accounting {t['energy_paper_mj']:.4g} mJ/sample; usual SNN accounting "
+        f"{t['energy_usual_mj']:.4g} mJ/sample\n({report['samples']} samples, T={report['T']})",
         fontsize=9,
     )
     fig.tight_layout()
