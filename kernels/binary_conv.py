@@ -230,6 +230,7 @@ def _bconv_neuron_kernel(
                 b_v = b_m - b_o
             if QUANT:
                 b_o = spike_code(b_o, spike_step, levels_m1)
+                b_o = tl.where(b_o != b_o, 0.0, b_o)  # NaN has no code: 0, as the reference
         if QUANT:
             tl.store(p_out_t + off_out, b_o.to(tl.uint8), mask=m_out)
         else:

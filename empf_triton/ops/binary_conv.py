@@ -150,7 +150,8 @@ def binary_conv_neuron(
         [T, N, C_out, Ho, Wo]: uint8 codes, float spikes or currents (see above), contiguous.
         Ho = (H + 2·pad_h - kh) // stride_h + 1, likewise Wo.
 
-    All arithmetic is fp32: for uint8 codes the convolution is exact (integer sums) and the result
+    NaN in float spikes propagates to float outputs and currents and gives code 0; +inf gives
+    the top code. All arithmetic is fp32: for uint8 codes the convolution is exact (integer sums) and the result
     `fp32(acc * in_step)`, so the Triton and reference paths give identical codes; float spikes
     accumulate in fp32 (the summation order differs between paths). Not differentiable: raises a
     ValueError when autograd would record it (grad mode on and an input requiring grad).

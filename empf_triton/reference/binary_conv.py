@@ -126,4 +126,5 @@ def binary_conv_neuron_ref(
         spikes = torch.stack(out)
     if spike_bits is None:
         return spikes.to(out_dtype)
-    return spike_codes_ref(spikes, spike_bits, spike_step).to(torch.uint8)
+    codes = spike_codes_ref(spikes, spike_bits, spike_step)
+    return torch.nan_to_num(codes, nan=0.0).to(torch.uint8)  # NaN spikes have no code: 0
