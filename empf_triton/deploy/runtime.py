@@ -148,7 +148,7 @@ def empf_neuron_channels(
 
 
 class _Node:
-    __slots__ = ("index", "op", "inputs", "output", "attrs", "buffers", "free_after")
+    __slots__ = ("index", "op", "inputs", "output", "attrs", "buffers", "free_after", "packed")
 
     def __init__(self, index: int, spec: Mapping[str, Any]) -> None:
         self.index = index
@@ -158,6 +158,7 @@ class _Node:
         self.attrs = dict(spec.get("attrs", {}))
         self.buffers: dict[str, str] = {}
         self.free_after: list[str] = []
+        self.packed: PackedWeight | None = None  # bconv: built once per words tensor
 
 
 def _fail(msg: str) -> DeployFormatError:
@@ -525,10 +526,13 @@ def _run_bconv(m, node, args, dtype):
     if neuron is not None or scale.dim() == 2:
         x = _steps(x, m.T)
     words = m._t(node, "words")
-    shape = a["shape"]
-    packed = PackedWeight(
-        words, scale if scale.dim() == 1 else scale[0], shape, math.prod(shape[1:]), a["bits"]
-    )
+    packed = node.packed
+    if packed is None or packed.words is not words or packed.scale.device != words.device:
+        shape = a["shape"]  # (re)built after .to(): PackedWeight checks its fields once
+        alpha = scale if scale.dim() == 1 else scale[0]  # unused by the op: `scale` replaces it
+        packed = node.packed = PackedWeight(
+            words, alpha, shape, math.prod(shape[1:]), a["bits"]
+        )
     kw = {}
     if neuron is not None:
         kw = {
