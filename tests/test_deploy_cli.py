@@ -164,3 +164,32 @@ def test_subprocess_export_error_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "empf eval: error: missing.safetensors: no such file"
     ]
+
+
+def test_eval_deployed_event_data(tmp_path, capsys, monkeypatch):
+    """Event data ([N, T, *] samples) through `empf eval --deployed`: the deployed model sees
+    [T, N, *] frames and predicts what the trained model's evaluation predicts."""
+    import empf_triton.data as data
+    from empf_triton.data import ArrayDataset, DatasetInfo
+    from empf_triton.deploy import export
+    from empf_triton.models import build_model
+    from empf_triton.train.strategies import evaluate, iterate_batches
+
+    from test_deploy import randomize
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(40, 2, 2, 16, 16, generator=g) < 0.3).float() * 3  # [N, T, C, H, W] counts
+    y = torch.randint(0, 4, (40,), generator=g)
+    info = DatasetInfo("fake_events", (2, 16, 16), 4, is_event=True)
+    monkeypatch.setattr(data, "load_dataset", lambda name, root=None, **kw: (None,
+                        ArrayDataset(x, y), info))  # fmt: skip
+    model = randomize(build_model("vgg11", in_shape=(2, 16, 16), num_classes=4, T=2, width=4,
+                                  spike_bits=4, mem_bn=True))  # fmt: skip
+    ref = evaluate(model, iterate_batches(ArrayDataset(x, y), 16), 2, is_event=True)
+    p = export(model, tmp_path / "ev.safetensors", meta={"dataset": "fake_events",
+                                                          "is_event": True})  # fmt: skip
+    argv = ["eval", "--deployed", str(p), "--batch-size", "16", "--latency-runs", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert _accuracy(out) == (ref["correct"], 40)
+    assert "latency at batch 16" in out
