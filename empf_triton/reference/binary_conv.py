@@ -5,13 +5,15 @@ unpack the ±1 (or ternary -1/0/+1) weights to a dense tensor, `F.conv2d` with t
 into the batch, `y = scale * conv + bias` per output channel, then the EM-PF neuron over T in fp32.
 
 Arithmetic, chosen so that the Triton kernel reproduces it bit for bit on k-bit codes:
-- uint8 codes: the convolution runs on the integer codes (exact: every partial sum is an integer
-  below 2^24 because K * 255 < 2^24 is required) and is multiplied by `in_step` (rounded to fp32)
-  once afterwards, i.e. `conv = fp32(acc * in_step)`; mathematically this is the convolution of
-  the decoded spikes `code * in_step`.
+- uint8 codes (only their low `in_bits` bits, default all 8, are read): the convolution runs on
+  the integer codes (exact: every partial sum is an integer below 2^24 because K * 255 < 2^24 is
+  required) and is multiplied by `in_step` (rounded to fp32) once afterwards, i.e.
+  `conv = fp32(acc * in_step)`; mathematically this is the convolution of the decoded spikes
+  `code * in_step`.
 - float spikes: the convolution of the spikes (converted to fp32) accumulates in fp32 (TF32 off).
 - then `y = conv * scale + bias` in fp32 (a multiply and an add, each rounded), and the neuron
   `m = decay * v + y; s = relu(m - threshold); v = m - s` in fp32, one rounding per operation.
+- output codes `clamp(round_half_even(s / spike_step), 0, 2^k - 1)` as uint8; NaN gives code 0.
 """
 
 from __future__ import annotations
