@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .deploy import cli as deploy_cli
+
 __all__ = ["main"]
 
 
@@ -59,6 +61,10 @@ NUMERIC_OPTIONS: dict[str, tuple[type, float, bool, float, bool]] = {
     "tau": (float, 1, False, math.inf, False),
     "v_threshold": (float, 0, False, math.inf, False),
     "surrogate_alpha": (float, 0, False, math.inf, False),
+    # empf eval --deployed / empf report --deployed (registered by empf_triton.deploy.cli)
+    "energy_samples": (int, 1, True, math.inf, False),
+    "latency_runs": (int, 1, True, math.inf, False),
+    "samples": (int, 1, True, math.inf, False),
 }
 
 
@@ -320,6 +326,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.precision import compile_model
     from .train.strategies import evaluate, iterate_batches
 
+    if args.deployed is not None or args.checkpoint is None:
+        return deploy_cli.cmd_eval(args)
     device = resolve_device(args.device)
     torch.set_num_threads(resolve_threads(args.threads, device))
     ckpt = load_checkpoint(args.checkpoint)
@@ -594,6 +602,8 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.deployed is not None:
+        return deploy_cli.cmd_report(args)
     out = Path(args.out)
     runs = (
         [Path(r) for r in args.runs]
@@ -644,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="empf", description="EM-PF spiking networks: online training, evaluation, reports."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,report,export}")
     sub.required = True
     _train_parser(sub)
     e = sub.add_parser(
@@ -653,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint written by empf train on its data set's test split: "
         "accuracy of the logits summed over T, and the anytime accuracy after each step.",
     )
-    e.add_argument("--checkpoint", required=True, help="a checkpoint written by empf train")
+    e.add_argument(
+        "--checkpoint", default=None, help="a checkpoint written by empf train"
+    )
     e.add_argument(
         "--dataset", default=None, help="override the checkpoint's data set (same input shape)"
     )
@@ -723,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--out", default="reports", help="folder for the PNGs and runs.md (default reports)"
     )
+    deploy_cli.register(sub, e, r)
     return parser
 
 
@@ -750,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad command line (2)
         return e.code if isinstance(e.code, int) else 2
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report}
+    handlers["export"] = deploy_cli.cmd_export
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as e:

@@ -1,0 +1,625 @@
+"""The deployed model: a small explicit graph of inference nodes over packed weights.
+
+A deployed network is a list of nodes in execution order. Each node reads named values and writes
+one named value; the graph input is `"x"`. Every value is time-first, `[T', N, *]`, where T' is T,
+or 1 for a value that does not depend on the step yet (a static image through the stem: it is
+computed once, and the first neuron broadcasts it over the T steps, which gives exactly what
+repeating the input T times gives). Node kinds (`op`), with their attributes and tensors:
+
+- `unsqueeze` (attr `dim`, negative) and `flatten` (every dim after N): reshapes.
+- `conv`: full-precision convolution, attrs `stride`, `padding`, `dilation`, `groups`; tensors
+  `weight` [O, I/g, kh, kw] (BN folded in) and `bias` [O].
+- `linear`: tensors `weight` [O, I], `bias` [O] (optional).
+- `bconv`: packed binary/ternary convolution; attrs `bits` (1 binary, 2 ternary), `shape`
+  [O, I/g, kh, kw], `stride`, `padding`, `groups`, `linear` (a BinaryLinear run as a 1x1 conv)
+  and `neuron` (null, or the fused neuron's `parallel`, `spike_bits`, `spike_step`); tensors
+  `words` int32 [bits, O, ceil(K/32)], `scale` and `bias` [O] or [T, O], and for a fused
+  neuron `threshold` [T, O] and `decay` [T, O] (none when parallel).
+- `neuron`: attrs `parallel`, `spike_bits`, `spike_step`; tensors `threshold` [T], `decay` [T]
+  or [T, C] (none when parallel), `in_scale` and `in_bias` [T, C] (folded Mem-BN, optional).
+- `seca` (tensor `weight` [1, 1, k]), `maxpool` (attrs `kernel_size`, `stride`, `padding`),
+  `avgpool` (global, to 1 x 1), `add` (two inputs: the residual join).
+
+`bconv` runs `empf_triton.ops.binary_conv.binary_conv_neuron` (the fused packed convolution +
+neuron: one Triton kernel on CUDA, its eager reference on the CPU); with `neuron` set and k-bit
+spikes its output is uint8 codes (`Codes`), which the next `bconv` reads directly. A
+standalone `neuron` with a per-channel decay (a folded Mem-BN that could not fold into a
+convolution) runs `empf_neuron_channels` below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.binary import PackedWeight
+from ..ops.binary_conv import binary_conv_neuron
+from ..ops.neuron import empf_neuron, parallel_neuron
+from .errors import DeployError, DeployFormatError
+
+__all__ = [
+    "OPS",
+    "Codes",
+    "DeployedModel",
+    "empf_neuron_channels",
+]
+
+#: op -> (required attributes, required tensors, optional tensors)
+OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "unsqueeze": (("dim",), (), ()),
+    "flatten": ((), (), ()),
+    "conv": (("stride", "padding", "dilation", "groups"), ("weight", "bias"), ()),
+    "linear": ((), ("weight",), ("bias",)),
+    "bconv": (
+        ("bits", "shape", "stride", "padding", "groups", "linear", "neuron"),
+        ("words", "scale"),
+        ("bias", "threshold", "decay"),
+    ),
+    "neuron": (
+        ("parallel", "spike_bits", "spike_step"),
+        ("threshold",),
+        ("decay", "in_scale", "in_bias"),
+    ),
+    "seca": ((), ("weight",), ()),
+    "maxpool": (("kernel_size", "stride", "padding"), (), ()),
+    "avgpool": ((), (), ()),
+    "add": ((), (), ()),
+}
+#: Ops that keep "spikes" spikes (a max-pool of spikes is spikes; reshapes too).
+SPIKE_PRESERVING_OPS = ("maxpool", "flatten", "unsqueeze")
+
+
+class Codes:
+    """k-bit spike codes between layers: `codes` uint8 [T, N, *], value = code * step."""
+
+    __slots__ = ("codes", "step", "bits")
+
+    def __init__(self, codes: torch.Tensor, step: float, bits: int) -> None:
+        self.codes, self.step, self.bits = codes, float(step), int(bits)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.codes.to(dtype) * self.step
+
+
+def _float(v: torch.Tensor | Codes, dtype: torch.dtype) -> torch.Tensor:
+    return v.decode(dtype) if isinstance(v, Codes) else v
+
+
+def _quantize(s: torch.Tensor, spike_bits: int | None, spike_step: float, codes: bool):
+    """The k-bit quantiser Q (round half to even), as floats or as uint8 codes."""
+    if spike_bits is None:
+        return s
+    c = torch.clamp(torch.round(s / spike_step), 0, 2**spike_bits - 1)
+    return c.to(torch.uint8) if codes else c * spike_step
+
+
+def empf_neuron_channels(
+    current: torch.Tensor,
+    decay: torch.Tensor | None,
+    threshold: torch.Tensor,
+    *,
+    spike_bits: int | None = None,
+    spike_step: float = 0.25,
+    codes: bool = False,
+) -> torch.Tensor:
+    """EM-PF neuron (inference) with per-step, per-channel parameters, in torch.
+
+    `m[t] = λ[t, c] v[t-1] + I[t]`, `s = relu(m - θ[t, c])`, `v = m - s`, `out = Q(s)`;
+    decay None is the parallel (stateless) neuron `Q(relu(I[t] - θ[t, c]))`.
+
+    Args:
+        current: [T, N, C, *] input current.
+        decay: [T, C] (or [T], broadcast over channels) or None (parallel neuron).
+        threshold: [T, C] or [T].
+        spike_bits, spike_step: the k-bit quantiser (None: float spikes).
+        codes: return uint8 codes instead of Q(s) (needs spike_bits).
+
+    Returns:
+        [T, N, C, *] spikes in the current's dtype (uint8 codes with `codes=True`).
+    """
+    T = current.shape[0]
+    view = (-1,) + (1,) * (current.dim() - 3)
+
+    def per_channel(p: torch.Tensor, t: int) -> torch.Tensor:
+        return p[t].view(view) if p.dim() == 2 else p[t]
+
+    out = []
+    v = None
+    for t in range(T):
+        i_t = current[t]
+        m = i_t if decay is None else (i_t if v is None else per_channel(decay, t) * v + i_t)
+        s = torch.relu(m - per_channel(threshold, t))
+        if decay is not None:
+            v = m - s
+        out.append(_quantize(s, spike_bits, spike_step, codes))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------- nodes
+
+
+class _Node:
+    __slots__ = ("index", "op", "inputs", "output", "attrs", "buffers", "free_after", "packed")
+
+    def __init__(self, index: int, spec: Mapping[str, Any]) -> None:
+        self.index = index
+        self.op = spec["op"]
+        self.inputs = list(spec["in"])
+        self.output = spec["out"]
+        self.attrs = dict(spec.get("attrs", {}))
+        self.buffers: dict[str, str] = {}
+        self.free_after: list[str] = []
+        self.packed: PackedWeight | None = None  # bconv: built once per words tensor
+
+
+def _fail(msg: str) -> DeployFormatError:
+    return DeployFormatError(f"deployed graph: {msg}")
+
+
+def _int_list(v: object, n: int, what: str) -> list[int]:
+    if (
+        not isinstance(v, list)
+        or len(v) != n
+        or any(isinstance(a, bool) or not isinstance(a, int) or a < 0 for a in v)
+    ):
+        raise _fail(f"{what} must be a list of {n} non-negative ints, got {v!r}")
+    return v
+
+
+class DeployedModel(nn.Module):
+    """An EM-PF network for inference, built from a graph description and its tensors.
+
+    Made by `empf_triton.deploy.fold(model)` or `empf_triton.deploy.load(path)`; needs neither the
+    training code nor latent weights. Inference only: no gradients, no training mode.
+
+    Args:
+        graph: {"nodes": [{"op", "in", "out", "attrs"}, ...], "output": name} (module doc).
+        tensors: {f"{node_index}.{name}": tensor} for every node's tensors.
+        info: {"T": int, "in_shape": [...], "num_classes": int} and any other plain metadata
+            (kept as `self.info`).
+        impl: "auto" | "triton" | "reference", passed to the ops (the fused binary conv and the
+            neurons); "auto" runs Triton on CUDA and the eager reference on the CPU.
+
+    Raises:
+        DeployFormatError: the graph or its tensors are inconsistent (names the node).
+    """
+
+    def __init__(
+        self,
+        graph: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        info: Mapping,
+        *,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        self.impl = impl
+        self.info = dict(info)
+        try:
+            T, in_shape, num_classes = info["T"], info["in_shape"], info["num_classes"]
+            nodes = graph["nodes"]
+            output = graph["output"]
+        except (KeyError, TypeError) as e:
+            raise _fail(f"missing entry {e}") from e
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise _fail(f"T must be an int >= 1, got {T!r}")
+        if not isinstance(in_shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in in_shape
+        ):
+            raise _fail(f"in_shape must be a list of positive ints, got {in_shape!r}")
+        self.T, self.in_shape, self.num_classes = T, tuple(in_shape), int(num_classes)
+        if not isinstance(nodes, list) or not nodes:
+            raise _fail("nodes must be a non-empty list")
+        self._nodes: list[_Node] = []
+        defined, used = {"x"}, set()
+        for i, spec in enumerate(nodes):
+            if not isinstance(spec, Mapping) or not {"op", "in", "out"} <= set(spec):
+                raise _fail(f"node {i} must be a mapping with op, in, out; got {spec!r}")
+            if spec["op"] not in OPS:
+                raise _fail(f"node {i} has unknown op {spec['op']!r}")
+            node = _Node(i, spec)
+            for name in node.inputs:
+                if name not in defined:
+                    raise _fail(f"node {i} ({node.op}) reads {name!r} before it is computed")
+                used.add(name)
+            if not isinstance(node.output, str) or node.output in defined:
+                raise _fail(f"node {i} writes {node.output!r}, which is not a new name")
+            defined.add(node.output)
+            self._bind(node, tensors)
+            self._nodes.append(node)
+        if output not in defined:
+            raise _fail(f"output {output!r} is never computed")
+        extra = set(tensors) - {
+            f"{n.index}.{k}" for n in self._nodes for k in n.buffers
+        }
+        if extra:
+            raise _fail(f"tensors not used by any node: {sorted(extra)[:5]}")
+        self.graph_output = output
+        self.graph = {"nodes": [dict(s) for s in nodes], "output": output}
+        # Free each value after its last reader (activation memory of a deep net stays small).
+        last: dict[str, int] = {}
+        for n in self._nodes:
+            for name in n.inputs:
+                last[name] = n.index
+        for name, i in last.items():
+            if name != output:
+                self._nodes[i].free_after.append(name)
+        self.spike_values = self._spike_values()
+        self._recorder: Callable | None = None
+        self.eval()
+
+    # --------------------------------------------------------------------------- construction
+
+    def _bind(self, node: _Node, tensors: Mapping[str, torch.Tensor]) -> None:
+        req_attrs, req, opt = OPS[node.op]
+        for a in req_attrs:
+            if a not in node.attrs:
+                raise _fail(f"node {node.index} ({node.op}) lacks attribute {a!r}")
+        n_in = 2 if node.op == "add" else 1
+        if len(node.inputs) != n_in:
+            raise _fail(f"node {node.index} ({node.op}) needs {n_in} input(s)")
+        for k in req + opt:
+            key = f"{node.index}.{k}"
+            if key not in tensors:
+                if k in req:
+                    raise _fail(f"node {node.index} ({node.op}) lacks tensor {k!r}")
+                continue
+            t = tensors[key]
+            if not isinstance(t, torch.Tensor):
+                raise _fail(f"tensor {key} is not a tensor")
+            buf = f"n{node.index}_{k}"
+            self.register_buffer(buf, t)
+            node.buffers[k] = buf
+        getattr(self, f"_check_{node.op}", lambda n: None)(node)
+
+    def _t(self, node: _Node, k: str) -> torch.Tensor | None:
+        b = node.buffers.get(k)
+        return None if b is None else getattr(self, b)
+
+    def _check_shape(self, node: _Node, k: str, shapes: list[tuple[int, ...]]) -> None:
+        t = self._t(node, k)
+        if t is None:
+            return
+        if tuple(t.shape) not in shapes:
+            want = " or ".join(str(list(s)) for s in shapes)
+            raise _fail(
+                f"node {node.index} ({node.op}) tensor {k!r} has shape {list(t.shape)}, "
+                f"expected {want}"
+            )
+        if k == "words":
+            if t.dtype != torch.int32:
+                raise _fail(f"node {node.index} words must be int32, got {t.dtype}")
+        elif not t.is_floating_point():
+            raise _fail(f"node {node.index} tensor {k!r} must be floating, got {t.dtype}")
+
+    def _check_neuron_attrs(self, node: _Node, a: Mapping) -> None:
+        sb = a.get("spike_bits")
+        if sb is not None and (isinstance(sb, bool) or not isinstance(sb, int) or not 1 <= sb <= 8):
+            raise _fail(f"node {node.index}: spike_bits must be null or 1..8, got {sb!r}")
+        st = a.get("spike_step")
+        if isinstance(st, bool) or not isinstance(st, (int, float)) or not st > 0:
+            raise _fail(f"node {node.index}: spike_step must be > 0, got {st!r}")
+        if not isinstance(a.get("parallel"), bool):
+            raise _fail(f"node {node.index}: parallel must be a bool")
+
+    def _check_conv(self, node: _Node) -> None:
+        a = node.attrs
+        for k in ("stride", "padding", "dilation"):
+            _int_list(a[k], 2, f"node {node.index} {k}")
+        w = self._t(node, "weight")
+        if w.dim() != 4:
+            raise _fail(f"node {node.index} conv weight must be 4-D, got {list(w.shape)}")
+        self._check_shape(node, "bias", [(w.shape[0],)])
+
+    def _check_linear(self, node: _Node) -> None:
+        w = self._t(node, "weight")
+        if w.dim() != 2:
+            raise _fail(f"node {node.index} linear weight must be 2-D, got {list(w.shape)}")
+        self._check_shape(node, "bias", [(w.shape[0],)])
+
+    def _check_bconv(self, node: _Node) -> None:
+        a, T = node.attrs, self.T
+        shape = _int_list(a["shape"], 4, f"node {node.index} shape")
+        _int_list(a["stride"], 2, f"node {node.index} stride")
+        _int_list(a["padding"], 2, f"node {node.index} padding")
+        if a["bits"] not in (1, 2) or isinstance(a["bits"], bool):
+            raise _fail(f"node {node.index}: bits must be 1 or 2, got {a['bits']!r}")
+        if isinstance(a["groups"], bool) or not isinstance(a["groups"], int) or a["groups"] < 1:
+            raise _fail(f"node {node.index}: groups must be an int >= 1")
+        O, K = shape[0], math.prod(shape[1:])
+        self._check_shape(node, "words", [(a["bits"], O, -(-K // 32))])
+        self._check_shape(node, "scale", [(O,), (T, O)])
+        self._check_shape(node, "bias", [(O,), (T, O)])
+        if a["neuron"] is None:
+            if self._t(node, "threshold") is not None or self._t(node, "decay") is not None:
+                raise _fail(f"node {node.index}: neuron tensors without a neuron")
+            return
+        if not isinstance(a["neuron"], Mapping):
+            raise _fail(f"node {node.index}: neuron must be null or a mapping")
+        self._check_neuron_attrs(node, a["neuron"])
+        if self._t(node, "threshold") is None:
+            raise _fail(f"node {node.index}: a fused neuron needs a threshold")
+        self._check_shape(node, "threshold", [(T, O)])
+        if a["neuron"]["parallel"] != (self._t(node, "decay") is None):
+            raise _fail(f"node {node.index}: a decay is needed exactly when not parallel")
+        self._check_shape(node, "decay", [(T, O)])
+
+    def _check_neuron(self, node: _Node) -> None:
+        self._check_neuron_attrs(node, node.attrs)
+        T = self.T
+        self._check_shape(node, "threshold", [(T,)])
+        if node.attrs["parallel"] != (self._t(node, "decay") is None):
+            raise _fail(f"node {node.index}: a decay is needed exactly when not parallel")
+        ks, kb = self._t(node, "in_scale"), self._t(node, "in_bias")
+        if (ks is None) != (kb is None):
+            raise _fail(f"node {node.index}: in_scale and in_bias come together")
+        d = self._t(node, "decay")
+        C = 0
+        if ks is not None:
+            C = ks.shape[-1]
+        elif d is not None and d.dim() == 2:
+            C = d.shape[-1]
+        shapes = [(T,)] + ([(T, C)] if C else [])
+        self._check_shape(node, "decay", shapes)
+        self._check_shape(node, "in_scale", [(T, C)])
+        self._check_shape(node, "in_bias", [(T, C)])
+
+    def _check_seca(self, node: _Node) -> None:
+        w = self._t(node, "weight")
+        if w.dim() != 3 or w.shape[:2] != (1, 1) or w.shape[2] % 2 == 0:
+            raise _fail(f"node {node.index} seca weight must be [1, 1, odd k], got {list(w.shape)}")
+
+    def _check_maxpool(self, node: _Node) -> None:
+        for k in ("kernel_size", "stride", "padding"):
+            _int_list(node.attrs[k], 2, f"node {node.index} {k}")
+
+    def _check_unsqueeze(self, node: _Node) -> None:
+        d = node.attrs["dim"]
+        if isinstance(d, bool) or not isinstance(d, int) or d >= 0:
+            raise _fail(f"node {node.index}: unsqueeze dim must be a negative int, got {d!r}")
+
+    def _spike_values(self) -> set[str]:
+        spikes: set[str] = set()
+        for n in self._nodes:
+            if n.op == "neuron" or (n.op == "bconv" and n.attrs["neuron"] is not None):
+                spikes.add(n.output)
+            elif n.op in SPIKE_PRESERVING_OPS and n.inputs[0] in spikes:
+                spikes.add(n.output)
+        return spikes
+
+    # ------------------------------------------------------------------------------ inference
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as stored in an export: `{"{node_index}.{name}": CPU tensor}`."""
+        return {
+            f"{n.index}.{k}": getattr(self, b).detach().cpu().contiguous()
+            for n in self._nodes
+            for k, b in n.buffers.items()
+        }
+
+    @property
+    def nodes(self) -> list[dict]:
+        """The graph's node descriptions (plain data)."""
+        return self.graph["nodes"]
+
+    def train(self, mode: bool = True) -> DeployedModel:
+        if mode:
+            raise DeployError("a DeployedModel is inference only; it has no training mode")
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the floating tensors; fp32 unless converted)."""
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b.dtype
+        return torch.float32
+
+    def check_input(self, x: object) -> torch.Tensor:
+        """x must be `[N, *in_shape]` (static: the same input at every step) or
+        `[T, N, *in_shape]` (one frame per step, e.g. event data). Returns it as `[T', N, *]`."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"deployed model input must be a torch.Tensor, got {type(x).__name__}")
+        d = len(self.in_shape)
+        shp = ", ".join(map(str, self.in_shape))
+        if x.dim() == d + 1 and tuple(x.shape[1:]) == self.in_shape:
+            return x.unsqueeze(0)
+        if x.dim() == d + 2 and x.shape[0] == self.T and tuple(x.shape[2:]) == self.in_shape:
+            return x
+        raise DeployError(
+            f"deployed model input must be [N, {shp}] or [T={self.T}, N, {shp}], "
+            f"got {tuple(x.shape)}"
+        )
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, *, per_step: bool = False) -> torch.Tensor:
+        """Logits summed over the T steps `[N, num_classes]` (`per_step=True`: `[T, N, C]`).
+
+        Args:
+            x: `[N, *in_shape]` (static input, as the trained model's eval repeats it over T) or
+                `[T, N, *in_shape]`; cast to the model's dtype and must be on its device.
+        """
+        dtype = self.dtype
+        env: dict[str, Any] = {"x": self.check_input(x).to(dtype)}
+        rec = self._recorder
+        for node in self._nodes:
+            args = [env[n] for n in node.inputs]
+            out = _RUN[node.op](self, node, args, dtype)
+            env[node.output] = out
+            if rec is not None:
+                rec(self, node, args, out)
+            for name in node.free_after:
+                del env[name]
+        y = _float(env[self.graph_output], dtype)
+        if y.shape[0] != self.T:
+            y = y.expand(self.T, *y.shape[1:])
+        return y if per_step else y.sum(0)
+
+    def extra_repr(self) -> str:
+        ops: dict[str, int] = {}
+        for n in self._nodes:
+            ops[n.op] = ops.get(n.op, 0) + 1
+        desc = ", ".join(f"{k}={v}" for k, v in ops.items())
+        return (
+            f"T={self.T}, in_shape={self.in_shape}, num_classes={self.num_classes}, "
+            f"nodes: {desc}"
+        )
+
+
+def _steps(x: torch.Tensor, T: int) -> torch.Tensor:
+    return x if x.shape[0] == T else x.expand(T, *x.shape[1:])
+
+
+def _run_unsqueeze(m, node, args, dtype):
+    x = args[0]
+    if isinstance(x, Codes):
+        return Codes(x.codes.unsqueeze(node.attrs["dim"]), x.step, x.bits)
+    return x.unsqueeze(node.attrs["dim"])
+
+
+def _run_flatten(m, node, args, dtype):
+    x = args[0]
+    if isinstance(x, Codes):
+        return Codes(x.codes.flatten(2), x.step, x.bits)
+    return x.flatten(2)
+
+
+def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    y = fn(x.flatten(0, 1))
+    return y.reshape(*x.shape[:2], *y.shape[1:])
+
+
+def _run_conv(m, node, args, dtype):
+    a = node.attrs
+    w, b = m._t(node, "weight"), m._t(node, "bias")
+    return _per_frame(
+        lambda z: F.conv2d(z, w, b, a["stride"], a["padding"], a["dilation"], a["groups"]),
+        _float(args[0], dtype),
+    )
+
+
+def _run_linear(m, node, args, dtype):
+    return F.linear(_float(args[0], dtype), m._t(node, "weight"), m._t(node, "bias"))
+
+
+def _run_bconv(m, node, args, dtype):
+    a = node.attrs
+    x = args[0]
+    in_step = in_bits = None
+    if isinstance(x, Codes):
+        x, in_step, in_bits = x.codes, x.step, x.bits
+    if a["linear"]:
+        x = x.reshape(*x.shape, 1, 1)
+    neuron = a["neuron"]
+    scale = m._t(node, "scale")
+    if neuron is not None or scale.dim() == 2:
+        x = _steps(x, m.T)
+    words = m._t(node, "words")
+    packed = node.packed
+    if packed is None or packed.words is not words or packed.scale.device != words.device:
+        shape = a["shape"]  # (re)built after .to(): PackedWeight checks its fields once
+        alpha = scale if scale.dim() == 1 else scale[0]  # unused by the op: `scale` replaces it
+        packed = node.packed = PackedWeight(
+            words, alpha, shape, math.prod(shape[1:]), a["bits"]
+        )
+    kw = {}
+    if neuron is not None:
+        kw = {
+            "decay": m._t(node, "decay"),
+            "threshold": m._t(node, "threshold"),
+            "parallel": neuron["parallel"],
+            "spike_bits": neuron["spike_bits"],
+            "spike_step": neuron["spike_step"],
+        }
+    y = binary_conv_neuron(
+        x,
+        packed,
+        scale,
+        m._t(node, "bias"),
+        stride=tuple(a["stride"]),
+        padding=tuple(a["padding"]),
+        groups=a["groups"],
+        in_step=in_step,
+        in_bits=in_bits,
+        out_dtype=dtype,
+        impl=m.impl,
+        **kw,
+    )
+    if a["linear"]:
+        y = y.reshape(y.shape[:-2])
+    if neuron is not None and neuron["spike_bits"] is not None:
+        return Codes(y, neuron["spike_step"], neuron["spike_bits"])
+    return y
+
+
+def _run_neuron(m, node, args, dtype):
+    a = node.attrs
+    x = _steps(_float(args[0], dtype), m.T)
+    k, b = m._t(node, "in_scale"), m._t(node, "in_bias")
+    if k is not None:
+        view = (m.T, 1, -1) + (1,) * (x.dim() - 3)
+        x = k.view(view) * x + b.view(view)
+    th, decay = m._t(node, "threshold"), m._t(node, "decay")
+    q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": m.impl}
+    if decay is None:
+        return parallel_neuron(x, threshold=th, **q)
+    if decay.dim() == 1:
+        return empf_neuron(x, None, decay=decay, threshold=th, **q)[0]
+    # Per-channel decay (folded Mem-BN): the torch loop until `empf_neuron` takes [T, C].
+    return empf_neuron_channels(
+        x, decay, th, spike_bits=a["spike_bits"], spike_step=a["spike_step"]
+    )
+
+
+def _run_seca(m, node, args, dtype):
+    w = m._t(node, "weight")
+    k = w.shape[-1]
+
+    def attend(z: torch.Tensor) -> torch.Tensor:
+        y = z.mean(dim=tuple(range(2, z.dim())))
+        y = F.conv1d(y.unsqueeze(1), w.to(y.dtype), padding=k // 2)
+        gate = torch.sigmoid(y.squeeze(1))
+        return z * gate.view(*gate.shape, *(1,) * (z.dim() - 2))
+
+    return _per_frame(attend, _float(args[0], dtype))
+
+
+def _run_maxpool(m, node, args, dtype):
+    a = node.attrs
+    return _per_frame(
+        lambda z: F.max_pool2d(z, a["kernel_size"], a["stride"], a["padding"]),
+        _float(args[0], dtype),
+    )
+
+
+def _run_avgpool(m, node, args, dtype):
+    return _per_frame(lambda z: F.adaptive_avg_pool2d(z, 1), _float(args[0], dtype))
+
+
+def _run_add(m, node, args, dtype):
+    return _float(args[0], dtype) + _float(args[1], dtype)
+
+
+_RUN: dict[str, Callable] = {
+    "unsqueeze": _run_unsqueeze,
+    "flatten": _run_flatten,
+    "conv": _run_conv,
+    "linear": _run_linear,
+    "bconv": _run_bconv,
+    "neuron": _run_neuron,
+    "seca": _run_seca,
+    "maxpool": _run_maxpool,
+    "avgpool": _run_avgpool,
+    "add": _run_add,
+}

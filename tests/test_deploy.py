@@ -1,0 +1,557 @@
+"""Deployment: folding equals the trained model, export/load round trip, format errors, reports."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from empf_triton import reset_net
+from empf_triton.deploy import (
+    DeployedModel,
+    DeployError,
+    DeployFormatError,
+    export,
+    fold,
+    load,
+    read_header,
+)
+from empf_triton.deploy.format import FORMAT, META_KEY, payload_sha256
+from empf_triton.deploy.report import (
+    E_SOP_4BIT_PJ,
+    E_SOP_PJ,
+    _Recorder,
+    energy_report,
+    format_energy_table,
+    plot_energy,
+    state_dict_bytes,
+)
+from empf_triton.deploy.runtime import Codes, empf_neuron_channels
+from empf_triton.models import build_model, set_step_mode
+from empf_triton.nn import EMPFNeuron, LIFNeuron, MemBN
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking state: BN / Mem-BN statistics and affine, neuron logits, all non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+
+    def u(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                u(m.running_mean, -0.3, 0.3)
+                u(m.running_var, 0.5, 2.0)
+                u(m.weight, 0.5, 1.5)
+                u(m.bias, -0.2, 0.5)
+            elif isinstance(m, MemBN):
+                u(m.running_mean, -0.3, 0.3)
+                u(m.running_var, 0.5, 2.0)
+                u(m.weight, 0.5, 1.5)
+                u(m.bias, -0.2, 0.2)
+                u(m.p, -1, 1)
+                u(m.q, -1, 1)
+            elif isinstance(m, EMPFNeuron):
+                u(m.threshold_logit, -1, 1)
+                if m.decay_logit is not None:
+                    u(m.decay_logit, -1, 1)
+    return model.eval()
+
+
+@torch.no_grad()
+def trained_logits(model: nn.Module, x: torch.Tensor, event: bool = False) -> torch.Tensor:
+    """What `empf eval` computes: eval mode, all steps at once, logits summed over T."""
+    model.eval()
+    reset_net(model)
+    set_step_mode(model, "m")
+    xs = x if event else x.unsqueeze(0).expand(model.T, *x.shape)
+    out = model(xs).sum(0)
+    reset_net(model)
+    set_step_mode(model, "s")
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+CASES = [
+    ("mnist1d_cnn", {}, (1, 40)),
+    ("mnist1d_cnn", {"mem_bn": True}, (1, 40)),
+    ("mnist1d_cnn", {"seca": True, "parallel": True}, (1, 40)),
+    ("mnist1d_cnn", {"spike_bits": 4, "mem_bn": True, "seca": True}, (1, 40)),
+    ("mnist1d_cnn", {"weight_bits": 1.5, "parallel": True, "spike_bits": 2}, (1, 40)),
+    ("mnist1d_cnn", {"weight_bits": 32, "mem_bn": True}, (1, 40)),
+    ("digits_mlp", {}, (64,)),
+    ("digits_mlp", {"mem_bn": True, "parallel": True, "spike_bits": 4}, (64,)),
+    ("digits_mlp", {"weight_bits": 1.5, "hidden": (32, 24, 16)}, (64,)),
+    ("resnet18", {"width": 4}, (3, 12, 12)),
+    ("resnet18", {"width": 4, "mem_bn": True, "parallel": True}, (3, 12, 12)),
+    ("resnet18", {"width": 4, "seca": True, "spike_bits": 4}, (3, 12, 12)),
+    ("resnet18", {"width": 4, "weight_bits": 1.5, "mem_bn": True, "seca": True}, (3, 12, 12)),
+    ("resnet18", {"width": 2, "stem": "imagenet", "spike_bits": 4, "parallel": True}, (3, 20, 20)),
+    ("resnet19", {"width": 4, "mem_bn": True, "spike_bits": 4}, (3, 8, 8)),
+    ("resnet34", {"width": 2, "seca": True, "parallel": True, "mem_bn": True}, (3, 8, 8)),
+    ("vgg11", {"width": 4}, (2, 16, 16)),
+    ("vgg11", {"width": 4, "mem_bn": True, "seca": True, "parallel": True, "spike_bits": 4},
+     (2, 16, 16)),  # fmt: skip
+    ("vgg11", {"width": 4, "weight_bits": 1.5, "spike_bits": 8, "spike_step": 0.125}, (2, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("name,options,in_shape", CASES, ids=lambda v: str(v))
+def test_fold_equals_trained_model(name, options, in_shape):
+    T = 3 if name == "vgg11" else 4
+    model = randomize(build_model(name, in_shape=in_shape, num_classes=7, T=T, **options))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, *in_shape)
+    ref = trained_logits(model, x)
+    deployed = fold(model)
+    out = deployed(x)
+    assert out.shape == (6, 7) and out.dtype == torch.float32
+    assert rel_err(out, ref) <= 1e-5
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    # the trained model is left as it was
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the whole run of steps at once, per step: the same logits as the trained model's steps
+    reset_net(model)
+    set_step_mode(model, "m")
+    with torch.no_grad():
+        ref_steps = model(x.unsqueeze(0).expand(T, *x.shape))
+    reset_net(model)
+    assert rel_err(deployed(x, per_step=True), ref_steps) <= 1e-5
+    # binary layers are stored packed: no dense latent weight of theirs is in the deployment
+    bits = options.get("weight_bits", 1)
+    n_bconv = sum(n["op"] == "bconv" for n in deployed.nodes)
+    assert (n_bconv > 0) == (bits != 32)
+    for n in deployed.nodes:
+        if n["op"] == "bconv":
+            assert n["attrs"]["bits"] == (2 if bits == 1.5 else 1)
+
+
+def test_event_input_equals_trained_model():
+    model = randomize(build_model("vgg11", in_shape=(2, 16, 16), num_classes=5, T=3, width=4,
+                                  mem_bn=True))  # fmt: skip
+    x = torch.rand(3, 4, 2, 16, 16) * 2  # [T, N, *] event frames
+    ref = trained_logits(model, x, event=True)
+    out = fold(model)(x)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_fused_neurons_and_codes_between_layers():
+    """In a ResNet block conv1 + neuron2 fuse; with 4-bit spikes conv2 reads uint8 codes."""
+    model = randomize(build_model("resnet18", in_shape=(3, 8, 8), num_classes=4, T=2, width=4,
+                                  spike_bits=4))  # fmt: skip
+    d = fold(model)
+    fused = [n for n in d.nodes if n["op"] == "bconv" and n["attrs"]["neuron"]]
+    assert len(fused) == 8  # neuron2 of each of the 8 blocks
+    seen = []
+    d._recorder = lambda m, node, args, out: seen.append(
+        (node.op, isinstance(args[0], Codes) if args else False)
+    )
+    d(torch.randn(2, 3, 8, 8))
+    d._recorder = None
+    assert sum(1 for op, codes in seen if op == "bconv" and codes) >= 8
+
+
+def test_mem_bn_folds_into_conv_scale_per_step():
+    model = randomize(build_model("digits_mlp", in_shape=(64,), num_classes=3, T=3, mem_bn=True))
+    d = fold(model)
+    fused = next(n for n in d.nodes if n["op"] == "bconv")
+    i = d.nodes.index(fused)
+    assert getattr(d, f"n{i}_scale").shape == (3, 128)
+    assert getattr(d, f"n{i}_decay").shape == (3, 128)
+    standalone = [n for n in d.nodes if n["op"] == "neuron"]
+    assert standalone and all(
+        getattr(d, f"n{d.nodes.index(n)}_in_scale").shape == (3, 128) for n in standalone
+    )
+
+
+def test_empf_neuron_channels_matches_reference_per_channel():
+    from empf_triton.reference.neuron import empf_neuron_ref
+
+    T, N, C = 3, 5, 4
+    cur = torch.randn(T, N, C, 2)
+    decay = torch.rand(T, C) * 0.9 + 0.05
+    th = torch.rand(T, C) + 0.1
+    out = empf_neuron_channels(cur, decay, th, spike_bits=3, spike_step=0.25)
+    for c in range(C):
+        ref, _ = empf_neuron_ref(cur[:, :, c], None, decay[:, c], th[:, c], 3, 0.25)
+        assert torch.equal(out[:, :, c], ref)
+    codes = empf_neuron_channels(cur, decay, th, spike_bits=3, spike_step=0.25, codes=True)
+    assert codes.dtype == torch.uint8 and torch.equal(codes.float() * 0.25, out)
+    par = empf_neuron_channels(cur, None, th)
+    assert torch.equal(par, torch.relu(cur - th[:, None, :, None]))
+
+
+# ------------------------------------------------------------------------------ export and load
+
+
+def _small(**kw):
+    return randomize(build_model("mnist1d_cnn", in_shape=(1, 24), num_classes=5, T=3,
+                                 channels=(8, 8, 16), **kw))  # fmt: skip
+
+
+def test_export_load_round_trip(tmp_path):
+    model = _small(mem_bn=True, seca=True, spike_bits=4)
+    p = export(model, tmp_path / "m.safetensors", meta={"model_name": "mnist1d_cnn",
+                                                         "dataset": "mnist1d"})  # fmt: skip
+    x = torch.randn(4, 1, 24)
+    folded = fold(model)(x)
+    loaded = load(p)
+    assert isinstance(loaded, DeployedModel) and not loaded.training
+    assert torch.equal(loaded(x), folded)
+    assert rel_err(loaded(x), trained_logits(model, x)) <= 1e-5
+    doc = read_header(p)
+    assert doc["format"] == FORMAT and doc["version"] == 1
+    assert doc["model"] == {"T": 3, "in_shape": [1, 24], "num_classes": 5}
+    meta = doc["meta"]
+    assert meta["model_name"] == "mnist1d_cnn" and meta["dataset"] == "mnist1d"
+    assert meta["spike_bits"] == 4 and meta["spike_step"] == 0.25
+    assert "library_version" in meta
+    assert loaded.info["dataset"] == "mnist1d"
+    # one file, no pickle: a safetensors header (JSON) and raw tensor bytes only
+    data = p.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    assert dtypes <= {"I32", "F32"}
+    assert b"\x80\x04" not in data[:16] and not data.startswith(b"PK")
+    # packed words are int32, 1 bit per weight
+    words = [v for k, v in header.items() if k.endswith(".words")]
+    assert words and all(w["dtype"] == "I32" for w in words)
+
+
+def test_load_to_dtype(tmp_path):
+    model = _small(spike_bits=4)
+    p = export(model, tmp_path / "m.safetensors")
+    x = torch.randn(3, 1, 24)
+    ref = trained_logits(model, x)
+    for dt in (torch.float16, torch.bfloat16):
+        d = load(p, "cpu", dtype=dt)
+        assert d.dtype == dt and d(x).dtype == dt
+        assert rel_err(d(x).float(), ref) <= 0.1  # half-precision currents, same network
+    with pytest.raises(TypeError, match="dtype"):
+        load(p, dtype=torch.float64)
+    with pytest.raises(ValueError, match="impl"):
+        load(p, impl="cuda")
+
+
+@pytest.mark.parametrize("spike_bits", [None, 4])
+def test_triton_path_equals_reference_path(spike_bits):
+    """The deployed model on the Triton kernels (the interpreter on a CPU) gives the reference
+    path's logits: fused binary conv + neuron, standalone neurons, codes between layers."""
+    model = randomize(build_model("resnet18", in_shape=(3, 6, 6), num_classes=3, T=2, width=2,
+                                  spike_bits=spike_bits, parallel=True))  # fmt: skip
+    model.layers = model.layers[:3]  # keep the interpreter quick: stage 1 and one stride-2 block
+    model.final_neuron = EMPFNeuron(2, spike_bits=spike_bits)
+    model.classifier[2] = nn.Linear(4, 3)
+    x = torch.randn(2, 3, 6, 6)
+    ref = fold(model, impl="reference")(x)
+    out = fold(model, impl="triton")(x)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(ref, trained_logits(model, x)) <= 1e-5
+
+
+def test_runtime_modules_do_not_import_training_code():
+    """load() builds the model from the file alone: the runtime never imports train/models."""
+    for f in ("runtime.py", "format.py", "errors.py", "report.py"):
+        tree = ast.parse((REPO / "empf_triton" / "deploy" / f).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = "." * node.level + (node.module or "")
+                assert not any(s in mod for s in ("train", "models")), f"{f} imports {mod}"
+                if mod == ".":
+                    assert all(a.name not in ("train", "models", "fold") for a in node.names)
+            if isinstance(node, ast.ImportFrom) and node.module == "fold":
+                assert f == "format.py"  # export() folds a trained model; load() never does
+
+
+def test_no_overwrite_unless_told(tmp_path):
+    model = _small()
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(b"precious")
+    with pytest.raises(DeployError, match="already exists"):
+        export(model, p)
+    assert p.read_bytes() == b"precious"
+    export(model, p, overwrite=True)
+    assert load(p).T == 3
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temp files left
+
+
+def test_export_respects_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        p = export(_small(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (p.stat().st_mode & 0o777) == 0o640
+
+
+def test_export_rejects_non_plain_meta(tmp_path):
+    with pytest.raises(DeployError, match="plain JSON"):
+        export(_small(), tmp_path / "m.safetensors", meta={"x": object()})
+
+
+@pytest.fixture
+def exported(tmp_path):
+    return export(_small(spike_bits=4), tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 100, -1000, -4, -1])
+def test_truncated_file_is_one_clear_error(exported, cut):
+    data = exported.read_bytes()
+    exported.write_bytes(data[:cut])
+    with pytest.raises(DeployFormatError, match="m.safetensors"):
+        load(exported)
+
+
+@pytest.mark.parametrize("where", ["payload", "payload_end", "header"])
+def test_byte_flips_are_caught(exported, where):
+    data = bytearray(exported.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    pos = {"payload": 8 + n + 37, "payload_end": len(data) - 3, "header": 8 + n // 2}[where]
+    data[pos] ^= 0x5A
+    exported.write_bytes(bytes(data))
+    with pytest.raises(DeployFormatError):
+        load(exported)
+
+
+def test_sha256_mismatch_names_checksum(exported):
+    data = bytearray(exported.read_bytes())
+    data[-2] ^= 0x01
+    exported.write_bytes(bytes(data))
+    with pytest.raises(DeployFormatError, match="SHA-256"):
+        load(exported)
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load as st_load
+
+    return st_load(path.read_bytes())
+
+
+def _rewrite_doc(path: Path, change) -> None:
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save
+
+    data = path.read_bytes()
+    doc = read_header(path)
+    change(doc)
+    path.write_bytes(save(st_load(data), metadata={META_KEY: json.dumps(doc)}))
+
+
+def test_metadata_edit_is_caught_by_checksum(exported):
+    def edit(d):
+        d["graph"]["nodes"][2]["attrs"]["spike_step"] = 0.5
+
+    _rewrite_doc(exported, edit)
+    with pytest.raises(DeployFormatError, match="SHA-256"):
+        load(exported)
+
+
+def test_other_format_version(exported):
+    _rewrite_doc(exported, lambda d: d.update(version=2))
+    with pytest.raises(DeployFormatError, match="version 2"):
+        load(exported)
+
+
+def test_inconsistent_graph_is_format_error(exported):
+    def bad(d):
+        d["graph"]["nodes"][1]["op"] = "frobnicate"
+        d["sha256"] = payload_sha256(load_tensors(exported), d)
+
+    _rewrite_doc(exported, bad)
+    with pytest.raises(DeployFormatError, match="unknown op 'frobnicate'"):
+        load(exported)
+
+
+def test_wrong_tensor_shape_is_format_error(exported):
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save
+
+    data = exported.read_bytes()
+    doc = read_header(exported)
+    tensors = st_load(data)
+    key = next(k for k in tensors if k.endswith(".scale"))
+    tensors[key] = torch.ones(3)
+    doc["sha256"] = payload_sha256(tensors, doc)
+    exported.write_bytes(save(tensors, metadata={META_KEY: json.dumps(doc)}))
+    with pytest.raises(DeployFormatError, match="scale"):
+        load(exported)
+
+
+def test_not_an_export(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(3)}, plain)
+    ckpt = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(3)}, ckpt)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(4096))
+    for p, msg in [
+        (plain, "not an empf_triton deployment export"),
+        (ckpt, "truncated or not a safetensors"),
+        (empty, "truncated"),
+        (garbage, "truncated or not a safetensors"),
+        (tmp_path / "missing.safetensors", "no such file"),
+        (tmp_path, "not a file"),
+    ]:
+        with pytest.raises(DeployFormatError, match=msg):
+            load(p)
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def test_mismatched_input_shape_is_clear():
+    d = fold(_small())
+    with pytest.raises(DeployError, match=r"\[N, 1, 24\] or \[T=3, N, 1, 24\].*\(4, 1, 40\)"):
+        d(torch.randn(4, 1, 40))
+    with pytest.raises(DeployError, match="got"):
+        d(torch.randn(2, 4, 1, 24))  # T=2 steps for a T=3 model
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        d([1.0, 2.0])
+
+
+def test_inference_only():
+    d = fold(_small())
+    with pytest.raises(DeployError, match="inference only"):
+        d.train()
+    assert not d.training
+
+
+def test_unknown_layers_and_models_are_named():
+    model = _small()
+    model.blocks[0] = LIFNeuron()
+    with pytest.raises(DeployError, match=r"blocks\.0 of type LIFNeuron"):
+        fold(model)
+    with pytest.raises(DeployError, match="model type Sequential"):
+        fold(nn.Sequential(nn.Linear(2, 2)))
+    m2 = _small()
+    m2.stem[1] = nn.LayerNorm(8)
+    with pytest.raises(DeployError, match="stem.1 of type LayerNorm"):
+        fold(m2)
+
+
+def test_fold_after_pack_and_fold_mem_bn():
+    """A model whose binary layers are already packed and whose Mem-BN is folded exports too."""
+    model = _small(mem_bn=True)
+    x = torch.randn(3, 1, 24)
+    ref = trained_logits(model, x)
+    for m in model.modules():
+        if hasattr(m, "pack"):
+            m.pack()
+        if isinstance(m, EMPFNeuron):
+            m.fold_mem_bn()
+    assert rel_err(fold(model)(x), ref) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ reports
+
+
+def test_resnet18_cifar_export_is_25x_smaller_than_fp32(tmp_path):
+    model = build_model("resnet18", in_shape=(3, 32, 32), num_classes=10, T=4).eval()
+    p = export(model, tmp_path / "r18.safetensors")
+    ratio = state_dict_bytes(model) / p.stat().st_size
+    assert ratio >= 25, ratio
+
+
+def test_sop_count_equals_brute_force():
+    """SOPs of a strided, padded, grouped binary conv: for each non-zero input, the weights it
+    touches, counted directly with unfold."""
+    from empf_triton.nn import BinaryConv2d
+
+    T, N, C, O, g = 2, 3, 4, 6, 2
+    x = (torch.rand(T, N, C, 7, 9) < 0.3).float() * torch.rand(T, N, C, 7, 9)
+    conv = BinaryConv2d(C, O, 3, stride=2, padding=1, groups=g)
+
+    class Node:
+        op = "bconv"
+        attrs = {"shape": [O, C // g, 3, 3], "stride": [2, 2], "padding": [1, 1], "groups": g,
+                 "linear": False}  # fmt: skip
+
+    got = _Recorder._sops(None, Node, x != 0)
+    cols = F.unfold((x != 0).flatten(0, 1).float(), 3, padding=1, stride=2)  # [TN, C*9, L]
+    per_group = cols.reshape(T * N, g, C // g * 9, -1).sum(dim=(0, 2, 3))  # touched per group
+    assert got.item() == float((per_group * (O // g)).sum())
+    assert conv.groups == g
+
+
+def test_energy_report_counts_match_the_trained_model():
+    model = _small(parallel=True, spike_bits=4)
+    x = torch.randn(10, 1, 24)
+    rates = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: rates.append((o != 0).float().mean().item()))
+        for m in model.modules()
+        if isinstance(m, EMPFNeuron)
+    ]
+    trained_logits(model, x)
+    for h in hooks:
+        h.remove()
+    d = fold(model)
+    rep = energy_report(d, [x[:4], (x[4:], None)])
+    assert rep["samples"] == 10
+    spiking = [r for r in rep["layers"] if r["firing_rate"] is not None]
+    assert [r["firing_rate"] for r in spiking] == pytest.approx(rates, abs=1e-6)
+    T = 3
+    for r in spiking:
+        par = "par." in r["layer"]
+        assert r["nops"] == r["neurons"] * (T if par else 3 * T)
+    for r in rep["layers"]:
+        if r["sops"]:
+            assert r["input_bits"] == 4
+            assert r["energy_paper_pj"] == pytest.approx(r["sops"] * E_SOP_4BIT_PJ)
+    stem = rep["layers"][0]
+    assert stem["layer"].startswith("1:conv1x5") and stem["sops"] == 0
+    assert stem["macs"] == 8 * 24 * 5  # once per sample: the static stem runs once for all T
+    t = rep["totals"]
+    assert t["energy_paper_mj"] == pytest.approx(t["sops"] * E_SOP_4BIT_PJ * 1e-9)
+    assert t["energy_usual_mj"] == pytest.approx(t["energy_paper_mj"] + t["macs"] * 4.6e-9)
+    table = format_energy_table(rep)
+    assert "paper accounting" in table and "usual SNN accounting" in table
+    assert energy_report(d, [x], max_samples=3)["samples"] == 3
+
+
+def test_paper_energy_constants_reproduce_its_ablation():
+    # 284.49 M SOPs -> 0.26 mJ; 233.84 M SOPs with 4-bit spikes -> 0.03 mJ (the paper's table)
+    assert round(284.49e6 * E_SOP_PJ * 1e-9, 2) == 0.26
+    assert round(233.84e6 * E_SOP_4BIT_PJ * 1e-9, 2) == 0.03
+
+
+def test_float_spike_energy_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    d = fold(_small())
+    rep = energy_report(d, [torch.randn(5, 1, 24)])
+    sop_layers = [r for r in rep["layers"] if r["sops"]]
+    assert sop_layers and all(r["input_bits"] is None for r in sop_layers)
+    t = rep["totals"]
+    assert t["energy_paper_mj"] == pytest.approx(t["sops"] * E_SOP_PJ * 1e-9)
+    png = plot_energy(rep, tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_identical_predictions_on_embedded_test_set():
+    """The deployed model predicts exactly what the trained model predicts on the test split."""
+    from empf_triton.data import load_dataset
+
+    _, test, info = load_dataset("digits")
+    model = randomize(build_model("digits_mlp", in_shape=info.in_shape, num_classes=10, T=4,
+                                  mem_bn=True, spike_bits=4))  # fmt: skip
+    ref = trained_logits(model, test.x).argmax(-1)
+    out = fold(model)(test.x).argmax(-1)
+    assert torch.equal(out, ref)
