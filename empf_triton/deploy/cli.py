@@ -63,7 +63,10 @@ def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
         "--data-root", dest="data_root", default=None, help="folder of the data files"
     )
     r.add_argument(
-        "--samples", type=_number("samples"), default=None, help="test samples for --deployed (default: all)"
+        "--samples",
+        type=_number("samples"),
+        default=None,
+        help="test samples for --deployed (default: all)",
     )
 
 
