@@ -106,14 +106,26 @@ _UNPACK_BLOCK_K = 256
 DOT_IEEE, DOT_FP16, DOT_TF32, DOT_TF32X3 = 0, 1, 2, 3
 
 
+# Host-side helpers in plain Python: triton.cdiv / triton.next_power_of_2 are constexpr functions
+# whose host calls cost ~5 µs each.
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def m_class(M: int) -> int:
     """Size class of M for the autotune key: the next power of two, capped at 4096."""
-    return min(triton.next_power_of_2(max(M, 1)), 4096)
+    return min(_pow2(M), 4096)
 
 
 def size_class(n: int) -> int:
     """Size class of P or R for the autotune key: the next power of two, capped at CLASS_CAP."""
-    return min(triton.next_power_of_2(max(n, 1)), CLASS_CAP)
+    return min(_pow2(n), CLASS_CAP)
 
 
 # ------------------------------------------------------------------------------------------ pruning
@@ -126,9 +138,9 @@ def _prune(configs, named_args, **kwargs):
     keep = [
         c
         for c in configs
-        if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(M))
-        and c.kwargs["BLOCK_P"] <= max(32, triton.next_power_of_2(P))
-        and c.kwargs["BLOCK_R"] <= max(64, triton.next_power_of_2(R))
+        if c.kwargs["BLOCK_M"] <= max(16, _pow2(M))
+        and c.kwargs["BLOCK_P"] <= max(32, _pow2(P))
+        and c.kwargs["BLOCK_R"] <= max(64, _pow2(R))
     ]
     return keep or configs[:1]
 
@@ -438,15 +450,18 @@ def _bgemm(
     out = empty((M, P), a.dtype, a.device)
     if M == 0 or P == 0:
         return out
+    s_am, s_ar = a.stride()
     # The kernel keeps int32 offsets inside a tile (largest tile: 128 x 256, 256 x 256 words).
-    if 127 * abs(a.stride(0)) + 255 * abs(a.stride(1)) >= 2**31:
+    if 127 * abs(s_am) + 255 * abs(s_ar) >= 2**31:
         a = a.contiguous()
-    if 256 * words.stride(1) + 8 >= 2**31:
-        raise ValueError(f"packed rows too long for int32 tile offsets: {words.stride(1)} words")
+        s_am, s_ar = a.stride()
+    s_wp, s_wn, _ = words.stride()
+    if 256 * s_wn + 8 >= 2**31:
+        raise ValueError(f"packed rows too long for int32 tile offsets: {s_wn} words")
     family = "gemv" if M == 1 else "small" if M <= SMALL_M_MAX else "large"
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(P, meta["BLOCK_P"]))
+        return (_cdiv(M, meta["BLOCK_M"]), _cdiv(P, meta["BLOCK_P"]))
 
     _TUNERS[family, trans][grid](
         p_a=a,
@@ -460,12 +475,12 @@ def _bgemm(
         M_CLASS=m_class(M),
         P_CLASS=size_class(P),
         R_CLASS=size_class(R),
-        stride_am=a.stride(0),
-        stride_ar=a.stride(1),
-        stride_wp=words.stride(0),
-        stride_wn=words.stride(1),
-        stride_om=out.stride(0),
-        stride_op=out.stride(1),
+        stride_am=s_am,
+        stride_ar=s_ar,
+        stride_wp=s_wp,
+        stride_wn=s_wn,
+        stride_om=P,
+        stride_op=1,
         TRANS=trans,
         TERNARY=words.shape[0] == 2,
         SCALE_A=trans,
@@ -498,7 +513,7 @@ def quantize(w2d: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor | None)
     N, K = w2d.shape
     out = empty((N, K), w2d.dtype, w2d.device)
     if out.numel():
-        _quantize_kernel[(triton.cdiv(N * K, _ELEM_BLOCK),)](
+        _quantize_kernel[(_cdiv(N * K, _ELEM_BLOCK),)](
             p_w=w2d,
             p_scale=scale,
             p_delta=delta if delta is not None else scale,
@@ -516,7 +531,7 @@ def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g where |w| <= 1 else 0; g and w contiguous, same shape."""
     out = empty(w.shape, w.dtype, w.device)
     if out.numel():
-        _ste_kernel[(triton.cdiv(w.numel(), _ELEM_BLOCK),)](
+        _ste_kernel[(_cdiv(w.numel(), _ELEM_BLOCK),)](
             p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK, **_LAUNCH
         )
     return out
@@ -525,11 +540,11 @@ def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     """Sign (and, with `delta`, non-zero) planes of w [N, K] as int32 [planes, N, ceil(K/32)]."""
     N, K = w2d.shape
-    KW = triton.cdiv(K, 32)
+    KW = _cdiv(K, 32)
     planes = 1 if delta is None else 2
     words = empty((planes, N, KW), torch.int32, w2d.device)
     if words.numel():
-        grid = (triton.cdiv(N, _PACK_BLOCK_N), triton.cdiv(KW, _PACK_BLOCK_W))
+        grid = (_cdiv(N, _PACK_BLOCK_N), _cdiv(KW, _PACK_BLOCK_W))
         _pack_kernel[grid](
             p_w=w2d,
             p_delta=delta if delta is not None else w2d,
@@ -554,7 +569,7 @@ def unpack(words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype)
     N = words.shape[1]
     out = empty((N, K), dtype, words.device)
     if out.numel():
-        grid = (triton.cdiv(N, _UNPACK_BLOCK_N), triton.cdiv(K, _UNPACK_BLOCK_K))
+        grid = (_cdiv(N, _UNPACK_BLOCK_N), _cdiv(K, _UNPACK_BLOCK_K))
         _unpack_kernel[grid](
             p_words=words,
             p_scale=scale,

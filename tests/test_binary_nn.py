@@ -111,7 +111,7 @@ def test_packed_layer_refuses_to_train_and_unpack_restores(device):
 def test_packed_state_dict_round_trip(device):
     a = _spread(BinaryLinear(50, 12, weight_bits=1.5, device=device)).pack().eval()
     sd = a.state_dict()
-    assert set(sd) == {"bias", "packed_words", "packed_scale"}
+    assert set(sd) == {"bias", "packed_words", "packed_scale", "packed_shape"}
     b = BinaryLinear(50, 12, weight_bits=1.5, device=device).pack().eval()
     b.load_state_dict(sd)
     x = torch.randn(2, 50, device=device)
