@@ -117,7 +117,7 @@ class _BinaryLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (binarised or ternarised), with its STE gradient."""
         if self.is_packed:
-            return unpack_weight(self.packed_weight(), torch.float32)
+            return unpack_weight(self.packed_weight(), torch.float32, impl=self.impl)
         w = self.weight
         if resolve_impl(self.impl, w) == "reference":
             return quantize_ref(w, self.bits)
@@ -166,7 +166,10 @@ class _BinaryLayer(nn.Module):
         if not self.is_packed:
             return self
         param = self.__dict__.pop("_latent_param")
-        param.data = unpack_weight(self.packed_weight(), param.dtype)
+        # α·(±1) in fp32 rounds once to param's dtype, exactly as unpacking into that dtype
+        param.data = unpack_weight(self.packed_weight(), torch.float32, impl=self.impl).to(
+            param.dtype
+        )
         del self.packed_words, self.packed_scale, self.packed_shape
         self._packed_shape = None
         self.weight = param
