@@ -315,7 +315,11 @@ def _tuned(configs):
 # One tuner (one cache) per family and direction: their best tiles differ.
 _TUNERS = {
     (family, trans): _tuned(configs)
-    for family, configs in (("gemv", GEMV_CONFIGS), ("small", SMALL_CONFIGS), ("large", LARGE_CONFIGS))
+    for family, configs in (
+        ("gemv", GEMV_CONFIGS),
+        ("small", SMALL_CONFIGS),
+        ("large", LARGE_CONFIGS),
+    )
     for trans in (False, True)
 }
 
@@ -504,7 +508,9 @@ def binary_gemm(
     return _bgemm(x, words, scale, bias, words.shape[1], x.shape[1], False)
 
 
-def binary_gemm_t(g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
+def binary_gemm_t(
+    g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int
+) -> torch.Tensor:
     """grad_x[M, K] = (g * scale) @ decode(words), in g's dtype; g: [M, N] (any strides)."""
     return _bgemm(g, words, scale, None, K, words.shape[1], True)
 

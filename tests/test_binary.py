@@ -440,7 +440,9 @@ def test_k_zero_gives_bias(device, impl, bits, dtype):
     assert torch.equal(out, bias.detach().expand(3, 4))
     gx, gb = torch.autograd.grad(out, (x, bias), torch.ones_like(out))
     assert gx.shape == (3, 0) and torch.equal(gb, torch.full_like(bias, 3))
-    assert torch.equal(binary_matmul(x, p, impl=impl), torch.zeros(3, 4, device=device, dtype=dtype))
+    assert torch.equal(
+        binary_matmul(x, p, impl=impl), torch.zeros(3, 4, device=device, dtype=dtype)
+    )
     w = torch.randn(4, 0, device=device, requires_grad=True)
     out = binary_linear(x, w, bias, bits=bits, impl=impl)
     assert torch.equal(out, bias.detach().expand(3, 4))

@@ -215,7 +215,7 @@ def binary_auto_choice(M: int, device: torch.device | str, *, training: bool = F
 
 
 def _route(impl: str, M: int, *tensors: torch.Tensor | None, training: bool = False) -> str:
-    """"reference", "triton" or "dense"; an explicit impl is honoured or raises."""
+    """Returns "reference", "triton" or "dense"; an explicit impl is honoured or raises."""
     resolved = resolve_impl(impl, *tensors)
     if impl == "auto" and resolved == "triton":
         device = next(t.device for t in tensors if t is not None and t.is_cuda)
@@ -517,7 +517,9 @@ def matmul_triton(
     """Unchecked packed GEMM `x [*, K] -> [*, N]` (the entry point of the packed layers)."""
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), K)
-    out = _OPS.gemm(x2, words, scale, bias) if _compiling() else _GemmFn.apply(x2, words, scale, bias)
+    out = (
+        _OPS.gemm(x2, words, scale, bias) if _compiling() else _GemmFn.apply(x2, words, scale, bias)
+    )
     return out.reshape(*lead, N)
 
 
@@ -541,7 +543,11 @@ def unpack_triton(
     words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Unchecked Triton unpack to a dense [N, K] weight."""
-    return _OPS.unpack(words, scale, K, dtype) if _compiling() else _unpack_impl(words, scale, K, dtype)
+    return (
+        _OPS.unpack(words, scale, K, dtype)
+        if _compiling()
+        else _unpack_impl(words, scale, K, dtype)
+    )
 
 
 # ---------------------------------------------------------------------------------------- quantise

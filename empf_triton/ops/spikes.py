@@ -154,7 +154,9 @@ _decode_op = register_op(
     "decode_spikes",
     _decode_impl,
     fake=lambda codes, bits, step, n, dtype: codes.new_empty((n,), dtype=dtype),
-    device_impls=_cpu(lambda codes, bits, step, n, dtype: decode_spikes_ref(codes, bits, step, (n,), dtype)),
+    device_impls=_cpu(
+        lambda codes, bits, step, n, dtype: decode_spikes_ref(codes, bits, step, (n,), dtype)
+    ),
 )
 
 
