@@ -14,7 +14,9 @@ ops' unchecked entry points (`ops.binary.matmul_triton`, `linear_triton`, `quant
 
 Deployment: `layer.pack()` replaces the latent weight by a `PackedWeight` (int32 words + per-channel
 scale, stored as buffers `packed_words` and `packed_scale`, so `.to()` and `state_dict()` carry it)
-and the forward then runs `ops.binary_matmul` (convolution: `F.unfold` im2col, one GEMM per group),
+and the forward then runs the packed GEMM of `ops.binary_matmul` (convolution: `F.unfold` im2col,
+one GEMM per group; `impl="auto"` on CUDA: unpack + cuBLAS/cuDNN unless `ops.binary.PACKED_MAX_M`
+lists the GPU),
 reproducing the training forward up to float rounding. The latent weight is discarded (that is the
 point of packing). A packed layer cannot train its weight: a forward in training mode with grad
 enabled raises `PackedLayerTrainingError`; use `.eval()` / `torch.no_grad()` for inference (grad

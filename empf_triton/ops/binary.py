@@ -515,12 +515,12 @@ def matmul_triton(
     K: int,
 ) -> torch.Tensor:
     """Unchecked packed GEMM `x [*, K] -> [*, N]` (the entry point of the packed layers)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), K)
-    out = (
-        _OPS.gemm(x2, words, scale, bias) if _compiling() else _GemmFn.apply(x2, words, scale, bias)
-    )
-    return out.reshape(*lead, N)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
+    if _compiling():
+        out = _OPS.gemm(x2, words, scale, bias)
+    else:
+        out = _GemmFn.apply(x2, words, scale, bias)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 
 def linear_triton(
@@ -664,7 +664,9 @@ def check_x(x: object, K: int, device: torch.device, impl: str, what: str) -> to
 
 
 def _rows(x: object) -> int:
-    return math.prod(x.shape[:-1]) if isinstance(x, torch.Tensor) and x.dim() else 0
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return 0
+    return x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
 
 
 def binary_matmul(
