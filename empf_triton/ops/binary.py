@@ -226,15 +226,13 @@ def _route(impl: str, M: int, *tensors: torch.Tensor | None, training: bool = Fa
 # ------------------------------------------------------------------ Triton implementations (raw)
 # Unchecked: callers validated shapes, dtypes and devices. Each returns fresh tensors.
 
-_KERNELS = None
 _NULL = contextlib.nullcontext()
 
 
 def _kb():
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = load_kernels("binary")
-    return _KERNELS
+    # Not cached here: an imported module costs importlib a dict lookup, and tests patch
+    # `load_kernels` to see that the kernels really ran.
+    return load_kernels("binary")
 
 
 def _on(t: torch.Tensor):

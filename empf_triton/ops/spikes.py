@@ -89,15 +89,13 @@ def _check_spikes(s: object, impl: str) -> tuple[torch.Tensor, str]:
 
 # ----------------------------------------------------------- Triton implementations (unchecked)
 
-_KERNELS = None
 _NULL = contextlib.nullcontext()
 
 
 def _ks():
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = load_kernels("spikes")
-    return _KERNELS
+    # Not cached here: an imported module costs importlib a dict lookup, and tests patch
+    # `load_kernels` to see that the kernels really ran.
+    return load_kernels("spikes")
 
 
 def _on(t: torch.Tensor):
