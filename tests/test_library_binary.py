@@ -76,14 +76,29 @@ def test_ops_match_reference_and_double_backward(device):
     torch.testing.assert_close(gg, w.sum(1).expand(4, N), atol=1e-5, rtol=1e-5)
 
 
-def test_eager_functions_refuse_double_backward(device):
-    # the eager fast path's backward launches kernels autograd cannot see: it says so
-    packed = pack_weight(_w(6, 40, device), 1)
-    x = torch.randn(2, 40, device=device, requires_grad=True)
-    out = binary_matmul(x, packed, impl="triton")
-    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        gx.sum().backward()
+@pytest.mark.parametrize("bits", [1, 2])
+def test_double_backward_matches_reference(device, bits):
+    # the eager path's backward switches to the custom ops under create_graph=True, so second
+    # derivatives exist on the Triton path as on the reference (all linear in the output grad)
+    w0 = _w(6, 40, device)
+    packed = pack_weight(w0, bits)
+    res = {}
+    for impl in ("triton", "reference"):
+        x = torch.randn(2, 40, device=device, generator=torch.Generator(device).manual_seed(1))
+        x.requires_grad_()
+        w = w0.clone().requires_grad_()
+        g = torch.ones(2, 6, device=device, requires_grad=True)
+        gq = torch.ones(6, 40, device=device, requires_grad=True)
+        out = binary_matmul(x, packed, impl=impl)
+        (gx,) = torch.autograd.grad(out, x, g, create_graph=True)
+        out_l = ob.binary_linear(x, w, bits=bits, impl=impl)
+        gx_l, gw_l = torch.autograd.grad(out_l, (x, w), g, create_graph=True)
+        q = (binarize if bits == 1 else ternarize)(w, impl=impl)
+        (gw_q,) = torch.autograd.grad(q, w, gq, create_graph=True)
+        total = (gx**2).sum() + (gx_l**2).sum() + (gw_l**2).sum() + (gw_q**2).sum()
+        res[impl] = torch.autograd.grad(total, (g, gq))
+    for got, want in zip(res["triton"], res["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ torch.compile

@@ -40,7 +40,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..reference.binary import (
     binarize_ref,
@@ -455,6 +454,12 @@ _OPS.linear = register_op(
 _RAW = SimpleNamespace(gemm_t=_gemm_t_impl, ste=_ste_impl)
 
 
+def _callees():
+    """The raw implementations, or (backward with create_graph=True, where grad mode is on) the
+    custom ops, whose registered backward makes this backward differentiable in turn."""
+    return _OPS if torch.is_grad_enabled() else _RAW
+
+
 class _QuantizeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, bits):
@@ -463,9 +468,8 @@ class _QuantizeFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        return _ste_impl(g, ctx.saved_tensors[0]), None
+        return _callees().ste(g, ctx.saved_tensors[0]), None
 
 
 class _GemmFn(torch.autograd.Function):
@@ -476,9 +480,8 @@ class _GemmFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        return _gemm_backward(_RAW, ctx, g)
+        return _gemm_backward(_callees(), ctx, g)
 
 
 class _LinearFn(torch.autograd.Function):
@@ -489,9 +492,8 @@ class _LinearFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        return _linear_backward(_RAW, ctx, g)
+        return _linear_backward(_callees(), ctx, g)
 
 
 _compiling = torch.compiler.is_compiling
