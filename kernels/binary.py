@@ -28,17 +28,18 @@ The input-gradient kernel scales the gradient by the per-row scale before the do
 is never exactly representable in fp16: it always uses fp32 tiles (`tf32` for 16-bit gradients,
 which keeps fp16's precision without its range limits; the two-pass split for fp32).
 
-Two config families, each autotuned on (M size class, P, R): `SMALL` for M <= SMALL_M_MAX
-(BLOCK_M = 16, the smallest tensor-core tile; reading the weights is the cost, so long reductions
-and split-K) and `LARGE` (tensor-core tiles). Split-K is chosen by the launcher from the shape, not
-by the autotuner: splits write fp32 partials `[S, M, P]` (every element of every split is written,
-so autotuner re-runs cannot double-count) and `_splitk_reduce_kernel` sums them in a fixed order and
-applies the epilogue -- deterministic, no atomics, no `reset_to_zero` needed.
+Three config families, each autotuned on size classes (M class, next powers of two of P and R,
+so a new batch size or layer width does not re-tune): `GEMV` for M == 1 (one row: no tensor-core
+tile, each program decodes a [BLOCK_R, BLOCK_P] sign tile and reduces x * sign with fp32 sums),
+`SMALL` for 1 < M <= SMALL_M_MAX (BLOCK_M = 16, the smallest tensor-core tile) and `LARGE`
+(tensor-core tiles). Every GEMM is one launch: each program owns one output tile and loops over
+the whole reduction, so the result is deterministic (fixed summation order, no atomics, no
+split-K partials and no second reduction launch). At small M the grid is N / BLOCK_P programs;
+the smallest BLOCK_P (32) gives 128 programs at N = 4096, enough to keep an H200's 132 SMs busy
+while the weights (the whole cost at M = 1) are read exactly once.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -48,12 +49,10 @@ from ._common import INTERPRET, empty, launch_options, pick_configs
 
 # ------------------------------------------------------------------------------------------ configs
 
-#: Largest M served by the small-M (GEMV / split-K) family.
+#: Largest M served by the small-M tensor-core family (M == 1 runs the GEMV configs).
 SMALL_M_MAX = 16
-#: Split-K chunk lengths are multiples of this; every BLOCK_R in the configs divides it.
-SPLIT_ALIGN = 256
-#: Most partial sums one GEMM writes.
-MAX_SPLITS = 32
+#: Size classes of the autotune key are capped here (larger sizes share the largest class).
+CLASS_CAP = 1 << 16
 
 
 def _cfg(bm: int, bp: int, br: int, warps: int, stages: int) -> triton.Config:
@@ -63,13 +62,23 @@ def _cfg(bm: int, bp: int, br: int, warps: int, stages: int) -> triton.Config:
 
 
 # The first config of each list is the pinned one (interpreter, EMPF_AUTOTUNE=0).
+# GEMV (M == 1): BLOCK_M = 1 and no tl.dot; a [BLOCK_R, BLOCK_P] decoded tile per step, kept at
+# <= 64 elements per thread so it stays in registers. BLOCK_P is a multiple of 32 (the input
+# gradient reads BLOCK_P // 32 words per row).
+GEMV_CONFIGS = [
+    _cfg(1, 32, 256, 4, 3),
+    _cfg(1, 64, 128, 4, 3),
+    _cfg(1, 32, 128, 2, 4),
+    _cfg(1, 64, 256, 8, 3),
+    _cfg(1, 32, 512, 8, 3),
+]
 # Small M decodes a [BLOCK_R, BLOCK_P] sign tile per step for very little MMA work: the tiles
 # keep it at <= 64 elements per thread so the decoded tile stays in registers.
 SMALL_CONFIGS = [
     _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 32, 128, 2, 4),
     _cfg(16, 128, 64, 4, 4),
     _cfg(16, 128, 128, 8, 3),
-    _cfg(16, 32, 128, 2, 4),
     _cfg(16, 64, 256, 8, 3),
     _cfg(16, 32, 256, 4, 4),
 ]
@@ -81,9 +90,11 @@ LARGE_CONFIGS = [
     _cfg(128, 128, 32, 8, 4),
     _cfg(128, 128, 64, 8, 4),
 ]
-# Register use of each config was checked by compiling for sm_90 (cuobjdump -res-usage): the
-# pinned (first) configs and the large family do not spill for any dtype; the last two small
-# configs spill for fp32 activations only (the autotuner then prefers another).
+# Register use of the SMALL and LARGE configs was checked by compiling for sm_90 (cuobjdump
+# -res-usage): the pinned (first) configs and the large family do not spill for any dtype; the
+# last two small configs spill for fp32 activations only (the autotuner then prefers another).
+# GEMV configs (checked the same way): 62-80 registers forward, 116-128 for the input gradient,
+# no spills for any dtype (a 1 x 128 x 128 tile spilled and was dropped); not yet timed on a GPU.
 
 # Elementwise / packing kernels are not autotuned (one pass over N*K, memory bound).
 _ELEM_BLOCK = 1024
@@ -96,9 +107,26 @@ _UNPACK_BLOCK_K = 256
 DOT_IEEE, DOT_FP16, DOT_TF32, DOT_TF32X3 = 0, 1, 2, 3
 
 
+# Host-side helpers in plain Python: triton.cdiv / triton.next_power_of_2 are constexpr functions
+# whose host calls cost ~5 µs each.
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def m_class(M: int) -> int:
     """Size class of M for the autotune key: the next power of two, capped at 4096."""
-    return min(triton.next_power_of_2(max(int(M), 1)), 4096)
+    return min(_pow2(M), 4096)
+
+
+def size_class(n: int) -> int:
+    """Size class of P or R for the autotune key: the next power of two, capped at CLASS_CAP."""
+    return min(_pow2(n), CLASS_CAP)
 
 
 # ------------------------------------------------------------------------------------------ pruning
@@ -111,14 +139,14 @@ def _prune(configs, named_args, **kwargs):
     keep = [
         c
         for c in configs
-        if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(M))
-        and c.kwargs["BLOCK_P"] <= max(32, triton.next_power_of_2(P))
-        and c.kwargs["BLOCK_R"] <= max(64, triton.next_power_of_2(R))
+        if c.kwargs["BLOCK_M"] <= max(16, _pow2(M))
+        and c.kwargs["BLOCK_P"] <= max(32, _pow2(P))
+        and c.kwargs["BLOCK_R"] <= max(64, _pow2(R))
     ]
     return keep or configs[:1]
 
 
-_KEY = ["M_CLASS", "P", "R"]
+_KEY = ["M_CLASS", "P_CLASS", "R_CLASS"]
 _PRUNE = {"early_config_prune": _prune}
 
 # -------------------------------------------------------------------------------------- jit kernels
@@ -180,19 +208,19 @@ def _bgemm_kernel(
     P,
     R,
     M_CLASS,
-    R_SPLIT,
+    P_CLASS,
+    R_CLASS,
     stride_am,
     stride_ar,
     stride_wp,
     stride_wn,
-    stride_os,
     stride_om,
     stride_op,
     TRANS: tl.constexpr,
     TERNARY: tl.constexpr,
     SCALE_A: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr,
+    USE_DOT: tl.constexpr,
     DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -200,14 +228,13 @@ def _bgemm_kernel(
 ):
     """C[M, P] = A[M, R] @ B[R, P], B decoded from packed words (module docstring).
 
-    Program (m, p, s) owns a [BLOCK_M, BLOCK_P] tile and reduces over r in
-    [s * R_SPLIT, min((s + 1) * R_SPLIT, R)). `SCALE_A` multiplies A's columns by scale[r]
-    (input gradient); otherwise the epilogue multiplies C's columns by scale[p] (forward).
-    `EPILOGUE=False` stores raw fp32 partials at split s instead (split-K).
+    Program (m, p) owns a [BLOCK_M, BLOCK_P] tile and reduces over all of R. `SCALE_A`
+    multiplies A's columns by scale[r] (input gradient); otherwise the epilogue multiplies C's
+    columns by scale[p] (forward). `USE_DOT=False` (GEMV, BLOCK_M = 1) sums a * b with fp32
+    adds instead of `tl.dot`. M_CLASS, P_CLASS, R_CLASS only key the autotuner.
     """
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
-    pid_s = tl.program_id(2)
     o_tm = tl.arange(0, BLOCK_M)
     o_tp = tl.arange(0, BLOCK_P)
     o_i = tl.arange(0, BLOCK_R)
@@ -216,37 +243,35 @@ def _bgemm_kernel(
     p0 = pid_p * BLOCK_P
     m_m = (m0 + o_tm) < M
     m_p = (p0 + o_tp) < P
-    r_start = pid_s * R_SPLIT
-    r_stop = tl.minimum(r_start + R_SPLIT, R)
 
     # Scalar int64 tile bases that the loop advances, and loop-invariant int32 offsets inside
-    # the tile (the launcher checks they fit): few registers per element. r_start is a multiple
-    # of SPLIT_ALIGN and BLOCK_R, BLOCK_P of 32, so every tile starts on a word boundary and
-    # the words are loaded once each, then expanded to 32 elements in registers.
-    p_a_t = p_a + m0.to(tl.int64) * stride_am + r_start.to(tl.int64) * stride_ar
+    # the tile (the launcher checks they fit): few registers per element. BLOCK_R and BLOCK_P
+    # are multiples of 32, so every tile starts on a word boundary and the words are loaded
+    # once each, then expanded to 32 elements in registers.
+    p_a_t = p_a + m0.to(tl.int64) * stride_am
     off_a = o_tm[:, None] * stride_am + o_i[None, :] * stride_ar
     step_a = tl.full([], BLOCK_R, tl.int64) * stride_ar
     if TRANS:  # B[r, p] = W[n = r, k = p]: words [BLOCK_R, BLOCK_P // 32], rows advance with r
         o_wc = tl.arange(0, BLOCK_P // 32)
-        p_b = p_words + r_start.to(tl.int64) * stride_wn + p0 // 32
+        p_b = p_words + p0 // 32
         off_b = o_i[:, None] * stride_wn + o_wc[None, :]
         m_wc = (p0 + o_wc * 32) < P
         step_b = tl.full([], BLOCK_R, tl.int64) * stride_wn
     else:  # B[r, p] = W[n = p, k = r]: words [BLOCK_R // 32, BLOCK_P], word rows advance with r
         o_wr = tl.arange(0, BLOCK_R // 32)
-        p_b = p_words + p0.to(tl.int64) * stride_wn + r_start // 32
+        p_b = p_words + p0.to(tl.int64) * stride_wn
         off_b = o_tp[None, :] * stride_wn + o_wr[:, None]
         step_b = BLOCK_R // 32
-    p_sa = p_scale + r_start
+    p_sa = p_scale
 
     acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-    for r0 in range(r_start, r_stop, BLOCK_R):
-        m_r = (r0 + o_i) < r_stop
+    for r0 in range(0, R, BLOCK_R):
+        m_r = (r0 + o_i) < R
         b_a = tl.load(p_a_t + off_a, mask=m_m[:, None] & m_r[None, :], other=0.0).to(tl.float32)
         if SCALE_A:
             b_a = b_a * tl.load(p_sa + o_i, mask=m_r, other=0.0)[None, :]
             p_sa += BLOCK_R
-        # Elements past r_stop decode to -1 (padding bits are 0) but meet A's zeros.
+        # Elements past R decode to -1 (padding bits are 0) but meet A's zeros.
         if TRANS:
             m_b = m_r[:, None] & m_wc[None, :]
             b_w = tl.load(p_b + off_b, mask=m_b, other=0)
@@ -255,77 +280,48 @@ def _bgemm_kernel(
                 b_w = tl.load(p_b + stride_wp + off_b, mask=m_b, other=0)
                 b_v = b_v * ((b_w[:, :, None] >> o_bit[None, None, :]) & 1)
         else:
-            m_b = ((r0 + o_wr * 32) < r_stop)[:, None] & m_p[None, :]
+            m_b = ((r0 + o_wr * 32) < R)[:, None] & m_p[None, :]
             b_w = tl.load(p_b + off_b, mask=m_b, other=0)
             b_v = 2 * ((b_w[:, None, :] >> o_bit[None, :, None]) & 1) - 1
             if TERNARY:
                 b_w = tl.load(p_b + stride_wp + off_b, mask=m_b, other=0)
                 b_v = b_v * ((b_w[:, None, :] >> o_bit[None, :, None]) & 1)
         b_b = tl.reshape(b_v, [BLOCK_R, BLOCK_P]).to(tl.float32)
-        acc = _dot_acc(b_a, b_b, acc, DOT_MODE)
+        if USE_DOT:
+            acc = _dot_acc(b_a, b_b, acc, DOT_MODE)
+        else:  # exact products (b is -1, 0 or +1), fp32 sums
+            acc += tl.sum(b_a[:, :, None] * b_b[None, :, :], axis=1)
         p_a_t += step_a
         p_b += step_b
 
     o_m = (m0 + o_tm).to(tl.int64)
     o_p = (p0 + o_tp).to(tl.int64)
-    m_out = m_m[:, None] & m_p[None, :]
-    if EPILOGUE:
-        if not SCALE_A:
-            b_sc = tl.load(p_scale + o_p, mask=m_p, other=0.0)
-            acc = acc * b_sc[None, :]
-        if HAS_BIAS:
-            b_bias = tl.load(p_bias + o_p, mask=m_p, other=0.0).to(tl.float32)
-            acc = acc + b_bias[None, :]
-        p_c = p_out + o_m[:, None] * stride_om + o_p[None, :] * stride_op
-        tl.store(p_c, _to_out(acc, p_out), mask=m_out)
-    else:
-        p_c = p_out + pid_s.to(tl.int64) * stride_os + o_m[:, None] * stride_om
-        tl.store(p_c + o_p[None, :] * stride_op, acc, mask=m_out)
-
-
-_bgemm_small = triton.autotune(
-    configs=pick_configs(SMALL_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
-)(_bgemm_kernel)
-_bgemm_large = triton.autotune(
-    configs=pick_configs(LARGE_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
-)(_bgemm_kernel)
-# Separate tuners (separate caches) for the two directions: their best tiles differ.
-_bgemm_small_t = triton.autotune(
-    configs=pick_configs(SMALL_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
-)(_bgemm_kernel)
-_bgemm_large_t = triton.autotune(
-    configs=pick_configs(LARGE_CONFIGS), key=_KEY, prune_configs_by=_PRUNE
-)(_bgemm_kernel)
-
-
-@triton.jit
-def _splitk_reduce_kernel(
-    p_part,
-    p_scale,
-    p_bias,
-    p_out,
-    MP,
-    P,
-    S,
-    SCALE_OUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """out[i] = (sum_s part[s, i]) * scale[i % P] + bias[i % P] over the flat [M, P] index i."""
-    pid = tl.program_id(0)
-    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < MP
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    p_s = p_part + o
-    for _ in range(0, S):  # fixed order: deterministic
-        acc += tl.load(p_s, mask=m, other=0.0)
-        p_s += MP
-    o_p = o % P
-    if SCALE_OUT:
-        acc = acc * tl.load(p_scale + o_p, mask=m, other=0.0)
+    if not SCALE_A:
+        b_sc = tl.load(p_scale + o_p, mask=m_p, other=0.0)
+        acc = acc * b_sc[None, :]
     if HAS_BIAS:
-        acc = acc + tl.load(p_bias + o_p, mask=m, other=0.0).to(tl.float32)
-    tl.store(p_out + o, _to_out(acc, p_out), mask=m)
+        b_bias = tl.load(p_bias + o_p, mask=m_p, other=0.0).to(tl.float32)
+        acc = acc + b_bias[None, :]
+    p_c = p_out + o_m[:, None] * stride_om + o_p[None, :] * stride_op
+    tl.store(p_c, _to_out(acc, p_out), mask=m_m[:, None] & m_p[None, :])
+
+
+def _tuned(configs):
+    return triton.autotune(configs=pick_configs(configs), key=_KEY, prune_configs_by=_PRUNE)(
+        _bgemm_kernel
+    )
+
+
+# One tuner (one cache) per family and direction: their best tiles differ.
+_TUNERS = {
+    (family, trans): _tuned(configs)
+    for family, configs in (
+        ("gemv", GEMV_CONFIGS),
+        ("small", SMALL_CONFIGS),
+        ("large", LARGE_CONFIGS),
+    )
+    for trans in (False, True)
+}
 
 
 @triton.jit
@@ -341,7 +337,8 @@ def _quantize_kernel(
     if TERNARY:
         delta = tl.load(p_delta)
         b_wc = tl.minimum(tl.maximum(b_w, -1.0), 1.0)
-        b_q = tl.where(b_wc > delta, b_sc, tl.where(b_wc < -delta, -b_sc, 0.0))
+        # scale * t (not a select of ±scale and 0): a NaN statistic gives NaN everywhere
+        b_q = b_sc * tl.where(b_wc > delta, 1.0, tl.where(b_wc < -delta, -1.0, 0.0))
     else:
         b_q = tl.where(b_w >= 0.0, b_sc, -b_sc)
     tl.store(p_out + o, _to_out(b_q, p_out), mask=m)
@@ -432,15 +429,7 @@ def _unpack_kernel(
 # ---------------------------------------------------------------------------------------- launchers
 
 
-@functools.cache
-def _num_sms_cuda(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _num_sms_cuda(device.index if device.index is not None else 0)
-    return 4  # interpreter: small, so that split-K is exercised on test-sized shapes
+_LAUNCH = launch_options()
 
 
 def _dot_mode(dtype: torch.dtype, scaled_a: bool) -> int:
@@ -453,18 +442,6 @@ def _dot_mode(dtype: torch.dtype, scaled_a: bool) -> int:
     return DOT_TF32
 
 
-def choose_split(M: int, P: int, R: int, device: torch.device) -> int:
-    """Split-K factor: split the reduction only when the output tiles cannot fill the GPU."""
-    small = M <= SMALL_M_MAX
-    bm, bp = (16, 64) if small else (128, 128)
-    min_chunk = SPLIT_ALIGN if small else 4 * SPLIT_ALIGN
-    n_sm = _num_sms(device)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(P, bp)
-    if tiles >= n_sm:
-        return 1
-    return max(1, min(triton.cdiv(R, min_chunk), triton.cdiv(2 * n_sm, tiles), MAX_SPLITS))
-
-
 def _bgemm(
     a: torch.Tensor,
     words: torch.Tensor,
@@ -472,99 +449,70 @@ def _bgemm(
     bias: torch.Tensor | None,
     P: int,
     R: int,
-    *,
     trans: bool,
-    split: int | None,
 ) -> torch.Tensor:
     M = a.shape[0]
     out = empty((M, P), a.dtype, a.device)
     if M == 0 or P == 0:
         return out
-    if split is None:
-        split = choose_split(M, P, R, a.device)
-    r_split = triton.cdiv(triton.cdiv(max(R, 1), split), SPLIT_ALIGN) * SPLIT_ALIGN
-    n_split = max(1, triton.cdiv(R, r_split))
+    s_am, s_ar = a.stride()
     # The kernel keeps int32 offsets inside a tile (largest tile: 128 x 256, 256 x 256 words).
-    if 127 * abs(a.stride(0)) + 255 * abs(a.stride(1)) >= 2**31:
+    if 127 * abs(s_am) + 255 * abs(s_ar) >= 2**31:
         a = a.contiguous()
-    if 256 * words.stride(1) + 8 >= 2**31:
-        raise ValueError(f"packed rows too long for int32 tile offsets: {words.stride(1)} words")
-    small = M <= SMALL_M_MAX
-    if trans:
-        kernel = _bgemm_small_t if small else _bgemm_large_t
-    else:
-        kernel = _bgemm_small if small else _bgemm_large
-    target = out if n_split == 1 else empty((n_split, M, P), torch.float32, a.device)
+        s_am, s_ar = a.stride()
+    s_wp, s_wn, _ = words.stride()
+    if 256 * s_wn + 8 >= 2**31:
+        raise ValueError(f"packed rows too long for int32 tile offsets: {s_wn} words")
+    family = "gemv" if M == 1 else "small" if M <= SMALL_M_MAX else "large"
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(P, meta["BLOCK_P"]), n_split)
+        return (_cdiv(M, meta["BLOCK_M"]), _cdiv(P, meta["BLOCK_P"]))
 
-    kernel[grid](
+    _TUNERS[family, trans][grid](
         p_a=a,
         p_words=words,
         p_scale=scale,
         p_bias=bias if bias is not None else scale,
-        p_out=target,
+        p_out=out,
         M=M,
         P=P,
         R=R,
         M_CLASS=m_class(M),
-        R_SPLIT=r_split,
-        stride_am=a.stride(0),
-        stride_ar=a.stride(1),
-        stride_wp=words.stride(0),
-        stride_wn=words.stride(1),
-        stride_os=M * P if n_split > 1 else 0,
-        stride_om=target.stride(-2),
-        stride_op=target.stride(-1),
+        P_CLASS=size_class(P),
+        R_CLASS=size_class(R),
+        stride_am=s_am,
+        stride_ar=s_ar,
+        stride_wp=s_wp,
+        stride_wn=s_wn,
+        stride_om=P,
+        stride_op=1,
         TRANS=trans,
         TERNARY=words.shape[0] == 2,
         SCALE_A=trans,
         HAS_BIAS=bias is not None,
-        EPILOGUE=n_split == 1,
+        USE_DOT=family != "gemv",
         DOT_MODE=_dot_mode(a.dtype, scaled_a=trans),
-        **launch_options(),
+        **_LAUNCH,
     )
-    if n_split > 1:
-        MP = M * P
-        _splitk_reduce_kernel[(triton.cdiv(MP, _ELEM_BLOCK),)](
-            p_part=target,
-            p_scale=scale,
-            p_bias=bias if bias is not None else scale,
-            p_out=out,
-            MP=MP,
-            P=P,
-            S=n_split,
-            SCALE_OUT=not trans,
-            HAS_BIAS=bias is not None,
-            BLOCK=_ELEM_BLOCK,
-            **launch_options(),
-        )
     return out
 
 
 def binary_gemm(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    split: int | None = None,
+    x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """out[M, N] = (x @ decode(words)^T) * scale + bias, in x's dtype.
+    """out[M, N] = (x @ decode(words)^T) * scale + bias, in x's dtype, in one launch.
 
     x: [M, K] (any strides); words: int32 [planes, N, ceil(K/32)] with unit last stride;
-    scale: fp32 [N] contiguous; bias: [N] contiguous or None. `split` forces the split-K factor.
+    scale: fp32 [N] contiguous; bias: [N] contiguous or None. K = 0 gives bias (or zeros).
     """
-    K = x.shape[1]
-    return _bgemm(x, words, scale, bias, words.shape[1], K, trans=False, split=split)
+    return _bgemm(x, words, scale, bias, words.shape[1], x.shape[1], False)
 
 
 def binary_gemm_t(
-    g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int, *, split: int | None = None
+    g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int
 ) -> torch.Tensor:
     """grad_x[M, K] = (g * scale) @ decode(words), in g's dtype; g: [M, N] (any strides)."""
-    return _bgemm(g, words, scale, None, K, words.shape[1], trans=True, split=split)
+    return _bgemm(g, words, scale, None, K, words.shape[1], True)
 
 
 def quantize(w2d: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -572,7 +520,7 @@ def quantize(w2d: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor | None)
     N, K = w2d.shape
     out = empty((N, K), w2d.dtype, w2d.device)
     if out.numel():
-        _quantize_kernel[(triton.cdiv(N * K, _ELEM_BLOCK),)](
+        _quantize_kernel[(_cdiv(N * K, _ELEM_BLOCK),)](
             p_w=w2d,
             p_scale=scale,
             p_delta=delta if delta is not None else scale,
@@ -581,7 +529,7 @@ def quantize(w2d: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor | None)
             K=K,
             TERNARY=delta is not None,
             BLOCK=_ELEM_BLOCK,
-            **launch_options(),
+            **_LAUNCH,
         )
     return out
 
@@ -590,8 +538,8 @@ def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g where |w| <= 1 else 0; g and w contiguous, same shape."""
     out = empty(w.shape, w.dtype, w.device)
     if out.numel():
-        _ste_kernel[(triton.cdiv(w.numel(), _ELEM_BLOCK),)](
-            p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK, **launch_options()
+        _ste_kernel[(_cdiv(w.numel(), _ELEM_BLOCK),)](
+            p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK, **_LAUNCH
         )
     return out
 
@@ -599,11 +547,11 @@ def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     """Sign (and, with `delta`, non-zero) planes of w [N, K] as int32 [planes, N, ceil(K/32)]."""
     N, K = w2d.shape
-    KW = triton.cdiv(K, 32)
+    KW = _cdiv(K, 32)
     planes = 1 if delta is None else 2
     words = empty((planes, N, KW), torch.int32, w2d.device)
     if words.numel():
-        grid = (triton.cdiv(N, _PACK_BLOCK_N), triton.cdiv(KW, _PACK_BLOCK_W))
+        grid = (_cdiv(N, _PACK_BLOCK_N), _cdiv(KW, _PACK_BLOCK_W))
         _pack_kernel[grid](
             p_w=w2d,
             p_delta=delta if delta is not None else w2d,
@@ -618,7 +566,7 @@ def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
             TERNARY=delta is not None,
             BLOCK_N=_PACK_BLOCK_N,
             BLOCK_W=_PACK_BLOCK_W,
-            **launch_options(),
+            **_LAUNCH,
         )
     return words
 
@@ -628,7 +576,7 @@ def unpack(words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype)
     N = words.shape[1]
     out = empty((N, K), dtype, words.device)
     if out.numel():
-        grid = (triton.cdiv(N, _UNPACK_BLOCK_N), triton.cdiv(K, _UNPACK_BLOCK_K))
+        grid = (_cdiv(N, _UNPACK_BLOCK_N), _cdiv(K, _UNPACK_BLOCK_K))
         _unpack_kernel[grid](
             p_words=words,
             p_scale=scale,
@@ -640,6 +588,6 @@ def unpack(words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype)
             TERNARY=words.shape[0] == 2,
             BLOCK_N=_UNPACK_BLOCK_N,
             BLOCK_K=_UNPACK_BLOCK_K,
-            **launch_options(),
+            **_LAUNCH,
         )
     return out

@@ -31,12 +31,30 @@ _PACK_CONFIGS = [
 ]
 
 
+#: Autotune keys are size classes (next power of two, capped), so a new batch size does not re-tune.
+_CLASS_CAP = 1 << 26
+
+
+def size_class(n: int) -> int:
+    """Next power of two of n (1 for n <= 1), capped at 2^26: the autotune key of a size."""
+    return min(1 << (n - 1).bit_length() if n > 1 else 1, _CLASS_CAP)
+
+
+def _cdiv(a: int, b: int) -> int:  # triton.cdiv is a constexpr function: slow on the host
+    return -(-a // b)
+
+
+_LAUNCH = launch_options()
+
+
 @triton.autotune(
     configs=pick_configs(_ELEMENTWISE_CONFIGS),
-    key=["n_elements"],
+    key=["SIZE_CLASS"],
 )
 @triton.jit
-def _quantize_spikes_fwd_kernel(p_s, p_out, n_elements, step, levels_m1, BLOCK: tl.constexpr):
+def _quantize_spikes_fwd_kernel(
+    p_s, p_out, n_elements, SIZE_CLASS, step, levels_m1, BLOCK: tl.constexpr
+):
     """out[i] = clamp(round(s[i] / step), 0, levels_m1) * step; NaN propagates."""
     pid = tl.program_id(0).to(tl.int64)
     o_elem = pid * BLOCK + tl.arange(0, BLOCK)
@@ -48,7 +66,7 @@ def _quantize_spikes_fwd_kernel(p_s, p_out, n_elements, step, levels_m1, BLOCK: 
 
 @triton.autotune(
     configs=pick_configs(_PACK_CONFIGS),
-    key=["n_bytes", "BITS"],
+    key=["SIZE_CLASS", "BITS"],
 )
 @triton.jit
 def _encode_spikes_kernel(
@@ -56,6 +74,7 @@ def _encode_spikes_kernel(
     p_codes,
     n_elements,
     n_bytes,
+    SIZE_CLASS,
     step,
     levels_m1,
     BITS: tl.constexpr,
@@ -83,7 +102,7 @@ def _encode_spikes_kernel(
 
 @triton.autotune(
     configs=pick_configs(_PACK_CONFIGS),
-    key=["n_bytes", "BITS"],
+    key=["SIZE_CLASS", "BITS"],
 )
 @triton.jit
 def _decode_spikes_kernel(
@@ -91,6 +110,7 @@ def _decode_spikes_kernel(
     p_out,
     n_elements,
     n_bytes,
+    SIZE_CLASS,
     step,
     BITS: tl.constexpr,
     PER: tl.constexpr,
@@ -117,15 +137,16 @@ def quantize_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor
         return out
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK"]),)
+        return (_cdiv(n, meta["BLOCK"]),)
 
     _quantize_spikes_fwd_kernel[grid](
         p_s=s,
         p_out=out,
         n_elements=n,
+        SIZE_CLASS=size_class(n),
         step=float(step),
         levels_m1=float(2**bits - 1),
-        **launch_options(),
+        **_LAUNCH,
     )
     return out
 
@@ -143,18 +164,19 @@ def encode_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
         return codes
 
     def grid(meta):
-        return (triton.cdiv(n_bytes, meta["BLOCK"]),)
+        return (_cdiv(n_bytes, meta["BLOCK"]),)
 
     _encode_spikes_kernel[grid](
         p_s=s,
         p_codes=codes,
         n_elements=n,
         n_bytes=n_bytes,
+        SIZE_CLASS=size_class(n_bytes),
         step=float(step),
         levels_m1=float(2**bits - 1),
         BITS=bits,
         PER=per,
-        **launch_options(),
+        **_LAUNCH,
     )
     return codes
 
@@ -173,16 +195,17 @@ def decode_spikes_fwd(
         return out
 
     def grid(meta):
-        return (triton.cdiv(n_bytes, meta["BLOCK"]),)
+        return (_cdiv(n_bytes, meta["BLOCK"]),)
 
     _decode_spikes_kernel[grid](
         p_codes=codes,
         p_out=out,
         n_elements=n_elements,
         n_bytes=n_bytes,
+        SIZE_CLASS=size_class(n_bytes),
         step=float(step),
         BITS=bits,
         PER=per,
-        **launch_options(),
+        **_LAUNCH,
     )
     return out

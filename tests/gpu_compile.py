@@ -197,13 +197,13 @@ def binary_cases():
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for bits in (1, 2):
-            for M, N, K in ((1, 17, 300), (130, 64, 70)):
+            for M, N, K in ((1, 17, 300), (5, 64, 70), (130, 64, 70)):  # GEMV, small, large
                 x = torch.zeros(M, K, dtype=dtype)
                 words = torch.zeros(bits, N, (K + 31) // 32, dtype=torch.int32)
                 scale = torch.zeros(N)
-                k.binary_gemm(x, words, scale, torch.zeros(N, dtype=dtype), split=1)
-                k.binary_gemm(x, words, scale, None, split=2)
-                k.binary_gemm_t(torch.zeros(M, N, dtype=dtype), words, scale, K, split=1)
+                k.binary_gemm(x, words, scale, torch.zeros(N, dtype=dtype))
+                k.binary_gemm(x, words, scale, None)
+                k.binary_gemm_t(torch.zeros(M, N, dtype=dtype), words, scale, K)
             w = torch.zeros(7, 40, dtype=dtype)
             delta = torch.zeros(1) if bits == 2 else None
             k.quantize(w, torch.zeros(7), delta)

@@ -111,7 +111,7 @@ def test_packed_layer_refuses_to_train_and_unpack_restores(device):
 def test_packed_state_dict_round_trip(device):
     a = _spread(BinaryLinear(50, 12, weight_bits=1.5, device=device)).pack().eval()
     sd = a.state_dict()
-    assert set(sd) == {"bias", "packed_words", "packed_scale"}
+    assert set(sd) == {"bias", "packed_words", "packed_scale", "packed_shape"}
     b = BinaryLinear(50, 12, weight_bits=1.5, device=device).pack().eval()
     b.load_state_dict(sd)
     x = torch.randn(2, 50, device=device)
@@ -265,3 +265,127 @@ def test_conv_bad_inputs(device):
     layer.eval()
     with pytest.raises(ValueError, match="is on"):
         layer(torch.randn(1, 4, 8, 8, device="meta"))
+
+
+# --------------------------------------------------------------------- robustness (issue 10)
+
+
+def test_packed_state_of_another_shape_is_refused(device):
+    # in_features 20 and 30 both pack into one int32 word per row: the words alone match
+    src = BinaryLinear(20, 4, device=device).pack()
+    dst = BinaryLinear(30, 4, device=device).pack()
+    assert src.packed_words.shape == dst.packed_words.shape
+    with pytest.raises(RuntimeError, match=r"shape \(4, 20\).*has \(4, 30\)"):
+        dst.load_state_dict(src.state_dict())
+    conv3 = BinaryConv2d(2, 4, 3, device=device).pack()  # K = 18: one word
+    conv2 = BinaryConv2d(2, 4, 2, device=device).pack()  # K = 8: one word
+    assert conv3.packed_words.shape == conv2.packed_words.shape
+    with pytest.raises(RuntimeError, match=r"\(4, 2, 2, 2\).*\(4, 2, 3, 3\)"):
+        conv3.load_state_dict(conv2.state_dict())
+    # a packed checkpoint into a layer that is not packed: say what to do
+    with pytest.raises(RuntimeError, match=r"call pack\(\)"):
+        BinaryLinear(20, 4, device=device).load_state_dict(src.state_dict())
+    # the matching shape still loads
+    BinaryLinear(20, 4, device=device).pack().load_state_dict(src.state_dict())
+
+
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+def test_unpack_gives_back_the_same_parameter(device, cls):
+    if cls == "linear":
+        layer = _spread(BinaryLinear(12, 5, device=device))
+        x = torch.randn(3, 12, device=device)
+    else:
+        layer = _spread(BinaryConv2d(2, 3, 3, padding=1, device=device))
+        x = torch.randn(2, 2, 5, 5, device=device)
+    param = layer.weight
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(x).sum().backward()
+    opt.step()
+    layer.pack()
+    assert param.numel() == 0 and param.grad is None  # storage freed while packed
+    assert all(p is not param for p in layer.parameters())
+    with torch.no_grad():
+        opt.step()  # no gradient: the packed layer's latent weight is left alone
+    deployed = layer.quantized_weight()  # ±α of the packed weight
+    layer.unpack()
+    assert layer.weight is param and isinstance(param, torch.nn.Parameter)
+    assert torch.equal(param.detach(), deployed)
+    before = param.detach().clone()
+    opt.zero_grad()
+    layer(x).sum().backward()
+    opt.step()  # the optimizer built before pack() updates the weight the layer uses
+    assert not torch.equal(param.detach(), before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_conv_input_smaller_than_kernel_same_error(device, impl, packed):
+    layer = BinaryConv2d(3, 4, 5, padding=1, impl=impl, device=device).eval()
+    if packed:
+        layer.pack()
+    with pytest.raises(ValueError, match=r"spatial size \(2, 6\).*kernel \(5, 5\)"):
+        layer(torch.randn(1, 3, 2, 6, device=device))
+    dil = BinaryConv2d(3, 4, 3, dilation=3, impl=impl, device=device).eval()  # spans 7
+    if packed:
+        dil.pack()
+    with pytest.raises(ValueError, match=r"kernel \(7, 7\)"):
+        dil(torch.randn(1, 3, 6, 9, device=device))
+    assert dil(torch.randn(1, 3, 7, 7, device=device)).shape == (1, 4, 1, 1)
+
+
+def _forbid_reference(monkeypatch):
+    import empf_triton.nn.binary as nnb
+    import empf_triton.ops.binary as ob
+
+    def boom(*args, **kwargs):
+        raise AssertionError("impl='triton' fell back to the reference")
+
+    for mod in (nnb, ob):
+        for name in (
+            "binary_linear_ref",
+            "binary_matmul_ref",
+            "quantize_ref",
+            "unpack_weight_ref",
+            "binarize_ref",
+            "ternarize_ref",
+            "pack_weight_ref",
+        ):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, boom)
+
+
+@pytest.mark.parametrize("weight_bits", [1, 1.5])
+def test_modules_with_triton_never_fall_back(device, monkeypatch, weight_bits):
+    _forbid_reference(monkeypatch)
+    lin = BinaryLinear(20, 6, weight_bits=weight_bits, impl="triton", device=device)
+    conv = BinaryConv2d(2, 4, 3, groups=2, bias=True, weight_bits=weight_bits, impl="triton")
+    conv = conv.to(device)
+    x = torch.randn(300, 20, device=device, requires_grad=True)  # large M: still packed
+    xc = torch.randn(2, 2, 5, 5, device=device, requires_grad=True)
+    lin(x).sum().backward()
+    conv(xc).sum().backward()
+    lin.pack().eval()
+    conv.pack().eval()
+    lin(x).sum().backward()
+    conv(xc).sum().backward()
+    lin.unpack()
+    conv.unpack()
+
+
+def test_modules_with_triton_raise_where_triton_cannot_run(monkeypatch):
+    import empf_triton.ops._common as ops_common
+    from empf_triton.ops._common import TritonUnavailableError
+
+    monkeypatch.setattr(ops_common, "_interpreter_on", lambda: False)
+    lin = BinaryLinear(8, 3, impl="triton")
+    conv = BinaryConv2d(2, 3, 3, impl="triton")
+    for layer, x in ((lin, torch.randn(2, 8)), (conv, torch.randn(1, 2, 4, 4))):
+        with pytest.raises(TritonUnavailableError):
+            layer(x)
+    monkeypatch.undo()
+    lin.pack().eval()
+    conv.pack().eval()
+    monkeypatch.setattr(ops_common, "_interpreter_on", lambda: False)
+    for layer, x in ((lin, torch.randn(2, 8)), (conv, torch.randn(1, 2, 4, 4))):
+        with pytest.raises(TritonUnavailableError):
+            layer(x)

@@ -294,8 +294,9 @@ def test_bits_not_int(bits):
         encode_spikes(torch.zeros(3), bits)
 
 
-@pytest.mark.parametrize("step", [0.0, -0.25, float("inf"), float("nan")])
+@pytest.mark.parametrize("step", [0.0, -0.25, float("inf"), float("nan"), 1e300, 3.5e38, 1e-50])
 def test_bad_step(step):
+    # 1e300 and 3.5e38 are inf in fp32 (the kernels' step), 1e-50 is 0: they used to return NaN
     for call in (
         lambda: quantize_spikes(torch.zeros(3), 4, step),
         lambda: encode_spikes(torch.zeros(3), 4, step),
@@ -305,6 +306,22 @@ def test_bad_step(step):
             call()
     with pytest.raises(TypeError, match="step"):
         quantize_spikes(torch.zeros(3), 4, "0.25")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("step", [3.4e38, 1e-45])
+def test_extreme_steps_inside_fp32_range_work(device, impl, step):
+    # 3.4e38 and 1e-45 (a subnormal) are finite and > 0 in fp32: accepted, no NaN
+    s = torch.tensor([0.0, 1.0, 1e38], device=device)
+    out = quantize_spikes(s, 4, step, impl=impl)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, quantize_spikes_ref(s.cpu(), 4, step).to(device))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_quantize_spikes_step_error_names_step(device, impl):
+    with pytest.raises(ValueError, match=r"step must be finite and > 0 in fp32, got 1e\+300"):
+        quantize_spikes(torch.zeros(3, device=device), 4, 1e300, impl=impl)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool])

@@ -2,21 +2,34 @@
 
 Training: a latent fp32 weight; the forward uses `binarize(W)` (weight_bits=1) or `ternarize(W)`
 (weight_bits=1.5) with the clipped straight-through gradient. `BinaryLinear` trains through
-`ops.binary_linear`, whose `impl="auto"` takes the packed Triton kernels for small inputs on CUDA
-and quantise + cuBLAS otherwise (`ops.binary.AUTO_PACKED_MAX_M_TRAIN`). `BinaryConv2d` always
-trains through quantise + `F.conv2d` (cuDNN): its GEMM has M = batch x output pixels rows, far
-above any size where the packed kernel wins; `impl` selects the quantiser's implementation.
+`ops.binary_linear`, whose `impl="auto"` on CUDA is Triton quantise + cuBLAS unless
+`ops.binary.PACKED_MAX_M_TRAIN` lists the GPU (then the packed kernels for small inputs).
+`BinaryConv2d` always trains through quantise + `F.conv2d` (cuDNN): its GEMM has M = batch x
+output pixels rows, far above any size where the packed kernel wins; `impl` selects the
+quantiser's implementation. `impl="triton"` never falls back to the reference.
+
+Validation happens once: the layer's own parameters at construction, the input's dtype, last
+dimension (channels) and device per call with a few attribute reads; the forward then calls the
+ops' unchecked entry points (`ops.binary.matmul_triton`, `linear_triton`, `quantize_triton`).
 
 Deployment: `layer.pack()` replaces the latent weight by a `PackedWeight` (int32 words + per-channel
 scale, stored as buffers `packed_words` and `packed_scale`, so `.to()` and `state_dict()` carry it)
-and the forward then runs `ops.binary_matmul` (convolution: `F.unfold` im2col, one GEMM per group),
+and the forward then runs the packed GEMM of `ops.binary_matmul` (convolution: `F.unfold` im2col,
+one GEMM per group; `impl="auto"` on CUDA: unpack + cuBLAS/cuDNN unless `ops.binary.PACKED_MAX_M`
+lists the GPU),
 reproducing the training forward up to float rounding. The latent weight is discarded (that is the
 point of packing). A packed layer cannot train its weight: a forward in training mode with grad
 enabled raises `PackedLayerTrainingError`; use `.eval()` / `torch.no_grad()` for inference (grad
 w.r.t. the input still flows in eval mode), or `.unpack()` to train again, which restores a latent
 weight equal to the dequantised one (±α, so training resumes from the deployed weights, not from the
-discarded latent values). To load a packed checkpoint, build the layer, call `pack()`, then
-`load_state_dict()`.
+discarded latent values). `unpack()` puts the values back into the same `nn.Parameter` object
+the layer had before `pack()` (its storage is freed while packed), so an optimizer built before
+`pack()` keeps updating the weight the layer uses.
+
+To load a packed checkpoint, build the layer, call `pack()`, then `load_state_dict()`. A packed
+state records the logical weight shape (buffer `packed_shape`); loading it into a layer of
+another shape fails with a clear error even where the packed words happen to have the same size
+(e.g. in_features 20 and 30 both pack into one word per row).
 """
 
 from __future__ import annotations
@@ -27,16 +40,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import IMPLS
+from ..ops._common import IMPLS, TRITON_DTYPES, check_tensor, resolve_impl
 from ..ops.binary import (
     PackedWeight,
-    binarize,
-    binary_auto_choice,
-    binary_linear,
-    binary_matmul,
+    _route,
+    check_x,
+    linear_triton,
+    matmul_triton,
     pack_weight,
-    ternarize,
+    quantize_triton,
+    unpack_triton,
     unpack_weight,
+)
+from ..reference.binary import (
+    binary_linear_ref,
+    binary_matmul_ref,
+    quantize_ref,
+    unpack_weight_ref,
 )
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "PackedLayerTrainingError"]
@@ -99,9 +119,12 @@ class _BinaryLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (binarised or ternarised), with its STE gradient."""
         if self.is_packed:
-            return unpack_weight(self.packed_weight(), torch.float32)
-        q = binarize if self.bits == 1 else ternarize
-        return q(self.weight, impl=self.impl)
+            return unpack_weight(self.packed_weight(), torch.float32, impl=self.impl)
+        w = self.weight
+        if resolve_impl(self.impl, w) == "reference":
+            return quantize_ref(w, self.bits)
+        check_tensor("weight", w, "triton")
+        return quantize_triton(w, self.bits)
 
     def packed_weight(self) -> PackedWeight:
         """The packed layer's PackedWeight (its buffers), or a fresh packing of the latent one."""
@@ -114,26 +137,64 @@ class _BinaryLayer(nn.Module):
 
     @torch.no_grad()
     def pack(self) -> _BinaryLayer:
-        """Store the weight bit-packed and discard the latent fp32 weight (idempotent)."""
+        """Store the weight bit-packed and free the latent weight's storage (idempotent).
+
+        The `nn.Parameter` object itself is kept (outside `parameters()` and the state dict) with
+        an empty storage and no gradient, so that `unpack()` can give it back.
+        """
         if self.is_packed:
             return self
         packed = pack_weight(self.weight, self.bits, impl=self.impl)
+        param = self.weight
         self.register_buffer("packed_words", packed.words)
         self.register_buffer("packed_scale", packed.scale)
+        self.register_buffer(
+            "packed_shape", torch.tensor(packed.shape, dtype=torch.int64, device=packed.device)
+        )
         self._packed_shape = packed.shape
         self.register_parameter("weight", None)
+        param.grad = None
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.__dict__["_latent_param"] = param
         return self
 
     @torch.no_grad()
     def unpack(self) -> _BinaryLayer:
-        """Restore a trainable latent fp32 weight equal to the dequantised packed weight."""
+        """Restore a trainable latent weight equal to the dequantised packed weight.
+
+        The values go back into the Parameter object the layer had before `pack()` (in its dtype,
+        on the packed weight's device), so optimizers that hold it keep working.
+        """
         if not self.is_packed:
             return self
-        dense = unpack_weight(self.packed_weight(), torch.float32)
-        del self.packed_words, self.packed_scale
+        param = self.__dict__.pop("_latent_param")
+        # α·(±1) in fp32 rounds once to param's dtype, exactly as unpacking into that dtype
+        param.data = unpack_weight(self.packed_weight(), torch.float32, impl=self.impl).to(
+            param.dtype
+        )
+        del self.packed_words, self.packed_scale, self.packed_shape
         self._packed_shape = None
-        self.weight = nn.Parameter(dense)
+        self.weight = param
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):
+        key = prefix + "packed_shape"
+        if self.is_packed and key in state_dict:
+            theirs = tuple(int(v) for v in state_dict[key].tolist())  # loading, not a hot path
+            if theirs != self._packed_shape:
+                rest[-1].append(  # error_msgs: load_state_dict raises with every message
+                    f"{prefix or type(self).__name__}: the packed checkpoint holds a weight of "
+                    f"shape {theirs}, this packed layer has {self._packed_shape}; build the layer "
+                    "with the checkpoint's shape"
+                )
+                return
+        elif not self.is_packed and prefix + "packed_words" in state_dict:
+            rest[-1].append(
+                f"{prefix or type(self).__name__}: the checkpoint is of a packed layer; call "
+                "pack() on this layer before load_state_dict()"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *rest)
 
     def weight_bytes(self) -> int:
         """True packed storage: 1 bit (ternary: 2) per weight in int32 words, plus fp32 scales.
@@ -155,6 +216,10 @@ class _BinaryLayer(nn.Module):
 
     def _bias_as(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
+
+    def _check_x(self, x: object) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
 
 
 class BinaryLinear(_BinaryLayer):
@@ -190,11 +255,32 @@ class BinaryLinear(_BinaryLayer):
         self._setup((out_features, in_features), bias, weight_bits, impl, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self._bias_as(x) if isinstance(x, torch.Tensor) else self.bias
+        self._check_x(x)
+        M = math.prod(x.shape[:-1]) if x.dim() else 0
+        K, N = self.in_features, self.out_features
         if self.is_packed:
             self._check_packed_use()
-            return binary_matmul(x, self.packed_weight(), bias, impl=self.impl)
-        return binary_linear(x, self.weight, bias, bits=self.bits, impl=self.impl)
+            words, scale = self.packed_words, self.packed_scale
+            route = _route(self.impl, M, x, words)
+            x = check_x(x, K, words.device, "triton" if route == "dense" else route, "in_features")
+            bias = self._bias_as(x)
+            if route == "triton":
+                return matmul_triton(x, words, scale, bias, N, K)
+            if route == "dense":
+                return F.linear(x, unpack_triton(words, scale, K, x.dtype), bias)
+            return binary_matmul_ref(x, words, scale, K, bias)
+        w = self.weight
+        route = _route(self.impl, M, x, w, training=True)
+        kimpl = "triton" if route == "dense" else route
+        x = check_x(x, K, w.device, kimpl, "in_features")
+        if kimpl == "triton" and w.dtype not in TRITON_DTYPES:
+            check_tensor("weight", w, kimpl)
+        bias = self._bias_as(x)
+        if route == "triton":
+            return linear_triton(x, w, bias, self.bits)
+        if route == "dense":
+            return F.linear(x, quantize_triton(w, self.bits).to(x.dtype), bias)
+        return binary_linear_ref(x, w, bias, self.bits)
 
     def extra_repr(self) -> str:
         return (
@@ -274,28 +360,24 @@ class BinaryConv2d(_BinaryLayer):
             (n + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, n in enumerate((H, W))
         )
 
-    def _packed_im2col(self, x: torch.Tensor, bias: torch.Tensor | None, impl: str):
-        B, _, H, W = x.shape
-        Ho, Wo = self._out_hw(H, W)
+    def _packed_im2col(self, x: torch.Tensor, bias: torch.Tensor | None, Ho: int, Wo: int):
+        B = x.shape[0]
         G, O = self.groups, self.out_channels
         Ng, Kg = O // G, self.in_channels // G * math.prod(self.kernel_size)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        cols = cols.reshape(B, G, Kg, -1)
-        packed = self.packed_weight()
+        cols = cols.reshape(B, G, Kg, Ho * Wo)
+        words, scale = self.packed_words, self.packed_scale
         outs = []
         for g in range(G):
-            b_g = None if bias is None else bias[g * Ng : (g + 1) * Ng]
-            outs.append(
-                binary_matmul(
-                    cols[:, g].transpose(1, 2), packed.rows(g * Ng, (g + 1) * Ng), b_g, impl=impl
-                )
-            )
+            rows = slice(g * Ng, (g + 1) * Ng)
+            b_g = None if bias is None else bias[rows]
+            x_g = cols[:, g].transpose(1, 2)  # [B, L, Kg]
+            outs.append(matmul_triton(x_g, words[:, rows], scale[rows], b_g, Ng, Kg))
         y = outs[0] if G == 1 else torch.cat(outs, dim=-1)  # [B, L, O]
         return y.transpose(1, 2).reshape(B, O, Ho, Wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        self._check_x(x)
         if x.dim() not in (3, 4, 5) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"x must have shape [B, {self.in_channels}, H, W] ([C, H, W] or [T, B, C, H, W] "
@@ -303,6 +385,17 @@ class BinaryConv2d(_BinaryLayer):
             )
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+        H, W = x.shape[-2:]
+        Ho, Wo = self._out_hw(H, W)
+        if Ho <= 0 or Wo <= 0:
+            k = tuple(d * (n - 1) + 1 for d, n in zip(self.dilation, self.kernel_size, strict=True))
+            raise ValueError(
+                f"x has spatial size ({H}, {W}) with padding {self.padding}, smaller than the "
+                f"(dilated) kernel {k}: the output would be {Ho} x {Wo}"
+            )
+        wt = self.packed_words if self.is_packed else self.weight
+        if wt.device != x.device:
+            raise ValueError(f"x is on {x.device} but the weight is on {wt.device}")
         lead = x.shape[:-3]
         x4 = x.reshape(-1, *x.shape[-3:])
         bias = self._bias_as(x)
@@ -310,21 +403,18 @@ class BinaryConv2d(_BinaryLayer):
             y = self._conv(x4, self.quantized_weight().to(x.dtype), bias)
         else:
             self._check_packed_use()
-            wdev = self.packed_words.device
-            if wdev != x.device:
-                raise ValueError(f"x is on {x.device} but the weight is on {wdev}")
-            route = self.impl
-            if route == "auto":  # by GEMM rows M = B * H_out * W_out, as binary_matmul
-                route = binary_auto_choice(
-                    x4.shape[0] * math.prod(self._out_hw(*x4.shape[2:])), wdev
-                )
+            # auto: by GEMM rows M = B * H_out * W_out, as binary_matmul
+            route = _route(self.impl, x4.shape[0] * Ho * Wo, x4, wt)
+            check_tensor("x", x, "triton" if route == "dense" else route)
             if route == "triton":
-                y = self._packed_im2col(x4, bias, "triton")
+                y = self._packed_im2col(x4, bias, Ho, Wo)
             else:
-                w = unpack_weight(
-                    self.packed_weight(), x.dtype, impl="triton" if route == "dense" else route
-                )
-                y = self._conv(x4, w, bias)
+                K = math.prod(self._packed_shape[1:])
+                if route == "dense":
+                    w = unpack_triton(wt, self.packed_scale, K, x.dtype)
+                else:
+                    w = unpack_weight_ref(wt, self.packed_scale, K, x.dtype)
+                y = self._conv(x4, w.reshape(self._packed_shape), bias)
         return y.reshape(*lead, *y.shape[1:])
 
     def extra_repr(self) -> str:

@@ -5,46 +5,68 @@ Public ops (all take `impl="auto" | "triton" | "reference"`):
 - `binarize(w)`, `ternarize(w)`: the quantised weight with the clipped straight-through gradient.
 - `pack_weight(w, bits)` -> `PackedWeight`; `unpack_weight(packed, dtype)` -> dense weight.
 - `binary_matmul(x, packed, bias)`: `x @ W_q^T + bias` reading the packed words directly;
-  differentiable in x and bias (the packed weights are constants).
+  differentiable in x and bias. The packed weight is a constant on every path: no gradient
+  reaches `packed.scale` even if it requires grad.
 - `binary_linear(x, weight, bias, bits)`: the training forward on a latent weight,
   `x @ Q(weight)^T + bias`, differentiable in x, weight (clipped STE) and bias.
 
-`impl="auto"` on CUDA chooses by size class (`binary_auto_choice`): the packed Triton GEMM while the
-row count M of x is small (reading weights dominates, and packed weights are 16x smaller than fp16),
-the dense path (quantise or unpack once, then cuBLAS) above it. On CPU `auto` is the reference.
-`impl="triton"` always runs the packed kernels; `impl="reference"` is the eager twin.
+Choosing the implementation. `impl="reference"` is the eager twin (reference/binary.py).
+`impl="triton"` always runs the packed kernels and never falls back. `impl="auto"` is the
+reference on CPU; on CUDA it runs the packed kernels only where `PACKED_MAX_M` (inference) or
+`PACKED_MAX_M_TRAIN` (`binary_linear`) lists the GPU and the input has at most that many rows,
+and otherwise the dense path: quantise (or unpack) the weight to ±α once per call with the Triton
+kernels, then cuBLAS. Both tables are empty until GPU measurements fill them
+(bench/test_bench_binary_gemm.py times both paths per M), so today `auto` on CUDA is dense.
+
+NaN weights propagate (no path inspects values, which would synchronise with the GPU): binary
+weights give NaN rows (α_n is NaN), ternary weights a NaN layer (Δ and α are per layer). Empty
+weights work: K = 0 gives the bias (or zeros), N = 0 gives empty outputs.
+
+torch.library: every Triton path is a custom op `torch.ops.empf.binary_*` (see `_OPS`) with a fake
+implementation and a registered backward, so `torch.compile(fullgraph=True)` sees one opaque node
+per op. Eager calls take a thinner route to the same implementation functions (an
+`autograd.Function`), because a custom op's dispatch costs ~10 µs of host time per call; under
+`torch.compile` the public functions call the custom ops. With the interpreter off, the ops' CPU
+implementation is the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from ..reference.binary import (
     binarize_ref,
+    binarize_values_ref,
     binary_linear_ref,
     binary_matmul_ref,
     binary_scale_ref,
     pack_weight_ref,
     ternarize_ref,
+    ternarize_values_ref,
     ternary_stats_ref,
     unpack_weight_ref,
 )
 from ._common import (
     TRITON_DTYPES,
+    _interpreter_on,
     check_like,
     check_tensor,
     load_kernels,
     resolve_impl,
     triton_available,
 )
+from ._library import register_op
 
 __all__ = [
-    "AUTO_PACKED_MAX_M",
-    "AUTO_PACKED_MAX_M_TRAIN",
+    "PACKED_MAX_M",
+    "PACKED_MAX_M_TRAIN",
     "PackedWeight",
     "binarize",
     "binary_auto_choice",
@@ -55,15 +77,14 @@ __all__ = [
     "unpack_weight",
 ]
 
-#: `impl="auto"` on CUDA: packed Triton GEMM for inputs with at most this many rows (x viewed as
-#: [M, K]), dense unpack + cuBLAS above. A first estimate, not yet measured on a GPU: the packed
-#: kernel saves weight traffic (memory-bound small M) but decodes every weight in registers, which
-#: costs more than cuBLAS saves once the GEMM is compute bound. bench/test_bench_binary_gemm.py
-#: records the choice next to both timings so this can be set from measurements.
-AUTO_PACKED_MAX_M = 256
-#: The same for training on latent weights (`binary_linear`), where the packed path also packs
-#: the weight every step and computes the weight gradient densely.
-AUTO_PACKED_MAX_M_TRAIN = 64
+#: `impl="auto"` on CUDA, inference (`binary_matmul`, packed layers): the largest row count M of
+#: x (viewed as [M, K]) for which the packed Triton GEMM runs, keyed by the GPU's name as
+#: `torch.cuda.get_device_name()` reports it, e.g. {"NVIDIA H200": 16}. A GPU that is not listed
+#: runs the dense path (unpack to ±α, cuBLAS). Empty: no GPU measurement has set it yet.
+PACKED_MAX_M: dict[str, int] = {}
+#: The same for training on latent weights (`binary_linear`, `BinaryLinear` before `pack()`),
+#: where the packed path also packs the weight every step and computes dL/dW densely.
+PACKED_MAX_M_TRAIN: dict[str, int] = {}
 
 
 # ------------------------------------------------------------------------------------ PackedWeight
@@ -160,56 +181,376 @@ class PackedWeight:
 
 
 def _check_packed(packed: object) -> PackedWeight:
+    # The frozen dataclass checked its fields when it was built.
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"packed must be a PackedWeight, got {type(packed).__name__}")
-    packed.check()
     return packed
 
 
 # ------------------------------------------------------------------------------------- size class
 
 
+@functools.cache
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def binary_auto_choice(M: int, device: torch.device | str, *, training: bool = False) -> str:
     """What `impl="auto"` runs for an input of M rows on `device`.
 
-    Returns "triton" (packed GEMM), "dense" (quantise/unpack + cuBLAS) or "reference" (CPU).
+    Returns "reference" (CPU, or no triton), "triton" (the packed GEMM: the GPU is listed in
+    `PACKED_MAX_M` / `PACKED_MAX_M_TRAIN` and M is at most its entry) or "dense" (quantise or
+    unpack with Triton, then cuBLAS).
     """
-    if torch.device(device).type != "cuda" or not triton_available():
+    device = torch.device(device)
+    if device.type != "cuda" or not triton_available():
         return "reference"
-    limit = AUTO_PACKED_MAX_M_TRAIN if training else AUTO_PACKED_MAX_M
-    return "triton" if M <= limit else "dense"
+    table = PACKED_MAX_M_TRAIN if training else PACKED_MAX_M
+    if not table:
+        return "dense"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = table.get(_cuda_device_name(index))
+    return "triton" if limit is not None and M <= limit else "dense"
 
 
 def _route(impl: str, M: int, *tensors: torch.Tensor | None, training: bool = False) -> str:
+    """Returns "reference", "triton" or "dense"; an explicit impl is honoured or raises."""
     resolved = resolve_impl(impl, *tensors)
     if impl == "auto" and resolved == "triton":
-        limit = AUTO_PACKED_MAX_M_TRAIN if training else AUTO_PACKED_MAX_M
-        return "triton" if M <= limit else "dense"
+        device = next(t.device for t in tensors if t is not None and t.is_cuda)
+        return binary_auto_choice(M, device, training=training)
     return resolved
 
 
+# ------------------------------------------------------------------ Triton implementations (raw)
+# Unchecked: callers validated shapes, dtypes and devices. Each returns fresh tensors.
+
+_NULL = contextlib.nullcontext()
+
+
+def _kb():
+    # Not cached here: an imported module costs importlib a dict lookup, and tests patch
+    # `load_kernels` to see that the kernels really ran.
+    return load_kernels("binary")
+
+
+def _on(t: torch.Tensor):
+    """Launch on t's GPU when it is not the current one (Triton launches on the current device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NULL
+
+
+def _stats(w2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 per-row scale [N] (contiguous) and, for ternary, Δ as fp32 [1]."""
+    if bits == 1:
+        return binary_scale_ref(w2).float(), None
+    delta, alpha = ternary_stats_ref(w2)
+    return alpha.float().expand(w2.shape[0]).contiguous(), delta.float().reshape(1)
+
+
+def _quantize_impl(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Q(w) of a 2-D [N, K] weight, in w's dtype."""
+    w = w.contiguous()
+    scale, delta = _stats(w, bits)
+    with _on(w):
+        return _kb().quantize(w, scale, delta)
+
+
+def _ste_impl(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """g where |w| <= 1, else 0, in w's dtype (g, w of the same shape)."""
+    with _on(w):
+        return _kb().ste_grad(g.contiguous(), w.contiguous())
+
+
+def _pack_impl(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(words int32 [bits, N, ceil(K/32)], fp32 scale [N]) of a 2-D [N, K] weight."""
+    scale, delta = _stats(w, bits)
+    with _on(w):
+        return _kb().pack(w, delta), scale
+
+
+def _unpack_impl(
+    words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Dense [N, K] = scale[n] · decode(words) in `dtype`."""
+    with _on(words):
+        return _kb().unpack(words, scale.float().contiguous(), K, dtype)
+
+
+def _gemm_impl(
+    x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] @ decode(words)^T * scale + bias, [M, N] in x's dtype."""
+    with _on(x):
+        return _kb().binary_gemm(
+            x, words, scale.float().contiguous(), None if bias is None else bias.contiguous()
+        )
+
+
+def _gemm_t_impl(g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
+    """(g [M, N] * scale) @ decode(words), [M, K] in g's dtype."""
+    with _on(g):
+        return _kb().binary_gemm_t(g, words, scale.float().contiguous(), K)
+
+
+def _linear_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    words: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Training forward on packed words of `weight` (which only the backward uses)."""
+    return _gemm_impl(x, words, scale, bias)
+
+
+# ---------------------------------------------------------------- shared backward rules
+# `f` is the namespace of callees: the raw implementations (eager autograd.Function) or the
+# custom ops (their registered autograd, which torch.compile traces).
+
+
+def _bias_grad(g: torch.Tensor) -> torch.Tensor:
+    return g.sum(0, dtype=torch.float32).to(g.dtype)
+
+
+def _gemm_backward(f, ctx, g):
+    words, scale = ctx.saved_tensors
+    gx = f.gemm_t(g, words, scale, ctx.K) if ctx.needs_input_grad[0] else None
+    gb = _bias_grad(g) if ctx.needs_input_grad[3] else None
+    return gx, None, None, gb
+
+
+def _linear_backward(f, ctx, g):
+    x, weight, words, scale = ctx.saved_tensors
+    gx = f.gemm_t(g, words, scale, x.shape[1]) if ctx.needs_input_grad[0] else None
+    gw = None
+    if ctx.needs_input_grad[1]:
+        # dL/dW_q = g^T x is a dense GEMM whatever the weight format: cuBLAS's job.
+        gw = f.ste((g.t() @ x).to(weight.dtype), weight)
+    gb = _bias_grad(g) if ctx.needs_input_grad[4] else None
+    return gx, gw, None, None, gb
+
+
+def _quantize_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _gemm_setup(ctx, inputs, output):
+    x, words, scale, _ = inputs
+    ctx.save_for_backward(words, scale)
+    ctx.K = x.shape[1]
+
+
+def _gemm_t_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, words, scale, _ = inputs
+    ctx.save_for_backward(x, weight, words, scale)
+
+
+# ------------------------------------------------------------------------- torch.library ops
+
+
+def _cpu(fn):
+    """The reference as the ops' CPU implementation when the interpreter is off."""
+    return None if _interpreter_on() else {"cpu": fn}
+
+
+def _fake_like_x(x, words, scale, bias):
+    return x.new_empty((x.shape[0], words.shape[1]))
+
+
+def _fake_gemm_t(g, words, scale, K):
+    return g.new_empty((g.shape[0], K))
+
+
+def _fake_pack(w, bits):
+    N, K = w.shape
+    words = w.new_empty((bits, N, -(-K // 32)), dtype=torch.int32)
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    return words, w.new_empty((N,), dtype=dtype)
+
+
+def _ref_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    return binarize_values_ref(w) if bits == 1 else ternarize_values_ref(w)
+
+
+def _ref_ste(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.where(w.abs() <= 1, g, torch.zeros_like(g)).to(w.dtype)
+
+
+def _ref_pack(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    words, scale = pack_weight_ref(w, bits)
+    return words, scale.clone()
+
+
+def _ref_gemm(x, words, scale, bias):
+    return binary_matmul_ref(x, words, scale, x.shape[1], bias)
+
+
+def _ref_gemm_t(g, words, scale, K):
+    return g @ unpack_weight_ref(words, scale, K, g.dtype)
+
+
+def _ref_linear(x, weight, words, scale, bias):
+    return binary_matmul_ref(x, words, scale, x.shape[1], bias)
+
+
+_OPS = SimpleNamespace()
+_OPS.ste = register_op(
+    "binary_ste",
+    _ste_impl,
+    fake=lambda g, w: torch.empty_like(w),
+    backward=lambda ctx, gg: (_OPS.ste(gg, ctx.saved_tensors[0]), None),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[1]),
+    device_impls=_cpu(_ref_ste),
+)
+_OPS.quantize = register_op(
+    "binary_quantize",
+    _quantize_impl,
+    fake=lambda w, bits: torch.empty_like(w, memory_format=torch.contiguous_format),
+    backward=lambda ctx, g: (_OPS.ste(g, ctx.saved_tensors[0]), None),
+    setup_context=_quantize_setup,
+    device_impls=_cpu(_ref_quantize),
+)
+_OPS.pack = register_op("binary_pack", _pack_impl, fake=_fake_pack, device_impls=_cpu(_ref_pack))
+_OPS.unpack = register_op(
+    "binary_unpack",
+    _unpack_impl,
+    fake=lambda words, scale, K, dtype: words.new_empty((words.shape[1], K), dtype=dtype),
+    device_impls=_cpu(lambda words, scale, K, dtype: unpack_weight_ref(words, scale, K, dtype)),
+)
+_OPS.gemm_t = register_op(
+    "binary_gemm_t",
+    _gemm_t_impl,
+    fake=_fake_gemm_t,
+    # d/dg of (g * scale) @ S is the forward GEMM: double backward works
+    backward=lambda ctx, gg: (_OPS.gemm(gg, *ctx.saved_tensors, None), None, None, None),
+    setup_context=_gemm_t_setup,
+    device_impls=_cpu(_ref_gemm_t),
+)
+_OPS.gemm = register_op(
+    "binary_gemm",
+    _gemm_impl,
+    fake=_fake_like_x,
+    backward=lambda ctx, g: _gemm_backward(_OPS, ctx, g),
+    setup_context=_gemm_setup,
+    device_impls=_cpu(_ref_gemm),
+)
+_OPS.linear = register_op(
+    "binary_linear",
+    _linear_impl,
+    fake=lambda x, weight, words, scale, bias: x.new_empty((x.shape[0], words.shape[1])),
+    backward=lambda ctx, g: _linear_backward(_OPS, ctx, g),
+    setup_context=_linear_setup,
+    device_impls=_cpu(_ref_linear),
+)
+
+# ------------------------------------------------------------- eager autograd (thin host path)
+
+_RAW = SimpleNamespace(gemm_t=_gemm_t_impl, ste=_ste_impl)
+
+
+def _callees():
+    """The raw implementations, or (backward with create_graph=True, where grad mode is on) the
+    custom ops, whose registered backward makes this backward differentiable in turn."""
+    return _OPS if torch.is_grad_enabled() else _RAW
+
+
+class _QuantizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, bits):
+        out = _quantize_impl(w, bits)
+        ctx.save_for_backward(w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _callees().ste(g, ctx.saved_tensors[0]), None
+
+
+class _GemmFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, words, scale, bias):
+        out = _gemm_impl(x, words, scale, bias)
+        _gemm_setup(ctx, (x, words, scale, bias), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gemm_backward(_callees(), ctx, g)
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, words, scale, bias):
+        out = _gemm_impl(x, words, scale, bias)
+        _linear_setup(ctx, (x, weight, words, scale, bias), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _linear_backward(_callees(), ctx, g)
+
+
+_compiling = torch.compiler.is_compiling
+
+
+def quantize_triton(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unchecked Triton `binarize` (bits=1) / `ternarize` (bits=2) of w [N, *]."""
+    w2 = w.reshape(w.shape[0], math.prod(w.shape[1:]))
+    out = _OPS.quantize(w2, bits) if _compiling() else _QuantizeFn.apply(w2, bits)
+    return out.reshape(w.shape)
+
+
+def matmul_triton(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    N: int,
+    K: int,
+) -> torch.Tensor:
+    """Unchecked packed GEMM `x [*, K] -> [*, N]` (the entry point of the packed layers)."""
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
+    if _compiling():
+        out = _OPS.gemm(x2, words, scale, bias)
+    else:
+        out = _GemmFn.apply(x2, words, scale, bias)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
+
+
+def linear_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Unchecked Triton `binary_linear` (pack the latent weight, packed GEMM)."""
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), K)
+    if _compiling():
+        words, scale = _OPS.pack(weight.detach(), bits)
+        out = _OPS.linear(x2, weight, words, scale, bias)
+    else:
+        words, scale = _pack_impl(weight.detach(), bits)
+        out = _LinearFn.apply(x2, weight, words, scale, bias)
+    return out.reshape(*lead, N)
+
+
+def unpack_triton(
+    words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Unchecked Triton unpack to a dense [N, K] weight."""
+    return (
+        _OPS.unpack(words, scale, K, dtype)
+        if _compiling()
+        else _unpack_impl(words, scale, K, dtype)
+    )
+
+
 # ---------------------------------------------------------------------------------------- quantise
-
-
-class _QuantizeTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, bits: int) -> torch.Tensor:
-        k = load_kernels("binary")
-        w2 = w.detach().reshape(w.shape[0], -1).contiguous()
-        if bits == 1:
-            scale, delta = binary_scale_ref(w2).float().contiguous(), None
-        else:
-            delta, alpha = ternary_stats_ref(w2)
-            scale = alpha.float().expand(w2.shape[0]).contiguous()
-            delta = delta.float().reshape(1)
-        ctx.save_for_backward(w2)
-        return k.quantize(w2, scale, delta).reshape(w.shape)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (w2,) = ctx.saved_tensors
-        k = load_kernels("binary")
-        return k.ste_grad(g.contiguous().reshape(w2.shape), w2).reshape(g.shape), None
 
 
 def _quantize(w: object, bits: int, impl: str) -> torch.Tensor:
@@ -217,19 +558,20 @@ def _quantize(w: object, bits: int, impl: str) -> torch.Tensor:
     w = check_tensor("w", w, impl, min_dim=1)
     if impl == "reference":
         return binarize_ref(w) if bits == 1 else ternarize_ref(w)
-    return _QuantizeTriton.apply(w, bits)
+    return quantize_triton(w, bits)
 
 
 def binarize(w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Binary weight `α_n · sign(w)` (EMPF.md §2).
 
     Args:
-        w: [N, *] latent weight, floating; dim 0 is the output channel.
+        w: [N, *] latent weight, floating; dim 0 is the output channel. N = 0 or K = 0 is fine.
         impl: "auto" | "triton" | "reference".
 
     Returns:
         [N, *] in w's dtype; α_n = mean(|w[n]|) computed in fp32 (fp64 for fp64), detached;
-        sign(0) = +1. Gradient: dL/dw = dL/dout where |w| <= 1, else 0 (clipped STE).
+        sign(0) = +1; α_n = 0 for an empty row. A NaN in row n makes row n NaN. Gradient:
+        dL/dw = dL/dout where |w| <= 1, else 0 (clipped STE).
     """
     return _quantize(w, 1, impl)
 
@@ -242,7 +584,8 @@ def ternarize(w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
         impl: "auto" | "triton" | "reference".
 
     Returns:
-        [N, *] in w's dtype. Gradient: the clipped STE, as `binarize`.
+        [N, *] in w's dtype. A NaN anywhere in w makes Δ and α NaN and so the whole result NaN
+        (on both paths; the values are not inspected). Gradient: the clipped STE, as `binarize`.
     """
     return _quantize(w, 2, impl)
 
@@ -254,32 +597,28 @@ def pack_weight(w: torch.Tensor, bits: int = 1, *, impl: str = "auto") -> Packed
     """Quantise a weight and pack it along its input dimension into int32 words.
 
     Args:
-        w: [N, *] floating weight (dim 0 = output channel); K = prod(w.shape[1:]), any K >= 0.
+        w: [N, *] floating weight (dim 0 = output channel); K = prod(w.shape[1:]), any N, K >= 0.
         bits: 1 (binary, `binarize`) or 2 (ternary, `ternarize`; sign and non-zero planes).
         impl: "auto" | "triton" | "reference".
 
     Returns:
         PackedWeight with words int32 [bits, N, ceil(K/32)] and scale [N] (fp32; fp64 for an fp64
         weight on the reference path). `unpack_weight(pack_weight(w, 1), w.dtype)` equals
-        `binarize(w)` exactly. Not differentiable.
+        `binarize(w)` exactly (NaN included). Not differentiable.
     """
     bits = _check_bits(bits)
     impl = resolve_impl(impl, w if isinstance(w, torch.Tensor) else None)
     w = check_tensor("w", w, impl, min_dim=1)
     shape = tuple(w.shape)
-    w2 = w.detach().reshape(shape[0], -1)
+    K = math.prod(shape[1:])
+    w2 = w.detach().reshape(shape[0], K)
     if impl == "reference":
         words, scale = pack_weight_ref(w2, bits)
+    elif _compiling():
+        words, scale = _OPS.pack(w2, bits)
     else:
-        k = load_kernels("binary")
-        if bits == 1:
-            scale, delta = binary_scale_ref(w2).float().contiguous(), None
-        else:
-            delta, alpha = ternary_stats_ref(w2)
-            scale = alpha.float().expand(shape[0]).contiguous()
-            delta = delta.float().reshape(1)
-        words = k.pack(w2, delta)
-    return PackedWeight(words, scale, shape, w2.shape[1], bits)
+        words, scale = _pack_impl(w2, bits)
+    return PackedWeight(words, scale, shape, K, bits)
 
 
 def unpack_weight(
@@ -293,7 +632,7 @@ def unpack_weight(
         impl: "auto" | "triton" | "reference".
 
     Returns:
-        [N, *] tensor of `packed.shape`. Exact: α·(±1) rounded once to `dtype`.
+        [N, *] tensor of `packed.shape`. Exact: α·(±1) rounded once to `dtype`. No gradient.
     """
     packed = _check_packed(packed)
     dtype = packed.scale.dtype if dtype is None else dtype
@@ -303,37 +642,17 @@ def unpack_weight(
     if impl == "triton" and dtype not in TRITON_DTYPES:
         raise TypeError(f"impl='triton' unpacks to fp32/fp16/bf16, got dtype {dtype}")
     if impl == "reference":
-        dense = unpack_weight_ref(packed.words, packed.scale, packed.K, dtype)
+        dense = unpack_weight_ref(packed.words, packed.scale.detach(), packed.K, dtype)
     else:
-        k = load_kernels("binary")
-        dense = k.unpack(packed.words, packed.scale.float().contiguous(), packed.K, dtype)
+        dense = unpack_triton(packed.words, packed.scale, packed.K, dtype)
     return dense.reshape(packed.shape)
 
 
 # ----------------------------------------------------------------------------------------- matmul
 
 
-class _BinaryMatmulTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, bias, words, scale, K):
-        k = load_kernels("binary")
-        ctx.save_for_backward(words, scale)
-        ctx.K = K
-        return k.binary_gemm(x2, words, scale, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        words, scale = ctx.saved_tensors
-        k = load_kernels("binary")
-        gx = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = k.binary_gemm_t(g, words, scale, ctx.K)
-        if ctx.needs_input_grad[1]:
-            gb = g.sum(0, dtype=torch.float32).to(g.dtype)
-        return gx, gb, None, None, None
-
-
-def _check_x_bias(x, K: int, N: int, bias, device: torch.device, impl: str, what: str):
+def check_x(x: object, K: int, device: torch.device, impl: str, what: str) -> torch.Tensor:
+    """x: a floating tensor of a dtype `impl` supports, [*, K], on `device`."""
     x = check_tensor("x", x, impl, min_dim=1)
     if x.shape[-1] != K:
         raise ValueError(
@@ -341,8 +660,13 @@ def _check_x_bias(x, K: int, N: int, bias, device: torch.device, impl: str, what
         )
     if x.device != device:
         raise ValueError(f"x is on {x.device} but the weight is on {device}")
-    check_like("bias", bias, "x", x, (N,))
     return x
+
+
+def _rows(x: object) -> int:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return 0
+    return x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
 
 
 def binary_matmul(
@@ -355,68 +679,35 @@ def binary_matmul(
     """`x @ W_q^T + bias` with W_q the dense weight of `packed` (binary or ternary).
 
     Args:
-        x: [*, K] floating activations (any strides).
+        x: [*, K] floating activations (any strides); K = 0 gives the bias (or zeros).
         packed: PackedWeight of shape (N, *) with K = prod(shape[1:]); same device as x.
         bias: [N] in x's dtype, or None.
-        impl: "auto" (CUDA: packed kernel for M <= AUTO_PACKED_MAX_M rows, else dense unpack +
-            cuBLAS; CPU: reference), "triton" (packed kernel) or "reference".
+        impl: "auto" (CPU: reference; CUDA: the packed kernel where `PACKED_MAX_M` says so, else
+            dense unpack + cuBLAS), "triton" (packed kernel, never a fallback) or "reference".
 
     Returns:
         [*, N] in x's dtype. The kernel decodes the bits in registers, accumulates in fp32 and
-        applies scale and bias in the epilogue. Gradients: dL/dx = (dL/dout · scale) @ sign
-        (computed from the packed words, no dense copy), dL/dbias = Σ dL/dout; none for `packed`.
+        applies scale and bias in the epilogue, in one launch. Gradients: dL/dx = (dL/dout ·
+        scale) @ sign (computed from the packed words, no dense copy), dL/dbias = Σ dL/dout;
+        none for `packed` (its scale gets no gradient on any path).
     """
     packed = _check_packed(packed)
     N, K = packed.N, packed.K
-    M = x.numel() // max(K, 1) if isinstance(x, torch.Tensor) else 0
-    route = _route(impl, M, x if isinstance(x, torch.Tensor) else None, packed.words)
-    x = _check_x_bias(
-        x, K, N, bias, packed.device, "triton" if route == "dense" else route, "packed weight"
-    )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    route = _route(impl, _rows(x), x, packed.words)
+    kimpl = "triton" if route == "dense" else route
+    x = check_x(x, K, packed.device, kimpl, "packed weight")
+    check_like("bias", bias, "x", x, (N,))
     if route == "reference":
         return binary_matmul_ref(x, packed.words, packed.scale, K, bias)
     if route == "dense":
-        w = unpack_weight(packed, x.dtype, impl="triton").reshape(N, K)
+        w = unpack_triton(packed.words, packed.scale, K, x.dtype)
         return F.linear(x, w, bias)
-    x2 = x.reshape(-1, K)
-    b = bias.contiguous() if bias is not None else None
-    scale = packed.scale.float().contiguous()
-    out = _BinaryMatmulTriton.apply(x2, b, packed.words, scale, K)
-    return out.reshape(*x.shape[:-1], N)
+    return matmul_triton(x, packed.words, packed.scale, bias, N, K)
 
 
 # ------------------------------------------------------------------------------ training (latent W)
-
-
-class _BinaryLinearTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, weight, bias, bits):
-        k = load_kernels("binary")
-        w2 = weight.detach().contiguous()
-        if bits == 1:
-            scale, delta = binary_scale_ref(w2).float().contiguous(), None
-        else:
-            delta, alpha = ternary_stats_ref(w2)
-            scale = alpha.float().expand(w2.shape[0]).contiguous()
-            delta = delta.float().reshape(1)
-        words = k.pack(w2, delta)
-        ctx.save_for_backward(x2, w2, words, scale)
-        return k.binary_gemm(x2, words, scale, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, w2, words, scale = ctx.saved_tensors
-        k = load_kernels("binary")
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = k.binary_gemm_t(g, words, scale, w2.shape[1])
-        if ctx.needs_input_grad[1]:
-            # dL/dW_q = g^T x is a dense GEMM whatever the weight format: cuBLAS's job.
-            gwq = (g.t() @ x2).to(w2.dtype).contiguous()
-            gw = k.ste_grad(gwq, w2)
-        if ctx.needs_input_grad[2]:
-            gb = g.sum(0, dtype=torch.float32).to(g.dtype)
-        return gx, gw, gb, None
 
 
 def binary_linear(
@@ -430,32 +721,31 @@ def binary_linear(
     """Training forward of a binary/ternary linear layer on a latent weight: `x @ Q(w)^T + bias`.
 
     Args:
-        x: [*, K] floating activations.
+        x: [*, K] floating activations; K = 0 gives the bias (or zeros).
         weight: [N, K] latent weight (any floating dtype; typically fp32), same device as x.
         bias: [N] in x's dtype, or None.
         bits: 1 (Q = binarize) or 2 (Q = ternarize).
-        impl: "auto" (CUDA: pack + packed kernels for M <= AUTO_PACKED_MAX_M_TRAIN rows, else
-            quantise + cuBLAS; CPU: reference), "triton" (packed kernels) or "reference".
+        impl: "auto" (CPU: reference; CUDA: pack + packed kernels where `PACKED_MAX_M_TRAIN` says
+            so, else Triton quantise + cuBLAS), "triton" (packed kernels) or "reference".
 
     Returns:
         [*, N] in x's dtype. Gradients: x and bias as `binary_matmul`; weight through the clipped
         STE, dL/dw = (dL/dout^T x) where |w| <= 1, else 0 (α detached).
     """
     bits = _check_bits(bits)
-    M = x.numel() // max(x.shape[-1], 1) if isinstance(x, torch.Tensor) and x.dim() else 0
-    tensors = [t if isinstance(t, torch.Tensor) else None for t in (x, weight)]
-    route = _route(impl, M, *tensors, training=True)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    w_t = weight if isinstance(weight, torch.Tensor) else None
+    route = _route(impl, _rows(x), x, w_t, training=True)
     kimpl = "triton" if route == "dense" else route
     weight = check_tensor("weight", weight, kimpl)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [N, K], got {tuple(weight.shape)}")
     N, K = weight.shape
-    x = _check_x_bias(x, K, N, bias, weight.device, kimpl, "weight")
+    x = check_x(x, K, weight.device, kimpl, "weight")
+    check_like("bias", bias, "x", x, (N,))
     if route == "reference":
         return binary_linear_ref(x, weight, bias, bits)
     if route == "dense":
-        wq = _quantize(weight, bits, "triton")
-        return F.linear(x, wq.to(x.dtype), bias)
-    x2 = x.reshape(-1, K)
-    b = bias.contiguous() if bias is not None else None
-    return _BinaryLinearTriton.apply(x2, weight, b, bits).reshape(*x.shape[:-1], N)
+        return F.linear(x, quantize_triton(weight, bits).to(x.dtype), bias)
+    return linear_triton(x, weight, bias, bits)

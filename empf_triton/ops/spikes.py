@@ -14,26 +14,62 @@ code is the more accurate one). On CUDA, torch also computes `s / step` as `s * 
 can differ from IEEE division by one ulp; the kernels follow the CPU reference. (Triton's CPU
 interpreter casts fp32 to bf16 by truncation, so bf16 outputs that are not exact, e.g. 0.3 * c,
 differ from compiled/torch rounding there; with step 0.25 every level is exact in bf16.)
+
+The step must be finite and > 0 once rounded to fp32, where the kernels use it (1e300 is inf in
+fp32 and 1e-50 is 0: both are rejected with a ValueError naming `step`).
+
+torch.library: the Triton paths are the custom ops `torch.ops.empf.quantize_spikes`,
+`encode_spikes` and `decode_spikes` (fake implementations; `quantize_spikes` has its
+straight-through backward registered), which `torch.compile(fullgraph=True)` keeps as opaque nodes.
+Eager calls go to the same implementation functions without the custom-op dispatch (~10 µs of
+host time per call). With the interpreter off, the ops' CPU implementation is the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
 
-from ..reference.spikes import decode_spikes_ref, encode_spikes_ref, quantize_spikes_ref
+from ..reference.spikes import (
+    decode_spikes_ref,
+    encode_spikes_ref,
+    quantize_spikes_ref,
+    spike_codes_ref,
+)
 from ._common import (
     REFERENCE_DTYPES,
     TRITON_DTYPES,
+    _interpreter_on,
     check_tensor,
-    device_guard,
     load_kernels,
     resolve_impl,
 )
+from ._library import register_op
 
 PACK_BITS = (1, 2, 4, 8)
+_QUANT_BITS = range(1, 9)
+
+
+def _check_step(step: object, name: str = "step") -> float:
+    """A step that is finite and > 0 once rounded to fp32 (where the kernels use it).
+
+    Same rule as `ops._common.check_spike_step` of the neuron ops (kept here until that shared
+    helper is merged).
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(step).__name__}")
+    value = float(step)
+    try:
+        as_fp32 = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        as_fp32 = math.inf
+    if not (math.isfinite(value) and math.isfinite(as_fp32) and as_fp32 > 0):
+        raise ValueError(f"{name} must be finite and > 0 in fp32, got {step!r}")
+    return value
 
 
 def _check_bits_step(bits: object, step: object, allowed: Sequence[int]) -> tuple[int, float]:
@@ -41,12 +77,7 @@ def _check_bits_step(bits: object, step: object, allowed: Sequence[int]) -> tupl
         raise TypeError(f"bits must be an int in {tuple(allowed)}, got {type(bits).__name__}")
     if bits not in allowed:
         raise ValueError(f"bits must be in {tuple(allowed)}, got {bits}")
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
-        raise TypeError(f"step must be a float, got {type(step).__name__}")
-    step = float(step)
-    if not (math.isfinite(step) and step > 0):
-        raise ValueError(f"step must be a finite float > 0, got {step}")
-    return bits, step
+    return bits, _check_step(step)
 
 
 def _check_spikes(s: object, impl: str) -> tuple[torch.Tensor, str]:
@@ -56,15 +87,95 @@ def _check_spikes(s: object, impl: str) -> tuple[torch.Tensor, str]:
     return check_tensor("s", s, impl), impl
 
 
+# ----------------------------------------------------------- Triton implementations (unchecked)
+
+_NULL = contextlib.nullcontext()
+
+
+def _ks():
+    # Not cached here: an imported module costs importlib a dict lookup, and tests patch
+    # `load_kernels` to see that the kernels really ran.
+    return load_kernels("spikes")
+
+
+def _on(t: torch.Tensor):
+    """Launch on t's GPU when it is not the current one (Triton launches on the current device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NULL
+
+
+def _quantize_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
+    """Q(s), contiguous, s's shape and dtype."""
+    with _on(s):
+        return _ks().quantize_spikes_fwd(s.contiguous(), bits, step)
+
+
+def _encode_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
+    """Packed codes of the flattened s, 1-D uint8."""
+    with _on(s):
+        return _ks().encode_spikes_fwd(s.contiguous(), bits, step)
+
+
+def _decode_impl(
+    codes: torch.Tensor, bits: int, step: float, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The first n decoded spikes, 1-D `dtype`."""
+    with _on(codes):
+        return _ks().decode_spikes_fwd(codes.contiguous(), bits, step, n, dtype)
+
+
+def _cpu(fn):
+    """The reference as the ops' CPU implementation when the interpreter is off."""
+    return None if _interpreter_on() else {"cpu": fn}
+
+
+def _ref_quantize(s, bits, step):
+    return (spike_codes_ref(s, bits, step) * step).contiguous()
+
+
+_quantize_op = register_op(
+    "quantize_spikes",
+    _quantize_impl,
+    fake=lambda s, bits, step: torch.empty_like(s, memory_format=torch.contiguous_format),
+    backward=lambda ctx, g: (g, None, None),  # straight-through
+    setup_context=lambda ctx, inputs, output: None,
+    device_impls=_cpu(_ref_quantize),
+)
+_encode_op = register_op(
+    "encode_spikes",
+    _encode_impl,
+    fake=lambda s, bits, step: s.new_empty((-(-s.numel() // (8 // bits)),), dtype=torch.uint8),
+    device_impls=_cpu(encode_spikes_ref),
+)
+_decode_op = register_op(
+    "decode_spikes",
+    _decode_impl,
+    fake=lambda codes, bits, step, n, dtype: codes.new_empty((n,), dtype=dtype),
+    device_impls=_cpu(
+        lambda codes, bits, step, n, dtype: decode_spikes_ref(codes, bits, step, (n,), dtype)
+    ),
+)
+
+
 class _QuantizeSpikesTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
-        kernels = load_kernels("spikes")
-        return kernels.quantize_spikes_fwd(s.contiguous(), bits, step)
+        return _quantize_impl(s, bits, step)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g, None, None
+
+
+_compiling = torch.compiler.is_compiling
+
+
+def quantize_spikes_triton(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
+    """Unchecked Triton `quantize_spikes` (s fp32/fp16/bf16, bits in 1..8, step checked)."""
+    if _compiling():
+        return _quantize_op(s, bits, step)
+    return _QuantizeSpikesTriton.apply(s, bits, step)
 
 
 def quantize_spikes(
@@ -78,7 +189,7 @@ def quantize_spikes(
     Args:
         s: [*] floating spikes (fp32/fp16/bf16; fp64 too with impl="reference").
         bits: k in 1..8 (2^k levels).
-        step: the level spacing Δ, a finite float > 0.
+        step: the level spacing Δ, finite and > 0 in fp32.
         impl: "auto" (Triton on CUDA, else reference), "triton" or "reference".
 
     Returns:
@@ -93,11 +204,10 @@ def quantize_spikes(
             where Triton cannot run.
     """
     s, impl = _check_spikes(s, impl)
-    bits, step = _check_bits_step(bits, step, range(1, 9))
+    bits, step = _check_bits_step(bits, step, _QUANT_BITS)
     if impl == "reference":
         return quantize_spikes_ref(s, bits, step)
-    with device_guard(s):
-        return _QuantizeSpikesTriton.apply(s, bits, step)
+    return quantize_spikes_triton(s, bits, step)
 
 
 def encode_spikes(
@@ -112,7 +222,7 @@ def encode_spikes(
     Args:
         s: [*] floating spikes (fp32/fp16/bf16; fp64 too with impl="reference").
         bits: k in {1, 2, 4, 8}.
-        step: the level spacing Δ, a finite float > 0.
+        step: the level spacing Δ, finite and > 0 in fp32.
         impl: "auto" (Triton on CUDA, else reference), "triton" or "reference".
 
     Returns:
@@ -126,8 +236,7 @@ def encode_spikes(
     s = s.detach()
     if impl == "reference":
         return encode_spikes_ref(s, bits, step)
-    with device_guard(s):
-        return load_kernels("spikes").encode_spikes_fwd(s.contiguous(), bits, step)
+    return _encode_op(s, bits, step) if _compiling() else _encode_impl(s, bits, step)
 
 
 def _check_shape(shape: object) -> tuple[int, ...]:
@@ -156,7 +265,7 @@ def decode_spikes(
     Args:
         codes: 1-D uint8 tensor of ceil(prod(shape) * bits / 8) bytes.
         bits: k in {1, 2, 4, 8}, as used to encode.
-        step: the level spacing Δ, a finite float > 0.
+        step: the level spacing Δ, finite and > 0 in fp32.
         shape: shape of the result; None means 1-D with every packed slot,
             codes.numel() * (8 // bits) elements.
         dtype: floating result dtype (fp32/fp16/bf16; fp64 too with impl="reference").
@@ -195,6 +304,7 @@ def decode_spikes(
         )
     if impl == "reference":
         return decode_spikes_ref(codes, bits, step, shape, dtype)
-    with device_guard(codes):
-        out = load_kernels("spikes").decode_spikes_fwd(codes.contiguous(), bits, step, n, dtype)
-    return out.reshape(shape)
+    codes = codes.detach()
+    if _compiling():
+        return _decode_op(codes, bits, step, n, dtype).reshape(shape)
+    return _decode_impl(codes, bits, step, n, dtype).reshape(shape)

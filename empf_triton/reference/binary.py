@@ -7,6 +7,11 @@ A weight of shape [N, *] is viewed as [N, K] (N output channels, K = prod of the
   α = mean(|Wc| where |Wc| > Δ) (0 when no element passes), `W_t = α · {+1 if Wc > Δ,
   0 if |Wc| <= Δ, -1 if Wc < -Δ}`.
 - Both use the clipped straight-through estimator: dL/dW = dL/dW_q where |W| <= 1, else 0.
+- NaN: a NaN weight propagates. Binary: its row's α is NaN, so the whole row is NaN. Ternary: Δ and
+  α are per layer, so the whole layer is NaN (the weight is `α · t`, and NaN · 0 is NaN). The Triton
+  kernels do the same; no path checks the values (that would synchronise with the device).
+- Empty weights: with K = 0 (or N = 0) the statistics are 0 (not the NaN of an empty mean), so a
+  layer with no inputs outputs its bias.
 
 Statistics (α, Δ) are computed in fp32 (fp64 for fp64 weights) and the quantised weight is rounded
 once to W's dtype, so `unpack(pack(W))` reproduces `binarize(W)` exactly.
@@ -17,6 +22,8 @@ K are 0. The scale is one value per row (the ternary α repeated over rows).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,17 +36,31 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_2d(w: torch.Tensor) -> torch.Tensor:
+    """W [N, *] viewed as [N, K], K = prod(shape[1:]) (also when N or K is 0)."""
+    return w.reshape(w.shape[0], math.prod(w.shape[1:]))
+
+
 def binary_scale_ref(w: torch.Tensor) -> torch.Tensor:
-    """α_n = mean(|W[n]|) over everything but dim 0, as [N] in `acc_dtype`."""
-    return w.detach().to(acc_dtype(w.dtype)).reshape(w.shape[0], -1).abs().mean(dim=1)
+    """α_n = mean(|W[n]|) over everything but dim 0, as [N] in `acc_dtype` (0 when K = 0)."""
+    w2 = as_2d(w.detach()).to(acc_dtype(w.dtype))
+    if w2.shape[1] == 0:
+        return w2.new_zeros(w2.shape[0])
+    return w2.abs().mean(dim=1)
 
 
 def ternary_stats_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ, α) of the TWN rule as 0-d tensors in `acc_dtype`."""
+    """(Δ, α) of the TWN rule as 0-d tensors in `acc_dtype` (both 0 for an empty W).
+
+    A NaN in W makes both NaN (α is forced to NaN: no element passes a NaN threshold).
+    """
     a = w.detach().to(acc_dtype(w.dtype)).clamp(-1.0, 1.0).abs()
+    if a.numel() == 0:
+        zero = a.new_zeros(())
+        return zero, zero
     delta = 0.7 * a.mean()
     keep = a > delta
-    alpha = (a * keep).sum() / keep.sum().clamp_min(1)
+    alpha = (a * keep).sum() / keep.sum().clamp_min(1) + 0.0 * delta
     return delta, alpha
 
 
@@ -57,8 +78,8 @@ def ternarize_values_ref(w: torch.Tensor) -> torch.Tensor:
     """The TWN ternary weight in W's dtype, no gradient."""
     delta, alpha = ternary_stats_ref(w)
     wc = w.detach().to(delta.dtype).clamp(-1.0, 1.0)
-    zero = torch.zeros((), dtype=delta.dtype, device=w.device)
-    return torch.where(wc > delta, alpha, torch.where(wc < -delta, -alpha, zero)).to(w.dtype)
+    t = (wc > delta).to(delta.dtype) - (wc < -delta).to(delta.dtype)
+    return (alpha * t).to(w.dtype)  # α · t, so a NaN α gives NaN everywhere (not 0)
 
 
 class _ClippedSTE(torch.autograd.Function):
@@ -106,7 +127,7 @@ def pack_weight_ref(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 
     The scale is in `acc_dtype(W.dtype)`.
     """
-    w2 = w.detach().reshape(w.shape[0], -1)
+    w2 = as_2d(w.detach())
     if bits == 1:
         scale = binary_scale_ref(w2)
         return _pack_plane(w2 >= 0).unsqueeze(0), scale
@@ -119,7 +140,7 @@ def pack_weight_ref(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 def decode_ref(words: torch.Tensor, K: int) -> torch.Tensor:
     """Words [planes, N, KW] -> int8 [N, K] of -1 / 0 / +1."""
     bits = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1
-    bits = bits.reshape(words.shape[0], words.shape[1], -1)[..., :K].to(torch.int8)
+    bits = bits.reshape(*words.shape[:2], words.shape[2] * 32)[..., :K].to(torch.int8)
     val = 2 * bits[0] - 1
     return val * bits[1] if words.shape[0] == 2 else val
 
@@ -138,8 +159,11 @@ def binary_matmul_ref(
     K: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`x @ unpack(words, scale).T + bias` in x's dtype; x [*, K], result [*, N]."""
-    return F.linear(x, unpack_weight_ref(words, scale, K, x.dtype), bias)
+    """`x @ unpack(words, scale).T + bias` in x's dtype; x [*, K], result [*, N].
+
+    The packed weight is a constant: no gradient reaches `scale` (as on the Triton path).
+    """
+    return F.linear(x, unpack_weight_ref(words, scale.detach(), K, x.dtype), bias)
 
 
 def binary_linear_ref(
