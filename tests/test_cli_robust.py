@@ -301,11 +301,20 @@ def _bad_values(dest):
     return vals
 
 
+#: Numeric options that belong to another subcommand than `train` (the deployment options).
+_NOT_TRAIN = {
+    "energy_samples": ["eval", "--deployed", "m.safetensors"],
+    "latency_runs": ["eval", "--deployed", "m.safetensors"],
+    "samples": ["report", "--deployed", "m.safetensors"],
+}
+
+
 @pytest.mark.parametrize("dest", sorted(cli.NUMERIC_OPTIONS))
-def test_every_numeric_train_option_range(capsys, dest):
+def test_every_numeric_option_range(capsys, dest):
     flag = "--T" if dest == "T" else "--" + dest.replace("_", "-")
+    cmd = _NOT_TRAIN.get(dest, ["train"])
     for v in _bad_values(dest):
-        _error(capsys, ["train", flag, v], f"argument {flag}", "must be", f"got {v!r}")
+        _error(capsys, [*cmd, flag, v], f"argument {flag}", "must be", f"got {v!r}")
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--threads", "-1")])
