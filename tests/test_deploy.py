@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,6 +277,21 @@ def test_runtime_modules_do_not_import_training_code():
                     assert all(a.name not in ("train", "models", "fold") for a in node.names)
             if isinstance(node, ast.ImportFrom) and node.module == "fold":
                 assert f == "format.py"  # export() folds a trained model; load() never does
+
+
+def test_load_and_run_import_no_training_code(tmp_path):
+    """In a fresh interpreter, loading and running an export imports neither train nor models."""
+    p = export(_small(), tmp_path / "m.safetensors")
+    code = (
+        "import sys, torch;"
+        "from empf_triton.deploy import load;"
+        f"m = load({str(p)!r}, impl='reference');"
+        "m(torch.zeros(2, *m.in_shape));"
+        "bad = [k for k in sys.modules if k.startswith(('empf_triton.train', 'empf_triton.models'))];"
+        "assert not bad, bad"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 def test_no_overwrite_unless_told(tmp_path):
