@@ -10,6 +10,7 @@ See docs/deployment.md for the format, the folding math and the energy accountin
 """
 
 from .errors import DeployError, DeployFormatError
+from .fold import fold
 from .format import export, load, read_header
 from .runtime import DeployedModel
 
@@ -22,12 +23,3 @@ __all__ = [
     "load",
     "read_header",
 ]
-
-
-def __getattr__(name: str):
-    # fold() needs the model classes; loading and running an export must not import them.
-    if name == "fold":
-        from .fold import fold
-
-        return fold
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,21 +18,33 @@ The latent weights are packed (1 bit per binary weight, 2 per ternary weight) an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models.layers import SeqToANN
-from ..models.resnet import EMPFResNet, PreActBlock
-from ..models.small import MNIST1DCNN, DigitsMLP
-from ..models.vgg import EMPFVGG
 from ..nn.binary import BinaryConv2d, BinaryLinear
 from ..nn.neuron import EMPFNeuron
 from ..nn.seca import SECA
 from .errors import DeployError
 from .runtime import DeployedModel
+
+
+@functools.cache
+def _models() -> SimpleNamespace:
+    """The model classes, imported on first fold: loading an export must not import them."""
+    from ..models.layers import SeqToANN
+    from ..models.resnet import EMPFResNet, PreActBlock
+    from ..models.small import MNIST1DCNN, DigitsMLP
+    from ..models.vgg import EMPFVGG
+
+    return SimpleNamespace(
+        SeqToANN=SeqToANN, EMPFResNet=EMPFResNet, PreActBlock=PreActBlock,
+        MNIST1DCNN=MNIST1DCNN, DigitsMLP=DigitsMLP, EMPFVGG=EMPFVGG,
+    )  # fmt: skip
 
 __all__ = ["fold", "model_info"]
 
@@ -231,11 +243,11 @@ def _leaf(g: _Graph, mod: nn.Module, cur: str, path: str) -> str:
 
 
 def _walk(g: _Graph, mod: nn.Module, cur: str, path: str) -> str:
-    if isinstance(mod, (SeqToANN, nn.Sequential)):
+    if isinstance(mod, (_models().SeqToANN, nn.Sequential)):
         for name, child in mod.named_children():
             cur = _walk(g, child, cur, f"{path}.{name}")
         return cur
-    if isinstance(mod, PreActBlock):
+    if isinstance(mod, _models().PreActBlock):
         x = cur
         s1 = _walk(g, mod.neuron1, x, f"{path}.neuron1")
         out = _walk(g, mod.conv1, s1, f"{path}.conv1")
@@ -249,11 +261,11 @@ def _walk(g: _Graph, mod: nn.Module, cur: str, path: str) -> str:
 
 
 def _parts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    if isinstance(model, (MNIST1DCNN, DigitsMLP)):
+    if isinstance(model, (_models().MNIST1DCNN, _models().DigitsMLP)):
         names = ("stem", "blocks", "head_neuron", "classifier")
-    elif isinstance(model, EMPFResNet):
+    elif isinstance(model, _models().EMPFResNet):
         names = ("stem", "layers", "final_neuron", "classifier")
-    elif isinstance(model, EMPFVGG):
+    elif isinstance(model, _models().EMPFVGG):
         names = ("features", "classifier")
     else:
         raise DeployError(
@@ -296,7 +308,7 @@ def fold(model: nn.Module, *, impl: str = "auto") -> DeployedModel:
         info["spike_step"] = float(neurons[0].spike_step)
     g = _Graph(info["T"])
     cur = "x"
-    if isinstance(model, MNIST1DCNN):
+    if isinstance(model, _models().MNIST1DCNN):
         cur = g.add("unsqueeze", [cur], {"dim": -2})  # [*, C, L] -> [*, C, 1, L]
     for name, part in parts:
         cur = _walk(g, part, cur, name)
