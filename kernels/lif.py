@@ -1,4 +1,4 @@
-"""LIF baseline kernels (EMPF.md §2): fused multi-step forward and reverse-time backward.
+"""LIF baseline kernels (docs/model.md): fused multi-step forward and reverse-time backward.
 
 Layout: the current is viewed as [T, N] (contiguous); each program owns BLOCK neurons and walks the
 T time steps itself, so one launch runs the whole sequence and the membrane stays in registers

@@ -1,4 +1,4 @@
-"""LIF baseline ops (EMPF.md §2): multi-step `lif_neuron` and single-step `lif_neuron_step`.
+"""LIF baseline ops (docs/model.md): multi-step `lif_neuron` and single-step `lif_neuron_step`.
 
 Kernels: kernels/lif.py. Reference: reference/lif.py. Tests: tests/test_lif.py.
 """
@@ -88,7 +88,7 @@ def lif_neuron(
     grad_mode: str = "bptt",
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-step LIF neuron with soft reset and a surrogate gradient (EMPF.md §2), one launch.
+    """Multi-step LIF neuron with soft reset and a surrogate gradient (docs/model.md), one launch.
 
     `m[t] = λ_t v[t-1] + I[t]`, `s[t] = 1[m[t] - θ_t >= 0]`, `v[t] = m[t] - s[t] θ_t`.
     Equals SpikingJelly's `LIFNode(tau, decay_input=False, v_reset=None)` with λ = 1 - 1/tau.
