@@ -52,3 +52,168 @@ def test_register_op_compiles_without_graph_break():
 def test_register_op_rejects_bad_arguments(name, kw):
     with pytest.raises(ValueError):
         register_op(name, _toy_impl, fake=_toy_fake, **kw)
+
+
+# ------------------------------------------------------------------- opcheck of the neuron ops
+
+from empf_triton.nn import EMPFNeuron, LIFNeuron, reset_net  # noqa: E402
+from empf_triton.ops import lif as lif_ops  # noqa: E402
+from empf_triton.ops import neuron as neuron_ops  # noqa: E402
+
+
+def _leaf(*shape):
+    return (torch.rand(*shape) * 1.5 - 0.2).requires_grad_()
+
+
+@pytest.mark.parametrize("logits", [False, True])
+@pytest.mark.parametrize("bptt", [False, True])
+def test_opcheck_neuron_fwd(bptt, logits):
+    T, N = 3, 13
+    cur, v0 = _leaf(T, N), _leaf(N)
+    d, th = torch.rand(T).requires_grad_(), torch.rand(T).requires_grad_()
+    args = (cur, v0, d, th, 0.0, 0.0, 0, logits, 1, 1, 4, 0.25, bptt, True, True)
+    torch.library.opcheck(neuron_ops._NEURON_FWD, args)
+    # scalar parameters and no v0
+    args = (cur, None, None, None, 0.5, 0.3, 0, False, 1, 1, None, 0.25, bptt, True, False)
+    torch.library.opcheck(neuron_ops._NEURON_FWD, args)
+
+
+def test_opcheck_neuron_fwd_per_channel_and_step_row():
+    N, C, S = 2, 3, 2
+    cur = _leaf(2, N * C * S)
+    d = torch.rand(2, C).requires_grad_()
+    th = torch.rand(2, C).requires_grad_()
+    args = (cur, None, d, th, 0.0, 0.0, 0, False, C, S, None, 0.25, True, True, True)
+    torch.library.opcheck(neuron_ops._NEURON_FWD, args)
+    # step t0 = 2 of a [4] logit vector: a one-step call
+    cur1, a, b = _leaf(1, 9), torch.randn(4).requires_grad_(), torch.randn(4).requires_grad_()
+    args = (cur1, _leaf(9), a, b, 0.0, 0.0, 2, True, 1, 1, None, 0.25, True, True, True)
+    torch.library.opcheck(neuron_ops._NEURON_FWD, args)
+
+
+def test_opcheck_parallel_ops():
+    cur, th = _leaf(3, 11), torch.rand(3).requires_grad_()
+    torch.library.opcheck(
+        neuron_ops._PARALLEL_FWD, (cur, th, 0.0, 0, False, 1, 1, 4, 0.25, True)
+    )
+    torch.library.opcheck(
+        neuron_ops._PARALLEL_FWD, (cur, None, 0.4, 0, False, 1, 1, None, 0.25, True)
+    )
+
+
+@pytest.mark.parametrize("bptt", [False, True])
+def test_opcheck_lif_fwd(bptt):
+    T, N = 3, 10
+    args = (_leaf(T, N), _leaf(N), torch.rand(T).requires_grad_(), torch.rand(T) + 0.5,
+            "sigmoid", 4.0, False, bptt, True)  # fmt: skip
+    torch.library.opcheck(lif_ops._LIF_FWD, args)
+
+
+# ------------------------------------------------------------- torch.compile of the modules
+
+
+def _clone(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _run_steps(m, x, step_mode):
+    reset_net(m)
+    if step_mode == "m":
+        return m(x)
+    return torch.stack([m(x[t]) for t in range(x.shape[0])])
+
+
+def _compare_compiled(make, x, step_mode, backend):
+    torch._dynamo.reset()  # compiles of the shared forward code count against one limit
+    eager = make()
+    comp_mod = _clone(eager)
+    comp = torch.compile(comp_mod, fullgraph=True, backend=backend)
+    g = torch.randn_like(x)
+    outs, grads = [], []
+    for m, fn in ((eager, eager), (comp_mod, comp)):
+        xi = x.clone().requires_grad_()
+        if step_mode == "m":
+            reset_net(m)
+            out = fn(xi)
+        else:
+            reset_net(m)
+            out = torch.stack([fn(xi[t]) for t in range(x.shape[0])])
+        (out * g).sum().backward()
+        outs.append(out.detach())
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("step_mode", "grad_mode", "parallel", "mem_bn"),
+    [
+        ("s", "online", False, False),
+        ("s", "bptt", False, False),
+        ("m", "online", False, False),
+        ("m", "bptt", False, False),
+        ("s", "online", True, False),
+        ("m", "online", True, False),
+        ("s", "online", False, True),
+        ("m", "bptt", False, True),
+    ],
+)
+def test_empf_neuron_compiles_fullgraph(step_mode, grad_mode, parallel, mem_bn):
+    T = 3
+    x = torch.randn(T, 4, 3, 2) + 0.4
+
+    def make():
+        m = EMPFNeuron(
+            T, spike_bits=4, parallel=parallel, step_mode=step_mode, grad_mode=grad_mode,
+            impl="triton", mem_bn=mem_bn, channels=3 if mem_bn else None,
+        )  # fmt: skip
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 1:
+                    p.copy_(torch.linspace(-0.5, 0.5, p.shape[0]))
+        return m
+
+    _compare_compiled(make, x, step_mode, "aot_eager")
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_lif_neuron_compiles_fullgraph(step_mode):
+    x = torch.rand(3, 4, 5) * 1.5
+    _compare_compiled(lambda: LIFNeuron(step_mode=step_mode, impl="triton"), x, step_mode, "aot_eager")
+
+
+@pytest.mark.parametrize("module", ["EMPFNeuron", "LIFNeuron"])
+def test_modules_compile_with_inductor(module):
+    T = 2
+    x = torch.randn(T, 3, 5) + 0.4
+    if module == "EMPFNeuron":
+        make = lambda: EMPFNeuron(T, step_mode="m", impl="triton")  # noqa: E731
+    else:
+        make = lambda: LIFNeuron(step_mode="m", impl="triton")  # noqa: E731
+    _compare_compiled(make, x, "m", "inductor")
+
+
+def test_step_mode_state_does_not_recompile_across_samples():
+    """The carried membrane is an input of the compiled graph: after the first sample (one graph
+    per step index t, as the step's parameters are read at row t), further samples reuse them."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    T = 3
+    m = EMPFNeuron(T, step_mode="s", impl="triton")
+    cnt = CompileCounter()
+    comp = torch.compile(m, fullgraph=True, backend=cnt, dynamic=False)
+    x = torch.randn(T, 4, 5)
+    counts = []
+    for _ in range(4):
+        reset_net(m)
+        for t in range(T):
+            comp(x[t]).sum().backward()
+        counts.append(cnt.frame_count)
+    # sample 1: one graph per step index; sample 2 may add one for t = 0 (the input check has
+    # been cached since); from then on nothing is recompiled, whatever the number of samples.
+    assert counts[0] <= T + 1 and counts[1] <= counts[0] + 1
+    assert counts[3] == counts[2] == counts[1], f"recompiled on later samples: {counts}"

@@ -481,7 +481,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
         ),
         (lambda: lif_neuron(torch.randn(3, 4), decay=1.5, threshold=0.5), ValueError, r"\[0, 1\]"),
         (lambda: lif_neuron(torch.randn(3, 4), decay=-0.1, threshold=0.5), ValueError, r"\[0, 1\]"),
-        (lambda: lif_neuron(torch.randn(3, 4), decay=-0.2, threshold=0.5), ValueError, r"\(0, 1\]"),
+        (lambda: lif_neuron(torch.randn(3, 4), decay=-0.2, threshold=0.5), ValueError, r"\[0, 1\]"),
         (lambda: lif_neuron(torch.randn(3, 4), decay="a", threshold=0.5), TypeError, "decay"),
         (
             lambda: lif_neuron(torch.randn(3, 4), decay=0.5, threshold=float("inf")),
@@ -525,7 +525,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
         (
             lambda: lif_neuron_step(torch.randn(4), decay=1.01, threshold=0.5),
             ValueError,
-            r"\(0, 1\]",
+            r"\[0, 1\]",
         ),
         (lambda: lif_neuron_step(torch.randn(4), surrogate="sigm", **KW), ValueError, "surrogate"),
     ],

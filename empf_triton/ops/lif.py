@@ -20,46 +20,131 @@ from ._common import (
     load_kernels,
     per_step,
 )
+from ._library import register_op
 
 
-class LIFNeuronFunction(torch.autograd.Function):
-    """Autograd over the fused LIF kernels; inputs are a contiguous [T, N] current, [N] v0 (or
-    None) and contiguous fp32 [T] decay and threshold."""
+def _lif_fwd_impl(
+    current: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor,
+    threshold: torch.Tensor,
+    surrogate: str,
+    alpha: float,
+    detach_reset: bool,
+    bptt: bool,
+    save_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with device_guard(current):
+        spikes, v_last, h = load_kernels("lif").lif_fwd(current, v0, decay, threshold, save_h)
+    return spikes, v_last, (h if h is not None else current.new_empty((0,)))
 
-    @staticmethod
-    def forward(ctx, current, v0, decay, threshold, surrogate, alpha, detach_reset, bptt):
-        spikes, v_last, h = load_kernels("lif").lif_fwd(current, v0, decay, threshold, save_h=True)
-        need_ddecay = ctx.needs_input_grad[2]
-        # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
-        ctx.save_for_backward(h, v0 if need_ddecay else None, decay, threshold)
-        ctx.surrogate = surrogate
-        ctx.alpha = alpha
-        ctx.detach_reset = detach_reset
-        ctx.bptt = bptt
-        ctx.has_v0 = v0 is not None
-        ctx.set_materialize_grads(False)
-        return spikes, v_last
 
-    @staticmethod
-    def backward(ctx, g, gv):
-        h, v0, decay, threshold = ctx.saved_tensors
-        dcur, dv0, ddecay, dth = load_kernels("lif").lif_bwd(
+def _lif_fwd_fake(current, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, save_h):
+    h = torch.empty_like(current) if save_h else current.new_empty((0,))
+    return torch.empty_like(current), current.new_empty((current.shape[1],)), h
+
+
+def _lif_setup(ctx, inputs, output):
+    current, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, _ = inputs
+    need_ddecay = ctx.needs_input_grad[2]
+    # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
+    ctx.save_for_backward(output[2], v0 if need_ddecay else None, decay, threshold)
+    ctx.meta = (surrogate, alpha, detach_reset, bptt, v0 is not None)
+    ctx.set_materialize_grads(False)
+
+
+def _lif_backward(ctx, g, gv, _gh):
+    h, v0, decay, threshold = ctx.saved_tensors
+    surrogate, alpha, detach_reset, bptt, has_v0 = ctx.meta
+    need = ctx.needs_input_grad
+    flags = (need[0], bptt and has_v0 and need[1], need[2], need[3])
+    dcur, dv0, ddecay, dth = _LIF_BWD(
+        g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, *flags
+    )
+    out = [x if f else None for x, f in zip((dcur, dv0, ddecay, dth), flags)]
+    return (*out, None, None, None, None, None)
+
+
+_LIF_FWD = register_op(
+    "lif_fwd", _lif_fwd_impl, fake=_lif_fwd_fake, backward=_lif_backward, setup_context=_lif_setup
+)
+
+
+def _lif_bwd_impl(
+    g: torch.Tensor | None,
+    gv: torch.Tensor | None,
+    h: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor,
+    threshold: torch.Tensor,
+    surrogate: str,
+    alpha: float,
+    detach_reset: bool,
+    bptt: bool,
+    need_dcur: bool,
+    need_dv0: bool,
+    need_ddecay: bool,
+    need_dth: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with device_guard(h):
+        res = load_kernels("lif").lif_bwd(
             g.contiguous() if g is not None else None,
             gv.contiguous() if gv is not None else None,
-            h,
-            v0,
-            decay,
-            threshold,
-            surrogate=ctx.surrogate,
-            alpha=ctx.alpha,
-            detach_reset=ctx.detach_reset,
-            bptt=ctx.bptt,
-            need_dcur=ctx.needs_input_grad[0],
-            need_dv0=ctx.bptt and ctx.has_v0 and ctx.needs_input_grad[1],
-            need_ddecay=ctx.needs_input_grad[2],
-            need_dth=ctx.needs_input_grad[3],
-        )
-        return dcur, dv0, ddecay, dth, None, None, None, None
+            h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
+            need_dcur, need_dv0, need_ddecay, need_dth,
+        )  # fmt: skip
+    dcur, dv0, ddecay, dth = res
+    e = h.new_empty((0,))
+    e32 = h.new_empty((0,), dtype=torch.float32)
+    return (
+        dcur if dcur is not None else e,
+        dv0 if dv0 is not None else e.clone(),
+        ddecay if ddecay is not None else e32,
+        dth if dth is not None else e32.clone(),
+    )
+
+
+def _lif_bwd_fake(
+    g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
+    need_dcur, need_dv0, need_ddecay, need_dth,
+):  # fmt: skip
+    T, N = h.shape
+    f32 = torch.float32
+    return (
+        h.new_empty((T, N) if need_dcur else (0,)),
+        h.new_empty((N,) if need_dv0 else (0,)),
+        h.new_empty((T,) if need_ddecay else (0,), dtype=f32),
+        h.new_empty((T,) if need_dth else (0,), dtype=f32),
+    )
+
+
+_LIF_BWD = register_op("lif_bwd", _lif_bwd_impl, fake=_lif_bwd_fake)
+
+
+def lif_neuron_triton(
+    current: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor,
+    threshold: torch.Tensor,
+    surrogate: str,
+    alpha: float,
+    detach_reset: bool,
+    bptt: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of `lif_neuron` without validation: current [T, *], v0 [*] or None,
+    decay and threshold [T] tensors (any floating dtype), alpha resolved."""
+    T, feat = current.shape[0], current.shape[1:]
+    cur2 = current.reshape(T, -1)
+    if not cur2.is_contiguous():
+        cur2 = cur2.contiguous()
+    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
+    decay32 = decay.to(torch.float32).contiguous()
+    th32 = threshold.to(torch.float32).contiguous()
+    save_h = grad_wanted(current, v0, decay, threshold)
+    spikes, v_last, _ = _LIF_FWD(
+        cur2, v02, decay32, th32, surrogate, float(alpha), detach_reset, bptt, save_h
+    )
+    return spikes.view(current.shape), v_last.view(feat)
 
 
 def _check_surrogate(surrogate: str, alpha: float | None) -> float:
@@ -122,21 +207,14 @@ def lif_neuron(
         raise TypeError(f"detach_reset must be a bool, got {type(detach_reset).__name__}")
     decay_t = per_step("decay", decay, T, current, is_decay=True)
     th_t = per_step("threshold", threshold, T, current)
+    if v0 is not None and grad_mode == "online":
+        v0 = v0.detach()  # a constant in online mode, on both paths (as in empf_neuron)
     if impl == "reference" or current.numel() == 0:
         return lif_neuron_ref(current, v0, decay_t, th_t, surrogate, alpha, detach_reset, grad_mode)
 
-    cur2 = current.reshape(T, -1).contiguous()
-    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
-    decay32 = decay_t.to(torch.float32).contiguous()
-    th32 = th_t.to(torch.float32).contiguous()
-    with device_guard(current):
-        if grad_wanted(current, v0, decay_t, th_t):
-            spikes, v_last = LIFNeuronFunction.apply(
-                cur2, v02, decay32, th32, surrogate, alpha, detach_reset, grad_mode == "bptt"
-            )
-        else:
-            spikes, v_last, _ = load_kernels("lif").lif_fwd(cur2, v02, decay32, th32, save_h=False)
-    return spikes.view(current.shape), v_last.view(feat)
+    return lif_neuron_triton(
+        current, v0, decay_t, th_t, surrogate, alpha, detach_reset, grad_mode == "bptt"
+    )
 
 
 def lif_neuron_step(
