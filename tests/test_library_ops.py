@@ -71,10 +71,11 @@ def test_opcheck_neuron_fwd(bptt, logits):
     T, N = 3, 13
     cur, v0 = _leaf(T, N), _leaf(N)
     d, th = torch.rand(T).requires_grad_(), torch.rand(T).requires_grad_()
-    args = (cur, v0, d, th, 0.0, 0.0, 0, logits, 1, 1, 4, 0.25, bptt, True, True)
+    flags = neuron_ops._LOGITS * logits + neuron_ops._BPTT * bptt + 4 + 8
+    args = (cur, v0, d, th, [0, 1, 1, 4, flags], [0.0, 0.0, 0.25])
     torch.library.opcheck(neuron_ops._NEURON_FWD, args)
     # scalar parameters and no v0
-    args = (cur, None, None, None, 0.5, 0.3, 0, False, 1, 1, None, 0.25, bptt, True, False)
+    args = (cur, None, None, None, [0, 1, 1, 0, neuron_ops._BPTT * bptt + 4], [0.5, 0.3, 0.25])
     torch.library.opcheck(neuron_ops._NEURON_FWD, args)
 
 
@@ -83,29 +84,27 @@ def test_opcheck_neuron_fwd_per_channel_and_step_row():
     cur = _leaf(2, N * C * S)
     d = torch.rand(2, C).requires_grad_()
     th = torch.rand(2, C).requires_grad_()
-    args = (cur, None, d, th, 0.0, 0.0, 0, False, C, S, None, 0.25, True, True, True)
+    args = (cur, None, d, th, [0, C, S, 0, 2 + 4 + 8], [0.0, 0.0, 0.25])
     torch.library.opcheck(neuron_ops._NEURON_FWD, args)
     # step t0 = 2 of a [4] logit vector: a one-step call
     cur1, a, b = _leaf(1, 9), torch.randn(4).requires_grad_(), torch.randn(4).requires_grad_()
-    args = (cur1, _leaf(9), a, b, 0.0, 0.0, 2, True, 1, 1, None, 0.25, True, True, True)
+    args = (cur1, _leaf(9), a, b, [2, 1, 1, 0, 1 + 2 + 4 + 8], [0.0, 0.0, 0.25])
     torch.library.opcheck(neuron_ops._NEURON_FWD, args)
 
 
 def test_opcheck_parallel_ops():
     cur, th = _leaf(3, 11), torch.rand(3).requires_grad_()
-    torch.library.opcheck(
-        neuron_ops._PARALLEL_FWD, (cur, th, 0.0, 0, False, 1, 1, 4, 0.25, True)
-    )
-    torch.library.opcheck(
-        neuron_ops._PARALLEL_FWD, (cur, None, 0.4, 0, False, 1, 1, None, 0.25, True)
-    )
+    torch.library.opcheck(neuron_ops._PARALLEL_FWD, (cur, th, [0, 1, 1, 4, 4], [0.0, 0.25]))
+    torch.library.opcheck(neuron_ops._PARALLEL_FWD, (cur, None, [0, 1, 1, 0, 4], [0.4, 0.25]))
+    a = torch.randn(5).requires_grad_()  # logits, step rows 1..3 of 5
+    torch.library.opcheck(neuron_ops._PARALLEL_FWD, (cur, a, [1, 1, 1, 0, 1 + 4], [0.0, 0.25]))
 
 
 @pytest.mark.parametrize("bptt", [False, True])
 def test_opcheck_lif_fwd(bptt):
     T, N = 3, 10
     args = (_leaf(T, N), _leaf(N), torch.rand(T).requires_grad_(), torch.rand(T) + 0.5,
-            "sigmoid", 4.0, False, bptt, True)  # fmt: skip
+            "sigmoid", 4.0, 2 * bptt + 4)  # fmt: skip
     torch.library.opcheck(lif_ops._LIF_FWD, args)
 
 

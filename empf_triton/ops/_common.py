@@ -259,10 +259,9 @@ def check_decay_values(decay: object) -> None:
     if not isinstance(decay, torch.Tensor) or torch.compiler.is_compiling():
         return
     with torch.no_grad():
-        bad = ~((decay >= 0) & (decay <= 1))  # NaN fails both comparisons
-        if bool(bad.any()):
-            raise ValueError(
-                f"decay must lie in [0, 1] (λ, the membrane's leak), got values from "
-                f"{decay.detach().min().item()} to {decay.detach().max().item()}"
-                + (" including NaN" if bool(torch.isnan(decay).any()) else "")
-            )
+        lo, hi = torch.aminmax(decay.detach())  # NaN propagates into both
+        lo, hi = lo.item(), hi.item()
+    if not (lo >= 0.0 and hi <= 1.0):
+        raise ValueError(
+            f"decay must lie in [0, 1] (λ, the membrane's leak), got values from {lo} to {hi}"
+        )

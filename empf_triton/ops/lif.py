@@ -30,22 +30,23 @@ def _lif_fwd_impl(
     threshold: torch.Tensor,
     surrogate: str,
     alpha: float,
-    detach_reset: bool,
-    bptt: bool,
-    save_h: bool,
+    flags: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flags: bit 0 detach_reset, bit 1 bptt, bit 2 save h (few arguments: see ops/neuron.py)."""
+    save_h = bool(flags & 4)
     with device_guard(current):
         spikes, v_last, h = load_kernels("lif").lif_fwd(current, v0, decay, threshold, save_h)
     return spikes, v_last, (h if h is not None else current.new_empty((0,)))
 
 
-def _lif_fwd_fake(current, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, save_h):
-    h = torch.empty_like(current) if save_h else current.new_empty((0,))
+def _lif_fwd_fake(current, v0, decay, threshold, surrogate, alpha, flags):
+    h = torch.empty_like(current) if flags & 4 else current.new_empty((0,))
     return torch.empty_like(current), current.new_empty((current.shape[1],)), h
 
 
 def _lif_setup(ctx, inputs, output):
-    current, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, _ = inputs
+    current, v0, decay, threshold, surrogate, alpha, flags = inputs
+    detach_reset, bptt = bool(flags & 1), bool(flags & 2)
     need_ddecay = ctx.needs_input_grad[2]
     # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
     ctx.save_for_backward(output[2], v0 if need_ddecay else None, decay, threshold)
@@ -62,7 +63,7 @@ def _lif_backward(ctx, g, gv, _gh):
         g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, *flags
     )
     out = [x if f else None for x, f in zip((dcur, dv0, ddecay, dth), flags)]
-    return (*out, None, None, None, None, None)
+    return (*out, None, None, None)
 
 
 _LIF_FWD = register_op(
@@ -141,9 +142,8 @@ def lif_neuron_triton(
     decay32 = decay.to(torch.float32).contiguous()
     th32 = threshold.to(torch.float32).contiguous()
     save_h = grad_wanted(current, v0, decay, threshold)
-    spikes, v_last, _ = _LIF_FWD(
-        cur2, v02, decay32, th32, surrogate, float(alpha), detach_reset, bptt, save_h
-    )
+    flags = 1 * detach_reset + 2 * bptt + 4 * save_h
+    spikes, v_last, _ = _LIF_FWD(cur2, v02, decay32, th32, surrogate, float(alpha), flags)
     return spikes.view(current.shape), v_last.view(feat)
 
 

@@ -38,36 +38,38 @@ def _none_if_empty(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
 # ------------------------------------------------------------------------------ custom op: neuron
 
 
+# Scalar arguments travel packed in two lists: torch re-reads the schema once per argument on
+# every call of an op with an autograd formula (torch/_library/utils.py fill_defaults, quadratic
+# in the argument count: ~100 µs for 15 arguments), so the differentiable ops keep few.
+# Flag bits of the int list:
+_LOGITS, _BPTT, _SAVE_MASK, _SAVE_V = 1, 2, 4, 8
+_NEED_DDECAY, _NEED_DTH, _NEED_DV0 = 16, 32, 64
+
+
 def _neuron_fwd_impl(
     current: torch.Tensor,
     v0: torch.Tensor | None,
     decay: torch.Tensor | None,
     threshold: torch.Tensor | None,
-    decay_c: float,
-    threshold_c: float,
-    t0: int,
-    logits: bool,
-    channels: int,
-    inner: int,
-    spike_bits: int | None,
-    spike_step: float,
-    bptt: bool,
-    save_mask: bool,
-    save_v: bool,
+    iargs: list[int],
+    fargs: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """iargs = [t0, channels, inner, spike_bits (0: float spikes), flags];
+    fargs = [decay_c, threshold_c, spike_step]."""
+    t0, channels, inner, bits, flags = iargs
     k = load_kernels("neuron")
     with device_guard(current):
         spikes, v_last, mask, vhist = k.empf_fwd(
             current,
             v0,
-            decay if decay is not None else decay_c,
-            threshold if threshold is not None else threshold_c,
-            spike_bits,
-            spike_step,
-            save_mask,
-            save_v,
+            decay if decay is not None else fargs[0],
+            threshold if threshold is not None else fargs[1],
+            bits or None,
+            fargs[2],
+            bool(flags & _SAVE_MASK),
+            bool(flags & _SAVE_V),
             t0=t0,
-            logits=logits,
+            logits=bool(flags & _LOGITS),
             channels=channels,
             inner=inner,
         )
@@ -78,19 +80,19 @@ def _neuron_fwd_impl(
     return spikes, v_last, mask, vhist
 
 
-def _neuron_fwd_fake(
-    current, v0, decay, threshold, decay_c, threshold_c, t0, logits, channels, inner,
-    spike_bits, spike_step, bptt, save_mask, save_v,
-):  # fmt: skip
+def _neuron_fwd_fake(current, v0, decay, threshold, iargs, fargs):
     T, N = current.shape
-    mask = current.new_empty((T, (N + 7) // 8) if save_mask else (0,), dtype=torch.uint8)
-    vhist = current.new_empty((T - 1, N) if save_v and T > 1 else (0,))
+    flags = iargs[4]
+    mask_shape = (T, (N + 7) // 8) if flags & _SAVE_MASK else (0,)
+    mask = current.new_empty(mask_shape, dtype=torch.uint8)
+    vhist = current.new_empty((T - 1, N) if flags & _SAVE_V and T > 1 else (0,))
     return torch.empty_like(current), current.new_empty((N,)), mask, vhist
 
 
 def _neuron_setup(ctx, inputs, output):
-    current, v0, decay, threshold, decay_c, _, t0, logits, channels, inner = inputs[:10]
-    bptt = inputs[12]
+    current, v0, decay, threshold, iargs, fargs = inputs
+    t0, channels, inner, _, flags = iargs
+    logits, bptt = bool(flags & _LOGITS), bool(flags & _BPTT)
     _, _, mask, vhist = output
     need_ddecay = decay is not None and ctx.needs_input_grad[2]
     # Saved: the 1-bit mask; v[0..T-2] and v0 only if λ learns; λ itself only where backward
@@ -105,7 +107,7 @@ def _neuron_setup(ctx, inputs, output):
         tuple(decay.shape) if decay is not None else None,
         tuple(threshold.shape) if threshold is not None else None,
     )
-    ctx.meta = (decay_c, t0, logits, channels, inner, bptt, current.shape[1], current.dtype)
+    ctx.meta = (fargs[0], t0, logits, channels, inner, bptt, current.shape[1], current.dtype)
     ctx.set_materialize_grads(False)
 
 
@@ -126,16 +128,21 @@ def _neuron_backward(ctx, g, gv, _gmask, _gvhist):
     if need_ddecay or bptt:
         decay = _stand_in(decay, ctx.shapes[0], mask)
     threshold = _stand_in(threshold, ctx.shapes[1], mask) if need_dth else None
+    flags = (
+        _LOGITS * logits + _BPTT * bptt + _NEED_DDECAY * need_ddecay + _NEED_DTH * need_dth
+        + _NEED_DV0 * need_dv0
+    )  # fmt: skip
     dcur, dv0, dth, ddecay = _NEURON_BWD(
-        g, gv, mask, vhist if need_ddecay else None, v0, decay, threshold, decay_c, t0, logits,
-        channels, inner, N, dtype, bptt, need_ddecay, need_dth, need_dv0,
+        g, gv, mask, vhist if need_ddecay else None, v0, decay, threshold,
+        [t0, channels, inner, N, flags], [decay_c], dtype,
     )  # fmt: skip
     return (
         dcur,
         _none_if_empty(dv0, need_dv0),
         _none_if_empty(ddecay, need_ddecay),
         _none_if_empty(dth, need_dth),
-        *([None] * 11),
+        None,
+        None,
     )
 
 
@@ -156,18 +163,13 @@ def _neuron_bwd_impl(
     v0: torch.Tensor | None,
     decay: torch.Tensor | None,
     threshold: torch.Tensor | None,
-    decay_c: float,
-    t0: int,
-    logits: bool,
-    channels: int,
-    inner: int,
-    N: int,
+    iargs: list[int],
+    fargs: list[float],
     dtype: torch.dtype,
-    bptt: bool,
-    need_ddecay: bool,
-    need_dthreshold: bool,
-    need_dv0: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """iargs = [t0, channels, inner, N, flags]; fargs = [decay_c]."""
+    t0, channels, inner, N, flags = iargs
+    need_ddecay, need_dth = bool(flags & _NEED_DDECAY), bool(flags & _NEED_DTH)
     k = load_kernels("neuron")
     with device_guard(mask):
         dcur, dv0, dth, ddecay = k.empf_bwd(
@@ -176,16 +178,16 @@ def _neuron_bwd_impl(
             mask,
             vhist if (vhist is not None and vhist.numel()) else None,
             v0,
-            decay if decay is not None else decay_c,
+            decay if decay is not None else fargs[0],
             N,
             dtype,
-            bptt,
+            bool(flags & _BPTT),
             need_ddecay,
-            need_dv0,
+            bool(flags & _NEED_DV0),
             threshold=threshold if threshold is not None else 0.0,
-            need_dthreshold=need_dthreshold,
+            need_dthreshold=need_dth,
             t0=t0,
-            logits=logits,
+            logits=bool(flags & _LOGITS),
             channels=channels,
             inner=inner,
         )
@@ -198,17 +200,14 @@ def _neuron_bwd_impl(
     )
 
 
-def _neuron_bwd_fake(
-    g, gv, mask, vhist, v0, decay, threshold, decay_c, t0, logits, channels, inner, N, dtype,
-    bptt, need_ddecay, need_dthreshold, need_dv0,
-):  # fmt: skip
-    T = mask.shape[0]
+def _neuron_bwd_fake(g, gv, mask, vhist, v0, decay, threshold, iargs, fargs, dtype):
+    T, N, flags = mask.shape[0], iargs[3], iargs[4]
     f32 = torch.float32
     return (
         mask.new_empty((T, N), dtype=dtype),
-        mask.new_empty((N,) if need_dv0 else (0,), dtype=dtype),
-        mask.new_empty(tuple(threshold.shape) if need_dthreshold else (0,), dtype=f32),
-        mask.new_empty(tuple(decay.shape) if need_ddecay else (0,), dtype=f32),
+        mask.new_empty((N,) if flags & _NEED_DV0 else (0,), dtype=dtype),
+        mask.new_empty(tuple(threshold.shape) if flags & _NEED_DTH else (0,), dtype=f32),
+        mask.new_empty(tuple(decay.shape) if flags & _NEED_DDECAY else (0,), dtype=f32),
     )
 
 
@@ -221,25 +220,22 @@ _NEURON_BWD = register_op("neuron_bwd", _neuron_bwd_impl, fake=_neuron_bwd_fake)
 def _parallel_fwd_impl(
     current: torch.Tensor,
     threshold: torch.Tensor | None,
-    threshold_c: float,
-    t0: int,
-    logits: bool,
-    channels: int,
-    inner: int,
-    spike_bits: int | None,
-    spike_step: float,
-    save_mask: bool,
+    iargs: list[int],
+    fargs: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """iargs = [t0, channels, inner, spike_bits (0: float spikes), flags];
+    fargs = [threshold_c, spike_step]."""
+    t0, channels, inner, bits, flags = iargs
     k = load_kernels("neuron")
     with device_guard(current):
         spikes, mask = k.parallel_fwd(
             current,
-            threshold if threshold is not None else threshold_c,
-            spike_bits,
-            spike_step,
-            save_mask,
+            threshold if threshold is not None else fargs[0],
+            bits or None,
+            fargs[1],
+            bool(flags & _SAVE_MASK),
             t0=t0,
-            logits=logits,
+            logits=bool(flags & _LOGITS),
             channels=channels,
             inner=inner,
         )
@@ -248,16 +244,16 @@ def _parallel_fwd_impl(
     return spikes, mask
 
 
-def _parallel_fwd_fake(
-    current, threshold, threshold_c, t0, logits, channels, inner, spike_bits, spike_step, save_mask
-):
+def _parallel_fwd_fake(current, threshold, iargs, fargs):
     T, N = current.shape
-    mask = current.new_empty((T, (N + 7) // 8) if save_mask else (0,), dtype=torch.uint8)
-    return torch.empty_like(current), mask
+    shape = (T, (N + 7) // 8) if iargs[4] & _SAVE_MASK else (0,)
+    return torch.empty_like(current), current.new_empty(shape, dtype=torch.uint8)
 
 
 def _parallel_setup(ctx, inputs, output):
-    current, threshold, _, t0, logits, channels, inner = inputs[:7]
+    current, threshold, iargs, _ = inputs
+    t0, channels, inner, _, flags = iargs
+    logits = bool(flags & _LOGITS)
     ctx.save_for_backward(output[1], threshold if logits else None)
     ctx.th_shape = tuple(threshold.shape) if threshold is not None else None
     ctx.meta = (t0, logits, channels, inner, current.shape[1])
@@ -269,7 +265,7 @@ def _parallel_backward(ctx, g, _gmask):
     need_dth = ctx.th_shape is not None and ctx.needs_input_grad[1]
     threshold = _stand_in(threshold, ctx.th_shape, mask) if need_dth else None
     dcur, dth = _PARALLEL_BWD(g, mask, threshold, t0, logits, channels, inner, N, need_dth)
-    return (dcur, _none_if_empty(dth, need_dth), *([None] * 8))
+    return dcur, _none_if_empty(dth, need_dth), None, None
 
 
 _PARALLEL_FWD = register_op(
@@ -370,9 +366,10 @@ def empf_neuron_triton(
         save_mask = save_mask or need_ddecay
     else:
         save_mask = need_ddecay = False
+    flags = _LOGITS * logits + _BPTT * bptt + _SAVE_MASK * save_mask + _SAVE_V * need_ddecay
     spikes, v_last, _, _ = _NEURON_FWD(
-        cur2, v02, d_t, th_t, d_c, th_c, t0, logits, C, inner, spike_bits, float(spike_step),
-        bptt, save_mask, need_ddecay,
+        cur2, v02, d_t, th_t, [t0, C, inner, spike_bits or 0, flags],
+        [d_c, th_c, float(spike_step)],
     )  # fmt: skip
     return spikes.view(current.shape), v_last.view(feat)
 
@@ -396,8 +393,9 @@ def parallel_neuron_triton(
     save_mask = torch.is_grad_enabled() and (
         current.requires_grad or (th_t is not None and th_t.requires_grad)
     )
+    flags = _LOGITS * logits + _SAVE_MASK * save_mask
     spikes, _ = _PARALLEL_FWD(
-        cur2, th_t, th_c, t0, logits, C, inner, spike_bits, float(spike_step), save_mask
+        cur2, th_t, [t0, C, inner, spike_bits or 0, flags], [th_c, float(spike_step)]
     )
     return spikes.view(current.shape)
 
