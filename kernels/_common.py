@@ -40,6 +40,11 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceil division on host ints (`triton.cdiv` is a jit function: slow to call from Python)."""
+    return -(-a // b)
+
+
 def launch_options() -> dict:
     """Compile options for every launch.
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv as _cdiv
 from ._common import empty, launch_options, pick_configs, store_partials
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
@@ -205,7 +206,7 @@ def lif_bwd_kernel(
 
 
 def _partials(T: int, N: int, device) -> torch.Tensor:
-    return empty((T, triton.cdiv(N, SUB)), torch.float32, device)
+    return empty((T, _cdiv(N, SUB)), torch.float32, device)
 
 
 def lif_fwd(
@@ -221,7 +222,7 @@ def lif_fwd(
     spikes = empty((T, N), current.dtype, dev)
     v_last = empty((N,), current.dtype, dev)
     h = empty((T, N), current.dtype, dev) if save_h else spikes  # dummy pointer when unused
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     lif_fwd_kernel[grid](
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
@@ -264,7 +265,7 @@ def lif_bwd(
     dv0 = empty((N,), h.dtype, dev) if need_dv0 else h
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     lif_bwd_kernel[grid](
         p_g=g if g is not None else h,
         p_gv=gv if gv is not None else h,
@@ -278,7 +279,7 @@ def lif_bwd(
         p_ddecay=ddec,
         N=N,
         T=T,
-        P=triton.cdiv(N, SUB),
+        P=_cdiv(N, SUB),
         alpha=float(alpha),
         SURROGATE=SURROGATE_IDS[surrogate],
         DETACH_RESET=detach_reset,

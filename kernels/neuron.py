@@ -22,11 +22,14 @@ fixed-order, hence deterministic and independent of the autotuned block size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv as _cdiv,
     empty,
     launch_options,
     load_param,
@@ -54,6 +57,7 @@ CONFIGS = pick_configs(
 SUB = min(c.kwargs["BLOCK"] for c in CONFIGS)
 
 
+@functools.lru_cache(maxsize=256)
 def size_class(n: int) -> int:
     """Autotune key for a size: the next power of two, capped at 2^24, so a new batch size reuses
     the tuned config of its class instead of re-tuning."""
@@ -403,7 +407,7 @@ def empf_fwd(
     Returns (spikes [T, N], v_last [N], mask [T, ⌈N/8⌉] uint8, vhist [T-1, N]).
     """
     T, N = current.shape
-    NB = triton.cdiv(N, 8)
+    NB = _cdiv(N, 8)
     dev = current.device
     d_mode, d_c, sd_t, sd_c = _param(decay, "decay")
     th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
@@ -412,7 +416,7 @@ def empf_fwd(
     mask = empty((T, NB), torch.uint8, dev) if save_mask else spikes  # dummy pointer when unused
     save_v = save_v and T > 1
     vhist = empty((T - 1, N), current.dtype, dev) if save_v else spikes
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     empf_fwd_kernel[grid](
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
@@ -482,12 +486,12 @@ def empf_bwd(
         threshold, need_dthreshold = torch.empty((T,), device="meta"), True
     d_mode, d_c, sd_t, sd_c = _param(decay if decay is not None else 0.0, "decay")
     th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
-    P = triton.cdiv(N, SUB)
+    P = _cdiv(N, SUB)
     dcur = empty((T, N), dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
     dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
     ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     empf_bwd_kernel[grid](
         p_g=g if g is not None else dcur,
         p_gv=gv if gv is not None else dcur,
@@ -548,11 +552,11 @@ def parallel_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stateless neuron on [T, N]. Returns (spikes [T, N], mask [T, ⌈N/8⌉] uint8 or None)."""
     T, N = current.shape
-    NB = triton.cdiv(N, 8)
+    NB = _cdiv(N, 8)
     th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
     spikes = empty((T, N), current.dtype, current.device)
     mask = empty((T, NB), torch.uint8, current.device) if save_mask else spikes
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]), T)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
     parallel_fwd_kernel[grid](
         p_cur=current,
         p_th=threshold if th_mode else current,
@@ -596,10 +600,10 @@ def parallel_bwd(
         threshold = torch.empty((T,), device="meta")
     th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
     need_dthreshold = need_dthreshold and th_mode > 0
-    P = triton.cdiv(N, SUB)
+    P = _cdiv(N, SUB)
     dcur = empty((T, N), g.dtype, g.device)
     dth = _grad_buffer(threshold, th_mode, T, N, P, g.device) if need_dthreshold else dcur
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]), T)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
     parallel_bwd_kernel[grid](
         p_g=g,
         p_mask=mask,

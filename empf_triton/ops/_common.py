@@ -184,9 +184,15 @@ def check_grad_mode(grad_mode: str) -> None:
         raise ValueError(f"grad_mode must be 'online' or 'bptt', got {grad_mode!r}")
 
 
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
 def device_guard(x: torch.Tensor):
-    """Launch on `x`'s GPU (Triton launches on the current device), a no-op on the CPU."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Launch on `x`'s GPU (Triton launches on the current device), a no-op on the CPU and when
+    `x` is on the current GPU already."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _NULL_CONTEXT
 
 
 def grad_wanted(*tensors: torch.Tensor | None) -> bool:

@@ -23,6 +23,17 @@ from ._common import (
 from ._library import register_op
 
 
+_K = None
+
+
+def _kernels():
+    """kernels/lif.py, imported on first use (this imports triton), then cached."""
+    global _K
+    if _K is None:
+        _K = load_kernels("lif")
+    return _K
+
+
 def _lif_fwd_impl(
     current: torch.Tensor,
     v0: torch.Tensor | None,
@@ -35,7 +46,7 @@ def _lif_fwd_impl(
     """flags: bit 0 detach_reset, bit 1 bptt, bit 2 save h (few arguments: see ops/neuron.py)."""
     save_h = bool(flags & 4)
     with device_guard(current):
-        spikes, v_last, h = load_kernels("lif").lif_fwd(current, v0, decay, threshold, save_h)
+        spikes, v_last, h = _kernels().lif_fwd(current, v0, decay, threshold, save_h)
     return spikes, v_last, (h if h is not None else current.new_empty((0,)))
 
 
@@ -59,7 +70,8 @@ def _lif_backward(ctx, g, gv, _gh):
     surrogate, alpha, detach_reset, bptt, has_v0 = ctx.meta
     need = ctx.needs_input_grad
     flags = (need[0], bptt and has_v0 and need[1], need[2], need[3])
-    dcur, dv0, ddecay, dth = _LIF_BWD(
+    bwd = _lif_bwd_impl if getattr(ctx, "direct", False) else _LIF_BWD_OP
+    dcur, dv0, ddecay, dth = bwd(
         g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, *flags
     )
     out = [x if f else None for x, f in zip((dcur, dv0, ddecay, dth), flags)]
@@ -88,7 +100,7 @@ def _lif_bwd_impl(
     need_dth: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with device_guard(h):
-        res = load_kernels("lif").lif_bwd(
+        res = _kernels().lif_bwd(
             g.contiguous() if g is not None else None,
             gv.contiguous() if gv is not None else None,
             h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
@@ -120,6 +132,26 @@ def _lif_bwd_fake(
 
 
 _LIF_BWD = register_op("lif_bwd", _lif_bwd_impl, fake=_lif_bwd_fake)
+_LIF_FWD_OP = torch.ops.empf.lif_fwd.default
+_LIF_BWD_OP = torch.ops.empf.lif_bwd.default
+
+
+class _LIFFn(torch.autograd.Function):
+    """Eager twin of `empf::lif_fwd`'s registered autograd (same impl, setup and backward,
+    called directly: a Python custom op's autograd dispatch costs ~100 µs per call in eager).
+    Under torch.compile the custom op runs instead."""
+
+    @staticmethod
+    def forward(ctx, current, v0, decay, threshold, surrogate, alpha, flags):
+        out = _lif_fwd_impl(current, v0, decay, threshold, surrogate, alpha, flags)
+        _lif_setup(ctx, (current, v0, decay, threshold, surrogate, alpha, flags), out)
+        ctx.direct = True
+        ctx.mark_non_differentiable(out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, g, gv, gh):
+        return _lif_backward(ctx, g, gv, gh)
 
 
 def lif_neuron_triton(
@@ -143,7 +175,13 @@ def lif_neuron_triton(
     th32 = threshold.to(torch.float32).contiguous()
     save_h = grad_wanted(current, v0, decay, threshold)
     flags = 1 * detach_reset + 2 * bptt + 4 * save_h
-    spikes, v_last, _ = _LIF_FWD(cur2, v02, decay32, th32, surrogate, float(alpha), flags)
+    args = (cur2, v02, decay32, th32, surrogate, float(alpha), flags)
+    if torch.compiler.is_compiling():
+        spikes, v_last, _ = _LIF_FWD_OP(*args)
+    elif save_h:
+        spikes, v_last, _ = _LIFFn.apply(*args)
+    else:
+        spikes, v_last, _ = _lif_fwd_impl(*args)
     return spikes.view(current.shape), v_last.view(feat)
 
 
