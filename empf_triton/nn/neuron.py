@@ -19,13 +19,14 @@ from ..ops._common import (
     check_spike_bits,
     resolve_impl,
 )
-from ..ops.lif import lif_neuron, lif_neuron_step
+from ..ops.lif import _check_surrogate, lif_neuron, lif_neuron_step, lif_neuron_triton
 from ..ops.neuron import (
     empf_neuron_step,
     empf_neuron_triton,
     parallel_neuron,
     parallel_neuron_triton,
 )
+from ..reference.lif import lif_neuron_ref
 from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
 from .membn import MemBN
 
@@ -370,6 +371,8 @@ class LIFNeuron(StatefulNeuron):
         self.surrogate = surrogate
         self.alpha = alpha
         self.detach_reset = check_bool("detach_reset", detach_reset)
+        self._alpha = _check_surrogate(surrogate, alpha)
+        self._param_cache: dict = {}
         # Validate the surrogate now (an unknown one must never silently give zero gradients).
         lif_neuron_step(
             torch.zeros(1),
@@ -394,10 +397,31 @@ class LIFNeuron(StatefulNeuron):
             "impl": self.impl,
         }
 
+    def _run(self, x: torch.Tensor, v: torch.Tensor | None, bptt: bool):
+        """Eager hot path: input validated once per (shape, dtype, device) by the caller, the
+        constant [T] decay/threshold tensors made once per (T, device, precision)."""
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (x.shape[0], x.device, dt)
+        params = self._param_cache.get(key)
+        if params is None:
+            params = (
+                torch.full((x.shape[0],), self.decay, dtype=dt, device=x.device),
+                torch.full((x.shape[0],), self.v_threshold, dtype=dt, device=x.device),
+            )
+            self._param_cache[key] = params
+        args = (x, v, *params, self.surrogate, self._alpha, self.detach_reset)
+        if self._resolved_impl == "triton":
+            return lif_neuron_triton(*args, bptt)
+        return lif_neuron_ref(*args, "bptt" if bptt else "online")
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
+        if torch.compiler.is_compiling():  # traced: the public op (validation is free there)
+            spike, v = lif_neuron_step(x, self._carried_v(), **self._kw())
+        else:
+            self._check_input(x, 1)
             self._check_state(x.shape)
-        spike, v = lif_neuron_step(x, self._carried_v(), **self._kw())
+            spikes, v = self._run(x.unsqueeze(0), self._carried_v(), True)
+            spike = spikes[0]
         self._keep_v(v)
         self.t += 1
         return spike
@@ -409,7 +433,11 @@ class LIFNeuron(StatefulNeuron):
                 "from the previous call's membrane; call empf_triton.reset_net(model) before the "
                 "next sample"
             )
-        spikes, v = lif_neuron(x, None, grad_mode=self.grad_mode, **self._kw())
+        if torch.compiler.is_compiling():
+            spikes, v = lif_neuron(x, None, grad_mode=self.grad_mode, **self._kw())
+        else:
+            self._check_input(x, 2)
+            spikes, v = self._run(x, None, self.grad_mode == "bptt")
         self._keep_v(v)
         self.t += x.shape[0]
         return spikes
