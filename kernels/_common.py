@@ -126,7 +126,18 @@ def load_param(p, c_val, row, s_t, s_c, o_ch, m_n, MODE: tl.constexpr, LOGIT: tl
 
 @triton.jit
 def store_param_grad(
-    p_d, b_x, row, t, pid, o_n, m_n, N, P, MODE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr
+    p_d,
+    b_x,
+    row,
+    t,
+    pid,
+    o_n,
+    m_n,
+    N,
+    P,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
 ):
     """Store this block's contribution `b_x` ([BLOCK], fp32) to a parameter's gradient at step t.
 

@@ -11,8 +11,8 @@ expanded) where neuron n of a step belongs to channel (n // inner) % C, i.e. dim
 With LOGITS the tensors hold logits and the kernels apply the sigmoid, and the gradients they
 return are the logits' gradients.
 
-Saved for backward (docs/model.md): the firing mask H = 1[m > θ] packed 8 neurons per byte, [T, ⌈N/8⌉],
-and, only when the decay needs a gradient, the membrane after steps 0..T-2 ([T-1, N]; v[-1] is v0,
+Saved for backward (docs/model.md): the firing mask H = 1[m > θ] packed 8 neurons per byte,
+[T, ⌈N/8⌉], and, only when the decay needs a gradient, the membrane after steps 0..T-2 ([T-1, N]; v[-1] is v0,
 which the caller keeps). The single-step op is these kernels with T = 1.
 
 Parameter gradients: per step, SUB-chunk partial sums [TQ, P] summed by one torch reduction; per
@@ -37,7 +37,6 @@ from ._common import (
     pick_configs,
     spike_code,
     store_param_grad,
-    store_partials,
     unpack_bit,
     zero_partial_rows,
 )
@@ -64,7 +63,9 @@ def size_class(n: int) -> int:
     return min(1 << max(int(n) - 1, 0).bit_length(), 1 << 24)
 
 
-@triton.autotune(configs=CONFIGS, key=["N_CLASS", "T_CLASS", "QUANT", "SAVE_V", "D_MODE", "TH_MODE"])
+@triton.autotune(
+    configs=CONFIGS, key=["N_CLASS", "T_CLASS", "QUANT", "SAVE_V", "D_MODE", "TH_MODE"]
+)
 @triton.jit
 def empf_fwd_kernel(
     p_cur,  # [T, N] input current
@@ -380,7 +381,8 @@ def _grad_buffer(p, mode: int, T: int, N: int, P: int, device) -> torch.Tensor:
 
 
 def _finish_grad(buf: torch.Tensor, p: torch.Tensor, mode: int, C: int, inner: int):
-    """The [TQ] (MODE 1) or [T, C] (MODE 2) fp32 gradient from the kernel's buffer: one reduction."""
+    """The [TQ] (MODE 1) or [T, C] (MODE 2) fp32 gradient from the kernel's buffer (one
+    fixed-order torch reduction)."""
     if mode == 1:
         return buf.sum(1)
     T, N = buf.shape

@@ -181,7 +181,8 @@ def test_empf_neuron_compiles_fullgraph(step_mode, grad_mode, parallel, mem_bn):
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_lif_neuron_compiles_fullgraph(step_mode):
     x = torch.rand(3, 4, 5) * 1.5
-    _compare_compiled(lambda: LIFNeuron(step_mode=step_mode, impl="triton"), x, step_mode, "aot_eager")
+    make = lambda: LIFNeuron(step_mode=step_mode, impl="triton")  # noqa: E731
+    _compare_compiled(make, x, step_mode, "aot_eager")
 
 
 @pytest.mark.parametrize("module", ["EMPFNeuron", "LIFNeuron"])

@@ -371,7 +371,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
             "threshold",
         ),
         (lambda: empf_neuron(torch.randn(3, 4), decay=1.5, threshold=0.5), ValueError, r"\[0, 1\]"),
-        (lambda: empf_neuron(torch.randn(3, 4), decay=-0.1, threshold=0.5), ValueError, r"\[0, 1\]"),
+        (lambda: empf_neuron(torch.randn(3, 4), decay=-0.1, threshold=0.5), ValueError, r"0, 1\]"),
         (lambda: empf_neuron(torch.randn(3, 4), decay="a", threshold=0.5), TypeError, "decay"),
         (
             lambda: empf_neuron(torch.randn(3, 4), decay=0.5, threshold=float("nan")),

@@ -170,7 +170,8 @@ def test_non_bool_flags_and_bad_steps_are_rejected(make):
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize(
-    "make", [lambda i: EMPFNeuron(3, step_mode="m", impl=i), lambda i: LIFNeuron(step_mode="m", impl=i)]
+    "make",
+    [lambda i: EMPFNeuron(3, step_mode="m", impl=i), lambda i: LIFNeuron(step_mode="m", impl=i)],
 )
 def test_multi_step_twice_without_reset_raises_for_both_neurons(make, impl):
     n = make(impl)

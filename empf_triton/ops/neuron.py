@@ -28,9 +28,6 @@ from ._common import (
 )
 from ._library import register_op
 
-_Param = "float | torch.Tensor"
-
-
 _K = None
 
 
