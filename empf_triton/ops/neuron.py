@@ -28,15 +28,10 @@ from ._common import (
 )
 from ._library import register_op
 
-_K = None
-
-
 def _kernels():
-    """kernels/neuron.py, imported on first use (this is what imports triton), then cached."""
-    global _K
-    if _K is None:
-        _K = load_kernels("neuron")
-    return _K
+    """kernels/neuron.py, imported on first use (this is what imports triton). Not cached here:
+    `load_kernels` stays the one entry point (tests patch it to see that kernels ran)."""
+    return load_kernels("neuron")
 
 
 def _none_if_empty(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
