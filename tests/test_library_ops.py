@@ -197,8 +197,8 @@ def test_modules_compile_with_inductor(module):
 
 
 def test_step_mode_state_does_not_recompile_across_samples():
-    """The carried membrane is an input of the compiled graph: after the first sample (one graph
-    per step index t, as the step's parameters are read at row t), further samples reuse them."""
+    """The carried membrane is an input of the compiled graph, not a guard: after the first
+    sample's graphs, further samples run without recompiling."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -207,13 +207,14 @@ def test_step_mode_state_does_not_recompile_across_samples():
     cnt = CompileCounter()
     comp = torch.compile(m, fullgraph=True, backend=cnt, dynamic=False)
     x = torch.randn(T, 4, 5)
+    m(x[0])  # one eager step first: kernels imported, input checked (as in a real loop)
     counts = []
     for _ in range(4):
         reset_net(m)
         for t in range(T):
             comp(x[t]).sum().backward()
         counts.append(cnt.frame_count)
-    # sample 1: one graph per step index; sample 2 may add one for t = 0 (the input check has
-    # been cached since); from then on nothing is recompiled, whatever the number of samples.
-    assert counts[0] <= T + 1 and counts[1] <= counts[0] + 1
-    assert counts[3] == counts[2] == counts[1], f"recompiled on later samples: {counts}"
+    # sample 1: one graph per step index t (the step's parameters are read at row t);
+    # later samples recompile nothing.
+    assert counts[0] <= T, counts
+    assert counts[3] == counts[2] == counts[1] == counts[0], f"recompiled: {counts}"

@@ -72,7 +72,10 @@ class StatefulNeuron(nn.Module):
         allowed = TRITON_DTYPES if impl == "triton" else REFERENCE_DTYPES
         if x.dtype not in allowed:
             raise TypeError(f"{name} input has dtype {x.dtype}, not supported by impl={impl!r}")
-        self._checked, self._resolved_impl = key, impl
+        if not torch.compiler.is_compiling():
+            # Not while tracing: a cache written by the graph would change the guards of the
+            # next trace and cost one recompile.
+            self._checked, self._resolved_impl = key, impl
         return impl
 
     def _check_state(self, step_shape: torch.Size) -> None:
