@@ -381,12 +381,13 @@ def _grad_buffer(p, mode: int, T: int, N: int, P: int, device) -> torch.Tensor:
 
 
 def _finish_grad(buf: torch.Tensor, p: torch.Tensor, mode: int, C: int, inner: int):
-    """The [TQ] (MODE 1) or [T, C] (MODE 2) fp32 gradient from the kernel's buffer (one
-    fixed-order torch reduction)."""
+    """The [TQ] (MODE 1) or [T, C] (MODE 2) fp32 gradient from the kernel's buffer, [2, ...] for
+    a stacked pair (one fixed-order torch reduction)."""
+    lead = buf.shape[:-2]  # () or (2,) for two parameters reduced together
     if mode == 1:
-        return buf.sum(1)
-    T, N = buf.shape
-    return buf.view(T, N // (C * inner), C, inner).sum((1, 3))
+        return buf.sum(-1)
+    T, N = buf.shape[-2:]
+    return buf.view(*lead, T, N // (C * inner), C, inner).sum((-3, -1))
 
 
 def empf_fwd(
@@ -475,12 +476,17 @@ def empf_bwd(
     logits: bool = False,
     channels: int = 1,
     inner: int = 1,
+    stack_param_grads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], dthreshold, ddecay): the tensors in
     `dtype`, the parameter gradients fp32 in the parameter's shape ([TQ] or [T, C]).
 
     `decay` is needed in bptt mode, for its gradient and with logits; `threshold` (a tensor)
-    when its gradient is needed; None for what is not needed."""
+    when its gradient is needed; None for what is not needed. When both parameter gradients are
+    needed and the parameters have the same form and shape (a module's two [T] logit vectors),
+    both partial-sum buffers share one allocation and one reduction (one launch less); with
+    `stack_param_grads` the result then comes back as one [2, *shape] tensor (θ's gradient,
+    λ's gradient) in the dthreshold slot and None for ddecay, else as two views of it."""
     T = mask.shape[0]
     dev = mask.device
     need_dthreshold = need_dthreshold and isinstance(threshold, torch.Tensor)
@@ -491,8 +497,19 @@ def empf_bwd(
     P = _cdiv(N, SUB)
     dcur = empty((T, N), dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
-    dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
-    ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
+    joint = (
+        need_dthreshold
+        and need_ddecay
+        and th_mode == d_mode
+        and tuple(threshold.shape) == tuple(decay.shape)
+    )
+    if joint:
+        both = _grad_buffer(decay, d_mode, T, N, P, dev)
+        both = empty((2, *both.shape), torch.float32, dev)
+        dth, ddec = both[0], both[1]
+    else:
+        dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
+        ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     empf_bwd_kernel[grid](
         p_g=g if g is not None else dcur,
@@ -535,9 +552,15 @@ def empf_bwd(
         SUB=SUB,
         **launch_options(),
     )
+    dv0 = dv0 if need_dv0 else None
+    if joint:
+        sums = _finish_grad(both, decay, d_mode, channels, inner)
+        if stack_param_grads:
+            return dcur, dv0, sums, None
+        return dcur, dv0, sums[0], sums[1]
     dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
     ddecay = _finish_grad(ddec, decay, d_mode, channels, inner) if need_ddecay else None
-    return dcur, (dv0 if need_dv0 else None), dthr, ddecay
+    return dcur, dv0, dthr, ddecay
 
 
 def parallel_fwd(

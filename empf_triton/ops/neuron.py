@@ -140,6 +140,8 @@ def _neuron_backward(ctx, g, gv, _gmask, _gvhist):
         g, gv, mask, vhist if need_ddecay else None, v0, decay, threshold,
         [t0, channels, inner, N, flags], [decay_c], dtype,
     )  # fmt: skip
+    if need_dth and need_ddecay and dth.shape[0] == 2 and ddecay.numel() == 0:
+        dth, ddecay = dth[0], dth[1]  # the stacked pair (see _joint)
     return (
         dcur,
         _none_if_empty(dv0, need_dv0),
@@ -194,6 +196,7 @@ def _neuron_bwd_impl(
             logits=bool(flags & _LOGITS),
             channels=channels,
             inner=inner,
+            stack_param_grads=True,  # no aliasing outputs: a joint [2, ...] result comes whole
         )
     empty32 = mask.new_empty((0,), dtype=torch.float32)
     return (
@@ -204,14 +207,30 @@ def _neuron_bwd_impl(
     )
 
 
+def _joint(flags: int, decay, threshold) -> bool:
+    """Whether the backward returns both parameter gradients stacked (see kernels.empf_bwd)."""
+    return bool(
+        flags & _NEED_DTH
+        and flags & _NEED_DDECAY
+        and decay.dim() == threshold.dim()
+        and tuple(decay.shape) == tuple(threshold.shape)
+    )
+
+
 def _neuron_bwd_fake(g, gv, mask, vhist, v0, decay, threshold, iargs, fargs, dtype):
     T, N, flags = mask.shape[0], iargs[3], iargs[4]
     f32 = torch.float32
+    if _joint(flags, decay, threshold):
+        dth = mask.new_empty((2, *threshold.shape), dtype=f32)
+        ddecay = mask.new_empty((0,), dtype=f32)
+    else:
+        dth = mask.new_empty(tuple(threshold.shape) if flags & _NEED_DTH else (0,), dtype=f32)
+        ddecay = mask.new_empty(tuple(decay.shape) if flags & _NEED_DDECAY else (0,), dtype=f32)
     return (
         mask.new_empty((T, N), dtype=dtype),
         mask.new_empty((N,) if flags & _NEED_DV0 else (0,), dtype=dtype),
-        mask.new_empty(tuple(threshold.shape) if flags & _NEED_DTH else (0,), dtype=f32),
-        mask.new_empty(tuple(decay.shape) if flags & _NEED_DDECAY else (0,), dtype=f32),
+        dth,
+        ddecay,
     )
 
 
