@@ -141,12 +141,11 @@ class _LIFFn(torch.autograd.Function):
         out = _lif_fwd_impl(current, v0, decay, threshold, surrogate, alpha, flags)
         _lif_setup(ctx, (current, v0, decay, threshold, surrogate, alpha, flags), out)
         ctx.direct = True
-        ctx.mark_non_differentiable(out[2])
-        return out
+        return out[0], out[1]  # h stays in ctx
 
     @staticmethod
-    def backward(ctx, g, gv, gh):
-        return _lif_backward(ctx, g, gv, gh)
+    def backward(ctx, g, gv):
+        return _lif_backward(ctx, g, gv, None)
 
 
 def lif_neuron_triton(
@@ -174,7 +173,7 @@ def lif_neuron_triton(
     if torch.compiler.is_compiling():
         spikes, v_last, _ = _LIF_FWD_OP(*args)
     elif save_h:
-        spikes, v_last, _ = _LIFFn.apply(*args)
+        spikes, v_last = _LIFFn.apply(*args)
     else:
         spikes, v_last, _ = _lif_fwd_impl(*args)
     return spikes.view(current.shape), v_last.view(feat)

@@ -251,22 +251,21 @@ class _NeuronFn(torch.autograd.Function):
         out = _neuron_fwd_impl(current, v0, decay, threshold, iargs, fargs)
         _neuron_setup(ctx, (current, v0, decay, threshold, iargs, fargs), out)
         ctx.direct = True
-        ctx.mark_non_differentiable(out[2], out[3])
-        return out
+        return out[0], out[1]  # mask and history stay in ctx: fewer outputs to track
 
     @staticmethod
-    def backward(ctx, g, gv, gmask, gvhist):
-        return _neuron_backward(ctx, g, gv, gmask, gvhist)
+    def backward(ctx, g, gv):
+        return _neuron_backward(ctx, g, gv, None, None)
 
 
 def _neuron_call(current, v0, decay, threshold, iargs, fargs, grad):
     """The custom op while torch.compile traces; in eager, the direct twin (autograd Function
     when a gradient is recorded, the impl itself when not)."""
     if torch.compiler.is_compiling():
-        return _NEURON_FWD_OP(current, v0, decay, threshold, iargs, fargs)
+        return _NEURON_FWD_OP(current, v0, decay, threshold, iargs, fargs)[:2]
     if grad:
         return _NeuronFn.apply(current, v0, decay, threshold, iargs, fargs)
-    return _neuron_fwd_impl(current, v0, decay, threshold, iargs, fargs)
+    return _neuron_fwd_impl(current, v0, decay, threshold, iargs, fargs)[:2]
 
 
 # ---------------------------------------------------------------------------- custom op: parallel
@@ -378,20 +377,19 @@ class _ParallelFn(torch.autograd.Function):
         out = _parallel_fwd_impl(current, threshold, iargs, fargs)
         _parallel_setup(ctx, (current, threshold, iargs, fargs), out)
         ctx.direct = True
-        ctx.mark_non_differentiable(out[1])
-        return out
+        return out[0]
 
     @staticmethod
-    def backward(ctx, g, gmask):
-        return _parallel_backward(ctx, g, gmask)
+    def backward(ctx, g):
+        return _parallel_backward(ctx, g, None)
 
 
 def _parallel_call(current, threshold, iargs, fargs, grad):
     if torch.compiler.is_compiling():
-        return _PARALLEL_FWD_OP(current, threshold, iargs, fargs)
+        return _PARALLEL_FWD_OP(current, threshold, iargs, fargs)[0]
     if grad:
         return _ParallelFn.apply(current, threshold, iargs, fargs)
-    return _parallel_fwd_impl(current, threshold, iargs, fargs)
+    return _parallel_fwd_impl(current, threshold, iargs, fargs)[0]
 
 
 # ------------------------------------------------------------------- unchecked internal entries
@@ -449,7 +447,7 @@ def empf_neuron_triton(
     else:
         save_mask = need_ddecay = False
     flags = _LOGITS * logits + _BPTT * bptt + _SAVE_MASK * save_mask + _SAVE_V * need_ddecay
-    spikes, v_last, _, _ = _neuron_call(
+    spikes, v_last = _neuron_call(
         cur2, v02, d_t, th_t, [t0, C, inner, spike_bits or 0, flags],
         [d_c, th_c, float(spike_step)], save_mask,
     )  # fmt: skip
@@ -476,7 +474,7 @@ def parallel_neuron_triton(
         current.requires_grad or (th_t is not None and th_t.requires_grad)
     )
     flags = _LOGITS * logits + _SAVE_MASK * save_mask
-    spikes, _ = _parallel_call(
+    spikes = _parallel_call(
         cur2, th_t, [t0, C, inner, spike_bits or 0, flags], [th_c, float(spike_step)], save_mask
     )
     return spikes.view(current.shape)
