@@ -6,6 +6,7 @@ decided when this package is imported: `TRITON_INTERPRET=1` must already be in t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,6 +39,13 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
         else:
             out.fill_(-1 if dtype.is_signed else torch.iinfo(dtype).max)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def size_class(n: int) -> int:
+    """Autotune key for a size: the next power of two, capped at 2^24, so a new batch size reuses
+    the tuned config of its class instead of re-tuning."""
+    return min(1 << max(int(n) - 1, 0).bit_length(), 1 << 24)
 
 
 def cdiv(a: int, b: int) -> int:

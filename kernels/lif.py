@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv as _cdiv
-from ._common import empty, launch_options, pick_configs, store_partials
+from ._common import empty, launch_options, pick_configs, size_class, store_partials
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -55,7 +55,7 @@ def _surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
     return b_sg
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "T", "SAVE_H"])
+@triton.autotune(configs=CONFIGS, key=["N_CLASS", "T_CLASS", "SAVE_H"])
 @triton.jit
 def lif_fwd_kernel(
     p_cur,  # [T, N] input current
@@ -68,6 +68,8 @@ def lif_fwd_kernel(
     N,
     T,
     neg_tiny,  # minus the smallest normal of the storage dtype
+    N_CLASS,  # autotune keys (size classes, see _common.size_class)
+    T_CLASS,
     HAS_V0: tl.constexpr,
     SAVE_H: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -107,7 +109,7 @@ def lif_fwd_kernel(
     tl.store(p_vlast + o_n, b_v.to(p_vlast.dtype.element_ty), mask=m_n)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "T", "BPTT", "NEED_DDECAY"])
+@triton.autotune(configs=CONFIGS, key=["N_CLASS", "T_CLASS", "BPTT", "NEED_DDECAY"])
 @triton.jit
 def lif_bwd_kernel(
     p_g,  # [T, N] dL/dspikes (read only if HAS_G)
@@ -124,6 +126,8 @@ def lif_bwd_kernel(
     T,
     P,
     alpha,
+    N_CLASS,
+    T_CLASS,
     SURROGATE: tl.constexpr,
     DETACH_RESET: tl.constexpr,
     HAS_G: tl.constexpr,
@@ -234,6 +238,8 @@ def lif_fwd(
         N=N,
         T=T,
         neg_tiny=-torch.finfo(current.dtype).tiny,
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
         HAS_V0=v0 is not None,
         SAVE_H=save_h,
         **launch_options(),
@@ -281,6 +287,8 @@ def lif_bwd(
         T=T,
         P=_cdiv(N, SUB),
         alpha=float(alpha),
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
         SURROGATE=SURROGATE_IDS[surrogate],
         DETACH_RESET=detach_reset,
         HAS_G=g is not None,

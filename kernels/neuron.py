@@ -22,8 +22,6 @@ fixed-order, hence deterministic and independent of the autotuned block size.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +33,7 @@ from ._common import (
     load_param,
     pack_bits,
     pick_configs,
+    size_class,
     spike_code,
     store_param_grad,
     unpack_bit,
@@ -54,13 +53,6 @@ CONFIGS = pick_configs(
 )
 # Chunk size of the parameter-gradient partial sums (see _common.store_partials).
 SUB = min(c.kwargs["BLOCK"] for c in CONFIGS)
-
-
-@functools.lru_cache(maxsize=256)
-def size_class(n: int) -> int:
-    """Autotune key for a size: the next power of two, capped at 2^24, so a new batch size reuses
-    the tuned config of its class instead of re-tuning."""
-    return min(1 << max(int(n) - 1, 0).bit_length(), 1 << 24)
 
 
 @triton.autotune(
