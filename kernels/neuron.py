@@ -12,10 +12,11 @@ With LOGITS the tensors hold logits and the kernels apply the sigmoid, and the g
 return are the logits' gradients.
 
 Saved for backward (docs/model.md): the firing mask H = 1[m > θ] packed 8 neurons per byte,
-[T, ⌈N/8⌉], and, only when the decay needs a gradient, the membrane after steps 0..T-2 ([T-1, N]; v[-1] is v0,
-which the caller keeps). The single-step op is these kernels with T = 1.
+[T, ⌈N/8⌉], and, only when the decay needs a gradient, the membrane after steps 0..T-2
+([T-1, N]; v[-1] is v0, which the caller keeps). The single-step op is these kernels with T = 1.
 
-Parameter gradients: per step, SUB-chunk partial sums [TQ, P] summed by one torch reduction; per
+Parameter gradients: per step, SUB-chunk partial sums [TQ, P] summed by one torch reduction (θ and
+λ share one buffer and one reduction when both learn and have the same form); per
 channel, per-neuron contributions [T, N] reduced per channel by one torch reduction. Both are
 fixed-order, hence deterministic and independent of the autotuned block size.
 """
