@@ -6,6 +6,7 @@ decided when this package is imported: `TRITON_INTERPRET=1` must already be in t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,6 +39,18 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
         else:
             out.fill_(-1 if dtype.is_signed else torch.iinfo(dtype).max)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def size_class(n: int) -> int:
+    """Autotune key for a size: the next power of two, capped at 2^24, so a new batch size reuses
+    the tuned config of its class instead of re-tuning."""
+    return min(1 << max(int(n) - 1, 0).bit_length(), 1 << 24)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceil division on host ints (`triton.cdiv` is a jit function: slow to call from Python)."""
+    return -(-a // b)
 
 
 def launch_options() -> dict:
@@ -97,3 +110,63 @@ def store_partials(p_row, b_x, pid, P, BLOCK: tl.constexpr, SUB: tl.constexpr):
     b_part = tl.sum(tl.reshape(b_x, [BLOCK // SUB, SUB]), axis=1)
     o_p = pid * (BLOCK // SUB) + tl.arange(0, BLOCK // SUB)
     tl.store(p_row + o_p, b_part, mask=o_p < P)
+
+
+@triton.jit
+def load_param(p, c_val, row, s_t, s_c, o_ch, m_n, MODE: tl.constexpr, LOGIT: tl.constexpr):
+    """A neuron parameter (decay or threshold) at time row `row`, in fp32.
+
+    MODE 0: the scalar `c_val` (a float passed to the kernel: no tensor at all);
+    MODE 1: per step, `p[row * s_t]` (a scalar);
+    MODE 2: per channel, `p[row * s_t + o_ch * s_c]` gathered for every neuron of the block.
+    With LOGIT the stored value is a logit and the parameter is its sigmoid.
+    """
+    if MODE == 0:
+        x = c_val
+    elif MODE == 1:
+        x = tl.load(p + row * s_t).to(tl.float32)
+    else:
+        x = tl.load(p + row * s_t + o_ch * s_c, mask=m_n, other=0.0).to(tl.float32)
+    if LOGIT:
+        x = tl.sigmoid(x)
+    return x
+
+
+@triton.jit
+def store_param_grad(
+    p_d,
+    b_x,
+    row,
+    t,
+    pid,
+    o_n,
+    m_n,
+    N,
+    P,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
+):
+    """Store this block's contribution `b_x` ([BLOCK], fp32) to a parameter's gradient at step t.
+
+    MODE 1 (per step): SUB-chunk partial sums at p_d[row, :], a [TQ, P] buffer (see
+    store_partials). MODE 2 (per channel): the per-neuron contributions at p_d[t, :], a [T, N]
+    buffer that the launcher reduces per channel. Both reductions are fixed-order: deterministic.
+    """
+    if MODE == 1:
+        store_partials(p_d + row * P, b_x, pid, P, BLOCK, SUB)
+    elif MODE == 2:
+        tl.store(p_d + t * N + o_n, b_x, mask=m_n)
+
+
+@triton.jit
+def zero_partial_rows(p_d, pid, P, TQ, t0, T, BLOCK: tl.constexpr, SUB: tl.constexpr):
+    """Zero this program's columns of the rows of a [TQ, P] partial-sum buffer outside
+    [t0, t0 + T) (a step of a longer parameter vector: the other steps get no gradient)."""
+    o_p = pid * (BLOCK // SUB) + tl.arange(0, BLOCK // SUB)
+    b_zero = tl.zeros([BLOCK // SUB], dtype=tl.float32)
+    for r in range(0, TQ):
+        # a vector row index: scalar comparisons may specialise to Python bools
+        b_r = b_zero.to(tl.int64) + r
+        m_out = (o_p < P) & ((b_r < t0) | (b_r >= t0 + T))
+        tl.store(p_d + r * P + o_p, b_zero, mask=m_out)

@@ -1,4 +1,4 @@
-"""LIF baseline kernels (EMPF.md §2): fused multi-step forward and reverse-time backward.
+"""LIF baseline kernels (docs/model.md): fused multi-step forward and reverse-time backward.
 
 Layout: the current is viewed as [T, N] (contiguous); each program owns BLOCK neurons and walks the
 T time steps itself, so one launch runs the whole sequence and the membrane stays in registers
@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, launch_options, pick_configs, store_partials
+from ._common import cdiv as _cdiv
+from ._common import empty, launch_options, pick_configs, size_class, store_partials
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -54,7 +55,7 @@ def _surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
     return b_sg
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "T", "SAVE_H"])
+@triton.autotune(configs=CONFIGS, key=["N_CLASS", "T_CLASS", "SAVE_H"])
 @triton.jit
 def lif_fwd_kernel(
     p_cur,  # [T, N] input current
@@ -67,6 +68,8 @@ def lif_fwd_kernel(
     N,
     T,
     neg_tiny,  # minus the smallest normal of the storage dtype
+    N_CLASS,  # autotune keys (size classes, see _common.size_class)
+    T_CLASS,
     HAS_V0: tl.constexpr,
     SAVE_H: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -106,7 +109,7 @@ def lif_fwd_kernel(
     tl.store(p_vlast + o_n, b_v.to(p_vlast.dtype.element_ty), mask=m_n)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "T", "BPTT", "NEED_DDECAY"])
+@triton.autotune(configs=CONFIGS, key=["N_CLASS", "T_CLASS", "BPTT", "NEED_DDECAY"])
 @triton.jit
 def lif_bwd_kernel(
     p_g,  # [T, N] dL/dspikes (read only if HAS_G)
@@ -123,6 +126,8 @@ def lif_bwd_kernel(
     T,
     P,
     alpha,
+    N_CLASS,
+    T_CLASS,
     SURROGATE: tl.constexpr,
     DETACH_RESET: tl.constexpr,
     HAS_G: tl.constexpr,
@@ -205,7 +210,7 @@ def lif_bwd_kernel(
 
 
 def _partials(T: int, N: int, device) -> torch.Tensor:
-    return empty((T, triton.cdiv(N, SUB)), torch.float32, device)
+    return empty((T, _cdiv(N, SUB)), torch.float32, device)
 
 
 def lif_fwd(
@@ -221,7 +226,7 @@ def lif_fwd(
     spikes = empty((T, N), current.dtype, dev)
     v_last = empty((N,), current.dtype, dev)
     h = empty((T, N), current.dtype, dev) if save_h else spikes  # dummy pointer when unused
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     lif_fwd_kernel[grid](
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
@@ -233,6 +238,8 @@ def lif_fwd(
         N=N,
         T=T,
         neg_tiny=-torch.finfo(current.dtype).tiny,
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
         HAS_V0=v0 is not None,
         SAVE_H=save_h,
         **launch_options(),
@@ -264,7 +271,7 @@ def lif_bwd(
     dv0 = empty((N,), h.dtype, dev) if need_dv0 else h
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     lif_bwd_kernel[grid](
         p_g=g if g is not None else h,
         p_gv=gv if gv is not None else h,
@@ -278,8 +285,10 @@ def lif_bwd(
         p_ddecay=ddec,
         N=N,
         T=T,
-        P=triton.cdiv(N, SUB),
+        P=_cdiv(N, SUB),
         alpha=float(alpha),
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
         SURROGATE=SURROGATE_IDS[surrogate],
         DETACH_RESET=detach_reset,
         HAS_G=g is not None,

@@ -3,9 +3,22 @@
 Layout: the current is viewed as [T, N] (contiguous); each program owns BLOCK neurons and walks
 the T time steps itself, so one launch runs the whole sequence and the membrane stays in registers.
 
-Saved for backward (EMPF.md §1): the firing mask H = 1[m > θ] packed 8 neurons per byte, [T, ⌈N/8⌉],
-and, only when the decay needs a gradient, the membrane after steps 0..T-2 ([T-1, N]; v[-1] is v0,
-which the caller keeps). The single-step op is these kernels with T = 1.
+Parameters (decay λ, threshold θ) come in one of three forms, chosen per parameter (MODE):
+0, a float passed as a kernel scalar (no tensor); 1, per step, a [TQ] tensor read at row t0 + t
+(any stride: a 0-d parameter arrives expanded with stride 0, and a module's step t passes its
+whole [T] vector with t0 = t); 2, per channel, a [T, C] tensor (strides as given; [1, C] arrives
+expanded) where neuron n of a step belongs to channel (n // inner) % C, i.e. dim 1 of [N, C, *].
+With LOGITS the tensors hold logits and the kernels apply the sigmoid, and the gradients they
+return are the logits' gradients.
+
+Saved for backward (docs/model.md): the firing mask H = 1[m > θ] packed 8 neurons per byte,
+[T, ⌈N/8⌉], and, only when the decay needs a gradient, the membrane after steps 0..T-2
+([T-1, N]; v[-1] is v0, which the caller keeps). The single-step op is these kernels with T = 1.
+
+Parameter gradients: per step, SUB-chunk partial sums [TQ, P] summed by one torch reduction (θ and
+λ share one buffer and one reduction when both learn and have the same form); per
+channel, per-neuron contributions [T, N] reduced per channel by one torch reduction. Both are
+fixed-order, hence deterministic and independent of the autotuned block size.
 """
 
 from __future__ import annotations
@@ -15,13 +28,17 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv as _cdiv,
     empty,
     launch_options,
+    load_param,
     pack_bits,
     pick_configs,
+    size_class,
     spike_code,
-    store_partials,
+    store_param_grad,
     unpack_bit,
+    zero_partial_rows,
 )
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
@@ -39,13 +56,15 @@ CONFIGS = pick_configs(
 SUB = min(c.kwargs["BLOCK"] for c in CONFIGS)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "T", "QUANT", "SAVE_V"])
+@triton.autotune(
+    configs=CONFIGS, key=["N_CLASS", "T_CLASS", "QUANT", "SAVE_V", "D_MODE", "TH_MODE"]
+)
 @triton.jit
 def empf_fwd_kernel(
     p_cur,  # [T, N] input current
     p_v0,  # [N] initial membrane (read only if HAS_V0)
-    p_decay,  # [T] fp32
-    p_th,  # [T] fp32
+    p_decay,  # decay tensor (MODE 1 / 2)
+    p_th,  # threshold tensor (MODE 1 / 2)
     p_spk,  # [T, N] out: spikes
     p_vlast,  # [N] out: membrane after the last step
     p_mask,  # [T, NB] out: packed H bits (written only if SAVE_MASK)
@@ -53,12 +72,26 @@ def empf_fwd_kernel(
     N,
     NB,
     T,
+    t0,
+    decay_c,
+    th_c,
+    sd_t,
+    sd_c,
+    sth_t,
+    sth_c,
+    C,
+    INNER,
     step,
     levels_m1,
+    N_CLASS,
+    T_CLASS,
     HAS_V0: tl.constexpr,
     QUANT: tl.constexpr,
     SAVE_MASK: tl.constexpr,
     SAVE_V: tl.constexpr,
+    D_MODE: tl.constexpr,
+    TH_MODE: tl.constexpr,
+    LOGITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -66,6 +99,10 @@ def empf_fwd_kernel(
     m_n = o_n < N
     o_b = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     m_b = o_b < NB
+    if D_MODE == 2 or TH_MODE == 2:
+        o_ch = (o_n // INNER) % C
+    else:
+        o_ch = o_n
 
     if HAS_V0:
         b_v = tl.load(p_v0 + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -78,8 +115,8 @@ def empf_fwd_kernel(
     p_vh_t = p_vhist + o_n
     p_mask_t = p_mask + o_b
     for t in range(0, T):
-        b_lam = tl.load(p_decay + t)
-        b_th = tl.load(p_th + t)
+        b_lam = load_param(p_decay, decay_c, t0 + t, sd_t, sd_c, o_ch, m_n, D_MODE, LOGITS)
+        b_th = load_param(p_th, th_c, t0 + t, sth_t, sth_c, o_ch, m_n, TH_MODE, LOGITS)
         b_i = tl.load(p_cur_t, mask=m_n, other=0.0).to(tl.float32)
         b_m = b_lam * b_v + b_i
         b_d = b_m - b_th
@@ -104,7 +141,9 @@ def empf_fwd_kernel(
     tl.store(p_vlast + o_n, b_v.to(p_vlast.dtype.element_ty), mask=m_n)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "T", "BPTT", "NEED_DDECAY"])
+@triton.autotune(
+    configs=CONFIGS, key=["N_CLASS", "T_CLASS", "BPTT", "NEED_DDECAY", "D_MODE", "TH_MODE"]
+)
 @triton.jit
 def empf_bwd_kernel(
     p_g,  # [T, N] dL/dspikes (read only if HAS_G)
@@ -112,27 +151,48 @@ def empf_bwd_kernel(
     p_mask,  # [T, NB] packed H bits
     p_vhist,  # [T-1, N] membrane after steps 0..T-2 (read only if NEED_DDECAY)
     p_v0,  # [N] initial membrane (read only if NEED_DDECAY and HAS_V0)
-    p_decay,  # [T] fp32
+    p_decay,  # decay tensor (MODE 1 / 2)
+    p_th,  # threshold tensor (MODE 1 / 2; read only with LOGITS)
     p_dcur,  # [T, N] out: dL/dcurrent
     p_dv0,  # [N] out: dL/dv0 (written only if NEED_DV0)
-    p_dth,  # [T, P] out: per-program partial sums of dL/dθ_t
-    p_ddecay,  # [T, P] out: per-program partial sums of dL/dλ_t (only if NEED_DDECAY)
+    p_dth,  # out: dL/dθ partials [TQ, P] (MODE 1) or contributions [T, N] (MODE 2)
+    p_ddecay,  # out: the same for dL/dλ (only if NEED_DDECAY)
     N,
     NB,
     T,
     P,
+    t0,
+    TQ_D,
+    TQ_TH,
+    decay_c,
+    sd_t,
+    sd_c,
+    sth_t,
+    sth_c,
+    C,
+    INNER,
+    N_CLASS,
+    T_CLASS,
     HAS_G: tl.constexpr,
     HAS_GV: tl.constexpr,
     HAS_V0: tl.constexpr,
     BPTT: tl.constexpr,
     NEED_DDECAY: tl.constexpr,
+    NEED_DTH: tl.constexpr,
     NEED_DV0: tl.constexpr,
+    D_MODE: tl.constexpr,
+    TH_MODE: tl.constexpr,
+    LOGITS: tl.constexpr,
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_n = pid * BLOCK + tl.arange(0, BLOCK)
     m_n = o_n < N
+    if D_MODE == 2 or TH_MODE == 2:
+        o_ch = (o_n // INNER) % C
+    else:
+        o_ch = o_n
 
     # dL/dv[t], carried backwards in time. Online mode keeps only the v_last term at t = T-1.
     if HAS_GV:
@@ -157,7 +217,14 @@ def empf_bwd_kernel(
         b_dvh = b_dv * b_h
         b_dm = b_gh + (b_dv - b_dvh)
         tl.store(p_dcur_t, b_dm.to(p_dcur.dtype.element_ty), mask=m_n)
-        store_partials(p_dth + t * P, b_dvh - b_gh, pid, P, BLOCK, SUB)
+        if NEED_DTH:
+            b_dth = b_dvh - b_gh
+            if LOGITS:
+                b_thv = load_param(p_th, 0.0, t0 + t, sth_t, sth_c, o_ch, m_n, TH_MODE, True)
+                b_dth = b_dth * (b_thv * (1.0 - b_thv))
+            store_param_grad(p_dth, b_dth, t0 + t, t, pid, o_n, m_n, N, P, TH_MODE, BLOCK, SUB)
+        if NEED_DDECAY or BPTT:
+            b_lam = load_param(p_decay, decay_c, t0 + t, sd_t, sd_c, o_ch, m_n, D_MODE, LOGITS)
         if NEED_DDECAY:
             # v[t-1]: the saved history for t >= 1, v0 (or zeros) for t = 0.
             if t > 0:
@@ -166,9 +233,12 @@ def empf_bwd_kernel(
                 b_vp = tl.load(p_v0 + o_n, mask=m_n, other=0.0).to(tl.float32)
             else:
                 b_vp = tl.zeros([BLOCK], dtype=tl.float32)
-            store_partials(p_ddecay + t * P, b_dm * b_vp, pid, P, BLOCK, SUB)
+            b_dlam = b_dm * b_vp
+            if LOGITS:
+                b_dlam = b_dlam * (b_lam * (1.0 - b_lam))
+            store_param_grad(p_ddecay, b_dlam, t0 + t, t, pid, o_n, m_n, N, P, D_MODE, BLOCK, SUB)
         if BPTT:
-            b_dv = tl.load(p_decay + t) * b_dm
+            b_dv = b_lam * b_dm
         else:
             b_dv = tl.zeros([BLOCK], dtype=tl.float32)
         p_g_t -= N
@@ -177,21 +247,34 @@ def empf_bwd_kernel(
         p_mask_t -= NB
     if NEED_DV0:
         tl.store(p_dv0 + o_n, b_dv.to(p_dv0.dtype.element_ty), mask=m_n)
+    if NEED_DTH and TH_MODE == 1:
+        zero_partial_rows(p_dth, pid, P, TQ_TH, t0, T, BLOCK, SUB)
+    if NEED_DDECAY and D_MODE == 1:
+        zero_partial_rows(p_ddecay, pid, P, TQ_D, t0, T, BLOCK, SUB)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "QUANT"])
+@triton.autotune(configs=CONFIGS, key=["N_CLASS", "QUANT", "TH_MODE"])
 @triton.jit
 def parallel_fwd_kernel(
     p_cur,  # [T, N]
-    p_th,  # [T] fp32
+    p_th,  # threshold tensor (MODE 1 / 2)
     p_spk,  # [T, N] out
     p_mask,  # [T, NB] out: packed H bits (only if SAVE_MASK)
     N,
     NB,
+    t0,
+    th_c,
+    sth_t,
+    sth_c,
+    C,
+    INNER,
     step,
     levels_m1,
+    N_CLASS,
     QUANT: tl.constexpr,
     SAVE_MASK: tl.constexpr,
+    TH_MODE: tl.constexpr,
+    LOGITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # grid (blocks over N, T): no state, so the time steps run in parallel
@@ -199,7 +282,11 @@ def parallel_fwd_kernel(
     t = tl.program_id(1).to(tl.int64)
     o_n = pid * BLOCK + tl.arange(0, BLOCK)
     m_n = o_n < N
-    b_th = tl.load(p_th + t)
+    if TH_MODE == 2:
+        o_ch = (o_n // INNER) % C
+    else:
+        o_ch = o_n
+    b_th = load_param(p_th, th_c, t0 + t, sth_t, sth_c, o_ch, m_n, TH_MODE, LOGITS)
     b_i = tl.load(p_cur + t * N + o_n, mask=m_n, other=0.0).to(tl.float32)
     b_d = b_i - b_th
     b_s = tl.where(b_d < 0.0, 0.0, b_d)
@@ -212,16 +299,28 @@ def parallel_fwd_kernel(
         tl.store(p_mask + t * NB + o_b, pack_bits(b_h, BLOCK), mask=o_b < NB)
 
 
-@triton.autotune(configs=CONFIGS, key=["N"])
+@triton.autotune(configs=CONFIGS, key=["N_CLASS", "TH_MODE"])
 @triton.jit
 def parallel_bwd_kernel(
     p_g,  # [T, N]
     p_mask,  # [T, NB]
+    p_th,  # threshold tensor (read only with LOGITS)
     p_dcur,  # [T, N] out
-    p_dth,  # [T, P] out: partial sums of dL/dθ_t
+    p_dth,  # out: dL/dθ partials [TQ, P] (MODE 1) or contributions [T, N] (MODE 2)
     N,
     NB,
     P,
+    T,
+    t0,
+    TQ,
+    sth_t,
+    sth_c,
+    C,
+    INNER,
+    N_CLASS,
+    NEED_DTH: tl.constexpr,
+    TH_MODE: tl.constexpr,
+    LOGITS: tl.constexpr,
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,
 ):
@@ -232,49 +331,93 @@ def parallel_bwd_kernel(
     b_h = unpack_bit(p_mask + t * NB, o_n, m_n).to(tl.float32)
     b_gh = tl.load(p_g + t * N + o_n, mask=m_n, other=0.0).to(tl.float32) * b_h
     tl.store(p_dcur + t * N + o_n, b_gh.to(p_dcur.dtype.element_ty), mask=m_n)
-    store_partials(p_dth + t * P, -b_gh, pid, P, BLOCK, SUB)
+    if NEED_DTH:
+        b_dth = -b_gh
+        if LOGITS:
+            if TH_MODE == 2:
+                o_ch = (o_n // INNER) % C
+            else:
+                o_ch = o_n
+            b_thv = load_param(p_th, 0.0, t0 + t, sth_t, sth_c, o_ch, m_n, TH_MODE, True)
+            b_dth = b_dth * (b_thv * (1.0 - b_thv))
+        store_param_grad(p_dth, b_dth, t0 + t, t, pid, o_n, m_n, N, P, TH_MODE, BLOCK, SUB)
+        if TH_MODE == 1:
+            # program (pid, 0) zeroes the rows outside [t0, t0 + T) of its columns
+            if t == 0:
+                zero_partial_rows(p_dth, pid, P, TQ, t0, T, BLOCK, SUB)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Inputs are contiguous [T, N] views; per-step parameters are contiguous fp32 [T].
+# Launchers. Inputs are contiguous [T, N] views. A parameter is a float (MODE 0), a 1-D tensor
+# read at row t0 + t (MODE 1) or a 2-D [T, C] tensor read per channel (MODE 2), any strides.
 
 
 def _levels_m1(spike_bits: int | None) -> float:
     return float(2**spike_bits - 1) if spike_bits is not None else 0.0
 
 
-def _partials(T: int, N: int, device) -> torch.Tensor:
-    return empty((T, triton.cdiv(N, SUB)), torch.float32, device)
+def _param(p, name: str) -> tuple[int, float, int, int]:
+    """(MODE, scalar value, stride over time, stride over channels) of a parameter."""
+    if not isinstance(p, torch.Tensor):
+        return 0, float(p), 0, 0
+    if p.dim() == 1:
+        return 1, 0.0, p.stride(0), 0
+    if p.dim() == 2:
+        return 2, 0.0, (p.stride(0) if p.shape[0] > 1 else 0), p.stride(1)
+    raise ValueError(f"{name} must be a float, a 1-D or a 2-D tensor, got shape {tuple(p.shape)}")
+
+
+def _grad_buffer(p, mode: int, T: int, N: int, P: int, device) -> torch.Tensor:
+    if mode == 1:
+        return empty((p.shape[0], P), torch.float32, device)
+    return empty((T, N), torch.float32, device)
+
+
+def _finish_grad(buf: torch.Tensor, p: torch.Tensor, mode: int, C: int, inner: int):
+    """The [TQ] (MODE 1) or [T, C] (MODE 2) fp32 gradient from the kernel's buffer, [2, ...] for
+    a stacked pair (one fixed-order torch reduction)."""
+    lead = buf.shape[:-2]  # () or (2,) for two parameters reduced together
+    if mode == 1:
+        return buf.sum(-1)
+    T, N = buf.shape[-2:]
+    return buf.view(*lead, T, N // (C * inner), C, inner).sum((-3, -1))
 
 
 def empf_fwd(
     current: torch.Tensor,
     v0: torch.Tensor | None,
-    decay: torch.Tensor,
-    threshold: torch.Tensor,
+    decay: torch.Tensor | float,
+    threshold: torch.Tensor | float,
     spike_bits: int | None,
     spike_step: float,
     save_mask: bool,
     save_v: bool,
+    *,
+    t0: int = 0,
+    logits: bool = False,
+    channels: int = 1,
+    inner: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Run all T steps.
+    """Run all T steps (see the module docstring for the parameter forms).
 
     Returns (spikes [T, N], v_last [N], mask [T, ⌈N/8⌉] uint8, vhist [T-1, N]).
     """
     T, N = current.shape
-    NB = triton.cdiv(N, 8)
+    NB = _cdiv(N, 8)
     dev = current.device
+    d_mode, d_c, sd_t, sd_c = _param(decay, "decay")
+    th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
     spikes = empty((T, N), current.dtype, dev)
     v_last = empty((N,), current.dtype, dev)
     mask = empty((T, NB), torch.uint8, dev) if save_mask else spikes  # dummy pointer when unused
     save_v = save_v and T > 1
     vhist = empty((T - 1, N), current.dtype, dev) if save_v else spikes
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     empf_fwd_kernel[grid](
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
-        p_decay=decay,
-        p_th=threshold,
+        p_decay=decay if d_mode else current,
+        p_th=threshold if th_mode else current,
         p_spk=spikes,
         p_vlast=v_last,
         p_mask=mask,
@@ -282,12 +425,26 @@ def empf_fwd(
         N=N,
         NB=NB,
         T=T,
+        t0=t0,
+        decay_c=d_c,
+        th_c=th_c,
+        sd_t=sd_t,
+        sd_c=sd_c,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
         step=float(spike_step),
         levels_m1=_levels_m1(spike_bits),
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
         HAS_V0=v0 is not None,
         QUANT=spike_bits is not None,
         SAVE_MASK=save_mask,
         SAVE_V=save_v,
+        D_MODE=d_mode,
+        TH_MODE=th_mode,
+        LOGITS=logits,
         **launch_options(),
     )
     return spikes, v_last, (mask if save_mask else None), (vhist if save_v else None)
@@ -299,29 +456,62 @@ def empf_bwd(
     mask: torch.Tensor,
     vhist: torch.Tensor | None,
     v0: torch.Tensor | None,
-    decay: torch.Tensor | None,
+    decay: torch.Tensor | float | None,
     N: int,
     dtype: torch.dtype,
     bptt: bool,
     need_ddecay: bool,
     need_dv0: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], dthreshold [T], ddecay [T]) in fp32
-    for the parameter gradients and `dtype` for the tensors."""
+    *,
+    threshold: torch.Tensor | float | None = None,
+    need_dthreshold: bool = True,
+    t0: int = 0,
+    logits: bool = False,
+    channels: int = 1,
+    inner: int = 1,
+    stack_param_grads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], dthreshold, ddecay): the tensors in
+    `dtype`, the parameter gradients fp32 in the parameter's shape ([TQ] or [T, C]).
+
+    `decay` is needed in bptt mode, for its gradient and with logits; `threshold` (a tensor)
+    when its gradient is needed; None for what is not needed. When both parameter gradients are
+    needed and the parameters have the same form and shape (a module's two [T] logit vectors),
+    both partial-sum buffers share one allocation and one reduction (one launch less); with
+    `stack_param_grads` the result then comes back as one [2, *shape] tensor (θ's gradient,
+    λ's gradient) in the dthreshold slot and None for ddecay, else as two views of it."""
     T = mask.shape[0]
     dev = mask.device
+    need_dthreshold = need_dthreshold and isinstance(threshold, torch.Tensor)
+    if threshold is None:  # the old positional form: a [T] per-step gradient
+        threshold, need_dthreshold = torch.empty((T,), device="meta"), True
+    d_mode, d_c, sd_t, sd_c = _param(decay if decay is not None else 0.0, "decay")
+    th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
+    P = _cdiv(N, SUB)
     dcur = empty((T, N), dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
-    dth = _partials(T, N, dev)
-    ddec = _partials(T, N, dev) if need_ddecay else dth
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
+    joint = (
+        need_dthreshold
+        and need_ddecay
+        and th_mode == d_mode
+        and tuple(threshold.shape) == tuple(decay.shape)
+    )
+    if joint:
+        both = _grad_buffer(decay, d_mode, T, N, P, dev)
+        both = empty((2, *both.shape), torch.float32, dev)
+        dth, ddec = both[0], both[1]
+    else:
+        dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
+        ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     empf_bwd_kernel[grid](
         p_g=g if g is not None else dcur,
         p_gv=gv if gv is not None else dcur,
         p_mask=mask,
         p_vhist=vhist if vhist is not None else dcur,
         p_v0=v0 if v0 is not None else dcur,
-        p_decay=decay if decay is not None else dth,  # read only in bptt mode
+        p_decay=decay if d_mode else dcur,
+        p_th=threshold if (th_mode and threshold.device == dev) else dcur,
         p_dcur=dcur,
         p_dv0=dv0,
         p_dth=dth,
@@ -329,63 +519,131 @@ def empf_bwd(
         N=N,
         NB=mask.shape[1],
         T=T,
-        P=dth.shape[1],
+        P=P,
+        t0=t0,
+        TQ_D=decay.shape[0] if d_mode else T,
+        TQ_TH=threshold.shape[0] if th_mode else T,
+        decay_c=d_c,
+        sd_t=sd_t,
+        sd_c=sd_c,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
         HAS_G=g is not None,
         HAS_GV=gv is not None,
         HAS_V0=v0 is not None,
         BPTT=bptt,
         NEED_DDECAY=need_ddecay,
+        NEED_DTH=need_dthreshold,
         NEED_DV0=need_dv0,
+        D_MODE=d_mode,
+        TH_MODE=th_mode,
+        LOGITS=logits,
         SUB=SUB,
         **launch_options(),
     )
-    return dcur, (dv0 if need_dv0 else None), dth.sum(1), (ddec.sum(1) if need_ddecay else None)
+    dv0 = dv0 if need_dv0 else None
+    if joint:
+        sums = _finish_grad(both, decay, d_mode, channels, inner)
+        if stack_param_grads:
+            return dcur, dv0, sums, None
+        return dcur, dv0, sums[0], sums[1]
+    dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
+    ddecay = _finish_grad(ddec, decay, d_mode, channels, inner) if need_ddecay else None
+    return dcur, dv0, dthr, ddecay
 
 
 def parallel_fwd(
     current: torch.Tensor,
-    threshold: torch.Tensor,
+    threshold: torch.Tensor | float,
     spike_bits: int | None,
     spike_step: float,
     save_mask: bool,
+    *,
+    t0: int = 0,
+    logits: bool = False,
+    channels: int = 1,
+    inner: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stateless neuron on [T, N]. Returns (spikes [T, N], mask [T, ⌈N/8⌉] uint8 or None)."""
     T, N = current.shape
-    NB = triton.cdiv(N, 8)
+    NB = _cdiv(N, 8)
+    th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
     spikes = empty((T, N), current.dtype, current.device)
     mask = empty((T, NB), torch.uint8, current.device) if save_mask else spikes
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]), T)  # noqa: E731
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
     parallel_fwd_kernel[grid](
         p_cur=current,
-        p_th=threshold,
+        p_th=threshold if th_mode else current,
         p_spk=spikes,
         p_mask=mask,
         N=N,
         NB=NB,
+        t0=t0,
+        th_c=th_c,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
         step=float(spike_step),
         levels_m1=_levels_m1(spike_bits),
+        N_CLASS=size_class(N),
         QUANT=spike_bits is not None,
         SAVE_MASK=save_mask,
+        TH_MODE=th_mode,
+        LOGITS=logits,
         **launch_options(),
     )
     return spikes, (mask if save_mask else None)
 
 
-def parallel_bwd(g: torch.Tensor, mask: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (dcurrent [T, N] in g's dtype, dthreshold [T] fp32)."""
+def parallel_bwd(
+    g: torch.Tensor,
+    mask: torch.Tensor,
+    N: int,
+    *,
+    threshold: torch.Tensor | None = None,
+    need_dthreshold: bool = True,
+    t0: int = 0,
+    logits: bool = False,
+    channels: int = 1,
+    inner: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (dcurrent [T, N] in g's dtype, dthreshold fp32 in the threshold's shape or None)."""
     T = mask.shape[0]
+    if threshold is None:  # the old form: a [T] per-step gradient
+        threshold = torch.empty((T,), device="meta")
+    th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
+    need_dthreshold = need_dthreshold and th_mode > 0
+    P = _cdiv(N, SUB)
     dcur = empty((T, N), g.dtype, g.device)
-    dth = _partials(T, N, g.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]), T)  # noqa: E731
+    dth = _grad_buffer(threshold, th_mode, T, N, P, g.device) if need_dthreshold else dcur
+    grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
     parallel_bwd_kernel[grid](
         p_g=g,
         p_mask=mask,
+        p_th=threshold if threshold.device == g.device else dcur,
         p_dcur=dcur,
         p_dth=dth,
         N=N,
         NB=mask.shape[1],
-        P=dth.shape[1],
+        P=P,
+        T=T,
+        t0=t0,
+        TQ=threshold.shape[0] if th_mode else T,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
+        N_CLASS=size_class(N),
+        NEED_DTH=need_dthreshold,
+        TH_MODE=th_mode,
+        LOGITS=logits,
         SUB=SUB,
         **launch_options(),
     )
-    return dcur, dth.sum(1)
+    dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
+    return dcur, dthr

@@ -1,5 +1,5 @@
 """LIF baseline ops: Triton kernels vs the eager reference vs an fp64 oracle, the reference's
-surrogate-gradient rule, and equality with SpikingJelly's LIFNode (EMPF.md §2)."""
+surrogate-gradient rule, and equality with SpikingJelly's LIFNode (docs/model.md)."""
 
 from __future__ import annotations
 
@@ -497,9 +497,9 @@ KW = {"decay": 0.5, "threshold": 0.5}
             ValueError,
             "threshold",
         ),
-        (lambda: lif_neuron(torch.randn(3, 4), decay=1.5, threshold=0.5), ValueError, r"\(0, 1\]"),
-        (lambda: lif_neuron(torch.randn(3, 4), decay=0.0, threshold=0.5), ValueError, r"\(0, 1\]"),
-        (lambda: lif_neuron(torch.randn(3, 4), decay=-0.2, threshold=0.5), ValueError, r"\(0, 1\]"),
+        (lambda: lif_neuron(torch.randn(3, 4), decay=1.5, threshold=0.5), ValueError, r"\[0, 1\]"),
+        (lambda: lif_neuron(torch.randn(3, 4), decay=-0.1, threshold=0.5), ValueError, r"\[0, 1\]"),
+        (lambda: lif_neuron(torch.randn(3, 4), decay=-0.2, threshold=0.5), ValueError, r"\[0, 1\]"),
         (lambda: lif_neuron(torch.randn(3, 4), decay="a", threshold=0.5), TypeError, "decay"),
         (
             lambda: lif_neuron(torch.randn(3, 4), decay=0.5, threshold=float("inf")),
@@ -549,7 +549,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
         (
             lambda: lif_neuron_step(torch.randn(4), decay=1.01, threshold=0.5),
             ValueError,
-            r"\(0, 1\]",
+            r"\[0, 1\]",
         ),
         (lambda: lif_neuron_step(torch.randn(4), surrogate="sigm", **KW), ValueError, "surrogate"),
     ],

@@ -1,5 +1,5 @@
 """EM-PF neuron ops: Triton kernels vs the eager reference vs an fp64 oracle, and the reference vs
-the gradient rules of EMPF.md §1."""
+the gradient rules of docs/model.md."""
 
 from __future__ import annotations
 
@@ -134,11 +134,11 @@ def test_scalar_tensor_params_get_gradients(device, impl):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference against EMPF.md §1, written out by hand.
+# The reference against docs/model.md, written out by hand.
 
 
 def _formula_grads(cur, v0, decay, th, g, gv, grad_mode):
-    """dL/dI, dL/dv0, dL/dλ, dL/dθ from the equations of EMPF.md §1 (float spikes)."""
+    """dL/dI, dL/dv0, dL/dλ, dL/dθ from the equations of docs/model.md (float spikes)."""
     T = cur.shape[0]
     v = [v0]
     H = []
@@ -397,8 +397,8 @@ KW = {"decay": 0.5, "threshold": 0.5}
             ValueError,
             "threshold",
         ),
-        (lambda: empf_neuron(torch.randn(3, 4), decay=1.5, threshold=0.5), ValueError, r"\(0, 1\]"),
-        (lambda: empf_neuron(torch.randn(3, 4), decay=0.0, threshold=0.5), ValueError, r"\(0, 1\]"),
+        (lambda: empf_neuron(torch.randn(3, 4), decay=1.5, threshold=0.5), ValueError, r"\[0, 1\]"),
+        (lambda: empf_neuron(torch.randn(3, 4), decay=-0.1, threshold=0.5), ValueError, r"0, 1\]"),
         (lambda: empf_neuron(torch.randn(3, 4), decay="a", threshold=0.5), TypeError, "decay"),
         (
             lambda: empf_neuron(torch.randn(3, 4), decay=0.5, threshold=float("nan")),
@@ -481,3 +481,68 @@ def test_triton_unavailable_raises(monkeypatch):
         empf_neuron(torch.randn(3, 4), impl="triton", **KW)
     # auto never needs triton on the CPU
     empf_neuron(torch.randn(3, 4), impl="auto", **KW)
+
+
+# ------------------------------------------------------------------------------ robustness
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "decay",
+    [
+        torch.tensor([0.5, 1.5, 0.5]),
+        torch.tensor([0.5, -0.1, 0.5]),
+        torch.tensor([0.5, float("nan"), 0.5]),
+        torch.tensor(2.0),
+        float("nan"),
+    ],
+    ids=["above1", "below0", "nan", "0d", "float-nan"],
+)
+def test_decay_outside_unit_interval_or_nan_raises(impl, decay):
+    with pytest.raises(ValueError, match="decay"):
+        empf_neuron(torch.randn(3, 4), decay=decay, threshold=0.5, impl=impl)
+
+
+def test_decay_bounds_zero_and_one_are_allowed():
+    x = torch.randn(3, 4)
+    for d in (0.0, 1.0, torch.tensor([0.0, 1.0, 0.5])):
+        s_r, v_r = empf_neuron(x, decay=d, threshold=0.5, impl="reference")
+        s_k, v_k = empf_neuron(x, decay=d, threshold=0.5, impl="triton")
+        assert torch.equal(s_r, s_k) and torch.equal(v_r, v_k)
+
+
+@pytest.mark.parametrize("step", [1e300, float("inf"), float("nan"), 1e-50, 0.0, -0.25])
+def test_spike_step_must_be_finite_and_positive_in_fp32(step):
+    for call in (
+        lambda: empf_neuron(torch.randn(2, 3), decay=0.5, threshold=0.5, spike_bits=4,
+                            spike_step=step),
+        lambda: empf_neuron_step(torch.randn(3), decay=0.5, threshold=0.5, spike_bits=4,
+                                 spike_step=step),
+        lambda: parallel_neuron(torch.randn(2, 3), threshold=0.5, spike_bits=4, spike_step=step),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match="spike_step"):
+            call()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_fp16_overflow_is_computed_in_fp32_on_both_paths(impl):
+    """6e4 currents, decay 1, threshold -6e4: the first surplus (1.2e5) overflows fp16 when
+    stored, but the fp32 membrane is exact (v = θ after firing), so the next steps fire 6e4."""
+    x = torch.full((4, 1), 6e4, dtype=torch.float16)
+    s, v = empf_neuron(x, decay=1.0, threshold=-6e4, impl=impl)
+    assert s[:, 0].tolist() == [float("inf"), 6e4, 6e4, 6e4]
+    assert v.tolist() == [-6e4]
+    p = parallel_neuron(x, threshold=-6e4, impl=impl)
+    assert p[:, 0].tolist() == [float("inf")] * 4
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_online_mode_gives_v0_no_gradient_on_both_paths(impl):
+    x = torch.randn(3, 5)
+    v0 = torch.randn(5, requires_grad=True)
+    s, v = empf_neuron(x, v0, decay=0.5, threshold=0.3, grad_mode="online", impl=impl)
+    assert not s.requires_grad and not v.requires_grad  # v0 is a constant in online mode
+    xg = x.clone().requires_grad_()
+    s, v = empf_neuron(xg, v0, decay=0.5, threshold=0.3, grad_mode="online", impl=impl)
+    (s.sum() + v.sum()).backward()
+    assert v0.grad is None and xg.grad is not None

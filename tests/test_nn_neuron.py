@@ -148,3 +148,88 @@ def test_lif_equals_spikingjelly(device, impl, step_mode, detach_reset):
     torch.testing.assert_close(s_ours, s_ref, rtol=0, atol=0)
     torch.testing.assert_close(ours.v, ref.v, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ robustness
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EMPFNeuron(2, parallel="yes"),
+        lambda: EMPFNeuron(2, parallel=1),
+        lambda: EMPFNeuron(2, mem_bn="no", channels=3),
+        lambda: LIFNeuron(detach_reset="true"),
+        lambda: EMPFNeuron(2, spike_bits=4, spike_step=1e300),
+    ],
+)
+def test_non_bool_flags_and_bad_steps_are_rejected(make):
+    with pytest.raises((TypeError, ValueError)):
+        make()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda i: EMPFNeuron(3, step_mode="m", impl=i), lambda i: LIFNeuron(step_mode="m", impl=i)],
+)
+def test_multi_step_twice_without_reset_raises_for_both_neurons(make, impl):
+    n = make(impl)
+    x = torch.rand(3, 2, 4)
+    first = n(x)
+    with pytest.raises(RuntimeError, match="reset_net"):
+        n(x)
+    reset_net(n)
+    torch.testing.assert_close(n(x), first)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: EMPFNeuron(3, impl=i),
+        lambda i: EMPFNeuron(3, impl=i, mem_bn=True, channels=4),
+        lambda i: LIFNeuron(impl=i),
+    ],
+)
+def test_batch_change_without_reset_says_what_happened(make, impl):
+    n = make(impl)
+    n(torch.rand(2, 4, 3))
+    with pytest.raises(ValueError, match=r"membrane of a batch of N=2.*reset_net"):
+        n(torch.rand(5, 4, 3))
+    reset_net(n)
+    assert n(torch.rand(5, 4, 3)).shape == (5, 4, 3)
+
+
+def test_module_revalidates_when_the_input_changes():
+    n = EMPFNeuron(4, impl="reference")
+    n(torch.rand(2, 3))
+    reset_net(n)
+    with pytest.raises(TypeError, match="dtype"):
+        n(torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="step_mode"):
+        n(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_triton_module_reads_logits_in_kernel_same_as_reference(device, parallel, step_mode):
+    """The Triton module path (logits and step index passed to the kernel, which applies the
+    sigmoid and returns the logits' gradients) equals the reference module path."""
+    T = 3
+    x = torch.randn(T, 4, 7, device=device) + 0.4
+    mods = []
+    for impl in ("reference", "triton"):
+        m = EMPFNeuron(T, spike_bits=4, parallel=parallel, step_mode=step_mode, impl=impl)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.linspace(-0.7, 0.9, T))
+        xi = x.clone().requires_grad_()
+        out = m(xi) if step_mode == "m" else torch.stack([m(xi[t]) for t in range(T)])
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        mods.append((out.detach(), xi.grad, [p.grad for p in m.parameters()]))
+    (o_r, g_r, p_r), (o_k, g_k, p_k) = mods
+    torch.testing.assert_close(o_k, o_r, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_k, g_r, rtol=0, atol=1e-6)
+    for a, b in zip(p_k, p_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Mem-BN (EMPF.md §2): a BatchNorm per time step on the membrane, with sigmoid-gated ratios.
+"""Mem-BN (docs/model.md): a BatchNorm per time step on the membrane, with sigmoid-gated ratios.
 
 `m <- sigmoid(p_t) * BN_t(m) + sigmoid(q_t) * m`, p, q in R^T initialised to 0 (both gates start at
 0.5). `BN_t` is an ordinary affine BatchNorm over the channel dimension (dim 1 of `[N, C, *]`),

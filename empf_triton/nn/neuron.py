@@ -12,8 +12,22 @@ import math
 import torch
 from torch import nn
 
-from ..ops.lif import lif_neuron, lif_neuron_step
-from ..ops.neuron import empf_neuron, empf_neuron_step, parallel_neuron
+from ..ops._common import (
+    REFERENCE_DTYPES,
+    TRITON_DTYPES,
+    check_bool,
+    check_spike_bits,
+    resolve_impl,
+)
+from ..ops.lif import _check_surrogate, lif_neuron, lif_neuron_step, lif_neuron_triton
+from ..ops.neuron import (
+    empf_neuron_step,
+    empf_neuron_triton,
+    parallel_neuron,
+    parallel_neuron_triton,
+)
+from ..reference.lif import lif_neuron_ref
+from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
 from .membn import MemBN
 
 STEP_MODES = ("s", "m")
@@ -35,6 +49,44 @@ class StatefulNeuron(nn.Module):
         self.impl = impl
         self.v: torch.Tensor | None = None
         self.t = 0
+        # (shape, dtype, device) of the last validated input, and the impl it resolved to:
+        # validation runs on the first call and whenever these change, not on every call.
+        self._checked: tuple | None = None
+        self._resolved_impl = "reference"
+
+    def _check_input(self, x: object, min_dim: int) -> str:
+        """Validate the input once per (shape, dtype, device); returns the resolved impl."""
+        key = (x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else None
+        if key is not None and key == self._checked:
+            return self._resolved_impl
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < min_dim:
+            form = "[N, *]" if min_dim == 1 else "[T, N, *]"
+            raise ValueError(
+                f"{name} in step_mode={self.step_mode!r} needs an input {form}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        impl = resolve_impl(self.impl, x)
+        allowed = TRITON_DTYPES if impl == "triton" else REFERENCE_DTYPES
+        if x.dtype not in allowed:
+            raise TypeError(f"{name} input has dtype {x.dtype}, not supported by impl={impl!r}")
+        if not torch.compiler.is_compiling():
+            # Not while tracing: a cache written by the graph would change the guards of the
+            # next trace and cost one recompile.
+            self._checked, self._resolved_impl = key, impl
+        return impl
+
+    def _check_state(self, step_shape: torch.Size) -> None:
+        """The carried membrane must fit this step's input (it does not after a batch change)."""
+        if self.v is not None and self.v.shape != step_shape:
+            n = self.v.shape[0] if self.v.dim() else 1
+            raise ValueError(
+                f"{type(self).__name__} still holds the membrane of a batch of N={n} "
+                f"(shape {tuple(self.v.shape)}) but got a step input of shape "
+                f"{tuple(step_shape)}; call empf_triton.reset_net(model) between batches"
+            )
 
     def reset(self) -> None:
         """Forget the membrane and restart at step 0 (call between samples)."""
@@ -83,8 +135,16 @@ class EMPFNeuron(StatefulNeuron):
             "m" (`[T, N, *]` in one call).
         grad_mode: "online" (membrane detached between steps) or "bptt".
         impl: "auto", "triton" or "reference", passed to the ops.
-        mem_bn: apply Mem-BN (`empf_triton.nn.MemBN`, EMPF.md §2) to the membrane each step.
+        mem_bn: apply Mem-BN (`empf_triton.nn.MemBN`, docs/model.md) to the membrane each step.
         channels: C, dim 1 of the per-step input `[N, C, *]`; required with mem_bn.
+
+    Flags (parallel, mem_bn) must be real bools. State: in step mode "s" the membrane carries over
+    between calls (at most T calls) until `empf_triton.reset_net(model)`; in step mode "m" each
+    call is a whole sequence from v = 0, and a second call without `reset_net` raises a
+    RuntimeError (as `LIFNeuron`). A new batch size without `reset_net` raises a ValueError that
+    says so. Inputs are validated on the first call and whenever their shape, dtype or device
+    change; the calls in between go straight to the kernels (on Triton, the kernels read the
+    logits a and b themselves, apply the sigmoid, and return the logits' gradients).
 
     With mem_bn the charge cannot stay inside the fused kernel, because BN_t needs the batch
     statistics of m[t] before firing. Each step then runs: `m = λ_t v + I` in torch (v detached
@@ -110,8 +170,8 @@ class EMPFNeuron(StatefulNeuron):
         super().__init__(step_mode, grad_mode, impl)
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be an int >= 1, got {T!r}")
-        if not isinstance(mem_bn, bool):
-            raise TypeError(f"mem_bn must be a bool, got {type(mem_bn).__name__}")
+        check_bool("parallel", parallel)
+        check_bool("mem_bn", mem_bn)
         if mem_bn and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
             raise ValueError(
                 f"EMPFNeuron(mem_bn=True) needs channels, an int >= 1 (dim 1 of its input "
@@ -129,8 +189,6 @@ class EMPFNeuron(StatefulNeuron):
         self.register_buffer("mem_scale", None)
         self.register_buffer("mem_bias", None)
         # Fail at construction, not at the first forward, on a bad quantiser setting.
-        from ..ops._common import check_spike_bits
-
         check_spike_bits(spike_bits, spike_step)
 
     @property
@@ -173,6 +231,8 @@ class EMPFNeuron(StatefulNeuron):
             )
         th = torch.sigmoid(self.threshold_logit[t])
         q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
+        if not self.parallel:
+            self._check_state(x.shape)
         v = None if self.parallel else self._carried_v()
         decay = None if self.parallel else torch.sigmoid(self.decay_logit[t])
         if self.mem_bn is not None:
@@ -203,18 +263,34 @@ class EMPFNeuron(StatefulNeuron):
             spike = self._mem_bn_step(x, t)
             self.t = t + 1
             return spike
-        th = torch.sigmoid(self.threshold_logit[t])
-        q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
+        impl = self._check_input(x, 1)
+        x1 = x.unsqueeze(0)
+        bits, step = self.spike_bits, self.spike_step
+        # Hot path: no validation, no sigmoid/indexing launches. On Triton the kernel reads the
+        # logits at row t, applies the sigmoid and returns the logits' gradients itself.
         if self.parallel:
-            if not isinstance(x, torch.Tensor) or x.dim() < 1:
-                raise ValueError("EMPFNeuron input must be a tensor [N, *] in step mode")
-            spike = parallel_neuron(x.unsqueeze(0), threshold=th, **q)[0]
+            if impl == "triton":
+                spike = parallel_neuron_triton(
+                    x1, self.threshold_logit, bits, step, t0=t, logits=True
+                )
+            else:
+                th = torch.sigmoid(self.threshold_logit[t : t + 1])
+                spike = parallel_neuron_ref(x1, th, bits, step)
         else:
-            decay = torch.sigmoid(self.decay_logit[t])
-            spike, v = empf_neuron_step(x, self._carried_v(), decay=decay, threshold=th, **q)
+            self._check_state(x.shape)
+            v = self._carried_v()
+            if impl == "triton":
+                spike, v = empf_neuron_triton(
+                    x1, v, self.decay_logit, self.threshold_logit, bits, step, True,
+                    t0=t, logits=True,
+                )  # fmt: skip
+            else:
+                decay = torch.sigmoid(self.decay_logit[t : t + 1])
+                th = torch.sigmoid(self.threshold_logit[t : t + 1])
+                spike, v = empf_neuron_ref(x1, v, decay, th, bits, step, "bptt")
             self._keep_v(v)
         self.t = t + 1
-        return spike
+        return spike[0]
 
     def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.T:
@@ -231,13 +307,23 @@ class EMPFNeuron(StatefulNeuron):
             spikes = torch.stack([self._mem_bn_step(x[t], t) for t in range(self.T)])
             self.t = self.T
             return spikes
-        q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
+        impl = self._check_input(x, 2)
+        bits, step = self.spike_bits, self.spike_step
         if self.parallel:
-            spikes = parallel_neuron(x, threshold=self.threshold, **q)
+            if impl == "triton":
+                spikes = parallel_neuron_triton(x, self.threshold_logit, bits, step, logits=True)
+            else:
+                spikes = parallel_neuron_ref(x, self.threshold, bits, step)
         else:
-            spikes, v = empf_neuron(
-                x, None, decay=self.decay, threshold=self.threshold, grad_mode=self.grad_mode, **q
-            )
+            bptt = self.grad_mode == "bptt"
+            if impl == "triton":
+                spikes, v = empf_neuron_triton(
+                    x, None, self.decay_logit, self.threshold_logit, bits, step, bptt, logits=True
+                )
+            else:
+                spikes, v = empf_neuron_ref(
+                    x, None, self.decay, self.threshold, bits, step, self.grad_mode
+                )
             self._keep_v(v)
         self.t = self.T
         return spikes
@@ -258,8 +344,13 @@ class LIFNeuron(StatefulNeuron):
         v_threshold: firing threshold θ.
         surrogate: "sigmoid" (α=4), "atan" (α=2) or "triangle" (γ=1).
         alpha: the surrogate's sharpness (γ for the triangle); None takes the default.
-        detach_reset: detach the spike in the reset.
+        detach_reset: detach the spike in the reset (a bool).
         step_mode, grad_mode, impl: as in `EMPFNeuron` (grad_mode defaults to "bptt" here).
+
+    State, as `EMPFNeuron`: in step mode "s" the membrane carries over between calls until
+    `reset_net`; in step mode "m" each call is a whole sequence starting from v = 0, and a second
+    call without `reset_net` raises a RuntimeError (it never silently continues from the old
+    membrane). A new batch size without `reset_net` raises a ValueError that says so.
     """
 
     def __init__(
@@ -282,7 +373,9 @@ class LIFNeuron(StatefulNeuron):
         self.v_threshold = float(v_threshold)
         self.surrogate = surrogate
         self.alpha = alpha
-        self.detach_reset = detach_reset
+        self.detach_reset = check_bool("detach_reset", detach_reset)
+        self._alpha = _check_surrogate(surrogate, alpha)
+        self._param_cache: dict = {}
         # Validate the surrogate now (an unknown one must never silently give zero gradients).
         lif_neuron_step(
             torch.zeros(1),
@@ -307,14 +400,47 @@ class LIFNeuron(StatefulNeuron):
             "impl": self.impl,
         }
 
+    def _run(self, x: torch.Tensor, v: torch.Tensor | None, bptt: bool):
+        """Eager hot path: input validated once per (shape, dtype, device) by the caller, the
+        constant [T] decay/threshold tensors made once per (T, device, precision)."""
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (x.shape[0], x.device, dt)
+        params = self._param_cache.get(key)
+        if params is None:
+            params = (
+                torch.full((x.shape[0],), self.decay, dtype=dt, device=x.device),
+                torch.full((x.shape[0],), self.v_threshold, dtype=dt, device=x.device),
+            )
+            self._param_cache[key] = params
+        args = (x, v, *params, self.surrogate, self._alpha, self.detach_reset)
+        if self._resolved_impl == "triton":
+            return lif_neuron_triton(*args, bptt)
+        return lif_neuron_ref(*args, "bptt" if bptt else "online")
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        spike, v = lif_neuron_step(x, self._carried_v(), **self._kw())
+        if torch.compiler.is_compiling():  # traced: the public op (validation is free there)
+            spike, v = lif_neuron_step(x, self._carried_v(), **self._kw())
+        else:
+            self._check_input(x, 1)
+            self._check_state(x.shape)
+            spikes, v = self._run(x.unsqueeze(0), self._carried_v(), True)
+            spike = spikes[0]
         self._keep_v(v)
         self.t += 1
         return spike
 
     def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        spikes, v = lif_neuron(x, self._carried_v(), grad_mode=self.grad_mode, **self._kw())
+        if self.t != 0:
+            raise RuntimeError(
+                "LIFNeuron in step_mode='m' runs a whole sequence per call and does not continue "
+                "from the previous call's membrane; call empf_triton.reset_net(model) before the "
+                "next sample"
+            )
+        if torch.compiler.is_compiling():
+            spikes, v = lif_neuron(x, None, grad_mode=self.grad_mode, **self._kw())
+        else:
+            self._check_input(x, 2)
+            spikes, v = self._run(x, None, self.grad_mode == "bptt")
         self._keep_v(v)
         self.t += x.shape[0]
         return spikes

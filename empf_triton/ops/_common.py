@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import math
 import os
+import struct
 from types import ModuleType
 
 import torch
@@ -122,8 +123,8 @@ def per_step(
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-        if is_decay and not 0.0 < value <= 1.0:
-            raise ValueError(f"{name} must lie in (0, 1], got {value}")
+        if is_decay and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         return torch.full((T,), value, dtype=dtype, device=like.device)
     if not value.is_floating_point():
@@ -140,18 +141,42 @@ def per_step(
     return value
 
 
+def check_spike_step(spike_step: object, name: str = "spike_step") -> float:
+    """The quantiser step Δ: a real number that is finite and > 0 once rounded to fp32 (where the
+    kernels use it). Returns it as a float.
+
+    Raises:
+        TypeError: not an int or float (bools are rejected).
+        ValueError: NaN, infinite, <= 0, or out of fp32 range (1e300 is inf in fp32, 1e-50 is 0).
+    """
+    if isinstance(spike_step, bool) or not isinstance(spike_step, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(spike_step).__name__}")
+    value = float(spike_step)
+    try:
+        as_fp32 = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        as_fp32 = math.inf
+    if not (math.isfinite(value) and math.isfinite(as_fp32) and as_fp32 > 0):
+        raise ValueError(f"{name} must be finite and > 0 in fp32, got {spike_step!r}")
+    return value
+
+
 def check_spike_bits(spike_bits: int | None, spike_step: float, *, allowed=None) -> None:
-    """`spike_bits` None or an int in 1..8 (or in `allowed`), `spike_step` a finite float > 0."""
+    """`spike_bits` None or an int in 1..8 (or in `allowed`); `spike_step` as check_spike_step."""
     if spike_bits is not None:
         if isinstance(spike_bits, bool) or not isinstance(spike_bits, int):
             raise TypeError(f"spike_bits must be an int or None, got {type(spike_bits).__name__}")
         valid = allowed if allowed is not None else range(1, 9)
         if spike_bits not in valid:
             raise ValueError(f"spike_bits must be in {tuple(valid)}, got {spike_bits}")
-    if isinstance(spike_step, bool) or not isinstance(spike_step, (int, float)):
-        raise TypeError(f"spike_step must be a float, got {type(spike_step).__name__}")
-    if not (math.isfinite(spike_step) and spike_step > 0):
-        raise ValueError(f"spike_step must be a finite float > 0, got {spike_step}")
+    check_spike_step(spike_step)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """A flag that must be a real bool (not "yes", 1 or None)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def check_grad_mode(grad_mode: str) -> None:
@@ -159,12 +184,90 @@ def check_grad_mode(grad_mode: str) -> None:
         raise ValueError(f"grad_mode must be 'online' or 'bptt', got {grad_mode!r}")
 
 
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
 def device_guard(x: torch.Tensor):
-    """Launch on `x`'s GPU (Triton launches on the current device), a no-op on the CPU."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Launch on `x`'s GPU (Triton launches on the current device), a no-op on the CPU and when
+    `x` is on the current GPU already."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _NULL_CONTEXT
 
 
 def grad_wanted(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will record an op on these inputs (checked outside Function.forward,
     where grad mode is always off)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def neuron_param(
+    name: str,
+    value: object,
+    T: int,
+    like: torch.Tensor,
+    *,
+    channel_dim: int,
+    single_step: bool = False,
+    is_decay: bool = False,
+) -> float | torch.Tensor:
+    """Validate a neuron parameter (decay or threshold) and bring it to a form the kernels read.
+
+    Forms accepted (C = like.shape[channel_dim], the channel dimension of the input):
+        float: a constant, returned as a float (a kernel scalar: no tensor is made).
+        0-d tensor: one value for every step, returned as a [T] view (stride 0).
+        multi-step ops (`single_step=False`): [T] per step; [T, C] per step and channel;
+            [1, C] per channel, returned as a [T, C] view (stride 0 over time).
+        single-step ops (`single_step=True`, T = 1): [C] per channel, returned as a [1, C] view.
+    Decay floats must lie in [0, 1]; decay tensors are checked by `check_decay_values`. Tensor
+    parameters keep their graph (gradients flow back through the views).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        if is_decay and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        return value
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the current is on {like.device}")
+    C = like.shape[channel_dim] if like.dim() > channel_dim else None
+    if value.dim() == 0:
+        return value.reshape(1).expand(T)
+    if single_step:
+        if value.dim() == 1 and C is not None and value.shape[0] == C:
+            return value.reshape(1, C)
+        raise ValueError(
+            f"{name} of a single step must be a float, a 0-d tensor or a per-channel [C] tensor "
+            f"with C={C} (dim 1 of the input [N, C, *]), got shape {tuple(value.shape)}"
+        )
+    if value.dim() == 1 and value.shape[0] == T:
+        return value
+    if value.dim() == 2 and C is not None and value.shape[1] == C and value.shape[0] in (1, T):
+        return value.expand(T, C)
+    raise ValueError(
+        f"{name} must be a float, a 0-d tensor, a [T] tensor with T={T}, or a per-channel "
+        f"[T, C] or [1, C] tensor with C={C} (dim 2 of the input [T, N, C, *]), "
+        f"got shape {tuple(value.shape)}"
+    )
+
+
+def check_decay_values(decay: object) -> None:
+    """Reject a decay tensor with a value outside [0, 1] or NaN (ValueError).
+
+    Reads the values, so on CUDA this costs one device sync: the public functions call it once
+    per call; the modules, whose decay is a sigmoid, never do. Skipped while torch.compile traces.
+    """
+    if not isinstance(decay, torch.Tensor) or torch.compiler.is_compiling():
+        return
+    with torch.no_grad():
+        lo, hi = torch.aminmax(decay.detach())  # NaN propagates into both
+        lo, hi = lo.item(), hi.item()
+    if not (lo >= 0.0 and hi <= 1.0):
+        raise ValueError(
+            f"decay must lie in [0, 1] (λ, the membrane's leak), got values from {lo} to {hi}"
+        )

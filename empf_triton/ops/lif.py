@@ -1,4 +1,4 @@
-"""LIF baseline ops (EMPF.md §2): multi-step `lif_neuron` and single-step `lif_neuron_step`.
+"""LIF baseline ops (docs/model.md): multi-step `lif_neuron` and single-step `lif_neuron_step`.
 
 Kernels: kernels/lif.py. Reference: reference/lif.py. Tests: tests/test_lif.py.
 """
@@ -20,46 +20,163 @@ from ._common import (
     load_kernels,
     per_step,
 )
+from ._library import register_op
 
 
-class LIFNeuronFunction(torch.autograd.Function):
-    """Autograd over the fused LIF kernels; inputs are a contiguous [T, N] current, [N] v0 (or
-    None) and contiguous fp32 [T] decay and threshold."""
+def _kernels():
+    """kernels/lif.py, imported on first use (this is what imports triton). Not cached here:
+    `load_kernels` stays the one entry point (tests patch it to see that kernels ran)."""
+    return load_kernels("lif")
+
+
+def _lif_fwd_impl(
+    current: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor,
+    threshold: torch.Tensor,
+    surrogate: str,
+    alpha: float,
+    flags: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flags: bit 0 detach_reset, bit 1 bptt, bit 2 save h (few arguments: see ops/neuron.py)."""
+    save_h = bool(flags & 4)
+    with device_guard(current):
+        spikes, v_last, h = _kernels().lif_fwd(current, v0, decay, threshold, save_h)
+    return spikes, v_last, (h if h is not None else current.new_empty((0,)))
+
+
+def _lif_fwd_fake(current, v0, decay, threshold, surrogate, alpha, flags):
+    h = torch.empty_like(current) if flags & 4 else current.new_empty((0,))
+    return torch.empty_like(current), current.new_empty((current.shape[1],)), h
+
+
+def _lif_setup(ctx, inputs, output):
+    current, v0, decay, threshold, surrogate, alpha, flags = inputs
+    detach_reset, bptt = bool(flags & 1), bool(flags & 2)
+    need_ddecay = ctx.needs_input_grad[2]
+    # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
+    ctx.save_for_backward(output[2], v0 if need_ddecay else None, decay, threshold)
+    ctx.meta = (surrogate, alpha, detach_reset, bptt, v0 is not None)
+    ctx.set_materialize_grads(False)
+
+
+def _lif_backward(ctx, g, gv, _gh):
+    h, v0, decay, threshold = ctx.saved_tensors
+    surrogate, alpha, detach_reset, bptt, has_v0 = ctx.meta
+    need = ctx.needs_input_grad
+    flags = (need[0], bptt and has_v0 and need[1], need[2], need[3])
+    bwd = _lif_bwd_impl if getattr(ctx, "direct", False) else _LIF_BWD_OP
+    dcur, dv0, ddecay, dth = bwd(
+        g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, *flags
+    )
+    out = [x if f else None for x, f in zip((dcur, dv0, ddecay, dth), flags)]
+    return (*out, None, None, None)
+
+
+_LIF_FWD = register_op(
+    "lif_fwd", _lif_fwd_impl, fake=_lif_fwd_fake, backward=_lif_backward, setup_context=_lif_setup
+)
+
+
+def _lif_bwd_impl(
+    g: torch.Tensor | None,
+    gv: torch.Tensor | None,
+    h: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor,
+    threshold: torch.Tensor,
+    surrogate: str,
+    alpha: float,
+    detach_reset: bool,
+    bptt: bool,
+    need_dcur: bool,
+    need_dv0: bool,
+    need_ddecay: bool,
+    need_dth: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with device_guard(h):
+        res = _kernels().lif_bwd(
+            g.contiguous() if g is not None else None,
+            gv.contiguous() if gv is not None else None,
+            h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
+            need_dcur, need_dv0, need_ddecay, need_dth,
+        )  # fmt: skip
+    dcur, dv0, ddecay, dth = res
+    e = h.new_empty((0,))
+    e32 = h.new_empty((0,), dtype=torch.float32)
+    return (
+        dcur if dcur is not None else e,
+        dv0 if dv0 is not None else e.clone(),
+        ddecay if ddecay is not None else e32,
+        dth if dth is not None else e32.clone(),
+    )
+
+
+def _lif_bwd_fake(
+    g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
+    need_dcur, need_dv0, need_ddecay, need_dth,
+):  # fmt: skip
+    T, N = h.shape
+    f32 = torch.float32
+    return (
+        h.new_empty((T, N) if need_dcur else (0,)),
+        h.new_empty((N,) if need_dv0 else (0,)),
+        h.new_empty((T,) if need_ddecay else (0,), dtype=f32),
+        h.new_empty((T,) if need_dth else (0,), dtype=f32),
+    )
+
+
+_LIF_BWD = register_op("lif_bwd", _lif_bwd_impl, fake=_lif_bwd_fake)
+_LIF_FWD_OP = torch.ops.empf.lif_fwd.default
+_LIF_BWD_OP = torch.ops.empf.lif_bwd.default
+
+
+class _LIFFn(torch.autograd.Function):
+    """Eager twin of `empf::lif_fwd`'s registered autograd (same impl, setup and backward,
+    called directly: a Python custom op's autograd dispatch costs ~100 µs per call in eager).
+    Under torch.compile the custom op runs instead."""
 
     @staticmethod
-    def forward(ctx, current, v0, decay, threshold, surrogate, alpha, detach_reset, bptt):
-        spikes, v_last, h = load_kernels("lif").lif_fwd(current, v0, decay, threshold, save_h=True)
-        need_ddecay = ctx.needs_input_grad[2]
-        # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
-        ctx.save_for_backward(h, v0 if need_ddecay else None, decay, threshold)
-        ctx.surrogate = surrogate
-        ctx.alpha = alpha
-        ctx.detach_reset = detach_reset
-        ctx.bptt = bptt
-        ctx.has_v0 = v0 is not None
-        ctx.set_materialize_grads(False)
-        return spikes, v_last
+    def forward(ctx, current, v0, decay, threshold, surrogate, alpha, flags):
+        out = _lif_fwd_impl(current, v0, decay, threshold, surrogate, alpha, flags)
+        _lif_setup(ctx, (current, v0, decay, threshold, surrogate, alpha, flags), out)
+        ctx.direct = True
+        return out[0], out[1]  # h stays in ctx
 
     @staticmethod
     def backward(ctx, g, gv):
-        h, v0, decay, threshold = ctx.saved_tensors
-        dcur, dv0, ddecay, dth = load_kernels("lif").lif_bwd(
-            g.contiguous() if g is not None else None,
-            gv.contiguous() if gv is not None else None,
-            h,
-            v0,
-            decay,
-            threshold,
-            surrogate=ctx.surrogate,
-            alpha=ctx.alpha,
-            detach_reset=ctx.detach_reset,
-            bptt=ctx.bptt,
-            need_dcur=ctx.needs_input_grad[0],
-            need_dv0=ctx.bptt and ctx.has_v0 and ctx.needs_input_grad[1],
-            need_ddecay=ctx.needs_input_grad[2],
-            need_dth=ctx.needs_input_grad[3],
-        )
-        return dcur, dv0, ddecay, dth, None, None, None, None
+        return _lif_backward(ctx, g, gv, None)
+
+
+def lif_neuron_triton(
+    current: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor,
+    threshold: torch.Tensor,
+    surrogate: str,
+    alpha: float,
+    detach_reset: bool,
+    bptt: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of `lif_neuron` without validation: current [T, *], v0 [*] or None,
+    decay and threshold [T] tensors (any floating dtype), alpha resolved."""
+    T, feat = current.shape[0], current.shape[1:]
+    cur2 = current.reshape(T, -1)
+    if not cur2.is_contiguous():
+        cur2 = cur2.contiguous()
+    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
+    decay32 = decay.to(torch.float32).contiguous()
+    th32 = threshold.to(torch.float32).contiguous()
+    save_h = grad_wanted(current, v0, decay, threshold)
+    flags = 1 * detach_reset + 2 * bptt + 4 * save_h
+    args = (cur2, v02, decay32, th32, surrogate, float(alpha), flags)
+    if torch.compiler.is_compiling():
+        spikes, v_last, _ = _LIF_FWD_OP(*args)
+    elif save_h:
+        spikes, v_last = _LIFFn.apply(*args)
+    else:
+        spikes, v_last, _ = _lif_fwd_impl(*args)
+    return spikes.view(current.shape), v_last.view(feat)
 
 
 def _check_surrogate(surrogate: str, alpha: float | None) -> float:
@@ -88,7 +205,7 @@ def lif_neuron(
     grad_mode: str = "bptt",
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-step LIF neuron with soft reset and a surrogate gradient (EMPF.md §2), one launch.
+    """Multi-step LIF neuron with soft reset and a surrogate gradient (docs/model.md), one launch.
 
     `m[t] = λ_t v[t-1] + I[t]`, `s[t] = 1[m[t] - θ_t >= 0]`, `v[t] = m[t] - s[t] θ_t`.
     Equals SpikingJelly's `LIFNode(tau, decay_input=False, v_reset=None)` with λ = 1 - 1/tau.
@@ -122,21 +239,14 @@ def lif_neuron(
         raise TypeError(f"detach_reset must be a bool, got {type(detach_reset).__name__}")
     decay_t = per_step("decay", decay, T, current, is_decay=True)
     th_t = per_step("threshold", threshold, T, current)
+    if v0 is not None and grad_mode == "online":
+        v0 = v0.detach()  # a constant in online mode, on both paths (as in empf_neuron)
     if impl == "reference" or current.numel() == 0:
         return lif_neuron_ref(current, v0, decay_t, th_t, surrogate, alpha, detach_reset, grad_mode)
 
-    cur2 = current.reshape(T, -1).contiguous()
-    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
-    decay32 = decay_t.to(torch.float32).contiguous()
-    th32 = th_t.to(torch.float32).contiguous()
-    with device_guard(current):
-        if grad_wanted(current, v0, decay_t, th_t):
-            spikes, v_last = LIFNeuronFunction.apply(
-                cur2, v02, decay32, th32, surrogate, alpha, detach_reset, grad_mode == "bptt"
-            )
-        else:
-            spikes, v_last, _ = load_kernels("lif").lif_fwd(cur2, v02, decay32, th32, save_h=False)
-    return spikes.view(current.shape), v_last.view(feat)
+    return lif_neuron_triton(
+        current, v0, decay_t, th_t, surrogate, alpha, detach_reset, grad_mode == "bptt"
+    )
 
 
 def lif_neuron_step(

@@ -1,7 +1,13 @@
 """EM-PF neuron ops: multi-step `empf_neuron`, single-step `empf_neuron_step`, `parallel_neuron`.
 
-Kernels: kernels/neuron.py. Reference: reference/neuron.py. Tests: tests/test_neuron.py.
-Benchmarks: bench/test_bench_neuron.py.
+Kernels: kernels/neuron.py. Reference: reference/neuron.py. Tests: tests/test_neuron.py,
+tests/test_neuron_channel.py, tests/test_library_ops.py. Benchmarks: bench/test_bench_neuron.py,
+bench/test_bench_overhead.py.
+
+The Triton path is four `torch.library` custom ops (`empf::neuron_fwd`, `empf::neuron_bwd`,
+`empf::parallel_fwd`, `empf::parallel_bwd`), so `torch.compile(fullgraph=True)` keeps them in one
+graph. The public functions validate their arguments and choose the implementation; modules call
+the unchecked internal entries `empf_neuron_triton` / `parallel_neuron_triton` directly.
 """
 
 from __future__ import annotations
@@ -10,84 +16,471 @@ import torch
 
 from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
 from ._common import (
+    check_decay_values,
     check_grad_mode,
     check_like,
     check_sequence,
     check_spike_bits,
     check_step_input,
     device_guard,
-    grad_wanted,
     load_kernels,
-    per_step,
+    neuron_param,
 )
+from ._library import register_op
+
+def _kernels():
+    """kernels/neuron.py, imported on first use (this is what imports triton). Not cached here:
+    `load_kernels` stays the one entry point (tests patch it to see that kernels ran)."""
+    return load_kernels("neuron")
 
 
-class EMPFNeuronFunction(torch.autograd.Function):
-    """Autograd over the fused kernels; inputs are a contiguous [T, N] current, [N] v0 (or None)
-    and contiguous fp32 [T] decay and threshold."""
+def _none_if_empty(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+    return x if wanted else None
 
-    @staticmethod
-    def forward(ctx, current, v0, decay, threshold, spike_bits, spike_step, bptt):
-        k = load_kernels("neuron")
-        need_ddecay = ctx.needs_input_grad[2]
+
+# ------------------------------------------------------------------------------ custom op: neuron
+
+
+# Scalar arguments travel packed in two lists: torch re-reads the schema once per argument on
+# every call of an op with an autograd formula (torch/_library/utils.py fill_defaults, quadratic
+# in the argument count: ~100 µs for 15 arguments), so the differentiable ops keep few.
+# Flag bits of the int list:
+_LOGITS, _BPTT, _SAVE_MASK, _SAVE_V = 1, 2, 4, 8
+_NEED_DDECAY, _NEED_DTH, _NEED_DV0 = 16, 32, 64
+
+
+def _neuron_fwd_impl(
+    current: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    iargs: list[int],
+    fargs: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """iargs = [t0, channels, inner, spike_bits (0: float spikes), flags];
+    fargs = [decay_c, threshold_c, spike_step]."""
+    t0, channels, inner, bits, flags = iargs
+    k = _kernels()
+    with device_guard(current):
         spikes, v_last, mask, vhist = k.empf_fwd(
             current,
             v0,
-            decay,
-            threshold,
-            spike_bits,
-            spike_step,
-            save_mask=True,
-            save_v=need_ddecay,
+            decay if decay is not None else fargs[0],
+            threshold if threshold is not None else fargs[1],
+            bits or None,
+            fargs[2],
+            bool(flags & _SAVE_MASK),
+            bool(flags & _SAVE_V),
+            t0=t0,
+            logits=bool(flags & _LOGITS),
+            channels=channels,
+            inner=inner,
         )
-        # Saved: 1 bit per neuron per step, plus v[0..T-2] (and the caller's v0) if λ learns,
-        # plus the T decays for the temporal path in bptt mode.
-        ctx.save_for_backward(mask, vhist, v0 if need_ddecay else None, decay if bptt else None)
-        ctx.bptt = bptt
-        ctx.has_v0 = v0 is not None
-        ctx.N = current.shape[1]
-        ctx.dtype = current.dtype
-        ctx.set_materialize_grads(False)
-        return spikes, v_last
+    if mask is None:
+        mask = current.new_empty((0,), dtype=torch.uint8)
+    if vhist is None:
+        vhist = current.new_empty((0,))
+    return spikes, v_last, mask, vhist
 
-    @staticmethod
-    def backward(ctx, g, gv):
-        mask, vhist, v0, decay = ctx.saved_tensors
-        need_dv0 = ctx.bptt and ctx.has_v0 and ctx.needs_input_grad[1]
-        need_ddecay = ctx.needs_input_grad[2]
-        dcur, dv0, dth, ddecay = load_kernels("neuron").empf_bwd(
+
+def _neuron_fwd_fake(current, v0, decay, threshold, iargs, fargs):
+    T, N = current.shape
+    flags = iargs[4]
+    mask_shape = (T, (N + 7) // 8) if flags & _SAVE_MASK else (0,)
+    mask = current.new_empty(mask_shape, dtype=torch.uint8)
+    vhist = current.new_empty((T - 1, N) if flags & _SAVE_V and T > 1 else (0,))
+    return torch.empty_like(current), current.new_empty((N,)), mask, vhist
+
+
+def _neuron_setup(ctx, inputs, output):
+    current, v0, decay, threshold, iargs, fargs = inputs
+    t0, channels, inner, _, flags = iargs
+    logits, bptt = bool(flags & _LOGITS), bool(flags & _BPTT)
+    _, _, mask, vhist = output
+    need_ddecay = decay is not None and ctx.needs_input_grad[2]
+    # Saved: the 1-bit mask; v[0..T-2] and v0 only if λ learns; λ itself only where backward
+    # reads it (bptt, λ's own gradient with logits); θ only when its logits need σ'.
+    keep_decay = decay is not None and (bptt or (logits and need_ddecay))
+    keep_th = threshold is not None and logits
+    ctx.save_for_backward(
+        mask, vhist, v0 if need_ddecay else None, decay if keep_decay else None,
+        threshold if keep_th else None,
+    )  # fmt: skip
+    ctx.shapes = (
+        tuple(decay.shape) if decay is not None else None,
+        tuple(threshold.shape) if threshold is not None else None,
+    )
+    ctx.meta = (fargs[0], t0, logits, channels, inner, bptt, current.shape[1], current.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _stand_in(saved: torch.Tensor | None, shape, like: torch.Tensor) -> torch.Tensor | None:
+    """The saved parameter, or an unread placeholder of its shape (the kernels need its form)."""
+    if saved is not None or shape is None:
+        return saved
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+def _neuron_backward(ctx, g, gv, _gmask, _gvhist):
+    mask, vhist, v0, decay, threshold = ctx.saved_tensors
+    decay_c, t0, logits, channels, inner, bptt, N, dtype = ctx.meta
+    need = ctx.needs_input_grad
+    need_dv0 = bptt and need[1]
+    need_ddecay = ctx.shapes[0] is not None and need[2]
+    need_dth = ctx.shapes[1] is not None and need[3]
+    if need_ddecay or bptt:
+        decay = _stand_in(decay, ctx.shapes[0], mask)
+    threshold = _stand_in(threshold, ctx.shapes[1], mask) if need_dth else None
+    flags = (
+        _LOGITS * logits + _BPTT * bptt + _NEED_DDECAY * need_ddecay + _NEED_DTH * need_dth
+        + _NEED_DV0 * need_dv0
+    )  # fmt: skip
+    bwd = _neuron_bwd_impl if getattr(ctx, "direct", False) else _NEURON_BWD_OP
+    dcur, dv0, dth, ddecay = bwd(
+        g, gv, mask, vhist if need_ddecay else None, v0, decay, threshold,
+        [t0, channels, inner, N, flags], [decay_c], dtype,
+    )  # fmt: skip
+    if need_dth and need_ddecay and dth.shape[0] == 2 and ddecay.numel() == 0:
+        dth, ddecay = dth[0], dth[1]  # the stacked pair (see _joint)
+    return (
+        dcur,
+        _none_if_empty(dv0, need_dv0),
+        _none_if_empty(ddecay, need_ddecay),
+        _none_if_empty(dth, need_dth),
+        None,
+        None,
+    )
+
+
+_NEURON_FWD = register_op(
+    "neuron_fwd",
+    _neuron_fwd_impl,
+    fake=_neuron_fwd_fake,
+    backward=_neuron_backward,
+    setup_context=_neuron_setup,
+)
+
+
+def _neuron_bwd_impl(
+    g: torch.Tensor | None,
+    gv: torch.Tensor | None,
+    mask: torch.Tensor,
+    vhist: torch.Tensor | None,
+    v0: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    iargs: list[int],
+    fargs: list[float],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """iargs = [t0, channels, inner, N, flags]; fargs = [decay_c]."""
+    t0, channels, inner, N, flags = iargs
+    need_ddecay, need_dth = bool(flags & _NEED_DDECAY), bool(flags & _NEED_DTH)
+    k = _kernels()
+    with device_guard(mask):
+        dcur, dv0, dth, ddecay = k.empf_bwd(
             g.contiguous() if g is not None else None,
             gv.contiguous() if gv is not None else None,
             mask,
-            vhist,
+            vhist if (vhist is not None and vhist.numel()) else None,
             v0,
-            decay,
-            N=ctx.N,
-            dtype=ctx.dtype,
-            bptt=ctx.bptt,
-            need_ddecay=need_ddecay,
-            need_dv0=need_dv0,
+            decay if decay is not None else fargs[0],
+            N,
+            dtype,
+            bool(flags & _BPTT),
+            need_ddecay,
+            bool(flags & _NEED_DV0),
+            threshold=threshold if threshold is not None else 0.0,
+            need_dthreshold=need_dth,
+            t0=t0,
+            logits=bool(flags & _LOGITS),
+            channels=channels,
+            inner=inner,
+            stack_param_grads=True,  # no aliasing outputs: a joint [2, ...] result comes whole
         )
-        return dcur, dv0, ddecay, dth, None, None, None
+    empty32 = mask.new_empty((0,), dtype=torch.float32)
+    return (
+        dcur,
+        dv0 if dv0 is not None else mask.new_empty((0,), dtype=dtype),
+        dth if dth is not None else empty32,
+        ddecay if ddecay is not None else empty32.clone(),
+    )
 
 
-class ParallelNeuronFunction(torch.autograd.Function):
-    """Autograd over the parallel-neuron kernels; [T, N] contiguous current, fp32 [T] threshold."""
+def _joint(flags: int, decay, threshold) -> bool:
+    """Whether the backward returns both parameter gradients stacked (see kernels.empf_bwd)."""
+    return bool(
+        flags & _NEED_DTH
+        and flags & _NEED_DDECAY
+        and decay.dim() == threshold.dim()
+        and tuple(decay.shape) == tuple(threshold.shape)
+    )
+
+
+def _neuron_bwd_fake(g, gv, mask, vhist, v0, decay, threshold, iargs, fargs, dtype):
+    T, N, flags = mask.shape[0], iargs[3], iargs[4]
+    f32 = torch.float32
+    if _joint(flags, decay, threshold):
+        dth = mask.new_empty((2, *threshold.shape), dtype=f32)
+        ddecay = mask.new_empty((0,), dtype=f32)
+    else:
+        dth = mask.new_empty(tuple(threshold.shape) if flags & _NEED_DTH else (0,), dtype=f32)
+        ddecay = mask.new_empty(tuple(decay.shape) if flags & _NEED_DDECAY else (0,), dtype=f32)
+    return (
+        mask.new_empty((T, N), dtype=dtype),
+        mask.new_empty((N,) if flags & _NEED_DV0 else (0,), dtype=dtype),
+        dth,
+        ddecay,
+    )
+
+
+_NEURON_BWD = register_op("neuron_bwd", _neuron_bwd_impl, fake=_neuron_bwd_fake)
+# The OpOverloads themselves: calling them skips CustomOpDef.__call__ (~20 µs per call).
+_NEURON_FWD_OP = torch.ops.empf.neuron_fwd.default
+_NEURON_BWD_OP = torch.ops.empf.neuron_bwd.default
+
+
+class _NeuronFn(torch.autograd.Function):
+    """The eager twin of `empf::neuron_fwd`'s registered autograd: the same impl, setup and
+    backward functions, called directly. A Python custom op with an autograd formula costs
+    ~100 µs of dispatch per forward+backward in eager mode; this path does not. Under
+    torch.compile the custom op is used instead (see `_neuron_call`)."""
 
     @staticmethod
-    def forward(ctx, current, threshold, spike_bits, spike_step):
-        spikes, mask = load_kernels("neuron").parallel_fwd(
-            current, threshold, spike_bits, spike_step, save_mask=True
+    def forward(ctx, current, v0, decay, threshold, iargs, fargs):
+        out = _neuron_fwd_impl(current, v0, decay, threshold, iargs, fargs)
+        _neuron_setup(ctx, (current, v0, decay, threshold, iargs, fargs), out)
+        ctx.direct = True
+        return out[0], out[1]  # mask and history stay in ctx: fewer outputs to track
+
+    @staticmethod
+    def backward(ctx, g, gv):
+        return _neuron_backward(ctx, g, gv, None, None)
+
+
+def _neuron_call(current, v0, decay, threshold, iargs, fargs, grad):
+    """The custom op while torch.compile traces; in eager, the direct twin (autograd Function
+    when a gradient is recorded, the impl itself when not)."""
+    if torch.compiler.is_compiling():
+        return _NEURON_FWD_OP(current, v0, decay, threshold, iargs, fargs)[:2]
+    if grad:
+        return _NeuronFn.apply(current, v0, decay, threshold, iargs, fargs)
+    return _neuron_fwd_impl(current, v0, decay, threshold, iargs, fargs)[:2]
+
+
+# ---------------------------------------------------------------------------- custom op: parallel
+
+
+def _parallel_fwd_impl(
+    current: torch.Tensor,
+    threshold: torch.Tensor | None,
+    iargs: list[int],
+    fargs: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """iargs = [t0, channels, inner, spike_bits (0: float spikes), flags];
+    fargs = [threshold_c, spike_step]."""
+    t0, channels, inner, bits, flags = iargs
+    k = _kernels()
+    with device_guard(current):
+        spikes, mask = k.parallel_fwd(
+            current,
+            threshold if threshold is not None else fargs[0],
+            bits or None,
+            fargs[1],
+            bool(flags & _SAVE_MASK),
+            t0=t0,
+            logits=bool(flags & _LOGITS),
+            channels=channels,
+            inner=inner,
         )
-        ctx.save_for_backward(mask)
-        ctx.N = current.shape[1]
-        return spikes
+    if mask is None:
+        mask = current.new_empty((0,), dtype=torch.uint8)
+    return spikes, mask
+
+
+def _parallel_fwd_fake(current, threshold, iargs, fargs):
+    T, N = current.shape
+    shape = (T, (N + 7) // 8) if iargs[4] & _SAVE_MASK else (0,)
+    return torch.empty_like(current), current.new_empty(shape, dtype=torch.uint8)
+
+
+def _parallel_setup(ctx, inputs, output):
+    current, threshold, iargs, _ = inputs
+    t0, channels, inner, _, flags = iargs
+    logits = bool(flags & _LOGITS)
+    ctx.save_for_backward(output[1], threshold if logits else None)
+    ctx.th_shape = tuple(threshold.shape) if threshold is not None else None
+    ctx.meta = (t0, logits, channels, inner, current.shape[1])
+
+
+def _parallel_backward(ctx, g, _gmask):
+    mask, threshold = ctx.saved_tensors
+    t0, logits, channels, inner, N = ctx.meta
+    need_dth = ctx.th_shape is not None and ctx.needs_input_grad[1]
+    threshold = _stand_in(threshold, ctx.th_shape, mask) if need_dth else None
+    bwd = _parallel_bwd_impl if getattr(ctx, "direct", False) else _PARALLEL_BWD_OP
+    dcur, dth = bwd(g, mask, threshold, t0, logits, channels, inner, N, need_dth)
+    return dcur, _none_if_empty(dth, need_dth), None, None
+
+
+_PARALLEL_FWD = register_op(
+    "parallel_fwd",
+    _parallel_fwd_impl,
+    fake=_parallel_fwd_fake,
+    backward=_parallel_backward,
+    setup_context=_parallel_setup,
+)
+
+
+def _parallel_bwd_impl(
+    g: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: torch.Tensor | None,
+    t0: int,
+    logits: bool,
+    channels: int,
+    inner: int,
+    N: int,
+    need_dthreshold: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = _kernels()
+    with device_guard(g):
+        dcur, dth = k.parallel_bwd(
+            g.contiguous(),
+            mask,
+            N,
+            threshold=threshold,
+            need_dthreshold=need_dthreshold,
+            t0=t0,
+            logits=logits,
+            channels=channels,
+            inner=inner,
+        )
+    return dcur, (dth if dth is not None else g.new_empty((0,), dtype=torch.float32))
+
+
+def _parallel_bwd_fake(g, mask, threshold, t0, logits, channels, inner, N, need_dthreshold):
+    shape = tuple(threshold.shape) if need_dthreshold else (0,)
+    return torch.empty_like(g), g.new_empty(shape, dtype=torch.float32)
+
+
+_PARALLEL_BWD = register_op("parallel_bwd", _parallel_bwd_impl, fake=_parallel_bwd_fake)
+_PARALLEL_FWD_OP = torch.ops.empf.parallel_fwd.default
+_PARALLEL_BWD_OP = torch.ops.empf.parallel_bwd.default
+
+
+class _ParallelFn(torch.autograd.Function):
+    """Eager twin of `empf::parallel_fwd`'s autograd (see `_NeuronFn`)."""
+
+    @staticmethod
+    def forward(ctx, current, threshold, iargs, fargs):
+        out = _parallel_fwd_impl(current, threshold, iargs, fargs)
+        _parallel_setup(ctx, (current, threshold, iargs, fargs), out)
+        ctx.direct = True
+        return out[0]
 
     @staticmethod
     def backward(ctx, g):
-        (mask,) = ctx.saved_tensors
-        dcur, dth = load_kernels("neuron").parallel_bwd(g.contiguous(), mask, ctx.N)
-        return dcur, dth, None, None
+        return _parallel_backward(ctx, g, None)
+
+
+def _parallel_call(current, threshold, iargs, fargs, grad):
+    if torch.compiler.is_compiling():
+        return _PARALLEL_FWD_OP(current, threshold, iargs, fargs)[0]
+    if grad:
+        return _ParallelFn.apply(current, threshold, iargs, fargs)
+    return _parallel_fwd_impl(current, threshold, iargs, fargs)[0]
+
+
+# ------------------------------------------------------------------- unchecked internal entries
+
+
+def _split(p: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """A parameter as (fp32 tensor or None, scalar) for the custom ops."""
+    if isinstance(p, torch.Tensor):
+        return (p if p.dtype == torch.float32 else p.float()), 0.0
+    return None, float(p)
+
+
+def _channels(current: torch.Tensor, decay, threshold) -> tuple[int, int]:
+    """(C, inner) for per-channel parameters of a [T, N, C, *] current, else (1, 1)."""
+    per_channel = any(isinstance(p, torch.Tensor) and p.dim() == 2 for p in (decay, threshold))
+    if not per_channel:
+        return 1, 1
+    inner = 1
+    for d in current.shape[3:]:
+        inner *= d
+    return current.shape[2], inner
+
+
+def empf_neuron_triton(
+    current: torch.Tensor,
+    v0: torch.Tensor | None,
+    decay: float | torch.Tensor,
+    threshold: float | torch.Tensor,
+    spike_bits: int | None,
+    spike_step: float,
+    bptt: bool,
+    *,
+    t0: int = 0,
+    logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of `empf_neuron` without any validation (callers have validated).
+
+    current [T, *] (any strides); v0 [*] or None (already detached in online mode); decay and
+    threshold a float, a 1-D tensor read at rows t0..t0+T-1, or a [T, C] tensor (see
+    `neuron_param`); `logits=True`: the tensors are logits, the kernel applies the sigmoid.
+    """
+    T, feat = current.shape[0], current.shape[1:]
+    C, inner = _channels(current, decay, threshold)
+    cur2 = current.reshape(T, -1)
+    if not cur2.is_contiguous():
+        cur2 = cur2.contiguous()
+    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
+    d_t, d_c = _split(decay)
+    th_t, th_c = _split(threshold)
+    if torch.is_grad_enabled():
+        save_mask = current.requires_grad or (v0 is not None and v0.requires_grad)
+        save_mask = save_mask or (th_t is not None and th_t.requires_grad)
+        need_ddecay = d_t is not None and d_t.requires_grad
+        save_mask = save_mask or need_ddecay
+    else:
+        save_mask = need_ddecay = False
+    flags = _LOGITS * logits + _BPTT * bptt + _SAVE_MASK * save_mask + _SAVE_V * need_ddecay
+    spikes, v_last = _neuron_call(
+        cur2, v02, d_t, th_t, [t0, C, inner, spike_bits or 0, flags],
+        [d_c, th_c, float(spike_step)], save_mask,
+    )  # fmt: skip
+    return spikes.view(current.shape), v_last.view(feat)
+
+
+def parallel_neuron_triton(
+    current: torch.Tensor,
+    threshold: float | torch.Tensor,
+    spike_bits: int | None,
+    spike_step: float,
+    *,
+    t0: int = 0,
+    logits: bool = False,
+) -> torch.Tensor:
+    """The Triton path of `parallel_neuron` without validation (see `empf_neuron_triton`)."""
+    T = current.shape[0]
+    C, inner = _channels(current, None, threshold)
+    cur2 = current.reshape(T, -1)
+    if not cur2.is_contiguous():
+        cur2 = cur2.contiguous()
+    th_t, th_c = _split(threshold)
+    save_mask = torch.is_grad_enabled() and (
+        current.requires_grad or (th_t is not None and th_t.requires_grad)
+    )
+    flags = _LOGITS * logits + _SAVE_MASK * save_mask
+    spikes = _parallel_call(
+        cur2, th_t, [t0, C, inner, spike_bits or 0, flags], [th_c, float(spike_step)], save_mask
+    )
+    return spikes.view(current.shape)
+
+
+# ---------------------------------------------------------------------------------- public API
 
 
 def empf_neuron(
@@ -101,50 +494,48 @@ def empf_neuron(
     grad_mode: str = "online",
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-step EM-PF neuron (EMPF.md §1), all T steps in one fused launch.
+    """Multi-step EM-PF neuron (docs/model.md), all T steps in one fused launch.
 
     `m[t] = λ_t v[t-1] + I[t]`, `s[t] = relu(m[t] - θ_t)`, `v[t] = m[t] - s[t]`, `out[t] = Q(s[t])`.
+    Both paths compute in fp32 (fp64 for an fp64 current on the reference) and store spikes and
+    membrane in the current's dtype, so half-precision overflow gives the same result on both.
 
     Args:
         current: [T, *] input current, fp32/fp16/bf16 (fp64 too on the reference), T >= 1.
         v0: [*] initial membrane in the current's dtype and device; None means zeros.
-        decay: λ, a float in (0, 1], a 0-d tensor or a [T] tensor (differentiable).
-        threshold: θ, a float, a 0-d tensor or a [T] tensor (differentiable).
+        decay: λ in [0, 1]: a float, a 0-d tensor, a [T] tensor (per step), or per channel a
+            [T, C] or [1, C] tensor, C being dim 2 of the current `[T, N, C, *]` (dim 1 of each
+            step). A 1-D tensor always means [T]. Tensor values outside [0, 1] or NaN raise a
+            ValueError (checked once per call; on CUDA this reads the values: one sync).
+        threshold: θ, the same forms as decay (any finite value).
         spike_bits: None for float spikes, or k in 1..8 for the k-bit quantiser Q
             (`clamp(round(s / spike_step), 0, 2^k - 1) * spike_step`, straight-through gradient).
-        spike_step: the quantiser's step Δ > 0.
-        grad_mode: "online" cuts the temporal path (v[t-1] is a constant in m[t]; no gradient to
-            v0), "bptt" back-propagates through time. Gradients follow EMPF.md §1 exactly.
+        spike_step: the quantiser's step Δ, finite and > 0 in fp32.
+        grad_mode: "online" cuts the temporal path: v[t-1] is a constant in m[t], and v0 is a
+            constant (it never receives a gradient: `v0.grad` stays None, on both paths). "bptt"
+            back-propagates through time, into v0 too.
         impl: "auto" (Triton on CUDA, else reference), "triton" or "reference".
 
     Returns:
         (spikes [T, *], v_last [*]), both in the current's dtype. NaN in the current propagates to
-        the spikes and membrane as NaN (it never counts as firing).
+        the spikes and membrane as NaN (it never counts as firing). Gradients (docs/model.md) for
+        the current, v0 (bptt), and tensor decay/threshold in their own shapes.
     """
     impl = check_sequence("current", current, impl)
     T, feat = current.shape[0], current.shape[1:]
     check_like("v0", v0, "current", current, feat)
     check_spike_bits(spike_bits, spike_step)
     check_grad_mode(grad_mode)
-    decay_t = per_step("decay", decay, T, current, is_decay=True)
-    th_t = per_step("threshold", threshold, T, current)
+    decay = neuron_param("decay", decay, T, current, channel_dim=2, is_decay=True)
+    threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
+    check_decay_values(decay)
+    if v0 is not None and grad_mode == "online":
+        v0 = v0.detach()
     if impl == "reference" or current.numel() == 0:
-        return empf_neuron_ref(current, v0, decay_t, th_t, spike_bits, spike_step, grad_mode)
-
-    cur2 = current.reshape(T, -1).contiguous()
-    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
-    decay32 = decay_t.to(torch.float32).contiguous()
-    th32 = th_t.to(torch.float32).contiguous()
-    with device_guard(current):
-        if grad_wanted(current, v0, decay_t, th_t):
-            spikes, v_last = EMPFNeuronFunction.apply(
-                cur2, v02, decay32, th32, spike_bits, spike_step, grad_mode == "bptt"
-            )
-        else:
-            spikes, v_last, _, _ = load_kernels("neuron").empf_fwd(
-                cur2, v02, decay32, th32, spike_bits, spike_step, save_mask=False, save_v=False
-            )
-    return spikes.view(current.shape), v_last.view(feat)
+        return empf_neuron_ref(current, v0, decay, threshold, spike_bits, spike_step, grad_mode)
+    return empf_neuron_triton(
+        current, v0, decay, threshold, spike_bits, spike_step, grad_mode == "bptt"
+    )
 
 
 def empf_neuron_step(
@@ -166,24 +557,26 @@ def empf_neuron_step(
     Args:
         current: [*] input current of this step (at least 1-D), fp32/fp16/bf16.
         v: [*] membrane from the previous step (None means zeros), same dtype and device.
-        decay: λ_t, a float in (0, 1] or a 0-d tensor.
-        threshold: θ_t, a float or a 0-d tensor.
+        decay: λ_t in [0, 1]: a float, a 0-d tensor, or per channel a [C] tensor, C being dim 1
+            of the current `[N, C, *]` (a 1-D tensor always means [C] here).
+        threshold: θ_t, the same forms as decay.
         spike_bits, spike_step, impl: as in `empf_neuron`.
 
     Returns:
         (spike [*], v_new [*]) in the current's dtype.
     """
     check_step_input("current", current)
-    spikes, v_new = empf_neuron(
-        current.unsqueeze(0),
-        v,
-        decay=decay,
-        threshold=threshold,
-        spike_bits=spike_bits,
-        spike_step=spike_step,
-        grad_mode="bptt",
-        impl=impl,
-    )
+    x = current.unsqueeze(0)
+    impl = check_sequence("current", x, impl)
+    check_like("v", v, "current", current, current.shape)
+    check_spike_bits(spike_bits, spike_step)
+    decay = neuron_param("decay", decay, 1, x, channel_dim=2, single_step=True, is_decay=True)
+    threshold = neuron_param("threshold", threshold, 1, x, channel_dim=2, single_step=True)
+    check_decay_values(decay)
+    if impl == "reference" or current.numel() == 0:
+        spikes, v_new = empf_neuron_ref(x, v, decay, threshold, spike_bits, spike_step, "bptt")
+    else:
+        spikes, v_new = empf_neuron_triton(x, v, decay, threshold, spike_bits, spike_step, True)
     return spikes[0], v_new
 
 
@@ -195,12 +588,13 @@ def parallel_neuron(
     spike_step: float = 0.25,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Stateless EM-PF neuron `out[t] = Q(relu(I[t] - θ_t))`, all T steps at once (EMPF.md §2).
+    """Stateless EM-PF neuron `out[t] = Q(relu(I[t] - θ_t))`, all T steps at once (docs/model.md).
 
     Args:
         current: [T, *] input current, T >= 1.
-        threshold: θ, a float, a 0-d tensor or a [T] tensor (differentiable:
-            `dL/dθ_t = -Σ g[t] H[t]`).
+        threshold: θ: a float, a 0-d tensor, a [T] tensor, or per channel [T, C] or [1, C]
+            (C = dim 2 of `[T, N, C, *]`), as in `empf_neuron`. Differentiable:
+            `dL/dθ_t = -Σ g[t] H[t]` (summed per channel for the per-channel forms).
         spike_bits, spike_step, impl: as in `empf_neuron`.
 
     Returns:
@@ -209,16 +603,7 @@ def parallel_neuron(
     impl = check_sequence("current", current, impl)
     T = current.shape[0]
     check_spike_bits(spike_bits, spike_step)
-    th_t = per_step("threshold", threshold, T, current)
+    threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
     if impl == "reference" or current.numel() == 0:
-        return parallel_neuron_ref(current, th_t, spike_bits, spike_step)
-    cur2 = current.reshape(T, -1).contiguous()
-    th32 = th_t.to(torch.float32).contiguous()
-    with device_guard(current):
-        if grad_wanted(current, th_t):
-            spikes = ParallelNeuronFunction.apply(cur2, th32, spike_bits, spike_step)
-        else:
-            spikes, _ = load_kernels("neuron").parallel_fwd(
-                cur2, th32, spike_bits, spike_step, save_mask=False
-            )
-    return spikes.view(current.shape)
+        return parallel_neuron_ref(current, threshold, spike_bits, spike_step)
+    return parallel_neuron_triton(current, threshold, spike_bits, spike_step)

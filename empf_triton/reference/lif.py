@@ -1,4 +1,4 @@
-"""Reference LIF baseline neuron with surrogate gradients (EMPF.md §2, "LIF baseline").
+"""Reference LIF baseline neuron with surrogate gradients (docs/model.md, "LIF baseline").
 
 Written step by step in the current's dtype. The Heaviside spike is a custom autograd Function
 (forward `x >= 0`, backward `g * sg'(x)`); everything else is plain torch, so autograd yields the

@@ -1,0 +1,234 @@
+"""Host overhead of one call: the Python / autograd / dispatch path of every fused op, GPU work out.
+
+Run: `pytest bench/test_bench_overhead.py --benchmark-json=bench/results/overhead.json`.
+
+Every Triton kernel launch is replaced by a no-op (`Autotuner.run`, `JITFunction.run` and, under
+the interpreter, `InterpretedFunction.run` are patched for the duration of each case), so what is
+timed is exactly what a user's Python thread spends per call besides the kernels: validation,
+allocation of outputs, autograd bookkeeping, launcher argument handling, torch ops around the
+kernels. Since nothing is launched, this runs on a machine without a GPU (the CPU tensors take the
+Triton path; the outputs are uninitialised memory and are not looked at) and gives the same kind of
+number as on a GPU machine, where the launch itself adds a few µs per kernel.
+
+The yardstick is eager `torch.relu` forward+backward on a tensor of the same size (4096
+elements: arithmetic is negligible): `extra_info["ratio_to_relu"]` is each case's median host
+time over relu's. The target is every fused op's fwd+bwd at most 2x relu's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import empf_triton.ops._common as ops_common
+from empf_triton.nn import EMPFNeuron, LIFNeuron
+from empf_triton.ops.binary import binarize, binary_linear, binary_matmul, pack_weight, ternarize
+from empf_triton.ops.lif import lif_neuron, lif_neuron_step
+from empf_triton.ops.neuron import empf_neuron, empf_neuron_step, parallel_neuron
+from empf_triton.ops.spikes import decode_spikes, encode_spikes, quantize_spikes
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NUMEL = 4096
+T = 4
+ROUNDS = int(os.environ.get("EMPF_BENCH_OVERHEAD_ROUNDS", "200"))
+_RELU_US: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def no_kernel_launches():
+    """Every Triton launch becomes a no-op; `impl="triton"` is accepted on CPU tensors."""
+    from triton.runtime import autotuner, interpreter, jit
+
+    saved = [
+        (autotuner.Autotuner, "run", autotuner.Autotuner.run),
+        (jit.JITFunction, "run", jit.JITFunction.run),
+        (interpreter.InterpretedFunction, "run", interpreter.InterpretedFunction.run),
+        (ops_common, "_interpreter_on", ops_common._interpreter_on),
+    ]
+
+    def noop(*args, **kwargs):
+        return None
+
+    try:
+        for owner, name, _ in saved[:3]:
+            setattr(owner, name, noop)
+        ops_common._interpreter_on = lambda: True
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _time(benchmark, fn, *, case: str, kind: str) -> float:
+    with no_kernel_launches():
+        for _ in range(20):  # warm-up: first calls load kernels, build autograd caches
+            fn()
+        benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=5, iterations=1)
+    us = benchmark.stats.stats.median * 1e6
+    benchmark.extra_info.update(
+        device=DEVICE, case=case, kind=kind, numel=NUMEL, host_us=us, torch=torch.__version__
+    )
+    relu = _RELU_US.get(kind)
+    if relu is not None:
+        benchmark.extra_info["relu_us"] = relu
+        benchmark.extra_info["ratio_to_relu"] = us / relu
+    return us
+
+
+def _leaf(*shape, dtype=torch.float32) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=dtype, device=DEVICE) + 0.3).requires_grad_()
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
+def test_overhead_00_relu(benchmark, kind):
+    """The yardstick, timed first (pytest runs the file in order)."""
+    x = _leaf(NUMEL)
+    if kind == "fwd":
+        with torch.no_grad():
+            fn = lambda: torch.relu(x)  # noqa: E731
+            _time(benchmark, fn, case="relu", kind=kind)
+    else:
+        g = torch.ones(NUMEL, device=DEVICE)
+        _time(benchmark, lambda: torch.relu(x).backward(g), case="relu", kind=kind)
+    _RELU_US[kind] = benchmark.stats.stats.median * 1e6
+
+
+def _neuron_cases():
+    """(name, make) pairs: make() returns (inputs needing grad, call) with call() -> outputs."""
+    n = NUMEL // T
+
+    def empf(bits):
+        def make():
+            x, d, th = _leaf(T, n), _leaf(T), _leaf(T)
+            with torch.no_grad():
+                d.copy_(torch.full((T,), 0.5))
+            return (x, d, th), lambda: empf_neuron(
+                x, decay=d, threshold=th, spike_bits=bits, impl="triton"
+            )
+
+        return make
+
+    def empf_float():
+        x = _leaf(T, n)
+        return (x,), lambda: empf_neuron(x, decay=0.5, threshold=0.5, impl="triton")
+
+    def step():
+        x, v = _leaf(NUMEL), _leaf(NUMEL)
+        return (x, v), lambda: empf_neuron_step(x, v, decay=0.5, threshold=0.5, impl="triton")
+
+    def par():
+        x, th = _leaf(T, n), _leaf(T)
+        return (x, th), lambda: parallel_neuron(x, threshold=th, spike_bits=4, impl="triton")
+
+    def lif():
+        x = _leaf(T, n)
+        return (x,), lambda: lif_neuron(x, decay=0.5, threshold=1.0, impl="triton")
+
+    def lif_step():
+        x, v = _leaf(NUMEL), _leaf(NUMEL)
+        return (x, v), lambda: lif_neuron_step(x, v, decay=0.5, threshold=1.0, impl="triton")
+
+    return [
+        ("empf_neuron[T=4,tensor params]", empf(None)),
+        ("empf_neuron[T=4,4-bit]", empf(4)),
+        ("empf_neuron[T=4,float params]", empf_float),
+        ("empf_neuron_step", step),
+        ("parallel_neuron[T=4,4-bit]", par),
+        ("lif_neuron[T=4]", lif),
+        ("lif_neuron_step", lif_step),
+    ]
+
+
+def _other_cases():
+    w = (torch.randn(64, NUMEL // 64, device=DEVICE) * 0.5).requires_grad_()
+    packed = pack_weight(w.detach(), 1)
+    x = _leaf(64, NUMEL // 64)
+    s = (torch.rand(NUMEL, device=DEVICE) * 4).requires_grad_()
+    codes = encode_spikes(s.detach(), 4, 0.25, impl="reference")
+    return [
+        ("quantize_spikes", lambda: ((s,), lambda: quantize_spikes(s, 4, 0.25, impl="triton"))),
+        ("encode_spikes", lambda: ((), lambda: encode_spikes(s.detach(), 4, 0.25, impl="triton"))),
+        (
+            "decode_spikes",
+            lambda: ((), lambda: decode_spikes(codes, 4, 0.25, (NUMEL,), impl="triton")),
+        ),
+        ("binarize", lambda: ((w,), lambda: binarize(w, impl="triton"))),
+        ("ternarize", lambda: ((w,), lambda: ternarize(w, impl="triton"))),
+        ("binary_matmul[M=64]", lambda: ((x,), lambda: binary_matmul(x, packed, impl="triton"))),
+        ("binary_linear[M=64]", lambda: ((x, w), lambda: binary_linear(x, w, impl="triton"))),
+    ]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _bench_case(benchmark, name, make, kind):
+    with no_kernel_launches():
+        leaves, call = make()
+    if kind == "fwd":
+
+        def fn():
+            with torch.no_grad():
+                return call()
+
+    else:
+        if not leaves:
+            pytest.skip(f"{name} has no gradient")
+
+        def fn():
+            out = _first(call())
+            out.backward(torch.ones_like(out))
+
+    _time(benchmark, fn, case=name, kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(("name", "make"), _neuron_cases(), ids=[c[0] for c in _neuron_cases()])
+def test_overhead_neuron_ops(benchmark, name, make, kind):
+    _bench_case(benchmark, name, make, kind)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("idx", range(7), ids=lambda i: _OTHER_NAMES[i])
+def test_overhead_other_ops(benchmark, idx, kind):
+    name, make = _other_cases()[idx]
+    _bench_case(benchmark, name, make, kind)
+
+
+_OTHER_NAMES = [
+    "quantize_spikes",
+    "encode_spikes",
+    "decode_spikes",
+    "binarize",
+    "ternarize",
+    "binary_matmul[M=64]",
+    "binary_linear[M=64]",
+]
+
+
+@pytest.mark.parametrize("module", ["EMPFNeuron", "EMPFNeuron[4-bit]", "LIFNeuron"])
+def test_overhead_module_step(benchmark, module):
+    """One step of a neuron module in step mode "s" + backward (online mode for EM-PF), reset
+    every T steps as a training loop does."""
+    if module == "LIFNeuron":
+        m = LIFNeuron(step_mode="s", impl="triton").to(DEVICE)
+    else:
+        bits = 4 if "4-bit" in module else None
+        m = EMPFNeuron(T, spike_bits=bits, step_mode="s", impl="triton").to(DEVICE)
+    x = _leaf(8, NUMEL // 8)
+    g = torch.ones(8, NUMEL // 8, device=DEVICE)
+
+    def fn():
+        if m.t == T:
+            m.reset()
+        m(x).backward(g)
+        if module == "LIFNeuron":
+            m.detach()
+
+    _time(benchmark, fn, case=f"{module} step", kind="fwd+bwd")
