@@ -42,22 +42,13 @@ def _run(op, impl, device, **kw):
     return [o.detach() for o in outs] + list(grads)
 
 
-# Known disagreement (found by this test): at a NaN membrane the kernels use the documented
-# H = 1[m > θ] = 0, while the reference's torch.relu backward passes the gradient (its
-# threshold_backward zeroes only where the result is <= 0, and NaN <= 0 is false). So d_current
-# of the NaN neuron, and the [T] decay/threshold gradients, differ. Strict: once the two paths
-# agree this xfail turns into a failure and must be removed.
-_NAN_H = pytest.mark.xfail(
-    strict=True,
-    reason="EM-PF/parallel: Triton takes H = 0 at a NaN membrane, the reference's relu backward "
-    "passes the gradient; one of them must change",
-)
+# At a NaN membrane both paths take H = 1[m > θ] = 0 (reference: `reference.neuron.fire`).
 CASES = [
-    pytest.param("empf", {"grad_mode": "online"}, marks=_NAN_H),
-    pytest.param("empf", {"grad_mode": "bptt"}, marks=_NAN_H),
-    pytest.param("empf", {"grad_mode": "bptt", "spike_bits": 4}, marks=_NAN_H),
-    pytest.param("parallel", {}, marks=_NAN_H),
-    pytest.param("parallel", {"spike_bits": 4}, marks=_NAN_H),
+    pytest.param("empf", {"grad_mode": "online"}),
+    pytest.param("empf", {"grad_mode": "bptt"}),
+    pytest.param("empf", {"grad_mode": "bptt", "spike_bits": 4}),
+    pytest.param("parallel", {}),
+    pytest.param("parallel", {"spike_bits": 4}),
     ("lif", {"grad_mode": "online"}),
     ("lif", {"grad_mode": "bptt"}),
 ]

@@ -320,9 +320,10 @@ def test_online_saves_one_bit_per_neuron_per_step(device):
     d = torch.full((T,), 0.5, device=device, requires_grad=True)
     saved = _saved_bytes(lambda: empf_neuron(cur, decay=d, threshold=th, impl="triton"))
     assert saved == T * ((N + 7) // 8) + (T - 1) * N * 4
-    # The reference keeps several full tensors per step.
+    # The reference keeps at least one byte per neuron per step (its `m > θ` masks), 8x the
+    # kernel's packed bit.
     ref = _saved_bytes(lambda: empf_neuron(cur, decay=0.5, threshold=th, impl="reference"))
-    assert ref >= T * N * 4
+    assert ref >= T * N
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

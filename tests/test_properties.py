@@ -248,7 +248,11 @@ def test_empf_neuron_step_matches_reference_and_multistep(c):
         pdtype = torch.float64 if dt == torch.float64 else torch.float32
         x = cur[0].to(dt).clone().requires_grad_()
         v = v0.to(dt).clone().requires_grad_()
-        d, t = _params(c, pdtype)
+        # One step takes 0-d parameters (a 1-D tensor would mean per-channel [C]).
+        d, t = (
+            p[0].detach().clone().requires_grad_() if torch.is_tensor(p) and p.dim() == 1 else p
+            for p in _params(c, pdtype)
+        )
         s, vn = empf_neuron_step(
             x, v, decay=d, threshold=t, spike_bits=c["bits"], spike_step=c["spike_step"],
             impl=impl,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import struct
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +43,7 @@ from ._common import (
     REFERENCE_DTYPES,
     TRITON_DTYPES,
     _interpreter_on,
+    check_spike_step,
     check_tensor,
     load_kernels,
     resolve_impl,
@@ -54,30 +54,12 @@ PACK_BITS = (1, 2, 4, 8)
 _QUANT_BITS = range(1, 9)
 
 
-def _check_step(step: object, name: str = "step") -> float:
-    """A step that is finite and > 0 once rounded to fp32 (where the kernels use it).
-
-    Same rule as `ops._common.check_spike_step` of the neuron ops (kept here until that shared
-    helper is merged).
-    """
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(step).__name__}")
-    value = float(step)
-    try:
-        as_fp32 = struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        as_fp32 = math.inf
-    if not (math.isfinite(value) and math.isfinite(as_fp32) and as_fp32 > 0):
-        raise ValueError(f"{name} must be finite and > 0 in fp32, got {step!r}")
-    return value
-
-
 def _check_bits_step(bits: object, step: object, allowed: Sequence[int]) -> tuple[int, float]:
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"bits must be an int in {tuple(allowed)}, got {type(bits).__name__}")
     if bits not in allowed:
         raise ValueError(f"bits must be in {tuple(allowed)}, got {bits}")
-    return bits, _check_step(step)
+    return bits, check_spike_step(step, "step")
 
 
 def _check_spikes(s: object, impl: str) -> tuple[torch.Tensor, str]:

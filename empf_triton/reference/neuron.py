@@ -1,10 +1,10 @@
 """Reference EM-PF neurons (docs/model.md: the EM-PF neuron and its parallel member).
 
 Written step by step so that torch autograd yields exactly the model's gradient rules:
-`s = relu(m - θ)` has derivative H = 1[m > θ] (0 at equality) and `v = m - s`. Like the kernels,
-it computes in fp32 (fp64 for fp64 inputs), carrying the membrane in that precision, and stores
-spikes and the last membrane in the current's dtype: a half-precision current that overflows when
-stored still gives the exact fp32 membrane.
+`s = relu(m - θ)` has derivative H = 1[m > θ] (0 at equality and at NaN, see `fire`) and
+`v = m - s`. Like the kernels, it computes in fp32 (fp64 for fp64 inputs), carrying the membrane
+in that precision, and stores spikes and the last membrane in the current's dtype: a half-precision
+current that overflows when stored still gives the exact fp32 membrane.
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from .spikes import quantize_spikes_ref
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fire(m_minus_theta: torch.Tensor) -> torch.Tensor:
+    """The floating-point spike `relu(m - θ)` with derivative H = 1[m > θ]: 0 at equality and
+    at a NaN membrane (where the spike itself is NaN), as in the kernels. `torch.relu` alone
+    would pass the gradient at NaN (its backward zeroes only where the result is <= 0)."""
+    d = m_minus_theta
+    return torch.where(d > 0, d, torch.where(torch.isnan(d), d.detach(), torch.zeros_like(d)))
 
 
 def param_at(p: float | torch.Tensor, t: int, like: torch.Tensor) -> float | torch.Tensor:
@@ -58,7 +66,7 @@ def empf_neuron_ref(
     for t in range(cur.shape[0]):
         v_in = v.detach() if grad_mode == "online" else v
         m = param_at(decay, t, cur[t]) * v_in + cur[t]
-        s = torch.relu(m - param_at(threshold, t, cur[t]))
+        s = fire(m - param_at(threshold, t, cur[t]))
         v = m - s
         spikes.append(s if spike_bits is None else quantize_spikes_ref(s, spike_bits, spike_step))
     return torch.stack(spikes).to(current.dtype), v.to(current.dtype)
@@ -74,7 +82,7 @@ def parallel_neuron_ref(
     float, [T] or [T, C] (as in `empf_neuron_ref`); computed in fp32, stored in current's dtype."""
     cur = current.to(_compute_dtype(current.dtype))
     s = torch.stack(
-        [torch.relu(cur[t] - param_at(threshold, t, cur[t])) for t in range(cur.shape[0])]
+        [fire(cur[t] - param_at(threshold, t, cur[t])) for t in range(cur.shape[0])]
     )
     s = s if spike_bits is None else quantize_spikes_ref(s, spike_bits, spike_step)
     return s.to(current.dtype)
