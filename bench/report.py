@@ -865,13 +865,21 @@ def gpu_targets(records: list[dict]) -> list[dict]:
             why=why_dev or "case or graph missing", basis="device time of one graph replay",
         )
     )  # fmt: skip
-    inf = _one(records, op="resnet18_inference", batch=1, T=4, impl="compile-reduce-overhead",
-               device_type="cuda")  # fmt: skip
+    # step mode "m" (one call) or "s" (a loop of T calls): the faster one is what a user runs
+    infs = [
+        r for r in records
+        if all(r.get(k) == v for k, v in dict(
+            op="resnet18_inference", batch=1, T=4, impl="compile-reduce-overhead",
+            device_type="cuda").items()) and r.get("median_s")
+    ]  # fmt: skip
+    inf = min(infs, key=lambda r: r["median_s"], default=None)
     rows.append(
         _target(
-            "EM-PF ResNet-18 CIFAR T=4 inference B=1, torch.compile reduce-overhead",
+            "EM-PF ResNet-18 CIFAR T=4 inference B=1, torch.compile reduce-overhead"
+            + (f" (step mode {inf.get('step_mode')})" if inf is not None else ""),
             None if inf is None else inf["median_s"] * 1e3, 2.0, " ms", better="lower",
-            why=why_dev or "case missing", basis="wall time per batch",
+            why=why_dev or "case missing",
+            basis="wall time per sample batch: reset_net + T steps (bench/test_bench_models.py)",
         )
     )  # fmt: skip
     tr = {"op": "train_step", "model": "resnet18", "batch": 64, "T": 4, "device_type": "cuda"}
