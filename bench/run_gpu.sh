@@ -22,7 +22,7 @@
 #   bench_compile 30  torch.compile(reference) of empf_neuron fwd+bwd at the other T
 #   bench_baselines 25  SpikingJelly LIF and FlexSN (skipped, with the reason, when not installed)
 #   bench_spikes 15, bench_overhead 20, bench_training 40 (the other T and strategies),
-#                     bench_deploy 40, bench_binary_conv 20, bench_models 60 (the other batch,
+#                     bench_deploy 60, bench_binary_conv 20, bench_models 60 (the other batch,
 #                     step mode and compile cases) (a file that does not exist is skipped with a
 #                     note). The limits add up to more than the budget: the last stages get what
 #                     is left, or are recorded as skipped (budget spent).
@@ -252,7 +252,7 @@ bench baselines 25 "$NB" -k "sj_"
 bench spikes 15 bench/test_bench_spikes.py
 bench overhead 20 bench/test_bench_overhead.py
 bench training 40 bench/test_bench_training.py -k "not ($TRAIN_TARGETS)"
-bench deploy 40 bench/test_bench_deploy.py
+bench deploy 60 bench/test_bench_deploy.py
 bench binary_conv 20 bench/test_bench_binary_conv.py
 bench models 60 bench/test_bench_models.py -k "not ($MODEL_TARGETS)"
 

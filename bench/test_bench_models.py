@@ -47,7 +47,7 @@ T = 4
 WIDTH = 64 if ON_CUDA else 4
 HW = 32 if ON_CUDA else 16
 BATCHES = [1, 64] if ON_CUDA else [1, 4]
-IMPLS = ["eager", "compile", "compile-reduce-overhead"]
+IMPLS = ["eager", "compile-reduce-overhead", "compile"]  # the target's impl before plain compile
 COMPILE_MODE = {"compile": "default", "compile-reduce-overhead": "reduce-overhead"}
 OP = "resnet18_inference"
 REL_TOL = 1e-3
@@ -149,7 +149,8 @@ def test_bench_resnet18_inference(benchmark, bench_tools, impl, step_mode, B):
     info = {
         "op": OP,
         "impl": impl,
-        "impl_resolved": "triton" if ON_CUDA else "reference",
+        # CUDA: Triton neurons, binary convs as impl="auto" picks them there
+        "impl_resolved": "auto-cuda" if ON_CUDA else "reference",
         "batch": B,
         "T": T,
         "step_mode": step_mode,
