@@ -34,8 +34,13 @@ def test_inference_target_takes_the_faster_step_mode():
     recs = [
         _rec(step_mode="m", median_s=2.5e-3, **inf),
         _rec(step_mode="s", median_s=1.5e-3, **inf),
-        _rec(step_mode="m", median_s=0.5e-3, op="resnet18_inference", batch=64,
-             impl="compile-reduce-overhead"),  # fmt: skip
+        _rec(
+            step_mode="m",
+            median_s=0.5e-3,
+            op="resnet18_inference",
+            batch=64,
+            impl="compile-reduce-overhead",
+        ),
         _rec(step_mode="m", median_s=0.5e-3, op="resnet18_inference", batch=1, impl="eager"),
     ]
     row = [r for r in _report().gpu_targets(recs) if r["target"].startswith(INF)][0]
@@ -56,8 +61,14 @@ def test_deploy_targets_read_the_4bit_packed_records():
         _rec(batch=256, impl="packed", spike_bits=None, median_s=9e-3, activation_bytes=1, **dep),
         _rec(batch=1, impl="packed", spike_bits=4, median_s=0.8e-3, activation_bytes=10, **dep),
         _rec(batch=256, impl="packed", spike_bits=4, median_s=2e-3, activation_bytes=20, **dep),
-        _rec(batch=256, impl="dense-fp16-compile", spike_bits=None, median_s=5e-3,
-             activation_bytes=100, **dep),  # fmt: skip
+        _rec(
+            batch=256,
+            impl="dense-fp16-compile",
+            spike_bits=None,
+            median_s=5e-3,
+            activation_bytes=100,
+            **dep,
+        ),
     ]
     rows = _rows(recs)
     b1 = rows["deployed ResNet-18 B=1 latency per sample"]

@@ -51,9 +51,7 @@ def _randomize(model: nn.Module) -> nn.Module:
 def _small_model(device: str, step_mode: str) -> nn.Module:
     """A small stateful net: the MNIST-1D CNN (binary convs, EM-PF neurons, T steps)."""
     torch.manual_seed(0)
-    model = build_model(
-        "mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=T, channels=(4, 4, 8, 8)
-    )
+    model = build_model("mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=T, channels=(4, 4, 8, 8))
     return set_step_mode(_randomize(model).to(device), step_mode)
 
 
