@@ -24,6 +24,10 @@ each model reads: packed words + scales vs dense weights) and `activation_bytes`
 allocated during one forward above what was allocated before it (the harness's
 `cuda_peak_bytes`: activations and workspace, weights excluded); None on a CPU, where no
 allocator reports a peak (`activation_bytes_note` says so).
+
+Run order (file order; a GPU stage cut short keeps what finished): the 4-bit packed cases
+(`test_bench_deployed_resnet18`), the dense cases at batch 256 then 1, then the float-spike
+packed cases (`test_bench_deployed_resnet18_float_spikes`).
 """
 
 from __future__ import annotations
