@@ -865,13 +865,21 @@ def gpu_targets(records: list[dict]) -> list[dict]:
             why=why_dev or "case or graph missing", basis="device time of one graph replay",
         )
     )  # fmt: skip
-    inf = _one(records, op="resnet18_inference", batch=1, T=4, impl="compile-reduce-overhead",
-               device_type="cuda")  # fmt: skip
+    # step mode "m" (one call) or "s" (a loop of T calls): the faster one is what a user runs
+    infs = [
+        r for r in records
+        if all(r.get(k) == v for k, v in dict(
+            op="resnet18_inference", batch=1, T=4, impl="compile-reduce-overhead",
+            device_type="cuda").items()) and r.get("median_s")
+    ]  # fmt: skip
+    inf = min(infs, key=lambda r: r["median_s"], default=None)
     rows.append(
         _target(
-            "EM-PF ResNet-18 CIFAR T=4 inference B=1, torch.compile reduce-overhead",
+            "EM-PF ResNet-18 CIFAR T=4 inference B=1, torch.compile reduce-overhead"
+            + (f" (step mode {inf.get('step_mode')})" if inf is not None else ""),
             None if inf is None else inf["median_s"] * 1e3, 2.0, " ms", better="lower",
-            why="bench case missing", basis="wall time per batch",
+            why=why_dev or "case missing",
+            basis="wall time per sample batch: reset_net + T steps (bench/test_bench_models.py)",
         )
     )  # fmt: skip
     tr = {"op": "train_step", "model": "resnet18", "batch": 64, "T": 4, "device_type": "cuda"}
@@ -902,20 +910,21 @@ def gpu_targets(records: list[dict]) -> list[dict]:
         )
     )  # fmt: skip
     dep = {"op": "deploy_resnet18", "device_type": "cuda"}
-    d1 = _one(records, batch=1, impl="packed", **dep)
+    # the packed deployment in the paper's compression mode: 4-bit spike codes between layers
+    d1 = _one(records, batch=1, impl="packed", spike_bits=4, **dep)
     rows.append(
         _target(
             "deployed ResNet-18 B=1 latency per sample",
             None if d1 is None else d1["median_s"] * 1e3, 1.0, " ms", better="lower",
-            why="bench case missing", basis="wall time per batch of 1",
+            why=why_dev or "case missing", basis="wall time per batch of 1",
         )
     )  # fmt: skip
-    d256 = _one(records, batch=256, impl="packed", **dep)
+    d256 = _one(records, batch=256, impl="packed", spike_bits=4, **dep)
     dense = _one(records, batch=256, impl="dense-fp16-compile", **dep)
     rows.append(
         _target(
             "deployed ResNet-18 B=256 throughput vs dense fp16 cuDNN (compiled)",
-            _ratio(_t(dense), _t(d256)), 3.0, "x", why="bench case missing",
+            _ratio(_t(dense), _t(d256)), 3.0, "x", why=why_dev or "case missing",
             basis="wall time per batch of 256",
         )
     )  # fmt: skip
@@ -923,7 +932,7 @@ def gpu_targets(records: list[dict]) -> list[dict]:
         _target(
             "deployed ResNet-18 activation memory / dense fp16",
             _ratio(_t(d256, "activation_bytes"), _t(dense, "activation_bytes")), 0.25, "",
-            better="lower", why="bench case missing", basis="activation bytes per batch",
+            better="lower", why=why_dev or "case missing", basis="activation bytes per batch",
         )
     )  # fmt: skip
     return rows

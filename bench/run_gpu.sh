@@ -15,11 +15,17 @@
 #                     T=32, eager and Triton (autotuned): the cases the targets read
 #   bench_compile_t4 30  torch.compile(reference) of empf_neuron fwd+bwd at T=4
 #   bench_gemm 40     binary GEMM vs cuBLAS (eager and CUDA graph)
+#   bench_models_target 60  ResNet-18 inference B=1 step mode "m", eager and
+#                     torch.compile(mode="reduce-overhead"): the 2 ms target's case
+#   bench_training_targets 40  ResNet-18 B=64 T=4 online and BPTT steps, EM-PF vs LIF step
 #   bench_neuron 45   the other neuron cases (every T, fwd, parallel, LIF, 4-bit, bf16)
 #   bench_compile 30  torch.compile(reference) of empf_neuron fwd+bwd at the other T
 #   bench_baselines 25  SpikingJelly LIF and FlexSN (skipped, with the reason, when not installed)
-#   bench_spikes 15, bench_overhead 20, bench_training 40, bench_deploy 20, bench_binary_conv 20
-#                     (a file that does not exist is skipped with a note)
+#   bench_spikes 15, bench_overhead 20, bench_training 40 (the other T and strategies),
+#                     bench_deploy 60, bench_binary_conv 20, bench_models 60 (the other batch,
+#                     step mode and compile cases) (a file that does not exist is skipped with a
+#                     note). The limits add up to more than the budget: the last stages get what
+#                     is left, or are recorded as skipped (budget spent).
 #   report 30         bench/report.py: plots, summary.md (pass/fail per target), README table
 # Every stage runs under `timeout -s INT`: pytest stops as after Ctrl-C and pytest-benchmark still
 # writes the cases it finished. After EVERY stage the stage table and logs are updated and the
@@ -233,15 +239,22 @@ export EMPF_BENCH_COMPILE_T=${EMPF_BENCH_COMPILE_T:-all}
 bench neuron_targets 45 "$NB" -k "copy or ($TARGET_CASES and not sj_)"
 bench compile_t4 30 "$NB" -k "compile and fwd+bwd and T4-fp32-float and empf_neuron and not step"
 bench gemm 40 bench/test_bench_binary_gemm.py
+# The model-level targets next: ResNet-18 inference at B=1 (reduce-overhead compiles first), and
+# the training steps the targets read (T=4 online / BPTT, EM-PF vs LIF).
+MODEL_TARGETS="B1 and step_m and (eager or reduce-overhead)"
+TRAIN_TARGETS="online-4 or bptt-4 or neuron_step"
+bench models_target 60 bench/test_bench_models.py -k "$MODEL_TARGETS"
+bench training_targets 40 bench/test_bench_training.py -k "$TRAIN_TARGETS"
 bench neuron 45 "$NB" -k "(empf or parallel or lif) and not compile and not sj_ and not ($TARGET_CASES)"
 bench compile 30 "$NB" \
     -k "compile and fwd+bwd and fp32-float and empf_neuron and not step and not T4-fp32-float"
 bench baselines 25 "$NB" -k "sj_"
 bench spikes 15 bench/test_bench_spikes.py
 bench overhead 20 bench/test_bench_overhead.py
-bench training 40 bench/test_bench_training.py
-bench deploy 20 bench/test_bench_deploy.py
+bench training 40 bench/test_bench_training.py -k "not ($TRAIN_TARGETS)"
+bench deploy 60 bench/test_bench_deploy.py
 bench binary_conv 20 bench/test_bench_binary_conv.py
+bench models 60 bench/test_bench_models.py -k "not ($MODEL_TARGETS)"
 
 # --- 4. report from whatever JSON exists.
 JSONS=()

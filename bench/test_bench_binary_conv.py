@@ -1,20 +1,24 @@
 """Benchmarks of the fused deployment layer `binary_conv_neuron` (packed conv, scale/bias, neuron).
 
 Run: `pytest bench/test_bench_binary_conv.py --benchmark-json=results.json` (on its own, not with
-tests/). Knobs: bench/conftest.py (time per case, CPU threads).
+tests/). Timing, checks, memory and CUDA-graph replay: bench/conftest.py (`bench_tools.run`);
+knobs there (time per case, CPU threads).
 
 Shapes: the 3x3 convolutions of a CIFAR ResNet-18 (32x32 input), T = 4, batch B = 1 and 64 on
 CUDA; on the CPU two tiny layers with B = 1 (a dry run of the harness; Triton cases then run only
 under TRITON_INTERPRET=1, as a harness check, not a measurement).
 
-Cases (`test_bench_binary_conv[impl-layer-B]`), each a full deployed layer for all T steps unless
-said otherwise; `extra_info` has impl, layer, T, B, C_in, C_out, H, W, stride, Ho, Wo, K, what
-was timed (`timed`), bytes moved and GB/s, MAC-based TOPS (2 ops per multiply-accumulate, dense
-count), CUDA peak memory and, on CUDA, `gpu_time_s` from a CUDA-graph replay (launch overhead
-removed; wall time of the eager call is the benchmark's own time):
-- `fused`: binary_conv_neuron(impl="triton"), uint8 4-bit codes in (in_bits=4: int8 dots), 4-bit
-  codes out, EM-PF neuron with [T, C] decay/threshold and [C] scale/bias.
-- `fused_fp16`: the same with fp16 float spikes in and fp16 float spikes out (fp16 dots).
+Cases (`test_bench_binary_conv[impl-layer-B]`, `op="binary_conv_neuron"`), each a full deployed
+layer for all T steps unless said otherwise; `extra_info` has impl, layer, T, batch (and B), C_in,
+C_out, H, W, stride, Ho, Wo, K, what was timed (`timed`), bytes moved and GB/s, MAC-based TFLOP/s
+(2 ops per multiply-accumulate, dense count), and the harness's wall time, device time, CUDA peak
+memory and CUDA-graph replay times (`graph_wall_time_s`, `graph_device_time_s`: launch overhead
+removed). Every Triton case is checked against the reference path before it is timed:
+- `triton`: binary_conv_neuron(impl="triton"), uint8 4-bit codes in (in_bits=4: int8 dots), 4-bit
+  codes out, EM-PF neuron with [T, C] decay/threshold and [C] scale/bias. Check: the codes equal
+  the reference path's exactly (integer sums, as the op documents).
+- `triton-fp16`: the same with fp16 float spikes in and fp16 float spikes out (fp16 dots). Check:
+  max |out - reference| ≤ 1e-2 · max |reference| (fp32 sums in another order, fp16 output).
 - `reference`: binary_conv_neuron(impl="reference"), the unfused eager path of the same layer
   (decode codes, unpack weights, F.conv2d with T folded into the batch, scale/bias, the neuron
   step by step in fp32, encode codes).
@@ -24,9 +28,9 @@ removed; wall time of the eager call is the benchmark's own time):
 - `dense_fp16`: only F.conv2d of fp16 spikes with the dense fp16 weight (T folded into the
   batch): the cuDNN convolution the fused layer replaces, without any neuron.
 
-Byte model (the bytes each case must move at least; ds = 2 for fp16): fused reads the codes
+Byte model (the bytes each case must move at least; ds = 2 for fp16): triton reads the codes
 T*B*C_in*H*W bytes, the packed words bits*C_out*ceil(K/32)*4 and writes codes T*B*C_out*Ho*Wo
-bytes; fused_fp16 the same with 2-byte spikes in and out; dense_fp16 reads x and the dense weight
+bytes; triton-fp16 the same with 2-byte spikes in and out; dense_fp16 reads x and the dense weight
 (2 B per weight) and writes y (ds each); unfused_lib adds the neuron's read of y and write of the
 spikes; reference counts as dense_fp16 in fp32 (4 B) plus the neuron's read and write.
 """
@@ -61,52 +65,43 @@ LAYERS = (
     else {"tiny": (16, 16, 8, 1), "tiny_down": (16, 32, 8, 2)}
 )
 BATCHES = [1, 64] if ON_CUDA else [1]
-IMPLS = ["fused", "fused_fp16", "reference", "unfused_lib", "dense_fp16"]
+IMPLS = ["triton", "triton-fp16", "reference", "unfused_lib", "dense_fp16"]
 STEP_IN = STEP_OUT = 0.25
 
 
-def _sync() -> None:
-    if ON_CUDA:
-        torch.cuda.synchronize()
+def _check_codes(fn, ref_fn):
+    """Before timing: uint8 codes in, integer sums: the codes must equal the reference's."""
+
+    def check() -> dict:
+        got, ref = fn(), ref_fn()
+        assert got.dtype == ref.dtype == torch.uint8 and got.shape == ref.shape
+        diff = (got.int() - ref.int()).abs()
+        assert torch.equal(got, ref), (
+            f"{int((diff > 0).sum())} codes differ from the reference (max {int(diff.max())})"
+        )
+        return {"codes_equal_reference": True}
+
+    return check
 
 
-def _gpu_time(fn, reps: int = 30) -> float | None:
-    """Mean GPU seconds per call of `fn` replayed from a CUDA graph (events if capture fails)."""
-    if not ON_CUDA:
-        return None
-    fn()
-    _sync()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        _sync()
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-    except RuntimeError:
-        _sync()
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-    _sync()
-    return start.elapsed_time(end) / 1e3 / reps
+def _check_float(fn, ref_fn, rel: float = 1e-2):
+    """Before timing: float spikes against the reference path, relative to their largest value."""
+
+    def check() -> dict:
+        got, ref = fn().double(), ref_fn().double()
+        assert got.shape == ref.shape
+        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        assert err <= rel, f"float spikes differ from the reference: rel. error {err:.3g}"
+        return {"rel_err_vs_reference": err}
+
+    return check
 
 
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_binary_conv(benchmark, bench_tools, impl, layer, B):
-    if impl.startswith("fused") and triton_skip_reason():
+    if impl.startswith("triton") and triton_skip_reason():
         pytest.skip(triton_skip_reason())
     C_in, C_out, H, stride = LAYERS[layer]
     W = H
@@ -133,20 +128,23 @@ def test_bench_binary_conv(benchmark, bench_tools, impl, layer, B):
     neuron = dict(decay=decay, threshold=threshold, spike_bits=4, spike_step=STEP_OUT)
     conv = dict(stride=stride, padding=1)
 
-    if impl == "fused":
+    check = None
+    if impl == "triton":
         kw = {**conv, **neuron}
 
-        def fn():
+        def fn(impl="triton"):
             return binary_conv_neuron(
-                codes, packed, scale, bias, in_step=STEP_IN, in_bits=4, impl="triton", **kw
+                codes, packed, scale, bias, in_step=STEP_IN, in_bits=4, impl=impl, **kw
             )
+
+        check = _check_codes(fn, lambda: fn("reference"))
 
         moved = n_in + words_b + n_out
         timed = "fused op: uint8 4-bit codes in, int8 dots, EM-PF over T, 4-bit codes out"
-    elif impl == "fused_fp16":
+    elif impl == "triton-fp16":
         xin = x16.to(torch.float16)
 
-        def fn():
+        def fn(impl="triton"):
             return binary_conv_neuron(
                 xin,
                 packed,
@@ -155,9 +153,11 @@ def test_bench_binary_conv(benchmark, bench_tools, impl, layer, B):
                 decay=decay,
                 threshold=threshold,
                 out_dtype=torch.float16,
-                impl="triton",
+                impl=impl,
                 **conv,
             )
+
+        check = _check_float(fn, lambda: fn("reference"))
 
         moved = 2 * n_in + words_b + 2 * n_out
         timed = "fused op: fp16 float spikes in, fp16 dots, EM-PF over T, fp16 float spikes out"
@@ -192,12 +192,14 @@ def test_bench_binary_conv(benchmark, bench_tools, impl, layer, B):
     bench_tools.run(
         benchmark,
         fn,
+        check=check,
         bytes_moved=moved,
         flops=2 * T * B * C_out * Ho * Wo * K,
         op="binary_conv_neuron",
         impl=impl,
         layer=layer,
         T=T,
+        batch=B,
         B=B,
         C_in=C_in,
         C_out=C_out,
@@ -211,10 +213,3 @@ def test_bench_binary_conv(benchmark, bench_tools, impl, layer, B):
         timed=timed,
         dtype=str(x16.dtype).removeprefix("torch."),
     )
-    gpu = _gpu_time(fn)
-    if gpu is not None:
-        benchmark.extra_info.update(
-            gpu_time_s=gpu,
-            gbps_gpu=moved / gpu / 1e9,
-            tflops_gpu=2 * T * B * C_out * Ho * Wo * K / gpu / 1e12,
-        )
