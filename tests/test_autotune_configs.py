@@ -53,9 +53,13 @@ def discover() -> dict[str, Autotuner]:
     for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for attr, value in sorted(vars(module).items()):
-            if isinstance(value, Autotuner) and id(value) not in seen:
-                seen.add(id(value))
-                found[f"{info.name}.{attr}"] = value
+            # An autotuner is a module attribute or a value of a module-level dict (the binary
+            # GEMM keeps one per (family, direction) in `_TUNERS`).
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for key, tuner in items:
+                if isinstance(tuner, Autotuner) and id(tuner) not in seen:
+                    seen.add(id(tuner))
+                    found[f"{info.name}.{attr}" + ("" if key is None else f"[{key}]")] = tuner
     return found
 
 
@@ -214,7 +218,7 @@ def case_binary() -> None:
         for dtype in dtypes:
             r = 1e-4 if dtype == torch.float32 else 1e-2
             tol = {"rtol": r, "atol": r}
-            for M in (1, 37):
+            for M in (1, 5, 37):  # GEMV, small-M and large-M families
                 x = torch.randn(M, K, generator=g).to(DEV, dtype)
                 bias = torch.randn(N, generator=g).to(DEV, dtype)
                 gout = torch.randn(M, N, generator=g).to(DEV, dtype)
@@ -230,6 +234,27 @@ def case_binary() -> None:
                     out = ops.binary_linear(leaves[0], leaves[1], bias, bits=bits, impl=impl)
                     res[impl] = (out, *torch.autograd.grad(out, leaves, gout))
                 _close(res["triton"], res["reference"], f"binary_linear[{bits}, M={M}]", **tol)
+
+
+def case_binary_conv_neuron() -> None:
+    from empf_triton.ops.binary_conv import binary_conv_neuron
+
+    g = torch.Generator().manual_seed(5)
+    T, N, Cin, Cout, H, W = 2, 2, 6, 5, 5, 6
+    w = torch.randn(Cout, Cin, 3, 3, generator=g)
+    packed = ops.pack_weight(w.to(DEV), 1, impl="reference")
+    codes = torch.randint(0, 16, (T, N, Cin, H, W), generator=g, dtype=torch.uint8).to(DEV)
+    scale = (torch.rand(Cout, generator=g) * 0.05 + 0.01).to(DEV)
+    bias = (torch.randn(Cout, generator=g) * 0.1).to(DEV)
+    decay = torch.full((T, Cout), 0.5).to(DEV)
+    threshold = torch.full((T, Cout), 0.3).to(DEV)
+    kw = dict(stride=1, padding=1, in_step=0.25, in_bits=4, decay=decay, threshold=threshold,
+              spike_bits=4, spike_step=0.25)  # fmt: skip
+    with torch.no_grad():
+        out = binary_conv_neuron(codes, packed, scale, bias, impl="triton", **kw)
+        ref = binary_conv_neuron(codes, packed, scale, bias, impl="reference", **kw)
+    # 4-bit codes times ±1 weights are exact integers on both paths: the codes must be equal.
+    assert torch.equal(out, ref), "binary_conv_neuron codes"
 
 
 CASES: dict[str, Callable[[], None]] = {
