@@ -547,7 +547,9 @@ def measure_memory(args, Ts: Sequence[int], log) -> tuple[list[dict], dict]:
     train_set, _, info = load_dataset(args.dataset, args.data_root, **kw)
     n = min(args.memory_batch, len(train_set))
     if hasattr(train_set, "x"):
-        x, y = train_set.x[:n], train_set.y[:n]
+        # A copy: a view would share the whole data set's storage, which the meter would then
+        # count in full wherever a layer saves its input.
+        x, y = train_set.x[:n].clone(), train_set.y[:n].clone()
     else:
         pairs = [train_set[i] for i in range(n)]
         x = torch.stack([torch.as_tensor(p[0], dtype=torch.float32) for p in pairs])
