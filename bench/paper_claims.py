@@ -374,10 +374,20 @@ def build_report(results: dict) -> str:
     lines += ["", f"**claim (d): {d['verdict']}**", "", "## Summary", ""]
     for c in evaluate_claims(runs, memory, "final"):
         lines.append(f"- ({c['id']}) {c['title']}: **{c['verdict']}**")
-    missing = [n for n in meta.get("configs", CONFIGS) if not any(r["config"] == n for r in runs)]
-    if missing:
-        lines += ["", f"Configurations not run (or not finished): {', '.join(missing)}."]
+    asked = list(meta.get("configs", CONFIGS))
+    n_seeds = len(meta.get("seeds", []))
+    done = {n: len({r["seed"] for r in runs if r["config"] == n}) for n in asked}
+    unfinished = [f"{n} ({done[n]} of {n_seeds} seeds)" for n in asked if done[n] < n_seeds]
+    if unfinished:
+        lines += ["", f"Configurations requested but not finished: {', '.join(unfinished)}."]
+    left_out = [n for n in CONFIGS if n not in asked]
+    if left_out:
+        lines += ["", f"Configurations not requested (`--configs`): {', '.join(left_out)}."]
     lines += [
+        "",
+        "Reading the numbers: with the same epochs, `online` makes T optimizer steps per batch "
+        "(one per time step) while `random_step` and `bptt` make one, so `online` also gets T "
+        "times more updates; `random_step` back-propagates one drawn step per batch.",
         "",
         "These are small-data runs of the claims, not a reproduction of the paper's CIFAR / "
         "ImageNet numbers; a claim that does not hold here is reported as it came out.",

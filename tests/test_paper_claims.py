@@ -106,6 +106,7 @@ def test_claims_from_synthetic_results(pc):
     # the report shows the tables, every verdict and the unpaired config note
     meta = {"dataset": "synthetic", "seeds": [0, 1, 2], "configs": list(pc.CONFIGS)}
     text = pc.build_report({"meta": meta, "runs": runs[:-1], "memory": _memory({"bptt": 2.0})})
+    assert "requested but not finished: empf-online-4bit (2 of 3 seeds)." in text
     assert "| empf-online | empf | online | binary | float | 3 | 90.80 ± 1.00 |" in text
     assert "**claim (b)** | | | | **does not hold**" in text
     assert "**claim (a)** | | | | **holds**" in text
@@ -155,7 +156,8 @@ def test_real_tiny_grid_end_to_end(pc, tmp_path, capsys):
     claims = {c["id"]: c for c in pc.evaluate_claims(res["runs"], res["memory"])}
     assert claims["a"]["verdict"] in ("holds", "does not hold")  # one seed: never inconclusive
     assert claims["b"]["verdict"] == "not run" and claims["d"]["verdict"] == "holds"
-    assert "Configurations not run (or not finished): empf-random_step" in text
+    assert "Configurations not requested (`--configs`): empf-random_step, " in text
+    assert "requested but not finished" not in text
     assert (out / "claims.png").stat().st_size > 10_000
     capsys.readouterr()
     assert pc.main(argv) == 0  # everything reused, nothing retrained
