@@ -42,6 +42,7 @@ accuracy over epochs is reported beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -501,6 +502,12 @@ def train_one(name: str, seed: int, args, out: Path, log) -> dict:
         ) == args.T:
             log(f"[{name} seed {seed}] reused {done}")
             return rec
+    # The neuron kind: a TrainConfig field where the trainer has one (`--neuron`), else a model
+    # option passed through `model_options`.
+    if "neuron" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        neuron_kw = {"neuron": c["neuron"]}
+    else:
+        neuron_kw = {"model_options": {"neuron": c["neuron"]} if c["neuron"] != "empf" else None}
     cfg = TrainConfig(
         dataset=args.dataset,
         data_root=args.data_root,
@@ -514,7 +521,7 @@ def train_one(name: str, seed: int, args, out: Path, log) -> dict:
         overwrite=True,
         progress=False,
         device=args.device,
-        model_options={"neuron": c["neuron"]} if c["neuron"] != "empf" else None,
+        **neuron_kw,
     )
     t0 = time.perf_counter()
     lines: list[str] = []
