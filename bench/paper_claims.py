@@ -216,7 +216,9 @@ def evaluate_claims(runs: list[dict], memory: list[dict], key: str = "final") ->
             {
                 "id": cid,
                 "title": title,
-                "parts": [{"what": f"{ref} - {var} (pt)", "rule": f"<= {thr}", "d": d, "verdict": v}],
+                "parts": [
+                    {"what": f"{ref} - {var} (pt)", "rule": f"<= {thr}", "d": d, "verdict": v}
+                ],
                 "verdict": v,
             }
         )

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def pc():
-    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "bench" / "paper_claims.py")
+    path = ROOT / "bench" / "paper_claims.py"
+    spec = importlib.util.spec_from_file_location("paper_claims", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -140,7 +141,8 @@ def test_real_tiny_grid_end_to_end(pc, tmp_path, capsys):
     ]  # fmt: skip
     assert pc.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["config"] for r in res["runs"]] == ["empf-online", "empf-bptt", "lif-online", "lif-bptt"]
+    names = ["empf-online", "empf-bptt", "lif-online", "lif-bptt"]
+    assert [r["config"] for r in res["runs"]] == names
     for r in res["runs"]:
         assert 0.0 <= r["final"] <= r["best"] <= 1.0 and r["model"] == "digits_mlp"
         assert (out / "runs" / f"{r['config']}-s0" / "last.pt").exists()

@@ -36,8 +36,8 @@ def _factory(T: int, **kw) -> NeuronFactory:
 class MNIST1DCNN(SpikingModel):
     """1-D EM-PF conv net for MNIST-1D signals x [N, 1, L] (one step) or [T, N, 1, L].
 
-    stem: full-precision conv (kernel 5) + BN, no neuron after it (docs/model.md); then one block per
-    width after the first, `neuron -> binary conv (kernel 3) -> BN [-> SECA] [-> 2x max-pool]`;
+    stem: full-precision conv (kernel 5) + BN, no neuron after it (docs/model.md); then one block
+    per width after the first, `neuron -> binary conv (kernel 3) -> BN [-> SECA] [-> 2x max-pool]`;
     then `neuron -> flatten -> full-precision linear` classifier.
 
     Args:
