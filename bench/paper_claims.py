@@ -416,8 +416,9 @@ def plot(results: dict, path: Path) -> None:
             vals = [100 * r[key] for r in runs if r["config"] == n]
             m, s = mean_std(vals)
             x = i + (k - 0.5) * 0.35
-            ax.bar(x, m, 0.35, yerr=s, color=color, alpha=0.7, capsize=3,
-                   label=key if i == 0 else None)
+            ax.bar(
+                x, m, 0.35, yerr=s, color=color, alpha=0.7, capsize=3, label=key if i == 0 else None
+            )
             ax.plot([x] * len(vals), vals, "k.", ms=3)
     if names:
         lo = min(100 * r[k] for r in runs for k in ("final", "best") if r["config"] in names)
@@ -425,8 +426,11 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"{meta['dataset']}, {meta.get('model')}, T={meta.get('T')}, "
-                 f"{meta.get('epochs')} ep, {len(meta.get('seeds', []))} seed(s)", fontsize=9)
+    ax.set_title(
+        f"{meta['dataset']}, {meta.get('model')}, T={meta.get('T')}, "
+        f"{meta.get('epochs')} ep, {len(meta.get('seeds', []))} seed(s)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     ax = axes[1]
     styles = {"empf": "-", "lif": "--"}
@@ -438,15 +442,24 @@ def plot(results: dict, path: Path) -> None:
                 key=lambda m: m["T"],
             )
             if rows:
-                ax.plot([m["T"] for m in rows], [m["saved_bytes"] / 2**20 for m in rows],
-                        styles[neuron], marker="o", color=colors[strat], label=f"{neuron} {strat}")
+                ax.plot(
+                    [m["T"] for m in rows],
+                    [m["saved_bytes"] / 2**20 for m in rows],
+                    styles[neuron],
+                    marker="o",
+                    color=colors[strat],
+                    label=f"{neuron} {strat}",
+                )
     ax.set_xlabel("T")
     ax.set_ylabel("saved for backward, MiB (peak)")
     ax.set_title("training memory vs T (claim d)", fontsize=9)
     if memory:
         ax.legend(fontsize=7)
-    fig.suptitle(f"{meta.get('machine', '')} | {meta.get('versions', '')} | "
-                 f"commit {meta.get('commit', '?')}", fontsize=7)
+    fig.suptitle(
+        f"{meta.get('machine', '')} | {meta.get('versions', '')} | "
+        f"commit {meta.get('commit', '?')}",
+        fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -459,11 +472,17 @@ def _commit() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         dirty = subprocess.run(
             ["git", "-C", str(_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -499,9 +518,11 @@ def train_one(name: str, seed: int, args, out: Path, log) -> dict:
     done = run_dir / "result.json"
     if done.exists() and not args.fresh:
         rec = json.loads(done.read_text())
-        if rec.get("dataset") == args.dataset and rec.get("epochs") == args.epochs and rec.get(
-            "T"
-        ) == args.T:
+        if (
+            rec.get("dataset") == args.dataset
+            and rec.get("epochs") == args.epochs
+            and rec.get("T") == args.T
+        ):
             log(f"[{name} seed {seed}] reused {done}")
             return rec
     # The neuron kind: a TrainConfig field where the trainer has one (`--neuron`), else a model
