@@ -435,6 +435,7 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[1]
     styles = {"empf": "-", "lif": "--"}
     colors = dict(zip(ALL_STRATEGIES, ("tab:blue", "tab:green", "tab:purple", "tab:red")))
+    markers = dict(zip(ALL_STRATEGIES, ("o", "s", "^", "D")))
     for neuron in ("empf", "lif"):
         for strat in ALL_STRATEGIES:
             rows = sorted(
@@ -446,7 +447,8 @@ def plot(results: dict, path: Path) -> None:
                     [m["T"] for m in rows],
                     [m["saved_bytes"] / 2**20 for m in rows],
                     styles[neuron],
-                    marker="o",
+                    marker=markers[strat],
+                    ms=9 - 2 * ALL_STRATEGIES.index(strat),  # coinciding lines stay visible
                     color=colors[strat],
                     label=f"{neuron} {strat}",
                 )
