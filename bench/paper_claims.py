@@ -284,10 +284,17 @@ def build_report(results: dict) -> str:
         "",
         f"- command: `{meta.get('command', '?')}`",
         f"- machine: {meta.get('machine', '?')}",
+        *([f"- note: {meta['note']}"] if meta.get("note") else []),
         f"- versions: {meta.get('versions', '?')}",
         f"- commit: {meta.get('commit', '?')}",
         f"- wall time: {meta.get('wall_seconds', math.nan) / 60:.1f} min "
-        f"({len(runs)} training runs + the memory table)",
+        f"({len(runs)} training runs + the memory table)"
+        + (
+            f"; 1-minute load average {meta['load_average_start']} at the start, "
+            f"{meta.get('load_average_end', '?')} at the end"
+            if meta.get("load_average_start") is not None
+            else ""
+        ),
         f"- model: {meta.get('model', '?')}, T = {meta.get('T', '?')}, "
         f"{meta.get('epochs', '?')} epoch(s), seeds {meta.get('seeds', '?')}, trainer defaults "
         "otherwise (AdamW, cosine schedule, batch 128); accuracy = test accuracy of the logits "
@@ -499,6 +506,14 @@ def _machine() -> str:
     return f"{platform.machine()}, {cpus} CPU core(s), {dev}, one torch thread per run"
 
 
+def _loadavg() -> float | None:
+    """The 1-minute load average (other jobs on the machine slow the runs down), if known."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _versions() -> str:
     import torch
 
@@ -666,6 +681,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     p.add_argument(
+        "--note", default="", help="a line for claims.md (e.g. what else loaded the machine)"
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild claims.md and claims.png from OUT/results.json, train nothing",
@@ -718,6 +736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": _versions(),
         "commit": _commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "note": args.note,
+        "load_average_start": _loadavg(),
     }
     results: dict = {"meta": meta, "runs": [], "memory": []}
     if args.memory_Ts:
@@ -732,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta.setdefault("model", results["runs"][-1]["model"])
             write_outputs(results, out)  # a report after every run
     meta["wall_seconds"] = time.perf_counter() - t0
+    meta["load_average_end"] = _loadavg()
     write_outputs(results, out)
     log(f"wrote {out / 'claims.md'} ({meta['wall_seconds'] / 60:.1f} min)")
     for c in evaluate_claims(results["runs"], results["memory"]):
