@@ -362,6 +362,15 @@ def build_report(results: dict) -> str:
         "costliest draw t* = T - 1.",
         "",
     ]
+    if "CPU only" in str(meta.get("machine", "")):
+        lines += [
+            'On a CPU, `impl="auto"` runs the eager reference of every op, so these are the '
+            "reference's saved tensors (masks as bool/float tensors, intermediates of the "
+            "surrogate), not the fused Triton kernels' (1-bit masks; see docs/kernels.md). The "
+            "claim is about growth with T, which does not depend on that; comparing EM-PF with "
+            "LIF in absolute bytes needs a GPU run.",
+            "",
+        ]
     Ts = sorted({m["T"] for m in memory})
     if memory:
         lines += [
