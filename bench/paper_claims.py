@@ -365,8 +365,8 @@ def build_report(results: dict) -> str:
     if "CPU only" in str(meta.get("machine", "")):
         lines += [
             'On a CPU, `impl="auto"` runs the eager reference of every op, so these are the '
-            "reference's saved tensors (masks as bool/float tensors, intermediates of the "
-            "surrogate), not the fused Triton kernels' (1-bit masks; see docs/kernels.md). The "
+            "reference's saved tensors (what torch autograd keeps for the eager ops), not the "
+            "fused Triton kernels' (1-bit masks; see docs/kernels.md). The "
             "claim is about growth with T, which does not depend on that; comparing EM-PF with "
             "LIF in absolute bytes needs a GPU run.",
             "",
