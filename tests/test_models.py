@@ -1,6 +1,9 @@
-"""EM-PF models: registry, topology options, step mode "s" x T == step mode "m", Triton path."""
+"""Models: registry, topology options, step mode "s" x T == step mode "m", Triton path, and the
+same for the LIF baseline (neuron="lif") plus every training strategy and checkpoints."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from empf_triton.models import (
 )
 from empf_triton.models.resnet import PreActBlock
 from empf_triton.nn.binary import BinaryConv2d
-from empf_triton.nn.neuron import EMPFNeuron, StatefulNeuron
+from empf_triton.nn.neuron import EMPFNeuron, LIFNeuron, StatefulNeuron
 from empf_triton.nn.seca import SECA
 
 
@@ -323,3 +326,252 @@ def test_seq_to_ann_folds_time_into_batch():
         lin(torch.randn(6))
     with pytest.raises(ValueError):
         SeqToANN(nn.ReLU(), step_mode="x")
+
+
+# ------------------------------------------------------------------------- LIF baseline models
+
+LIF_TINY = [
+    ("resnet18", IMG, {"width": 2, "seca": True, "weight_bits": 1.5}),
+    ("resnet19", IMG, {"width": 2, "surrogate": "atan", "detach_reset": True}),
+    ("resnet34", IMG, {"width": 2, "weight_bits": 32, "tau": 4.0, "surrogate": "triangle"}),
+    ("vgg11", (2, 16, 16), {"width": 4, "v_threshold": 0.5, "alpha": 2.0}),
+    ("mnist1d_cnn", (1, 40), {"channels": (4, 6, 8), "seca": True}),
+    ("digits_mlp", (64,), {"hidden": (16, 12, 8), "surrogate": "atan", "alpha": 3.0}),
+]
+
+
+def _lif(name, in_shape, T, opts, **kw):
+    return build_model(name, in_shape=in_shape, num_classes=5, T=T, neuron="lif", **opts, **kw)
+
+
+@pytest.mark.parametrize("grad_mode", ["online", "bptt"])
+@pytest.mark.parametrize(("name", "in_shape", "opts"), LIF_TINY, ids=lambda v: str(v))
+def test_lif_step_mode_equals_multi_step(name, in_shape, opts, grad_mode):
+    """LIF in every model: fp64, eval mode, mode "s" x T and mode "m" give the same logits and the
+    same gradients for x and every parameter, in both gradient modes."""
+    T, N = 3, 2
+    model = _lif(name, in_shape, T, opts, grad_mode=grad_mode)
+    neurons = [n for n in model.modules() if isinstance(n, StatefulNeuron)]
+    assert neurons and all(isinstance(n, LIFNeuron) for n in neurons)
+    assert all(n.grad_mode == grad_mode for n in neurons)  # the model's grad_mode reaches them
+    x = torch.rand(T, N, *in_shape, dtype=torch.float64) * 2
+    model = _calibrate(model.double(), x)
+    g = torch.randn(T, N, 5, dtype=torch.float64)
+    out_m, gx_m, gp_m = _run(model, x, g, "m")
+    out_s, gx_s, gp_s = _run(model, x, g, "s")
+    assert out_m.shape == (T, N, 5)
+    assert (out_m[:, 0] - out_m[:, 1]).abs().max() > 1e-3
+    assert (gx_m != 0).float().mean() > 0.2
+    torch.testing.assert_close(out_s, out_m, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gx_s, gx_m, rtol=1e-9, atol=1e-10)
+    assert gp_s.keys() == gp_m.keys() and len(gp_m) > 0
+    for k in gp_m:
+        torch.testing.assert_close(gp_s[k], gp_m[k], rtol=1e-8, atol=1e-10, msg=k)
+    # Spikes are binary: the first block convolution sees only 0 and 1.
+    seen = []
+    first = neurons[0]
+    hook = first.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    reset_net(model)
+    set_step_mode(model, "m")
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    assert set(torch.unique(seen[0]).tolist()) <= {0.0, 1.0} and seen[0].sum() > 0
+
+
+@pytest.mark.parametrize(("name", "in_shape", "opts"), LIF_TINY[::2], ids=lambda v: str(v))
+def test_lif_train_mode_step_equals_multi_step(name, in_shape, opts):
+    """Train mode (BN on batch statistics): with T = 1 both step modes normalise over the same
+    N samples, so logits, gradients and the BN running statistics they leave must agree. (With
+    T > 1 they cannot: mode "m" normalises over T*N samples, mode "s" over N per step.)"""
+    T, N = 1, 4
+    model = _lif(name, in_shape, T, opts, grad_mode="bptt").double().train()
+    twin = _lif(name, in_shape, T, opts, grad_mode="bptt").double().train()
+    twin.load_state_dict(model.state_dict())
+    x = torch.rand(T, N, *in_shape, dtype=torch.float64) * 2
+    g = torch.randn(T, N, 5, dtype=torch.float64)
+    out_m, gx_m, gp_m = _run(model, x, g, "m")
+    out_s, gx_s, gp_s = _run(twin, x, g, "s")
+    torch.testing.assert_close(out_s, out_m, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gx_s, gx_m, rtol=1e-9, atol=1e-10)
+    assert gp_s.keys() == gp_m.keys() and len(gp_m) > 0
+    for k in gp_m:
+        torch.testing.assert_close(gp_s[k], gp_m[k], rtol=1e-8, atol=1e-10, msg=k)
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_lif_grad_mode_switch_changes_gradients():
+    """set_grad_mode reaches the LIF neurons: online cuts the temporal path, BPTT keeps it."""
+    T = 3
+    model = _lif("mnist1d_cnn", (1, 40), T, {"channels": (4, 6, 8)}).double()
+    x = torch.rand(T, 2, 1, 40, dtype=torch.float64) * 2
+    _calibrate(model, x)
+    g = torch.randn(T, 2, 5, dtype=torch.float64)
+    set_grad_mode(model, "bptt")
+    assert all(n.grad_mode == "bptt" for n in model.modules() if isinstance(n, LIFNeuron))
+    out_b, gx_b, _ = _run(model, x, g, "m")
+    set_grad_mode(model, "online")
+    assert all(n.grad_mode == "online" for n in model.modules() if isinstance(n, LIFNeuron))
+    out_o, gx_o, _ = _run(model, x, g, "m")
+    torch.testing.assert_close(out_o, out_b)
+    assert not torch.allclose(gx_o, gx_b)
+
+
+@pytest.mark.parametrize("strategy", ["online", "random_step", "accumulate", "bptt"])
+@pytest.mark.parametrize("neuron", ["empf", "lif"])
+def test_every_strategy_trains(neuron, strategy):
+    """A few steps of every strategy on a tiny separable problem: finite, non-zero gradients in
+    every layer, and the loss goes down."""
+    from empf_triton.train.strategies import train_batch
+
+    T = 3
+    torch.manual_seed(0)
+    model = build_model(
+        "mnist1d_cnn",
+        in_shape=(1, 40),
+        num_classes=3,
+        T=T,
+        channels=(8, 8, 16),
+        pool_after=(0,),
+        neuron=neuron,
+    )
+    gen = torch.Generator().manual_seed(1)
+    y = torch.arange(3).repeat(16)
+    x = torch.randn(48, 1, 40, generator=gen) * 0.3
+    x[:, 0, :] += torch.stack([torch.sin(torch.arange(40) * (k + 1) * 0.3) for k in range(3)])[y]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for i in range(15):
+        # random_step at a fixed t* = T - 1, so that its losses are comparable across batches
+        t_star = T - 1 if strategy == "random_step" else None
+        losses.append(train_batch(model, x, y, opt, strategy, T, t_star=t_star).loss)
+        if i == 0:
+            grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+            for n, gr in grads.items():
+                assert gr is not None and torch.isfinite(gr).all(), n
+            convs = [gr for n, gr in grads.items() if n.endswith("weight") and gr.dim() == 4]
+            assert len(convs) == 3 and all(gr.abs().sum() > 0 for gr in convs)
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.8 * losses[0], (neuron, strategy, losses)
+
+
+def test_lif_model_saves_and_loads(tmp_path):
+    """A LIF model round-trips through a training checkpoint: the options rebuild it and the
+    weights give the same logits."""
+    from empf_triton.train.checkpoint import load_checkpoint, save_checkpoint
+    from empf_triton.train.loop import build_from_checkpoint
+
+    T = 2
+    cfg = {
+        "in_shape": [1, 40],
+        "num_classes": 5,
+        "T": T,
+        "channels": [4, 6, 8],
+        "neuron": "lif",
+        "tau": 3.0,
+        "v_threshold": 0.75,
+        "surrogate": "triangle",
+        "alpha": 0.5,
+        "detach_reset": True,
+        "spike_bits": None,
+        "parallel": False,
+        "mem_bn": False,
+    }
+    kw = {k: v for k, v in cfg.items() if k not in ("in_shape", "num_classes", "T")}
+    model = build_model("mnist1d_cnn", in_shape=(1, 40), num_classes=5, T=T, **kw)
+    x = torch.rand(T, 3, 1, 40)
+    _calibrate(model, x)
+    save_checkpoint(tmp_path / "m.pt", model=model, model_name="mnist1d_cnn", model_config=cfg)
+    back = build_from_checkpoint(load_checkpoint(tmp_path / "m.pt")).eval()
+    neurons = [n for n in back.modules() if isinstance(n, StatefulNeuron)]
+    assert all(
+        isinstance(n, LIFNeuron)
+        and (n.tau, n.v_threshold, n.surrogate, n.alpha, n.detach_reset)
+        == (3.0, 0.75, "triangle", 0.5, True)
+        for n in neurons
+    )
+    with torch.no_grad():
+        set_step_mode(model, "m")
+        set_step_mode(back, "m")
+        reset_net(model)
+        want = model(x)
+        reset_net(back)
+        got = back(x)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"neuron": "lif", "mem_bn": True}, ValueError, "mem_bn=True"),
+        ({"neuron": "lif", "spike_bits": 4}, ValueError, "spike_bits=4"),
+        ({"neuron": "lif", "spike_step": 0.5}, ValueError, "spike_step=0.5"),
+        ({"neuron": "lif", "parallel": True}, ValueError, "parallel=True"),
+        ({"tau": 3.0}, ValueError, "tau=3.0 only apply to neuron='lif'"),
+        ({"neuron": "empf", "surrogate": "atan"}, ValueError, "surrogate"),
+        ({"v_threshold": 0.5}, ValueError, "v_threshold"),
+        ({"alpha": 2.0}, ValueError, "alpha"),
+        ({"detach_reset": True}, ValueError, "detach_reset"),
+        ({"neuron": "LIF"}, ValueError, "neuron must be"),
+        ({"neuron": None}, ValueError, "neuron must be"),
+        ({"neuron": "lif", "tau": 1.0}, ValueError, "tau"),
+        ({"neuron": "lif", "tau": "2"}, ValueError, "tau"),
+        ({"neuron": "lif", "v_threshold": float("inf")}, ValueError, "v_threshold"),
+        ({"neuron": "lif", "v_threshold": True}, TypeError, "v_threshold"),
+        ({"neuron": "lif", "surrogate": "relu"}, ValueError, "surrogate"),
+        ({"neuron": "lif", "alpha": 0.0}, ValueError, "alpha"),
+        ({"neuron": "lif", "alpha": "4"}, TypeError, "alpha"),
+        ({"neuron": "lif", "detach_reset": 1}, TypeError, "detach_reset"),
+        ({"neuron": "lif", "grad_mode": "stbp"}, ValueError, "grad_mode"),
+        ({"neuron": "lif", "impl": "cuda"}, ValueError, "impl"),
+    ],
+)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "mnist1d_cnn", "digits_mlp"])
+def test_bad_neuron_options_raise(name, kw, exc, match):
+    shapes = {"resnet18": IMG, "vgg11": (2, 16, 16), "mnist1d_cnn": (1, 40), "digits_mlp": (64,)}
+    with pytest.raises(exc, match=match):
+        build_model(name, in_shape=shapes[name], num_classes=3, T=2, **kw)
+
+
+def test_neuron_options_at_defaults_are_accepted_either_way():
+    """The trainer passes every option; defaults never conflict with the neuron kind."""
+    lif_defaults = {"tau": 2.0, "v_threshold": 1.0, "surrogate": "sigmoid", "alpha": None}
+    empf_defaults = {"spike_bits": None, "spike_step": 0.25, "parallel": False, "mem_bn": False}
+    both = {**lif_defaults, **empf_defaults, "detach_reset": False}
+    e = build_model("digits_mlp", in_shape=(64,), num_classes=3, T=2, neuron="empf", **both)
+    lif = build_model("digits_mlp", in_shape=(64,), num_classes=3, T=2, neuron="lif", **both)
+    assert all(isinstance(n, EMPFNeuron) for n in e.modules() if isinstance(n, StatefulNeuron))
+    lifs = [n for n in lif.modules() if isinstance(n, StatefulNeuron)]
+    assert len(lifs) == 2 and all(isinstance(n, LIFNeuron) and n.decay == 0.5 for n in lifs)
+    assert all(n.grad_mode == "online" for n in lifs)  # the model's default, not LIFNeuron's
+
+
+def test_triton_tiny_lif_resnet_matches_reference(device, monkeypatch):
+    import empf_triton.ops.binary as ops_binary
+    import empf_triton.ops.lif as ops_lif
+
+    loaded = []
+    for mod in (ops_lif, ops_binary):
+        real = mod.load_kernels
+        monkeypatch.setattr(
+            mod, "load_kernels", lambda name, real=real: loaded.append(name) or real(name)
+        )
+    T, N = 2, 2
+    kw = {"in_shape": (3, 8, 8), "num_classes": 3, "T": T, "grad_mode": "bptt", "width": 2}
+    kw.update(neuron="lif", surrogate="atan", v_threshold=0.5)
+    ref = build_model("resnet18", impl="reference", **kw).to(device)
+    tri = build_model("resnet18", impl="triton", **kw).to(device)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.rand(T, N, 3, 8, 8, device=device) * 2
+    g = torch.randn(T, N, 3, device=device)
+    out_r, gx_r, gp_r = _run(ref, x, g, "m")
+    assert not loaded
+    out_t, gx_t, gp_t = _run(tri, x, g, "m")
+    assert {"lif", "binary"} <= set(loaded)  # the kernels really ran
+    torch.testing.assert_close(out_t, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_t, gx_r, rtol=1e-4, atol=1e-5)
+    assert gp_t.keys() == gp_r.keys()
+    for k in gp_r:
+        torch.testing.assert_close(gp_t[k], gp_r[k], rtol=1e-4, atol=1e-4, msg=k)

@@ -1,7 +1,11 @@
 """EM-PF network models and their registry.
 
 Every model is an `nn.Module` with attributes `T` and `num_classes` whose spiking neurons are
-`empf_triton.nn.StatefulNeuron`s. Step mode "s": x `[N, *in_shape]` -> logits `[N, num_classes]`
+`empf_triton.nn.StatefulNeuron`s: EM-PF neurons by default, or the LIF baseline with
+`neuron="lif"` (options `tau`, `v_threshold`, `surrogate`, `alpha`, `detach_reset`; see
+`layers.check_neuron_options` for which options go with which neuron).
+
+Step mode "s": x `[N, *in_shape]` -> logits `[N, num_classes]`
 (one time step); step mode "m": x `[T, N, *in_shape]` -> logits `[T, N, num_classes]`. The same
 weights work in both; switch with `set_step_mode(model, mode)` and the neurons' gradient mode with
 `set_grad_mode(model, "online" | "bptt")`. Reset the neurons between samples with
@@ -18,6 +22,7 @@ from .layers import (
     SeqToANN,
     SpikingModel,
     build_model,
+    check_neuron_options,
     count_parameters,
     register_model,
     set_grad_mode,
@@ -33,6 +38,7 @@ __all__ = [
     "SeqToANN",
     "SpikingModel",
     "build_model",
+    "check_neuron_options",
     "count_parameters",
     "layers",
     "register_model",

@@ -10,6 +10,10 @@ the batch it sees, i.e. one step's N samples in mode "s" and all T*N samples in 
 SpikingJelly convention). Both modes give identical results in eval mode (running statistics).
 Mem-BN (`EMPFNeuron(mem_bn=True)`) is per step in both modes.
 
+Neurons: every model takes `neuron="empf"` (the EM-PF neuron, default) or `neuron="lif"` (the
+LIF baseline, `empf_triton.nn.LIFNeuron`: binary spikes, soft reset, surrogate gradient) through
+the same options, see `NeuronFactory` and `check_neuron_options`.
+
 The registry: `MODELS` maps a name to a factory taking keyword arguments `in_shape`,
 `num_classes`, `T` and the model options (see `COMMON_OPTIONS`); `register_model(name)` is the
 decorator that adds a factory, `build_model` validates names and options and calls it.
@@ -25,16 +29,18 @@ import torch
 from torch import nn
 
 from ..nn.binary import BinaryConv2d, BinaryLinear
-from ..nn.neuron import STEP_MODES, EMPFNeuron, StatefulNeuron
+from ..nn.neuron import STEP_MODES, EMPFNeuron, LIFNeuron, StatefulNeuron
 
 __all__ = [
     "COMMON_OPTIONS",
     "MODELS",
     "SeqToANN",
     "SpikingModel",
+    "NEURONS",
     "NeuronFactory",
     "build_model",
     "check_flag",
+    "check_neuron_options",
     "check_weight_bits",
     "conv2d",
     "count_parameters",
@@ -56,7 +62,31 @@ COMMON_OPTIONS = (
     "mem_bn",
     "grad_mode",
     "impl",
+    "neuron",
+    "tau",
+    "v_threshold",
+    "surrogate",
+    "alpha",
+    "detach_reset",
 )
+#: The neuron kinds a model can be built with.
+NEURONS = ("empf", "lif")
+#: Options that only mean something for one neuron kind, with the default that leaves them off.
+#: A model built with the other kind accepts the default (so a caller may always pass them, as
+#: the trainer does) and rejects any other value (it would silently do nothing).
+EMPF_ONLY_DEFAULTS: dict[str, object] = {
+    "spike_bits": None,
+    "spike_step": 0.25,
+    "parallel": False,
+    "mem_bn": False,
+}
+LIF_ONLY_DEFAULTS: dict[str, object] = {
+    "tau": 2.0,
+    "v_threshold": 1.0,
+    "surrogate": "sigmoid",
+    "alpha": None,
+    "detach_reset": False,
+}
 #: weight_bits values: 1 (binary), 1.5 (ternary), 32 (full precision).
 WEIGHT_BITS = (1, 1.5, 32)
 
@@ -187,11 +217,64 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
-class NeuronFactory:
-    """Makes the EM-PF neurons of one model from the model's options (validated here, once).
+def _same(a: object, b: object) -> bool:
+    # `True == 1` and `0.25 == 0.25` but `None != 0`; a bool option must be the bool itself.
+    if isinstance(b, bool) or b is None:
+        return a is b
+    return type(a) is not bool and a == b
 
-    `factory(channels, parallel=False)` returns an `EMPFNeuron`; it is a parallel neuron only if
-    the call asks for one and the model's `parallel` option is on.
+
+def check_neuron_options(options: dict) -> str:
+    """Check how the neuron options of a model go together; returns the neuron kind.
+
+    `options` holds (some of) a model's keyword options. The rules:
+
+    - `neuron` is "empf" (default) or "lif".
+    - With neuron="lif", the EM-PF-only options keep their defaults: `spike_bits=None` (LIF
+      spikes are binary by definition, there is nothing to quantise), `spike_step=0.25` (only
+      used with spike_bits), `parallel=False` (the parallel neuron is an EM-PF member; a LIF
+      without membrane is a plain threshold unit) and `mem_bn=False` (Mem-BN normalises the
+      EM-PF membrane between charge and fire and folds into the learnable per-step decay; the
+      LIF kernels charge and fire in one fused step with a fixed decay).
+    - With neuron="empf", the LIF-only options (`tau`, `v_threshold`, `surrogate`, `alpha`,
+      `detach_reset`) keep their defaults: the EM-PF neuron learns its decay and threshold and
+      needs no surrogate.
+
+    Passing an option at its default value is always allowed, so a caller (such as the trainer)
+    may pass every option. The values themselves (tau > 1, a known surrogate, ...) are checked
+    when the neurons are made.
+
+    Raises:
+        ValueError: an unknown neuron kind, or an option that has no effect on that kind.
+    """
+    kind = options.get("neuron", "empf")
+    if kind not in NEURONS:
+        raise ValueError(f"neuron must be 'empf' or 'lif', got {kind!r}")
+    other = EMPF_ONLY_DEFAULTS if kind == "lif" else LIF_ONLY_DEFAULTS
+    bad = {k: options[k] for k in other if k in options and not _same(options[k], other[k])}
+    if bad:
+        given = ", ".join(f"{k}={v!r}" for k, v in bad.items())
+        if kind == "lif":
+            raise ValueError(
+                f"neuron='lif' does not take {given}: k-bit spikes, parallel neurons and Mem-BN "
+                "are EM-PF options (LIF spikes are binary, its decay is fixed by tau); use "
+                "neuron='empf' or leave them at their defaults"
+            )
+        raise ValueError(
+            f"{given} only apply to neuron='lif' (the EM-PF neuron learns its decay and "
+            "threshold and needs no surrogate); pass neuron='lif' or leave them at their defaults"
+        )
+    return kind
+
+
+class NeuronFactory:
+    """Makes the spiking neurons of one model from the model's options (validated here, once).
+
+    `factory(channels, parallel=False)` returns an `EMPFNeuron` (neuron="empf"; a parallel neuron
+    only if the call asks for one and the model's `parallel` option is on) or a `LIFNeuron`
+    (neuron="lif"; `channels` and `parallel` are ignored, LIF has neither Mem-BN nor a parallel
+    form). The model's `grad_mode` reaches both kinds (LIFNeuron's own default is "bptt"; a
+    model's is "online"). See `check_neuron_options` for which options go with which kind.
     """
 
     def __init__(
@@ -204,19 +287,58 @@ class NeuronFactory:
         mem_bn: bool = False,
         grad_mode: str = "online",
         impl: str = "auto",
+        neuron: str = "empf",
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        detach_reset: bool = False,
     ) -> None:
         self.parallel = check_flag("parallel", parallel)
-        self.kw = {
-            "spike_bits": spike_bits,
-            "spike_step": spike_step,
-            "mem_bn": check_flag("mem_bn", mem_bn),
-            "grad_mode": grad_mode,
-            "impl": impl,
-        }
+        check_flag("mem_bn", mem_bn)
+        check_flag("detach_reset", detach_reset)
+        self.kind = check_neuron_options(
+            {
+                "neuron": neuron,
+                "spike_bits": spike_bits,
+                "spike_step": spike_step,
+                "parallel": parallel,
+                "mem_bn": mem_bn,
+                "tau": tau,
+                "v_threshold": v_threshold,
+                "surrogate": surrogate,
+                "alpha": alpha,
+                "detach_reset": detach_reset,
+            }
+        )
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be an int >= 1, got {T!r}")
         self.T = T
-        self(1)  # validates T, spike_bits, spike_step, grad_mode and impl now
+        if self.kind == "empf":
+            self.kw = {
+                "spike_bits": spike_bits,
+                "spike_step": spike_step,
+                "mem_bn": mem_bn,
+                "grad_mode": grad_mode,
+                "impl": impl,
+            }
+        else:
+            if isinstance(v_threshold, bool):
+                raise TypeError("v_threshold must be a float, got bool")
+            self.kw = {
+                "tau": tau,
+                "v_threshold": v_threshold,
+                "surrogate": surrogate,
+                "alpha": alpha,
+                "detach_reset": detach_reset,
+                "grad_mode": grad_mode,
+                "impl": impl,
+            }
+        self(1)  # validates every neuron option (T, spike_bits, tau, surrogate, ...) now
 
-    def __call__(self, channels: int, parallel: bool = False) -> EMPFNeuron:
+    def __call__(self, channels: int, parallel: bool = False) -> StatefulNeuron:
+        if self.kind == "lif":
+            return LIFNeuron(**self.kw)
         return empf_neuron(self.T, channels, parallel=parallel and self.parallel, **self.kw)
 
 
@@ -302,11 +424,14 @@ def build_model(
     """Build the registered model `name` (see `MODELS`).
 
     Raises:
-        ValueError: unknown name, or an option the model does not take (the message lists the
-            accepted ones); the factory itself rejects bad option values.
+        ValueError: unknown name, an option the model does not take (the message lists the
+            accepted ones), or neuron options that do not go together (`check_neuron_options`:
+            e.g. mem_bn with neuron="lif", or tau with neuron="empf"); the factory itself
+            rejects bad option values.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    check_neuron_options(options)
     fn = MODELS[name]
     params = inspect.signature(fn).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):

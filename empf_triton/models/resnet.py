@@ -1,4 +1,4 @@
-"""Pre-activation EM-PF ResNets (EMPF.md §3): resnet18, resnet19, resnet34.
+"""Pre-activation EM-PF ResNets (docs/model.md): resnet18, resnet19, resnet34.
 
 Topology (the authors' CIFAR ResNet-18):
 
@@ -22,7 +22,8 @@ resnet19 is the SNN literature's (TET/TEBN): stem width 128, three stages of 128
 with 3/3/2 blocks.
 
 BatchNorm in training mode sees one step's batch in step mode "s" and T*N samples in mode "m";
-see `empf_triton.models.layers`.
+see `empf_triton.models.layers`. With `neuron="lif"` every neuron is a LIF neuron (the paper's
+baseline); the topology is unchanged.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ class EMPFResNet(SpikingModel):
         step_mode: "s" or "m" (`set_step_mode` switches it later).
         stem: "cifar" (3x3, stride 1), "imagenet" (7x7 stride 2 + max-pool) or "auto" (imagenet
             when H and W are both >= 128).
+        neuron: "empf" (default) or "lif": the LIF baseline (`empf_triton.nn.LIFNeuron`, binary
+            spikes, soft reset, surrogate gradient) in every neuron's place; spike_bits,
+            parallel and mem_bn must then stay off (`layers.check_neuron_options`).
+        tau, v_threshold, surrogate, alpha, detach_reset: the LIF neurons' options (decay
+            λ = 1 - 1/tau with tau > 1; threshold; "sigmoid" | "atan" | "triangle"; the
+            surrogate's sharpness, None = its default; detach the spike in the reset). Only
+            with neuron="lif".
 
     Shape:
         step mode "s": x [N, C, H, W] -> logits [N, num_classes]; step mode "m":
@@ -137,6 +145,12 @@ class EMPFResNet(SpikingModel):
         grad_mode: str = "online",
         impl: str = "auto",
         step_mode: str = "s",
+        neuron: str = "empf",
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        detach_reset: bool = False,
         stem: str = "auto",
     ) -> None:
         super().__init__(T, num_classes, in_shape, step_mode)
@@ -154,6 +168,12 @@ class EMPFResNet(SpikingModel):
             mem_bn=mem_bn,
             grad_mode=grad_mode,
             impl=impl,
+            neuron=neuron,
+            tau=tau,
+            v_threshold=v_threshold,
+            surrogate=surrogate,
+            alpha=alpha,
+            detach_reset=detach_reset,
         )
         C, H, W = self.in_shape
         if stem == "auto":

@@ -4,10 +4,11 @@ Both follow the model contract of `empf_triton.models`: attributes `T` and `num_
 mode "s" a call maps x [N, *in_shape] to logits [N, num_classes] and advances every neuron one step;
 in step mode "m" it maps [T, N, *in_shape] to [T, N, num_classes]. The same weights serve both.
 
-Layout (EMPF.md §3, pre-activation): a full-precision stem `BN(conv(x))` with no neuron after it,
+Layout (docs/model.md, pre-activation): a full-precision stem `BN(conv(x))` with no neuron after it,
 then blocks `BN(binary_conv(neuron(x)))`, and a full-precision classifier on the last spikes. The
 1-D signal runs as a 2-D map [N, C, 1, L] so the binary synapses (`BinaryConv2d`) and 2-D helpers
-(SECA, Mem-BN) apply unchanged.
+(SECA, Mem-BN) apply unchanged. `neuron="lif"` puts LIF neurons (the baseline) in every neuron's
+place (see `empf_triton.models.layers.check_neuron_options`).
 """
 
 from __future__ import annotations
@@ -18,30 +19,25 @@ import torch
 from torch import nn
 
 from ..nn.binary import BinaryConv2d
-from .layers import SeqToANN, SpikingModel, check_weight_bits, empf_neuron, linear
+from .layers import NeuronFactory, SeqToANN, SpikingModel, check_weight_bits, linear
 
 __all__ = ["SMALL_MODELS", "DigitsMLP", "MNIST1DCNN", "digits_mlp", "mnist1d_cnn"]
 
 
-def _neuron_kw(T, spike_bits, spike_step, mem_bn, grad_mode, impl) -> dict:
+def _factory(T: int, **kw) -> NeuronFactory:
+    spike_bits = kw.get("spike_bits")
     if spike_bits is not None and (
         isinstance(spike_bits, bool) or not isinstance(spike_bits, int) or not 1 <= spike_bits <= 8
     ):
         raise ValueError(f"spike_bits must be None or an int in 1..8, got {spike_bits!r}")
-    return {
-        "spike_bits": spike_bits,
-        "spike_step": spike_step,
-        "mem_bn": mem_bn,
-        "grad_mode": grad_mode,
-        "impl": impl,
-    }
+    return NeuronFactory(T, **kw)
 
 
 class MNIST1DCNN(SpikingModel):
     """1-D EM-PF conv net for MNIST-1D signals x [N, 1, L] (one step) or [T, N, 1, L].
 
-    stem: full-precision conv (kernel 5) + BN, no neuron after it (EMPF.md §3); then one block per
-    width after the first, `neuron -> binary conv (kernel 3) -> BN [-> SECA] [-> 2x max-pool]`;
+    stem: full-precision conv (kernel 5) + BN, no neuron after it (docs/model.md); then one block
+    per width after the first, `neuron -> binary conv (kernel 3) -> BN [-> SECA] [-> 2x max-pool]`;
     then `neuron -> flatten -> full-precision linear` classifier.
 
     Args:
@@ -57,6 +53,10 @@ class MNIST1DCNN(SpikingModel):
         mem_bn: Mem-BN inside each neuron.
         grad_mode, impl: for the neurons (impl also for the binary layers).
         dropout: dropout before the classifier.
+        neuron: "empf" (default) or "lif" (LIF baseline neurons; spike_bits, parallel and
+            mem_bn must then stay off).
+        tau, v_threshold, surrogate, alpha, detach_reset: the LIF neurons' options (only with
+            neuron="lif"; see `empf_triton.models.resnet.EMPFResNet`).
     """
 
     def __init__(
@@ -75,6 +75,12 @@ class MNIST1DCNN(SpikingModel):
         mem_bn: bool = False,
         grad_mode: str = "online",
         impl: str = "auto",
+        neuron: str = "empf",
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        detach_reset: bool = False,
         dropout: float = 0.0,
     ) -> None:
         super().__init__(T, num_classes, in_shape)
@@ -83,7 +89,21 @@ class MNIST1DCNN(SpikingModel):
         if len(channels) < 2:
             raise ValueError(f"mnist1d_cnn: channels needs >= 2 widths, got {channels!r}")
         check_weight_bits(weight_bits)
-        nkw = _neuron_kw(T, spike_bits, spike_step, mem_bn, grad_mode, impl)
+        neuron_of = _factory(
+            T,
+            spike_bits=spike_bits,
+            spike_step=spike_step,
+            parallel=parallel,
+            mem_bn=mem_bn,
+            grad_mode=grad_mode,
+            impl=impl,
+            neuron=neuron,
+            tau=tau,
+            v_threshold=v_threshold,
+            surrogate=surrogate,
+            alpha=alpha,
+            detach_reset=detach_reset,
+        )
         C0, L = self.in_shape
         self.stem = SeqToANN(
             nn.Conv2d(C0, channels[0], (1, 5), padding=(0, 2), bias=False),
@@ -91,7 +111,7 @@ class MNIST1DCNN(SpikingModel):
         )
         blocks: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
-            blocks.append(empf_neuron(T, cin, parallel=parallel and i % 2 == 1, **nkw))
+            blocks.append(neuron_of(cin, parallel=i % 2 == 1))
             conv = _conv1x3(cin, cout, weight_bits, impl)
             blocks.append(SeqToANN(conv, nn.BatchNorm2d(cout)))
             if seca:
@@ -102,7 +122,7 @@ class MNIST1DCNN(SpikingModel):
                 blocks.append(SeqToANN(nn.MaxPool2d((1, 2))))
                 L //= 2
         self.blocks = nn.Sequential(*blocks)
-        self.head_neuron = empf_neuron(T, channels[-1], **nkw)
+        self.head_neuron = neuron_of(channels[-1])
         self.classifier = SeqToANN(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1] * L, num_classes)
         )
@@ -129,7 +149,8 @@ class DigitsMLP(SpikingModel):
     Args:
         in_shape: (64,) (any shape; flattened).
         hidden: the stem's width, then each block's width.
-        other options: as `MNIST1DCNN` (seca is not available: there are no channels).
+        other options: as `MNIST1DCNN` (seca is not available: there are no channels), including
+            neuron="lif" and the LIF options.
     """
 
     def __init__(
@@ -147,6 +168,12 @@ class DigitsMLP(SpikingModel):
         mem_bn: bool = False,
         grad_mode: str = "online",
         impl: str = "auto",
+        neuron: str = "empf",
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        detach_reset: bool = False,
     ) -> None:
         super().__init__(T, num_classes, in_shape)
         if seca:
@@ -154,7 +181,21 @@ class DigitsMLP(SpikingModel):
         if len(hidden) < 1:
             raise ValueError(f"digits_mlp: hidden needs >= 1 width, got {hidden!r}")
         check_weight_bits(weight_bits)
-        nkw = _neuron_kw(T, spike_bits, spike_step, mem_bn, grad_mode, impl)
+        neuron_of = _factory(
+            T,
+            spike_bits=spike_bits,
+            spike_step=spike_step,
+            parallel=parallel,
+            mem_bn=mem_bn,
+            grad_mode=grad_mode,
+            impl=impl,
+            neuron=neuron,
+            tau=tau,
+            v_threshold=v_threshold,
+            surrogate=surrogate,
+            alpha=alpha,
+            detach_reset=detach_reset,
+        )
         d_in = 1
         for d in self.in_shape:
             d_in *= d
@@ -163,11 +204,11 @@ class DigitsMLP(SpikingModel):
         )
         blocks: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(hidden[:-1], hidden[1:])):
-            blocks.append(empf_neuron(T, a, parallel=parallel and i % 2 == 1, **nkw))
+            blocks.append(neuron_of(a, parallel=i % 2 == 1))
             lin = linear(a, b, bias=False, weight_bits=weight_bits, impl=impl)
             blocks.append(SeqToANN(lin, nn.BatchNorm1d(b)))
         self.blocks = nn.Sequential(*blocks)
-        self.head_neuron = empf_neuron(T, hidden[-1], **nkw)
+        self.head_neuron = neuron_of(hidden[-1])
         self.classifier = SeqToANN(nn.Linear(hidden[-1], num_classes))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

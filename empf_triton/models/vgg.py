@@ -45,7 +45,8 @@ class EMPFVGG(SpikingModel):
         in_shape: (C, H, W) of one time step (H, W divisible by 2^pools is not required:
             pooling floors and the classifier pools globally).
         num_classes, T, weight_bits, spike_bits, spike_step, parallel, seca, mem_bn, grad_mode,
-            impl, step_mode: as `empf_triton.models.resnet.EMPFResNet`.
+            impl, step_mode, neuron, tau, v_threshold, surrogate, alpha, detach_reset: as
+            `empf_triton.models.resnet.EMPFResNet` (neuron="lif" builds the LIF baseline).
 
     Shape:
         step mode "s": x [N, C, H, W] -> [N, num_classes]; "m": [T, N, C, H, W] -> [T, N, classes].
@@ -67,6 +68,12 @@ class EMPFVGG(SpikingModel):
         grad_mode: str = "online",
         impl: str = "auto",
         step_mode: str = "s",
+        neuron: str = "empf",
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        surrogate: str = "sigmoid",
+        alpha: float | None = None,
+        detach_reset: bool = False,
     ) -> None:
         super().__init__(T, num_classes, in_shape, step_mode)
         if len(self.in_shape) != 3:
@@ -81,6 +88,12 @@ class EMPFVGG(SpikingModel):
             mem_bn=mem_bn,
             grad_mode=grad_mode,
             impl=impl,
+            neuron=neuron,
+            tau=tau,
+            v_threshold=v_threshold,
+            surrogate=surrogate,
+            alpha=alpha,
+            detach_reset=detach_reset,
         )
         C, H, W = self.in_shape
         features: list[nn.Module] = []
