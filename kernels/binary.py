@@ -1,4 +1,4 @@
-"""Triton kernels for binary and ternary synapses (EMPF.md §2).
+"""Triton kernels for binary and ternary synapses (docs/model.md §4).
 
 Packed layout (shared with `reference/binary.py`): a weight viewed as [N, K] (N output channels,
 K the flattened input dimension) becomes int32 words `[planes, N, ceil(K / 32)]`; element k of

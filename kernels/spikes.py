@@ -1,4 +1,4 @@
-"""Multi-precision spike kernels (EMPF.md §1): quantise, pack k-bit codes, unpack them.
+"""Multi-precision spike kernels (docs/model.md §2): quantise, pack k-bit codes, unpack them.
 
 All three are memory-bound elementwise passes over flattened contiguous tensors. Codes are computed
 in fp32 from the input upcast to fp32 (`kernels._common.spike_code`: IEEE division, round half to

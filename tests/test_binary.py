@@ -1,4 +1,4 @@
-"""Binary / ternary synapse ops: quantisers, packing, the packed GEMM (EMPF.md §2)."""
+"""Binary / ternary synapse ops: quantisers, packing, the packed GEMM (docs/model.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""BinaryLinear and BinaryConv2d: training forward, packed path, bookkeeping (EMPF.md §2)."""
+"""BinaryLinear and BinaryConv2d: training forward, packed path, bookkeeping (docs/model.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mem-BN and SECA modules, and Mem-BN wired into EMPFNeuron (EMPF.md §2)."""
+"""Mem-BN and SECA modules, and Mem-BN wired into EMPFNeuron (docs/model.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-precision spikes: quantize_spikes, encode_spikes, decode_spikes (EMPF.md §1)."""
+"""Multi-precision spikes: quantize_spikes, encode_spikes, decode_spikes (docs/model.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training strategies, evaluation, memory behaviour and checkpoints (EMPF.md §3)."""
+"""Training strategies, evaluation, memory behaviour and checkpoints (docs/model.md §6)."""
 
 from __future__ import annotations
 

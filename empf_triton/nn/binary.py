@@ -1,4 +1,4 @@
-"""Binary and ternary synaptic layers (EMPF.md §2): `BinaryLinear` and `BinaryConv2d`.
+"""Binary and ternary synaptic layers (docs/model.md §4): `BinaryLinear` and `BinaryConv2d`.
 
 Training: a latent fp32 weight; the forward uses `binarize(W)` (weight_bits=1) or `ternarize(W)`
 (weight_bits=1.5) with the clipped straight-through gradient. `BinaryLinear` trains through
@@ -228,7 +228,7 @@ class BinaryLinear(_BinaryLayer):
     Args:
         in_features, out_features: K and N.
         bias: add a learnable bias (full precision).
-        weight_bits: 1 (α_n·sign(W)) or 1.5 (TWN ternary), EMPF.md §2.
+        weight_bits: 1 (α_n·sign(W)) or 1.5 (TWN ternary), docs/model.md §4.
         impl: "auto" | "triton" | "reference", passed to the ops.
         device, dtype: of the latent parameters (fp32 by default).
 

@@ -1,4 +1,4 @@
-"""SECA (EMPF.md §2): ECA-style channel attention on the input current of a spiking layer.
+"""SECA (docs/model.md §4): ECA-style channel attention on the input current of a spiking layer.
 
 `y = sigmoid(conv1d_k(GAP(x)))` over the channel axis (one 1-D kernel of size k, no bias), then
 `x * y` per channel. The weights are shared over time; in step mode "m" the attention is computed

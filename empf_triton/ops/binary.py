@@ -1,4 +1,4 @@
-"""Binary and ternary synapses (EMPF.md §2): quantisers, bit-packed weights, packed GEMM.
+"""Binary and ternary synapses (docs/model.md §4): quantisers, bit-packed weights, packed GEMM.
 
 Public ops (all take `impl="auto" | "triton" | "reference"`):
 
@@ -562,7 +562,7 @@ def _quantize(w: object, bits: int, impl: str) -> torch.Tensor:
 
 
 def binarize(w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Binary weight `α_n · sign(w)` (EMPF.md §2).
+    """Binary weight `α_n · sign(w)` (docs/model.md §4).
 
     Args:
         w: [N, *] latent weight, floating; dim 0 is the output channel. N = 0 or K = 0 is fine.
@@ -577,7 +577,7 @@ def binarize(w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
 
 
 def ternarize(w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Ternary (TWN) weight: `α · {+1, 0, -1}` with Δ = 0.7 · mean(|clip(w)|) (EMPF.md §2).
+    """Ternary (TWN) weight: `α · {+1, 0, -1}` with Δ = 0.7 · mean(|clip(w)|) (docs/model.md §4).
 
     Args:
         w: [N, *] latent weight, floating. Δ and α are per layer (over all of w).

@@ -1,4 +1,4 @@
-"""Multi-precision spikes (EMPF.md §1): the k-bit quantiser Q and k-bit code packing.
+"""Multi-precision spikes (docs/model.md §2): the k-bit quantiser Q and k-bit code packing.
 
 `quantize_spikes` is the differentiable quantiser used by the neurons (straight-through gradient);
 `encode_spikes` / `decode_spikes` store its integer codes in k bits and read them back, so that

@@ -1,4 +1,4 @@
-"""Reference binary and ternary synapses (EMPF.md §2), and the packed-weight format.
+"""Reference binary and ternary synapses (docs/model.md §4), and the packed-weight format.
 
 A weight of shape [N, *] is viewed as [N, K] (N output channels, K = prod of the rest).
 

@@ -1,4 +1,4 @@
-"""Reference multi-precision spike quantiser (EMPF.md §1, "Multi-precision spikes")."""
+"""Reference multi-precision spike quantiser (docs/model.md §2)."""
 
 from __future__ import annotations
 

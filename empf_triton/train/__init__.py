@@ -1,4 +1,4 @@
-"""Online training of EM-PF networks (EMPF.md §3).
+"""Online training of EM-PF networks (docs/model.md §6).
 
 - `strategies`: `train_batch` / `train_epoch` for "online", "random_step", "accumulate" and
   "bptt"; `evaluate` (accuracy of the logits summed over T, anytime accuracy per step);

@@ -1,4 +1,4 @@
-"""Online training strategies of EMPF.md §3 and evaluation with anytime accuracy.
+"""Online training strategies (docs/model.md §6) and evaluation with anytime accuracy.
 
 - `online`: for t in 0..T-1: forward step t, loss_t, backward, optimizer step.
 - `random_step`: draw t* uniformly in 0..T-1; steps t < t* run forward without a graph; step t*
