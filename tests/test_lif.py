@@ -545,7 +545,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
             ValueError,
             "decay",
         ),
-        (lambda: lif_neuron_step(torch.randn(4), torch.randn(3), **KW), ValueError, "v0 must"),
+        (lambda: lif_neuron_step(torch.randn(4), torch.randn(3), **KW), ValueError, r"^v must"),
         (
             lambda: lif_neuron_step(torch.randn(4), decay=1.01, threshold=0.5),
             ValueError,

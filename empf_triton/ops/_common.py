@@ -118,6 +118,9 @@ def check_like(name: str, x: torch.Tensor | None, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
 def per_step(
     name: str, value: float | torch.Tensor, T: int, like: torch.Tensor, *, is_decay: bool = False
 ) -> torch.Tensor:
@@ -136,7 +139,17 @@ def per_step(
         if is_decay and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.full((T,), value, dtype=dtype, device=like.device)
+        if torch.compiler.is_compiling():
+            return torch.full((T,), value, dtype=dtype, device=like.device)
+        key = (value, T, dtype, like.device)
+        const = _CONSTANTS.get(key)
+        if const is None:
+            if len(_CONSTANTS) >= 256:
+                _CONSTANTS.clear()
+            # Made once per (value, T, dtype, device): a torch.full per call costs host time.
+            # Never handed to the caller, never written, never requires grad.
+            const = _CONSTANTS[key] = torch.full((T,), value, dtype=dtype, device=like.device)
+        return const
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
     if value.device != like.device:
