@@ -602,3 +602,21 @@ def test_online_mode_gives_v0_no_gradient_on_both_paths(impl):
     s, v = empf_neuron(xg, v0, decay=0.5, threshold=0.3, grad_mode="online", impl=impl)
     (s.sum() + v.sum()).backward()
     assert v0.grad is None and xg.grad is not None
+
+
+def test_reference_impl_of_step_and_multistep_ops_never_loads_kernels(monkeypatch):
+    import empf_triton.ops.neuron as ops_neuron
+
+    def boom(name):
+        raise AssertionError(f"impl='reference' loaded kernels/{name}.py")
+
+    monkeypatch.setattr(ops_neuron, "load_kernels", boom)
+    x = torch.randn(3, 5, 2, requires_grad=True)
+    d = torch.full((3,), 0.5, requires_grad=True)
+    s, v = empf_neuron(x, decay=d, threshold=0.3, impl="reference")
+    s.sum().backward()
+    s, v = empf_neuron_step(
+        x[0], v.detach(), decay=0.5, threshold=torch.tensor([0.3, 0.2]), impl="reference"
+    )
+    (s.sum() + v.sum()).backward()
+    parallel_neuron(x, threshold=0.3, spike_bits=4, impl="reference").sum().backward()

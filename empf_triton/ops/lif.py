@@ -329,7 +329,8 @@ def lif_neuron_step(
         (spike [*], v_new [*]) in the current's dtype.
     """
     check_step_input("current", current)
-    impl = check_tensor("current", current, resolve_impl(impl, current), min_dim=1)
+    impl = resolve_impl(impl, current)
+    check_tensor("current", current, impl, min_dim=1)
     check_like("v", v, "current", current, current.shape)
     alpha = _check_surrogate(surrogate, alpha)
     if not isinstance(detach_reset, bool):

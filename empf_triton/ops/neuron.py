@@ -727,7 +727,8 @@ def empf_neuron_step(
         (spike [*], v_new [*]) in the current's dtype.
     """
     check_step_input("current", current)
-    impl = check_tensor("current", current, resolve_impl(impl, current), min_dim=1)
+    impl = resolve_impl(impl, current)
+    check_tensor("current", current, impl, min_dim=1)
     check_like("v", v, "current", current, current.shape)
     check_spike_bits(spike_bits, spike_step)
     decay = neuron_param("decay", decay, 1, current, channel_dim=1, single_step=True, is_decay=True)
