@@ -6,8 +6,11 @@ bench/test_bench_overhead.py.
 
 The Triton path is four `torch.library` custom ops (`empf::neuron_fwd`, `empf::neuron_bwd`,
 `empf::parallel_fwd`, `empf::parallel_bwd`), so `torch.compile(fullgraph=True)` keeps them in one
-graph. The public functions validate their arguments and choose the implementation; modules call
-the unchecked internal entries `empf_neuron_triton` / `parallel_neuron_triton` directly.
+graph. In eager mode the same launchers run under two small autograd Functions (`_NeuronFn`,
+`_ParallelFn`), which cost far less host time than custom-op dispatch. The public functions
+validate their arguments and choose the implementation; modules call the unchecked internal
+entries `empf_neuron_triton` / `parallel_neuron_triton` directly. No call reads a CUDA tensor's
+values (no host sync): decay values are range-checked for floats and CPU tensors only.
 """
 
 from __future__ import annotations
