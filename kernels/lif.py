@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv as _cdiv
-from ._common import empty, launch_options, pick_configs, size_class, store_partials
+from ._common import empty, empty_like, launch_options, pick_configs, size_class, store_partials
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -233,8 +233,9 @@ def lif_fwd(
     T = 1 if step_input else shape[0]
     N = current.numel() // T
     dev = current.device
-    spikes = empty(shape, current.dtype, dev)
-    v_last = empty(shape if step_input else shape[1:], current.dtype, dev)
+    dense = current.is_contiguous()  # outputs must be contiguous; empty_like is cheaper
+    spikes = empty_like(current) if dense else empty(shape, current.dtype, dev)
+    v_last = empty_like(spikes) if step_input else empty(shape[1:], current.dtype, dev)
     h = empty((T, N), current.dtype, dev) if save_h else spikes  # dummy pointer when unused
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     lif_fwd_kernel.run(
@@ -283,7 +284,12 @@ def lif_bwd(
     T, N = h.shape
     dev = h.device
     dshape = dcur_shape if dcur_shape is not None else (T, N)
-    dcur = empty(dshape, h.dtype, dev) if need_dcur else h  # dummy pointers when unused
+    if not need_dcur:
+        dcur = h  # dummy pointers when unused
+    elif g is not None and g.shape == dshape and g.dtype == h.dtype and g.is_contiguous():
+        dcur = empty_like(g)
+    else:
+        dcur = empty(dshape, h.dtype, dev)
     dv0 = empty((N,), h.dtype, dev) if need_dv0 else h
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h

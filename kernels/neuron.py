@@ -30,6 +30,7 @@ import triton.language as tl
 from ._common import (
     cdiv as _cdiv,
     empty,
+    empty_like,
     launch_options,
     load_param,
     pack_bits,
@@ -423,8 +424,15 @@ def empf_fwd(
     dev = current.device
     d_mode, d_c, sd_t, sd_c = _param(decay, "decay")
     th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
-    spikes = empty(shape, current.dtype, dev)
-    v_last = empty(shape if step_input else shape[1:], current.dtype, dev)
+    # empty_like where the shape matches (cheaper than empty); outputs must be contiguous.
+    dense = current.is_contiguous()
+    spikes = empty_like(current) if dense else empty(shape, current.dtype, dev)
+    if step_input:
+        v_last = empty_like(spikes)
+    elif v0 is not None and v0.dtype == current.dtype and v0.is_contiguous():
+        v_last = empty_like(v0)
+    else:
+        v_last = empty(shape[1:], current.dtype, dev)
     mask = empty((T, NB), torch.uint8, dev) if save_mask else spikes  # dummy pointer when unused
     save_v = save_v and T > 1
     vhist = empty((T - 1, N), current.dtype, dev) if save_v else spikes
@@ -508,7 +516,11 @@ def empf_bwd(
     d_mode, d_c, sd_t, sd_c = _param(decay if decay is not None else 0.0, "decay")
     th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
     P = _cdiv(N, SUB)
-    dcur = empty(dcur_shape if dcur_shape is not None else (T, N), dtype, dev)
+    dshape = dcur_shape if dcur_shape is not None else (T, N)
+    if g is not None and g.dtype == dtype and g.shape == dshape and g.is_contiguous():
+        dcur = empty_like(g)
+    else:
+        dcur = empty(dshape, dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
     joint = (
         need_dthreshold
@@ -597,7 +609,8 @@ def parallel_fwd(
     N = current.numel() // T
     NB = _cdiv(N, 8)
     th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
-    spikes = empty(current.shape, current.dtype, current.device)
+    dense = current.is_contiguous()
+    spikes = empty_like(current) if dense else empty(current.shape, current.dtype, current.device)
     mask = empty((T, NB), torch.uint8, current.device) if save_mask else spikes
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
     parallel_fwd_kernel.run(
@@ -647,7 +660,7 @@ def parallel_bwd(
     th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
     need_dthreshold = need_dthreshold and th_mode > 0
     P = _cdiv(N, SUB)
-    dcur = empty(g.shape, g.dtype, g.device)
+    dcur = empty_like(g) if g.is_contiguous() else empty(g.shape, g.dtype, g.device)
     dth = _grad_buffer(threshold, th_mode, T, N, P, g.device) if need_dthreshold else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
     parallel_bwd_kernel.run(
