@@ -263,9 +263,10 @@ def _neuron_call(current, v0, decay, threshold, iargs, fargs):
 
 def _c_apply(fn_cls):
     """`fn_cls.apply` without the Python wrapper of `torch.autograd.Function.apply` (its
-    functorch and setup_context checks cost ~3 µs a call). Used only while no functorch transform
-    is active (see `_apply`); these Functions define no setup_context, so under vmap/grad the
-    regular apply is used and raises as it always did."""
+    setup_context and functorch checks and its unwrapping of dead functorch wrappers cost ~3 µs a
+    call). Called only while no functorch transform is active (`_functorch_active`); these
+    Functions define no setup_context, so under vmap/grad the regular apply runs and raises as it
+    always did."""
     return super(torch.autograd.Function, fn_cls).apply
 
 
