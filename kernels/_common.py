@@ -41,6 +41,18 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """`torch.empty_like` of a contiguous tensor (about a third of `torch.empty`'s host time),
+    poisoned under test as `empty`."""
+    out = torch.empty_like(x)
+    if _POISON:
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        else:
+            out.fill_(-1 if x.dtype.is_signed else torch.iinfo(x.dtype).max)
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def size_class(n: int) -> int:
     """Autotune key for a size: the next power of two, capped at 2^24, so a new batch size reuses

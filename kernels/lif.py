@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv as _cdiv
-from ._common import empty, launch_options, pick_configs, size_class, store_partials
+from ._common import empty, empty_like, launch_options, pick_configs, size_class, store_partials
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -206,7 +206,12 @@ def lif_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Inputs are contiguous [T, N] views; per-step parameters are contiguous fp32 [T].
+# Launchers. Inputs are contiguous [T, *] tensors read as [T, N] (one step [*] with
+# `step_input=True`); spikes, v_last and dcurrent take the caller's shapes (no reshapes in the ops,
+# see kernels/neuron.py); per-step parameters are contiguous fp32 [T]. Launches call
+# `Autotuner.run` directly with one constant options dict (host time).
+
+_OPTS = launch_options()
 
 
 def _partials(T: int, N: int, device) -> torch.Tensor:
@@ -219,15 +224,23 @@ def lif_fwd(
     decay: torch.Tensor,
     threshold: torch.Tensor,
     save_h: bool,
+    *,
+    step_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Run all T steps. Returns (spikes [T, N], v_last [N], h [T, N] or None), current's dtype."""
-    T, N = current.shape
+    """Run all T steps. Returns (spikes [T, *], v_last [*], h [T, N] or None), current's dtype;
+    with `step_input` the current is one step [*] and spikes and v_last are [*]."""
+    shape = current.shape
+    T = 1 if step_input else shape[0]
+    N = current.numel() // T
     dev = current.device
-    spikes = empty((T, N), current.dtype, dev)
-    v_last = empty((N,), current.dtype, dev)
+    dense = current.is_contiguous()  # outputs must be contiguous; empty_like is cheaper
+    spikes = empty_like(current) if dense else empty(shape, current.dtype, dev)
+    v_last = empty_like(spikes) if step_input else empty(shape[1:], current.dtype, dev)
     h = empty((T, N), current.dtype, dev) if save_h else spikes  # dummy pointer when unused
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    lif_fwd_kernel[grid](
+    lif_fwd_kernel.run(
+        grid=grid,
+        warmup=False,
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
         p_decay=decay,
@@ -242,7 +255,7 @@ def lif_fwd(
         T_CLASS=size_class(T),
         HAS_V0=v0 is not None,
         SAVE_H=save_h,
-        **launch_options(),
+        **_OPTS,
     )
     return spikes, v_last, (h if save_h else None)
 
@@ -262,17 +275,28 @@ def lif_bwd(
     need_dv0: bool,
     need_ddecay: bool,
     need_dth: bool,
+    *,
+    dcur_shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], ddecay [T], dthreshold [T]), the
-    tensors in h's dtype and the parameter gradients in fp32; None for what was not asked."""
+    """Reverse-time pass. Returns (dcurrent [T, N] or `dcur_shape`, dv0 [N], ddecay [T],
+    dthreshold [T]), the tensors in h's dtype and the parameter gradients in fp32; None for what
+    was not asked."""
     T, N = h.shape
     dev = h.device
-    dcur = empty((T, N), h.dtype, dev) if need_dcur else h  # dummy pointers when unused
+    dshape = dcur_shape if dcur_shape is not None else (T, N)
+    if not need_dcur:
+        dcur = h  # dummy pointers when unused
+    elif g is not None and g.shape == dshape and g.dtype == h.dtype and g.is_contiguous():
+        dcur = empty_like(g)
+    else:
+        dcur = empty(dshape, h.dtype, dev)
     dv0 = empty((N,), h.dtype, dev) if need_dv0 else h
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    lif_bwd_kernel[grid](
+    lif_bwd_kernel.run(
+        grid=grid,
+        warmup=False,
         p_g=g if g is not None else h,
         p_gv=gv if gv is not None else h,
         p_h=h,
@@ -300,7 +324,7 @@ def lif_bwd(
         NEED_DDECAY=need_ddecay,
         NEED_DTH=need_dth,
         SUB=SUB,
-        **launch_options(),
+        **_OPTS,
     )
     return (
         dcur if need_dcur else None,

@@ -30,6 +30,7 @@ import triton.language as tl
 from ._common import (
     cdiv as _cdiv,
     empty,
+    empty_like,
     launch_options,
     load_param,
     pack_bits,
@@ -348,8 +349,18 @@ def parallel_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Inputs are contiguous [T, N] views. A parameter is a float (MODE 0), a 1-D tensor
-# read at row t0 + t (MODE 1) or a 2-D [T, C] tensor read per channel (MODE 2), any strides.
+# Launchers. Inputs are contiguous [T, *] tensors, read as [T, N] (N = numel / T); with
+# `step_input=True` the current is one step [*] (T = 1). Outputs take the input's shape, so the
+# ops need no reshape (a view of a tensor that requires grad is a node in the autograd graph).
+# A parameter is a float (MODE 0), a 1-D tensor read at row t0 + t (MODE 1) or a 2-D [T, C]
+# tensor read per channel (MODE 2), any strides.
+#
+# Host time (the GPU run showed the calls, not the kernels, cost the time): launches go through
+# `Autotuner.run(grid=..., warmup=False, ...)` directly (what `kernel[grid](...)` calls, minus a
+# lambda and one repacking of the keyword arguments), compile options are one constant dict, and
+# nothing is allocated that is not written.
+
+_OPTS = launch_options()
 
 
 def _levels_m1(spike_bits: int | None) -> float:
@@ -367,10 +378,12 @@ def _param(p, name: str) -> tuple[int, float, int, int]:
     raise ValueError(f"{name} must be a float, a 1-D or a 2-D tensor, got shape {tuple(p.shape)}")
 
 
+def _grad_shape(p, mode: int, T: int, N: int, P: int) -> tuple[int, int]:
+    return (p.shape[0], P) if mode == 1 else (T, N)
+
+
 def _grad_buffer(p, mode: int, T: int, N: int, P: int, device) -> torch.Tensor:
-    if mode == 1:
-        return empty((p.shape[0], P), torch.float32, device)
-    return empty((T, N), torch.float32, device)
+    return empty(_grad_shape(p, mode, T, N, P), torch.float32, device)
 
 
 def _finish_grad(buf: torch.Tensor, p: torch.Tensor, mode: int, C: int, inner: int):
@@ -397,23 +410,36 @@ def empf_fwd(
     logits: bool = False,
     channels: int = 1,
     inner: int = 1,
+    step_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run all T steps (see the module docstring for the parameter forms).
 
-    Returns (spikes [T, N], v_last [N], mask [T, ⌈N/8⌉] uint8, vhist [T-1, N]).
+    Returns (spikes [T, *], v_last [*], mask [T, ⌈N/8⌉] uint8, vhist [T-1, N]) for a contiguous
+    current [T, *]; with `step_input` the current is one step [*] and spikes and v_last are [*].
     """
-    T, N = current.shape
+    shape = current.shape
+    T = 1 if step_input else shape[0]
+    N = current.numel() // T
     NB = _cdiv(N, 8)
     dev = current.device
     d_mode, d_c, sd_t, sd_c = _param(decay, "decay")
     th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
-    spikes = empty((T, N), current.dtype, dev)
-    v_last = empty((N,), current.dtype, dev)
+    # empty_like where the shape matches (cheaper than empty); outputs must be contiguous.
+    dense = current.is_contiguous()
+    spikes = empty_like(current) if dense else empty(shape, current.dtype, dev)
+    if step_input:
+        v_last = empty_like(spikes)
+    elif v0 is not None and v0.dtype == current.dtype and v0.is_contiguous():
+        v_last = empty_like(v0)
+    else:
+        v_last = empty(shape[1:], current.dtype, dev)
     mask = empty((T, NB), torch.uint8, dev) if save_mask else spikes  # dummy pointer when unused
     save_v = save_v and T > 1
     vhist = empty((T - 1, N), current.dtype, dev) if save_v else spikes
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    empf_fwd_kernel[grid](
+    empf_fwd_kernel.run(
+        grid=grid,
+        warmup=False,
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
         p_decay=decay if d_mode else current,
@@ -445,7 +471,7 @@ def empf_fwd(
         D_MODE=d_mode,
         TH_MODE=th_mode,
         LOGITS=logits,
-        **launch_options(),
+        **_OPTS,
     )
     return spikes, v_last, (mask if save_mask else None), (vhist if save_v else None)
 
@@ -470,6 +496,7 @@ def empf_bwd(
     channels: int = 1,
     inner: int = 1,
     stack_param_grads: bool = False,
+    dcur_shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], dthreshold, ddecay): the tensors in
     `dtype`, the parameter gradients fp32 in the parameter's shape ([TQ] or [T, C]).
@@ -479,7 +506,8 @@ def empf_bwd(
     needed and the parameters have the same form and shape (a module's two [T] logit vectors),
     both partial-sum buffers share one allocation and one reduction (one launch less); with
     `stack_param_grads` the result then comes back as one [2, *shape] tensor (θ's gradient,
-    λ's gradient) in the dthreshold slot and None for ddecay, else as two views of it."""
+    λ's gradient) in the dthreshold slot and None for ddecay, else as two views of it.
+    dcurrent has the shape `dcur_shape` (any shape of T * N elements; default [T, N])."""
     T = mask.shape[0]
     dev = mask.device
     need_dthreshold = need_dthreshold and isinstance(threshold, torch.Tensor)
@@ -488,23 +516,28 @@ def empf_bwd(
     d_mode, d_c, sd_t, sd_c = _param(decay if decay is not None else 0.0, "decay")
     th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
     P = _cdiv(N, SUB)
-    dcur = empty((T, N), dtype, dev)
+    dshape = dcur_shape if dcur_shape is not None else (T, N)
+    if g is not None and g.dtype == dtype and g.shape == dshape and g.is_contiguous():
+        dcur = empty_like(g)
+    else:
+        dcur = empty(dshape, dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
     joint = (
         need_dthreshold
         and need_ddecay
         and th_mode == d_mode
-        and tuple(threshold.shape) == tuple(decay.shape)
+        and threshold.shape == decay.shape
     )
     if joint:
-        both = _grad_buffer(decay, d_mode, T, N, P, dev)
-        both = empty((2, *both.shape), torch.float32, dev)
-        dth, ddec = both[0], both[1]
+        both = empty((2, *_grad_shape(decay, d_mode, T, N, P)), torch.float32, dev)
+        dth, ddec = both.unbind(0)
     else:
         dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
         ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    empf_bwd_kernel[grid](
+    empf_bwd_kernel.run(
+        grid=grid,
+        warmup=False,
         p_g=g if g is not None else dcur,
         p_gv=gv if gv is not None else dcur,
         p_mask=mask,
@@ -543,14 +576,15 @@ def empf_bwd(
         TH_MODE=th_mode,
         LOGITS=logits,
         SUB=SUB,
-        **launch_options(),
+        **_OPTS,
     )
     dv0 = dv0 if need_dv0 else None
     if joint:
         sums = _finish_grad(both, decay, d_mode, channels, inner)
         if stack_param_grads:
             return dcur, dv0, sums, None
-        return dcur, dv0, sums[0], sums[1]
+        dthr, ddecay = sums.unbind(0)
+        return dcur, dv0, dthr, ddecay
     dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
     ddecay = _finish_grad(ddec, decay, d_mode, channels, inner) if need_ddecay else None
     return dcur, dv0, dthr, ddecay
@@ -567,15 +601,21 @@ def parallel_fwd(
     logits: bool = False,
     channels: int = 1,
     inner: int = 1,
+    step_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stateless neuron on [T, N]. Returns (spikes [T, N], mask [T, ⌈N/8⌉] uint8 or None)."""
-    T, N = current.shape
+    """Stateless neuron on a contiguous [T, *] current (one step [*] with `step_input`).
+    Returns (spikes in the current's shape, mask [T, ⌈N/8⌉] uint8 or None)."""
+    T = 1 if step_input else current.shape[0]
+    N = current.numel() // T
     NB = _cdiv(N, 8)
     th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
-    spikes = empty((T, N), current.dtype, current.device)
+    dense = current.is_contiguous()
+    spikes = empty_like(current) if dense else empty(current.shape, current.dtype, current.device)
     mask = empty((T, NB), torch.uint8, current.device) if save_mask else spikes
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
-    parallel_fwd_kernel[grid](
+    parallel_fwd_kernel.run(
+        grid=grid,
+        warmup=False,
         p_cur=current,
         p_th=threshold if th_mode else current,
         p_spk=spikes,
@@ -595,7 +635,7 @@ def parallel_fwd(
         SAVE_MASK=save_mask,
         TH_MODE=th_mode,
         LOGITS=logits,
-        **launch_options(),
+        **_OPTS,
     )
     return spikes, (mask if save_mask else None)
 
@@ -612,17 +652,20 @@ def parallel_bwd(
     channels: int = 1,
     inner: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns (dcurrent [T, N] in g's dtype, dthreshold fp32 in the threshold's shape or None)."""
+    """Returns (dcurrent in g's shape and dtype, dthreshold fp32 in the threshold's shape or
+    None). g is contiguous, [T, N] or any shape of T * N elements."""
     T = mask.shape[0]
     if threshold is None:  # the old form: a [T] per-step gradient
         threshold = torch.empty((T,), device="meta")
     th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
     need_dthreshold = need_dthreshold and th_mode > 0
     P = _cdiv(N, SUB)
-    dcur = empty((T, N), g.dtype, g.device)
+    dcur = empty_like(g) if g.is_contiguous() else empty(g.shape, g.dtype, g.device)
     dth = _grad_buffer(threshold, th_mode, T, N, P, g.device) if need_dthreshold else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
-    parallel_bwd_kernel[grid](
+    parallel_bwd_kernel.run(
+        grid=grid,
+        warmup=False,
         p_g=g,
         p_mask=mask,
         p_th=threshold if threshold.device == g.device else dcur,
@@ -643,7 +686,7 @@ def parallel_bwd(
         TH_MODE=th_mode,
         LOGITS=logits,
         SUB=SUB,
-        **launch_options(),
+        **_OPTS,
     )
     dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
     return dcur, dthr

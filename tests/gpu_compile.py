@@ -144,6 +144,37 @@ def neuron_cases():
                     )
             k.empf_bwd(None, None, mask, None, None, None, N, dtype, False, False, False)
             k.parallel_bwd(cur, mask, N)
+            _neuron_param_forms(k, cur, v0, mask, vh, dtype, T, N)
+
+
+def _neuron_param_forms(k, cur, v0, mask, vh, dtype, T, N) -> None:
+    """The parameter forms beside per-step tensors: float scalars (MODE 0), per-channel [T, C]
+    tensors (MODE 2), and a module's logit vector read at a step row t0 (LOGITS)."""
+    C, inner = (5, 2) if N == 1000 else (1, 1)
+    pc = torch.zeros(T, C)
+    lg = torch.zeros(6)
+    # float scalars
+    k.empf_fwd(cur, v0, 0.5, 0.3, 4, 0.25, True, True)
+    k.empf_bwd(cur, v0, mask, vh, v0, 0.5, N, dtype, True, False, True, threshold=0.3)
+    k.parallel_fwd(cur, 0.3, None, 0.25, True)
+    k.parallel_bwd(cur, mask, N, threshold=None, need_dthreshold=False)
+    # per channel
+    k.empf_fwd(cur, None, pc, pc, None, 0.25, True, True, channels=C, inner=inner)
+    k.empf_bwd(
+        cur, v0, mask, vh, v0, pc, N, dtype, True, True, True,
+        threshold=pc, channels=C, inner=inner,
+    )  # fmt: skip
+    k.parallel_fwd(cur, pc, 4, 0.25, True, channels=C, inner=inner)
+    k.parallel_bwd(cur, mask, N, threshold=pc, channels=C, inner=inner)
+    # logits with a step row
+    k.empf_fwd(cur, v0, lg, lg, 4, 0.25, True, True, t0=2, logits=True)
+    for bptt in (False, True):
+        k.empf_bwd(
+            cur, None, mask, vh, v0, lg, N, dtype, bptt, True, False,
+            threshold=lg, t0=2, logits=True,
+        )  # fmt: skip
+    k.parallel_fwd(cur, lg, 4, 0.25, True, t0=2, logits=True)
+    k.parallel_bwd(cur, mask, N, threshold=lg, t0=2, logits=True)
 
 
 def lif_cases():

@@ -545,7 +545,7 @@ KW = {"decay": 0.5, "threshold": 0.5}
             ValueError,
             "decay",
         ),
-        (lambda: lif_neuron_step(torch.randn(4), torch.randn(3), **KW), ValueError, "v0 must"),
+        (lambda: lif_neuron_step(torch.randn(4), torch.randn(3), **KW), ValueError, r"^v must"),
         (
             lambda: lif_neuron_step(torch.randn(4), decay=1.01, threshold=0.5),
             ValueError,
@@ -574,3 +574,17 @@ def test_triton_unavailable_raises(monkeypatch):
         lif_neuron(torch.randn(3, 4), impl="triton", **KW)
     with pytest.raises(common.TritonUnavailableError, match="TRITON_INTERPRET"):
         lif_neuron_step(torch.randn(4), impl="triton", **KW)
+
+
+def test_reference_impl_of_lif_ops_never_loads_kernels(monkeypatch):
+    import empf_triton.ops.lif as ops_lif
+
+    def boom(name):
+        raise AssertionError(f"impl='reference' loaded kernels/{name}.py")
+
+    monkeypatch.setattr(ops_lif, "load_kernels", boom)
+    x = torch.randn(3, 7, requires_grad=True)
+    s, v = lif_neuron(x, decay=0.5, threshold=0.3, impl="reference")
+    s.sum().backward()
+    s, v = lif_neuron_step(x[0], v.detach(), decay=0.5, threshold=0.3, impl="reference")
+    (s.sum() + v.sum()).backward()

@@ -504,6 +504,62 @@ def test_decay_outside_unit_interval_or_nan_raises(impl, decay):
         empf_neuron(torch.randn(3, 4), decay=decay, threshold=0.5, impl=impl)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")], ids=["1.5", "-0.5", "nan"])
+def test_cpu_decay_tensors_are_checked_in_every_form(impl, bad):
+    """CPU tensors are checked (reading them is no device sync): 0-d, [T], [T, C] and [1, C]
+    forms of the multi-step ops, 0-d and [C] forms of the step op, small and large."""
+    x = torch.randn(3, 5, 2)  # [T, N, C]
+    T, C = 3, 2
+    forms = [torch.tensor(bad), torch.tensor([0.5, bad, 0.5])]
+    per_channel = torch.full((T, C), 0.5)
+    per_channel[1, 1] = bad
+    forms += [per_channel]
+    forms += [torch.tensor([[0.5, bad]])]
+    values = r"decay must lie in \[0, 1\]"
+    for d in forms:
+        with pytest.raises(ValueError, match=values):
+            empf_neuron(x, decay=d, threshold=0.5, impl=impl)
+    big = torch.full((3, 2, 400), 0.1)  # a [T, C] decay above the tolist size limit
+    d_big = torch.full((3, 400), 0.5)
+    d_big[2, 399] = bad
+    with pytest.raises(ValueError, match=values):
+        empf_neuron(big, decay=d_big, threshold=0.5, impl=impl)
+    empf_neuron(big, decay=d_big.clamp(0, 1).nan_to_num(0.5), threshold=0.5, impl=impl)
+    for d in (torch.tensor(bad), torch.tensor([0.5, bad])):
+        with pytest.raises(ValueError, match=values):
+            empf_neuron_step(x[0], decay=d, threshold=0.5, impl=impl)
+
+
+@pytest.mark.gpu
+def test_cuda_decay_tensors_make_no_host_sync():
+    """On CUDA the public ops never read a decay tensor's values: no device sync (CUDA-graph
+    capturable), forward and backward."""
+    x = torch.randn(3, 8, 4, device="cuda", requires_grad=True)
+    d = torch.full((3,), 0.5, device="cuda", requires_grad=True)
+    th = torch.full((3,), 0.3, device="cuda", requires_grad=True)
+    dc = torch.full((4,), 0.5, device="cuda")
+    calls = [
+        lambda: empf_neuron(x, decay=d, threshold=th, impl="triton")[0],
+        lambda: empf_neuron(x, decay=d, threshold=th, grad_mode="bptt", impl="triton")[0],
+        lambda: empf_neuron_step(x[0].detach(), decay=dc, threshold=0.3, impl="triton")[0],
+        lambda: parallel_neuron(x, threshold=th, spike_bits=4, impl="triton"),
+    ]
+    for call in calls:  # warm-up: the first launch compiles (and autotunes, which syncs)
+        out = call()
+        if out.requires_grad:
+            out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            out = call()
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_decay_bounds_zero_and_one_are_allowed():
     x = torch.randn(3, 4)
     for d in (0.0, 1.0, torch.tensor([0.0, 1.0, 0.5])):
@@ -547,3 +603,21 @@ def test_online_mode_gives_v0_no_gradient_on_both_paths(impl):
     s, v = empf_neuron(xg, v0, decay=0.5, threshold=0.3, grad_mode="online", impl=impl)
     (s.sum() + v.sum()).backward()
     assert v0.grad is None and xg.grad is not None
+
+
+def test_reference_impl_of_step_and_multistep_ops_never_loads_kernels(monkeypatch):
+    import empf_triton.ops.neuron as ops_neuron
+
+    def boom(name):
+        raise AssertionError(f"impl='reference' loaded kernels/{name}.py")
+
+    monkeypatch.setattr(ops_neuron, "load_kernels", boom)
+    x = torch.randn(3, 5, 2, requires_grad=True)
+    d = torch.full((3,), 0.5, requires_grad=True)
+    s, v = empf_neuron(x, decay=d, threshold=0.3, impl="reference")
+    s.sum().backward()
+    s, v = empf_neuron_step(
+        x[0], v.detach(), decay=0.5, threshold=torch.tensor([0.3, 0.2]), impl="reference"
+    )
+    (s.sum() + v.sum()).backward()
+    parallel_neuron(x, threshold=0.3, spike_bits=4, impl="reference").sum().backward()

@@ -264,33 +264,38 @@ class EMPFNeuron(StatefulNeuron):
             self.t = t + 1
             return spike
         impl = self._check_input(x, 1)
-        x1 = x.unsqueeze(0)
         bits, step = self.spike_bits, self.spike_step
         # Hot path: no validation, no sigmoid/indexing launches. On Triton the kernel reads the
-        # logits at row t, applies the sigmoid and returns the logits' gradients itself.
+        # logits at row t, applies the sigmoid and returns the logits' gradients itself, and the
+        # step goes in and out in its own shape (no [1, *] views in the autograd graph).
         if self.parallel:
             if impl == "triton":
                 spike = parallel_neuron_triton(
-                    x1, self.threshold_logit, bits, step, t0=t, logits=True
+                    x, self.threshold_logit, bits, step, t0=t, logits=True, step=True
                 )
             else:
                 th = torch.sigmoid(self.threshold_logit[t : t + 1])
-                spike = parallel_neuron_ref(x1, th, bits, step)
+                spike = parallel_neuron_ref(x.unsqueeze(0), th, bits, step)[0]
         else:
-            self._check_state(x.shape)
-            v = self._carried_v()
+            v = self.v
+            if v is not None:
+                if v.shape != x.shape:
+                    self._check_state(x.shape)
+                if self.grad_mode == "online":
+                    v = v.detach()
             if impl == "triton":
                 spike, v = empf_neuron_triton(
-                    x1, v, self.decay_logit, self.threshold_logit, bits, step, True,
-                    t0=t, logits=True,
+                    x, v, self.decay_logit, self.threshold_logit, bits, step, True,
+                    t0=t, logits=True, step=True,
                 )  # fmt: skip
             else:
                 decay = torch.sigmoid(self.decay_logit[t : t + 1])
                 th = torch.sigmoid(self.threshold_logit[t : t + 1])
-                spike, v = empf_neuron_ref(x1, v, decay, th, bits, step, "bptt")
-            self._keep_v(v)
+                spike, v = empf_neuron_ref(x.unsqueeze(0), v, decay, th, bits, step, "bptt")
+                spike = spike[0]
+            self.v = v.detach() if self.grad_mode == "online" else v
         self.t = t + 1
-        return spike[0]
+        return spike
 
     def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != self.T:
@@ -400,22 +405,26 @@ class LIFNeuron(StatefulNeuron):
             "impl": self.impl,
         }
 
-    def _run(self, x: torch.Tensor, v: torch.Tensor | None, bptt: bool):
+    def _run(self, x: torch.Tensor, v: torch.Tensor | None, bptt: bool, step: bool = False):
         """Eager hot path: input validated once per (shape, dtype, device) by the caller, the
-        constant [T] decay/threshold tensors made once per (T, device, precision)."""
+        constant [T] decay/threshold tensors made once per (T, device, precision). With `step`,
+        x is one step [N, *] and the outputs are [N, *]."""
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        key = (x.shape[0], x.device, dt)
+        key = (1 if step else x.shape[0], x.device, dt)
         params = self._param_cache.get(key)
         if params is None:
             params = (
-                torch.full((x.shape[0],), self.decay, dtype=dt, device=x.device),
-                torch.full((x.shape[0],), self.v_threshold, dtype=dt, device=x.device),
+                torch.full((key[0],), self.decay, dtype=dt, device=x.device),
+                torch.full((key[0],), self.v_threshold, dtype=dt, device=x.device),
             )
             self._param_cache[key] = params
-        args = (x, v, *params, self.surrogate, self._alpha, self.detach_reset)
+        args = (v, *params, self.surrogate, self._alpha, self.detach_reset)
         if self._resolved_impl == "triton":
-            return lif_neuron_triton(*args, bptt)
-        return lif_neuron_ref(*args, "bptt" if bptt else "online")
+            return lif_neuron_triton(x, *args, bptt, step=step)
+        if step:
+            spikes, v = lif_neuron_ref(x.unsqueeze(0), *args, "bptt" if bptt else "online")
+            return spikes[0], v
+        return lif_neuron_ref(x, *args, "bptt" if bptt else "online")
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced: the public op (validation is free there)
@@ -423,8 +432,7 @@ class LIFNeuron(StatefulNeuron):
         else:
             self._check_input(x, 1)
             self._check_state(x.shape)
-            spikes, v = self._run(x.unsqueeze(0), self._carried_v(), True)
-            spike = spikes[0]
+            spike, v = self._run(x, self._carried_v(), True, step=True)
         self._keep_v(v)
         self.t += 1
         return spike

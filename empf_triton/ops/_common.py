@@ -8,6 +8,7 @@ reference. An explicit `impl="triton"` never falls back: it raises `TritonUnavai
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import math
@@ -26,13 +27,22 @@ class TritonUnavailableError(ValueError):
     """`impl="triton"` was asked for where the Triton kernels cannot run."""
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether triton is installed (looked up once: `find_spec` costs µs on every call)."""
     return importlib.util.find_spec("triton") is not None
 
 
+_KERNELS: dict[str, ModuleType] = {}
+
+
 def load_kernels(name: str) -> ModuleType:
-    """Import `empf_triton.kernels.<name>` on first use (this is what imports triton)."""
-    return importlib.import_module(f"empf_triton.kernels.{name}")
+    """Import `empf_triton.kernels.<name>` on first use (this is what imports triton); later
+    calls are one dict lookup."""
+    mod = _KERNELS.get(name)
+    if mod is None:
+        mod = _KERNELS[name] = importlib.import_module(f"empf_triton.kernels.{name}")
+    return mod
 
 
 def _interpreter_on() -> bool:
@@ -108,6 +118,9 @@ def check_like(name: str, x: torch.Tensor | None, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
 def per_step(
     name: str, value: float | torch.Tensor, T: int, like: torch.Tensor, *, is_decay: bool = False
 ) -> torch.Tensor:
@@ -126,7 +139,17 @@ def per_step(
         if is_decay and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.full((T,), value, dtype=dtype, device=like.device)
+        if torch.compiler.is_compiling():
+            return torch.full((T,), value, dtype=dtype, device=like.device)
+        key = (value, T, dtype, like.device)
+        const = _CONSTANTS.get(key)
+        if const is None:
+            if len(_CONSTANTS) >= 256:
+                _CONSTANTS.clear()
+            # Made once per (value, T, dtype, device): a torch.full per call costs host time.
+            # Never handed to the caller, never written, never requires grad.
+            const = _CONSTANTS[key] = torch.full((T,), value, dtype=dtype, device=like.device)
+        return const
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
     if value.device != like.device:
@@ -161,8 +184,21 @@ def check_spike_step(spike_step: object, name: str = "spike_step") -> float:
     return value
 
 
+_QUANT_OK: set[tuple] = set()
+
+
 def check_spike_bits(spike_bits: int | None, spike_step: float, *, allowed=None) -> None:
-    """`spike_bits` None or an int in 1..8 (or in `allowed`); `spike_step` as check_spike_step."""
+    """`spike_bits` None or an int in 1..8 (or in `allowed`); `spike_step` as check_spike_step.
+
+    A valid (int or None, float or int) pair is remembered, so repeated calls cost one set lookup.
+    """
+    cacheable = (
+        allowed is None
+        and (spike_bits is None or spike_bits.__class__ is int)
+        and spike_step.__class__ in (float, int)
+    )
+    if cacheable and (spike_bits, spike_step) in _QUANT_OK:
+        return
     if spike_bits is not None:
         if isinstance(spike_bits, bool) or not isinstance(spike_bits, int):
             raise TypeError(f"spike_bits must be an int or None, got {type(spike_bits).__name__}")
@@ -170,6 +206,8 @@ def check_spike_bits(spike_bits: int | None, spike_step: float, *, allowed=None)
         if spike_bits not in valid:
             raise ValueError(f"spike_bits must be in {tuple(valid)}, got {spike_bits}")
     check_spike_step(spike_step)
+    if cacheable and len(_QUANT_OK) < 1024:
+        _QUANT_OK.add((spike_bits, spike_step))
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -257,17 +295,39 @@ def neuron_param(
 
 
 def check_decay_values(decay: object) -> None:
-    """Reject a decay tensor with a value outside [0, 1] or NaN (ValueError).
+    """Reject a decay tensor with a value outside [0, 1] or NaN (ValueError), where that is free.
 
-    Reads the values, so on CUDA this costs one device sync: the public functions call it once
-    per call; the modules, whose decay is a sigmoid, never do. Skipped while torch.compile traces.
+    Values are read only on the CPU, where reading them is no device sync: a small tensor (a [T]
+    vector) through one `tolist`, a large one through `aminmax`. Tensors on CUDA (or any other
+    device) are not inspected, so a public neuron op never makes a host sync and can be captured
+    in a CUDA graph; floats are checked where they are converted (`neuron_param`). Skipped while
+    torch.compile traces.
     """
-    if not isinstance(decay, torch.Tensor) or torch.compiler.is_compiling():
+    if not isinstance(decay, torch.Tensor) or decay.device.type != "cpu":
         return
-    with torch.no_grad():
-        lo, hi = torch.aminmax(decay.detach())  # NaN propagates into both
-        lo, hi = lo.item(), hi.item()
-    if not (lo >= 0.0 and hi <= 1.0):
-        raise ValueError(
-            f"decay must lie in [0, 1] (λ, the membrane's leak), got values from {lo} to {hi}"
-        )
+    if torch.compiler.is_compiling():
+        return
+    if decay.numel() <= _TOLIST_MAX:
+        values = decay.tolist()
+        if decay.dim() > 1:
+            values = [v for row in values for v in row]
+        elif decay.dim() == 0:
+            values = [values]
+        if all(0.0 <= v <= 1.0 for v in values):  # False for NaN
+            return
+        lo, hi = min(values), max(values)
+        if any(v != v for v in values):
+            lo = hi = math.nan
+    else:
+        with torch.no_grad():
+            lo, hi = torch.aminmax(decay.detach())  # NaN propagates into both
+            lo, hi = lo.item(), hi.item()
+        if lo >= 0.0 and hi <= 1.0:
+            return
+    raise ValueError(
+        f"decay must lie in [0, 1] (λ, the membrane's leak), got values from {lo} to {hi}"
+    )
+
+
+#: Largest decay tensor whose values are checked through `tolist` (cheaper than a reduction).
+_TOLIST_MAX = 256

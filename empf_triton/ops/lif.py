@@ -15,10 +15,12 @@ from ._common import (
     check_like,
     check_sequence,
     check_step_input,
+    check_tensor,
     device_guard,
     grad_wanted,
     load_kernels,
     per_step,
+    resolve_impl,
 )
 from ._library import register_op
 
@@ -65,8 +67,7 @@ def _lif_backward(ctx, g, gv, _gh):
     surrogate, alpha, detach_reset, bptt, has_v0 = ctx.meta
     need = ctx.needs_input_grad
     flags = (need[0], bptt and has_v0 and need[1], need[2], need[3])
-    bwd = _lif_bwd_impl if getattr(ctx, "direct", False) else _LIF_BWD_OP
-    dcur, dv0, ddecay, dth = bwd(
+    dcur, dv0, ddecay, dth = _LIF_BWD_OP(
         g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, *flags
     )
     out = [x if f else None for x, f in zip((dcur, dv0, ddecay, dth), flags)]
@@ -132,20 +133,52 @@ _LIF_BWD_OP = torch.ops.empf.lif_bwd.default
 
 
 class _LIFFn(torch.autograd.Function):
-    """Eager twin of `empf::lif_fwd`'s registered autograd (same impl, setup and backward,
-    called directly: a Python custom op's autograd dispatch costs ~100 µs per call in eager).
-    Under torch.compile the custom op runs instead."""
+    """Eager autograd of the fused LIF neuron: the same launchers as `empf::lif_fwd`/`lif_bwd`,
+    called directly (a Python custom op's autograd dispatch costs ~100 µs per call in eager).
+    Shapes are handled inside forward/backward, where autograd records no view nodes (see
+    ops/neuron.py). Under torch.compile the custom op runs instead.
+
+    plan = (surrogate, alpha, detach_reset, bptt, step).
+    """
 
     @staticmethod
-    def forward(ctx, current, v0, decay, threshold, surrogate, alpha, flags):
-        out = _lif_fwd_impl(current, v0, decay, threshold, surrogate, alpha, flags)
-        _lif_setup(ctx, (current, v0, decay, threshold, surrogate, alpha, flags), out)
-        ctx.direct = True
-        return out[0], out[1]  # h stays in ctx
+    def forward(ctx, current, v0, decay, threshold, plan):
+        if not current.is_contiguous():
+            current = current.contiguous()
+        if v0 is not None and not v0.is_contiguous():
+            v0 = v0.contiguous()
+        with device_guard(current):
+            spikes, v_last, h = _kernels().lif_fwd(
+                current, v0, decay, threshold, True, step_input=plan[4]
+            )
+        # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
+        ctx.save_for_backward(h, v0 if ctx.needs_input_grad[2] else None, decay, threshold)
+        ctx.plan = plan
+        ctx.shape = current.shape
+        ctx.has_v0 = v0 is not None
+        ctx.set_materialize_grads(False)
+        return spikes, v_last
 
     @staticmethod
     def backward(ctx, g, gv):
-        return _lif_backward(ctx, g, gv, None)
+        h, v0, decay, threshold = ctx.saved_tensors
+        surrogate, alpha, detach_reset, bptt, step = ctx.plan
+        need = ctx.needs_input_grad
+        need_dv0 = bptt and ctx.has_v0 and need[1]
+        shape = ctx.shape
+        with device_guard(h):
+            dcur, dv0, ddecay, dth = _kernels().lif_bwd(
+                g.contiguous() if g is not None else None,
+                gv.contiguous() if gv is not None else None,
+                h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
+                need[0], need_dv0, need[2], need[3], dcur_shape=shape,
+            )  # fmt: skip
+        if dv0 is not None:
+            dv0 = dv0.view(shape if step else shape[1:])
+        return dcur, dv0, ddecay, dth, None
+
+
+_LIF_APPLY = super(torch.autograd.Function, _LIFFn).apply  # see ops/neuron.py `_c_apply`
 
 
 def lif_neuron_triton(
@@ -157,26 +190,46 @@ def lif_neuron_triton(
     alpha: float,
     detach_reset: bool,
     bptt: bool,
+    *,
+    step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton path of `lif_neuron` without validation: current [T, *], v0 [*] or None,
-    decay and threshold [T] tensors (any floating dtype), alpha resolved."""
-    T, feat = current.shape[0], current.shape[1:]
-    cur2 = current.reshape(T, -1)
-    if not cur2.is_contiguous():
-        cur2 = cur2.contiguous()
-    v02 = v0.reshape(-1).contiguous() if v0 is not None else None
-    decay32 = decay.to(torch.float32).contiguous()
-    th32 = threshold.to(torch.float32).contiguous()
-    save_h = grad_wanted(current, v0, decay, threshold)
-    flags = 1 * detach_reset + 2 * bptt + 4 * save_h
-    args = (cur2, v02, decay32, th32, surrogate, float(alpha), flags)
+    """The Triton path of `lif_neuron` without validation: current [T, *] (or one step [*] with
+    `step=True`, T = 1), v0 in the shape of one step or None, decay and threshold [T] tensors
+    (any floating dtype), alpha resolved."""
+    decay32 = decay if decay.dtype == torch.float32 else decay.float()
+    th32 = threshold if threshold.dtype == torch.float32 else threshold.float()
+    if not decay32.is_contiguous():
+        decay32 = decay32.contiguous()
+    if not th32.is_contiguous():
+        th32 = th32.contiguous()
     if torch.compiler.is_compiling():
-        spikes, v_last, _ = _LIF_FWD_OP(*args)
-    elif save_h:
-        spikes, v_last = _LIFFn.apply(*args)
-    else:
-        spikes, v_last, _ = _lif_fwd_impl(*args)
-    return spikes.view(current.shape), v_last.view(feat)
+        x = current.unsqueeze(0) if step else current
+        T, feat = x.shape[0], x.shape[1:]
+        cur2 = x.reshape(T, -1).contiguous()
+        v02 = v0.reshape(-1).contiguous() if v0 is not None else None
+        save_h = grad_wanted(current, v0, decay, threshold)
+        flags = 1 * detach_reset + 2 * bptt + 4 * save_h
+        spikes, v_last, _ = _LIF_FWD_OP(cur2, v02, decay32, th32, surrogate, float(alpha), flags)
+        return spikes.view(current.shape), v_last.view(current.shape if step else feat)
+    if torch.is_grad_enabled() and (
+        current.requires_grad
+        or (v0 is not None and v0.requires_grad)
+        or decay32.requires_grad
+        or th32.requires_grad
+    ):
+        plan = (surrogate, float(alpha), detach_reset, bptt, step)
+        if torch._C._are_functorch_transforms_active():
+            return _LIFFn.apply(current, v0, decay32, th32, plan)
+        return _LIF_APPLY(current, v0, decay32, th32, plan)
+    if not current.is_contiguous():
+        current = current.contiguous()
+    if v0 is not None and not v0.is_contiguous():
+        v0 = v0.contiguous()
+    with device_guard(current):
+        spikes, v_last, _ = _kernels().lif_fwd(
+            current, v0, decay32, th32, False, step_input=step
+        )
+    return spikes, v_last
 
 
 def _check_surrogate(surrogate: str, alpha: float | None) -> float:
@@ -276,15 +329,20 @@ def lif_neuron_step(
         (spike [*], v_new [*]) in the current's dtype.
     """
     check_step_input("current", current)
-    spikes, v_new = lif_neuron(
-        current.unsqueeze(0),
-        v,
-        decay=decay,
-        threshold=threshold,
-        surrogate=surrogate,
-        alpha=alpha,
-        detach_reset=detach_reset,
-        grad_mode="bptt",
-        impl=impl,
+    impl = resolve_impl(impl, current)
+    check_tensor("current", current, impl, min_dim=1)
+    check_like("v", v, "current", current, current.shape)
+    alpha = _check_surrogate(surrogate, alpha)
+    if not isinstance(detach_reset, bool):
+        raise TypeError(f"detach_reset must be a bool, got {type(detach_reset).__name__}")
+    decay_t = per_step("decay", decay, 1, current, is_decay=True)
+    th_t = per_step("threshold", threshold, 1, current)
+    if impl == "reference" or current.numel() == 0:
+        spikes, v_new = lif_neuron_ref(
+            current.unsqueeze(0), v, decay_t, th_t, surrogate, alpha, detach_reset, "bptt"
+        )
+        return spikes[0], v_new
+    # One step straight to the kernels (no [1, *] view of the input in the autograd graph).
+    return lif_neuron_triton(
+        current, v, decay_t, th_t, surrogate, alpha, detach_reset, True, step=True
     )
-    return spikes[0], v_new

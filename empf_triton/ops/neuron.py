@@ -6,8 +6,11 @@ bench/test_bench_overhead.py.
 
 The Triton path is four `torch.library` custom ops (`empf::neuron_fwd`, `empf::neuron_bwd`,
 `empf::parallel_fwd`, `empf::parallel_bwd`), so `torch.compile(fullgraph=True)` keeps them in one
-graph. The public functions validate their arguments and choose the implementation; modules call
-the unchecked internal entries `empf_neuron_triton` / `parallel_neuron_triton` directly.
+graph. In eager mode the same launchers run under two small autograd Functions (`_NeuronFn`,
+`_ParallelFn`), which cost far less host time than custom-op dispatch. The public functions
+validate their arguments and choose the implementation; modules call the unchecked internal
+entries `empf_neuron_triton` / `parallel_neuron_triton` directly. No call reads a CUDA tensor's
+values (no host sync): decay values are range-checked for floats and CPU tensors only.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from ._common import (
     check_sequence,
     check_spike_bits,
     check_step_input,
+    check_tensor,
     device_guard,
     load_kernels,
     neuron_param,
+    resolve_impl,
 )
 from ._library import register_op
 
@@ -135,8 +140,7 @@ def _neuron_backward(ctx, g, gv, _gmask, _gvhist):
         _LOGITS * logits + _BPTT * bptt + _NEED_DDECAY * need_ddecay + _NEED_DTH * need_dth
         + _NEED_DV0 * need_dv0
     )  # fmt: skip
-    bwd = _neuron_bwd_impl if getattr(ctx, "direct", False) else _NEURON_BWD_OP
-    dcur, dv0, dth, ddecay = bwd(
+    dcur, dv0, dth, ddecay = _NEURON_BWD_OP(
         g, gv, mask, vhist if need_ddecay else None, v0, decay, threshold,
         [t0, channels, inner, N, flags], [decay_c], dtype,
     )  # fmt: skip
@@ -240,32 +244,111 @@ _NEURON_FWD_OP = torch.ops.empf.neuron_fwd.default
 _NEURON_BWD_OP = torch.ops.empf.neuron_bwd.default
 
 
+def _neuron_call(current, v0, decay, threshold, iargs, fargs):
+    """The custom op (what torch.compile traces): [T, N] current, outputs (spikes, v_last)."""
+    return _NEURON_FWD_OP(current, v0, decay, threshold, iargs, fargs)[:2]
+
+
+# ------------------------------------------------------------------------- eager autograd path
+#
+# Eager calls skip the custom-op dispatch (~100 µs per forward+backward for a Python custom op
+# with an autograd formula) and go through small autograd Functions that call the launchers
+# directly. Everything shape-related happens inside Function.forward/backward, where autograd
+# records nothing: a reshape or unsqueeze of an input that requires grad outside would add a view
+# node to the graph (and ~2 µs forward, more in backward), so the launchers take the caller's
+# shapes as they are and return outputs in them. The constants of a call travel as one tuple
+# (`plan`). Under torch.compile the custom ops above run instead; both paths call the same
+# launchers with the same arguments.
+
+
+def _c_apply(fn_cls):
+    """`fn_cls.apply` without the Python wrapper of `torch.autograd.Function.apply` (its
+    setup_context and functorch checks and its unwrapping of dead functorch wrappers cost ~3 µs a
+    call). Called only while no functorch transform is active (`_functorch_active`); these
+    Functions define no setup_context, so under vmap/grad the regular apply runs and raises as it
+    always did."""
+    return super(torch.autograd.Function, fn_cls).apply
+
+
 class _NeuronFn(torch.autograd.Function):
-    """The eager twin of `empf::neuron_fwd`'s registered autograd: the same impl, setup and
-    backward functions, called directly. A Python custom op with an autograd formula costs
-    ~100 µs of dispatch per forward+backward in eager mode; this path does not. Under
-    torch.compile the custom op is used instead (see `_neuron_call`)."""
+    """Eager autograd of the fused EM-PF neuron (see `empf_neuron_triton`).
+
+    plan = (T, t0, C, inner, spike_bits, spike_step, bptt, logits, decay_c, threshold_c, step).
+    """
 
     @staticmethod
-    def forward(ctx, current, v0, decay, threshold, iargs, fargs):
-        out = _neuron_fwd_impl(current, v0, decay, threshold, iargs, fargs)
-        _neuron_setup(ctx, (current, v0, decay, threshold, iargs, fargs), out)
-        ctx.direct = True
-        return out[0], out[1]  # mask and history stay in ctx: fewer outputs to track
+    def forward(ctx, current, v0, decay, threshold, plan):
+        T, t0, C, inner, bits, spike_step, bptt, logits, d_c, th_c, step = plan
+        need = ctx.needs_input_grad
+        need_ddecay = need[2]
+        if not current.is_contiguous():
+            current = current.contiguous()
+        if v0 is not None and not v0.is_contiguous():
+            v0 = v0.contiguous()
+        with device_guard(current):
+            spikes, v_last, mask, vhist = _kernels().empf_fwd(
+                current, v0,
+                decay if decay is not None else d_c,
+                threshold if threshold is not None else th_c,
+                bits, spike_step, True, need_ddecay,
+                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+            )  # fmt: skip
+        # Saved: the 1-bit mask; v[0..T-2] and v0 only if λ learns; λ itself only where backward
+        # reads it (bptt, λ's own gradient with logits); θ only when its logits need σ'. A
+        # parameter whose values backward does not use is kept as a plain reference (`forms`):
+        # the kernel needs its form (shape, strides), which an in-place update cannot change.
+        keep_decay = decay is not None and (bptt or (logits and need_ddecay))
+        keep_th = threshold is not None and logits
+        ctx.save_for_backward(
+            mask, vhist, v0 if need_ddecay else None, decay if keep_decay else None,
+            threshold if keep_th else None,
+        )  # fmt: skip
+        ctx.forms = (
+            decay if (decay is not None and not keep_decay) else None,
+            threshold if (threshold is not None and not keep_th) else None,
+        )
+        ctx.plan = plan
+        ctx.shape = current.shape
+        ctx.dtype = current.dtype
+        ctx.set_materialize_grads(False)
+        return spikes, v_last
 
     @staticmethod
     def backward(ctx, g, gv):
-        return _neuron_backward(ctx, g, gv, None, None)
+        mask, vhist, v0, decay, threshold = ctx.saved_tensors
+        T, t0, C, inner, _, _, bptt, logits, d_c, _, step = ctx.plan
+        need = ctx.needs_input_grad
+        form_d, form_th = ctx.forms
+        if decay is None:
+            decay = form_d
+        if threshold is None:
+            threshold = form_th
+        need_dv0 = bptt and need[1]
+        need_ddecay = decay is not None and need[2]
+        need_dth = threshold is not None and need[3]
+        shape = ctx.shape
+        N = shape.numel() // T
+        with device_guard(mask):
+            dcur, dv0, dth, ddecay = _kernels().empf_bwd(
+                g.contiguous() if g is not None else None,
+                gv.contiguous() if gv is not None else None,
+                mask,
+                vhist if need_ddecay else None,
+                v0,
+                decay if (need_ddecay or bptt) and decay is not None else d_c,
+                N, ctx.dtype, bptt, need_ddecay, need_dv0,
+                threshold=threshold if need_dth else 0.0,
+                need_dthreshold=need_dth,
+                t0=t0, logits=logits, channels=C, inner=inner, dcur_shape=shape,
+            )  # fmt: skip
+        if dv0 is not None and step:
+            dv0 = dv0.view(shape)
+        elif dv0 is not None:
+            dv0 = dv0.view(shape[1:])
+        return dcur, dv0, ddecay, dth, None
 
 
-def _neuron_call(current, v0, decay, threshold, iargs, fargs, grad):
-    """The custom op while torch.compile traces; in eager, the direct twin (autograd Function
-    when a gradient is recorded, the impl itself when not)."""
-    if torch.compiler.is_compiling():
-        return _NEURON_FWD_OP(current, v0, decay, threshold, iargs, fargs)[:2]
-    if grad:
-        return _NeuronFn.apply(current, v0, decay, threshold, iargs, fargs)
-    return _neuron_fwd_impl(current, v0, decay, threshold, iargs, fargs)[:2]
+_NEURON_APPLY = _c_apply(_NeuronFn)
 
 
 # ---------------------------------------------------------------------------- custom op: parallel
@@ -318,8 +401,7 @@ def _parallel_backward(ctx, g, _gmask):
     t0, logits, channels, inner, N = ctx.meta
     need_dth = ctx.th_shape is not None and ctx.needs_input_grad[1]
     threshold = _stand_in(threshold, ctx.th_shape, mask) if need_dth else None
-    bwd = _parallel_bwd_impl if getattr(ctx, "direct", False) else _PARALLEL_BWD_OP
-    dcur, dth = bwd(g, mask, threshold, t0, logits, channels, inner, N, need_dth)
+    dcur, dth = _PARALLEL_BWD_OP(g, mask, threshold, t0, logits, channels, inner, N, need_dth)
     return dcur, _none_if_empty(dth, need_dth), None, None
 
 
@@ -370,47 +452,73 @@ _PARALLEL_BWD_OP = torch.ops.empf.parallel_bwd.default
 
 
 class _ParallelFn(torch.autograd.Function):
-    """Eager twin of `empf::parallel_fwd`'s autograd (see `_NeuronFn`)."""
+    """Eager autograd of the parallel neuron (see `_NeuronFn`).
+
+    plan = (T, t0, C, inner, spike_bits, spike_step, logits, threshold_c, step).
+    """
 
     @staticmethod
-    def forward(ctx, current, threshold, iargs, fargs):
-        out = _parallel_fwd_impl(current, threshold, iargs, fargs)
-        _parallel_setup(ctx, (current, threshold, iargs, fargs), out)
-        ctx.direct = True
-        return out[0]
+    def forward(ctx, current, threshold, plan):
+        T, t0, C, inner, bits, spike_step, logits, th_c, step = plan
+        if not current.is_contiguous():
+            current = current.contiguous()
+        with device_guard(current):
+            spikes, mask = _kernels().parallel_fwd(
+                current, threshold if threshold is not None else th_c, bits, spike_step, True,
+                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+            )  # fmt: skip
+        keep_th = threshold is not None and logits
+        ctx.save_for_backward(mask, threshold if keep_th else None)
+        ctx.form = threshold if (threshold is not None and not keep_th) else None
+        ctx.plan = plan
+        return spikes
 
     @staticmethod
     def backward(ctx, g):
-        return _parallel_backward(ctx, g, None)
+        mask, threshold = ctx.saved_tensors
+        T, t0, C, inner, _, _, logits, _, _ = ctx.plan
+        if threshold is None:
+            threshold = ctx.form
+        need_dth = threshold is not None and ctx.needs_input_grad[1]
+        with device_guard(g):
+            dcur, dth = _kernels().parallel_bwd(
+                g.contiguous(), mask, g.numel() // T,
+                threshold=threshold if need_dth else None, need_dthreshold=need_dth,
+                t0=t0, logits=logits, channels=C, inner=inner,
+            )  # fmt: skip
+        return dcur, dth, None
 
 
-def _parallel_call(current, threshold, iargs, fargs, grad):
-    if torch.compiler.is_compiling():
-        return _PARALLEL_FWD_OP(current, threshold, iargs, fargs)[0]
-    if grad:
-        return _ParallelFn.apply(current, threshold, iargs, fargs)
-    return _parallel_fwd_impl(current, threshold, iargs, fargs)[0]
+_PARALLEL_APPLY = _c_apply(_ParallelFn)
 
 
 # ------------------------------------------------------------------- unchecked internal entries
 
 
-def _split(p: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """A parameter as (fp32 tensor or None, scalar) for the custom ops."""
-    if isinstance(p, torch.Tensor):
-        return (p if p.dtype == torch.float32 else p.float()), 0.0
-    return None, float(p)
-
-
-def _channels(current: torch.Tensor, decay, threshold) -> tuple[int, int]:
-    """(C, inner) for per-channel parameters of a [T, N, C, *] current, else (1, 1)."""
-    per_channel = any(isinstance(p, torch.Tensor) and p.dim() == 2 for p in (decay, threshold))
-    if not per_channel:
+def _channels(current: torch.Tensor, decay, threshold, cdim: int) -> tuple[int, int]:
+    """(C, inner) for per-channel parameters of a current whose channel dimension is `cdim`
+    ([T, N, C, *]: 2; one step [N, C, *]: 1), else (1, 1)."""
+    if not (
+        (isinstance(decay, torch.Tensor) and decay.dim() == 2)
+        or (isinstance(threshold, torch.Tensor) and threshold.dim() == 2)
+    ):
         return 1, 1
+    shape = current.shape
     inner = 1
-    for d in current.shape[3:]:
+    for d in shape[cdim + 1 :]:
         inner *= d
-    return current.shape[2], inner
+    return shape[cdim], inner
+
+
+def _f32(p):
+    """A tensor parameter as fp32 (a differentiable cast when needed), a scalar as None."""
+    if isinstance(p, torch.Tensor):
+        return p if p.dtype == torch.float32 else p.float()
+    return None
+
+
+def _functorch_active() -> bool:
+    return torch._C._are_functorch_transforms_active()
 
 
 def empf_neuron_triton(
@@ -424,33 +532,71 @@ def empf_neuron_triton(
     *,
     t0: int = 0,
     logits: bool = False,
+    step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of `empf_neuron` without any validation (callers have validated).
 
-    current [T, *] (any strides); v0 [*] or None (already detached in online mode); decay and
-    threshold a float, a 1-D tensor read at rows t0..t0+T-1, or a [T, C] tensor (see
-    `neuron_param`); `logits=True`: the tensors are logits, the kernel applies the sigmoid.
+    current [T, *] (any strides), or with `step=True` one step [*] (T = 1, outputs [*]); v0 the
+    shape of one step, or None (already detached in online mode); decay and threshold a float, a
+    1-D tensor read at rows t0..t0+T-1, or a [T, C] tensor (see `neuron_param`; C is dim 2 of
+    [T, N, C, *], dim 1 of a step [N, C, *]); `logits=True`: the tensors are logits, the kernel
+    applies the sigmoid.
     """
-    T, feat = current.shape[0], current.shape[1:]
-    C, inner = _channels(current, decay, threshold)
-    cur2 = current.reshape(T, -1)
-    if not cur2.is_contiguous():
-        cur2 = cur2.contiguous()
+    d_t = _f32(decay)
+    th_t = _f32(threshold)
+    T = 1 if step else current.shape[0]
+    C, inner = _channels(current, d_t, th_t, 1 if step else 2)
+    if torch.compiler.is_compiling():
+        return _neuron_traced(current, v0, d_t, th_t, decay, threshold, spike_bits, spike_step,
+                              bptt, t0, logits, step, C, inner)  # fmt: skip
+    plan = (
+        T, t0, C, inner, spike_bits, float(spike_step), bptt, logits,
+        0.0 if d_t is not None else float(decay), 0.0 if th_t is not None else float(threshold),
+        step,
+    )  # fmt: skip
+    if torch.is_grad_enabled() and (
+        current.requires_grad
+        or (v0 is not None and v0.requires_grad)
+        or (d_t is not None and d_t.requires_grad)
+        or (th_t is not None and th_t.requires_grad)
+    ):
+        if _functorch_active():
+            return _NeuronFn.apply(current, v0, d_t, th_t, plan)
+        return _NEURON_APPLY(current, v0, d_t, th_t, plan)
+    if not current.is_contiguous():
+        current = current.contiguous()
+    if v0 is not None and not v0.is_contiguous():
+        v0 = v0.contiguous()
+    with device_guard(current):
+        spikes, v_last, _, _ = _kernels().empf_fwd(
+            current, v0, d_t if d_t is not None else plan[8],
+            th_t if th_t is not None else plan[9], spike_bits, plan[5], False, False,
+            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+        )  # fmt: skip
+    return spikes, v_last
+
+
+def _neuron_traced(current, v0, d_t, th_t, decay, threshold, spike_bits, spike_step, bptt, t0,
+                   logits, step, C, inner):  # fmt: skip
+    """Under torch.compile: the custom op on the [T, N] view (the reshapes are traced)."""
+    x = current.unsqueeze(0) if step else current
+    T, feat = x.shape[0], x.shape[1:]
+    cur2 = x.reshape(T, -1).contiguous()
     v02 = v0.reshape(-1).contiguous() if v0 is not None else None
-    d_t, d_c = _split(decay)
-    th_t, th_c = _split(threshold)
     if torch.is_grad_enabled():
-        save_mask = current.requires_grad or (v0 is not None and v0.requires_grad)
-        save_mask = save_mask or (th_t is not None and th_t.requires_grad)
         need_ddecay = d_t is not None and d_t.requires_grad
-        save_mask = save_mask or need_ddecay
+        save_mask = need_ddecay or x.requires_grad or (v0 is not None and v0.requires_grad)
+        save_mask = save_mask or (th_t is not None and th_t.requires_grad)
     else:
         save_mask = need_ddecay = False
     flags = _LOGITS * logits + _BPTT * bptt + _SAVE_MASK * save_mask + _SAVE_V * need_ddecay
     spikes, v_last = _neuron_call(
         cur2, v02, d_t, th_t, [t0, C, inner, spike_bits or 0, flags],
-        [d_c, th_c, float(spike_step)], save_mask,
+        [0.0 if d_t is not None else float(decay), 0.0 if th_t is not None else float(threshold),
+         float(spike_step)],
     )  # fmt: skip
+    if step:
+        return spikes.view(current.shape), v_last.view(current.shape)
     return spikes.view(current.shape), v_last.view(feat)
 
 
@@ -462,22 +608,39 @@ def parallel_neuron_triton(
     *,
     t0: int = 0,
     logits: bool = False,
+    step: bool = False,
 ) -> torch.Tensor:
     """The Triton path of `parallel_neuron` without validation (see `empf_neuron_triton`)."""
-    T = current.shape[0]
-    C, inner = _channels(current, None, threshold)
-    cur2 = current.reshape(T, -1)
-    if not cur2.is_contiguous():
-        cur2 = cur2.contiguous()
-    th_t, th_c = _split(threshold)
-    save_mask = torch.is_grad_enabled() and (
+    th_t = _f32(threshold)
+    T = 1 if step else current.shape[0]
+    C, inner = _channels(current, None, th_t, 1 if step else 2)
+    th_c = 0.0 if th_t is not None else float(threshold)
+    if torch.compiler.is_compiling():
+        x = current.unsqueeze(0) if step else current
+        cur2 = x.reshape(T, -1).contiguous()
+        save_mask = torch.is_grad_enabled() and (
+            x.requires_grad or (th_t is not None and th_t.requires_grad)
+        )
+        flags = _LOGITS * logits + _SAVE_MASK * save_mask
+        spikes = _PARALLEL_FWD_OP(
+            cur2, th_t, [t0, C, inner, spike_bits or 0, flags], [th_c, float(spike_step)]
+        )[0]
+        return spikes.view(current.shape)
+    plan = (T, t0, C, inner, spike_bits, float(spike_step), logits, th_c, step)
+    if torch.is_grad_enabled() and (
         current.requires_grad or (th_t is not None and th_t.requires_grad)
-    )
-    flags = _LOGITS * logits + _SAVE_MASK * save_mask
-    spikes = _parallel_call(
-        cur2, th_t, [t0, C, inner, spike_bits or 0, flags], [th_c, float(spike_step)], save_mask
-    )
-    return spikes.view(current.shape)
+    ):
+        if _functorch_active():
+            return _ParallelFn.apply(current, th_t, plan)
+        return _PARALLEL_APPLY(current, th_t, plan)
+    if not current.is_contiguous():
+        current = current.contiguous()
+    with device_guard(current):
+        spikes, _ = _kernels().parallel_fwd(
+            current, th_t if th_t is not None else th_c, spike_bits, plan[5], False,
+            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+        )  # fmt: skip
+    return spikes
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -505,8 +668,9 @@ def empf_neuron(
         v0: [*] initial membrane in the current's dtype and device; None means zeros.
         decay: λ in [0, 1]: a float, a 0-d tensor, a [T] tensor (per step), or per channel a
             [T, C] or [1, C] tensor, C being dim 2 of the current `[T, N, C, *]` (dim 1 of each
-            step). A 1-D tensor always means [T]. Tensor values outside [0, 1] or NaN raise a
-            ValueError (checked once per call; on CUDA this reads the values: one sync).
+            step). A 1-D tensor always means [T]. Values outside [0, 1] or NaN raise a
+            ValueError for floats and CPU tensors; CUDA tensors are not inspected, so a call
+            never makes a host sync (and can be captured in a CUDA graph).
         threshold: θ, the same forms as decay (any finite value).
         spike_bits: None for float spikes, or k in 1..8 for the k-bit quantiser Q
             (`clamp(round(s / spike_step), 0, 2^k - 1) * spike_step`, straight-through gradient).
@@ -558,7 +722,8 @@ def empf_neuron_step(
         current: [*] input current of this step (at least 1-D), fp32/fp16/bf16.
         v: [*] membrane from the previous step (None means zeros), same dtype and device.
         decay: λ_t in [0, 1]: a float, a 0-d tensor, or per channel a [C] tensor, C being dim 1
-            of the current `[N, C, *]` (a 1-D tensor always means [C] here).
+            of the current `[N, C, *]` (a 1-D tensor always means [C] here). Values are checked
+            for floats and CPU tensors; CUDA tensors are not inspected (no host sync).
         threshold: θ_t, the same forms as decay.
         spike_bits, spike_step, impl: as in `empf_neuron`.
 
@@ -566,18 +731,21 @@ def empf_neuron_step(
         (spike [*], v_new [*]) in the current's dtype.
     """
     check_step_input("current", current)
-    x = current.unsqueeze(0)
-    impl = check_sequence("current", x, impl)
+    impl = resolve_impl(impl, current)
+    check_tensor("current", current, impl, min_dim=1)
     check_like("v", v, "current", current, current.shape)
     check_spike_bits(spike_bits, spike_step)
-    decay = neuron_param("decay", decay, 1, x, channel_dim=2, single_step=True, is_decay=True)
-    threshold = neuron_param("threshold", threshold, 1, x, channel_dim=2, single_step=True)
+    decay = neuron_param("decay", decay, 1, current, channel_dim=1, single_step=True, is_decay=True)
+    threshold = neuron_param("threshold", threshold, 1, current, channel_dim=1, single_step=True)
     check_decay_values(decay)
     if impl == "reference" or current.numel() == 0:
+        x = current.unsqueeze(0)
         spikes, v_new = empf_neuron_ref(x, v, decay, threshold, spike_bits, spike_step, "bptt")
-    else:
-        spikes, v_new = empf_neuron_triton(x, v, decay, threshold, spike_bits, spike_step, True)
-    return spikes[0], v_new
+        return spikes[0], v_new
+    # One step straight to the kernels (no [1, *] view of the input in the autograd graph).
+    return empf_neuron_triton(
+        current, v, decay, threshold, spike_bits, spike_step, True, step=True
+    )
 
 
 def parallel_neuron(
