@@ -396,7 +396,7 @@ BAD = [
     ("parallel", 1, TypeError, "parallel must be a bool"),
     ("spike_bits", 9, ValueError, "spike_bits must be in"),
     ("spike_bits", 2.0, TypeError, "spike_bits must be an int"),
-    ("spike_step", 0.0, ValueError, "spike_step must be a finite float > 0"),
+    ("spike_step", 0.0, ValueError, "spike_step must be finite and > 0"),
     ("out_dtype", torch.float64, TypeError, "out_dtype must be one of"),
     ("out_dtype", torch.uint8, TypeError, "out_dtype must be one of"),
     ("impl", "cuda", ValueError, "impl must be one of"),
