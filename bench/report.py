@@ -339,7 +339,6 @@ def _one_pass(recs: list[dict]) -> list[dict]:
 
 
 def plot_memory(records, label, out: Path, suffix: str, written: list[Path]) -> None:
-
     ops = [
         op for op in NEURON_OPS if any(r["op"] == op and saved_bits(r) is not None for r in records)
     ]
@@ -443,7 +442,6 @@ def _group(recs, *keys) -> dict[tuple, list[dict]]:
 
 
 def plot_bandwidth(records, label, out: Path, suffix: str, written: list[Path]) -> None:
-
     copy_bw = copy_bandwidth(records)
     ops = [op for op in NEURON_OPS if any(r["op"] == op and r.get("gbps") for r in records)]
     if not ops:

@@ -18,7 +18,10 @@ __version__ = "0.1.0"
 
 _LAZY = ("data", "deploy", "models", "train")
 
-__all__ = ["data", "deploy", "detach_net", "models", "nn", "ops", "reset_net", "train", *_ops_all]
+# data, deploy, models and train are lazy attributes (__getattr__ below).
+__all__ = [  # noqa: F405
+    "data", "deploy", "detach_net", "models", "nn", "ops", "reset_net", "train", *_ops_all
+]  # fmt: skip
 
 
 def __getattr__(name: str):

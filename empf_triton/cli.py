@@ -663,9 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint written by empf train on its data set's test split: "
         "accuracy of the logits summed over T, and the anytime accuracy after each step.",
     )
-    e.add_argument(
-        "--checkpoint", default=None, help="a checkpoint written by empf train"
-    )
+    e.add_argument("--checkpoint", default=None, help="a checkpoint written by empf train")
     e.add_argument(
         "--dataset", default=None, help="override the checkpoint's data set (same input shape)"
     )

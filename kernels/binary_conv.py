@@ -392,5 +392,3 @@ def binary_conv_neuron_fwd(
         **launch_options(),
     )
     return out
-
-

@@ -29,6 +29,8 @@ import triton.language as tl
 
 from ._common import (
     cdiv as _cdiv,
+)
+from ._common import (
     empty,
     empty_like,
     launch_options,
@@ -522,12 +524,7 @@ def empf_bwd(
     else:
         dcur = empty(dshape, dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
-    joint = (
-        need_dthreshold
-        and need_ddecay
-        and th_mode == d_mode
-        and threshold.shape == decay.shape
-    )
+    joint = need_dthreshold and need_ddecay and th_mode == d_mode and threshold.shape == decay.shape
     if joint:
         both = empty((2, *_grad_shape(decay, d_mode, T, N, P)), torch.float32, dev)
         dth, ddec = both.unbind(0)

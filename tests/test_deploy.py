@@ -104,8 +104,11 @@ CASES = [
     ("resnet19", {"width": 4, "mem_bn": True, "spike_bits": 4}, (3, 8, 8)),
     ("resnet34", {"width": 2, "seca": True, "parallel": True, "mem_bn": True}, (3, 8, 8)),
     ("vgg11", {"width": 4}, (2, 16, 16)),
-    ("vgg11", {"width": 4, "mem_bn": True, "seca": True, "parallel": True, "spike_bits": 4},
-     (2, 16, 16)),  # fmt: skip
+    (
+        "vgg11",
+        {"width": 4, "mem_bn": True, "seca": True, "parallel": True, "spike_bits": 4},
+        (2, 16, 16),
+    ),  # fmt: skip
     ("vgg11", {"width": 4, "weight_bits": 1.5, "spike_bits": 8, "spike_step": 0.125}, (2, 16, 16)),
 ]
 
@@ -287,7 +290,8 @@ def test_load_and_run_import_no_training_code(tmp_path):
         "from empf_triton.deploy import load;"
         f"m = load({str(p)!r}, impl='reference');"
         "m(torch.zeros(2, *m.in_shape));"
-        "bad = [k for k in sys.modules if k.startswith(('empf_triton.train', 'empf_triton.models'))];"
+        "bad = [k for k in sys.modules"
+        " if k.startswith(('empf_triton.train', 'empf_triton.models'))];"
         "assert not bad, bad"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

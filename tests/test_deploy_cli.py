@@ -169,13 +169,13 @@ def test_subprocess_export_error_no_traceback(tmp_path):
 def test_eval_deployed_event_data(tmp_path, capsys, monkeypatch):
     """Event data ([N, T, *] samples) through `empf eval --deployed`: the deployed model sees
     [T, N, *] frames and predicts what the trained model's evaluation predicts."""
+    from test_deploy import randomize
+
     import empf_triton.data as data
     from empf_triton.data import ArrayDataset, DatasetInfo
     from empf_triton.deploy import export
     from empf_triton.models import build_model
     from empf_triton.train.strategies import evaluate, iterate_batches
-
-    from test_deploy import randomize
 
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(40, 2, 2, 16, 16, generator=g) < 0.3).float() * 3  # [N, T, C, H, W] counts

@@ -39,9 +39,7 @@ def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e = eval_parser
-    e.add_argument(
-        "--deployed", default=None, help="evaluate an export (instead of --checkpoint)"
-    )
+    e.add_argument("--deployed", default=None, help="evaluate an export (instead of --checkpoint)")
     e.add_argument(
         "--energy-samples",
         dest="energy_samples",
@@ -59,9 +57,7 @@ def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
     r = report_parser
     r.add_argument("--deployed", default=None, help="plot per-layer stats of an export")
     r.add_argument("--dataset", default=None, help="data set for --deployed (default: its own)")
-    r.add_argument(
-        "--data-root", dest="data_root", default=None, help="folder of the data files"
-    )
+    r.add_argument("--data-root", dest="data_root", default=None, help="folder of the data files")
     r.add_argument(
         "--samples",
         type=_number("samples"),

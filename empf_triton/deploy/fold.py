@@ -46,6 +46,7 @@ def _models() -> SimpleNamespace:
         MNIST1DCNN=MNIST1DCNN, DigitsMLP=DigitsMLP, EMPFVGG=EMPFVGG,
     )  # fmt: skip
 
+
 __all__ = ["fold", "model_info"]
 
 _F32 = torch.float32

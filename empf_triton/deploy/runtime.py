@@ -240,9 +240,7 @@ class DeployedModel(nn.Module):
             self._nodes.append(node)
         if output not in defined:
             raise _fail(f"output {output!r} is never computed")
-        extra = set(tensors) - {
-            f"{n.index}.{k}" for n in self._nodes for k in n.buffers
-        }
+        extra = set(tensors) - {f"{n.index}.{k}" for n in self._nodes for k in n.buffers}
         if extra:
             raise _fail(f"tensors not used by any node: {sorted(extra)[:5]}")
         self.graph_output = output
@@ -530,9 +528,7 @@ def _run_bconv(m, node, args, dtype):
     if packed is None or packed.words is not words or packed.scale.device != words.device:
         shape = a["shape"]  # (re)built after .to(): PackedWeight checks its fields once
         alpha = scale if scale.dim() == 1 else scale[0]  # unused by the op: `scale` replaces it
-        packed = node.packed = PackedWeight(
-            words, alpha, shape, math.prod(shape[1:]), a["bits"]
-        )
+        packed = node.packed = PackedWeight(words, alpha, shape, math.prod(shape[1:]), a["bits"])
     kw = {}
     if neuron is not None:
         kw = {

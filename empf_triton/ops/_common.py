@@ -27,7 +27,7 @@ class TritonUnavailableError(ValueError):
     """`impl="triton"` was asked for where the Triton kernels cannot run."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether triton is installed (looked up once: `find_spec` costs µs on every call)."""
     return importlib.util.find_spec("triton") is not None

@@ -151,10 +151,11 @@ def binary_conv_neuron(
         Ho = (H + 2·pad_h - kh) // stride_h + 1, likewise Wo.
 
     NaN in float spikes propagates to float outputs and currents and gives code 0; +inf gives
-    the top code. All arithmetic is fp32: for uint8 codes the convolution is exact (integer sums) and the result
-    `fp32(acc * in_step)`, so the Triton and reference paths give identical codes; float spikes
-    accumulate in fp32 (the summation order differs between paths). Not differentiable: raises a
-    ValueError when autograd would record it (grad mode on and an input requiring grad).
+    the top code. All arithmetic is fp32: for uint8 codes the convolution is exact (integer sums)
+    and the result `fp32(acc * in_step)`, so the Triton and reference paths give identical codes;
+    float spikes accumulate in fp32 (the summation order differs between paths). Not
+    differentiable: raises a ValueError when autograd would record it (grad mode on and an input
+    requiring grad).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

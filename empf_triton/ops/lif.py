@@ -226,9 +226,7 @@ def lif_neuron_triton(
     if v0 is not None and not v0.is_contiguous():
         v0 = v0.contiguous()
     with device_guard(current):
-        spikes, v_last, _ = _kernels().lif_fwd(
-            current, v0, decay32, th32, False, step_input=step
-        )
+        spikes, v_last, _ = _kernels().lif_fwd(current, v0, decay32, th32, False, step_input=step)
     return spikes, v_last
 
 

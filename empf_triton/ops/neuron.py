@@ -33,6 +33,7 @@ from ._common import (
 )
 from ._library import register_op
 
+
 def _kernels():
     """kernels/neuron.py, imported on first use (this is what imports triton). Not cached here:
     `load_kernels` stays the one entry point (tests patch it to see that kernels ran)."""
@@ -743,9 +744,7 @@ def empf_neuron_step(
         spikes, v_new = empf_neuron_ref(x, v, decay, threshold, spike_bits, spike_step, "bptt")
         return spikes[0], v_new
     # One step straight to the kernels (no [1, *] view of the input in the autograd graph).
-    return empf_neuron_triton(
-        current, v, decay, threshold, spike_bits, spike_step, True, step=True
-    )
+    return empf_neuron_triton(current, v, decay, threshold, spike_bits, spike_step, True, step=True)
 
 
 def parallel_neuron(

@@ -81,8 +81,6 @@ def parallel_neuron_ref(
     """Stateless neuron `Q(relu(I[t] - θ_t))` for all T at once; current [T, *], threshold a
     float, [T] or [T, C] (as in `empf_neuron_ref`); computed in fp32, stored in current's dtype."""
     cur = current.to(_compute_dtype(current.dtype))
-    s = torch.stack(
-        [fire(cur[t] - param_at(threshold, t, cur[t])) for t in range(cur.shape[0])]
-    )
+    s = torch.stack([fire(cur[t] - param_at(threshold, t, cur[t])) for t in range(cur.shape[0])])
     s = s if spike_bits is None else quantize_spikes_ref(s, spike_bits, spike_step)
     return s.to(current.dtype)
