@@ -687,3 +687,27 @@ def _write_doc(path: Path, benchmarks: list, version: str) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
+
+
+def randomize_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Trained-looking BN statistics and neuron parameters, so that spikes are neither all zero
+    nor everywhere (a freshly built net's BN is the identity)."""
+    from empf_triton.nn import EMPFNeuron
+
+    g = torch.Generator().manual_seed(0)
+
+    def u(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                u(m.running_mean, -0.3, 0.3)
+                u(m.running_var, 0.5, 2.0)
+                u(m.weight, 0.5, 1.5)
+                u(m.bias, -0.2, 0.5)
+            elif isinstance(m, EMPFNeuron):
+                u(m.threshold_logit, -1, 1)
+                if m.decay_logit is not None:
+                    u(m.decay_logit, -1, 1)
+    return model.eval()

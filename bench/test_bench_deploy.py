@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ON_CUDA
+from conftest import ON_CUDA, randomize_model
 from torch import nn
 
 from empf_triton import reset_net
 from empf_triton.deploy import fold
 from empf_triton.models import build_model, set_step_mode
-from empf_triton.nn import EMPFNeuron
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 DTYPE = torch.float16 if ON_CUDA else torch.float32
@@ -50,28 +49,6 @@ HW = 32 if ON_CUDA else 16
 T = 4
 OP = "deploy_resnet18"
 NO_PEAK = "no CUDA device: the CPU allocator reports no peak, activation memory not measured"
-
-
-def _randomize(model: nn.Module) -> nn.Module:
-    """Trained-looking BN statistics and neuron parameters, so that spikes are neither all zero
-    nor everywhere (a freshly built net's BN is the identity)."""
-    g = torch.Generator().manual_seed(0)
-
-    def u(t: torch.Tensor, lo: float, hi: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                u(m.running_mean, -0.3, 0.3)
-                u(m.running_var, 0.5, 2.0)
-                u(m.weight, 0.5, 1.5)
-                u(m.bias, -0.2, 0.5)
-            elif isinstance(m, EMPFNeuron):
-                u(m.threshold_logit, -1, 1)
-                if m.decay_logit is not None:
-                    u(m.decay_logit, -1, 1)
-    return model.eval()
 
 
 def _model(spike_bits: int | None, weight_bits: float) -> nn.Module:
@@ -85,7 +62,7 @@ def _model(spike_bits: int | None, weight_bits: float) -> nn.Module:
         spike_bits=spike_bits,
         weight_bits=weight_bits,
     )
-    return _randomize(model)
+    return randomize_model(model)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

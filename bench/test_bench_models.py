@@ -35,12 +35,17 @@ import time
 
 import pytest
 import torch
-from conftest import ON_CUDA, bench_skip, compile_skip_reason, raise_recompile_limit
+from conftest import (
+    ON_CUDA,
+    bench_skip,
+    compile_skip_reason,
+    raise_recompile_limit,
+    randomize_model,
+)
 from torch import nn
 
 from empf_triton import reset_net
 from empf_triton.models import build_model, set_step_mode
-from empf_triton.nn import EMPFNeuron
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 T = 4
@@ -53,33 +58,12 @@ OP = "resnet18_inference"
 REL_TOL = 1e-3
 
 
-def _randomize(model: nn.Module) -> nn.Module:
-    """Trained-looking BN statistics and neuron parameters (a fresh net's BN is the identity)."""
-    g = torch.Generator().manual_seed(0)
-
-    def u(t: torch.Tensor, lo: float, hi: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                u(m.running_mean, -0.3, 0.3)
-                u(m.running_var, 0.5, 2.0)
-                u(m.weight, 0.5, 1.5)
-                u(m.bias, -0.2, 0.5)
-            elif isinstance(m, EMPFNeuron):
-                u(m.threshold_logit, -1, 1)
-                if m.decay_logit is not None:
-                    u(m.decay_logit, -1, 1)
-    return model.eval()
-
-
 def _model(step_mode: str, impl: str = "auto") -> nn.Module:
     torch.manual_seed(0)
     model = build_model(
         "resnet18", in_shape=(3, HW, HW), num_classes=10, T=T, width=WIDTH, impl=impl
     )
-    model = _randomize(model).to(DEVICE)
+    model = randomize_model(model).to(DEVICE)
     return set_step_mode(model, step_mode)
 
 
