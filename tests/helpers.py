@@ -245,3 +245,33 @@ def assert_within_gemm_bound(
         f"{name} ({out.dtype}): error {err.flatten()[worst].item():.3g} exceeds its rounding bound "
         f"{bound.flatten()[worst].item():.3g} at flat index {worst.item()}"
     )
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Trained-looking state: BN / Mem-BN statistics and affine, neuron logits, all non-trivial."""
+    from empf_triton.nn import EMPFNeuron, MemBN
+
+    g = torch.Generator().manual_seed(seed)
+
+    def u(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                u(m.running_mean, -0.3, 0.3)
+                u(m.running_var, 0.5, 2.0)
+                u(m.weight, 0.5, 1.5)
+                u(m.bias, -0.2, 0.5)
+            elif isinstance(m, MemBN):
+                u(m.running_mean, -0.3, 0.3)
+                u(m.running_var, 0.5, 2.0)
+                u(m.weight, 0.5, 1.5)
+                u(m.bias, -0.2, 0.2)
+                u(m.p, -1, 1)
+                u(m.q, -1, 1)
+            elif isinstance(m, EMPFNeuron):
+                u(m.threshold_logit, -1, 1)
+                if m.decay_logit is not None:
+                    u(m.decay_logit, -1, 1)
+    return model.eval()

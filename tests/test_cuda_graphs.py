@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize
 from torch import nn
 
 from empf_triton import reset_net
@@ -26,33 +27,11 @@ from empf_triton.ops.neuron import empf_neuron_step
 T = 3
 
 
-def _randomize(model: nn.Module) -> nn.Module:
-    """Trained-looking BN statistics and neuron parameters, so that spikes are neither all zero
-    nor everywhere, and the membrane carried between steps matters."""
-    g = torch.Generator().manual_seed(0)
-
-    def u(t: torch.Tensor, lo: float, hi: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                u(m.running_mean, -0.3, 0.3)
-                u(m.running_var, 0.5, 2.0)
-                u(m.weight, 0.5, 1.5)
-                u(m.bias, -0.2, 0.5)
-            elif isinstance(m, EMPFNeuron):
-                u(m.threshold_logit, -1, 1)
-                if m.decay_logit is not None:
-                    u(m.decay_logit, -1, 1)
-    return model.eval()
-
-
 def _small_model(device: str, step_mode: str) -> nn.Module:
     """A small stateful net: the MNIST-1D CNN (binary convs, EM-PF neurons, T steps)."""
     torch.manual_seed(0)
     model = build_model("mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=T, channels=(4, 4, 8, 8))
-    return set_step_mode(_randomize(model).to(device), step_mode)
+    return set_step_mode(randomize(model).to(device), step_mode)
 
 
 def _sample(model: nn.Module, step_mode: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize
 from torch import nn
 
 from empf_triton import reset_net
@@ -36,37 +37,9 @@ from empf_triton.deploy.report import (
 )
 from empf_triton.deploy.runtime import Codes, empf_neuron_channels
 from empf_triton.models import build_model, set_step_mode
-from empf_triton.nn import EMPFNeuron, LIFNeuron, MemBN
+from empf_triton.nn import EMPFNeuron, LIFNeuron
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Trained-looking state: BN / Mem-BN statistics and affine, neuron logits, all non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-
-    def u(t: torch.Tensor, lo: float, hi: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                u(m.running_mean, -0.3, 0.3)
-                u(m.running_var, 0.5, 2.0)
-                u(m.weight, 0.5, 1.5)
-                u(m.bias, -0.2, 0.5)
-            elif isinstance(m, MemBN):
-                u(m.running_mean, -0.3, 0.3)
-                u(m.running_var, 0.5, 2.0)
-                u(m.weight, 0.5, 1.5)
-                u(m.bias, -0.2, 0.2)
-                u(m.p, -1, 1)
-                u(m.q, -1, 1)
-            elif isinstance(m, EMPFNeuron):
-                u(m.threshold_logit, -1, 1)
-                if m.decay_logit is not None:
-                    u(m.decay_logit, -1, 1)
-    return model.eval()
 
 
 @torch.no_grad()

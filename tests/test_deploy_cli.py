@@ -169,7 +169,7 @@ def test_subprocess_export_error_no_traceback(tmp_path):
 def test_eval_deployed_event_data(tmp_path, capsys, monkeypatch):
     """Event data ([N, T, *] samples) through `empf eval --deployed`: the deployed model sees
     [T, N, *] frames and predicts what the trained model's evaluation predicts."""
-    from test_deploy import randomize
+    from helpers import randomize
 
     import empf_triton.data as data
     from empf_triton.data import ArrayDataset, DatasetInfo
