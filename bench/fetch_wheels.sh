@@ -8,11 +8,10 @@
 # Only pure-Python or manylinux wheels for that Python, no dependencies (the GPU image has torch,
 # numpy, triton; pulling their requirements would replace them).
 #   spikingjelly 2.0.0   baselines: multi-step LIFNode, FlexSN (bench/test_bench_neuron.py)
-#   loguru, tqdm         imported by SpikingJelly 2.0
-#   mnist1d              the MNIST-1D data set generator (data/training benchmarks), which
-#                        imports scipy and requests (+ urllib3, idna, charset-normalizer, certifi)
-#   safetensors          deployment export format
-# About 40 MB in all (scipy is most of it): within the device tool's 64 MiB carry.
+#   loguru               imported by SpikingJelly 2.0
+#   mnist1d              the MNIST-1D data set generator (data/training benchmarks)
+# The GPU image already holds what these import (scipy, requests, tqdm) and safetensors (its
+# package list, read 2026-11): carrying them again would shadow its builds. Under 2 MB in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
@@ -20,7 +19,6 @@ PY=${PYTHON:-python3}
 mkdir -p wheels
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYV" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-    -d wheels spikingjelly==2.0.0 loguru tqdm mnist1d scipy requests urllib3 idna \
-    charset-normalizer certifi safetensors
+    -d wheels spikingjelly==2.0.0 loguru mnist1d
 ls -l wheels
 du -sh wheels
