@@ -4,8 +4,8 @@
 #   EMPF_COMMIT=<id> EMPF_RESULTS_TAR=$OUT/results.tar.gz bash bench/run_gpu.sh [RESULTS_DIR]
 #   bash bench/run_gpu.sh --dry-run [RESULTS_DIR]     # CPU rehearsal: tiny sizes, interpreter
 #
-# Stages (limit in seconds; the limits add up to 455 s, under EMPF_GPU_BUDGET_S = 460, and a stage
-# never gets more than what is left of the budget):
+# Stages (limit in seconds; the limits add up to 525 s, over EMPF_GPU_BUDGET_S = 460: a stage never
+# gets more than what is left of the budget, so the last ones get what is left or are skipped):
 #   env 10            nvidia-smi, versions, commit, installed wheels
 #   tests 40          the test suite on the GPU, one pinned config per kernel (EMPF_AUTOTUNE=0),
 #                     xdist when installed; JUnit XML
@@ -20,6 +20,8 @@
 #   bench_training_targets 35  ResNet-18 B=64 T=4 online and BPTT steps, EM-PF vs LIF step
 #   bench_deploy 40   deployed ResNet-18 (packed, fused conv + neuron) vs dense fp16 compiled
 #   bench_overhead 10 host time per call (Python and launch path)
+#   profile 70        bench/profile_host.py --model: launch costs, real-launch host time per op,
+#                     profiler tables, ResNet-18 B=1 under reduce-overhead with dynamo's counters
 #   bench_binary_conv 15  the fused binary conv + neuron layer on ResNet-18 shapes
 #   bench_neuron 30   the other neuron cases (every T, fwd, parallel, LIF, 4-bit, bf16)
 #   bench_baselines 20  SpikingJelly LIF and FlexSN (skipped, with the reason, when not installed)
@@ -40,7 +42,10 @@
 #
 # Environment: PYTHON (default python3); EMPF_COMMIT (commit id to record; the copied tree has no
 # .git); EMPF_RESULTS_TAR (tarball to refresh after every stage); EMPF_GPU_BUDGET_S (default 460);
-# EMPF_GPU_XDIST (xdist workers for the tests, default 14); EMPF_BENCH_* (see bench/conftest.py).
+# EMPF_GPU_XDIST (xdist workers for the tests, default 14); EMPF_BENCH_* (see bench/conftest.py);
+# for a short lease: EMPF_GPU_STAGES (comma list of the stages to run; env and report always run),
+# EMPF_GPU_LIMITS (NAME=SECONDS,... to change stage limits), EMPF_GPU_TESTS (the pytest arguments
+# of the tests stage in place of the whole suite).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -82,6 +87,9 @@ else
     export EMPF_BENCH_N=${EMPF_BENCH_N:-4194304}
     TEST_SELECT=(tests --ignore=tests/test_autotune_configs.py --ignore=tests/test_gpu_compile.py
         --deselect tests/test_packaging.py::test_wheel_contains_kernels_and_every_subpackage)
+    if [ -n "${EMPF_GPU_TESTS:-}" ]; then
+        read -r -a TEST_SELECT <<<"$EMPF_GPU_TESTS"  # e.g. the kernel files only, for a short lease
+    fi
     AUTOTUNE_SELECT=(tests/test_autotune_configs.py)
 fi
 
@@ -136,6 +144,15 @@ has_module() { "$PY" -c "import $1" >/dev/null 2>&1; }
 stage() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${EMPF_GPU_STAGES:-}" ] && [ "$name" != env ] && [ "$name" != report ] \
+        && [[ ",$EMPF_GPU_STAGES," != *",$name,"* ]]; then
+        printf '%s\tnot selected\t0\t0\tnot in EMPF_GPU_STAGES\n' "$name" >>"$RESULTS/stages.tsv"
+        return 0
+    fi
+    if [ -n "${EMPF_GPU_LIMITS:-}" ] && [[ ",$EMPF_GPU_LIMITS," == *",$name="* ]]; then
+        limit=${EMPF_GPU_LIMITS#*"$name="}  # a stage's limit set for this run: NAME=S,...
+        limit=${limit%%,*}
+    fi
     # the report keeps REPORT_RESERVE seconds that no earlier stage may take
     local left=$((BUDGET - REPORT_RESERVE - (SECONDS - T_START)))
     [ "$name" = report ] && left=$((BUDGET - (SECONDS - T_START)))
@@ -249,6 +266,9 @@ bench models_target 50 bench/test_bench_models.py -k "$MODEL_TARGETS"
 bench training_targets 35 bench/test_bench_training.py -k "$TRAIN_TARGETS"
 bench deploy 40 bench/test_bench_deploy.py
 bench overhead 10 bench/test_bench_overhead.py
+PROFILE_ARGS=(--model)
+[ "$DRY" = 1 ] && PROFILE_ARGS=()  # ResNet-18 through inductor with interpreted kernels: too slow
+stage profile 70 "$PY" bench/profile_host.py "$RESULTS" ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"}
 bench binary_conv 15 bench/test_bench_binary_conv.py
 bench neuron 30 "$NB" -k "(empf or parallel or lif) and not compile and not sj_ and not ($TARGET_CASES)"
 bench baselines 20 "$NB" -k "sj_"

@@ -177,10 +177,15 @@ def _dot_acc(a, b, acc, DOT_MODE: tl.constexpr):
         # b is exactly representable in tf32, so only a needs splitting (two passes, not
         # tf32x3's three, and no split of b): a = hi + lo with hi = a rounded to tf32's 10
         # mantissa bits, |lo| <= 2^-11 |a|; the MMA keeps 10 bits of lo, so each product has a
-        # relative error <= 2^-21.
-        a_hi = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        # relative error <= 2^-21. Non-finite a: ±inf must give lo = 0 (inf - inf would be NaN,
+        # a GPU-only bug the interpreter's exact ieee path hid); a finite a that rounds up past
+        # the largest float keeps the truncated hi instead. NaN stays NaN in both parts.
+        bits = a.to(tl.int32, bitcast=True)
+        a_hi = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        a_hi = tl.where(a_hi - a_hi == 0, a_hi, (bits & -8192).to(tl.float32, bitcast=True))
+        a_lo = tl.where(a_hi == a, 0.0, a - a_hi)
         res = tl.dot(a_hi, b, acc, input_precision="tf32")
-        res = tl.dot(a - a_hi, b, res, input_precision="tf32")
+        res = tl.dot(a_lo, b, res, input_precision="tf32")
     else:
         res = tl.dot(a, b, acc, input_precision="ieee")
     return res

@@ -677,3 +677,33 @@ def test_binary_linear_auto_gpu(bits, M):
     assert_close_to_oracle("grad_x", gx, rx, ox)
     assert_close_to_oracle("grad_bias", gb, rb, ob)
     torch.testing.assert_close(gw, rw, atol=5e-2, rtol=1e-2)  # both fp16 GEMMs of g^T x
+
+
+@pytest.mark.parametrize("mode", ["native", "tf32x3"])
+def test_non_finite_and_huge_inputs_match_reference(device, monkeypatch, mode):
+    """±inf, NaN and the largest floats in x give the reference's ±inf / NaN / finite outputs.
+
+    On a GPU, fp32 at M > 1 splits x into tf32 hi + lo parts; inf - inf in that split once turned
+    every +inf into NaN there (found on the H200, missed by the interpreter's exact dot). "tf32x3"
+    forces that split in the interpreter too.
+    """
+    import empf_triton.kernels.binary as kb
+
+    if mode == "tf32x3":
+        if device != "cpu":
+            pytest.skip("the GPU uses the split for fp32 on its own")
+        monkeypatch.setattr(kb, "_dot_mode", lambda dtype, scaled_a: kb.DOT_TF32X3)
+    N, K = 7, 40
+    packed = pack_weight(_weight(N, K, device), 1)
+    x = torch.randn(5, K, device=device)
+    x[0, 3] = float("inf")
+    x[1, 5] = float("-inf")
+    x[2, 0] = float("nan")
+    x[3, 1] = torch.finfo(torch.float32).max  # rounds up past the largest float in a naive split
+    out = binary_matmul(x, packed, impl="triton")
+    ref = binary_matmul(x, packed, impl="reference")
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[out.isinf()], ref[ref.isinf()])
+    assert out[0].isinf().all() and out[2].isnan().all() and out[3].isfinite().all()
+    fin = ref.isfinite()
+    torch.testing.assert_close(out[fin], ref[fin], rtol=1e-5, atol=1e-3)

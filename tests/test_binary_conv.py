@@ -232,11 +232,22 @@ def test_float_spikes_currents_within_fp32_summation_bound(x_dtype):
         assert (err <= bound).all(), f"{impl}: worst error/bound {(err / bound).max():.3g}"
 
 
-def test_nan_and_inf_spikes():
-    """NaN propagates to float outputs (and its window) and codes it as 0; +inf is the top code."""
+@pytest.mark.parametrize("mode", ["native", "tf32x3"])
+def test_nan_and_inf_spikes(monkeypatch, mode):
+    """NaN propagates to float outputs (and its window) and codes it as 0; +inf is the top code.
+
+    "tf32x3" forces, in the interpreter, the split fp32 dot the GPU uses (where inf - inf once
+    made every +inf a NaN, so code 0, on the H200)."""
+    if mode == "tf32x3":
+        if DEV != "cpu":
+            pytest.skip("the GPU uses the split for fp32 spikes on its own")
+        import empf_triton.kernels.binary_conv as kc
+
+        monkeypatch.setattr(kc, "dot_mode", lambda x_dtype, in_bits, interpret: kc.DOT_TF32X3)
     T, C_in, C_out = 2, 3, 17
     packed = _packed(C_out, C_in, (1, 1), 1)
-    x = torch.rand(T, 1, C_in, 4, 4, device=DEV)
+    # spikes on a 1/16 grid: exact in tf32, so the split dot is exact and outputs compare equal
+    x = torch.randint(0, 17, (T, 1, C_in, 4, 4), device=DEV) / 16
     x[0, 0, 1, 2, 3] = float("nan")
     x[1, 0, 0, 0, 0] = float("inf")
     scale = torch.ones(C_out, device=DEV)

@@ -383,8 +383,10 @@ def test_modules_with_triton_raise_where_triton_cannot_run(monkeypatch):
         with pytest.raises(TritonUnavailableError):
             layer(x)
     monkeypatch.undo()
-    lin.pack().eval()
-    conv.pack().eval()
+    for layer in (lin, conv):  # packed by the reference: a GPU machine has no interpreter
+        layer.impl = "reference"
+        layer.pack().eval()
+        layer.impl = "triton"
     monkeypatch.setattr(ops_common, "_interpreter_on", lambda: False)
     for layer, x in ((lin, torch.randn(2, 8)), (conv, torch.randn(1, 2, 4, 4))):
         with pytest.raises(TritonUnavailableError):

@@ -19,6 +19,8 @@ import torch
 from empf_triton import reset_net
 from empf_triton.models import build_model, set_step_mode
 
+from helpers import DEVICE
+
 T, N, CLASSES = 2, 2, 3
 MODELS = [
     ("mnist1d_cnn", (1, 16), {"channels": (4, 4, 8, 8), "spike_bits": 4}),
@@ -43,7 +45,7 @@ def _model(name, in_shape, opts, step_mode):
     torch.manual_seed(0)
     m = build_model(name, in_shape=in_shape, num_classes=CLASSES, T=T, impl="triton", **opts)
     set_step_mode(m, step_mode)
-    return m
+    return m.to(DEVICE)
 
 
 def _eval(model, x, step_mode):
@@ -74,7 +76,7 @@ def _train_steps(model, x):
 @pytest.mark.parametrize(("name", "in_shape", "opts"), MODELS, ids=[m[0] for m in MODELS])
 def test_model_compiles_fullgraph_in_eval(name, in_shape, opts, step_mode):
     model = _model(name, in_shape, opts, step_mode).eval()
-    x = torch.rand(T, N, *in_shape) * 2
+    x = torch.rand(T, N, *in_shape, device=DEVICE) * 2
     eager = _eval(model, x, step_mode)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for _ in range(2):  # a second sample after reset_net: same result, state handled
@@ -86,7 +88,7 @@ def test_model_compiles_fullgraph_in_eval(name, in_shape, opts, step_mode):
 def test_model_compiles_fullgraph_per_step_training(name, in_shape, opts):
     model = _model(name, in_shape, opts, "s").train()
     twin = copy.deepcopy(model)
-    x = torch.rand(T, N, *in_shape) * 2
+    x = torch.rand(T, N, *in_shape, device=DEVICE) * 2
     loss_e, grads_e = _train_steps(model, x)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     loss_c, grads_c = _train_steps(compiled, x)
@@ -101,7 +103,7 @@ def test_model_compiles_fullgraph_per_step_training(name, in_shape, opts):
 def test_model_compiles_with_inductor():
     name, in_shape, opts = MODELS[0]
     model = _model(name, in_shape, opts, "m").eval()
-    x = torch.rand(T, N, *in_shape) * 2
+    x = torch.rand(T, N, *in_shape, device=DEVICE) * 2
     eager = _eval(model, x, "m")
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     torch.testing.assert_close(_eval(compiled, x, "m"), eager, rtol=1e-5, atol=1e-5)

@@ -638,6 +638,8 @@ def unpack_weight(
     dtype = packed.scale.dtype if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if impl == "auto" and dtype not in TRITON_DTYPES:
+        impl = "reference"  # e.g. fp64, for error analysis: the kernel writes fp32/fp16/bf16 only
     impl = resolve_impl(impl, packed.words)
     if impl == "triton" and dtype not in TRITON_DTYPES:
         raise TypeError(f"impl='triton' unpacks to fp32/fp16/bf16, got dtype {dtype}")
