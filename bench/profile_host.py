@@ -9,7 +9,9 @@ anywhere). This script keeps the launches and asks, on the machine it runs on:
   through an `Autotuner`, and through the compiled kernel's own `run` (Triton's binder skipped);
 - what each fused op's call costs, back to back (the host rate: one sync after all calls) and
   synchronised after each call, next to eager relu's forward+backward on the same 4096 elements;
-- a `torch.profiler` table (self CPU time per function) of the online step and the fused op;
+- a `torch.profiler` table (self CPU time per function) of the online step and the fused op, and
+  a cProfile of the online step (Python functions by own time);
+- each fused op once more through Triton's own launch path (`kernels/_launch.py` switched off);
 - with `--model`: EM-PF ResNet-18 (CIFAR, T=4, B=1, step mode "m") in eager and under
   `torch.compile(mode="reduce-overhead")`, with dynamo's and inductor's counters (CUDA-graph skips,
   graph breaks, recompiles) and the perf-hint log, to see whether the CUDA graphs were taken.
@@ -96,8 +98,20 @@ def launch_cases() -> dict:
         stream = driver.active.get_current_stream(dev)
 
         def direct():
-            compiled.run(4, 1, 1, stream, compiled.function, compiled.packed_metadata, None,
-                         None, None, x, NUMEL, 1024)
+            compiled.run(
+                4,
+                1,
+                1,
+                stream,
+                compiled.function,
+                compiled.packed_metadata,
+                None,
+                None,
+                None,
+                x,
+                NUMEL,
+                1024,
+            )
 
         cases["triton: compiled.run(...) (binder skipped)"] = direct
         cases["cuda: current_stream lookup"] = lambda: driver.active.get_current_stream(dev)
@@ -132,17 +146,59 @@ def op_cases() -> dict:
     cases = {
         "relu fwd+bwd (yardstick)": relu_fb,
         "empf_neuron fwd (T=4, float params)": lambda: _nograd(
-            lambda: empf_neuron(xT, decay=0.5, threshold=0.5, impl="triton")),
+            lambda: empf_neuron(xT, decay=0.5, threshold=0.5, impl="triton")
+        ),
         "empf_neuron fwd+bwd (T=4, float params)": lambda: empf_neuron(
-            xT, decay=0.5, threshold=0.5, impl="triton")[0].backward(gT),
+            xT, decay=0.5, threshold=0.5, impl="triton"
+        )[0].backward(gT),
         "empf_neuron_step fwd+bwd": empf_step,
         "EMPFNeuron: reset + 4 steps, backward after each": module_steps,
         "binary_matmul M=1 N=K=4096 fp32 (no grad)": lambda: _nograd(
-            lambda: binary_matmul(a32, packed, impl="triton")),
+            lambda: binary_matmul(a32, packed, impl="triton")
+        ),
         "cuBLAS F.linear M=1 N=K=4096 fp16 (no grad)": lambda: _nograd(
-            lambda: torch.nn.functional.linear(a16, w16)),
+            lambda: torch.nn.functional.linear(a16, w16)
+        ),
     }
-    return {name: per_call_us(fn) for name, fn in cases.items()}
+    from empf_triton.kernels import _launch
+
+    out = {}
+    for name, fn in cases.items():
+        out[name] = per_call_us(fn)
+        if DEVICE == "cuda" and ("empf" in name or "EMPF" in name or "binary" in name):
+            _launch.ENABLED = False  # Triton's own launch path, for comparison
+            try:
+                out[name + " [Triton's launch path]"] = per_call_us(fn)
+            finally:
+                _launch.ENABLED = True
+    return out
+
+
+def python_profile(out: Path) -> None:
+    """cProfile of the online step (fwd+bwd), top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    x1, v = _leaf(NUMEL), _leaf(NUMEL)
+    g = torch.ones(NUMEL, device=DEVICE)
+
+    def step():
+        s, _ = empf_neuron_step(x1, v, decay=0.5, threshold=0.5, impl="triton")
+        s.backward(g)
+
+    for _ in range(10):
+        step()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        step()
+    sync()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    (out / "profile_cprofile_step.txt").write_text(buf.getvalue())
 
 
 def _nograd(fn):
@@ -218,30 +274,41 @@ def main() -> None:
     ap.add_argument("--model", action="store_true", help="also ResNet-18 B=1 under reduce-overhead")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-           "torch": torch.__version__, "commit": os.environ.get("EMPF_COMMIT", "unknown")}
+    res = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": os.environ.get("EMPF_COMMIT", "unknown"),
+    }
     import triton
 
     res["triton"] = triton.__version__
     res["launch"] = launch_cases()
     res["ops"] = op_cases()
     profile_tables(args.out)
+    python_profile(args.out)
     if args.model:
         try:
             res["model"] = model_case(args.out)
         except Exception as e:  # the counters so far are still worth having
             res["model_error"] = f"{type(e).__name__}: {e}"
     (args.out / "profile_host.json").write_text(json.dumps(res, indent=1, default=str))
-    lines = [f"# Host profile on {res['device']} (torch {res['torch']}, triton {res['triton']})",
-             "", "| call | back to back µs | synced µs |", "|---|---|---|"]
+    lines = [
+        f"# Host profile on {res['device']} (torch {res['torch']}, triton {res['triton']})",
+        "",
+        "| call | back to back µs | synced µs |",
+        "|---|---|---|",
+    ]
     for group in ("launch", "ops"):
         for name, r in res[group].items():
             lines.append(f"| {name} | {r['back_to_back_us']:.1f} | {r['synced_median_us']:.1f} |")
     if "model" in res:
         m = res["model"]
-        lines += ["", f"ResNet-18 B=1 T=4 eager: {m['eager']}",
-                  f"reduce-overhead: {m['reduce-overhead']} (compile {m['compile_s']:.1f} s)",
-                  f"counters: {m['counters']}"]
+        lines += [
+            "",
+            f"ResNet-18 B=1 T=4 eager: {m['eager']}",
+            f"reduce-overhead: {m['reduce-overhead']} (compile {m['compile_s']:.1f} s)",
+            f"counters: {m['counters']}",
+        ]
     if "model_error" in res:
         lines += ["", f"model case failed: {res['model_error']}"]
     (args.out / "profile_host.md").write_text("\n".join(lines) + "\n")

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, empty, launch_options, pick_configs
+from ._launch import launch
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -473,31 +474,34 @@ def _bgemm(
     def grid(meta):
         return (_cdiv(M, meta["BLOCK_M"]), _cdiv(P, meta["BLOCK_P"]))
 
-    _TUNERS[family, trans][grid](
-        p_a=a,
-        p_words=words,
-        p_scale=scale,
-        p_bias=bias if bias is not None else scale,
-        p_out=out,
-        M=M,
-        P=P,
-        R=R,
-        M_CLASS=m_class(M),
-        P_CLASS=size_class(P),
-        R_CLASS=size_class(R),
-        stride_am=s_am,
-        stride_ar=s_ar,
-        stride_wp=s_wp,
-        stride_wn=s_wn,
-        stride_om=P,
-        stride_op=1,
-        TRANS=trans,
-        TERNARY=words.shape[0] == 2,
-        SCALE_A=trans,
-        HAS_BIAS=bias is not None,
-        USE_DOT=family != "gemv",
-        DOT_MODE=_dot_mode(a.dtype, scaled_a=trans),
-        **_LAUNCH,
+    launch(
+        _TUNERS[family, trans],
+        grid,
+        dict(
+            p_a=a,
+            p_words=words,
+            p_scale=scale,
+            p_bias=bias if bias is not None else scale,
+            p_out=out,
+            M=M,
+            P=P,
+            R=R,
+            M_CLASS=m_class(M),
+            P_CLASS=size_class(P),
+            R_CLASS=size_class(R),
+            stride_am=s_am,
+            stride_ar=s_ar,
+            stride_wp=s_wp,
+            stride_wn=s_wn,
+            stride_om=P,
+            stride_op=1,
+            TRANS=trans,
+            TERNARY=words.shape[0] == 2,
+            SCALE_A=trans,
+            HAS_BIAS=bias is not None,
+            USE_DOT=family != "gemv",
+            DOT_MODE=_dot_mode(a.dtype, scaled_a=trans),
+        ),
     )
     return out
 

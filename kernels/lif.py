@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv as _cdiv
-from ._common import empty, empty_like, launch_options, pick_configs, size_class, store_partials
+from ._common import empty, empty_like, pick_configs, size_class, store_partials
+from ._launch import launch
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -211,8 +212,6 @@ def lif_bwd_kernel(
 # see kernels/neuron.py); per-step parameters are contiguous fp32 [T]. Launches call
 # `Autotuner.run` directly with one constant options dict (host time).
 
-_OPTS = launch_options()
-
 
 def _partials(T: int, N: int, device) -> torch.Tensor:
     return empty((T, _cdiv(N, SUB)), torch.float32, device)
@@ -238,24 +237,25 @@ def lif_fwd(
     v_last = empty_like(spikes) if step_input else empty(shape[1:], current.dtype, dev)
     h = empty((T, N), current.dtype, dev) if save_h else spikes  # dummy pointer when unused
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    lif_fwd_kernel.run(
-        grid=grid,
-        warmup=False,
-        p_cur=current,
-        p_v0=v0 if v0 is not None else current,
-        p_decay=decay,
-        p_th=threshold,
-        p_spk=spikes,
-        p_vlast=v_last,
-        p_h=h,
-        N=N,
-        T=T,
-        neg_tiny=-torch.finfo(current.dtype).tiny,
-        N_CLASS=size_class(N),
-        T_CLASS=size_class(T),
-        HAS_V0=v0 is not None,
-        SAVE_H=save_h,
-        **_OPTS,
+    launch(
+        lif_fwd_kernel,
+        grid,
+        dict(
+            p_cur=current,
+            p_v0=v0 if v0 is not None else current,
+            p_decay=decay,
+            p_th=threshold,
+            p_spk=spikes,
+            p_vlast=v_last,
+            p_h=h,
+            N=N,
+            T=T,
+            neg_tiny=-torch.finfo(current.dtype).tiny,
+            N_CLASS=size_class(N),
+            T_CLASS=size_class(T),
+            HAS_V0=v0 is not None,
+            SAVE_H=save_h,
+        ),
     )
     return spikes, v_last, (h if save_h else None)
 
@@ -294,37 +294,38 @@ def lif_bwd(
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    lif_bwd_kernel.run(
-        grid=grid,
-        warmup=False,
-        p_g=g if g is not None else h,
-        p_gv=gv if gv is not None else h,
-        p_h=h,
-        p_v0=v0 if v0 is not None else h,
-        p_decay=decay,
-        p_th=threshold,
-        p_dcur=dcur,
-        p_dv0=dv0,
-        p_dth=dth,
-        p_ddecay=ddec,
-        N=N,
-        T=T,
-        P=_cdiv(N, SUB),
-        alpha=float(alpha),
-        N_CLASS=size_class(N),
-        T_CLASS=size_class(T),
-        SURROGATE=SURROGATE_IDS[surrogate],
-        DETACH_RESET=detach_reset,
-        HAS_G=g is not None,
-        HAS_GV=gv is not None,
-        HAS_V0=v0 is not None,
-        BPTT=bptt,
-        NEED_DCUR=need_dcur,
-        NEED_DV0=need_dv0,
-        NEED_DDECAY=need_ddecay,
-        NEED_DTH=need_dth,
-        SUB=SUB,
-        **_OPTS,
+    launch(
+        lif_bwd_kernel,
+        grid,
+        dict(
+            p_g=g if g is not None else h,
+            p_gv=gv if gv is not None else h,
+            p_h=h,
+            p_v0=v0 if v0 is not None else h,
+            p_decay=decay,
+            p_th=threshold,
+            p_dcur=dcur,
+            p_dv0=dv0,
+            p_dth=dth,
+            p_ddecay=ddec,
+            N=N,
+            T=T,
+            P=_cdiv(N, SUB),
+            alpha=float(alpha),
+            N_CLASS=size_class(N),
+            T_CLASS=size_class(T),
+            SURROGATE=SURROGATE_IDS[surrogate],
+            DETACH_RESET=detach_reset,
+            HAS_G=g is not None,
+            HAS_GV=gv is not None,
+            HAS_V0=v0 is not None,
+            BPTT=bptt,
+            NEED_DCUR=need_dcur,
+            NEED_DV0=need_dv0,
+            NEED_DDECAY=need_ddecay,
+            NEED_DTH=need_dth,
+            SUB=SUB,
+        ),
     )
     return (
         dcur if need_dcur else None,

@@ -33,7 +33,6 @@ from ._common import (
 from ._common import (
     empty,
     empty_like,
-    launch_options,
     load_param,
     pack_bits,
     pick_configs,
@@ -43,6 +42,7 @@ from ._common import (
     unpack_bit,
     zero_partial_rows,
 )
+from ._launch import launch
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -357,12 +357,9 @@ def parallel_bwd_kernel(
 # A parameter is a float (MODE 0), a 1-D tensor read at row t0 + t (MODE 1) or a 2-D [T, C]
 # tensor read per channel (MODE 2), any strides.
 #
-# Host time (the GPU run showed the calls, not the kernels, cost the time): launches go through
-# `Autotuner.run(grid=..., warmup=False, ...)` directly (what `kernel[grid](...)` calls, minus a
-# lambda and one repacking of the keyword arguments), compile options are one constant dict, and
+# Host time (the GPU runs showed the calls, not the kernels, cost the time): launches go through
+# `_launch.launch`, which skips Triton's per-call Python once a signature has been launched, and
 # nothing is allocated that is not written.
-
-_OPTS = launch_options()
 
 
 def _levels_m1(spike_bits: int | None) -> float:
@@ -439,41 +436,42 @@ def empf_fwd(
     save_v = save_v and T > 1
     vhist = empty((T - 1, N), current.dtype, dev) if save_v else spikes
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    empf_fwd_kernel.run(
-        grid=grid,
-        warmup=False,
-        p_cur=current,
-        p_v0=v0 if v0 is not None else current,
-        p_decay=decay if d_mode else current,
-        p_th=threshold if th_mode else current,
-        p_spk=spikes,
-        p_vlast=v_last,
-        p_mask=mask,
-        p_vhist=vhist,
-        N=N,
-        NB=NB,
-        T=T,
-        t0=t0,
-        decay_c=d_c,
-        th_c=th_c,
-        sd_t=sd_t,
-        sd_c=sd_c,
-        sth_t=sth_t,
-        sth_c=sth_c,
-        C=channels,
-        INNER=inner,
-        step=float(spike_step),
-        levels_m1=_levels_m1(spike_bits),
-        N_CLASS=size_class(N),
-        T_CLASS=size_class(T),
-        HAS_V0=v0 is not None,
-        QUANT=spike_bits is not None,
-        SAVE_MASK=save_mask,
-        SAVE_V=save_v,
-        D_MODE=d_mode,
-        TH_MODE=th_mode,
-        LOGITS=logits,
-        **_OPTS,
+    launch(
+        empf_fwd_kernel,
+        grid,
+        dict(
+            p_cur=current,
+            p_v0=v0 if v0 is not None else current,
+            p_decay=decay if d_mode else current,
+            p_th=threshold if th_mode else current,
+            p_spk=spikes,
+            p_vlast=v_last,
+            p_mask=mask,
+            p_vhist=vhist,
+            N=N,
+            NB=NB,
+            T=T,
+            t0=t0,
+            decay_c=d_c,
+            th_c=th_c,
+            sd_t=sd_t,
+            sd_c=sd_c,
+            sth_t=sth_t,
+            sth_c=sth_c,
+            C=channels,
+            INNER=inner,
+            step=float(spike_step),
+            levels_m1=_levels_m1(spike_bits),
+            N_CLASS=size_class(N),
+            T_CLASS=size_class(T),
+            HAS_V0=v0 is not None,
+            QUANT=spike_bits is not None,
+            SAVE_MASK=save_mask,
+            SAVE_V=save_v,
+            D_MODE=d_mode,
+            TH_MODE=th_mode,
+            LOGITS=logits,
+        ),
     )
     return spikes, v_last, (mask if save_mask else None), (vhist if save_v else None)
 
@@ -532,48 +530,49 @@ def empf_bwd(
         dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
         ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    empf_bwd_kernel.run(
-        grid=grid,
-        warmup=False,
-        p_g=g if g is not None else dcur,
-        p_gv=gv if gv is not None else dcur,
-        p_mask=mask,
-        p_vhist=vhist if vhist is not None else dcur,
-        p_v0=v0 if v0 is not None else dcur,
-        p_decay=decay if d_mode else dcur,
-        p_th=threshold if (th_mode and threshold.device == dev) else dcur,
-        p_dcur=dcur,
-        p_dv0=dv0,
-        p_dth=dth,
-        p_ddecay=ddec,
-        N=N,
-        NB=mask.shape[1],
-        T=T,
-        P=P,
-        t0=t0,
-        TQ_D=decay.shape[0] if d_mode else T,
-        TQ_TH=threshold.shape[0] if th_mode else T,
-        decay_c=d_c,
-        sd_t=sd_t,
-        sd_c=sd_c,
-        sth_t=sth_t,
-        sth_c=sth_c,
-        C=channels,
-        INNER=inner,
-        N_CLASS=size_class(N),
-        T_CLASS=size_class(T),
-        HAS_G=g is not None,
-        HAS_GV=gv is not None,
-        HAS_V0=v0 is not None,
-        BPTT=bptt,
-        NEED_DDECAY=need_ddecay,
-        NEED_DTH=need_dthreshold,
-        NEED_DV0=need_dv0,
-        D_MODE=d_mode,
-        TH_MODE=th_mode,
-        LOGITS=logits,
-        SUB=SUB,
-        **_OPTS,
+    launch(
+        empf_bwd_kernel,
+        grid,
+        dict(
+            p_g=g if g is not None else dcur,
+            p_gv=gv if gv is not None else dcur,
+            p_mask=mask,
+            p_vhist=vhist if vhist is not None else dcur,
+            p_v0=v0 if v0 is not None else dcur,
+            p_decay=decay if d_mode else dcur,
+            p_th=threshold if (th_mode and threshold.device == dev) else dcur,
+            p_dcur=dcur,
+            p_dv0=dv0,
+            p_dth=dth,
+            p_ddecay=ddec,
+            N=N,
+            NB=mask.shape[1],
+            T=T,
+            P=P,
+            t0=t0,
+            TQ_D=decay.shape[0] if d_mode else T,
+            TQ_TH=threshold.shape[0] if th_mode else T,
+            decay_c=d_c,
+            sd_t=sd_t,
+            sd_c=sd_c,
+            sth_t=sth_t,
+            sth_c=sth_c,
+            C=channels,
+            INNER=inner,
+            N_CLASS=size_class(N),
+            T_CLASS=size_class(T),
+            HAS_G=g is not None,
+            HAS_GV=gv is not None,
+            HAS_V0=v0 is not None,
+            BPTT=bptt,
+            NEED_DDECAY=need_ddecay,
+            NEED_DTH=need_dthreshold,
+            NEED_DV0=need_dv0,
+            D_MODE=d_mode,
+            TH_MODE=th_mode,
+            LOGITS=logits,
+            SUB=SUB,
+        ),
     )
     dv0 = dv0 if need_dv0 else None
     if joint:
@@ -610,29 +609,30 @@ def parallel_fwd(
     spikes = empty_like(current) if dense else empty(current.shape, current.dtype, current.device)
     mask = empty((T, NB), torch.uint8, current.device) if save_mask else spikes
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
-    parallel_fwd_kernel.run(
-        grid=grid,
-        warmup=False,
-        p_cur=current,
-        p_th=threshold if th_mode else current,
-        p_spk=spikes,
-        p_mask=mask,
-        N=N,
-        NB=NB,
-        t0=t0,
-        th_c=th_c,
-        sth_t=sth_t,
-        sth_c=sth_c,
-        C=channels,
-        INNER=inner,
-        step=float(spike_step),
-        levels_m1=_levels_m1(spike_bits),
-        N_CLASS=size_class(N),
-        QUANT=spike_bits is not None,
-        SAVE_MASK=save_mask,
-        TH_MODE=th_mode,
-        LOGITS=logits,
-        **_OPTS,
+    launch(
+        parallel_fwd_kernel,
+        grid,
+        dict(
+            p_cur=current,
+            p_th=threshold if th_mode else current,
+            p_spk=spikes,
+            p_mask=mask,
+            N=N,
+            NB=NB,
+            t0=t0,
+            th_c=th_c,
+            sth_t=sth_t,
+            sth_c=sth_c,
+            C=channels,
+            INNER=inner,
+            step=float(spike_step),
+            levels_m1=_levels_m1(spike_bits),
+            N_CLASS=size_class(N),
+            QUANT=spike_bits is not None,
+            SAVE_MASK=save_mask,
+            TH_MODE=th_mode,
+            LOGITS=logits,
+        ),
     )
     return spikes, (mask if save_mask else None)
 
@@ -660,30 +660,31 @@ def parallel_bwd(
     dcur = empty_like(g) if g.is_contiguous() else empty(g.shape, g.dtype, g.device)
     dth = _grad_buffer(threshold, th_mode, T, N, P, g.device) if need_dthreshold else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
-    parallel_bwd_kernel.run(
-        grid=grid,
-        warmup=False,
-        p_g=g,
-        p_mask=mask,
-        p_th=threshold if threshold.device == g.device else dcur,
-        p_dcur=dcur,
-        p_dth=dth,
-        N=N,
-        NB=mask.shape[1],
-        P=P,
-        T=T,
-        t0=t0,
-        TQ=threshold.shape[0] if th_mode else T,
-        sth_t=sth_t,
-        sth_c=sth_c,
-        C=channels,
-        INNER=inner,
-        N_CLASS=size_class(N),
-        NEED_DTH=need_dthreshold,
-        TH_MODE=th_mode,
-        LOGITS=logits,
-        SUB=SUB,
-        **_OPTS,
+    launch(
+        parallel_bwd_kernel,
+        grid,
+        dict(
+            p_g=g,
+            p_mask=mask,
+            p_th=threshold if threshold.device == g.device else dcur,
+            p_dcur=dcur,
+            p_dth=dth,
+            N=N,
+            NB=mask.shape[1],
+            P=P,
+            T=T,
+            t0=t0,
+            TQ=threshold.shape[0] if th_mode else T,
+            sth_t=sth_t,
+            sth_c=sth_c,
+            C=channels,
+            INNER=inner,
+            N_CLASS=size_class(N),
+            NEED_DTH=need_dthreshold,
+            TH_MODE=th_mode,
+            LOGITS=logits,
+            SUB=SUB,
+        ),
     )
     dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
     return dcur, dthr

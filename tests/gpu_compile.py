@@ -16,6 +16,8 @@ import os
 import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run with TRITON_INTERPRET=0"
+# The launchers must go through the patched Triton entry points below, not the direct path.
+os.environ["EMPF_FAST_LAUNCH"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -24,7 +24,9 @@ def _run_bench(
     out_json: Path, select: str, *extra: str, fallback: bool = False, check_json: bool = True
 ) -> None:
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("EMPF_", "TRITON_", "PYTEST_XDIST"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EMPF_", "TRITON_", "PYTEST_XDIST"))
     }
     env.update(
         EMPF_BENCH_DEVICE="cpu",

@@ -15,11 +15,10 @@ import copy
 
 import pytest
 import torch
+from helpers import DEVICE
 
 from empf_triton import reset_net
 from empf_triton.models import build_model, set_step_mode
-
-from helpers import DEVICE
 
 T, N, CLASSES = 2, 2, 3
 MODELS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize
+from helpers import DEVICE, randomize
 from torch import nn
 
 from empf_triton import reset_net
@@ -235,10 +235,13 @@ def test_triton_path_equals_reference_path(spike_bits):
     model.final_neuron = EMPFNeuron(2, spike_bits=spike_bits)
     model.classifier[2] = nn.Linear(4, 3)
     x = torch.randn(2, 3, 6, 6)
-    ref = fold(model, impl="reference")(x)
-    out = fold(model, impl="triton")(x)
+    # fold() returns a CPU model: both deployed models run on the test device (impl="triton"
+    # needs CUDA tensors there); the trained model stays on the CPU.
+    xd = x.to(DEVICE)
+    ref = fold(model, impl="reference").to(DEVICE)(xd)
+    out = fold(model, impl="triton").to(DEVICE)(xd)
     assert rel_err(out, ref) <= 1e-5
-    assert rel_err(ref, trained_logits(model, x)) <= 1e-5
+    assert rel_err(ref.cpu(), trained_logits(model, x)) <= 1e-5
 
 
 def test_runtime_modules_do_not_import_training_code():
@@ -549,3 +552,14 @@ def test_identical_predictions_on_embedded_test_set():
     ref = trained_logits(model, test.x).argmax(-1)
     out = fold(model)(test.x).argmax(-1)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fold_of_a_cuda_model_equals_fold_on_cpu():
+    """fold() takes a model on any device (biasless convs once got a CPU zero bias: mismatch)."""
+    model = randomize(build_model("resnet18", in_shape=(3, 6, 6), num_classes=3, T=2, width=2))
+    x = torch.randn(2, 3, 6, 6)
+    ref = fold(model, impl="reference")(x)
+    out = fold(model.to("cuda"), impl="reference").to("cpu")(x)
+    assert rel_err(out, ref) <= 1e-5

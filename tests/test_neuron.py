@@ -499,16 +499,30 @@ def test_triton_unavailable_raises(monkeypatch):
     ],
     ids=["above1", "below0", "nan", "0d", "float-nan"],
 )
-def test_decay_outside_unit_interval_or_nan_raises(impl, decay):
+def test_decay_outside_unit_interval_or_nan_raises(device, impl, decay):
+    # Decay tensors are value-checked only on the CPU (a CUDA decay is never read: no host sync),
+    # and a decay must be on the current's device: tensor cases run on the CPU.
+    cpu_only = isinstance(decay, torch.Tensor)
+    if cpu_only and impl == "triton" and device != "cpu":
+        pytest.skip(
+            "CPU-only check: impl='triton' needs a CUDA current here, which rejects a CPU decay "
+            "(device mismatch) and never reads a CUDA decay's values; the reference param covers it"
+        )
+    x = torch.randn(3, 4, device="cpu" if cpu_only else device)
     with pytest.raises(ValueError, match="decay"):
-        empf_neuron(torch.randn(3, 4), decay=decay, threshold=0.5, impl=impl)
+        empf_neuron(x, decay=decay, threshold=0.5, impl=impl)
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")], ids=["1.5", "-0.5", "nan"])
-def test_cpu_decay_tensors_are_checked_in_every_form(impl, bad):
+def test_cpu_decay_tensors_are_checked_in_every_form(device, impl, bad):
     """CPU tensors are checked (reading them is no device sync): 0-d, [T], [T, C] and [1, C]
     forms of the multi-step ops, 0-d and [C] forms of the step op, small and large."""
+    if impl == "triton" and device != "cpu":
+        pytest.skip(
+            "CPU-only behaviour: impl='triton' needs a CUDA current there, and a CUDA current "
+            "rejects a CPU decay (device mismatch) while CUDA decays are never value-checked"
+        )
     x = torch.randn(3, 5, 2)  # [T, N, C]
     T, C = 3, 2
     forms = [torch.tensor(bad), torch.tensor([0.5, bad, 0.5])]
@@ -560,9 +574,9 @@ def test_cuda_decay_tensors_make_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_decay_bounds_zero_and_one_are_allowed():
-    x = torch.randn(3, 4)
-    for d in (0.0, 1.0, torch.tensor([0.0, 1.0, 0.5])):
+def test_decay_bounds_zero_and_one_are_allowed(device):
+    x = torch.randn(3, 4, device=device)
+    for d in (0.0, 1.0, torch.tensor([0.0, 1.0, 0.5], device=device)):
         s_r, v_r = empf_neuron(x, decay=d, threshold=0.5, impl="reference")
         s_k, v_k = empf_neuron(x, decay=d, threshold=0.5, impl="triton")
         assert torch.equal(s_r, s_k) and torch.equal(v_r, v_k)
@@ -582,10 +596,10 @@ def test_spike_step_must_be_finite_and_positive_in_fp32(step):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_fp16_overflow_is_computed_in_fp32_on_both_paths(impl):
+def test_fp16_overflow_is_computed_in_fp32_on_both_paths(device, impl):
     """6e4 currents, decay 1, threshold -6e4: the first surplus (1.2e5) overflows fp16 when
     stored, but the fp32 membrane is exact (v = θ after firing), so the next steps fire 6e4."""
-    x = torch.full((4, 1), 6e4, dtype=torch.float16)
+    x = torch.full((4, 1), 6e4, dtype=torch.float16, device=device)
     s, v = empf_neuron(x, decay=1.0, threshold=-6e4, impl=impl)
     assert s[:, 0].tolist() == [float("inf"), 6e4, 6e4, 6e4]
     assert v.tolist() == [-6e4]
@@ -594,9 +608,9 @@ def test_fp16_overflow_is_computed_in_fp32_on_both_paths(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_online_mode_gives_v0_no_gradient_on_both_paths(impl):
-    x = torch.randn(3, 5)
-    v0 = torch.randn(5, requires_grad=True)
+def test_online_mode_gives_v0_no_gradient_on_both_paths(device, impl):
+    x = torch.randn(3, 5, device=device)
+    v0 = torch.randn(5, device=device, requires_grad=True)
     s, v = empf_neuron(x, v0, decay=0.5, threshold=0.3, grad_mode="online", impl=impl)
     assert not s.requires_grad and not v.requires_grad  # v0 is a constant in online mode
     xg = x.clone().requires_grad_()

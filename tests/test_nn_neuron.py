@@ -173,9 +173,9 @@ def test_non_bool_flags_and_bad_steps_are_rejected(make):
     "make",
     [lambda i: EMPFNeuron(3, step_mode="m", impl=i), lambda i: LIFNeuron(step_mode="m", impl=i)],
 )
-def test_multi_step_twice_without_reset_raises_for_both_neurons(make, impl):
-    n = make(impl)
-    x = torch.rand(3, 2, 4)
+def test_multi_step_twice_without_reset_raises_for_both_neurons(device, make, impl):
+    n = make(impl).to(device)
+    x = torch.rand(3, 2, 4, device=device)
     first = n(x)
     with pytest.raises(RuntimeError, match="reset_net"):
         n(x)
@@ -192,13 +192,13 @@ def test_multi_step_twice_without_reset_raises_for_both_neurons(make, impl):
         lambda i: LIFNeuron(impl=i),
     ],
 )
-def test_batch_change_without_reset_says_what_happened(make, impl):
-    n = make(impl)
-    n(torch.rand(2, 4, 3))
+def test_batch_change_without_reset_says_what_happened(device, make, impl):
+    n = make(impl).to(device)
+    n(torch.rand(2, 4, 3, device=device))
     with pytest.raises(ValueError, match=r"membrane of a batch of N=2.*reset_net"):
-        n(torch.rand(5, 4, 3))
+        n(torch.rand(5, 4, 3, device=device))
     reset_net(n)
-    assert n(torch.rand(5, 4, 3)).shape == (5, 4, 3)
+    assert n(torch.rand(5, 4, 3, device=device)).shape == (5, 4, 3)
 
 
 def test_module_revalidates_when_the_input_changes():
@@ -221,12 +221,13 @@ def test_triton_module_reads_logits_in_kernel_same_as_reference(device, parallel
     mods = []
     for impl in ("reference", "triton"):
         m = EMPFNeuron(T, spike_bits=4, parallel=parallel, step_mode=step_mode, impl=impl)
+        m = m.to(device)
         with torch.no_grad():
             for p in m.parameters():
                 p.copy_(torch.linspace(-0.7, 0.9, T))
         xi = x.clone().requires_grad_()
         out = m(xi) if step_mode == "m" else torch.stack([m(xi[t]) for t in range(T)])
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
         mods.append((out.detach(), xi.grad, [p.grad for p in m.parameters()]))
     (o_r, g_r, p_r), (o_k, g_k, p_k) = mods
     torch.testing.assert_close(o_k, o_r, rtol=0, atol=1e-6)

@@ -158,7 +158,7 @@ def _neuron(g: _Graph, n: EMPFNeuron, cur: str, path: str) -> str:
         scale = t["scale"]
         bias = t.get("bias")
         if bias is None:
-            bias = torch.zeros(C, dtype=_F32)
+            bias = torch.zeros(C, dtype=_F32, device=scale.device)
         if p["k"] is not None:
             t["scale"] = (p["k"] * scale[None]).contiguous()
             t["bias"] = (p["k"] * bias[None] + p["b"]).contiguous()
@@ -210,7 +210,11 @@ def _leaf(g: _Graph, mod: nn.Module, cur: str, path: str) -> str:
         if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
             raise DeployError(f"{path}: only zero, explicit padding is deployable")
         t = {"weight": _det(mod.weight)}
-        t["bias"] = _det(mod.bias) if mod.bias is not None else torch.zeros(mod.out_channels)
+        t["bias"] = (
+            _det(mod.bias)
+            if mod.bias is not None
+            else torch.zeros(mod.out_channels, device=mod.weight.device)
+        )
         attrs = {"stride": _pair(mod.stride), "padding": _pair(mod.padding),
                  "dilation": _pair(mod.dilation), "groups": mod.groups}  # fmt: skip
         return g.add("conv", [cur], attrs, t)
