@@ -2,13 +2,22 @@
 
 Run: `pytest bench/test_bench_overhead.py --benchmark-json=bench/results/overhead.json`.
 
-Every Triton kernel launch is replaced by a no-op (`Autotuner.run`, `JITFunction.run` and, under
-the interpreter, `InterpretedFunction.run` are patched for the duration of each case), so what is
-timed is exactly what a user's Python thread spends per call besides the kernels: validation,
-allocation of outputs, autograd bookkeeping, launcher argument handling, torch ops around the
-kernels. Since nothing is launched, this runs on a machine without a GPU (the CPU tensors take the
-Triton path; the outputs are uninitialised memory and are not looked at) and gives the same kind of
-number as on a GPU machine, where the launch itself adds a few µs per kernel.
+What runs in place of the GPU (`extra_info["launch_path"]` says which):
+
+- Triton's interpreter off (the normal case, with or without a GPU): `bench/fake_driver.py` stands
+  in for Triton's CUDA driver. Kernels really compile (for sm_90, with ptxas; seconds per variant
+  the first time) and every launch runs Triton's own Python and ours — autotuner, argument
+  binder, cache lookups, or the direct launcher of `kernels/_launch.py` — up to the compiled
+  kernel's launcher, which does nothing. Tensors are CPU tensors. The fused neuron ops are timed
+  through both launch paths ("direct", "triton").
+- Triton's interpreter on (`TRITON_INTERPRET=1`, as `bench/run_gpu.sh --dry-run` runs): every
+  Triton entry point (`Autotuner.run`, `JITFunction.run`, `InterpretedFunction.run`) is patched
+  to a no-op, so Triton's own Python is left out ("stubbed").
+
+Either way, what is timed is what a user's Python thread spends per call besides the kernels and
+the launch itself: validation, allocation of outputs, autograd bookkeeping, launcher argument
+handling, torch ops around the kernels. The outputs are uninitialised memory and are not looked
+at. On a GPU machine the launch adds its driver call (about 10 µs per kernel on the H200 machine).
 
 Denormals are flushed to zero while a case runs (`torch.set_flush_denormal`): the outputs are
 uninitialised memory, often holding denormal bit patterns, and the CPU's arithmetic on them (the
@@ -25,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,9 +56,31 @@ ROUNDS = int(os.environ.get("EMPF_BENCH_OVERHEAD_ROUNDS", "200"))
 _RELU_US: dict[str, float] = {}
 
 
+from empf_triton.kernels import _launch  # noqa: E402
+from empf_triton.kernels._common import INTERPRET  # noqa: E402
+
+LAUNCH_PATHS = ["stubbed"] if INTERPRET else ["direct", "triton"]
+
+
 @contextlib.contextmanager
-def no_kernel_launches():
-    """Every Triton launch becomes a no-op; `impl="triton"` is accepted on CPU tensors."""
+def no_kernel_launches(path: str = LAUNCH_PATHS[0]):
+    """No kernel runs: Triton's driver is faked (`path` "direct" or "triton": which launch path
+    the launchers take) or, under the interpreter, Triton's entry points are stubbed."""
+    if path != "stubbed":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from fake_driver import fake_gpu
+
+        flushed = torch.set_flush_denormal(True)
+        saved = _launch.ENABLED
+        _launch.ENABLED = path == "direct"
+        try:
+            with fake_gpu():
+                yield
+        finally:
+            _launch.ENABLED = saved
+            if flushed:
+                torch.set_flush_denormal(False)
+        return
     from triton.runtime import autotuner, interpreter, jit
 
     saved = [
@@ -73,15 +106,16 @@ def no_kernel_launches():
             setattr(owner, name, fn)
 
 
-def _time(benchmark, fn, *, case: str, kind: str) -> float:
-    with no_kernel_launches():
-        for _ in range(20):  # warm-up: first calls load kernels, build autograd caches
+def _time(benchmark, fn, *, case: str, kind: str, path: str = LAUNCH_PATHS[0]) -> float:
+    with no_kernel_launches(path):
+        for _ in range(20):  # warm-up: first calls compile kernels, build autograd caches
             fn()
         benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=5, iterations=1)
     us = benchmark.stats.stats.median * 1e6
     benchmark.extra_info.update(
-        device=DEVICE, case=case, kind=kind, numel=NUMEL, host_us=us, torch=torch.__version__
-    )
+        device=DEVICE, case=case, kind=kind, numel=NUMEL, host_us=us, torch=torch.__version__,
+        launch_path=path,
+    )  # fmt: skip
     relu = _RELU_US.get(kind)
     if relu is not None:
         benchmark.extra_info["relu_us"] = relu
@@ -177,8 +211,8 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _bench_case(benchmark, name, make, kind):
-    with no_kernel_launches():
+def _bench_case(benchmark, name, make, kind, path=LAUNCH_PATHS[0]):
+    with no_kernel_launches(path):
         leaves, call = make()
     if kind == "fwd":
 
@@ -194,13 +228,14 @@ def _bench_case(benchmark, name, make, kind):
             out = _first(call())
             out.backward(torch.ones_like(out))
 
-    _time(benchmark, fn, case=name, kind=kind)
+    _time(benchmark, fn, case=name, kind=kind, path=path)
 
 
+@pytest.mark.parametrize("path", LAUNCH_PATHS)
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize(("name", "make"), _neuron_cases(), ids=[c[0] for c in _neuron_cases()])
-def test_overhead_neuron_ops(benchmark, name, make, kind):
-    _bench_case(benchmark, name, make, kind)
+def test_overhead_neuron_ops(benchmark, name, make, kind, path):
+    _bench_case(benchmark, name, make, kind, path)
 
 
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])

@@ -14,7 +14,7 @@ and call the compiled kernel's launcher directly. The signature key holds everyt
 specialises on, so a cached kernel is only reused where Triton would have picked the same one:
 
 - constexpr arguments and the autotuner's key arguments: their values;
-- tensors: dtype, device index and whether the data pointer is 16-byte aligned;
+- tensors: dtype and whether the data pointer is 16-byte aligned;
 - ints: whether the value is 1 (compiled as a constant), divisible by 16, and its integer type
   (i32, i64 or u64 by range); bools and None by value; floats are all one fp32 argument;
 - the current CUDA device.
@@ -42,22 +42,19 @@ _OPTS = launch_options()
 _I32_MIN, _I32_MAX, _U64_MIN = -(2**31), 2**31 - 1, 2**63
 
 
-def int_class(v: int) -> tuple[bool, bool, int]:
-    """What Triton specialises an int argument on: == 1, divisible by 16, i32 / i64 / u64."""
-    width = 0 if _I32_MIN <= v <= _I32_MAX else (2 if v >= _U64_MIN else 1)
-    return v == 1, v & 15 == 0, width
-
-
 def runtime_class(v: object) -> object:
     """The part of a non-constexpr argument that selects the compiled kernel (see module doc)."""
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.device.index, v.data_ptr() & 15 == 0
     tv = type(v)
-    if tv is int:
-        return int_class(v)
     if tv is float:
         return 0.0
+    if tv is _Tensor or isinstance(v, _Tensor):
+        return v.dtype, v.data_ptr() & 15 == 0
+    if tv is int:
+        return v == 1, v & 15 == 0, 0 if _I32_MIN <= v <= _I32_MAX else (2 if v >= _U64_MIN else 1)
     return tv, v  # bool, None, anything else: by value
+
+
+_Tensor = torch.Tensor
 
 
 def _hooks_active() -> bool:
@@ -78,15 +75,28 @@ class Launcher:
         self.defaults = {p.name: p.default for p in fn.params if p.has_default}
         # by value: constexprs and the autotuner's key; the rest by runtime_class
         self.by_value = [p.is_constexpr or p.name in keys for p in fn.params]
+        self.signature = self._make_signature()
         self.cache: dict[tuple, tuple] = {}
 
-    def signature(self, args: dict) -> tuple:
-        key = [torch.cuda.current_device()]
-        defaults = self.defaults
-        for name, by_value in zip(self.names, self.by_value):
-            v = args[name] if name in args else defaults.get(name)
-            key.append(v if by_value else runtime_class(v))
-        return tuple(key)
+    def _make_signature(self):
+        """`signature(args) -> tuple` as one generated expression (a Python loop over 20-30
+        arguments cost as much as the lookups themselves)."""
+        tuned = set()  # set by the autotuner's config: follows from its key, not in `args`
+        if isinstance(self.tuner, Autotuner):
+            tuned = {k for c in self.tuner.configs for k in c.kwargs}
+        items = []
+        for i, (name, by_value) in enumerate(zip(self.names, self.by_value)):
+            if name in tuned:
+                continue
+            get = f"a[{name!r}]" if name not in self.defaults else f"a.get({name!r}, d{i})"
+            items.append(get if by_value else f"rc({get})")
+        scope = {"rc": runtime_class, "torch": torch}
+        scope.update(
+            {f"d{i}": self.defaults[n] for i, n in enumerate(self.names) if n in self.defaults}
+        )
+        src = f"def signature(a):\n    return (torch.cuda.current_device(), {', '.join(items)})\n"
+        exec(compile(src, f"<launch signature of {self.names[0]}...>", "exec"), scope)
+        return scope["signature"]
 
     def __call__(self, grid, args: dict) -> None:
         if _hooks_active():

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, empty, launch_options, pick_configs
+from ._common import INTERPRET, empty, pick_configs
 from ._launch import launch
 
 # ------------------------------------------------------------------------------------------ configs
@@ -435,9 +435,6 @@ def _unpack_kernel(
 # ---------------------------------------------------------------------------------------- launchers
 
 
-_LAUNCH = launch_options()
-
-
 def _dot_mode(dtype: torch.dtype, scaled_a: bool) -> int:
     if INTERPRET:
         return DOT_IEEE
@@ -529,16 +526,19 @@ def quantize(w2d: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor | None)
     N, K = w2d.shape
     out = empty((N, K), w2d.dtype, w2d.device)
     if out.numel():
-        _quantize_kernel[(_cdiv(N * K, _ELEM_BLOCK),)](
-            p_w=w2d,
-            p_scale=scale,
-            p_delta=delta if delta is not None else scale,
-            p_out=out,
-            NK=N * K,
-            K=K,
-            TERNARY=delta is not None,
-            BLOCK=_ELEM_BLOCK,
-            **_LAUNCH,
+        launch(
+            _quantize_kernel,
+            (_cdiv(N * K, _ELEM_BLOCK),),
+            dict(
+                p_w=w2d,
+                p_scale=scale,
+                p_delta=delta if delta is not None else scale,
+                p_out=out,
+                NK=N * K,
+                K=K,
+                TERNARY=delta is not None,
+                BLOCK=_ELEM_BLOCK,
+            ),
         )
     return out
 
@@ -547,8 +547,10 @@ def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g where |w| <= 1 else 0; g and w contiguous, same shape."""
     out = empty(w.shape, w.dtype, w.device)
     if out.numel():
-        _ste_kernel[(_cdiv(w.numel(), _ELEM_BLOCK),)](
-            p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK, **_LAUNCH
+        launch(
+            _ste_kernel,
+            (_cdiv(w.numel(), _ELEM_BLOCK),),
+            dict(p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK),
         )
     return out
 
@@ -561,21 +563,24 @@ def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     words = empty((planes, N, KW), torch.int32, w2d.device)
     if words.numel():
         grid = (_cdiv(N, _PACK_BLOCK_N), _cdiv(KW, _PACK_BLOCK_W))
-        _pack_kernel[grid](
-            p_w=w2d,
-            p_delta=delta if delta is not None else w2d,
-            p_words=words,
-            N=N,
-            K=K,
-            KW=KW,
-            stride_wn=w2d.stride(0),
-            stride_wk=w2d.stride(1),
-            stride_pn=words.stride(1),
-            stride_pp=words.stride(0),
-            TERNARY=delta is not None,
-            BLOCK_N=_PACK_BLOCK_N,
-            BLOCK_W=_PACK_BLOCK_W,
-            **_LAUNCH,
+        launch(
+            _pack_kernel,
+            grid,
+            dict(
+                p_w=w2d,
+                p_delta=delta if delta is not None else w2d,
+                p_words=words,
+                N=N,
+                K=K,
+                KW=KW,
+                stride_wn=w2d.stride(0),
+                stride_wk=w2d.stride(1),
+                stride_pn=words.stride(1),
+                stride_pp=words.stride(0),
+                TERNARY=delta is not None,
+                BLOCK_N=_PACK_BLOCK_N,
+                BLOCK_W=_PACK_BLOCK_W,
+            ),
         )
     return words
 
@@ -586,17 +591,20 @@ def unpack(words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype)
     out = empty((N, K), dtype, words.device)
     if out.numel():
         grid = (_cdiv(N, _UNPACK_BLOCK_N), _cdiv(K, _UNPACK_BLOCK_K))
-        _unpack_kernel[grid](
-            p_words=words,
-            p_scale=scale,
-            p_out=out,
-            N=N,
-            K=K,
-            stride_pp=words.stride(0),
-            stride_pn=words.stride(1),
-            TERNARY=words.shape[0] == 2,
-            BLOCK_N=_UNPACK_BLOCK_N,
-            BLOCK_K=_UNPACK_BLOCK_K,
-            **_LAUNCH,
+        launch(
+            _unpack_kernel,
+            grid,
+            dict(
+                p_words=words,
+                p_scale=scale,
+                p_out=out,
+                N=N,
+                K=K,
+                stride_pp=words.stride(0),
+                stride_pn=words.stride(1),
+                TERNARY=words.shape[0] == 2,
+                BLOCK_N=_UNPACK_BLOCK_N,
+                BLOCK_K=_UNPACK_BLOCK_K,
+            ),
         )
     return out

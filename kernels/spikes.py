@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, launch_options, pick_configs, spike_code
+from ._common import empty, pick_configs, spike_code
+from ._launch import launch
 
 # The first config is the one pinned under the interpreter / EMPF_AUTOTUNE=0: large blocks so few
 # interpreted programs run, and a sound GPU default. Encode/decode blocks count bytes (each byte
@@ -42,9 +43,6 @@ def size_class(n: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:  # triton.cdiv is a constexpr function: slow on the host
     return -(-a // b)
-
-
-_LAUNCH = launch_options()
 
 
 @triton.autotune(
@@ -139,14 +137,17 @@ def quantize_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor
     def grid(meta):
         return (_cdiv(n, meta["BLOCK"]),)
 
-    _quantize_spikes_fwd_kernel[grid](
-        p_s=s,
-        p_out=out,
-        n_elements=n,
-        SIZE_CLASS=size_class(n),
-        step=float(step),
-        levels_m1=float(2**bits - 1),
-        **_LAUNCH,
+    launch(
+        _quantize_spikes_fwd_kernel,
+        grid,
+        dict(
+            p_s=s,
+            p_out=out,
+            n_elements=n,
+            SIZE_CLASS=size_class(n),
+            step=float(step),
+            levels_m1=float(2**bits - 1),
+        ),
     )
     return out
 
@@ -166,17 +167,20 @@ def encode_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     def grid(meta):
         return (_cdiv(n_bytes, meta["BLOCK"]),)
 
-    _encode_spikes_kernel[grid](
-        p_s=s,
-        p_codes=codes,
-        n_elements=n,
-        n_bytes=n_bytes,
-        SIZE_CLASS=size_class(n_bytes),
-        step=float(step),
-        levels_m1=float(2**bits - 1),
-        BITS=bits,
-        PER=per,
-        **_LAUNCH,
+    launch(
+        _encode_spikes_kernel,
+        grid,
+        dict(
+            p_s=s,
+            p_codes=codes,
+            n_elements=n,
+            n_bytes=n_bytes,
+            SIZE_CLASS=size_class(n_bytes),
+            step=float(step),
+            levels_m1=float(2**bits - 1),
+            BITS=bits,
+            PER=per,
+        ),
     )
     return codes
 
@@ -197,15 +201,18 @@ def decode_spikes_fwd(
     def grid(meta):
         return (_cdiv(n_bytes, meta["BLOCK"]),)
 
-    _decode_spikes_kernel[grid](
-        p_codes=codes,
-        p_out=out,
-        n_elements=n_elements,
-        n_bytes=n_bytes,
-        SIZE_CLASS=size_class(n_bytes),
-        step=float(step),
-        BITS=bits,
-        PER=per,
-        **_LAUNCH,
+    launch(
+        _decode_spikes_kernel,
+        grid,
+        dict(
+            p_codes=codes,
+            p_out=out,
+            n_elements=n_elements,
+            n_bytes=n_bytes,
+            SIZE_CLASS=size_class(n_bytes),
+            step=float(step),
+            BITS=bits,
+            PER=per,
+        ),
     )
     return out

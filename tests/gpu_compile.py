@@ -110,8 +110,14 @@ def _fake_getitem(self, grid):
     return launch
 
 
+def _fake_jit_run(self, *args, grid=None, warmup=False, **kwargs):
+    """A plain kernel launched through `JITFunction.run` (what kernels/_launch.py calls)."""
+    _fake_getitem(self, grid)(*args, **kwargs)
+
+
 Autotuner.run = _fake_run
 JITFunction.__getitem__ = _fake_getitem
+JITFunction.run = _fake_jit_run
 
 
 def neuron_cases():
