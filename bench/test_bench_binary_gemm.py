@@ -12,8 +12,9 @@ moved, GB/s and TFLOP/s from the median wall time, the same from GPU-only time o
   (fp16 activations), M in {1, 4, 16, 64, 256, 1024, 4096}; small shapes on CPU.
   impl: `triton` (binary_matmul on the packed weight), `cublas` (torch.matmul on the dense fp16
   weight: the baseline the targets are stated against), `dense` (what `auto` runs where
-  `PACKED_MAX_M` does not list the GPU, today every M: Triton unpack to fp16 + cuBLAS, per
-  call), `reference` (eager unpack + matmul), `auto`.
+  `PACKED_MAX_M` does not list the GPU or M is above its entry: Triton unpack to fp16 + cuBLAS,
+  per call), `reference` (eager unpack + matmul), `auto`. The device times of `triton` and
+  `dense` here are what `PACKED_MAX_M` is set from.
 - `test_bench_binary_linear_train[impl-M]`: the training step's forward + backward on a latent fp32
   weight (`binary_linear`): `triton` (pack + packed GEMM, grad_x from packed words, grad_W dense),
   `dense` (Triton binarize + cuBLAS, what `auto` runs where `PACKED_MAX_M_TRAIN` does not list

@@ -13,15 +13,15 @@ autotune as usual) and records what it launched; later calls build the positiona
 and call the compiled kernel's launcher directly. The signature key holds everything Triton
 specialises on, so a cached kernel is only reused where Triton would have picked the same one:
 
-- constexpr arguments and the autotuner's key arguments: their values;
+- constexpr arguments and the autotuner's key arguments: their values and types (True, 1, 1.0);
 - tensors: dtype and whether the data pointer is 16-byte aligned;
 - ints: whether the value is 1 (compiled as a constant), divisible by 16, and its integer type
   (i32, i64 or u64 by range); bools and None by value; floats are all one fp32 argument;
 - the current CUDA device.
 
 `tests/test_launch.py` checks this key against Triton's own binder. The direct path is off under
-the interpreter, for kernels whose config has a `pre_hook`, while a launch hook (a profiler such
-as proton) is installed, and with `EMPF_FAST_LAUNCH=0`.
+the interpreter, for kernels whose config has a `pre_hook`, while a launch enter or exit hook (a
+profiler such as proton) or a jit pre-run hook is installed, and with `EMPF_FAST_LAUNCH=0`.
 """
 
 from __future__ import annotations
@@ -58,8 +58,12 @@ _Tensor = torch.Tensor
 
 
 def _hooks_active() -> bool:
-    hook = triton.knobs.runtime.launch_enter_hook
-    return hook is not None and bool(getattr(hook, "calls", True))
+    """A launch enter or exit hook is installed (a `HookChain` with calls, or a plain callable)."""
+    rt = triton.knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 class Launcher:
@@ -75,6 +79,7 @@ class Launcher:
         self.defaults = {p.name: p.default for p in fn.params if p.has_default}
         # by value: constexprs and the autotuner's key; the rest by runtime_class
         self.by_value = [p.is_constexpr or p.name in keys for p in fn.params]
+        self.pre_run_hooks = getattr(fn, "pre_run_hooks", [])  # the jit fn's list: later adds too
         self.signature = self._make_signature()
         self.cache: dict[tuple, tuple] = {}
 
@@ -89,7 +94,9 @@ class Launcher:
             if name in tuned:
                 continue
             get = f"a[{name!r}]" if name not in self.defaults else f"a.get({name!r}, d{i})"
-            items.append(get if by_value else f"rc({get})")
+            # by value *and type*: True == 1 == 1.0 as dict keys, but Triton's compile-cache key
+            # (`str` of the specialisation) tells them apart and compiles each separately
+            items.append(f"(v{i} := {get}), v{i}.__class__" if by_value else f"rc({get})")
         scope = {"rc": runtime_class, "torch": torch}
         scope.update(
             {f"d{i}": self.defaults[n] for i, n in enumerate(self.names) if n in self.defaults}
@@ -99,7 +106,7 @@ class Launcher:
         return scope["signature"]
 
     def __call__(self, grid, args: dict) -> None:
-        if _hooks_active():
+        if self.pre_run_hooks or _hooks_active():
             self.tuner.run(grid=grid, warmup=False, **args, **_OPTS)
             return
         key = self.signature(args)

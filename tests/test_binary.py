@@ -394,9 +394,13 @@ def test_binary_linear_vs_reference(device, dtype, bits, M, N, K):
 def test_auto_rule(monkeypatch):
     assert binary_auto_choice(1, "cpu") == "reference"
     assert binary_auto_choice(10**6, "cpu") == "reference"
-    # no GPU measured yet: auto on CUDA is dense (cuBLAS on ±α) at every M
-    assert ops_binary.PACKED_MAX_M == {} and ops_binary.PACKED_MAX_M_TRAIN == {}
-    for M in (1, 16, 4096):
+    # measured GPUs only (the H200's inference entry); training measured on none yet
+    assert ops_binary.PACKED_MAX_M == {"NVIDIA H200": 256} and ops_binary.PACKED_MAX_M_TRAIN == {}
+    monkeypatch.setattr(ops_binary, "_cuda_device_name", lambda index: "NVIDIA H200")
+    assert binary_auto_choice(256, "cuda:0") == "triton"
+    assert binary_auto_choice(257, "cuda:0") == "dense"
+    monkeypatch.setattr(ops_binary, "_cuda_device_name", lambda index: "Some Other GPU")
+    for M in (1, 16, 4096):  # a GPU nobody measured: dense (cuBLAS on ±α) at every M
         assert binary_auto_choice(M, "cuda:0") == "dense"
         assert binary_auto_choice(M, "cuda:0", training=True) == "dense"
     # a measured GPU: packed up to its entry, dense above; other GPUs stay dense

@@ -130,3 +130,99 @@ def test_direct_path_equals_tritons_path_on_each_signature(monkeypatch):
             torch.testing.assert_close(out[:n], ref, rtol=0, atol=1e-6)
             assert out[n:].isnan().all()
     assert len(launcher.cache) == len(cases) - 1  # cases 0 and 1 share a signature
+
+
+def test_by_value_arguments_are_keyed_by_type_as_tritons_cache_key(monkeypatch):
+    """True == 1 == 1.0 as dict keys, but Triton compiles a constexpr True, 1 and 1.0 (and an int
+    16 and a float 16.0 given for a non-constexpr autotune key) as different kernels: where the
+    launcher's signatures are equal, Triton's compile-cache key (`str` of the binder's
+    specialisation) must be equal too."""
+    jit = _jit_kernel()
+    binder = _binder(jit)
+    tuner = triton.autotune([triton.Config({"BLOCK": 128})], key=["n"])(jit)
+    launcher = _launch.Launcher(tuner)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = torch.zeros(64)
+    base = dict(p_x=x, p_out=x, n=64, alpha=0.5, scale_one=2.0, FLAG=True)
+    for name, values in (
+        ("FLAG", [True, 1, 1.0, False, 0, 0.0, None, 2]),
+        ("n", [1, True, 1.0, 16, 16.0, 17, False, 0, 0.0]),
+    ):
+        for a, b in itertools.combinations(values, 2):
+            args_a, args_b = dict(base, **{name: a}), dict(base, **{name: b})
+            if launcher.signature(args_a) == launcher.signature(args_b):
+                spec_a = binder(**args_a, BLOCK=128)[1]
+                spec_b = binder(**args_b, BLOCK=128)[1]
+                assert str(spec_a) == str(spec_b), (name, a, b, spec_a, spec_b)
+
+
+def test_hooks_and_pre_run_hooks_take_tritons_path(monkeypatch):
+    """A launch exit hook alone, or a jit pre-run hook, sends the call through `tuner.run` (the
+    direct path would skip them), even for a signature already cached."""
+    jit = _jit_kernel()
+    launcher = _launch.Launcher(jit)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_STREAM", lambda device: 0)
+    calls = []
+    monkeypatch.setattr(jit, "run", lambda **kw: calls.append("triton"))
+
+    class _Kernel:
+        function = packed_metadata = None
+
+        def run(self, *a):
+            calls.append("direct")
+
+    x = torch.zeros(64)
+    args = dict(p_x=x, p_out=x, n=64, alpha=0.5, scale_one=2.0, FLAG=True, BLOCK=64)
+    launcher.cache[launcher.signature(args)] = (_Kernel(), {})
+    launcher((1,), args)
+    assert calls == ["direct"]
+    hook = lambda *a: None  # noqa: E731
+    triton.knobs.runtime.launch_exit_hook.add(hook)
+    try:
+        launcher((1,), args)
+    finally:
+        triton.knobs.runtime.launch_exit_hook.remove(hook)
+    assert calls == ["direct", "triton"]
+    jit.add_pre_run_hook(lambda *a, **kw: None)
+    launcher((1,), args)
+    assert calls == ["direct", "triton", "triton"]
+
+
+def _add_defaults(p_x, p_out, n, alpha, scale_one=1.0, FLAG: tl.constexpr = False,
+                  BLOCK: tl.constexpr = 32):  # fmt: skip
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(p_out + o, tl.load(p_x + o, mask=o < n) * alpha + scale_one, mask=o < n)
+
+
+def test_direct_call_passes_tritons_bound_arguments_in_order(monkeypatch):
+    """The launcher's positional arguments (after the 9 launch slots) are Triton's
+    `bound_args.values()`: every parameter in order, constexprs, defaults and the autotuner's
+    config included; the grid function sees the same values."""
+    jit = JITFunction(_add_defaults)
+    binder = _binder(jit)
+    tuner = triton.autotune([triton.Config({"BLOCK": 128})], key=["n"])(jit)
+    launcher = _launch.Launcher(tuner)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_STREAM", lambda device: 7)
+    seen = []
+
+    class _Kernel:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            seen.append(a)
+
+    x, out = torch.zeros(64), torch.zeros(64)
+    for args in (
+        dict(p_x=x, p_out=out, n=64, alpha=0.5),
+        dict(p_x=x, p_out=out, n=1, alpha=2.0, FLAG=True),
+        dict(p_x=x, p_out=out, n=3, alpha=2.0, scale_one=0.5, FLAG=1),
+    ):
+        launcher.cache[launcher.signature(args)] = (_Kernel(), {"BLOCK": 128})
+        metas = []
+        launcher(lambda meta, metas=metas: metas.append(dict(meta)) or (5, 2), args)
+        bound = binder(**args, BLOCK=128)[0]
+        assert seen[-1][:9] == (5, 2, 1, 7, "fn", "meta", None, None, None)
+        assert list(seen[-1][9:]) == list(bound.values())
+        assert {k: metas[0][k] for k in bound} == bound

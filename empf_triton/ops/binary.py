@@ -79,11 +79,16 @@ __all__ = [
 
 #: `impl="auto"` on CUDA, inference (`binary_matmul`, packed layers): the largest row count M of
 #: x (viewed as [M, K]) for which the packed Triton GEMM runs, keyed by the GPU's name as
-#: `torch.cuda.get_device_name()` reports it, e.g. {"NVIDIA H200": 16}. A GPU that is not listed
-#: runs the dense path (unpack to ±α, cuBLAS). Empty: no GPU measurement has set it yet.
-PACKED_MAX_M: dict[str, int] = {}
+#: `torch.cuda.get_device_name()` reports it. A GPU that is not listed runs the dense path (unpack
+#: to ±α, cuBLAS). Set from measurements only: the largest M at which the packed GEMM's device
+#: time (a CUDA-graph replay) beat unpack + cuBLAS on `bench/test_bench_binary_gemm.py`
+#: (N = K = 4096, fp16). H200, 2026-12-04 (bench/results/NVIDIA-H200-20261204-1835): packed
+#: 0.018 / 0.019 / 0.045 / 0.050 / 0.096 ms at M = 1 / 16 / 64 / 256 / 1024, dense 0.054 / 0.053 /
+#: 0.053 / 0.058 / 0.089 ms.
+PACKED_MAX_M: dict[str, int] = {"NVIDIA H200": 256}
 #: The same for training on latent weights (`binary_linear`, `BinaryLinear` before `pack()`),
-#: where the packed path also packs the weight every step and computes dL/dW densely.
+#: where the packed path also packs the weight every step and computes dL/dW densely. Empty: no
+#: GPU has measured the training path yet, so `auto` trains on the dense path everywhere.
 PACKED_MAX_M_TRAIN: dict[str, int] = {}
 
 
