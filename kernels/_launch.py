@@ -96,8 +96,18 @@ class Launcher:
             get = f"a[{name!r}]" if name not in self.defaults else f"a.get({name!r}, d{i})"
             # by value *and type*: True == 1 == 1.0 as dict keys, but Triton's compile-cache key
             # (`str` of the specialisation) tells them apart and compiles each separately
-            items.append(f"(v{i} := {get}), v{i}.__class__" if by_value else f"rc({get})")
-        scope = {"rc": runtime_class, "torch": torch}
+            if by_value:
+                items.append(f"(v{i} := {get}), v{i}.__class__")
+            else:  # runtime_class inlined for floats, plain tensors and ints (most arguments)
+                x, c = f"x{i}", f"c{i}"
+                items.append(
+                    f"(0.0 if ({c} := ({x} := {get}).__class__) is float "
+                    f"else ({x}.dtype, {x}.data_ptr() & 15 == 0) if {c} is T "
+                    f"else ({x} == 1, {x} & 15 == 0, 0 if {_I32_MIN} <= {x} <= {_I32_MAX} "
+                    f"else (2 if {x} >= {_U64_MIN} else 1)) if {c} is int "
+                    f"else rc({x}))"
+                )
+        scope = {"rc": runtime_class, "torch": torch, "T": _Tensor}
         scope.update(
             {f"d{i}": self.defaults[n] for i, n in enumerate(self.names) if n in self.defaults}
         )

@@ -711,3 +711,38 @@ def test_non_finite_and_huge_inputs_match_reference(device, monkeypatch, mode):
     assert out[0].isinf().all() and out[2].isnan().all() and out[3].isfinite().all()
     fin = ref.isfinite()
     torch.testing.assert_close(out[fin], ref[fin], rtol=1e-5, atol=1e-3)
+
+
+def test_auto_route_is_traced_without_graph_break(monkeypatch):
+    """`impl="auto"` on CUDA looks the GPU's name up in PACKED_MAX_M: under torch.compile that
+    lookup is a constant (a traced `get_device_name` would break the graph in every layer)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ops_binary._cuda_device_name.cache_clear()
+    try:
+
+        def route(x):
+            return x * (2.0 if binary_auto_choice(64, "cuda:0") == "triton" else 3.0)
+
+        torch._dynamo.reset()
+        out = torch.compile(route, fullgraph=True, backend="eager")(torch.ones(2))
+        assert torch.equal(out, torch.full((2,), 2.0))
+    finally:
+        ops_binary._cuda_device_name.cache_clear()
+        torch._dynamo.reset()
+
+
+def test_triton_available_is_traced_without_graph_break():
+    """`impl="auto"` asks `triton_available()` on CUDA tensors. It was a `functools.cache` around
+    `importlib.util.find_spec`, which torch 2.11's dynamo cannot trace: 38 graph breaks in
+    ResNet-18 on the H200. It is a plain global now (torch 2.13 traced the old form too)."""
+    from empf_triton.ops._common import triton_available
+
+    torch._dynamo.reset()
+    try:
+        f = torch.compile(
+            lambda x: x * (2.0 if triton_available() else 3.0), fullgraph=True, backend="eager"
+        )
+        assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0 if triton_available() else 3.0))
+    finally:
+        torch._dynamo.reset()

@@ -226,3 +226,16 @@ def test_direct_call_passes_tritons_bound_arguments_in_order(monkeypatch):
         assert seen[-1][:9] == (5, 2, 1, 7, "fn", "meta", None, None, None)
         assert list(seen[-1][9:]) == list(bound.values())
         assert {k: metas[0][k] for k in bound} == bound
+
+
+def test_generated_signature_equals_runtime_class_for_every_kind(monkeypatch):
+    """The generated signature inlines runtime_class for floats, tensors and ints: same result."""
+    launcher = _launch.Launcher(_jit_kernel())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = torch.zeros(64)
+    param = torch.nn.Parameter(torch.zeros(8))
+    values = INTS + FLOATS + _tensors() + [True, False, None, param, 1.0, 1]
+    idx = launcher.names.index("n") + 1  # + 1: the device comes first
+    for v in values:
+        args = dict(p_x=x, p_out=x, n=v, alpha=0.5, scale_one=2.0, FLAG=True, BLOCK=128)
+        assert launcher.signature(args)[idx] == _launch.runtime_class(v), v

@@ -195,6 +195,7 @@ def _check_packed(packed: object) -> PackedWeight:
 # ------------------------------------------------------------------------------------- size class
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced (no graph break)
 @functools.cache
 def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
