@@ -4,10 +4,10 @@
 #   EMPF_COMMIT=<id> EMPF_RESULTS_TAR=$OUT/results.tar.gz bash bench/run_gpu.sh [RESULTS_DIR]
 #   bash bench/run_gpu.sh --dry-run [RESULTS_DIR]     # CPU rehearsal: tiny sizes, interpreter
 #
-# Stages (limit in seconds; the limits add up to 585 s, over EMPF_GPU_BUDGET_S = 460: a stage never
+# Stages (limit in seconds; the limits add up to 595 s, over EMPF_GPU_BUDGET_S = 460: a stage never
 # gets more than what is left of the budget, so the last ones get what is left or are skipped):
 #   env 10            nvidia-smi, versions, commit, installed wheels
-#   tests 100         the kernel tests on the GPU, one pinned config per kernel (EMPF_AUTOTUNE=0),
+#   tests 120         the kernel tests on the GPU, one pinned config per kernel (EMPF_AUTOTUNE=0),
 #                     xdist when installed; JUnit XML
 #   autotune 35       tests/test_autotune_configs.py with EMPF_AUTOTUNE=1: every config of every
 #                     autotuner run on its own against the reference
@@ -15,7 +15,7 @@
 #                     T=32, eager and Triton (autotuned): the cases the targets read
 #   bench_compile_t4 25  torch.compile(reference) of empf_neuron fwd+bwd at T=4
 #   bench_gemm 30     binary GEMM vs cuBLAS (eager and CUDA graph)
-#   profile 70        bench/profile_host.py --model: launch costs, real-launch host time per op,
+#   profile 60        bench/profile_host.py --model: launch costs, real-launch host time per op,
 #                     profiler tables, ResNet-18 B=1 under reduce-overhead with dynamo's counters
 #   bench_models_target 50  ResNet-18 inference B=1 step mode "m", eager and
 #                     torch.compile(mode="reduce-overhead"): the 2 ms target's case
@@ -85,12 +85,13 @@ else
     BUDGET=${EMPF_GPU_BUDGET_S:-460}
     # the issue's neuron targets are stated at N = 2^22 elements per step
     export EMPF_BENCH_N=${EMPF_BENCH_N:-4194304}
-    # The tests that launch kernels. The whole suite did not fit: on the H200 machine (16 cores,
-    # 14 xdist workers, cold Triton cache) 550 kernel tests took 100 s, mostly compiling.
+    # The kernel tests most worth a GPU minute, the direct launcher's first. The whole suite does
+    # not fit: on the H200 machine (16 cores, 14 xdist workers, cold Triton cache) 550 kernel
+    # tests took 100 s, mostly compiling. (test_lif, test_neuron_channel, test_binary_nn and
+    # test_deploy passed there on 2026-12-04 apart from test-side device bugs since fixed.)
     TEST_SELECT=(tests/test_launch.py tests/test_neuron.py tests/test_nn_neuron.py
-        tests/test_binary.py tests/test_binary_conv.py tests/test_deploy.py tests/test_lif.py
-        tests/test_neuron_channel.py tests/test_spikes.py tests/test_cuda_graphs.py
-        tests/test_nan_gradients.py tests/test_binary_nn.py)
+        tests/test_binary.py tests/test_binary_conv.py tests/test_spikes.py
+        tests/test_cuda_graphs.py tests/test_nan_gradients.py)
     if [ -n "${EMPF_GPU_TESTS:-}" ]; then
         read -r -a TEST_SELECT <<<"$EMPF_GPU_TESTS"  # e.g. the kernel files only, for a short lease
     fi
@@ -226,7 +227,7 @@ XDIST=()
 if has_module xdist && [ "$DRY" = 0 ]; then  # 2 CPU cores: xdist start-up would cost more
     XDIST=(-n "${EMPF_GPU_XDIST:-14}")
 fi
-stage tests 100 env EMPF_AUTOTUNE=0 "$PY" -m pytest "${TEST_SELECT[@]}" -q -ra -p no:cacheprovider \
+stage tests 120 env EMPF_AUTOTUNE=0 "$PY" -m pytest "${TEST_SELECT[@]}" -q -ra -p no:cacheprovider \
     ${XDIST[@]+"${XDIST[@]}"} --junitxml="$RESULTS/tests.xml"
 # --- 2. every autotune config on its own (needs the full config lists: EMPF_AUTOTUNE=1).
 stage autotune 35 env EMPF_AUTOTUNE=1 "$PY" -m pytest "${AUTOTUNE_SELECT[@]}" -q -ra \
@@ -264,7 +265,7 @@ bench compile_t4 25 "$NB" -k "compile and fwd+bwd and T4-fp32-float and empf_neu
 bench gemm 30 bench/test_bench_binary_gemm.py
 PROFILE_ARGS=(--model)
 [ "$DRY" = 1 ] && PROFILE_ARGS=()  # ResNet-18 through inductor with interpreted kernels: too slow
-stage profile 70 "$PY" bench/profile_host.py "$RESULTS" ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"}
+stage profile 60 "$PY" bench/profile_host.py "$RESULTS" ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"}
 # The model-level targets next: ResNet-18 inference at B=1 (reduce-overhead compiles first), the
 # training steps the targets read (T=4 online / BPTT, EM-PF vs LIF) and the deployed network.
 MODEL_TARGETS="B1 and step_m and (eager or reduce-overhead)"
