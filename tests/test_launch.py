@@ -239,3 +239,60 @@ def test_generated_signature_equals_runtime_class_for_every_kind(monkeypatch):
     for v in values:
         args = dict(p_x=x, p_out=x, n=v, alpha=0.5, scale_one=2.0, FLAG=True, BLOCK=128)
         assert launcher.signature(args)[idx] == _launch.runtime_class(v), v
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_op_gives_the_same_bits_through_both_launch_paths():
+    """Each op family, through Triton's own launch path and then twice through the direct one
+    (the first direct call fills the cache, the second hits it): identical outputs and grads."""
+    from empf_triton.ops.binary import binary_matmul, pack_weight
+    from empf_triton.ops.binary_conv import binary_conv_neuron
+    from empf_triton.ops.lif import lif_neuron
+    from empf_triton.ops.neuron import empf_neuron, empf_neuron_step
+    from empf_triton.ops.spikes import decode_spikes, encode_spikes, quantize_spikes
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = torch.randn(3, 37, 5, device=dev)
+    v = torch.randn(37, 5, device=dev)
+    d = torch.rand(3, device=dev)
+    w = torch.randn(9, 70, device=dev)
+    a = torch.randn(5, 70, device=dev)
+    packed = pack_weight(w, 1)
+    cw = pack_weight(torch.randn(6, 4, 3, 3, device=dev), 1)
+    cx = torch.randint(0, 16, (2, 1, 4, 6, 6), dtype=torch.uint8, device=dev)
+
+    def run():
+        outs = []
+        for leaves, fn in (
+            ((x, d), lambda x, d: empf_neuron(x, decay=d, threshold=0.6, spike_bits=4)[0]),
+            ((x[0], v), lambda x, v: empf_neuron_step(x, v, decay=0.5, threshold=0.6)[0]),
+            ((x,), lambda x: lif_neuron(x, decay=0.5, threshold=1.0)[0]),
+            ((x,), lambda x: quantize_spikes(x.abs(), 4, 0.25)),
+            ((a,), lambda a: binary_matmul(a, packed)),
+            ((a[:1],), lambda a: binary_matmul(a, packed)),
+        ):
+            leaves = [t.detach().clone().requires_grad_() for t in leaves]
+            out = fn(*leaves)
+            out.backward(torch.ones_like(out))
+            outs += [out.detach()] + [t.grad for t in leaves]
+        codes = encode_spikes(x.abs(), 4, 0.25)
+        outs += [codes, decode_spikes(codes, 4, 0.25, x.shape)]
+        outs.append(
+            binary_conv_neuron(cx, cw, torch.ones(6, device=dev), None, padding=1, in_step=0.25,
+                               decay=torch.full((2, 6), 0.5, device=dev),
+                               threshold=torch.full((2, 6), 0.7, device=dev), spike_bits=4)
+        )  # fmt: skip
+        return outs
+
+    saved = _launch.ENABLED
+    try:
+        _launch.ENABLED = False
+        ref = run()
+        _launch.ENABLED = True
+        for _ in range(2):
+            for out, expected in zip(run(), ref):
+                assert torch.equal(out, expected)
+    finally:
+        _launch.ENABLED = saved
