@@ -195,10 +195,17 @@ def _check_packed(packed: object) -> PackedWeight:
 # ------------------------------------------------------------------------------------- size class
 
 
-@torch.compiler.assume_constant_result  # torch.compile: a constant, not traced (no graph break)
 @functools.cache
 def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
+
+
+# Under torch.compile the name is a constant, not traced (a traced `get_device_name` is a graph
+# break in every layer). This is what `torch.compiler.assume_constant_result` does, set directly:
+# calling that would import torch._dynamo (and with it triton) when this module is imported.
+# (Set on the cache wrapper and on the function dynamo unwraps it to.)
+_cuda_device_name._dynamo_marked_constant = True
+_cuda_device_name.__wrapped__._dynamo_marked_constant = True
 
 
 def binary_auto_choice(M: int, device: torch.device | str, *, training: bool = False) -> str:
