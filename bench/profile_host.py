@@ -122,7 +122,6 @@ def op_cases() -> dict:
     g = torch.ones(NUMEL, device=DEVICE)
     x1 = _leaf(NUMEL)
     xT, gT = _leaf(T, NUMEL // T), torch.ones(T, NUMEL // T, device=DEVICE)
-    v = _leaf(NUMEL)
     neuron = EMPFNeuron(T, step_mode="s", impl="triton").to(DEVICE)
     K = 4096 if DEVICE == "cuda" else 64  # the interpreter is slow: a CPU run only checks the code
     w = torch.randn(K, K, device=DEVICE)
@@ -136,9 +135,7 @@ def op_cases() -> dict:
         for _ in range(T):
             neuron(x1).backward(g)
 
-    def empf_step():
-        s, _ = empf_neuron_step(x1, v, decay=0.5, threshold=0.5, impl="triton")
-        s.backward(g)
+    empf_step = _online_step()
 
     def relu_fb():
         torch.relu(x1).backward(g)
@@ -180,13 +177,7 @@ def python_profile(out: Path) -> None:
     import io
     import pstats
 
-    x1, v = _leaf(NUMEL), _leaf(NUMEL)
-    g = torch.ones(NUMEL, device=DEVICE)
-
-    def step():
-        s, _ = empf_neuron_step(x1, v, decay=0.5, threshold=0.5, impl="triton")
-        s.backward(g)
-
+    step = _online_step()
     for _ in range(10):
         step()
     sync()
@@ -201,6 +192,18 @@ def python_profile(out: Path) -> None:
     (out / "profile_cprofile_step.txt").write_text(buf.getvalue())
 
 
+def _online_step():
+    """One online step's call: `empf_neuron_step` forward + backward on 4096 elements."""
+    x1, v = _leaf(NUMEL), _leaf(NUMEL)
+    g = torch.ones(NUMEL, device=DEVICE)
+
+    def step():
+        s, _ = empf_neuron_step(x1, v, decay=0.5, threshold=0.5, impl="triton")
+        s.backward(g)
+
+    return step
+
+
 def _nograd(fn):
     with torch.no_grad():
         return fn()
@@ -209,13 +212,8 @@ def _nograd(fn):
 def profile_tables(out: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    x1, v = _leaf(NUMEL), _leaf(NUMEL)
-    g = torch.ones(NUMEL, device=DEVICE)
+    step = _online_step()
     xT, gT = _leaf(T, NUMEL // T), torch.ones(T, NUMEL // T, device=DEVICE)
-
-    def step():
-        s, _ = empf_neuron_step(x1, v, decay=0.5, threshold=0.5, impl="triton")
-        s.backward(g)
 
     def fused():
         empf_neuron(xT, decay=0.5, threshold=0.5, impl="triton")[0].backward(gT)

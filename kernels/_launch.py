@@ -57,6 +57,11 @@ def runtime_class(v: object) -> object:
 _Tensor = torch.Tensor
 
 
+def _triton_path(tuner, grid, args: dict):
+    """Triton's own launch (what `kernel[grid](...)` runs); returns the compiled kernel."""
+    return tuner.run(grid=grid, warmup=False, **args, **_OPTS)
+
+
 def _hooks_active() -> bool:
     """A launch enter or exit hook is installed (a `HookChain` with calls, or a plain callable)."""
     rt = triton.knobs.runtime
@@ -117,7 +122,7 @@ class Launcher:
 
     def __call__(self, grid, args: dict) -> None:
         if self.pre_run_hooks or _hooks_active():
-            self.tuner.run(grid=grid, warmup=False, **args, **_OPTS)
+            _triton_path(self.tuner, grid, args)
             return
         key = self.signature(args)
         hit = self.cache.get(key)
@@ -137,7 +142,7 @@ class Launcher:
 
     def _first(self, grid, args: dict, key: tuple) -> None:
         """Launch through Triton and remember what it compiled, when that is safe to reuse."""
-        kernel = self.tuner.run(grid=grid, warmup=False, **args, **_OPTS)
+        kernel = _triton_path(self.tuner, grid, args)
         config = getattr(self.tuner, "best_config", None)
         if config is not None and config.pre_hook is not None:
             return
@@ -164,7 +169,7 @@ def launch(tuner: Autotuner | JITFunction, grid, args: dict) -> None:
     """Launch `tuner` (an autotuned or plain jit kernel) on `grid` with keyword `args` (kernel
     parameters only; the compile options are `launch_options()`)."""
     if not ENABLED:  # the interpreter's kernels are not JITFunctions: Triton's own path
-        tuner.run(grid=grid, warmup=False, **args, **_OPTS)
+        _triton_path(tuner, grid, args)
         return
     launcher = _LAUNCHERS.get(id(tuner), _MISSING)
     if launcher is _MISSING:
@@ -174,6 +179,6 @@ def launch(tuner: Autotuner | JITFunction, grid, args: dict) -> None:
             launcher = None
         _LAUNCHERS[id(tuner)] = launcher
     if launcher is None:
-        tuner.run(grid=grid, warmup=False, **args, **_OPTS)
+        _triton_path(tuner, grid, args)
     else:
         launcher(grid, args)
