@@ -85,24 +85,32 @@ class Launcher:
         # by value: constexprs and the autotuner's key; the rest by runtime_class
         self.by_value = [p.is_constexpr or p.name in keys for p in fn.params]
         self.pre_run_hooks = getattr(fn, "pre_run_hooks", [])  # the jit fn's list: later adds too
-        self.signature = self._make_signature()
         self.cache: dict[tuple, tuple] = {}
+        self.signature, self.direct = self._generate()
 
-    def _make_signature(self):
-        """`signature(args) -> tuple` as one generated expression (a Python loop over 20-30
-        arguments cost as much as the lookups themselves)."""
+    def _generate(self):
+        """Two generated functions over one key expression (a Python loop over 20-30 arguments
+        cost as much as the lookups themselves):
+
+        - `signature(args) -> tuple`, the cache key;
+        - `direct(args, grid)`: the key, the cache lookup, and on a hit the compiled kernel's
+          launch with the arguments in parameter order (the values the key read, the config's
+          for the tuned names); on a miss `_first`.
+        """
         tuned = set()  # set by the autotuner's config: follows from its key, not in `args`
         if isinstance(self.tuner, Autotuner):
             tuned = {k for c in self.tuner.configs for k in c.kwargs}
-        items = []
+        items, values = [], []
         for i, (name, by_value) in enumerate(zip(self.names, self.by_value)):
             if name in tuned:
+                values.append(f"cfg[{name!r}]")
                 continue
             get = f"a[{name!r}]" if name not in self.defaults else f"a.get({name!r}, d{i})"
             # by value *and type*: True == 1 == 1.0 as dict keys, but Triton's compile-cache key
             # (`str` of the specialisation) tells them apart and compiles each separately
             if by_value:
                 items.append(f"(v{i} := {get}), v{i}.__class__")
+                values.append(f"v{i}")
             else:  # runtime_class inlined for floats, plain tensors and ints (most arguments)
                 x, c = f"x{i}", f"c{i}"
                 items.append(
@@ -112,33 +120,36 @@ class Launcher:
                     f"else (2 if {x} >= {_U64_MIN} else 1)) if {c} is int "
                     f"else rc({x}))"
                 )
-        scope = {"rc": runtime_class, "torch": torch, "T": _Tensor}
+                values.append(x)
+        key = f"(torch.cuda.current_device(), {', '.join(items)})"
+        src = (
+            f"def signature(a):\n    return {key}\n"
+            f"def direct(a, grid):\n"
+            f"    key = {key}\n"
+            f"    hit = cache.get(key)\n"
+            f"    if hit is None:\n"
+            f"        return first(grid, a, key)\n"
+            f"    kernel, cfg = hit\n"
+            f"    g = grid({{**dflt, **a, **cfg}}) if callable(grid) else grid\n"
+            f"    kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,\n"
+            f"               stream(key[0]), kernel.function, kernel.packed_metadata,\n"
+            f"               None, None, None, {', '.join(values)})\n"
+        )
+        scope = {
+            "rc": runtime_class, "torch": torch, "T": _Tensor, "cache": self.cache,
+            "first": self._first, "stream": _stream, "dflt": self.defaults,
+        }  # fmt: skip
         scope.update(
             {f"d{i}": self.defaults[n] for i, n in enumerate(self.names) if n in self.defaults}
         )
-        src = f"def signature(a):\n    return (torch.cuda.current_device(), {', '.join(items)})\n"
-        exec(compile(src, f"<launch signature of {self.names[0]}...>", "exec"), scope)
-        return scope["signature"]
+        exec(compile(src, f"<direct launch of {self.names[0]}...>", "exec"), scope)
+        return scope["signature"], scope["direct"]
 
     def __call__(self, grid, args: dict) -> None:
         if self.pre_run_hooks or _hooks_active():
             _triton_path(self.tuner, grid, args)
             return
-        key = self.signature(args)
-        hit = self.cache.get(key)
-        if hit is None:
-            self._first(grid, args, key)
-            return
-        kernel, config = hit
-        full = {**self.defaults, **args, **config}
-        g = grid(full) if callable(grid) else grid
-        dev = key[0]
-        kernel.run(
-            g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
-            torch.cuda.current_stream(dev).cuda_stream if _STREAM is None else _STREAM(dev),
-            kernel.function, kernel.packed_metadata, None, None, None,
-            *[full[n] for n in self.names],
-        )  # fmt: skip
+        self.direct(args, grid)
 
     def _first(self, grid, args: dict, key: tuple) -> None:
         """Launch through Triton and remember what it compiled, when that is safe to reuse."""
@@ -149,6 +160,11 @@ class Launcher:
         if kernel is None or not hasattr(kernel, "packed_metadata"):
             return
         self.cache[key] = (kernel, dict(config.kwargs) if config is not None else {})
+
+
+def _stream(device: int):
+    """The current stream's handle (read `_STREAM` at call time: tests replace it)."""
+    return torch.cuda.current_stream(device).cuda_stream if _STREAM is None else _STREAM(device)
 
 
 def _stream_getter():
