@@ -19,6 +19,8 @@ moved, GB/s and TFLOP/s from the median wall time, the same from GPU-only time o
   weight (`binary_linear`): `triton` (pack + packed GEMM, grad_x from packed words, grad_W dense),
   `dense` (Triton binarize + cuBLAS, what `auto` runs where `PACKED_MAX_M_TRAIN` does not list
   the GPU, today every M), `reference`, `auto`.
+- `test_bench_weight_quantize[impl-op]`: `binarize` / `ternarize` of a [512, 512, 3, 3] weight
+  (what a binary conv's training forward runs every call), Triton against the reference.
 
 Timing (bench/conftest.py): `wall_time_s`, one synchronised call (includes Python and launch
 overhead, which dominates at M = 1); `device_time_s` (CUDA events, L2 flushed); and the call
@@ -44,6 +46,7 @@ from empf_triton.ops.binary import (
     binary_linear,
     binary_matmul,
     pack_weight,
+    ternarize,
     unpack_weight,
 )
 
@@ -209,4 +212,47 @@ def test_bench_binary_linear_train(benchmark, bench_tools, impl, M):
         bits=1,
         dtype=str(DTYPE).removeprefix("torch."),
         auto_choice=choice,
+    )
+
+
+QUANT_SHAPE = (512, 512, 3, 3) if ON_CUDA else (64, 32, 3, 3)  # ResNet's widest 3x3 conv
+
+
+@pytest.mark.parametrize("bits", [1, 2], ids=["binarize", "ternarize"])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_bench_weight_quantize(benchmark, bench_tools, impl, bits):
+    """What a binary layer's training forward runs on its latent weight every call: `binarize`
+    (one launch on the Triton path) or `ternarize` (three), against the eager reference (torch
+    reductions). No gradient recorded."""
+    if impl == "triton" and TRITON_SKIP:
+        pytest.skip(TRITON_SKIP)
+    torch.manual_seed(0)
+    w = torch.randn(QUANT_SHAPE, device=DEVICE) * 0.5
+    quant = binarize if bits == 1 else ternarize
+    n = w[0].numel() if bits == 1 else w.numel()
+
+    def fn():
+        return quant(w, impl=impl)
+
+    def check():
+        got, ref = fn(), quant(w, impl="reference")
+        assert torch.equal(torch.sign(got), torch.sign(ref)), "the sign / zero pattern differs"
+        rel = ((got - ref).abs().max() / ref.abs().max()).item()
+        limit = 2 * (n.bit_length() + n // 2048 + 2) * 2.0**-24  # two fp32 sums, other orders
+        assert rel <= limit, f"magnitudes differ from the reference by {rel:.3g} (> {limit:.3g})"
+        return {"rel_err_vs_reference": rel}
+
+    # w read (twice for binarize's two row passes, three times for ternarize's), out written
+    moved = w.numel() * 4 * ((2 if bits == 1 else 3) + 1)
+    bench_tools.run(
+        benchmark,
+        fn,
+        check=check,
+        bytes_moved=moved,
+        op="weight_quantize",
+        impl=impl,
+        N=QUANT_SHAPE[0],
+        K=n if bits == 1 else w[0].numel(),
+        bits=bits,
+        dtype="float32",
     )

@@ -99,6 +99,9 @@ LARGE_CONFIGS = [
 
 # Elementwise / packing kernels are not autotuned (one pass over N*K, memory bound).
 _ELEM_BLOCK = 1024
+_ROW_BLOCK_MAX = 2048  # per-row binarisation: elements per step along a row
+_TERN_BLOCK = 4096  # ternary statistics: elements per program
+_RED_BLOCK = 1024  # ... and per-block sums reduced per step
 _PACK_BLOCK_N = 16
 _PACK_BLOCK_W = 16
 _UNPACK_BLOCK_N = 16
@@ -331,23 +334,118 @@ _TUNERS = {
 
 
 @triton.jit
-def _quantize_kernel(
-    p_w, p_scale, p_delta, p_out, NK, K, TERNARY: tl.constexpr, BLOCK: tl.constexpr
+def _acc_zeros(BLOCK: tl.constexpr, ACC64: tl.constexpr):
+    """A [BLOCK] accumulator: fp64 for fp64 weights, else fp32."""
+    if ACC64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _binarize_rows_kernel(
+    p_w, p_scale, p_out, K, WRITE_Q: tl.constexpr, ACC64: tl.constexpr, BLOCK_K: tl.constexpr
 ):
-    """out[n, k] = scale[n] * q(w[n, k]); q = sign (sign(0) = +1) or the ternary rule with Δ."""
+    """One program per row n of a contiguous [N, K] w (K >= 1): α_n = mean(|w[n]|) summed in
+    fp32 (fp64 for fp64 w) in a fixed order, stored as fp32 in scale[n]; with WRITE_Q also the
+    row's α_n · sign(w[n, k]) (sign(0) = +1, compared in fp32 as the pack kernel does) in out."""
+    n = tl.program_id(0).to(tl.int64)
+    p_row = p_w + n * K
+    o = tl.arange(0, BLOCK_K)
+    acc = _acc_zeros(BLOCK_K, ACC64)
+    for k0 in range(0, K, BLOCK_K):
+        b_w = tl.load(p_row + k0 + o, mask=k0 + o < K, other=0.0)
+        acc += tl.abs(b_w.to(acc.dtype))
+    sc = (tl.sum(acc, axis=0) / K).to(tl.float32)
+    tl.store(p_scale + n, sc)
+    if WRITE_Q:
+        p_orow = p_out + n * K
+        for k0 in range(0, K, BLOCK_K):
+            m = k0 + o < K
+            b_w = tl.load(p_row + k0 + o, mask=m, other=0.0).to(tl.float32)
+            tl.store(p_orow + k0 + o, _to_out(tl.where(b_w >= 0.0, sc, -sc), p_out), mask=m)
+
+
+@triton.jit
+def _clip_abs(b):
+    """|clip(b, -1, 1)|, NaN kept (tl.minimum / tl.maximum may drop it on the GPU)."""
+    return tl.abs(tl.where(b > 1.0, 1.0, tl.where(b < -1.0, -1.0, b)))
+
+
+@triton.jit
+def _sum_rows(p, P, ACC64: tl.constexpr, RBLOCK: tl.constexpr):
+    """p[0:P] summed in a fixed order (the same value in every program that asks)."""
+    o = tl.arange(0, RBLOCK)
+    acc = _acc_zeros(RBLOCK, ACC64)
+    for r0 in range(0, P, RBLOCK):
+        acc += tl.load(p + r0 + o, mask=r0 + o < P, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _ternary_delta(p_part, NK, P, ACC64: tl.constexpr, RBLOCK: tl.constexpr):
+    """Δ = 0.7 · mean(|clip(w)|) from the first pass's per-block sums."""
+    return 0.7 * (_sum_rows(p_part, P, ACC64, RBLOCK) / NK)
+
+
+@triton.jit
+def _ternary_pass_kernel(
+    p_w, p_part, NK, P, PASS: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):  # fmt: skip
+    """The TWN statistics of a contiguous w with NK >= 1 elements, as per-block sums in the
+    [3, P] buffer p_part (P = programs): PASS 1 writes row 0, Σ|clip(w)|; PASS 2 reads row 0
+    for Δ and writes row 1, Σ|clip(w)| over |clip(w)| > Δ, and row 2, how many such elements."""
     pid = tl.program_id(0)
     o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < NK
-    b_w = tl.load(p_w + o, mask=m, other=0.0).to(tl.float32)
-    b_sc = tl.load(p_scale + o // K, mask=m, other=0.0)
-    if TERNARY:
-        delta = tl.load(p_delta)
-        b_wc = tl.minimum(tl.maximum(b_w, -1.0), 1.0)
-        # scale * t (not a select of ±scale and 0): a NaN statistic gives NaN everywhere
-        b_q = b_sc * tl.where(b_wc > delta, 1.0, tl.where(b_wc < -delta, -1.0, 0.0))
+    b_w = tl.load(p_w + o, mask=m, other=0.0)
+    if ACC64:
+        b_a = _clip_abs(b_w.to(tl.float64))
     else:
-        b_q = tl.where(b_w >= 0.0, b_sc, -b_sc)
-    tl.store(p_out + o, _to_out(b_q, p_out), mask=m)
+        b_a = _clip_abs(b_w.to(tl.float32))
+    if PASS == 1:
+        tl.store(p_part + pid, tl.sum(b_a, axis=0))
+    else:
+        delta = _ternary_delta(p_part, NK, P, ACC64, RBLOCK)
+        keep = (b_a > delta) & m
+        # a * keep, not a select: a NaN element makes the sum (and so α) NaN, as the reference
+        tl.store(p_part + P + pid, tl.sum(b_a * keep.to(b_a.dtype), axis=0))
+        tl.store(p_part + 2 * P + pid, tl.sum(keep.to(tl.int32), axis=0).to(b_a.dtype))
+
+
+@triton.jit
+def _ternary_finish_kernel(
+    p_w, p_part, p_scale, p_delta, p_out, NK, N, P, WRITE_Q: tl.constexpr,
+    WRITE_STATS: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):  # fmt: skip
+    """Every program reduces the [3, P] sums to Δ and α = Σ / max(count, 1) (+ 0 · Δ: NaN
+    passes); with WRITE_STATS program 0 stores Δ (fp32) and the programs together store α in
+    scale[0:N]; with WRITE_Q each stores its block of α · t(w), t = +1 / 0 / -1 by the rule
+    (compared in fp32, as the pack kernel does)."""
+    pid = tl.program_id(0)
+    delta = _ternary_delta(p_part, NK, P, ACC64, RBLOCK)
+    o_r = tl.arange(0, RBLOCK)
+    count = tl.zeros([RBLOCK], dtype=tl.int64)
+    for r0 in range(0, P, RBLOCK):
+        b_c = tl.load(p_part + 2 * P + r0 + o_r, mask=r0 + o_r < P, other=0.0)
+        count += b_c.to(tl.int64)
+    n_keep = tl.maximum(tl.sum(count, axis=0), 1)
+    alpha = _sum_rows(p_part + P, P, ACC64, RBLOCK) / n_keep.to(delta.dtype) + 0.0 * delta
+    delta32 = delta.to(tl.float32)
+    alpha32 = alpha.to(tl.float32)
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if WRITE_STATS:
+        tl.store(p_delta + pid * 0, delta32, mask=pid == 0)
+        tl.store(p_scale + o, tl.zeros([BLOCK], dtype=tl.float32) + alpha32, mask=o < N)
+    if WRITE_Q:
+        m = o < NK
+        b_w = tl.load(p_w + o, mask=m, other=0.0).to(tl.float32)
+        b_wc = tl.minimum(tl.maximum(b_w, -1.0), 1.0)
+        # α · t (not a select of ±α and 0): a NaN statistic gives NaN everywhere
+        b_q = alpha32 * tl.where(b_wc > delta32, 1.0, tl.where(b_wc < -delta32, -1.0, 0.0))
+        tl.store(p_out + o, _to_out(b_q, p_out), mask=m)
 
 
 @triton.jit
@@ -521,26 +619,87 @@ def binary_gemm_t(
     return _bgemm(g, words, scale, None, K, words.shape[1], True)
 
 
-def quantize(w2d: torch.Tensor, scale: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """scale[n] * q(w[n, k]) in w's dtype; ternary when `delta` (fp32, 1 element) is given."""
+def _row_block(K: int) -> int:
+    return max(16, min(_ROW_BLOCK_MAX, triton.next_power_of_2(K)))
+
+
+def _binary_rows(w2d: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """scale [N] fp32 of a contiguous [N, K >= 1] w; binarised w into `out` when given."""
     N, K = w2d.shape
-    out = empty((N, K), w2d.dtype, w2d.device)
-    if out.numel():
+    scale = empty((N,), torch.float32, w2d.device)
+    if N:
         launch(
-            _quantize_kernel,
-            (_cdiv(N * K, _ELEM_BLOCK),),
+            _binarize_rows_kernel,
+            (N,),
             dict(
                 p_w=w2d,
                 p_scale=scale,
-                p_delta=delta if delta is not None else scale,
-                p_out=out,
-                NK=N * K,
+                p_out=out if out is not None else w2d,
                 K=K,
-                TERNARY=delta is not None,
-                BLOCK=_ELEM_BLOCK,
+                WRITE_Q=out is not None,
+                ACC64=w2d.dtype == torch.float64,
+                BLOCK_K=_row_block(K),
             ),
         )
+    return scale
+
+
+def _ternary(w2d: torch.Tensor, out: torch.Tensor | None, stats: bool):
+    """(scale [N] fp32 filled with α, Δ [1] fp32) of a contiguous w with N * K >= 1 elements
+    (with `stats`; else (None, None)); ternarised w into `out` when given. Three launches: two
+    passes of per-block sums, then every program reduces them the same fixed way (no atomics,
+    no torch reduction: deterministic)."""
+    N, K = w2d.shape
+    NK = N * K
+    P = _cdiv(NK, _TERN_BLOCK)
+    acc = torch.float64 if w2d.dtype == torch.float64 else torch.float32
+    part = empty((3, P), acc, w2d.device)
+    common = dict(p_w=w2d, p_part=part, NK=NK, P=P, ACC64=acc == torch.float64)
+    blocks = dict(BLOCK=_TERN_BLOCK, RBLOCK=_RED_BLOCK)
+    for pass_ in (1, 2):
+        launch(_ternary_pass_kernel, (P,), dict(common, PASS=pass_, **blocks))
+    scale = empty((N,), torch.float32, w2d.device) if stats else None
+    delta = empty((1,), torch.float32, w2d.device) if stats else None
+    launch(
+        _ternary_finish_kernel,
+        (P,),
+        dict(
+            common,
+            p_scale=scale if stats else part,
+            p_delta=delta if stats else part,
+            p_out=out if out is not None else w2d,
+            N=N,
+            WRITE_Q=out is not None,
+            WRITE_STATS=stats,
+            **blocks,
+        ),
+    )
+    return scale, delta
+
+
+def quantize_weight(w2d: torch.Tensor, bits: int) -> torch.Tensor:
+    """Q(w) of a contiguous [N, K] w in its dtype: α_n · sign(w) (bits 1: one launch) or the
+    TWN rule (bits 2: three launches), statistics computed in the kernels."""
+    N, K = w2d.shape
+    out = empty((N, K), w2d.dtype, w2d.device)
+    if out.numel():
+        if bits == 1:
+            _binary_rows(w2d, out)
+        else:
+            _ternary(w2d, out, stats=False)
     return out
+
+
+def weight_stats(w2d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The statistics `quantize_weight` uses, for packing: fp32 scale [N] (α_n; ternary: α in
+    every row) and, ternary, Δ as fp32 [1]. An empty w gives zeros."""
+    N, K = w2d.shape
+    dev = w2d.device
+    if N * K == 0:
+        return torch.zeros((N,), device=dev), (None if bits == 1 else torch.zeros((1,), device=dev))
+    if bits == 1:
+        return _binary_rows(w2d, None), None
+    return _ternary(w2d, None, stats=True)
 
 
 def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

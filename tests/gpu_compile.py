@@ -234,7 +234,7 @@ def spikes_cases():
 def binary_cases():
     from empf_triton.kernels import binary as k
 
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for bits in (1, 2):
             for M, N, K in ((1, 17, 300), (5, 64, 70), (130, 64, 70)):  # GEMV, small, large
                 x = torch.zeros(M, K, dtype=dtype)
@@ -245,7 +245,9 @@ def binary_cases():
                 k.binary_gemm_t(torch.zeros(M, N, dtype=dtype), words, scale, K)
             w = torch.zeros(7, 40, dtype=dtype)
             delta = torch.zeros(1) if bits == 2 else None
-            k.quantize(w, torch.zeros(7), delta)
+            k.quantize_weight(w, bits)
+            k.quantize_weight(torch.zeros(3, 5000, dtype=dtype), bits)  # several steps / programs
+            k.weight_stats(w, bits)
             k.pack(w, delta)
             k.unpack(torch.zeros(bits, 7, 2, dtype=torch.int32), torch.zeros(7), 40, dtype)
         k.ste_grad(torch.zeros(7, 40, dtype=dtype), torch.zeros(7, 40, dtype=dtype))

@@ -275,3 +275,25 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 if m.decay_logit is not None:
                     u(m.decay_logit, -1, 1)
     return model.eval()
+
+
+def stat_rtol(n: int, dtype: torch.dtype) -> float:
+    """How far two quantisations of the same n weights may differ in magnitude: α (or Δ) is a
+    mean of n terms summed in fp32 in different orders (the kernels' fixed chunked sums against
+    torch's), each within about (depth + sequential steps) roundings of the exact value, then
+    rounded once more to the output dtype."""
+    rtol = 2 * (n.bit_length() + n // 2048 + 2) * 2.0**-24
+    if dtype in (torch.float16, torch.bfloat16):
+        rtol += torch.finfo(dtype).eps
+    return rtol
+
+
+def assert_same_quantization(out: torch.Tensor, ref: torch.Tensor, n: int) -> None:
+    """The same pattern (NaN, sign and zeros exactly) and magnitudes within `stat_rtol(n)`."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(torch.sign(out[~nan]), torch.sign(ref[~nan]))
+    torch.testing.assert_close(
+        out[~nan].double().abs(), ref[~nan].double().abs(), rtol=stat_rtol(n, out.dtype), atol=0
+    )

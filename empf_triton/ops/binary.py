@@ -46,11 +46,9 @@ from ..reference.binary import (
     binarize_values_ref,
     binary_linear_ref,
     binary_matmul_ref,
-    binary_scale_ref,
     pack_weight_ref,
     ternarize_ref,
     ternarize_values_ref,
-    ternary_stats_ref,
     unpack_weight_ref,
 )
 from ._common import (
@@ -254,20 +252,11 @@ def _on(t: torch.Tensor):
     return _NULL
 
 
-def _stats(w2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 per-row scale [N] (contiguous) and, for ternary, Δ as fp32 [1]."""
-    if bits == 1:
-        return binary_scale_ref(w2).float(), None
-    delta, alpha = ternary_stats_ref(w2)
-    return alpha.float().expand(w2.shape[0]).contiguous(), delta.float().reshape(1)
-
-
 def _quantize_impl(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Q(w) of a 2-D [N, K] weight, in w's dtype."""
+    """Q(w) of a 2-D [N, K] weight, in w's dtype (statistics computed in the kernels)."""
     w = w.contiguous()
-    scale, delta = _stats(w, bits)
     with _on(w):
-        return _kb().quantize(w, scale, delta)
+        return _kb().quantize_weight(w, bits)
 
 
 def _ste_impl(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -278,8 +267,9 @@ def _ste_impl(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _pack_impl(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(words int32 [bits, N, ceil(K/32)], fp32 scale [N]) of a 2-D [N, K] weight."""
-    scale, delta = _stats(w, bits)
+    w = w.contiguous()
     with _on(w):
+        scale, delta = _kb().weight_stats(w, bits)
         return _kb().pack(w, delta), scale
 
 
@@ -584,7 +574,8 @@ def binarize(w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     Returns:
         [N, *] in w's dtype; α_n = mean(|w[n]|) computed in fp32 (fp64 for fp64), detached;
         sign(0) = +1; α_n = 0 for an empty row. A NaN in row n makes row n NaN. Gradient:
-        dL/dw = dL/dout where |w| <= 1, else 0 (clipped STE).
+        dL/dw = dL/dout where |w| <= 1, else 0 (clipped STE). The Triton path sums in its
+        kernel in a fixed order: its α_n equals the reference's up to rounding.
     """
     return _quantize(w, 1, impl)
 
@@ -599,6 +590,8 @@ def ternarize(w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     Returns:
         [N, *] in w's dtype. A NaN anywhere in w makes Δ and α NaN and so the whole result NaN
         (on both paths; the values are not inspected). Gradient: the clipped STE, as `binarize`.
+        The Triton path computes Δ and α in its kernels (fixed-order sums): they equal the
+        reference's up to rounding.
     """
     return _quantize(w, 2, impl)
 
