@@ -620,7 +620,7 @@ def binary_gemm_t(
 
 
 def _row_block(K: int) -> int:
-    return max(16, min(_ROW_BLOCK_MAX, triton.next_power_of_2(K)))
+    return max(16, min(_ROW_BLOCK_MAX, _pow2(K)))
 
 
 def _binary_rows(w2d: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

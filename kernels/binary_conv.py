@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, empty, pick_configs, spike_code
 from ._launch import launch
-from .binary import DOT_FP16, DOT_IEEE, DOT_TF32, DOT_TF32X3, _dot_acc, _to_out
+from .binary import DOT_FP16, DOT_IEEE, DOT_TF32, DOT_TF32X3, _cdiv, _dot_acc, _pow2, _to_out
 
 #: int8 tensor-core dots on int8 tiles with int32 accumulation (codes < 128).
 DOT_I8 = 4
@@ -74,7 +74,7 @@ CONFIGS = [
 
 def size_class(n: int, cap: int) -> int:
     """Next power of two of n, capped: the autotune key groups shapes by it."""
-    return min(triton.next_power_of_2(max(int(n), 1)), cap)
+    return min(_pow2(max(int(n), 1)), cap)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -85,8 +85,8 @@ def _prune(configs, named_args, **kwargs):
         c
         for c in configs
         if c.kwargs["BLOCK_P"] <= max(16, P)
-        and c.kwargs["BLOCK_CO"] <= max(16, triton.next_power_of_2(COG))
-        and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))
+        and c.kwargs["BLOCK_CO"] <= max(16, _pow2(COG))
+        and c.kwargs["BLOCK_K"] <= max(32, _pow2(K))
     ]
     return keep or configs[:1]
 
@@ -322,7 +322,7 @@ def binary_conv_neuron_fwd(
         )
     COG = C_out // groups
     # Grid axis 1 holds groups x channel blocks (at least 16 channels per block): at most 65535.
-    if groups * triton.cdiv(COG, 16) > 65535:
+    if groups * _cdiv(COG, 16) > 65535:
         raise ValueError(f"too many channel blocks for one launch: groups={groups}, C_out={C_out}")
     if words.shape[-1] and words.stride(-1) != 1:
         words = words.contiguous()
@@ -342,7 +342,7 @@ def binary_conv_neuron_fwd(
             mode, lam32 = MODE_EMPF, decay.to(torch.float32).contiguous()
 
     def grid(meta):
-        return (N * triton.cdiv(HWo, meta["BLOCK_P"]), groups * triton.cdiv(COG, meta["BLOCK_CO"]))
+        return (N * _cdiv(HWo, meta["BLOCK_P"]), groups * _cdiv(COG, meta["BLOCK_CO"]))
 
     launch(
         _bconv_neuron_kernel,
