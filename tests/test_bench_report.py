@@ -205,3 +205,43 @@ def test_harness_refuses_unchecked_triton_case_and_times_without_stats():
     assert bm.extra_info == extra
     if not harness.ON_CUDA:
         assert extra["device_time_s"] is None and "no CUDA" in extra["graph_skip_reason"]
+
+
+def _overhead_doc(relu_us: float, cases: dict) -> dict:
+    """A `bench/test_bench_overhead.py` JSON with the given medians (µs)."""
+    rows = [("relu", "fwd+bwd", "direct", relu_us)]
+    rows += [(c, "fwd+bwd", path, us) for (c, path), us in cases.items()]
+    return {
+        "machine_info": {
+            "empf": {"device": "cpu: test", "torch": "t", "triton": "3", "commit": "c"}
+        },
+        "benchmarks": [
+            {"extra_info": {"case": c, "kind": k, "launch_path": p, "host_us": us}}
+            for c, k, p, us in rows
+        ],
+    }
+
+
+def test_overhead_table_takes_the_median_of_runs_and_the_ratio_to_relu(tmp_path):
+    spec = importlib.util.spec_from_file_location("overhead_table", BENCH / "overhead_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = [
+        _overhead_doc(20.0, {("lif_neuron", "direct"): 60.0, ("lif_neuron", "triton"): 100.0}),
+        _overhead_doc(22.0, {("lif_neuron", "direct"): 66.0, ("lif_neuron", "triton"): 110.0}),
+        _overhead_doc(90.0, {("lif_neuron", "direct"): 300.0, ("lif_neuron", "triton"): 500.0}),
+    ]
+    paths = []
+    for i, doc in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    out = tmp_path / "table.md"
+    assert mod.main([str(p) for p in paths] + ["--out", str(out)]) == 0
+    text = out.read_text()
+    assert "median of 3 run(s)" in text and "cpu: test" in text
+    # medians: relu 22, direct 66, triton 110 (the busy third run is outvoted)
+    assert "| `lif_neuron` | 110 | 66 | 3.0x |" in text
+    assert "| eager `torch.relu` (the yardstick) | 22 | 22 | 1.0x |" in text
+    paths[0].write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(ValueError, match="relu"):
+        mod.main([str(paths[0])])
