@@ -115,7 +115,7 @@ class Launcher:
                 x, c = f"x{i}", f"c{i}"
                 items.append(
                     f"(0.0 if ({c} := ({x} := {get}).__class__) is float "
-                    f"else ({x}.dtype, {x}.data_ptr() & 15 == 0) if {c} is T "
+                    f"else ({x}.dtype, {x}.data_ptr() & 15 == 0) if {c} is T or {c} is P "
                     f"else ({x} == 1, {x} & 15 == 0, 0 if {_I32_MIN} <= {x} <= {_I32_MAX} "
                     f"else (2 if {x} >= {_U64_MIN} else 1)) if {c} is int "
                     f"else rc({x}))"
@@ -136,7 +136,8 @@ class Launcher:
             f"               None, None, None, {', '.join(values)})\n"
         )
         scope = {
-            "rc": runtime_class, "torch": torch, "T": _Tensor, "cache": self.cache,
+            "rc": runtime_class, "torch": torch, "T": _Tensor, "P": torch.nn.Parameter,
+            "cache": self.cache,
             "first": self._first, "stream": _stream, "dflt": self.defaults,
         }  # fmt: skip
         scope.update(
