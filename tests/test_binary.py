@@ -731,8 +731,16 @@ def test_non_finite_and_huge_inputs_match_reference(device, monkeypatch, mode):
 
 def test_auto_route_is_traced_without_graph_break(monkeypatch):
     """`impl="auto"` on CUDA looks the GPU's name up in PACKED_MAX_M: under torch.compile that
-    lookup is a constant (a traced `get_device_name` would break the graph in every layer)."""
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    lookup is a constant (a traced `get_device_name` would break the graph in every layer).
+    The stand-in breaks the graph if dynamo traces it: only a call made as a constant passes."""
+    calls = []
+
+    def device_name(index=None):
+        calls.append(index)
+        torch._dynamo.graph_break()
+        return "NVIDIA H200"
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", device_name)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     ops_binary._cuda_device_name.cache_clear()
     try:
@@ -743,6 +751,7 @@ def test_auto_route_is_traced_without_graph_break(monkeypatch):
         torch._dynamo.reset()
         out = torch.compile(route, fullgraph=True, backend="eager")(torch.ones(2))
         assert torch.equal(out, torch.full((2,), 2.0))
+        assert calls == [0]  # looked up once, at compile time
     finally:
         ops_binary._cuda_device_name.cache_clear()
         torch._dynamo.reset()
