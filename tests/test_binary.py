@@ -757,12 +757,23 @@ def test_auto_route_is_traced_without_graph_break(monkeypatch):
         torch._dynamo.reset()
 
 
-def test_triton_available_is_traced_without_graph_break():
+def test_triton_available_is_traced_without_graph_break(monkeypatch):
     """`impl="auto"` asks `triton_available()` on CUDA tensors. It was a `functools.cache` around
     `importlib.util.find_spec`, which torch 2.11's dynamo cannot trace: 38 graph breaks in
-    ResNet-18 on the H200. It is a plain global now (torch 2.13 traced the old form too)."""
+    ResNet-18 on the H200. It is a plain global now. torch 2.13 traces find_spec, so a stand-in
+    that breaks the graph takes its place here: a call-time lookup would fail this test."""
+    import importlib.util
+
     from empf_triton.ops._common import triton_available
 
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name == "triton" and torch.compiler.is_compiling():  # traced from user code
+            torch._dynamo.graph_break()
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     torch._dynamo.reset()
     try:
         f = torch.compile(
