@@ -782,3 +782,45 @@ def test_triton_available_is_traced_without_graph_break(monkeypatch):
         assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0 if triton_available() else 3.0))
     finally:
         torch._dynamo.reset()
+
+
+_ALLOC_AND_VIEW_OPS = {"empty", "empty_strided", "view", "reshape", "_reshape_alias", "alias"}
+
+
+@pytest.mark.parametrize(
+    ("quant", "expected"),
+    [
+        (binarize, ["_binarize_rows_kernel"]),
+        (ternarize, ["_ternary_pass_kernel", "_ternary_pass_kernel", "_ternary_finish_kernel"]),
+    ],
+    ids=["binarize", "ternarize"],
+)
+def test_quantiser_statistics_are_computed_in_its_kernels(device, monkeypatch, quant, expected):
+    """A binary layer quantises its weight on every training forward: one launch for binarize,
+    three for ternarize, and no torch op around them but allocations and views (each reduction
+    or elementwise op would be one more launch on a GPU). The launches are recorded, not run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    kb = pytest.importorskip("empf_triton.kernels.binary")
+    from empf_triton.kernels import _common as kernels_common
+
+    monkeypatch.setattr(kernels_common, "_POISON", False)  # the tests' NaN fill of outputs
+    launched = []
+
+    def record(tuner, grid, args):
+        launched.append(getattr(tuner, "__name__", None) or tuner.fn.__name__)
+
+    monkeypatch.setattr(kb, "launch", record)
+    aten = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            aten.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    w = _weight(17, 3 * 3 * 5, device).reshape(17, 5, 3, 3).requires_grad_()
+    with Ops():
+        out = quant(w, impl="triton")
+    assert out.shape == w.shape and out.dtype == w.dtype
+    assert launched == expected
+    assert set(aten) <= _ALLOC_AND_VIEW_OPS, sorted(set(aten) - _ALLOC_AND_VIEW_OPS)
