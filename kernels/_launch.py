@@ -163,6 +163,63 @@ class Launcher:
         self.cache[key] = (kernel, dict(config.kwargs) if config is not None else {})
 
 
+class BoundLaunch:
+    """One launch called again and again with every argument fixed but the tensors named in
+    `dynamic` (a deployed network's layer: same weights, same input shape, new activations).
+
+    `bound(*tensors)` launches `tuner` on `grid` with `args` and the given tensors in the
+    `dynamic` slots. The first call goes through `launch` (Triton compiles and autotunes as
+    usual); after it, each call checks only what the dynamic tensors can change in the launch
+    signature (dtype, 16-byte alignment) and the current device, and calls the compiled kernel
+    with the positional arguments built once. Anything else (another signature, a launch hook,
+    the interpreter, a kernel the direct launcher does not take) goes through `launch`.
+    """
+
+    def __init__(self, tuner, grid, args: dict, dynamic: tuple[str, ...]):
+        self.tuner, self.grid, self.args, self.dynamic = tuner, grid, dict(args), dynamic
+        self._fast: tuple | None = None
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        fast = self._fast
+        if fast is not None:
+            kernel, launcher, values, slots, classes, g, device = fast
+            if (
+                [(t.dtype, t.data_ptr() & 15 == 0) for t in tensors] == classes
+                and torch.cuda.current_device() == device
+                and not (launcher.pre_run_hooks or _hooks_active())
+            ):
+                values = values.copy()
+                for i, t in zip(slots, tensors):
+                    values[i] = t
+                kernel.run(
+                    g[0], g[1], g[2], _stream(device), kernel.function, kernel.packed_metadata,
+                    None, None, None, *values,
+                )  # fmt: skip
+                return
+        args = {**self.args, **dict(zip(self.dynamic, tensors))}
+        launch(self.tuner, self.grid, args)
+        if fast is None:
+            self._fast = self._prepare(args, tensors)
+
+    def _prepare(self, args: dict, tensors) -> tuple | None:
+        """What the direct path needs, from the launcher's cache entry of this signature."""
+        launcher = _LAUNCHERS.get(id(self.tuner))
+        if not ENABLED or launcher is None:
+            return None
+        key = launcher.signature(args)
+        hit = launcher.cache.get(key)
+        if hit is None:
+            return None
+        kernel, config = hit
+        full = {**launcher.defaults, **args, **config}
+        g = tuple(self.grid(full) if callable(self.grid) else self.grid)
+        g = g + (1,) * (3 - len(g))
+        values = [full[n] for n in launcher.names]
+        slots = [launcher.names.index(n) for n in self.dynamic]
+        classes = [(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]
+        return kernel, launcher, values, slots, classes, g, key[0]
+
+
 def _stream(device: int):
     """The current stream's handle (read `_STREAM` at call time: tests replace it)."""
     return torch.cuda.current_stream(device).cuda_stream if _STREAM is None else _STREAM(device)

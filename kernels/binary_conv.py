@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, empty, pick_configs, spike_code
-from ._launch import launch
+from ._launch import BoundLaunch, launch
 from .binary import DOT_FP16, DOT_IEEE, DOT_TF32, DOT_TF32X3, _cdiv, _dot_acc, _pow2, _to_out
 
 #: int8 tensor-core dots on int8 tiles with int32 accumulation (codes < 128).
@@ -273,7 +273,7 @@ def _fp32_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     return p, (p.stride(0) if p.dim() == 2 else 0)
 
 
-def binary_conv_neuron_fwd(
+def _bconv_setup(
     x: torch.Tensor,
     words: torch.Tensor,
     wshape: tuple[int, int, int, int],
@@ -291,13 +291,9 @@ def binary_conv_neuron_fwd(
     spike_bits: int | None,
     spike_step: float,
     out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Launch the fused kernel on validated inputs (see `ops.binary_conv.binary_conv_neuron`).
-
-    x: [T, N, C_in, H, W] uint8 codes (`in_step` given, codes read masked to `in_bits` bits) or
-    float spikes; words: int32 [planes, C_out, ceil(K / 32)]; scale, bias: [C] or [T, C];
-    decay, threshold: [T, C_out] or None. Returns [T, N, C_out, Ho, Wo] contiguous.
-    """
+) -> tuple[tuple[int, ...], torch.dtype, object, dict | None]:
+    """(output shape, output dtype, grid, kernel arguments but p_x / p_out) of a launch on
+    validated inputs; the arguments are None when the output is empty (nothing to launch)."""
     T, N, C_in, H, W = x.shape
     C_out, CG, kh, kw = wshape
     sh, sw = stride
@@ -308,9 +304,9 @@ def binary_conv_neuron_fwd(
     K = CG * kh * kw
     codes = x.dtype == torch.uint8
     quant = spike_bits is not None
-    out = empty((T, N, C_out, Ho, Wo), torch.uint8 if quant else out_dtype, x.device)
-    if out.numel() == 0:
-        return out
+    shape, odtype = (T, N, C_out, Ho, Wo), torch.uint8 if quant else out_dtype
+    if T * N * C_out * HWo == 0:
+        return shape, odtype, None, None
     if K == 0:
         raise ValueError("binary_conv_neuron: the packed weight has K = 0 input elements")
     # int32 offsets inside one image (input) and one (t, n) output slice.
@@ -344,55 +340,84 @@ def binary_conv_neuron_fwd(
     def grid(meta):
         return (N * _cdiv(HWo, meta["BLOCK_P"]), groups * _cdiv(COG, meta["BLOCK_CO"]))
 
-    launch(
-        _bconv_neuron_kernel,
-        grid,
-        dict(
-            p_x=x,
-            p_words=words,
-            p_scale=scale32,
-            p_bias=bias32,
-            p_decay=lam32,
-            p_th=th32,
-            p_out=out,
-            T=T,
-            COG=COG,
-            CG=CG,
-            C_out=C_out,
-            H=H,
-            W=W,
-            Wo=Wo,
-            HWo=HWo,
-            K=K,
-            KHW=kh * kw,
-            KW=kw,
-            SH=sh,
-            SW=sw,
-            PH=ph,
-            PW=pw,
-            stride_xt=x.stride(0),
-            stride_xn=x.stride(1),
-            stride_xc=x.stride(2),
-            stride_xh=x.stride(3),
-            stride_xw=x.stride(4),
-            stride_wp=words.stride(0),
-            stride_wn=words.stride(1),
-            stride_st=stride_st,
-            stride_bt=stride_bt,
-            stride_ot=out.stride(0),
-            stride_on=out.stride(1),
-            in_step=float(in_step) if codes else 1.0,
-            spike_step=float(spike_step),
-            levels_m1=float(2**spike_bits - 1) if quant else 0.0,
-            P_CLASS=size_class(HWo, 1024),
-            N_CLASS=size_class(N, 64),
-            MODE=mode,
-            QUANT=quant,
-            HAS_BIAS=bias is not None,
-            CODES=codes,
-            IN_MASK=(1 << in_bits) - 1,
-            TERNARY=words.shape[0] == 2,
-            DOT_MODE=dot_mode(x.dtype, in_bits if codes else 8, INTERPRET),
-        ),
+    args = dict(
+        p_words=words,
+        p_scale=scale32,
+        p_bias=bias32,
+        p_decay=lam32,
+        p_th=th32,
+        T=T,
+        COG=COG,
+        CG=CG,
+        C_out=C_out,
+        H=H,
+        W=W,
+        Wo=Wo,
+        HWo=HWo,
+        K=K,
+        KHW=kh * kw,
+        KW=kw,
+        SH=sh,
+        SW=sw,
+        PH=ph,
+        PW=pw,
+        stride_xt=x.stride(0),
+        stride_xn=x.stride(1),
+        stride_xc=x.stride(2),
+        stride_xh=x.stride(3),
+        stride_xw=x.stride(4),
+        stride_wp=words.stride(0),
+        stride_wn=words.stride(1),
+        stride_st=stride_st,
+        stride_bt=stride_bt,
+        stride_ot=N * C_out * HWo,
+        stride_on=C_out * HWo,
+        in_step=float(in_step) if codes else 1.0,
+        spike_step=float(spike_step),
+        levels_m1=float(2**spike_bits - 1) if quant else 0.0,
+        P_CLASS=size_class(HWo, 1024),
+        N_CLASS=size_class(N, 64),
+        MODE=mode,
+        QUANT=quant,
+        HAS_BIAS=bias is not None,
+        CODES=codes,
+        IN_MASK=(1 << in_bits) - 1,
+        TERNARY=words.shape[0] == 2,
+        DOT_MODE=dot_mode(x.dtype, in_bits if codes else 8, INTERPRET),
     )
+    return shape, odtype, grid, args
+
+
+def binary_conv_neuron_fwd(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Launch the fused kernel on validated inputs (see `ops.binary_conv.binary_conv_neuron`;
+    arguments as `_bconv_setup`).
+
+    x: [T, N, C_in, H, W] uint8 codes (`in_step` given, codes read masked to `in_bits` bits) or
+    float spikes; words: int32 [planes, C_out, ceil(K / 32)]; scale, bias: [C] or [T, C];
+    decay, threshold: [T, C_out] or None. Returns [T, N, C_out, Ho, Wo] contiguous.
+    """
+    shape, dtype, grid, args_ = _bconv_setup(x, *args, **kwargs)
+    out = empty(shape, dtype, x.device)
+    if args_ is not None:
+        launch(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_out=out))
     return out
+
+
+def binary_conv_neuron_plan(x: torch.Tensor, *args, **kwargs):
+    """`run(x2) -> out`, the same launch as `binary_conv_neuron_fwd(x, ...)` for inputs x2 of
+    x's dtype, shape, strides and device (the caller's promise: not checked): the arguments are
+    built once and each call launches through a `BoundLaunch` (see kernels/_launch.py)."""
+    shape, dtype, grid, args_ = _bconv_setup(x, *args, **kwargs)
+    device = x.device
+    bound = None if args_ is None else BoundLaunch(_bconv_neuron_kernel, grid, args_, _DYNAMIC)
+
+    def run(x2: torch.Tensor) -> torch.Tensor:
+        out = empty(shape, dtype, device)
+        if bound is not None:
+            bound(x2, out)
+        return out
+
+    return run
+
+
+_DYNAMIC = ("p_x", "p_out")

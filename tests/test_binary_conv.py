@@ -478,3 +478,38 @@ def test_kernel_variants_compile_for_sm90():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "OK:" in out.stdout
+
+
+def test_plan_options_are_binary_conv_neurons_keyword_defaults():
+    import inspect
+
+    from empf_triton.ops.binary_conv import PLAN_OPTIONS, binary_conv_neuron_plan
+
+    params = inspect.signature(binary_conv_neuron).parameters.values()
+    kw = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert kw == PLAN_OPTIONS
+    with pytest.raises(TypeError, match="unknown options"):
+        binary_conv_neuron_plan(torch.zeros(1, 1, 1, 3, 3), None, None, None, strides=2)
+
+
+def test_plan_runs_the_checked_call_on_new_inputs(device):
+    """`binary_conv_neuron_plan` checks like `binary_conv_neuron` (the same errors) and its
+    `run(x2)` gives `binary_conv_neuron(x2, ...)` exactly, on both paths."""
+    from empf_triton.ops.binary_conv import binary_conv_neuron_plan
+
+    torch.manual_seed(0)
+    w = pack_weight(torch.randn(5, 3, 3, 3, device=device), 1)
+    opts = dict(
+        padding=1, in_step=0.25, decay=torch.full((2, 5), 0.5, device=device),
+        threshold=torch.full((2, 5), 0.6, device=device), spike_bits=4,
+    )  # fmt: skip
+    scale, bias = torch.rand(5, device=device), torch.rand(5, device=device)
+    x = torch.randint(0, 16, (2, 1, 3, 6, 6), dtype=torch.uint8, device=device)
+    for impl in ("reference", "triton"):
+        run = binary_conv_neuron_plan(x, w, scale, bias, impl=impl, **opts)
+        for _ in range(2):
+            x2 = torch.randint(0, 16, x.shape, dtype=torch.uint8, device=device)
+            expected = binary_conv_neuron(x2, w, scale, bias, impl=impl, **opts)
+            assert torch.equal(run(x2), expected), impl
+    with pytest.raises(ValueError, match="in_step"):
+        binary_conv_neuron_plan(x, w, scale, bias, **dict(opts, in_step=None))

@@ -210,6 +210,42 @@ def test_export_load_round_trip(tmp_path):
     assert words and all(w["dtype"] == "I32" for w in words)
 
 
+def _bconv_nodes(d):
+    return [n for n in d._nodes if n.op == "bconv"]
+
+
+def test_layer_plans_are_reused_per_input_and_renewed_when_tensors_change():
+    """Each fused layer checks its call once per input signature and reuses the plan; a new
+    batch size gets its own plan; an in-place change of a layer's tensors (load_state_dict) or
+    new tensors (`.to()`) drop the plans. Outputs equal a freshly loaded model's every time."""
+    model = _small(spike_bits=4)
+    d = fold(model)
+    nodes = _bconv_nodes(d)
+    assert nodes
+    x, x2 = torch.randn(4, 1, 24), torch.randn(2, 1, 24)
+    first = d(x)
+    assert [len(n.plans) for n in nodes] == [1] * len(nodes)
+    plans = [dict(n.plans) for n in nodes]
+    assert torch.equal(d(x), first)
+    assert [n.plans for n in nodes] == plans  # the same plan objects
+    assert torch.equal(d(x2), fold(model)(x2))
+    assert [len(n.plans) for n in nodes] == [2] * len(nodes)
+    # an in-place change of one layer's scale: that layer plans again, the output follows
+    name = next(k for k, _ in d.named_buffers() if k.endswith("_scale"))
+    fresh = fold(model)
+    for m in (d, fresh):
+        dict(m.named_buffers())[name].mul_(3.0)
+    assert torch.equal(d(x), fresh(x)) and not torch.equal(d(x), first)
+    assert sum(len(n.plans) for n in nodes) == 2 * len(nodes) - 1
+    d.load_state_dict(fresh.state_dict())  # copies into every tensor: every layer plans again
+    assert torch.equal(d(x), fresh(x))
+    assert [len(n.plans) for n in nodes] == [1] * len(nodes)
+    # new tensors (another dtype): every layer plans again
+    d = d.to(torch.bfloat16)
+    assert torch.equal(d(x), fresh.to(torch.bfloat16)(x))
+    assert [len(n.plans) for n in _bconv_nodes(d)] == [1] * len(nodes)
+
+
 def test_load_to_dtype(tmp_path):
     model = _small(spike_bits=4)
     p = export(model, tmp_path / "m.safetensors")

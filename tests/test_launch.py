@@ -296,3 +296,76 @@ def test_every_op_gives_the_same_bits_through_both_launch_paths():
                 assert torch.equal(out, expected)
     finally:
         _launch.ENABLED = saved
+
+
+def test_bound_launch_fills_only_the_dynamic_slots_and_falls_back_on_a_new_signature(
+    monkeypatch,
+):
+    """`BoundLaunch`: the first call goes through `launch`; later calls run the cached kernel
+    with Triton's bound arguments in order, the dynamic tensors in their slots. A dynamic tensor
+    of another dtype or alignment, or a launch hook, sends the call through `launch` again."""
+    jit = JITFunction(_add_defaults)
+    binder = _binder(jit)
+    tuner = triton.autotune([triton.Config({"BLOCK": 128})], key=["n"])(jit)
+    launcher = _launch.Launcher(tuner)
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setitem(_launch._LAUNCHERS, id(tuner), launcher)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_STREAM", lambda device: 7)
+    seen, through_launch = [], []
+
+    class _Kernel:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            seen.append(a)
+
+    def fake_launch(tuner_, grid, args):  # what `launch` does on a first call: compile, cache
+        through_launch.append(dict(args))
+        launcher.cache.setdefault(launcher.signature(args), (_Kernel(), {"BLOCK": 128}))
+
+    monkeypatch.setattr(_launch, "launch", fake_launch)
+    x, out = torch.zeros(64), torch.zeros(64)
+    static = dict(n=64, alpha=0.5, FLAG=True)
+    bound = _launch.BoundLaunch(tuner, lambda meta: (3, 2), static, ("p_x", "p_out"))
+    bound(x, out)
+    assert len(through_launch) == 1 and not seen
+    x2, out2 = torch.ones(64), torch.ones(64)
+    bound(x2, out2)
+    assert len(through_launch) == 1
+    expected = binder(**static, p_x=x2, p_out=out2, BLOCK=128)[0]
+    assert seen[-1][:9] == (3, 2, 1, 7, "fn", "meta", None, None, None)
+    assert len(seen[-1][9:]) == len(expected)
+    for got, want in zip(seen[-1][9:], expected.values()):
+        assert got is want or got == want
+    # another alignment or dtype of a dynamic tensor: Triton's path (another specialisation)
+    bound(torch.zeros(65)[1:], out2)
+    bound(x2, torch.zeros(64, dtype=torch.float16))
+    assert len(through_launch) == 3 and len(seen) == 1
+    hook = lambda *a: None  # noqa: E731
+    triton.knobs.runtime.launch_exit_hook.add(hook)
+    try:
+        bound(x2, out2)
+    finally:
+        triton.knobs.runtime.launch_exit_hook.remove(hook)
+    assert len(through_launch) == 4 and len(seen) == 1
+    bound(x2, out2)
+    assert len(seen) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bound_launch_on_the_gpu_equals_a_plain_launch():
+    tuner = triton.autotune(
+        [triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})], key=["n"]
+    )(_jit_kernel())
+    n = 300
+    bound = _launch.BoundLaunch(
+        tuner, lambda meta: (triton.cdiv(n, meta["BLOCK"]),),
+        dict(n=n, alpha=0.5, scale_one=2.0, FLAG=True), ("p_x", "p_out"),
+    )  # fmt: skip
+    base = torch.randn(2 * n + 16, device="cuda")
+    for x in (base[:n], base[n : 2 * n], base[1 : n + 1], base[:n]):  # aligned, aligned, not
+        out = torch.full((n,), float("nan"), device="cuda")
+        bound(x, out)
+        torch.testing.assert_close(out, x * 0.5 + 3.0, rtol=0, atol=1e-6)

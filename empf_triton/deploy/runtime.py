@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.binary import PackedWeight
-from ..ops.binary_conv import binary_conv_neuron
+from ..ops.binary_conv import binary_conv_neuron_plan
 from ..ops.neuron import empf_neuron, parallel_neuron
 from .errors import DeployError, DeployFormatError
 
@@ -148,7 +148,10 @@ def empf_neuron_channels(
 
 
 class _Node:
-    __slots__ = ("index", "op", "inputs", "output", "attrs", "buffers", "free_after", "packed")
+    __slots__ = (
+        "index", "op", "inputs", "output", "attrs", "buffers", "free_after", "packed", "plans",
+        "plan_tensors",
+    )  # fmt: skip
 
     def __init__(self, index: int, spec: Mapping[str, Any]) -> None:
         self.index = index
@@ -159,6 +162,8 @@ class _Node:
         self.buffers: dict[str, str] = {}
         self.free_after: list[str] = []
         self.packed: PackedWeight | None = None  # bconv: built once per words tensor
+        self.plans: dict[tuple, Callable] = {}  # bconv: checked calls, by input signature
+        self.plan_tensors: tuple | None = None  # ... for these tensors (identity, version)
 
 
 def _fail(msg: str) -> DeployFormatError:
@@ -511,6 +516,9 @@ def _run_linear(m, node, args, dtype):
     return F.linear(_float(args[0], dtype), m._t(node, "weight"), m._t(node, "bias"))
 
 
+_MAX_PLANS = 8  # per bconv node: input shapes a deployed model is called with
+
+
 def _run_bconv(m, node, args, dtype):
     a = node.attrs
     x = args[0]
@@ -529,29 +537,49 @@ def _run_bconv(m, node, args, dtype):
         shape = a["shape"]  # (re)built after .to(): PackedWeight checks its fields once
         alpha = scale if scale.dim() == 1 else scale[0]  # unused by the op: `scale` replaces it
         packed = node.packed = PackedWeight(words, alpha, shape, math.prod(shape[1:]), a["bits"])
-    kw = {}
-    if neuron is not None:
-        kw = {
-            "decay": m._t(node, "decay"),
-            "threshold": m._t(node, "threshold"),
-            "parallel": neuron["parallel"],
-            "spike_bits": neuron["spike_bits"],
-            "spike_step": neuron["spike_step"],
-        }
-    y = binary_conv_neuron(
-        x,
-        packed,
-        scale,
-        m._t(node, "bias"),
-        stride=tuple(a["stride"]),
-        padding=tuple(a["padding"]),
-        groups=a["groups"],
-        in_step=in_step,
-        in_bits=in_bits,
-        out_dtype=dtype,
-        impl=m.impl,
-        **kw,
+    decay, threshold = m._t(node, "decay"), m._t(node, "threshold")
+    bias = m._t(node, "bias")
+    # A plan per input signature: checked once, launch arguments built once (a layer's call
+    # then costs a launch, not the op's checks). The plans are for the node's current tensors,
+    # by identity and version: `.to()` makes new tensors and an in-place change
+    # (load_state_dict) bumps the version; either drops the plans (a plan keeps fp32 copies of
+    # 16-bit parameters, and would keep old tensors alive).
+    tensors = tuple(
+        (id(t), t._version) if t is not None else None
+        for t in (words, scale, bias, decay, threshold)
     )
+    if tensors != node.plan_tensors:
+        node.plans.clear()
+        node.plan_tensors = tensors
+    key = (x.dtype, x.shape, x.stride(), x.device, in_step, in_bits, dtype, m.impl)
+    plan = node.plans.get(key)
+    if plan is None:
+        if len(node.plans) >= _MAX_PLANS:
+            node.plans.clear()
+        kw = {}
+        if neuron is not None:
+            kw = {
+                "decay": decay,
+                "threshold": threshold,
+                "parallel": neuron["parallel"],
+                "spike_bits": neuron["spike_bits"],
+                "spike_step": neuron["spike_step"],
+            }
+        plan = node.plans[key] = binary_conv_neuron_plan(
+            x,
+            packed,
+            scale,
+            bias,
+            stride=tuple(a["stride"]),
+            padding=tuple(a["padding"]),
+            groups=a["groups"],
+            in_step=in_step,
+            in_bits=in_bits,
+            out_dtype=dtype,
+            impl=m.impl,
+            **kw,
+        )
+    y = plan(x)
     if a["linear"]:
         y = y.reshape(y.shape[:-2])
     if neuron is not None and neuron["spike_bits"] is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 
@@ -93,70 +94,12 @@ def _check_step_param(name: str, p: object, T: int, C: int, device: torch.device
     return p
 
 
-def binary_conv_neuron(
-    x: torch.Tensor,
-    packed: PackedWeight,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    groups: int = 1,
-    in_step: float | None = None,
-    decay: torch.Tensor | None = None,
-    threshold: torch.Tensor | None = None,
-    parallel: bool = False,
-    spike_bits: int | None = None,
-    spike_step: float = 0.25,
-    out_dtype: torch.dtype = torch.float32,
-    impl: str = "auto",
-    in_bits: int | None = None,
-) -> torch.Tensor:
-    """Packed binary/ternary convolution, folded scale/bias and EM-PF neuron in one fused op.
-
-    Per output element (step t, image n, channel c, position (i, j)):
-    `y[t] = scale[t, c] * conv(x[t], W)[c, i, j] + bias[t, c]` with W the packed ±1 (binary) or
-    -1/0/+1 (ternary) weight, then, over t = 0..T-1 with v = 0 at the start,
-    `m = decay[t, c] * v + y[t]; s = max(m - threshold[t, c], 0); v = m - s`; the parallel neuron
-    is `s = max(y[t] - threshold[t, c], 0)`. The output is `code(s) =
-    clamp(round_half_even(s / spike_step), 0, 2^k - 1)` as uint8 when `spike_bits = k` is given,
-    `s` in `out_dtype` otherwise, or `y` in `out_dtype` when `threshold` is None.
-
-    Args:
-        x: [T, N, C_in, H, W] input spikes (any strides), T >= 1: uint8 codes (value =
-            code * in_step, codes 0..255) or float spikes (fp32/fp16/bf16; fp64 on the
-            reference). A 1-D convolution is H = 1 with kernel height 1.
-        packed: PackedWeight of shape (C_out, C_in // groups, kh, kw), bits 1 or 2, on x's
-            device. `packed.scale` is not used: `scale` replaces it.
-        scale: [C_out] or [T, C_out] floating per-channel scale (the folded α · BN scale).
-        bias: [C_out] or [T, C_out] floating bias, or None.
-        stride, padding: int or (h, w) pair, as `nn.Conv2d` (stride >= 1, padding >= 0).
-        groups: channel groups (dividing C_in and C_out); groups = C_in is depthwise.
-        in_step: the input spike step Δ_in, a finite float > 0; required iff x is uint8
-            (rounded to fp32). For uint8 x, K = C_in/groups·kh·kw must be <= MAX_CODE_K.
-        decay: [T, C_out] floating λ (required for the EM-PF neuron, None when `parallel`).
-        threshold: [T, C_out] floating θ; None (with decay None) returns the currents y.
-        parallel: the stateless parallel neuron (decay must be None).
-        spike_bits: 1..8: output uint8 codes; None: float spikes in `out_dtype`.
-        spike_step: the output spike step Δ > 0 (codes only).
-        out_dtype: fp32, fp16 or bf16: dtype of float spikes or currents.
-        impl: "auto" (Triton on CUDA, else the reference), "triton" (the fused kernel; on CPU
-            only under TRITON_INTERPRET=1) or "reference". No silent fallback.
-        in_bits: uint8 inputs only: the codes' bit width k_in in 1..8 (default 8). Only the low
-            k_in bits of each byte are read (both paths mask them), and with k_in <= 7 the GPU
-            kernel uses int8 tensor-core dots (codes < 128); 8 uses exact fp16 dots.
-
-    Returns:
-        [T, N, C_out, Ho, Wo]: uint8 codes, float spikes or currents (see above), contiguous.
-        Ho = (H + 2·pad_h - kh) // stride_h + 1, likewise Wo.
-
-    NaN in float spikes propagates to float outputs and currents and gives code 0; +inf gives
-    the top code. All arithmetic is fp32: for uint8 codes the convolution is exact (integer sums)
-    and the result `fp32(acc * in_step)`, so the Triton and reference paths give identical codes;
-    float spikes accumulate in fp32 (the summation order differs between paths). Not
-    differentiable: raises a ValueError when autograd would record it (grad mode on and an input
-    requiring grad).
-    """
+def _checked(
+    x, packed, scale, bias, *, stride, padding, groups, in_step, decay, threshold, parallel,
+    spike_bits, spike_step, out_dtype, impl, in_bits,
+) -> tuple[str, PackedWeight, dict]:  # fmt: skip
+    """Every check of `binary_conv_neuron`; returns (resolved impl, packed weight, the keyword
+    arguments both paths take after x and packed, normalised)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     packed = _check_packed(packed)
@@ -257,12 +200,12 @@ def binary_conv_neuron(
             "call it under torch.no_grad() or torch.inference_mode()"
         )
 
-    if impl == "reference":
-        return binary_conv_neuron_ref(
-            x,
-            packed,
-            scale,
-            bias,
+    return (
+        impl,
+        packed,
+        dict(
+            scale=scale,
+            bias=bias,
             stride=(sh, sw),
             padding=(ph, pw),
             groups=groups,
@@ -274,25 +217,142 @@ def binary_conv_neuron(
             spike_bits=spike_bits,
             spike_step=spike_step,
             out_dtype=out_dtype,
-        )
+        ),
+    )
 
+
+def _kernel_call(kw: dict) -> tuple[tuple, dict]:
+    """The fused kernel launcher's arguments after x, from `_checked`'s keyword arguments."""
+    return (kw["scale"], kw["bias"], kw["decay"], kw["threshold"]), dict(
+        stride=kw["stride"],
+        padding=kw["padding"],
+        groups=kw["groups"],
+        in_step=kw["in_step"],
+        in_bits=kw["in_bits"] if kw["in_bits"] is not None else 8,
+        parallel=kw["parallel"],
+        spike_bits=kw["spike_bits"],
+        spike_step=kw["spike_step"],
+        out_dtype=kw["out_dtype"],
+    )
+
+
+def binary_conv_neuron(
+    x: torch.Tensor,
+    packed: PackedWeight,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    in_step: float | None = None,
+    decay: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    parallel: bool = False,
+    spike_bits: int | None = None,
+    spike_step: float = 0.25,
+    out_dtype: torch.dtype = torch.float32,
+    impl: str = "auto",
+    in_bits: int | None = None,
+) -> torch.Tensor:
+    """Packed binary/ternary convolution, folded scale/bias and EM-PF neuron in one fused op.
+
+    Per output element (step t, image n, channel c, position (i, j)):
+    `y[t] = scale[t, c] * conv(x[t], W)[c, i, j] + bias[t, c]` with W the packed ±1 (binary) or
+    -1/0/+1 (ternary) weight, then, over t = 0..T-1 with v = 0 at the start,
+    `m = decay[t, c] * v + y[t]; s = max(m - threshold[t, c], 0); v = m - s`; the parallel neuron
+    is `s = max(y[t] - threshold[t, c], 0)`. The output is `code(s) =
+    clamp(round_half_even(s / spike_step), 0, 2^k - 1)` as uint8 when `spike_bits = k` is given,
+    `s` in `out_dtype` otherwise, or `y` in `out_dtype` when `threshold` is None.
+
+    Args:
+        x: [T, N, C_in, H, W] input spikes (any strides), T >= 1: uint8 codes (value =
+            code * in_step, codes 0..255) or float spikes (fp32/fp16/bf16; fp64 on the
+            reference). A 1-D convolution is H = 1 with kernel height 1.
+        packed: PackedWeight of shape (C_out, C_in // groups, kh, kw), bits 1 or 2, on x's
+            device. `packed.scale` is not used: `scale` replaces it.
+        scale: [C_out] or [T, C_out] floating per-channel scale (the folded α · BN scale).
+        bias: [C_out] or [T, C_out] floating bias, or None.
+        stride, padding: int or (h, w) pair, as `nn.Conv2d` (stride >= 1, padding >= 0).
+        groups: channel groups (dividing C_in and C_out); groups = C_in is depthwise.
+        in_step: the input spike step Δ_in, a finite float > 0; required iff x is uint8
+            (rounded to fp32). For uint8 x, K = C_in/groups·kh·kw must be <= MAX_CODE_K.
+        decay: [T, C_out] floating λ (required for the EM-PF neuron, None when `parallel`).
+        threshold: [T, C_out] floating θ; None (with decay None) returns the currents y.
+        parallel: the stateless parallel neuron (decay must be None).
+        spike_bits: 1..8: output uint8 codes; None: float spikes in `out_dtype`.
+        spike_step: the output spike step Δ > 0 (codes only).
+        out_dtype: fp32, fp16 or bf16: dtype of float spikes or currents.
+        impl: "auto" (Triton on CUDA, else the reference), "triton" (the fused kernel; on CPU
+            only under TRITON_INTERPRET=1) or "reference". No silent fallback.
+        in_bits: uint8 inputs only: the codes' bit width k_in in 1..8 (default 8). Only the low
+            k_in bits of each byte are read (both paths mask them), and with k_in <= 7 the GPU
+            kernel uses int8 tensor-core dots (codes < 128); 8 uses exact fp16 dots.
+
+    Returns:
+        [T, N, C_out, Ho, Wo]: uint8 codes, float spikes or currents (see above), contiguous.
+        Ho = (H + 2·pad_h - kh) // stride_h + 1, likewise Wo.
+
+    NaN in float spikes propagates to float outputs and currents and gives code 0; +inf gives
+    the top code. All arithmetic is fp32: for uint8 codes the convolution is exact (integer sums)
+    and the result `fp32(acc * in_step)`, so the Triton and reference paths give identical codes;
+    float spikes accumulate in fp32 (the summation order differs between paths). Not
+    differentiable: raises a ValueError when autograd would record it (grad mode on and an input
+    requiring grad).
+    """
+    impl, packed, kw = _checked(
+        x, packed, scale, bias, stride=stride, padding=padding, groups=groups, in_step=in_step,
+        decay=decay, threshold=threshold, parallel=parallel, spike_bits=spike_bits,
+        spike_step=spike_step, out_dtype=out_dtype, impl=impl, in_bits=in_bits,
+    )  # fmt: skip
+    if impl == "reference":
+        return binary_conv_neuron_ref(x, packed, **kw)
+    params, options = _kernel_call(kw)
     k = load_kernels("binary_conv")
     with device_guard(x):
-        return k.binary_conv_neuron_fwd(
-            x,
-            packed.words,
-            (C_out, Cg, kh, kw),
-            scale,
-            bias,
-            decay,
-            threshold,
-            stride=(sh, sw),
-            padding=(ph, pw),
-            groups=groups,
-            in_step=in_step32,
-            in_bits=in_bits if in_bits is not None else 8,
-            parallel=parallel,
-            spike_bits=spike_bits,
-            spike_step=spike_step,
-            out_dtype=out_dtype,
-        )
+        return k.binary_conv_neuron_fwd(x, packed.words, packed.shape, *params, **options)
+
+
+#: The keyword options of `binary_conv_neuron` and their defaults (`binary_conv_neuron_plan`
+#: takes the same; tests/test_binary_conv.py checks the two agree).
+PLAN_OPTIONS = dict(
+    stride=1, padding=0, groups=1, in_step=None, decay=None, threshold=None, parallel=False,
+    spike_bits=None, spike_step=0.25, out_dtype=torch.float32, impl="auto", in_bits=None,
+)  # fmt: skip
+
+
+def binary_conv_neuron_plan(
+    x: torch.Tensor,
+    packed: PackedWeight,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    **options,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Check a `binary_conv_neuron` call once; return `run(x2)`, the same call on another input.
+
+    For a layer called again and again with the same weights (a deployed network): the
+    arguments (`options`: the keyword arguments of `binary_conv_neuron`, same defaults) are
+    checked here as `binary_conv_neuron` checks them, and the kernel's launch arguments are
+    built once. `run(x2)` takes an input of x's dtype, shape, strides and device and does not
+    check it (the caller keys its plans on those). The plan keeps what it derived from the
+    weights and parameters (fp32 copies of 16-bit parameters, their strides): after a change to
+    any of them, in place or not, make a new plan. Returns what `binary_conv_neuron(x2, ...)`
+    returns.
+    """
+    unknown = sorted(set(options) - set(PLAN_OPTIONS))
+    if unknown:
+        raise TypeError(f"binary_conv_neuron_plan got unknown options {unknown}")
+    options = {**PLAN_OPTIONS, **options}
+    impl, packed, kw = _checked(x, packed, scale, bias, **options)
+    if impl == "reference":
+        return lambda x2: binary_conv_neuron_ref(x2, packed, **kw)
+    params, options = _kernel_call(kw)
+    k = load_kernels("binary_conv")
+    with device_guard(x):
+        run = k.binary_conv_neuron_plan(x, packed.words, packed.shape, *params, **options)
+
+    def run_on_device(x2: torch.Tensor) -> torch.Tensor:
+        with device_guard(x2):
+            return run(x2)
+
+    return run_on_device
