@@ -59,6 +59,13 @@ def table(us: dict[tuple[str, str, str], float], n_runs: int, info: dict) -> str
             f"{'' if main is None else f'{main / relu:.1f}x'} |"
         )
     lines.append(f"| eager `torch.relu` (the yardstick) | {relu:.0f} | {relu:.0f} | 1.0x |")
+    both = {c for (c, k, _) in us if k == "fwd+bwd"}
+    fwd_only = sorted({c for (c, k, _) in us if k == "fwd" and c not in both})
+    if fwd_only:
+        lines += ["", "Forward only (no gradient), µs per call:", "", "| call | µs |", "|---|---|"]
+        for case in fwd_only:
+            main = us.get((case, "fwd", "direct"), us.get((case, "fwd", "stubbed")))
+            lines.append(f"| `{case}` | {_f(main)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -93,7 +93,8 @@ else
     # test_deploy passed there on 2026-12-04 apart from test-side device bugs since fixed.)
     TEST_SELECT=(tests/test_launch.py tests/test_neuron.py tests/test_nn_neuron.py
         tests/test_binary.py tests/test_binary_conv.py tests/test_spikes.py
-        tests/test_cuda_graphs.py tests/test_nan_gradients.py)
+        tests/test_cuda_graphs.py tests/test_nan_gradients.py
+        tests/test_deploy.py::test_triton_path_equals_reference_path)
     if [ -n "${EMPF_GPU_TESTS:-}" ]; then
         read -r -a TEST_SELECT <<<"$EMPF_GPU_TESTS"  # e.g. the kernel files only, for a short lease
     fi

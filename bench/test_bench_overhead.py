@@ -277,3 +277,20 @@ def test_overhead_module_step(benchmark, module):
             m.detach()
 
     _time(benchmark, fn, case=f"{module} step", kind="fwd+bwd")
+
+
+def test_overhead_deployed_resnet18(benchmark):
+    """One forward of a deployed EM-PF ResNet-18 (T = 4, batch 1, 4-bit codes between layers,
+    width 4 on 32x32 inputs: the host path of the paper's network, small tensors): every layer's
+    Python and launches, the GPU work out as above. The stem conv and the classifier run as
+    torch ops on the CPU here (on a GPU they are launches too)."""
+    from empf_triton.deploy import fold
+    from empf_triton.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_shape=(3, 32, 32), num_classes=10, T=T, width=4,
+                        spike_bits=4).eval()  # fmt: skip
+    with no_kernel_launches():
+        deployed = fold(model, impl="triton").to(DEVICE)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    _time(benchmark, lambda: deployed(x), case="deployed ResNet-18 B=1 forward", kind="fwd")

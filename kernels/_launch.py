@@ -176,7 +176,8 @@ class BoundLaunch:
     """
 
     def __init__(self, tuner, grid, args: dict, dynamic: tuple[str, ...]):
-        self.tuner, self.grid, self.args, self.dynamic = tuner, grid, dict(args), dynamic
+        self.tuner, self.grid, self.dynamic = tuner, grid, dynamic
+        self.args = {k: v for k, v in args.items() if k not in dynamic}
         self._fast: tuple | None = None
 
     def __call__(self, *tensors: torch.Tensor) -> None:

@@ -42,7 +42,7 @@ from ._common import (
     unpack_bit,
     zero_partial_rows,
 )
-from ._launch import launch
+from ._launch import BoundLaunch, launch
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -410,6 +410,7 @@ def empf_fwd(
     channels: int = 1,
     inner: int = 1,
     step_input: bool = False,
+    bind: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run all T steps (see the module docstring for the parameter forms).
 
@@ -436,43 +437,42 @@ def empf_fwd(
     save_v = save_v and T > 1
     vhist = empty((T - 1, N), current.dtype, dev) if save_v else spikes
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    launch(
-        empf_fwd_kernel,
-        grid,
-        dict(
-            p_cur=current,
-            p_v0=v0 if v0 is not None else current,
-            p_decay=decay if d_mode else current,
-            p_th=threshold if th_mode else current,
-            p_spk=spikes,
-            p_vlast=v_last,
-            p_mask=mask,
-            p_vhist=vhist,
-            N=N,
-            NB=NB,
-            T=T,
-            t0=t0,
-            decay_c=d_c,
-            th_c=th_c,
-            sd_t=sd_t,
-            sd_c=sd_c,
-            sth_t=sth_t,
-            sth_c=sth_c,
-            C=channels,
-            INNER=inner,
-            step=float(spike_step),
-            levels_m1=_levels_m1(spike_bits),
-            N_CLASS=size_class(N),
-            T_CLASS=size_class(T),
-            HAS_V0=v0 is not None,
-            QUANT=spike_bits is not None,
-            SAVE_MASK=save_mask,
-            SAVE_V=save_v,
-            D_MODE=d_mode,
-            TH_MODE=th_mode,
-            LOGITS=logits,
-        ),
+    args = dict(
+        p_cur=current,
+        p_v0=v0 if v0 is not None else current,
+        p_decay=decay if d_mode else current,
+        p_th=threshold if th_mode else current,
+        p_spk=spikes,
+        p_vlast=v_last,
+        p_mask=mask,
+        p_vhist=vhist,
+        N=N,
+        NB=NB,
+        T=T,
+        t0=t0,
+        decay_c=d_c,
+        th_c=th_c,
+        sd_t=sd_t,
+        sd_c=sd_c,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
+        step=float(spike_step),
+        levels_m1=_levels_m1(spike_bits),
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
+        HAS_V0=v0 is not None,
+        QUANT=spike_bits is not None,
+        SAVE_MASK=save_mask,
+        SAVE_V=save_v,
+        D_MODE=d_mode,
+        TH_MODE=th_mode,
+        LOGITS=logits,
     )
+    if bind:  # for empf_fwd_plan: the launch's grid and arguments, not run
+        return grid, args
+    launch(empf_fwd_kernel, grid, args)
     return spikes, v_last, (mask if save_mask else None), (vhist if save_v else None)
 
 
@@ -598,6 +598,7 @@ def parallel_fwd(
     channels: int = 1,
     inner: int = 1,
     step_input: bool = False,
+    bind: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stateless neuron on a contiguous [T, *] current (one step [*] with `step_input`).
     Returns (spikes in the current's shape, mask [T, ⌈N/8⌉] uint8 or None)."""
@@ -609,31 +610,30 @@ def parallel_fwd(
     spikes = empty_like(current) if dense else empty(current.shape, current.dtype, current.device)
     mask = empty((T, NB), torch.uint8, current.device) if save_mask else spikes
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
-    launch(
-        parallel_fwd_kernel,
-        grid,
-        dict(
-            p_cur=current,
-            p_th=threshold if th_mode else current,
-            p_spk=spikes,
-            p_mask=mask,
-            N=N,
-            NB=NB,
-            t0=t0,
-            th_c=th_c,
-            sth_t=sth_t,
-            sth_c=sth_c,
-            C=channels,
-            INNER=inner,
-            step=float(spike_step),
-            levels_m1=_levels_m1(spike_bits),
-            N_CLASS=size_class(N),
-            QUANT=spike_bits is not None,
-            SAVE_MASK=save_mask,
-            TH_MODE=th_mode,
-            LOGITS=logits,
-        ),
+    args = dict(
+        p_cur=current,
+        p_th=threshold if th_mode else current,
+        p_spk=spikes,
+        p_mask=mask,
+        N=N,
+        NB=NB,
+        t0=t0,
+        th_c=th_c,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
+        step=float(spike_step),
+        levels_m1=_levels_m1(spike_bits),
+        N_CLASS=size_class(N),
+        QUANT=spike_bits is not None,
+        SAVE_MASK=save_mask,
+        TH_MODE=th_mode,
+        LOGITS=logits,
     )
+    if bind:  # for parallel_fwd_plan
+        return grid, args
+    launch(parallel_fwd_kernel, grid, args)
     return spikes, (mask if save_mask else None)
 
 
@@ -688,3 +688,71 @@ def parallel_bwd(
     )
     dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
     return dcur, dthr
+
+
+# ------------------------------------------------------------------------ inference plans
+
+
+def empf_fwd_plan(
+    current: torch.Tensor,
+    decay: torch.Tensor | float,
+    threshold: torch.Tensor | float,
+    spike_bits: int | None,
+    spike_step: float,
+    *,
+    channels: int = 1,
+    inner: int = 1,
+):
+    """`run(current2) -> (spikes, v_last)`: `empf_fwd(current, None, decay, threshold, ...)`
+    with nothing saved for backward (inference), for contiguous inputs of current's shape,
+    dtype and device (not checked), its launch arguments built once (a `BoundLaunch`)."""
+    grid, args = empf_fwd(
+        current, None, decay, threshold, spike_bits, spike_step, False, False,
+        channels=channels, inner=inner, bind=True,
+    )  # fmt: skip
+    run = _plan(empf_fwd_kernel, grid, args, current, args["p_spk"], args["p_vlast"])
+    return run
+
+
+def parallel_fwd_plan(
+    current: torch.Tensor,
+    threshold: torch.Tensor | float,
+    spike_bits: int | None,
+    spike_step: float,
+    *,
+    channels: int = 1,
+    inner: int = 1,
+):
+    """`run(current2) -> spikes`, as `empf_fwd_plan` for `parallel_fwd` (inference)."""
+    grid, args = parallel_fwd(
+        current, threshold, spike_bits, spike_step, False, channels=channels, inner=inner,
+        bind=True,
+    )  # fmt: skip
+    run = _plan(parallel_fwd_kernel, grid, args, current, args["p_spk"])
+    return lambda cur: run(cur)[0]
+
+
+def _plan(kernel, grid, args: dict, current: torch.Tensor, *outputs: torch.Tensor):
+    """run(current2): new outputs of the forms of `outputs`, and the launch of `args` with
+    current2 and them in the slots that held `current` and `outputs` (the input, the outputs,
+    and the unused pointer slots the launcher filled with one of them)."""
+    held = (current, *outputs)
+    dynamic, which = [], []
+    for name, value in args.items():
+        for i, t in enumerate(held):
+            if value is t:
+                dynamic.append(name)
+                which.append(i)
+                break
+    static = {k: v for k, v in args.items() if k not in dynamic}
+    bound = BoundLaunch(kernel, grid, static, tuple(dynamic))
+    forms = [(o.shape, o.dtype) for o in outputs]
+    device = current.device
+
+    def run(cur: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = [empty(shape, dtype, device) for shape, dtype in forms]
+        new = (cur, *outs)
+        bound(*[new[i] for i in which])
+        return tuple(outs)
+
+    return run

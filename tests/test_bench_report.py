@@ -242,6 +242,21 @@ def test_overhead_table_takes_the_median_of_runs_and_the_ratio_to_relu(tmp_path)
     # medians: relu 22, direct 66, triton 110 (the busy third run is outvoted)
     assert "| `lif_neuron` | 110 | 66 | 3.0x |" in text
     assert "| eager `torch.relu` (the yardstick) | 22 | 22 | 1.0x |" in text
+    assert "Forward only" not in text  # every case here has a backward
+    doc = _overhead_doc(20.0, {})
+    doc["benchmarks"].append(
+        {
+            "extra_info": {
+                "case": "deployed",
+                "kind": "fwd",
+                "launch_path": "direct",
+                "host_us": 512.4,
+            }
+        }
+    )
+    paths[1].write_text(json.dumps(doc))
+    assert mod.main([str(paths[1]), "--out", str(out)]) == 0
+    assert "Forward only" in out.read_text() and "| `deployed` | 512 |" in out.read_text()
     paths[0].write_text(json.dumps({"benchmarks": []}))
     with pytest.raises(ValueError, match="relu"):
         mod.main([str(paths[0])])

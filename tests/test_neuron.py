@@ -635,3 +635,39 @@ def test_reference_impl_of_step_and_multistep_ops_never_loads_kernels(monkeypatc
     )
     (s.sum() + v.sum()).backward()
     parallel_neuron(x, threshold=0.3, spike_bits=4, impl="reference").sum().backward()
+
+
+@pytest.mark.parametrize(
+    "params",
+    ["floats", "per step", "per channel"],
+)
+def test_inference_plans_equal_the_ops_on_new_currents(params):
+    """`empf_neuron_plan` / `parallel_neuron_plan` (a deployed layer's checked-once call) give
+    `empf_neuron` / `parallel_neuron` exactly on every later current, on both paths."""
+    from empf_triton.ops.neuron import empf_neuron_plan, parallel_neuron_plan
+
+    torch.manual_seed(0)
+    T, N, C = 3, 2, 5
+    if params == "floats":
+        decay, th = 0.6, 0.4
+    elif params == "per step":
+        decay, th = torch.rand(T, device=DEVICE), torch.rand(T, device=DEVICE)
+    else:
+        decay, th = torch.rand(T, C, device=DEVICE), torch.rand(T, C, device=DEVICE)
+    x = torch.randn(T, N, C, 4, device=DEVICE)
+    for impl in ("reference", "triton"):
+        q = dict(spike_bits=4, spike_step=0.25, impl=impl)
+        run = empf_neuron_plan(x, decay=decay, threshold=th, **q)
+        prun = parallel_neuron_plan(x, threshold=th, **q)
+        with torch.no_grad():
+            for _ in range(2):
+                x2 = torch.randn_like(x) * 2
+                s, v = run(x2)
+                s_ref, v_ref = empf_neuron(x2, decay=decay, threshold=th, **q)
+                assert torch.equal(s, s_ref) and torch.equal(v, v_ref), impl
+                assert torch.equal(prun(x2), parallel_neuron(x2, threshold=th, **q)), impl
+        # the same checks as the ops, once; and no gradient is recorded
+        with pytest.raises(ValueError, match="decay"):
+            empf_neuron_plan(x, decay=1.5, threshold=th, **q)
+        with pytest.raises(ValueError, match="inference only"):
+            run(x.clone().requires_grad_())

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..ops.binary import PackedWeight
 from ..ops.binary_conv import binary_conv_neuron_plan
-from ..ops.neuron import empf_neuron, parallel_neuron
+from ..ops.neuron import empf_neuron_plan, parallel_neuron_plan
 from .errors import DeployError, DeployFormatError
 
 __all__ = [
@@ -162,7 +162,7 @@ class _Node:
         self.buffers: dict[str, str] = {}
         self.free_after: list[str] = []
         self.packed: PackedWeight | None = None  # bconv: built once per words tensor
-        self.plans: dict[tuple, Callable] = {}  # bconv: checked calls, by input signature
+        self.plans: dict[tuple, Callable] = {}  # checked calls, by input signature
         self.plan_tensors: tuple | None = None  # ... for these tensors (identity, version)
 
 
@@ -516,7 +516,28 @@ def _run_linear(m, node, args, dtype):
     return F.linear(_float(args[0], dtype), m._t(node, "weight"), m._t(node, "bias"))
 
 
-_MAX_PLANS = 8  # per bconv node: input shapes a deployed model is called with
+_MAX_PLANS = 8  # per node: input shapes a deployed model is called with
+
+
+def _node_plan(node: _Node, tensors: tuple, key: tuple, make: Callable) -> Callable:
+    """The node's plan for inputs of signature `key` (made by `make()` on first use).
+
+    A plan is a call checked once, with its launch arguments built once: a layer's call then
+    costs a launch, not the op's checks. The plans are for the node's current `tensors`, by
+    identity and version: `.to()` makes new tensors and an in-place change (load_state_dict)
+    bumps the version; either drops the plans (a plan keeps fp32 copies of 16-bit parameters,
+    and would keep old tensors alive).
+    """
+    sig = tuple((id(t), t._version) if t is not None else None for t in tensors)
+    if sig != node.plan_tensors:
+        node.plans.clear()
+        node.plan_tensors = sig
+    plan = node.plans.get(key)
+    if plan is None:
+        if len(node.plans) >= _MAX_PLANS:
+            node.plans.clear()
+        plan = node.plans[key] = make()
+    return plan
 
 
 def _run_bconv(m, node, args, dtype):
@@ -539,23 +560,9 @@ def _run_bconv(m, node, args, dtype):
         packed = node.packed = PackedWeight(words, alpha, shape, math.prod(shape[1:]), a["bits"])
     decay, threshold = m._t(node, "decay"), m._t(node, "threshold")
     bias = m._t(node, "bias")
-    # A plan per input signature: checked once, launch arguments built once (a layer's call
-    # then costs a launch, not the op's checks). The plans are for the node's current tensors,
-    # by identity and version: `.to()` makes new tensors and an in-place change
-    # (load_state_dict) bumps the version; either drops the plans (a plan keeps fp32 copies of
-    # 16-bit parameters, and would keep old tensors alive).
-    tensors = tuple(
-        (id(t), t._version) if t is not None else None
-        for t in (words, scale, bias, decay, threshold)
-    )
-    if tensors != node.plan_tensors:
-        node.plans.clear()
-        node.plan_tensors = tensors
     key = (x.dtype, x.shape, x.stride(), x.device, in_step, in_bits, dtype, m.impl)
-    plan = node.plans.get(key)
-    if plan is None:
-        if len(node.plans) >= _MAX_PLANS:
-            node.plans.clear()
+
+    def make():
         kw = {}
         if neuron is not None:
             kw = {
@@ -565,7 +572,7 @@ def _run_bconv(m, node, args, dtype):
                 "spike_bits": neuron["spike_bits"],
                 "spike_step": neuron["spike_step"],
             }
-        plan = node.plans[key] = binary_conv_neuron_plan(
+        return binary_conv_neuron_plan(
             x,
             packed,
             scale,
@@ -579,6 +586,8 @@ def _run_bconv(m, node, args, dtype):
             impl=m.impl,
             **kw,
         )
+
+    plan = _node_plan(node, (words, scale, bias, decay, threshold), key, make)
     y = plan(x)
     if a["linear"]:
         y = y.reshape(y.shape[:-2])
@@ -596,10 +605,15 @@ def _run_neuron(m, node, args, dtype):
         x = k.view(view) * x + b.view(view)
     th, decay = m._t(node, "threshold"), m._t(node, "decay")
     q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": m.impl}
+    key = (x.dtype, x.shape, x.device, m.impl)
     if decay is None:
-        return parallel_neuron(x, threshold=th, **q)
+        plan = _node_plan(node, (th,), key, lambda: parallel_neuron_plan(x, threshold=th, **q))
+        return plan(x)
     if decay.dim() == 1:
-        return empf_neuron(x, None, decay=decay, threshold=th, **q)[0]
+        plan = _node_plan(
+            node, (th, decay), key, lambda: empf_neuron_plan(x, decay=decay, threshold=th, **q)
+        )
+        return plan(x)[0]
     # Per-channel decay (folded Mem-BN): the torch loop until `empf_neuron` takes [T, C].
     return empf_neuron_channels(
         x, decay, th, spike_bits=a["spike_bits"], spike_step=a["spike_step"]

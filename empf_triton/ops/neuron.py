@@ -15,6 +15,8 @@ values (no host sync): decay values are range-checked for floats and CPU tensors
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
@@ -701,6 +703,94 @@ def empf_neuron(
     return empf_neuron_triton(
         current, v0, decay, threshold, spike_bits, spike_step, grad_mode == "bptt"
     )
+
+
+def empf_neuron_plan(
+    current: torch.Tensor,
+    *,
+    decay: float | torch.Tensor,
+    threshold: float | torch.Tensor,
+    spike_bits: int | None = None,
+    spike_step: float = 0.25,
+    impl: str = "auto",
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Check an inference call `empf_neuron(current, decay=..., threshold=..., ...)` once and
+    return `run(current2) -> (spikes, v_last)`, the same call on another current.
+
+    For a layer called again and again (a deployed network): the arguments are checked here as
+    `empf_neuron` checks them, and the kernel's launch arguments are built once. `run` takes a
+    current of this one's dtype, shape and device (not checked: the caller keys its plans on
+    those), with v0 = None, and records no gradient (a current that requires grad under grad
+    mode raises a ValueError). The plan keeps what it derived from decay and threshold (fp32
+    copies of other dtypes): after a change to either, make a new plan.
+    """
+    impl = check_sequence("current", current, impl)
+    T = current.shape[0]
+    check_spike_bits(spike_bits, spike_step)
+    decay = neuron_param("decay", decay, T, current, channel_dim=2, is_decay=True)
+    threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
+    check_decay_values(decay)
+    if impl == "reference" or current.numel() == 0:
+
+        def run(cur):
+            return empf_neuron_ref(cur, None, decay, threshold, spike_bits, spike_step, "online")
+
+        return _inference_only(run)
+    d_t, th_t = _f32(decay), _f32(threshold)
+    C, inner = _channels(current, d_t, th_t, 2)
+    with device_guard(current):
+        run = _kernels().empf_fwd_plan(
+            current.contiguous(), d_t if d_t is not None else float(decay),
+            th_t if th_t is not None else float(threshold), spike_bits, float(spike_step),
+            channels=C, inner=inner,
+        )  # fmt: skip
+    return _inference_only(run, on_device=True)
+
+
+def parallel_neuron_plan(
+    current: torch.Tensor,
+    *,
+    threshold: float | torch.Tensor,
+    spike_bits: int | None = None,
+    spike_step: float = 0.25,
+    impl: str = "auto",
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`run(current2) -> spikes`: `parallel_neuron` checked once, as `empf_neuron_plan`."""
+    impl = check_sequence("current", current, impl)
+    check_spike_bits(spike_bits, spike_step)
+    threshold = neuron_param("threshold", threshold, current.shape[0], current, channel_dim=2)
+    if impl == "reference" or current.numel() == 0:
+        return _inference_only(
+            lambda cur: parallel_neuron_ref(cur, threshold, spike_bits, spike_step)
+        )
+    th_t = _f32(threshold)
+    C, inner = _channels(current, None, th_t, 2)
+    with device_guard(current):
+        run = _kernels().parallel_fwd_plan(
+            current.contiguous(), th_t if th_t is not None else float(threshold), spike_bits,
+            float(spike_step), channels=C, inner=inner,
+        )  # fmt: skip
+    return _inference_only(run, on_device=True)
+
+
+def _inference_only(run, *, on_device: bool = False):
+    """`run` behind the per-call checks a plan keeps: no gradient wanted, contiguous input (the
+    kernels' form), and the input's GPU current (Triton launches on the current device)."""
+
+    def planned(cur: torch.Tensor):
+        if cur.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "a neuron plan is inference only: the current requires grad; call it under "
+                "torch.no_grad() or use empf_neuron / parallel_neuron"
+            )
+        if not on_device:
+            return run(cur)
+        if not cur.is_contiguous():
+            cur = cur.contiguous()
+        with device_guard(cur):
+            return run(cur)
+
+    return planned
 
 
 def empf_neuron_step(
