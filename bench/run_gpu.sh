@@ -94,7 +94,8 @@ else
     TEST_SELECT=(tests/test_launch.py tests/test_neuron.py tests/test_nn_neuron.py
         tests/test_binary.py tests/test_binary_conv.py tests/test_spikes.py
         tests/test_cuda_graphs.py tests/test_nan_gradients.py
-        tests/test_deploy.py::test_triton_path_equals_reference_path)
+        tests/test_deploy.py::test_triton_path_equals_reference_path
+        tests/test_deploy.py::test_graphed_replays_equal_the_eager_forward)
     if [ -n "${EMPF_GPU_TESTS:-}" ]; then
         read -r -a TEST_SELECT <<<"$EMPF_GPU_TESTS"  # e.g. the kernel files only, for a short lease
     fi

@@ -26,8 +26,9 @@ allocated during one forward above what was allocated before it (the harness's
 allocator reports a peak (`activation_bytes_note` says so).
 
 Run order (file order; a GPU stage cut short keeps what finished): the 4-bit packed cases
-(`test_bench_deployed_resnet18`), the dense cases at batch 256 then 1, then the float-spike
-packed cases (`test_bench_deployed_resnet18_float_spikes`).
+(`test_bench_deployed_resnet18`), on CUDA batch 1 replayed from `DeployedModel.graphed`
+(`test_bench_deployed_resnet18_graphed`, impl "packed-graphed"), the dense cases at batch 256
+then 1, then the float-spike packed cases (`test_bench_deployed_resnet18_float_spikes`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,38 @@ def _bench_deployed(benchmark, bench_tools, B: int, spike_bits: int | None) -> N
 def test_bench_deployed_resnet18(benchmark, bench_tools, B):
     """4-bit spike codes between layers (the paper's compression mode; the targets' case)."""
     _bench_deployed(benchmark, bench_tools, B, 4)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="a CUDA graph needs a CUDA device")
+def test_bench_deployed_resnet18_graphed(benchmark, bench_tools):
+    """Batch 1, 4-bit codes, replayed from a CUDA graph (`DeployedModel.graphed`): the latency
+    when the host is out of the way (the eager case above is host-bound at batch 1)."""
+    model = _model(4, 1)
+    deployed = fold(model).to(DEVICE, DTYPE)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, HW, HW, generator=g).to(DEVICE, DTYPE)
+    graphed = deployed.graphed(x)
+
+    def check() -> dict:
+        out, ref = graphed(x), deployed(x)
+        assert torch.equal(out, ref), "the graph replay differs from the eager forward"
+        return {"equal_to_eager": True}
+
+    bench_tools.run(
+        benchmark,
+        lambda: graphed(x),
+        check=check,
+        graph=False,  # already a graph replay
+        op=OP,
+        impl="packed-graphed",
+        impl_resolved="triton",
+        batch=1,
+        T=T,
+        width=WIDTH,
+        H=HW,
+        spike_bits=4,
+        dtype=str(DTYPE).removeprefix("torch."),
+    )
 
 
 @pytest.mark.parametrize("B", BATCHES[::-1])

@@ -246,6 +246,36 @@ def test_layer_plans_are_reused_per_input_and_renewed_when_tensors_change():
     assert [len(n.plans) for n in _bconv_nodes(d)] == [1] * len(nodes)
 
 
+def test_graphed_needs_a_cuda_input():
+    d = fold(_small(spike_bits=4))
+    with pytest.raises(ValueError, match="CUDA"):
+        d.graphed(torch.randn(2, 1, 24))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        d.graphed([1.0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spike_bits", [None, 4])
+def test_graphed_replays_equal_the_eager_forward(spike_bits):
+    """A deployed network captured in a CUDA graph gives the eager forward's logits on every
+    new input of the example's shape, returns its own copy each time, and refuses another
+    shape with a clear error."""
+    model = randomize(build_model("resnet18", in_shape=(3, 8, 8), num_classes=3, T=2, width=2,
+                                  spike_bits=spike_bits))  # fmt: skip
+    d = fold(model).to("cuda")
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 3, 8, 8, generator=g).cuda() for _ in range(3)]
+    graphed = d.graphed(xs[0])
+    outs = [graphed(x) for x in xs]
+    for x, out in zip(xs, outs):  # earlier results are not overwritten by later replays
+        assert torch.equal(out, d(x))
+    per_step = d.graphed(xs[0], per_step=True)
+    assert torch.equal(per_step(xs[1]), d(xs[1], per_step=True))
+    with pytest.raises(DeployError, match="captured for inputs"):
+        graphed(torch.randn(2, 3, 8, 8, device="cuda"))
+
+
 def test_load_to_dtype(tmp_path):
     model = _small(spike_bits=4)
     p = export(model, tmp_path / "m.safetensors")

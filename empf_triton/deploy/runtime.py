@@ -469,6 +469,12 @@ class DeployedModel(nn.Module):
             y = y.expand(self.T, *y.shape[1:])
         return y if per_step else y.sum(0)
 
+    def graphed(self, example: torch.Tensor, *, per_step: bool = False) -> GraphedModel:
+        """This model's forward captured in a CUDA graph for inputs shaped like `example` (a
+        CUDA tensor): see `GraphedModel`. Capture after the model is final (device, dtype,
+        weights): the graph keeps the buffers and plans of the moment it was captured."""
+        return GraphedModel(self, example, per_step=per_step)
+
     def extra_repr(self) -> str:
         ops: dict[str, int] = {}
         for n in self._nodes:
@@ -478,6 +484,57 @@ class DeployedModel(nn.Module):
             f"T={self.T}, in_shape={self.in_shape}, num_classes={self.num_classes}, "
             f"nodes: {desc}"
         )
+
+
+class GraphedModel:
+    """A `DeployedModel`'s forward for one input shape, replayed from a CUDA graph.
+
+    At batch 1 a deployed network's eager forward is bound by the host (tens of launches, each
+    with its Python); replaying a captured graph leaves only the GPU work. Built by
+    `DeployedModel.graphed(example)`: two eager forwards on a side stream (they compile the
+    kernels and make the layers' plans), then one captured into a `torch.cuda.CUDAGraph`.
+    `graphed(x)` copies x into the graph's input buffer, replays, and returns a copy of the
+    output (the next replay overwrites the graph's own). x must have the example's shape, dtype
+    and device (a `DeployError` otherwise). The graph keeps the model's buffers and plans as
+    they were at capture: after changing the model (`.to()`, `load_state_dict`, new weights),
+    capture a new one.
+    """
+
+    def __init__(self, model: DeployedModel, example: torch.Tensor, *, per_step: bool = False):
+        if not isinstance(example, torch.Tensor):
+            raise TypeError(f"example must be a torch.Tensor, got {type(example).__name__}")
+        if example.device.type != "cuda":
+            raise ValueError(
+                f"a CUDA graph needs a CUDA example input, got one on {example.device} (move "
+                "the model and the input to the GPU first)"
+            )
+        model.check_input(example)
+        self.model = model
+        self.per_step = per_step
+        self.input = example.detach().clone()
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(self.input, per_step=per_step)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = model(self.input, per_step=per_step)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        ref = self.input
+        if x.shape != ref.shape or x.dtype != ref.dtype or x.device != ref.device:
+            raise DeployError(
+                f"this graph was captured for inputs {tuple(ref.shape)} {ref.dtype} on "
+                f"{ref.device}, got {tuple(x.shape)} {x.dtype} on {x.device}: capture "
+                "another with DeployedModel.graphed(x)"
+            )
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output.clone()
 
 
 def _steps(x: torch.Tensor, T: int) -> torch.Tensor:
