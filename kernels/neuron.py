@@ -497,6 +497,7 @@ def empf_bwd(
     inner: int = 1,
     stack_param_grads: bool = False,
     dcur_shape: tuple[int, ...] | None = None,
+    bind: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], dthreshold, ddecay): the tensors in
     `dtype`, the parameter gradients fp32 in the parameter's shape ([TQ] or [T, C]).
@@ -530,60 +531,80 @@ def empf_bwd(
         dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
         ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    launch(
-        empf_bwd_kernel,
-        grid,
-        dict(
-            p_g=g if g is not None else dcur,
-            p_gv=gv if gv is not None else dcur,
-            p_mask=mask,
-            p_vhist=vhist if vhist is not None else dcur,
-            p_v0=v0 if v0 is not None else dcur,
-            p_decay=decay if d_mode else dcur,
-            p_th=threshold if (th_mode and threshold.device == dev) else dcur,
-            p_dcur=dcur,
-            p_dv0=dv0,
-            p_dth=dth,
-            p_ddecay=ddec,
-            N=N,
-            NB=mask.shape[1],
-            T=T,
-            P=P,
-            t0=t0,
-            TQ_D=decay.shape[0] if d_mode else T,
-            TQ_TH=threshold.shape[0] if th_mode else T,
-            decay_c=d_c,
-            sd_t=sd_t,
-            sd_c=sd_c,
-            sth_t=sth_t,
-            sth_c=sth_c,
-            C=channels,
-            INNER=inner,
-            N_CLASS=size_class(N),
-            T_CLASS=size_class(T),
-            HAS_G=g is not None,
-            HAS_GV=gv is not None,
-            HAS_V0=v0 is not None,
-            BPTT=bptt,
-            NEED_DDECAY=need_ddecay,
-            NEED_DTH=need_dthreshold,
-            NEED_DV0=need_dv0,
-            D_MODE=d_mode,
-            TH_MODE=th_mode,
-            LOGITS=logits,
-            SUB=SUB,
-        ),
+    args = dict(
+        p_g=g if g is not None else dcur,
+        p_gv=gv if gv is not None else dcur,
+        p_mask=mask,
+        p_vhist=vhist if vhist is not None else dcur,
+        p_v0=v0 if v0 is not None else dcur,
+        p_decay=decay if d_mode else dcur,
+        p_th=threshold if (th_mode and threshold.device == dev) else dcur,
+        p_dcur=dcur,
+        p_dv0=dv0,
+        p_dth=dth,
+        p_ddecay=ddec,
+        N=N,
+        NB=mask.shape[1],
+        T=T,
+        P=P,
+        t0=t0,
+        TQ_D=decay.shape[0] if d_mode else T,
+        TQ_TH=threshold.shape[0] if th_mode else T,
+        decay_c=d_c,
+        sd_t=sd_t,
+        sd_c=sd_c,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
+        HAS_G=g is not None,
+        HAS_GV=gv is not None,
+        HAS_V0=v0 is not None,
+        BPTT=bptt,
+        NEED_DDECAY=need_ddecay,
+        NEED_DTH=need_dthreshold,
+        NEED_DV0=need_dv0,
+        D_MODE=d_mode,
+        TH_MODE=th_mode,
+        LOGITS=logits,
+        SUB=SUB,
     )
-    dv0 = dv0 if need_dv0 else None
-    if joint:
-        sums = _finish_grad(both, decay, d_mode, channels, inner)
-        if stack_param_grads:
-            return dcur, dv0, sums, None
-        dthr, ddecay = sums.unbind(0)
+    finish = _BwdFinish(
+        joint, need_dv0, need_dthreshold, need_ddecay, decay, threshold, d_mode, th_mode,
+        channels, inner, stack_param_grads,
+    )  # fmt: skip
+    if bind:  # for empf_bwd_plan: the launch's grid, arguments and finish, not run
+        return grid, args, finish, (both if joint else None)
+    launch(empf_bwd_kernel, grid, args)
+    return finish(dcur, dv0, dth, ddec, both if joint else None)
+
+
+class _BwdFinish:
+    """What `empf_bwd` returns from its buffers after the launch: dv0 where wanted, and the
+    parameter gradients reduced from their partial sums (one [2, ...] pair when joint)."""
+
+    def __init__(self, joint, need_dv0, need_dth, need_ddecay, decay, threshold, d_mode,
+                 th_mode, C, inner, stack):  # fmt: skip
+        self.joint, self.need_dv0, self.need_dth, self.need_ddecay = (
+            joint, need_dv0, need_dth, need_ddecay,
+        )  # fmt: skip
+        self.decay, self.threshold, self.d_mode, self.th_mode = decay, threshold, d_mode, th_mode
+        self.C, self.inner, self.stack = C, inner, stack
+
+    def __call__(self, dcur, dv0, dth, ddec, both):
+        dv0 = dv0 if self.need_dv0 else None
+        C, inner = self.C, self.inner
+        if self.joint:
+            sums = _finish_grad(both, self.decay, self.d_mode, C, inner)
+            if self.stack:
+                return dcur, dv0, sums, None
+            dthr, ddecay = sums.unbind(0)
+            return dcur, dv0, dthr, ddecay
+        dthr = _finish_grad(dth, self.threshold, self.th_mode, C, inner) if self.need_dth else None
+        ddecay = _finish_grad(ddec, self.decay, self.d_mode, C, inner) if self.need_ddecay else None
         return dcur, dv0, dthr, ddecay
-    dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
-    ddecay = _finish_grad(ddec, decay, d_mode, channels, inner) if need_ddecay else None
-    return dcur, dv0, dthr, ddecay
 
 
 def parallel_fwd(
@@ -648,6 +669,7 @@ def parallel_bwd(
     logits: bool = False,
     channels: int = 1,
     inner: int = 1,
+    bind: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (dcurrent in g's shape and dtype, dthreshold fp32 in the threshold's shape or
     None). g is contiguous, [T, N] or any shape of T * N elements."""
@@ -660,37 +682,82 @@ def parallel_bwd(
     dcur = empty_like(g) if g.is_contiguous() else empty(g.shape, g.dtype, g.device)
     dth = _grad_buffer(threshold, th_mode, T, N, P, g.device) if need_dthreshold else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
-    launch(
-        parallel_bwd_kernel,
-        grid,
-        dict(
-            p_g=g,
-            p_mask=mask,
-            p_th=threshold if threshold.device == g.device else dcur,
-            p_dcur=dcur,
-            p_dth=dth,
-            N=N,
-            NB=mask.shape[1],
-            P=P,
-            T=T,
-            t0=t0,
-            TQ=threshold.shape[0] if th_mode else T,
-            sth_t=sth_t,
-            sth_c=sth_c,
-            C=channels,
-            INNER=inner,
-            N_CLASS=size_class(N),
-            NEED_DTH=need_dthreshold,
-            TH_MODE=th_mode,
-            LOGITS=logits,
-            SUB=SUB,
-        ),
+    args = dict(
+        p_g=g,
+        p_mask=mask,
+        p_th=threshold if threshold.device == g.device else dcur,
+        p_dcur=dcur,
+        p_dth=dth,
+        N=N,
+        NB=mask.shape[1],
+        P=P,
+        T=T,
+        t0=t0,
+        TQ=threshold.shape[0] if th_mode else T,
+        sth_t=sth_t,
+        sth_c=sth_c,
+        C=channels,
+        INNER=inner,
+        N_CLASS=size_class(N),
+        NEED_DTH=need_dthreshold,
+        TH_MODE=th_mode,
+        LOGITS=logits,
+        SUB=SUB,
     )
-    dthr = _finish_grad(dth, threshold, th_mode, channels, inner) if need_dthreshold else None
-    return dcur, dthr
+    finish = _ParallelFinish(need_dthreshold, threshold, th_mode, channels, inner)
+    if bind:  # for parallel_bwd_plan
+        return grid, args, finish
+    launch(parallel_bwd_kernel, grid, args)
+    return finish(dcur, dth)
 
 
-# ------------------------------------------------------------------------ inference plans
+class _ParallelFinish:
+    """What `parallel_bwd` returns from its buffers after the launch."""
+
+    def __init__(self, need_dth, threshold, th_mode, C, inner):
+        self.need_dth, self.threshold, self.th_mode, self.C, self.inner = (
+            need_dth, threshold, th_mode, C, inner,
+        )  # fmt: skip
+
+    def __call__(self, dcur, dth):
+        if not self.need_dth:
+            return dcur, None
+        return dcur, _finish_grad(dth, self.threshold, self.th_mode, self.C, self.inner)
+
+
+# ---------------------------------------------------------------------------------------- plans
+#
+# A plan is one launcher call with everything but its tensors worked out once: the launcher runs
+# with `bind=True` (arguments built, nothing launched), and each later call of the same form
+# allocates the outputs, puts its tensors in the slots the first call's tensors held (the input,
+# the outputs, and the unused pointer slots the launcher filled with one of them) and launches
+# through a `BoundLaunch`. Callers key plans on everything else (shapes, dtypes, flags, the
+# parameter tensors by identity and address).
+
+
+def _plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
+    """run(*inputs2) -> outputs2: new outputs of the forms of `outputs` (None stays None), and
+    the launch of `args` with inputs2 and them in the slots that held `inputs` and `outputs`."""
+    held = (*inputs, *outputs)
+    dynamic, which = [], []
+    for name, value in args.items():
+        for i, t in enumerate(held):
+            if t is not None and value is t:
+                dynamic.append(name)
+                which.append(i)
+                break
+    static = {k: v for k, v in args.items() if k not in dynamic}
+    bound = BoundLaunch(kernel, grid, static, tuple(dynamic))
+    forms = [None if o is None else (o.shape, o.dtype) for o in outputs]
+    device = next(t for t in held if t is not None).device
+
+    def run(*ins: torch.Tensor | None) -> tuple:
+        outs = tuple(None if f is None else empty(f[0], f[1], device) for f in forms)
+        new = (*ins, *outs)
+        bound(*[new[i] for i in which])
+        return outs
+
+    return run
 
 
 def empf_fwd_plan(
@@ -705,13 +772,67 @@ def empf_fwd_plan(
 ):
     """`run(current2) -> (spikes, v_last)`: `empf_fwd(current, None, decay, threshold, ...)`
     with nothing saved for backward (inference), for contiguous inputs of current's shape,
-    dtype and device (not checked), its launch arguments built once (a `BoundLaunch`)."""
-    grid, args = empf_fwd(
+    dtype and device (not checked)."""
+    run = empf_fwd_train_plan(
         current, None, decay, threshold, spike_bits, spike_step, False, False,
-        channels=channels, inner=inner, bind=True,
+        channels=channels, inner=inner,
     )  # fmt: skip
-    run = _plan(empf_fwd_kernel, grid, args, current, args["p_spk"], args["p_vlast"])
-    return run
+    return lambda cur: run(cur, None)[:2]
+
+
+def empf_fwd_train_plan(current: torch.Tensor, v0: torch.Tensor | None, *args, **kwargs):
+    """`run(current2, v02) -> (spikes, v_last, mask, vhist)`: `empf_fwd(current, v0, *args,
+    **kwargs)` for contiguous inputs of the same forms (v02 None where v0 is None; not
+    checked)."""
+    grid, args = empf_fwd(current, v0, *args, bind=True, **kwargs)
+    outputs = (
+        args["p_spk"],
+        args["p_vlast"],
+        args["p_mask"] if args["SAVE_MASK"] else None,
+        args["p_vhist"] if args["SAVE_V"] else None,
+    )
+    return _plan(empf_fwd_kernel, grid, args, (current, v0), outputs)
+
+
+def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
+    """`run(g2, gv2, mask2, vhist2, v02) -> empf_bwd(g, gv, mask, vhist, v0, *args, **kwargs)'s
+    result` for later calls of the same forms (contiguous; the same ones None; not checked)."""
+    grid, args, finish, both = empf_bwd(g, gv, mask, vhist, v0, *args, bind=True, **kwargs)
+    need_dv0 = args["NEED_DV0"]
+    dcur, dv0, dth, ddec = args["p_dcur"], args["p_dv0"], args["p_dth"], args["p_ddecay"]
+    # The per-call buffers: dcur, dv0 when wanted, and the partial sums (each wanted one, or
+    # one [2, ...] buffer split in two views when joint); the unwanted slots hold dcur.
+    if both is None:
+        launch_run = _plan(
+            empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0),
+            (dcur, dv0 if need_dv0 else None, _own(dth, dcur), _own(ddec, dcur)),
+        )  # fmt: skip
+
+        def run(*ins):
+            dcur2, dv02, dth2, ddec2 = launch_run(*ins)
+            return finish(dcur2, dv02, dth2, ddec2, None)
+
+        return run
+    # Joint: the two views of the fresh buffer go in as two more inputs.
+    bound_run = _plan(
+        empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0, dth, ddec),
+        (dcur, dv0 if need_dv0 else None),
+    )  # fmt: skip
+    form = (both.shape, both.dtype)
+    device = mask.device
+
+    def run_joint(*ins):
+        both2 = empty(form[0], form[1], device)
+        dth2, ddec2 = both2.unbind(0)
+        dcur2, dv02 = bound_run(*ins, dth2, ddec2)
+        return finish(dcur2, dv02, dth2, ddec2, both2)
+
+    return run_joint
+
+
+def _own(t: torch.Tensor, dummy: torch.Tensor) -> torch.Tensor | None:
+    """t, unless it is the dummy (an unused slot): None, so the plan does not allocate it."""
+    return None if t is dummy else t
 
 
 def parallel_fwd_plan(
@@ -728,31 +849,36 @@ def parallel_fwd_plan(
         current, threshold, spike_bits, spike_step, False, channels=channels, inner=inner,
         bind=True,
     )  # fmt: skip
-    run = _plan(parallel_fwd_kernel, grid, args, current, args["p_spk"])
+    run = _plan(parallel_fwd_kernel, grid, args, (current,), (args["p_spk"],))
     return lambda cur: run(cur)[0]
 
 
-def _plan(kernel, grid, args: dict, current: torch.Tensor, *outputs: torch.Tensor):
-    """run(current2): new outputs of the forms of `outputs`, and the launch of `args` with
-    current2 and them in the slots that held `current` and `outputs` (the input, the outputs,
-    and the unused pointer slots the launcher filled with one of them)."""
-    held = (current, *outputs)
-    dynamic, which = [], []
-    for name, value in args.items():
-        for i, t in enumerate(held):
-            if value is t:
-                dynamic.append(name)
-                which.append(i)
-                break
-    static = {k: v for k, v in args.items() if k not in dynamic}
-    bound = BoundLaunch(kernel, grid, static, tuple(dynamic))
-    forms = [(o.shape, o.dtype) for o in outputs]
-    device = current.device
+def parallel_fwd_train_plan(
+    current: torch.Tensor,
+    threshold: torch.Tensor | float,
+    spike_bits: int | None,
+    spike_step: float,
+    save_mask: bool,
+    **kwargs,
+):
+    """`run(current2) -> (spikes, mask)`: `parallel_fwd` with these arguments for contiguous
+    currents of the same form (not checked). kwargs: parallel_fwd's keyword arguments."""
+    grid, args = parallel_fwd(
+        current, threshold, spike_bits, spike_step, save_mask, bind=True, **kwargs
+    )
+    outputs = (args["p_spk"], args["p_mask"] if args["SAVE_MASK"] else None)
+    return _plan(parallel_fwd_kernel, grid, args, (current,), outputs)
 
-    def run(cur: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs = [empty(shape, dtype, device) for shape, dtype in forms]
-        new = (cur, *outs)
-        bound(*[new[i] for i in which])
-        return tuple(outs)
 
-    return run
+def parallel_bwd_plan(g: torch.Tensor, mask: torch.Tensor, N: int, **kwargs):
+    """`run(g2, mask2) -> (dcurrent, dthreshold)`: `parallel_bwd` for later calls of the same
+    forms (not checked). kwargs: parallel_bwd's keyword arguments."""
+    grid, args, finish = parallel_bwd(g, mask, N, bind=True, **kwargs)
+    dcur, dth = args["p_dcur"], args["p_dth"]
+    run = _plan(parallel_bwd_kernel, grid, args, (g, mask), (dcur, _own(dth, dcur)))
+
+    def run_finish(g2, mask2):
+        dcur2, dth2 = run(g2, mask2)
+        return finish(dcur2, dth2)
+
+    return run_finish

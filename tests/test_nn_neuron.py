@@ -234,3 +234,57 @@ def test_triton_module_reads_logits_in_kernel_same_as_reference(device, parallel
     torch.testing.assert_close(g_k, g_r, rtol=0, atol=1e-6)
     for a, b in zip(p_k, p_r):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_planned_steps_follow_parameter_updates_and_replacements(device, parallel):
+    """The Triton module path keeps one plan per step index (launch arguments worked out once,
+    parameters by identity and address). Trained in place (an optimizer step) the parameters'
+    new values are read; replaced (`.data = ...`, a new address) a new plan is made. Every
+    step's outputs and gradients equal the reference module's throughout."""
+    import empf_triton.ops.neuron as ops_neuron
+
+    T = 3
+    torch.manual_seed(0)
+    x = torch.randn(T, 4, 7, device=device) + 0.4
+    mods = {
+        impl: EMPFNeuron(T, step_mode="s", impl=impl).to(device) for impl in ("reference", "triton")
+    }
+    opts = {impl: torch.optim.SGD(m.parameters(), lr=0.5) for impl, m in mods.items()}
+    ops_neuron._FWD_PLANS.clear()
+    ops_neuron._BWD_PLANS.clear()
+
+    def sample():
+        res = {}
+        for impl, m in mods.items():
+            reset_net(m)
+            opts[impl].zero_grad()
+            outs, grads = [], []
+            for t in range(T):
+                xi = x[t].clone().requires_grad_()
+                out = m(xi)
+                (
+                    out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
+                ).sum().backward()
+                outs.append(out.detach())
+                grads.append(xi.grad)
+            pgrads = [p.grad.clone() for p in m.parameters()]
+            res[impl] = (torch.stack(outs), torch.stack(grads), pgrads)
+            opts[impl].step()  # in place: the same tensors, new values
+        (o_r, g_r, p_r), (o_k, g_k, p_k) = res["reference"], res["triton"]
+        torch.testing.assert_close(o_k, o_r, rtol=0, atol=1e-6)
+        torch.testing.assert_close(g_k, g_r, rtol=0, atol=1e-6)
+        for a, b in zip(p_k, p_r):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    sample()
+    plans = (len(ops_neuron._FWD_PLANS), len(ops_neuron._BWD_PLANS))
+    assert plans == (T, T)  # one per step index
+    sample()  # after an in-place update: the same plans, the new values
+    assert (len(ops_neuron._FWD_PLANS), len(ops_neuron._BWD_PLANS)) == plans
+    for m in mods.values():  # replaced storage: new addresses, new plans
+        for p, shift in ((m.decay_logit, 0.25), (m.threshold_logit, -0.25)):
+            if p is not None:
+                p.data = p.data.clone() + shift
+    sample()
+    assert len(ops_neuron._FWD_PLANS) == 2 * T and len(ops_neuron._BWD_PLANS) == 2 * T

@@ -288,14 +288,29 @@ class _NeuronFn(torch.autograd.Function):
             current = current.contiguous()
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
+        pk = _params_key(decay, threshold)
         with device_guard(current):
-            spikes, v_last, mask, vhist = _kernels().empf_fwd(
-                current, v0,
-                decay if decay is not None else d_c,
-                threshold if threshold is not None else th_c,
-                bits, spike_step, True, need_ddecay,
-                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-            )  # fmt: skip
+            if pk is None:  # per-call parameter tensors: no plan would be reused
+                spikes, v_last, mask, vhist = _kernels().empf_fwd(
+                    current, v0,
+                    decay if decay is not None else d_c,
+                    threshold if threshold is not None else th_c,
+                    bits, spike_step, True, need_ddecay,
+                    t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+                )  # fmt: skip
+            else:
+                key = (plan, need_ddecay, current.shape, current.dtype, current.device,
+                       None if v0 is None else v0.dtype, pk)  # fmt: skip
+                run = _FWD_PLANS.get(key)
+                if run is None:
+                    run = _remember(_FWD_PLANS, key, _kernels().empf_fwd_train_plan(
+                        current, v0,
+                        decay if decay is not None else d_c,
+                        threshold if threshold is not None else th_c,
+                        bits, spike_step, True, need_ddecay,
+                        t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+                    ))  # fmt: skip
+                spikes, v_last, mask, vhist = run(current, v0)
         # Saved: the 1-bit mask; v[0..T-2] and v0 only if λ learns; λ itself only where backward
         # reads it (bptt, λ's own gradient with logits); θ only when its logits need σ'. A
         # parameter whose values backward does not use is kept as a plain reference (`forms`):
@@ -331,19 +346,32 @@ class _NeuronFn(torch.autograd.Function):
         need_dth = threshold is not None and need[3]
         shape = ctx.shape
         N = shape.numel() // T
+        g = g.contiguous() if g is not None else None
+        gv = gv.contiguous() if gv is not None else None
+        vhist = vhist if need_ddecay else None
+        decay = decay if (need_ddecay or bptt) and decay is not None else d_c
+        threshold = threshold if need_dth else 0.0
+        options = dict(
+            threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits, channels=C,
+            inner=inner, dcur_shape=shape,
+        )  # fmt: skip
+        pk = _params_key(decay, threshold)
         with device_guard(mask):
-            dcur, dv0, dth, ddecay = _kernels().empf_bwd(
-                g.contiguous() if g is not None else None,
-                gv.contiguous() if gv is not None else None,
-                mask,
-                vhist if need_ddecay else None,
-                v0,
-                decay if (need_ddecay or bptt) and decay is not None else d_c,
-                N, ctx.dtype, bptt, need_ddecay, need_dv0,
-                threshold=threshold if need_dth else 0.0,
-                need_dthreshold=need_dth,
-                t0=t0, logits=logits, channels=C, inner=inner, dcur_shape=shape,
-            )  # fmt: skip
+            if pk is None:
+                dcur, dv0, dth, ddecay = _kernels().empf_bwd(
+                    g, gv, mask, vhist, v0, decay, N, ctx.dtype, bptt, need_ddecay, need_dv0,
+                    **options,
+                )  # fmt: skip
+            else:
+                key = (ctx.plan, need_dv0, need_ddecay, need_dth, g is None, gv is None,
+                       v0 is None, shape, ctx.dtype, mask.device, pk)  # fmt: skip
+                run = _BWD_PLANS.get(key)
+                if run is None:
+                    run = _remember(_BWD_PLANS, key, _kernels().empf_bwd_plan(
+                        g, gv, mask, vhist, v0, decay, N, ctx.dtype, bptt, need_ddecay,
+                        need_dv0, **options,
+                    ))  # fmt: skip
+                dcur, dv0, dth, ddecay = run(g, gv, mask, vhist, v0)
         if dv0 is not None and step:
             dv0 = dv0.view(shape)
         elif dv0 is not None:
@@ -352,6 +380,33 @@ class _NeuronFn(torch.autograd.Function):
 
 
 _NEURON_APPLY = _c_apply(_NeuronFn)
+
+# Plans of the eager path (kernels/neuron.py, "plans"): a module calls its neuron again and
+# again with the same parameters and input form, so the launch arguments are worked out once
+# per key. Keys hold the parameter tensors by identity, address and form; only nn.Parameters
+# (and floats) are planned: a tensor made per call would never be seen again.
+_FWD_PLANS: dict[tuple, object] = {}
+_BWD_PLANS: dict[tuple, object] = {}
+_MAX_PLANS = 1024
+
+
+def _params_key(*params) -> tuple | None:
+    key = []
+    for p in params:
+        if p is None or type(p) is float:
+            key.append(p)
+        elif type(p) is torch.nn.Parameter:
+            key.append((id(p), p.data_ptr(), p.shape, p.stride()))
+        else:
+            return None
+    return tuple(key)
+
+
+def _remember(plans: dict, key: tuple, run):
+    if len(plans) >= _MAX_PLANS:  # bounded: a long run over many shapes starts over
+        plans.clear()
+    plans[key] = run
+    return run
 
 
 # ---------------------------------------------------------------------------- custom op: parallel
@@ -465,11 +520,22 @@ class _ParallelFn(torch.autograd.Function):
         T, t0, C, inner, bits, spike_step, logits, th_c, step = plan
         if not current.is_contiguous():
             current = current.contiguous()
+        options = dict(t0=t0, logits=logits, channels=C, inner=inner, step_input=step)
+        th = threshold if threshold is not None else th_c
+        pk = _params_key(threshold)
         with device_guard(current):
-            spikes, mask = _kernels().parallel_fwd(
-                current, threshold if threshold is not None else th_c, bits, spike_step, True,
-                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-            )  # fmt: skip
+            if pk is None:
+                spikes, mask = _kernels().parallel_fwd(
+                    current, th, bits, spike_step, True, **options
+                )
+            else:
+                key = (plan, current.shape, current.dtype, current.device, pk)
+                run = _FWD_PLANS.get(key)
+                if run is None:
+                    run = _remember(_FWD_PLANS, key, _kernels().parallel_fwd_train_plan(
+                        current, th, bits, spike_step, True, **options
+                    ))  # fmt: skip
+                spikes, mask = run(current)
         keep_th = threshold is not None and logits
         ctx.save_for_backward(mask, threshold if keep_th else None)
         ctx.form = threshold if (threshold is not None and not keep_th) else None
@@ -483,12 +549,24 @@ class _ParallelFn(torch.autograd.Function):
         if threshold is None:
             threshold = ctx.form
         need_dth = threshold is not None and ctx.needs_input_grad[1]
+        g = g.contiguous()
+        threshold = threshold if need_dth else None
+        options = dict(
+            threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits, channels=C,
+            inner=inner,
+        )  # fmt: skip
+        pk = _params_key(threshold)
         with device_guard(g):
-            dcur, dth = _kernels().parallel_bwd(
-                g.contiguous(), mask, g.numel() // T,
-                threshold=threshold if need_dth else None, need_dthreshold=need_dth,
-                t0=t0, logits=logits, channels=C, inner=inner,
-            )  # fmt: skip
+            if pk is None:
+                dcur, dth = _kernels().parallel_bwd(g, mask, g.numel() // T, **options)
+            else:
+                key = (ctx.plan, need_dth, g.shape, g.dtype, g.device, pk)
+                run = _BWD_PLANS.get(key)
+                if run is None:
+                    run = _remember(_BWD_PLANS, key, _kernels().parallel_bwd_plan(
+                        g, mask, g.numel() // T, **options
+                    ))  # fmt: skip
+                dcur, dth = run(g, mask)
         return dcur, dth, None
 
 
