@@ -217,6 +217,8 @@ class BoundLaunch:
         g = g + (1,) * (3 - len(g))
         values = [full[n] for n in launcher.names]
         slots = [launcher.names.index(n) for n in self.dynamic]
+        for i in slots:  # filled in per call; holding this call's tensors would keep them alive
+            values[i] = None
         classes = [(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]
         return kernel, launcher, values, slots, classes, g, key[0]
 

@@ -369,3 +369,39 @@ def test_bound_launch_on_the_gpu_equals_a_plain_launch():
         out = torch.full((n,), float("nan"), device="cuda")
         bound(x, out)
         torch.testing.assert_close(out, x * 0.5 + 3.0, rtol=0, atol=1e-6)
+
+
+def test_bound_launch_keeps_no_tensor_of_a_call(monkeypatch):
+    """A plan lives as long as its layer: it must not keep the input and output tensors of the
+    calls it launched (activations) alive."""
+    import gc
+    import weakref
+
+    jit = JITFunction(_add_defaults)
+    tuner = triton.autotune([triton.Config({"BLOCK": 128})], key=["n"])(jit)
+    launcher = _launch.Launcher(tuner)
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setitem(_launch._LAUNCHERS, id(tuner), launcher)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_STREAM", lambda device: 0)
+
+    class _Kernel:
+        function = packed_metadata = None
+
+        def run(self, *a):
+            pass
+
+    def fake_launch(tuner_, grid, args):
+        launcher.cache.setdefault(launcher.signature(args), (_Kernel(), {"BLOCK": 128}))
+
+    monkeypatch.setattr(_launch, "launch", fake_launch)
+    bound = _launch.BoundLaunch(tuner, (1,), dict(n=64, alpha=0.5), ("p_x", "p_out"))
+    refs = []
+    for _ in range(3):  # the first call through `launch`, then the direct path
+        x, out = torch.zeros(64), torch.zeros(64)
+        bound(x, out)
+        refs += [weakref.ref(x), weakref.ref(out)]
+        del x, out
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert bound._fast is not None  # the direct path was taken
