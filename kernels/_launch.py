@@ -182,7 +182,7 @@ class BoundLaunch:
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         fast = self._fast
-        if fast is not None:
+        if fast is not None and ENABLED:  # ENABLED: read per call (tests and benches switch it)
             kernel, launcher, values, slots, classes, g, device = fast
             if (
                 [(t.dtype, t.data_ptr() & 15 == 0) for t in tensors] == classes

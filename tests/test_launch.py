@@ -351,6 +351,9 @@ def test_bound_launch_fills_only_the_dynamic_slots_and_falls_back_on_a_new_signa
     assert len(through_launch) == 4 and len(seen) == 1
     bound(x2, out2)
     assert len(seen) == 2
+    monkeypatch.setattr(_launch, "ENABLED", False)  # direct launches off: Triton's path again
+    bound(x2, out2)
+    assert len(through_launch) == 5 and len(seen) == 2
 
 
 @pytest.mark.gpu
