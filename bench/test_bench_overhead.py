@@ -294,3 +294,25 @@ def test_overhead_deployed_resnet18(benchmark):
         deployed = fold(model, impl="triton").to(DEVICE)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     _time(benchmark, lambda: deployed(x), case="deployed ResNet-18 B=1 forward", kind="fwd")
+
+
+@pytest.mark.parametrize("strategy", ["online", "bptt"])
+def test_overhead_resnet18_training_step(benchmark, strategy):
+    """One training batch of an EM-PF ResNet-18 (T = 4, batch 2, width 4 on 8x8 inputs: the
+    paper's network with small tensors), `train_batch` with the strategy: every layer's Python,
+    the autograd engine and the optimizer steps (T of them online, one for BPTT), the Triton
+    launches out as above. Convolutions, batch norms and the optimizer's arithmetic run as
+    torch ops on the CPU here (tiny); on a GPU they are launches."""
+    from empf_triton.models import build_model
+    from empf_triton.train.strategies import train_batch
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_shape=(3, 8, 8), num_classes=10, T=T, width=4,
+                        impl="triton").to(DEVICE)  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.rand(2, 3, 8, 8, device=DEVICE)
+    y = torch.randint(0, 10, (2,), device=DEVICE)
+    _time(
+        benchmark, lambda: train_batch(model, x, y, opt, strategy, T),
+        case=f"ResNet-18 training batch, {strategy}", kind="fwd+bwd",
+    )  # fmt: skip
