@@ -23,7 +23,7 @@
 #   bench_deploy 60   deployed ResNet-18 (packed, fused conv + neuron) vs dense fp16 compiled
 #   autotune 35       tests/test_autotune_configs.py with EMPF_AUTOTUNE=1: every config of every
 #                     autotuner run on its own against the reference
-#   bench_overhead 10 host time per call (Python and launch path)
+#   bench_overhead 30 host time per call (Python and launch path), whole-network cases last
 #   bench_binary_conv 15  the fused binary conv + neuron layer on ResNet-18 shapes
 #   bench_neuron 30   the other neuron cases (every T, fwd, parallel, LIF, 4-bit, bf16)
 #   bench_baselines 20  SpikingJelly LIF and FlexSN (skipped, with the reason, when not installed)
@@ -277,7 +277,7 @@ bench deploy 60 bench/test_bench_deploy.py
 stage autotune 35 env EMPF_AUTOTUNE=1 EMPF_POISON_EMPTY=1 "$PY" -m pytest "${AUTOTUNE_SELECT[@]}" \
     -q -ra -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$RESULTS/autotune.xml"
 
-bench overhead 10 bench/test_bench_overhead.py
+bench overhead 30 bench/test_bench_overhead.py
 bench binary_conv 15 bench/test_bench_binary_conv.py
 bench neuron 30 "$NB" -k "(empf or parallel or lif) and not compile and not sj_ and not ($TARGET_CASES)"
 bench baselines 20 "$NB" -k "sj_"

@@ -53,6 +53,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUMEL = 4096
 T = 4
 ROUNDS = int(os.environ.get("EMPF_BENCH_OVERHEAD_ROUNDS", "200"))
+MODEL_ROUNDS = max(1, ROUNDS // 10)  # whole-network cases take milliseconds a call
 _RELU_US: dict[str, float] = {}
 
 
@@ -106,11 +107,13 @@ def no_kernel_launches(path: str = LAUNCH_PATHS[0]):
             setattr(owner, name, fn)
 
 
-def _time(benchmark, fn, *, case: str, kind: str, path: str = LAUNCH_PATHS[0]) -> float:
+def _time(
+    benchmark, fn, *, case: str, kind: str, path: str = LAUNCH_PATHS[0], rounds: int = ROUNDS
+) -> float:
     with no_kernel_launches(path):
-        for _ in range(20):  # warm-up: first calls compile kernels, build autograd caches
+        for _ in range(20 if rounds >= 20 else 2):  # warm-up: compile kernels, build caches
             fn()
-        benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=5, iterations=1)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=5 if rounds >= 20 else 1, iterations=1)
     us = benchmark.stats.stats.median * 1e6
     benchmark.extra_info.update(
         device=DEVICE, case=case, kind=kind, numel=NUMEL, host_us=us, torch=torch.__version__,
@@ -293,7 +296,10 @@ def test_overhead_deployed_resnet18(benchmark):
     with no_kernel_launches():
         deployed = fold(model, impl="triton").to(DEVICE)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
-    _time(benchmark, lambda: deployed(x), case="deployed ResNet-18 B=1 forward", kind="fwd")
+    _time(
+        benchmark, lambda: deployed(x), case="deployed ResNet-18 B=1 forward", kind="fwd",
+        rounds=MODEL_ROUNDS,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("strategy", ["online", "bptt"])
@@ -314,5 +320,5 @@ def test_overhead_resnet18_training_step(benchmark, strategy):
     y = torch.randint(0, 10, (2,), device=DEVICE)
     _time(
         benchmark, lambda: train_batch(model, x, y, opt, strategy, T),
-        case=f"ResNet-18 training batch, {strategy}", kind="fwd+bwd",
+        case=f"ResNet-18 training batch, {strategy}", kind="fwd+bwd", rounds=MODEL_ROUNDS,
     )  # fmt: skip
