@@ -33,7 +33,7 @@ import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from ._common import INTERPRET, launch_options
+from ._common import INTERPRET, empty, launch_options
 
 #: Off under the interpreter (nothing is compiled) and when the environment says so.
 ENABLED: bool = not INTERPRET and os.environ.get("EMPF_FAST_LAUNCH", "1") != "0"
@@ -221,6 +221,31 @@ class BoundLaunch:
             values[i] = None
         classes = [(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]
         return kernel, launcher, values, slots, classes, g, key[0]
+
+
+def plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
+    """run(*inputs2) -> outputs2: new outputs of the forms of `outputs` (None stays None), and
+    the launch of `args` with inputs2 and them in the slots that held `inputs` and `outputs`."""
+    held = (*inputs, *outputs)
+    dynamic, which = [], []
+    for name, value in args.items():
+        for i, t in enumerate(held):
+            if t is not None and value is t:
+                dynamic.append(name)
+                which.append(i)
+                break
+    static = {k: v for k, v in args.items() if k not in dynamic}
+    bound = BoundLaunch(kernel, grid, static, tuple(dynamic))
+    forms = [None if o is None else (o.shape, o.dtype) for o in outputs]
+    device = next(t for t in held if t is not None).device
+
+    def run(*ins: torch.Tensor | None) -> tuple:
+        outs = tuple(None if f is None else empty(f[0], f[1], device) for f in forms)
+        new = (*ins, *outs)
+        bound(*[new[i] for i in which])
+        return outs
+
+    return run
 
 
 def _stream(device: int):

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._common import cdiv as _cdiv
 from ._common import empty, empty_like, pick_configs, size_class, store_partials
-from ._launch import launch
+from ._launch import launch, plan
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -225,6 +225,7 @@ def lif_fwd(
     save_h: bool,
     *,
     step_input: bool = False,
+    bind: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run all T steps. Returns (spikes [T, *], v_last [*], h [T, N] or None), current's dtype;
     with `step_input` the current is one step [*] and spikes and v_last are [*]."""
@@ -237,26 +238,25 @@ def lif_fwd(
     v_last = empty_like(spikes) if step_input else empty(shape[1:], current.dtype, dev)
     h = empty((T, N), current.dtype, dev) if save_h else spikes  # dummy pointer when unused
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    launch(
-        lif_fwd_kernel,
-        grid,
-        dict(
-            p_cur=current,
-            p_v0=v0 if v0 is not None else current,
-            p_decay=decay,
-            p_th=threshold,
-            p_spk=spikes,
-            p_vlast=v_last,
-            p_h=h,
-            N=N,
-            T=T,
-            neg_tiny=-torch.finfo(current.dtype).tiny,
-            N_CLASS=size_class(N),
-            T_CLASS=size_class(T),
-            HAS_V0=v0 is not None,
-            SAVE_H=save_h,
-        ),
+    args = dict(
+        p_cur=current,
+        p_v0=v0 if v0 is not None else current,
+        p_decay=decay,
+        p_th=threshold,
+        p_spk=spikes,
+        p_vlast=v_last,
+        p_h=h,
+        N=N,
+        T=T,
+        neg_tiny=-torch.finfo(current.dtype).tiny,
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
+        HAS_V0=v0 is not None,
+        SAVE_H=save_h,
     )
+    if bind:  # for lif_fwd_plan: the launch's grid and arguments, not run
+        return grid, args
+    launch(lif_fwd_kernel, grid, args)
     return spikes, v_last, (h if save_h else None)
 
 
@@ -277,6 +277,7 @@ def lif_bwd(
     need_dth: bool,
     *,
     dcur_shape: tuple[int, ...] | None = None,
+    bind: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Reverse-time pass. Returns (dcurrent [T, N] or `dcur_shape`, dv0 [N], ddecay [T],
     dthreshold [T]), the tensors in h's dtype and the parameter gradients in fp32; None for what
@@ -294,42 +295,76 @@ def lif_bwd(
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    launch(
-        lif_bwd_kernel,
-        grid,
-        dict(
-            p_g=g if g is not None else h,
-            p_gv=gv if gv is not None else h,
-            p_h=h,
-            p_v0=v0 if v0 is not None else h,
-            p_decay=decay,
-            p_th=threshold,
-            p_dcur=dcur,
-            p_dv0=dv0,
-            p_dth=dth,
-            p_ddecay=ddec,
-            N=N,
-            T=T,
-            P=_cdiv(N, SUB),
-            alpha=float(alpha),
-            N_CLASS=size_class(N),
-            T_CLASS=size_class(T),
-            SURROGATE=SURROGATE_IDS[surrogate],
-            DETACH_RESET=detach_reset,
-            HAS_G=g is not None,
-            HAS_GV=gv is not None,
-            HAS_V0=v0 is not None,
-            BPTT=bptt,
-            NEED_DCUR=need_dcur,
-            NEED_DV0=need_dv0,
-            NEED_DDECAY=need_ddecay,
-            NEED_DTH=need_dth,
-            SUB=SUB,
-        ),
+    args = dict(
+        p_g=g if g is not None else h,
+        p_gv=gv if gv is not None else h,
+        p_h=h,
+        p_v0=v0 if v0 is not None else h,
+        p_decay=decay,
+        p_th=threshold,
+        p_dcur=dcur,
+        p_dv0=dv0,
+        p_dth=dth,
+        p_ddecay=ddec,
+        N=N,
+        T=T,
+        P=_cdiv(N, SUB),
+        alpha=float(alpha),
+        N_CLASS=size_class(N),
+        T_CLASS=size_class(T),
+        SURROGATE=SURROGATE_IDS[surrogate],
+        DETACH_RESET=detach_reset,
+        HAS_G=g is not None,
+        HAS_GV=gv is not None,
+        HAS_V0=v0 is not None,
+        BPTT=bptt,
+        NEED_DCUR=need_dcur,
+        NEED_DV0=need_dv0,
+        NEED_DDECAY=need_ddecay,
+        NEED_DTH=need_dth,
+        SUB=SUB,
     )
+    if bind:  # for lif_bwd_plan
+        return grid, args
+    launch(lif_bwd_kernel, grid, args)
+    return _bwd_result(need_dcur, need_dv0, need_ddecay, need_dth, dcur, dv0, ddec, dth)
+
+
+def _bwd_result(need_dcur, need_dv0, need_ddecay, need_dth, dcur, dv0, ddec, dth):
+    """What `lif_bwd` returns from its buffers after the launch."""
     return (
         dcur if need_dcur else None,
         dv0 if need_dv0 else None,
         ddec.sum(1) if need_ddecay else None,
         dth.sum(1) if need_dth else None,
     )
+
+
+# Plans (see kernels/neuron.py, "plans"): the launch arguments of a call form worked out once.
+
+
+def lif_fwd_plan(current: torch.Tensor, v0: torch.Tensor | None, *args, **kwargs):
+    """`run(current2, v02) -> (spikes, v_last, h)`: `lif_fwd(current, v0, *args, **kwargs)`
+    for contiguous inputs of the same forms (v02 None where v0 is None; not checked)."""
+    grid, args = lif_fwd(current, v0, *args, bind=True, **kwargs)
+    outputs = (args["p_spk"], args["p_vlast"], args["p_h"] if args["SAVE_H"] else None)
+    return plan(lif_fwd_kernel, grid, args, (current, v0), outputs)
+
+
+def lif_bwd_plan(g, gv, h, v0, *args, **kwargs):
+    """`run(g2, gv2, h2, v02) -> lif_bwd(g, gv, h, v0, *args, **kwargs)'s result` for later
+    calls of the same forms (contiguous; the same ones None; not checked)."""
+    grid, args = lif_bwd(g, gv, h, v0, *args, bind=True, **kwargs)
+    need = (args["NEED_DCUR"], args["NEED_DV0"], args["NEED_DDECAY"], args["NEED_DTH"])
+    outs = [args[k] for k in ("p_dcur", "p_dv0", "p_ddecay", "p_dth")]
+    # unused slots hold h (an input): no buffer of their own
+    run = plan(
+        lif_bwd_kernel, grid, args, (g, gv, h, v0),
+        tuple(o if wanted else None for o, wanted in zip(outs, need)),
+    )  # fmt: skip
+
+    def run_result(*ins):
+        dcur, dv0, ddec, dth = run(*ins)
+        return _bwd_result(*need, dcur, dv0, ddec, dth)
+
+    return run_result

@@ -42,7 +42,7 @@ from ._common import (
     unpack_bit,
     zero_partial_rows,
 )
-from ._launch import BoundLaunch, launch
+from ._launch import launch, plan
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
 # config is the pinned one (interpreter / EMPF_AUTOTUNE=0): large, so the interpreter runs few
@@ -735,31 +735,6 @@ class _ParallelFinish:
 # parameter tensors by identity and address).
 
 
-def _plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
-    """run(*inputs2) -> outputs2: new outputs of the forms of `outputs` (None stays None), and
-    the launch of `args` with inputs2 and them in the slots that held `inputs` and `outputs`."""
-    held = (*inputs, *outputs)
-    dynamic, which = [], []
-    for name, value in args.items():
-        for i, t in enumerate(held):
-            if t is not None and value is t:
-                dynamic.append(name)
-                which.append(i)
-                break
-    static = {k: v for k, v in args.items() if k not in dynamic}
-    bound = BoundLaunch(kernel, grid, static, tuple(dynamic))
-    forms = [None if o is None else (o.shape, o.dtype) for o in outputs]
-    device = next(t for t in held if t is not None).device
-
-    def run(*ins: torch.Tensor | None) -> tuple:
-        outs = tuple(None if f is None else empty(f[0], f[1], device) for f in forms)
-        new = (*ins, *outs)
-        bound(*[new[i] for i in which])
-        return outs
-
-    return run
-
-
 def empf_fwd_plan(
     current: torch.Tensor,
     decay: torch.Tensor | float,
@@ -791,7 +766,7 @@ def empf_fwd_train_plan(current: torch.Tensor, v0: torch.Tensor | None, *args, *
         args["p_mask"] if args["SAVE_MASK"] else None,
         args["p_vhist"] if args["SAVE_V"] else None,
     )
-    return _plan(empf_fwd_kernel, grid, args, (current, v0), outputs)
+    return plan(empf_fwd_kernel, grid, args, (current, v0), outputs)
 
 
 def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
@@ -803,7 +778,7 @@ def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
     # The per-call buffers: dcur, dv0 when wanted, and the partial sums (each wanted one, or
     # one [2, ...] buffer split in two views when joint); the unwanted slots hold dcur.
     if both is None:
-        launch_run = _plan(
+        launch_run = plan(
             empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0),
             (dcur, dv0 if need_dv0 else None, _own(dth, dcur), _own(ddec, dcur)),
         )  # fmt: skip
@@ -814,7 +789,7 @@ def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
 
         return run
     # Joint: the two views of the fresh buffer go in as two more inputs.
-    bound_run = _plan(
+    bound_run = plan(
         empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0, dth, ddec),
         (dcur, dv0 if need_dv0 else None),
     )  # fmt: skip
@@ -849,7 +824,7 @@ def parallel_fwd_plan(
         current, threshold, spike_bits, spike_step, False, channels=channels, inner=inner,
         bind=True,
     )  # fmt: skip
-    run = _plan(parallel_fwd_kernel, grid, args, (current,), (args["p_spk"],))
+    run = plan(parallel_fwd_kernel, grid, args, (current,), (args["p_spk"],))
     return lambda cur: run(cur)[0]
 
 
@@ -867,7 +842,7 @@ def parallel_fwd_train_plan(
         current, threshold, spike_bits, spike_step, save_mask, bind=True, **kwargs
     )
     outputs = (args["p_spk"], args["p_mask"] if args["SAVE_MASK"] else None)
-    return _plan(parallel_fwd_kernel, grid, args, (current,), outputs)
+    return plan(parallel_fwd_kernel, grid, args, (current,), outputs)
 
 
 def parallel_bwd_plan(g: torch.Tensor, mask: torch.Tensor, N: int, **kwargs):
@@ -875,7 +850,7 @@ def parallel_bwd_plan(g: torch.Tensor, mask: torch.Tensor, N: int, **kwargs):
     forms (not checked). kwargs: parallel_bwd's keyword arguments."""
     grid, args, finish = parallel_bwd(g, mask, N, bind=True, **kwargs)
     dcur, dth = args["p_dcur"], args["p_dth"]
-    run = _plan(parallel_bwd_kernel, grid, args, (g, mask), (dcur, _own(dth, dcur)))
+    run = plan(parallel_bwd_kernel, grid, args, (g, mask), (dcur, _own(dth, dcur)))
 
     def run_finish(g2, mask2):
         dcur2, dth2 = run(g2, mask2)

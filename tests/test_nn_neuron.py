@@ -288,3 +288,29 @@ def test_planned_steps_follow_parameter_updates_and_replacements(device, paralle
                 p.data = p.data.clone() + shift
     sample()
     assert len(ops_neuron._FWD_PLANS) == 2 * T and len(ops_neuron._BWD_PLANS) == 2 * T
+
+
+def test_lif_module_steps_are_planned_and_equal_the_reference(device):
+    """LIFNeuron passes its constant decay/threshold tensors marked persistent, so its calls are
+    planned (one plan per call form, reused over samples); the results stay the reference's."""
+    import empf_triton.ops.lif as ops_lif
+
+    torch.manual_seed(0)
+    mods = {
+        impl: LIFNeuron(step_mode="s", impl=impl).to(device) for impl in ("reference", "triton")
+    }
+    ops_lif._FWD_PLANS.clear()
+    ops_lif._BWD_PLANS.clear()
+    for _ in range(3):  # samples
+        x = torch.randn(3, 4, 6, device=device) * 2
+        res = {}
+        for impl, m in mods.items():
+            reset_net(m)
+            xi = x.clone().requires_grad_()
+            out = torch.stack([m(xi[t]) for t in range(3)])
+            (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+            res[impl] = (out.detach(), xi.grad)
+        torch.testing.assert_close(res["triton"][0], res["reference"][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(res["triton"][1], res["reference"][1], rtol=1e-6, atol=1e-6)
+    # forward: the first step (no membrane yet) and the others; backward: one form
+    assert len(ops_lif._FWD_PLANS) == 2 and len(ops_lif._BWD_PLANS) >= 1

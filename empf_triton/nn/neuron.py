@@ -17,6 +17,7 @@ from ..ops._common import (
     TRITON_DTYPES,
     check_bool,
     check_spike_bits,
+    mark_persistent,
     resolve_impl,
 )
 from ..ops.lif import _check_surrogate, lif_neuron, lif_neuron_step, lif_neuron_triton
@@ -413,9 +414,9 @@ class LIFNeuron(StatefulNeuron):
         key = (1 if step else x.shape[0], x.device, dt)
         params = self._param_cache.get(key)
         if params is None:
-            params = (
-                torch.full((key[0],), self.decay, dtype=dt, device=x.device),
-                torch.full((key[0],), self.v_threshold, dtype=dt, device=x.device),
+            params = (  # kept and passed on every call: the op plans its launches on them
+                mark_persistent(torch.full((key[0],), self.decay, dtype=dt, device=x.device)),
+                mark_persistent(torch.full((key[0],), self.v_threshold, dtype=dt, device=x.device)),
             )
             self._param_cache[key] = params
         args = (v, *params, self.surrogate, self._alpha, self.detach_reset)

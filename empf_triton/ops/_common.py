@@ -334,3 +334,45 @@ def check_decay_values(decay: object) -> None:
 
 #: Largest decay tensor whose values are checked through `tolist` (cheaper than a reduction).
 _TOLIST_MAX = 256
+
+
+# ------------------------------------------------------------------------------------- plans
+
+
+class PlanCache(dict):
+    """Plans of the eager autograd paths by key: a plan is one launcher call with its launch
+    arguments worked out once (kernels/_launch.py `plan`), for a module that calls its op again
+    and again with the same parameters and input form. Bounded: past `limit` entries (a long
+    run over many shapes) it starts over."""
+
+    def __init__(self, limit: int = 1024):
+        super().__init__()
+        self.limit = limit
+
+    def add(self, key: tuple, run):
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = run
+        return run
+
+
+def mark_persistent(t: torch.Tensor) -> torch.Tensor:
+    """Mark a tensor a module keeps and passes on every call (like its parameters), so the ops
+    plan the calls that take it (see `params_key`). Returns t."""
+    t._empf_persistent = True
+    return t
+
+
+def params_key(*params) -> tuple | None:
+    """The parameters' part of a plan key: floats and None as they are, nn.Parameters and
+    tensors marked persistent by identity, address and strides. None (no plan) for any other
+    tensor: one made per call would never be seen again and only fill the cache."""
+    key = []
+    for p in params:
+        if p is None or type(p) is float:
+            key.append(p)
+        elif type(p) is torch.nn.Parameter or getattr(p, "_empf_persistent", False):
+            key.append((id(p), p.data_ptr(), p.shape, p.stride()))
+        else:
+            return None
+    return tuple(key)

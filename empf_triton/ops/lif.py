@@ -11,6 +11,7 @@ import torch
 
 from ..reference.lif import SURROGATES, lif_neuron_ref
 from ._common import (
+    PlanCache,
     check_grad_mode,
     check_like,
     check_sequence,
@@ -19,6 +20,7 @@ from ._common import (
     device_guard,
     grad_wanted,
     load_kernels,
+    params_key,
     per_step,
     resolve_impl,
 )
@@ -147,10 +149,21 @@ class _LIFFn(torch.autograd.Function):
             current = current.contiguous()
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
+        pk = params_key(decay, threshold)
         with device_guard(current):
-            spikes, v_last, h = _kernels().lif_fwd(
-                current, v0, decay, threshold, True, step_input=plan[4]
-            )
+            if pk is None:  # per-call parameter tensors: no plan would be reused
+                spikes, v_last, h = _kernels().lif_fwd(
+                    current, v0, decay, threshold, True, step_input=plan[4]
+                )
+            else:
+                key = (plan, current.shape, current.dtype, current.device,
+                       None if v0 is None else v0.dtype, pk)  # fmt: skip
+                run = _FWD_PLANS.get(key)
+                if run is None:
+                    run = _FWD_PLANS.add(key, _kernels().lif_fwd_plan(
+                        current, v0, decay, threshold, True, step_input=plan[4]
+                    ))  # fmt: skip
+                spikes, v_last, h = run(current, v0)
         # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
         ctx.save_for_backward(h, v0 if ctx.needs_input_grad[2] else None, decay, threshold)
         ctx.plan = plan
@@ -166,19 +179,31 @@ class _LIFFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_dv0 = bptt and ctx.has_v0 and need[1]
         shape = ctx.shape
+        g = g.contiguous() if g is not None else None
+        gv = gv.contiguous() if gv is not None else None
+        rest = (decay, threshold, surrogate, alpha, detach_reset, bptt, need[0], need_dv0,
+                need[2], need[3])  # fmt: skip
+        pk = params_key(decay, threshold)
         with device_guard(h):
-            dcur, dv0, ddecay, dth = _kernels().lif_bwd(
-                g.contiguous() if g is not None else None,
-                gv.contiguous() if gv is not None else None,
-                h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
-                need[0], need_dv0, need[2], need[3], dcur_shape=shape,
-            )  # fmt: skip
+            if pk is None:
+                dcur, dv0, ddecay, dth = _kernels().lif_bwd(g, gv, h, v0, *rest, dcur_shape=shape)
+            else:
+                key = (ctx.plan, need[:4], need_dv0, g is None, gv is None, v0 is None, shape,
+                       h.dtype, h.device, pk)  # fmt: skip
+                run = _BWD_PLANS.get(key)
+                if run is None:
+                    run = _BWD_PLANS.add(key, _kernels().lif_bwd_plan(
+                        g, gv, h, v0, *rest, dcur_shape=shape
+                    ))  # fmt: skip
+                dcur, dv0, ddecay, dth = run(g, gv, h, v0)
         if dv0 is not None:
             dv0 = dv0.view(shape if step else shape[1:])
         return dcur, dv0, ddecay, dth, None
 
 
 _LIF_APPLY = super(torch.autograd.Function, _LIFFn).apply  # see ops/neuron.py `_c_apply`
+_FWD_PLANS = PlanCache()  # see PlanCache in ops/_common.py
+_BWD_PLANS = PlanCache()
 
 
 def lif_neuron_triton(

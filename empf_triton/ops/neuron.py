@@ -21,6 +21,7 @@ import torch
 
 from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
 from ._common import (
+    PlanCache,
     check_decay_values,
     check_grad_mode,
     check_like,
@@ -31,6 +32,7 @@ from ._common import (
     device_guard,
     load_kernels,
     neuron_param,
+    params_key,
     resolve_impl,
 )
 from ._library import register_op
@@ -288,7 +290,7 @@ class _NeuronFn(torch.autograd.Function):
             current = current.contiguous()
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
-        pk = _params_key(decay, threshold)
+        pk = params_key(decay, threshold)
         with device_guard(current):
             if pk is None:  # per-call parameter tensors: no plan would be reused
                 spikes, v_last, mask, vhist = _kernels().empf_fwd(
@@ -303,7 +305,7 @@ class _NeuronFn(torch.autograd.Function):
                        None if v0 is None else v0.dtype, pk)  # fmt: skip
                 run = _FWD_PLANS.get(key)
                 if run is None:
-                    run = _remember(_FWD_PLANS, key, _kernels().empf_fwd_train_plan(
+                    run = _FWD_PLANS.add(key, _kernels().empf_fwd_train_plan(
                         current, v0,
                         decay if decay is not None else d_c,
                         threshold if threshold is not None else th_c,
@@ -355,7 +357,7 @@ class _NeuronFn(torch.autograd.Function):
             threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits, channels=C,
             inner=inner, dcur_shape=shape,
         )  # fmt: skip
-        pk = _params_key(decay, threshold)
+        pk = params_key(decay, threshold)
         with device_guard(mask):
             if pk is None:
                 dcur, dv0, dth, ddecay = _kernels().empf_bwd(
@@ -367,7 +369,7 @@ class _NeuronFn(torch.autograd.Function):
                        v0 is None, shape, ctx.dtype, mask.device, pk)  # fmt: skip
                 run = _BWD_PLANS.get(key)
                 if run is None:
-                    run = _remember(_BWD_PLANS, key, _kernels().empf_bwd_plan(
+                    run = _BWD_PLANS.add(key, _kernels().empf_bwd_plan(
                         g, gv, mask, vhist, v0, decay, N, ctx.dtype, bptt, need_ddecay,
                         need_dv0, **options,
                     ))  # fmt: skip
@@ -381,32 +383,9 @@ class _NeuronFn(torch.autograd.Function):
 
 _NEURON_APPLY = _c_apply(_NeuronFn)
 
-# Plans of the eager path (kernels/neuron.py, "plans"): a module calls its neuron again and
-# again with the same parameters and input form, so the launch arguments are worked out once
-# per key. Keys hold the parameter tensors by identity, address and form; only nn.Parameters
-# (and floats) are planned: a tensor made per call would never be seen again.
-_FWD_PLANS: dict[tuple, object] = {}
-_BWD_PLANS: dict[tuple, object] = {}
-_MAX_PLANS = 1024
-
-
-def _params_key(*params) -> tuple | None:
-    key = []
-    for p in params:
-        if p is None or type(p) is float:
-            key.append(p)
-        elif type(p) is torch.nn.Parameter:
-            key.append((id(p), p.data_ptr(), p.shape, p.stride()))
-        else:
-            return None
-    return tuple(key)
-
-
-def _remember(plans: dict, key: tuple, run):
-    if len(plans) >= _MAX_PLANS:  # bounded: a long run over many shapes starts over
-        plans.clear()
-    plans[key] = run
-    return run
+# Plans of the eager path (see `PlanCache` in ops/_common.py).
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
 
 
 # ---------------------------------------------------------------------------- custom op: parallel
@@ -522,7 +501,7 @@ class _ParallelFn(torch.autograd.Function):
             current = current.contiguous()
         options = dict(t0=t0, logits=logits, channels=C, inner=inner, step_input=step)
         th = threshold if threshold is not None else th_c
-        pk = _params_key(threshold)
+        pk = params_key(threshold)
         with device_guard(current):
             if pk is None:
                 spikes, mask = _kernels().parallel_fwd(
@@ -532,7 +511,7 @@ class _ParallelFn(torch.autograd.Function):
                 key = (plan, current.shape, current.dtype, current.device, pk)
                 run = _FWD_PLANS.get(key)
                 if run is None:
-                    run = _remember(_FWD_PLANS, key, _kernels().parallel_fwd_train_plan(
+                    run = _FWD_PLANS.add(key, _kernels().parallel_fwd_train_plan(
                         current, th, bits, spike_step, True, **options
                     ))  # fmt: skip
                 spikes, mask = run(current)
@@ -555,7 +534,7 @@ class _ParallelFn(torch.autograd.Function):
             threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits, channels=C,
             inner=inner,
         )  # fmt: skip
-        pk = _params_key(threshold)
+        pk = params_key(threshold)
         with device_guard(g):
             if pk is None:
                 dcur, dth = _kernels().parallel_bwd(g, mask, g.numel() // T, **options)
@@ -563,7 +542,7 @@ class _ParallelFn(torch.autograd.Function):
                 key = (ctx.plan, need_dth, g.shape, g.dtype, g.device, pk)
                 run = _BWD_PLANS.get(key)
                 if run is None:
-                    run = _remember(_BWD_PLANS, key, _kernels().parallel_bwd_plan(
+                    run = _BWD_PLANS.add(key, _kernels().parallel_bwd_plan(
                         g, mask, g.numel() // T, **options
                     ))  # fmt: skip
                 dcur, dth = run(g, mask)
