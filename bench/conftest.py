@@ -543,9 +543,13 @@ def pytest_runtest_logreport(report):
         _SKIPPED.append({"nodeid": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
 
 
+_JSON_WRITTEN: list[bool] = []  # pytest-benchmark wrote the session's JSON (something was timed)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["empf_skipped"] = list(_SKIPPED)
+    _JSON_WRITTEN.append(True)
 
 
 @pytest.hookimpl(trylast=True)
@@ -559,10 +563,12 @@ def pytest_sessionfinish(session, exitstatus):
         path = session.config.getoption("benchmark_json")
     except ValueError:
         return
-    # pytest-benchmark opens the file itself (an open binary file here, not a path) and writes it
-    # only when a case was timed: then it is left alone.
-    if path and _SKIPPED and not _TIMED:
-        _write_doc(Path(getattr(path, "name", path)), [], "empf-skipped-only-1")
+    # pytest-benchmark writes the file only when a case was timed (by bench_tools or by its own
+    # `benchmark` fixture): then it is left alone. The option is a path in some versions and an
+    # open file in others.
+    if path and _SKIPPED and not (_TIMED or _JSON_WRITTEN):
+        target = path if isinstance(path, (str, os.PathLike)) else path.name
+        _write_doc(Path(target), [], "empf-skipped-only-1")
 
 
 @pytest.fixture(autouse=True)

@@ -260,3 +260,30 @@ def test_overhead_table_takes_the_median_of_runs_and_the_ratio_to_relu(tmp_path)
     paths[0].write_text(json.dumps({"benchmarks": []}))
     with pytest.raises(ValueError, match="relu"):
         mod.main([str(paths[0])])
+
+
+def test_skipped_only_json_goes_to_the_given_path_and_never_over_timed_results(tmp_path):
+    """bench/conftest.py writes a JSON of skipped cases when pytest-benchmark wrote none. It used
+    to take the basename of the `--benchmark-json` path (a Path in this pytest-benchmark) and so
+    wrote into the working directory, and it did not see cases timed by the `benchmark` fixture
+    alone: each such run left a stray JSON in the checkout."""
+    pytest.importorskip("pytest_benchmark")
+    cwd, out = tmp_path / "cwd", tmp_path / "results"
+    cwd.mkdir()
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMPF_", "PYTEST_XDIST"))}
+    env.update(TRITON_INTERPRET="1", EMPF_BENCH_OVERHEAD_ROUNDS="3", EMPF_BENCH_DEVICE="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    docs = {}
+    for name, select in (("timed", "relu or (encode and bwd)"), ("skipped", "encode and bwd")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", str(BENCH / "test_bench_overhead.py"), "-q",
+             "-p", "no:cacheprovider", "-p", "no:xdist", "-k", select,
+             f"--rootdir={ROOT}", f"--benchmark-json={out / (name + '.json')}"],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        docs[name] = json.loads((out / (name + ".json")).read_text())
+    assert list(cwd.rglob("*.json")) == []  # (pytest-benchmark makes its own .benchmarks/)
+    assert {b["extra_info"]["case"] for b in docs["timed"]["benchmarks"]} == {"relu"}
+    assert docs["skipped"]["benchmarks"] == [] and docs["skipped"]["empf_skipped"]
