@@ -334,30 +334,18 @@ _TUNERS = {
 
 
 @triton.jit
-def _acc_zeros(BLOCK: tl.constexpr, ACC64: tl.constexpr):
-    """A [BLOCK] accumulator: fp64 for fp64 weights, else fp32."""
-    if ACC64:
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-    return acc
-
-
-@triton.jit
-def _binarize_rows_kernel(
-    p_w, p_scale, p_out, K, WRITE_Q: tl.constexpr, ACC64: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    """One program per row n of a contiguous [N, K] w (K >= 1): α_n = mean(|w[n]|) summed in
-    fp32 (fp64 for fp64 w) in a fixed order, stored as fp32 in scale[n]; with WRITE_Q also the
+def _binarize_rows_kernel(p_w, p_scale, p_out, K, WRITE_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row n of a contiguous [N, K] w (K >= 1; fp32/fp16/bf16, as the Triton
+    path takes): α_n = mean(|w[n]|) summed in fp32 in a fixed order, stored in scale[n]; with
+    WRITE_Q also the
     row's α_n · sign(w[n, k]) (sign(0) = +1, compared in fp32 as the pack kernel does) in out."""
     n = tl.program_id(0).to(tl.int64)
     p_row = p_w + n * K
     o = tl.arange(0, BLOCK_K)
-    acc = _acc_zeros(BLOCK_K, ACC64)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        b_w = tl.load(p_row + k0 + o, mask=k0 + o < K, other=0.0)
-        acc += tl.abs(b_w.to(acc.dtype))
-    sc = (tl.sum(acc, axis=0) / K).to(tl.float32)
+        acc += tl.abs(tl.load(p_row + k0 + o, mask=k0 + o < K, other=0.0).to(tl.float32))
+    sc = tl.sum(acc, axis=0) / K
     tl.store(p_scale + n, sc)
     if WRITE_Q:
         p_orow = p_out + n * K
@@ -374,77 +362,70 @@ def _clip_abs(b):
 
 
 @triton.jit
-def _sum_rows(p, P, ACC64: tl.constexpr, RBLOCK: tl.constexpr):
-    """p[0:P] summed in a fixed order (the same value in every program that asks)."""
+def _sum_rows(p, P, RBLOCK: tl.constexpr):
+    """p[0:P] summed in fp32 in a fixed order (the same value in every program that asks)."""
     o = tl.arange(0, RBLOCK)
-    acc = _acc_zeros(RBLOCK, ACC64)
+    acc = tl.zeros([RBLOCK], dtype=tl.float32)
     for r0 in range(0, P, RBLOCK):
         acc += tl.load(p + r0 + o, mask=r0 + o < P, other=0.0)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _ternary_delta(p_part, NK, P, ACC64: tl.constexpr, RBLOCK: tl.constexpr):
+def _ternary_delta(p_part, NK, P, RBLOCK: tl.constexpr):
     """Δ = 0.7 · mean(|clip(w)|) from the first pass's per-block sums."""
-    return 0.7 * (_sum_rows(p_part, P, ACC64, RBLOCK) / NK)
+    return 0.7 * (_sum_rows(p_part, P, RBLOCK) / NK)
 
 
 @triton.jit
 def _ternary_pass_kernel(
-    p_w, p_part, NK, P, PASS: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr,
-):  # fmt: skip
+    p_w, p_part, NK, P, PASS: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr
+):
     """The TWN statistics of a contiguous w with NK >= 1 elements, as per-block sums in the
     [3, P] buffer p_part (P = programs): PASS 1 writes row 0, Σ|clip(w)|; PASS 2 reads row 0
     for Δ and writes row 1, Σ|clip(w)| over |clip(w)| > Δ, and row 2, how many such elements."""
     pid = tl.program_id(0)
     o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < NK
-    b_w = tl.load(p_w + o, mask=m, other=0.0)
-    if ACC64:
-        b_a = _clip_abs(b_w.to(tl.float64))
-    else:
-        b_a = _clip_abs(b_w.to(tl.float32))
+    b_a = _clip_abs(tl.load(p_w + o, mask=m, other=0.0).to(tl.float32))
     if PASS == 1:
         tl.store(p_part + pid, tl.sum(b_a, axis=0))
     else:
-        delta = _ternary_delta(p_part, NK, P, ACC64, RBLOCK)
+        delta = _ternary_delta(p_part, NK, P, RBLOCK)
         keep = (b_a > delta) & m
         # a * keep, not a select: a NaN element makes the sum (and so α) NaN, as the reference
-        tl.store(p_part + P + pid, tl.sum(b_a * keep.to(b_a.dtype), axis=0))
-        tl.store(p_part + 2 * P + pid, tl.sum(keep.to(tl.int32), axis=0).to(b_a.dtype))
+        tl.store(p_part + P + pid, tl.sum(b_a * keep.to(tl.float32), axis=0))
+        tl.store(p_part + 2 * P + pid, tl.sum(keep.to(tl.int32), axis=0).to(tl.float32))
 
 
 @triton.jit
 def _ternary_finish_kernel(
     p_w, p_part, p_scale, p_delta, p_out, NK, N, P, WRITE_Q: tl.constexpr,
-    WRITE_STATS: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    WRITE_STATS: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):  # fmt: skip
     """Every program reduces the [3, P] sums to Δ and α = Σ / max(count, 1) (+ 0 · Δ: NaN
     passes); with WRITE_STATS program 0 stores Δ (fp32) and the programs together store α in
     scale[0:N]; with WRITE_Q each stores its block of α · t(w), t = +1 / 0 / -1 by the rule
     (compared in fp32, as the pack kernel does)."""
     pid = tl.program_id(0)
-    delta = _ternary_delta(p_part, NK, P, ACC64, RBLOCK)
+    delta = _ternary_delta(p_part, NK, P, RBLOCK)
     o_r = tl.arange(0, RBLOCK)
     count = tl.zeros([RBLOCK], dtype=tl.int64)
     for r0 in range(0, P, RBLOCK):
         b_c = tl.load(p_part + 2 * P + r0 + o_r, mask=r0 + o_r < P, other=0.0)
         count += b_c.to(tl.int64)
     n_keep = tl.maximum(tl.sum(count, axis=0), 1)
-    alpha = _sum_rows(p_part + P, P, ACC64, RBLOCK) / n_keep.to(delta.dtype) + 0.0 * delta
-    delta32 = delta.to(tl.float32)
-    alpha32 = alpha.to(tl.float32)
+    alpha = _sum_rows(p_part + P, P, RBLOCK) / n_keep.to(tl.float32) + 0.0 * delta
     o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     if WRITE_STATS:
-        tl.store(p_delta + pid * 0, delta32, mask=pid == 0)
-        tl.store(p_scale + o, tl.zeros([BLOCK], dtype=tl.float32) + alpha32, mask=o < N)
+        tl.store(p_delta + pid * 0, delta, mask=pid == 0)
+        tl.store(p_scale + o, tl.zeros([BLOCK], dtype=tl.float32) + alpha, mask=o < N)
     if WRITE_Q:
         m = o < NK
         b_w = tl.load(p_w + o, mask=m, other=0.0).to(tl.float32)
         b_wc = tl.minimum(tl.maximum(b_w, -1.0), 1.0)
         # α · t (not a select of ±α and 0): a NaN statistic gives NaN everywhere
-        b_q = alpha32 * tl.where(b_wc > delta32, 1.0, tl.where(b_wc < -delta32, -1.0, 0.0))
+        b_q = alpha * tl.where(b_wc > delta, 1.0, tl.where(b_wc < -delta, -1.0, 0.0))
         tl.store(p_out + o, _to_out(b_q, p_out), mask=m)
 
 
@@ -637,7 +618,6 @@ def _binary_rows(w2d: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
                 p_out=out if out is not None else w2d,
                 K=K,
                 WRITE_Q=out is not None,
-                ACC64=w2d.dtype == torch.float64,
                 BLOCK_K=_row_block(K),
             ),
         )
@@ -652,9 +632,8 @@ def _ternary(w2d: torch.Tensor, out: torch.Tensor | None, stats: bool):
     N, K = w2d.shape
     NK = N * K
     P = _cdiv(NK, _TERN_BLOCK)
-    acc = torch.float64 if w2d.dtype == torch.float64 else torch.float32
-    part = empty((3, P), acc, w2d.device)
-    common = dict(p_w=w2d, p_part=part, NK=NK, P=P, ACC64=acc == torch.float64)
+    part = empty((3, P), torch.float32, w2d.device)
+    common = dict(p_w=w2d, p_part=part, NK=NK, P=P)
     blocks = dict(BLOCK=_TERN_BLOCK, RBLOCK=_RED_BLOCK)
     for pass_ in (1, 2):
         launch(_ternary_pass_kernel, (P,), dict(common, PASS=pass_, **blocks))
