@@ -23,6 +23,8 @@ fixed-order, hence deterministic and independent of the autotuned block size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -571,40 +573,28 @@ def empf_bwd(
         LOGITS=logits,
         SUB=SUB,
     )
-    finish = _BwdFinish(
-        joint, need_dv0, need_dthreshold, need_ddecay, decay, threshold, d_mode, th_mode,
-        channels, inner, stack_param_grads,
-    )  # fmt: skip
-    if bind:  # for empf_bwd_plan: the launch's grid, arguments and finish, not run
-        return grid, args, finish, (both if joint else None)
+    form = (joint, need_dv0, need_dthreshold, need_ddecay, decay, threshold, d_mode, th_mode,
+            channels, inner, stack_param_grads)  # fmt: skip
+    if bind:  # for empf_bwd_plan: the launch's grid and arguments and the finish, not run
+        return grid, args, functools.partial(_bwd_finish, *form), (both if joint else None)
     launch(empf_bwd_kernel, grid, args)
-    return finish(dcur, dv0, dth, ddec, both if joint else None)
+    return _bwd_finish(*form, dcur, dv0, dth, ddec, both if joint else None)
 
 
-class _BwdFinish:
+def _bwd_finish(joint, need_dv0, need_dth, need_ddecay, decay, threshold, d_mode, th_mode, C,
+                inner, stack, dcur, dv0, dth, ddec, both):  # fmt: skip
     """What `empf_bwd` returns from its buffers after the launch: dv0 where wanted, and the
     parameter gradients reduced from their partial sums (one [2, ...] pair when joint)."""
-
-    def __init__(self, joint, need_dv0, need_dth, need_ddecay, decay, threshold, d_mode,
-                 th_mode, C, inner, stack):  # fmt: skip
-        self.joint, self.need_dv0, self.need_dth, self.need_ddecay = (
-            joint, need_dv0, need_dth, need_ddecay,
-        )  # fmt: skip
-        self.decay, self.threshold, self.d_mode, self.th_mode = decay, threshold, d_mode, th_mode
-        self.C, self.inner, self.stack = C, inner, stack
-
-    def __call__(self, dcur, dv0, dth, ddec, both):
-        dv0 = dv0 if self.need_dv0 else None
-        C, inner = self.C, self.inner
-        if self.joint:
-            sums = _finish_grad(both, self.decay, self.d_mode, C, inner)
-            if self.stack:
-                return dcur, dv0, sums, None
-            dthr, ddecay = sums.unbind(0)
-            return dcur, dv0, dthr, ddecay
-        dthr = _finish_grad(dth, self.threshold, self.th_mode, C, inner) if self.need_dth else None
-        ddecay = _finish_grad(ddec, self.decay, self.d_mode, C, inner) if self.need_ddecay else None
+    dv0 = dv0 if need_dv0 else None
+    if joint:
+        sums = _finish_grad(both, decay, d_mode, C, inner)
+        if stack:
+            return dcur, dv0, sums, None
+        dthr, ddecay = sums.unbind(0)
         return dcur, dv0, dthr, ddecay
+    dthr = _finish_grad(dth, threshold, th_mode, C, inner) if need_dth else None
+    ddecay = _finish_grad(ddec, decay, d_mode, C, inner) if need_ddecay else None
+    return dcur, dv0, dthr, ddecay
 
 
 def parallel_fwd(
@@ -704,25 +694,16 @@ def parallel_bwd(
         LOGITS=logits,
         SUB=SUB,
     )
-    finish = _ParallelFinish(need_dthreshold, threshold, th_mode, channels, inner)
+    form = (need_dthreshold, threshold, th_mode, channels, inner)
     if bind:  # for parallel_bwd_plan
-        return grid, args, finish
+        return grid, args, functools.partial(_parallel_finish, *form)
     launch(parallel_bwd_kernel, grid, args)
-    return finish(dcur, dth)
+    return _parallel_finish(*form, dcur, dth)
 
 
-class _ParallelFinish:
+def _parallel_finish(need_dth, threshold, th_mode, C, inner, dcur, dth):
     """What `parallel_bwd` returns from its buffers after the launch."""
-
-    def __init__(self, need_dth, threshold, th_mode, C, inner):
-        self.need_dth, self.threshold, self.th_mode, self.C, self.inner = (
-            need_dth, threshold, th_mode, C, inner,
-        )  # fmt: skip
-
-    def __call__(self, dcur, dth):
-        if not self.need_dth:
-            return dcur, None
-        return dcur, _finish_grad(dth, self.threshold, self.th_mode, self.C, self.inner)
+    return dcur, (_finish_grad(dth, threshold, th_mode, C, inner) if need_dth else None)
 
 
 # ---------------------------------------------------------------------------------------- plans
@@ -820,11 +801,9 @@ def parallel_fwd_plan(
     inner: int = 1,
 ):
     """`run(current2) -> spikes`, as `empf_fwd_plan` for `parallel_fwd` (inference)."""
-    grid, args = parallel_fwd(
-        current, threshold, spike_bits, spike_step, False, channels=channels, inner=inner,
-        bind=True,
-    )  # fmt: skip
-    run = plan(parallel_fwd_kernel, grid, args, (current,), (args["p_spk"],))
+    run = parallel_fwd_train_plan(
+        current, threshold, spike_bits, spike_step, False, channels=channels, inner=inner
+    )
     return lambda cur: run(cur)[0]
 
 

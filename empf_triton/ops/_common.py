@@ -356,6 +356,19 @@ class PlanCache(dict):
         return run
 
 
+def planned(cache: PlanCache, key: tuple | None, inputs: tuple, direct, make):
+    """One launcher call of an eager autograd path: `direct()` when there is no plan key (a
+    parameter tensor made per call), else the cached plan of `key` (made by `make()` on first
+    use) run on `inputs`. `direct` and `make` are closures over the caller's arguments, so a
+    plan hit builds no argument lists."""
+    if key is None:
+        return direct()
+    run = cache.get(key)
+    if run is None:
+        run = cache.add(key, make())
+    return run(*inputs)
+
+
 def mark_persistent(t: torch.Tensor) -> torch.Tensor:
     """Mark a tensor a module keeps and passes on every call (like its parameters), so the ops
     plan the calls that take it (see `params_key`). Returns t."""

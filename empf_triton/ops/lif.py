@@ -22,6 +22,7 @@ from ._common import (
     load_kernels,
     params_key,
     per_step,
+    planned,
     resolve_impl,
 )
 from ._library import register_op
@@ -150,20 +151,17 @@ class _LIFFn(torch.autograd.Function):
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
         pk = params_key(decay, threshold)
+        key = None if pk is None else (
+            plan, current.shape, current.dtype, current.device,
+            None if v0 is None else v0.dtype, pk,
+        )  # fmt: skip
+        k = _kernels()
         with device_guard(current):
-            if pk is None:  # per-call parameter tensors: no plan would be reused
-                spikes, v_last, h = _kernels().lif_fwd(
-                    current, v0, decay, threshold, True, step_input=plan[4]
-                )
-            else:
-                key = (plan, current.shape, current.dtype, current.device,
-                       None if v0 is None else v0.dtype, pk)  # fmt: skip
-                run = _FWD_PLANS.get(key)
-                if run is None:
-                    run = _FWD_PLANS.add(key, _kernels().lif_fwd_plan(
-                        current, v0, decay, threshold, True, step_input=plan[4]
-                    ))  # fmt: skip
-                spikes, v_last, h = run(current, v0)
+            spikes, v_last, h = planned(
+                _FWD_PLANS, key, (current, v0),
+                lambda: k.lif_fwd(current, v0, decay, threshold, True, step_input=plan[4]),
+                lambda: k.lif_fwd_plan(current, v0, decay, threshold, True, step_input=plan[4]),
+            )  # fmt: skip
         # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
         ctx.save_for_backward(h, v0 if ctx.needs_input_grad[2] else None, decay, threshold)
         ctx.plan = plan
@@ -181,21 +179,24 @@ class _LIFFn(torch.autograd.Function):
         shape = ctx.shape
         g = g.contiguous() if g is not None else None
         gv = gv.contiguous() if gv is not None else None
-        rest = (decay, threshold, surrogate, alpha, detach_reset, bptt, need[0], need_dv0,
-                need[2], need[3])  # fmt: skip
         pk = params_key(decay, threshold)
+        key = None if pk is None else (
+            ctx.plan, need[:4], need_dv0, g is None, gv is None, v0 is None, shape, h.dtype,
+            h.device, pk,
+        )  # fmt: skip
+
+        def call(launcher):
+            return launcher(
+                g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, need[0],
+                need_dv0, need[2], need[3], dcur_shape=shape,
+            )  # fmt: skip
+
+        k = _kernels()
         with device_guard(h):
-            if pk is None:
-                dcur, dv0, ddecay, dth = _kernels().lif_bwd(g, gv, h, v0, *rest, dcur_shape=shape)
-            else:
-                key = (ctx.plan, need[:4], need_dv0, g is None, gv is None, v0 is None, shape,
-                       h.dtype, h.device, pk)  # fmt: skip
-                run = _BWD_PLANS.get(key)
-                if run is None:
-                    run = _BWD_PLANS.add(key, _kernels().lif_bwd_plan(
-                        g, gv, h, v0, *rest, dcur_shape=shape
-                    ))  # fmt: skip
-                dcur, dv0, ddecay, dth = run(g, gv, h, v0)
+            dcur, dv0, ddecay, dth = planned(
+                _BWD_PLANS, key, (g, gv, h, v0),
+                lambda: call(k.lif_bwd), lambda: call(k.lif_bwd_plan),
+            )  # fmt: skip
         if dv0 is not None:
             dv0 = dv0.view(shape if step else shape[1:])
         return dcur, dv0, ddecay, dth, None

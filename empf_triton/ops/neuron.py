@@ -33,6 +33,7 @@ from ._common import (
     load_kernels,
     neuron_param,
     params_key,
+    planned,
     resolve_impl,
 )
 from ._library import register_op
@@ -291,28 +292,26 @@ class _NeuronFn(torch.autograd.Function):
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
         pk = params_key(decay, threshold)
+        key = None if pk is None else (
+            plan, need_ddecay, current.shape, current.dtype, current.device,
+            None if v0 is None else v0.dtype, pk,
+        )  # fmt: skip
+
+        def call(launcher):
+            return launcher(
+                current, v0,
+                decay if decay is not None else d_c,
+                threshold if threshold is not None else th_c,
+                bits, spike_step, True, need_ddecay,
+                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+            )  # fmt: skip
+
+        k = _kernels()
         with device_guard(current):
-            if pk is None:  # per-call parameter tensors: no plan would be reused
-                spikes, v_last, mask, vhist = _kernels().empf_fwd(
-                    current, v0,
-                    decay if decay is not None else d_c,
-                    threshold if threshold is not None else th_c,
-                    bits, spike_step, True, need_ddecay,
-                    t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-                )  # fmt: skip
-            else:
-                key = (plan, need_ddecay, current.shape, current.dtype, current.device,
-                       None if v0 is None else v0.dtype, pk)  # fmt: skip
-                run = _FWD_PLANS.get(key)
-                if run is None:
-                    run = _FWD_PLANS.add(key, _kernels().empf_fwd_train_plan(
-                        current, v0,
-                        decay if decay is not None else d_c,
-                        threshold if threshold is not None else th_c,
-                        bits, spike_step, True, need_ddecay,
-                        t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-                    ))  # fmt: skip
-                spikes, v_last, mask, vhist = run(current, v0)
+            spikes, v_last, mask, vhist = planned(
+                _FWD_PLANS, key, (current, v0),
+                lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan),
+            )  # fmt: skip
         # Saved: the 1-bit mask; v[0..T-2] and v0 only if λ learns; λ itself only where backward
         # reads it (bptt, λ's own gradient with logits); θ only when its logits need σ'. A
         # parameter whose values backward does not use is kept as a plain reference (`forms`):
@@ -353,27 +352,25 @@ class _NeuronFn(torch.autograd.Function):
         vhist = vhist if need_ddecay else None
         decay = decay if (need_ddecay or bptt) and decay is not None else d_c
         threshold = threshold if need_dth else 0.0
-        options = dict(
-            threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits, channels=C,
-            inner=inner, dcur_shape=shape,
-        )  # fmt: skip
         pk = params_key(decay, threshold)
+        key = None if pk is None else (
+            ctx.plan, need_dv0, need_ddecay, need_dth, g is None, gv is None, v0 is None, shape,
+            ctx.dtype, mask.device, pk,
+        )  # fmt: skip
+
+        def call(launcher):
+            return launcher(
+                g, gv, mask, vhist, v0, decay, N, ctx.dtype, bptt, need_ddecay, need_dv0,
+                threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits,
+                channels=C, inner=inner, dcur_shape=shape,
+            )  # fmt: skip
+
+        k = _kernels()
         with device_guard(mask):
-            if pk is None:
-                dcur, dv0, dth, ddecay = _kernels().empf_bwd(
-                    g, gv, mask, vhist, v0, decay, N, ctx.dtype, bptt, need_ddecay, need_dv0,
-                    **options,
-                )  # fmt: skip
-            else:
-                key = (ctx.plan, need_dv0, need_ddecay, need_dth, g is None, gv is None,
-                       v0 is None, shape, ctx.dtype, mask.device, pk)  # fmt: skip
-                run = _BWD_PLANS.get(key)
-                if run is None:
-                    run = _BWD_PLANS.add(key, _kernels().empf_bwd_plan(
-                        g, gv, mask, vhist, v0, decay, N, ctx.dtype, bptt, need_ddecay,
-                        need_dv0, **options,
-                    ))  # fmt: skip
-                dcur, dv0, dth, ddecay = run(g, gv, mask, vhist, v0)
+            dcur, dv0, dth, ddecay = planned(
+                _BWD_PLANS, key, (g, gv, mask, vhist, v0),
+                lambda: call(k.empf_bwd), lambda: call(k.empf_bwd_plan),
+            )  # fmt: skip
         if dv0 is not None and step:
             dv0 = dv0.view(shape)
         elif dv0 is not None:
@@ -499,22 +496,22 @@ class _ParallelFn(torch.autograd.Function):
         T, t0, C, inner, bits, spike_step, logits, th_c, step = plan
         if not current.is_contiguous():
             current = current.contiguous()
-        options = dict(t0=t0, logits=logits, channels=C, inner=inner, step_input=step)
         th = threshold if threshold is not None else th_c
         pk = params_key(threshold)
+        key = None if pk is None else (plan, current.shape, current.dtype, current.device, pk)
+
+        def call(launcher):
+            return launcher(
+                current, th, bits, spike_step, True,
+                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+            )  # fmt: skip
+
+        k = _kernels()
         with device_guard(current):
-            if pk is None:
-                spikes, mask = _kernels().parallel_fwd(
-                    current, th, bits, spike_step, True, **options
-                )
-            else:
-                key = (plan, current.shape, current.dtype, current.device, pk)
-                run = _FWD_PLANS.get(key)
-                if run is None:
-                    run = _FWD_PLANS.add(key, _kernels().parallel_fwd_train_plan(
-                        current, th, bits, spike_step, True, **options
-                    ))  # fmt: skip
-                spikes, mask = run(current)
+            spikes, mask = planned(
+                _FWD_PLANS, key, (current,),
+                lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan),
+            )  # fmt: skip
         keep_th = threshold is not None and logits
         ctx.save_for_backward(mask, threshold if keep_th else None)
         ctx.form = threshold if (threshold is not None and not keep_th) else None
@@ -530,22 +527,21 @@ class _ParallelFn(torch.autograd.Function):
         need_dth = threshold is not None and ctx.needs_input_grad[1]
         g = g.contiguous()
         threshold = threshold if need_dth else None
-        options = dict(
-            threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits, channels=C,
-            inner=inner,
-        )  # fmt: skip
         pk = params_key(threshold)
+        key = None if pk is None else (ctx.plan, need_dth, g.shape, g.dtype, g.device, pk)
+
+        def call(launcher):
+            return launcher(
+                g, mask, g.numel() // T, threshold=threshold, need_dthreshold=need_dth, t0=t0,
+                logits=logits, channels=C, inner=inner,
+            )  # fmt: skip
+
+        k = _kernels()
         with device_guard(g):
-            if pk is None:
-                dcur, dth = _kernels().parallel_bwd(g, mask, g.numel() // T, **options)
-            else:
-                key = (ctx.plan, need_dth, g.shape, g.dtype, g.device, pk)
-                run = _BWD_PLANS.get(key)
-                if run is None:
-                    run = _BWD_PLANS.add(key, _kernels().parallel_bwd_plan(
-                        g, mask, g.numel() // T, **options
-                    ))  # fmt: skip
-                dcur, dth = run(g, mask)
+            dcur, dth = planned(
+                _BWD_PLANS, key, (g, mask),
+                lambda: call(k.parallel_bwd), lambda: call(k.parallel_bwd_plan),
+            )  # fmt: skip
         return dcur, dth, None
 
 
