@@ -298,15 +298,11 @@ def test_every_op_gives_the_same_bits_through_both_launch_paths():
         _launch.ENABLED = saved
 
 
-def test_bound_launch_fills_only_the_dynamic_slots_and_falls_back_on_a_new_signature(
-    monkeypatch,
-):
-    """`BoundLaunch`: the first call goes through `launch`; later calls run the cached kernel
-    with Triton's bound arguments in order, the dynamic tensors in their slots. A dynamic tensor
-    of another dtype or alignment, or a launch hook, sends the call through `launch` again."""
-    jit = JITFunction(_add_defaults)
-    binder = _binder(jit)
-    tuner = triton.autotune([triton.Config({"BLOCK": 128})], key=["n"])(jit)
+def _stand_in_launches(monkeypatch):
+    """An autotuned kernel whose launches are recorded, not run: `launch` records the call
+    (`through_launch`) and caches a stand-in compiled kernel as a first launch would; the
+    stand-in's `run` records the direct path's arguments (`seen`)."""
+    tuner = triton.autotune([triton.Config({"BLOCK": 128})], key=["n"])(JITFunction(_add_defaults))
     launcher = _launch.Launcher(tuner)
     monkeypatch.setattr(_launch, "ENABLED", True)
     monkeypatch.setitem(_launch._LAUNCHERS, id(tuner), launcher)
@@ -320,11 +316,22 @@ def test_bound_launch_fills_only_the_dynamic_slots_and_falls_back_on_a_new_signa
         def run(self, *a):
             seen.append(a)
 
-    def fake_launch(tuner_, grid, args):  # what `launch` does on a first call: compile, cache
+    def fake_launch(tuner_, grid, args):
         through_launch.append(dict(args))
         launcher.cache.setdefault(launcher.signature(args), (_Kernel(), {"BLOCK": 128}))
 
     monkeypatch.setattr(_launch, "launch", fake_launch)
+    return tuner, seen, through_launch
+
+
+def test_bound_launch_fills_only_the_dynamic_slots_and_falls_back_on_a_new_signature(
+    monkeypatch,
+):
+    """`BoundLaunch`: the first call goes through `launch`; later calls run the cached kernel
+    with Triton's bound arguments in order, the dynamic tensors in their slots. A dynamic tensor
+    of another dtype or alignment, or a launch hook, sends the call through `launch` again."""
+    tuner, seen, through_launch = _stand_in_launches(monkeypatch)
+    binder = _binder(tuner.fn)
     x, out = torch.zeros(64), torch.zeros(64)
     static = dict(n=64, alpha=0.5, FLAG=True)
     bound = _launch.BoundLaunch(tuner, lambda meta: (3, 2), static, ("p_x", "p_out"))
@@ -380,24 +387,7 @@ def test_bound_launch_keeps_no_tensor_of_a_call(monkeypatch):
     import gc
     import weakref
 
-    jit = JITFunction(_add_defaults)
-    tuner = triton.autotune([triton.Config({"BLOCK": 128})], key=["n"])(jit)
-    launcher = _launch.Launcher(tuner)
-    monkeypatch.setattr(_launch, "ENABLED", True)
-    monkeypatch.setitem(_launch._LAUNCHERS, id(tuner), launcher)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(_launch, "_STREAM", lambda device: 0)
-
-    class _Kernel:
-        function = packed_metadata = None
-
-        def run(self, *a):
-            pass
-
-    def fake_launch(tuner_, grid, args):
-        launcher.cache.setdefault(launcher.signature(args), (_Kernel(), {"BLOCK": 128}))
-
-    monkeypatch.setattr(_launch, "launch", fake_launch)
+    tuner, seen, through_launch = _stand_in_launches(monkeypatch)
     bound = _launch.BoundLaunch(tuner, (1,), dict(n=64, alpha=0.5), ("p_x", "p_out"))
     refs = []
     for _ in range(3):  # the first call through `launch`, then the direct path
@@ -405,6 +395,8 @@ def test_bound_launch_keeps_no_tensor_of_a_call(monkeypatch):
         bound(x, out)
         refs += [weakref.ref(x), weakref.ref(out)]
         del x, out
+    assert bound._fast is not None and len(seen) == 2  # the direct path was taken
+    seen.clear()  # the stand-ins' own records of the arguments they were given
+    through_launch.clear()
     gc.collect()
     assert all(r() is None for r in refs)
-    assert bound._fast is not None  # the direct path was taken
