@@ -702,6 +702,20 @@ def parallel_neuron_triton(
 # ---------------------------------------------------------------------------------- public API
 
 
+def _checked_params(current, decay, threshold, spike_bits, spike_step, *, parallel=False):
+    """The parameter checks `empf_neuron`, `parallel_neuron` and their plans share, on a
+    checked [T, *] current: decay and threshold in their normal forms (decay None for the
+    parallel neuron, which has none)."""
+    T = current.shape[0]
+    check_spike_bits(spike_bits, spike_step)
+    if parallel:
+        return None, neuron_param("threshold", threshold, T, current, channel_dim=2)
+    decay = neuron_param("decay", decay, T, current, channel_dim=2, is_decay=True)
+    threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
+    check_decay_values(decay)
+    return decay, threshold
+
+
 def empf_neuron(
     current: torch.Tensor,
     v0: torch.Tensor | None = None,
@@ -742,13 +756,9 @@ def empf_neuron(
         the current, v0 (bptt), and tensor decay/threshold in their own shapes.
     """
     impl = check_sequence("current", current, impl)
-    T, feat = current.shape[0], current.shape[1:]
-    check_like("v0", v0, "current", current, feat)
-    check_spike_bits(spike_bits, spike_step)
+    check_like("v0", v0, "current", current, current.shape[1:])
     check_grad_mode(grad_mode)
-    decay = neuron_param("decay", decay, T, current, channel_dim=2, is_decay=True)
-    threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
-    check_decay_values(decay)
+    decay, threshold = _checked_params(current, decay, threshold, spike_bits, spike_step)
     if v0 is not None and grad_mode == "online":
         v0 = v0.detach()
     if impl == "reference" or current.numel() == 0:
@@ -778,11 +788,7 @@ def empf_neuron_plan(
     copies of other dtypes): after a change to either, make a new plan.
     """
     impl = check_sequence("current", current, impl)
-    T = current.shape[0]
-    check_spike_bits(spike_bits, spike_step)
-    decay = neuron_param("decay", decay, T, current, channel_dim=2, is_decay=True)
-    threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
-    check_decay_values(decay)
+    decay, threshold = _checked_params(current, decay, threshold, spike_bits, spike_step)
     if impl == "reference" or current.numel() == 0:
 
         def run(cur):
@@ -810,8 +816,7 @@ def parallel_neuron_plan(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`run(current2) -> spikes`: `parallel_neuron` checked once, as `empf_neuron_plan`."""
     impl = check_sequence("current", current, impl)
-    check_spike_bits(spike_bits, spike_step)
-    threshold = neuron_param("threshold", threshold, current.shape[0], current, channel_dim=2)
+    _, threshold = _checked_params(current, None, threshold, spike_bits, spike_step, parallel=True)
     if impl == "reference" or current.numel() == 0:
         return _inference_only(
             lambda cur: parallel_neuron_ref(cur, threshold, spike_bits, spike_step)
@@ -911,9 +916,7 @@ def parallel_neuron(
         spikes [T, *] in the current's dtype; `dL/dI = g · 1[I > θ]`.
     """
     impl = check_sequence("current", current, impl)
-    T = current.shape[0]
-    check_spike_bits(spike_bits, spike_step)
-    threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
+    _, threshold = _checked_params(current, None, threshold, spike_bits, spike_step, parallel=True)
     if impl == "reference" or current.numel() == 0:
         return parallel_neuron_ref(current, threshold, spike_bits, spike_step)
     return parallel_neuron_triton(current, threshold, spike_bits, spike_step)
