@@ -240,8 +240,8 @@ def plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
     device = next(t for t in held if t is not None).device
 
     def run(*ins: torch.Tensor | None) -> tuple:
-        outs = tuple(None if f is None else empty(f[0], f[1], device) for f in forms)
-        new = (*ins, *outs)
+        outs = tuple([None if f is None else empty(f[0], f[1], device) for f in forms])
+        new = ins + outs
         bound(*[new[i] for i in which])
         return outs
 

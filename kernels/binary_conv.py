@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, empty, pick_configs, spike_code
-from ._launch import BoundLaunch, launch
+from ._launch import launch, plan
 from .binary import DOT_FP16, DOT_IEEE, DOT_TF32, DOT_TF32X3, _cdiv, _dot_acc, _pow2, _to_out
 
 #: int8 tensor-core dots on int8 tiles with int32 accumulation (codes < 128).
@@ -406,18 +406,10 @@ def binary_conv_neuron_fwd(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def binary_conv_neuron_plan(x: torch.Tensor, *args, **kwargs):
     """`run(x2) -> out`, the same launch as `binary_conv_neuron_fwd(x, ...)` for inputs x2 of
     x's dtype, shape, strides and device (the caller's promise: not checked): the arguments are
-    built once and each call launches through a `BoundLaunch` (see kernels/_launch.py)."""
+    built once (a `plan`, kernels/_launch.py)."""
     shape, dtype, grid, args_ = _bconv_setup(x, *args, **kwargs)
-    device = x.device
-    bound = None if args_ is None else BoundLaunch(_bconv_neuron_kernel, grid, args_, _DYNAMIC)
-
-    def run(x2: torch.Tensor) -> torch.Tensor:
-        out = empty(shape, dtype, device)
-        if bound is not None:
-            bound(x2, out)
-        return out
-
-    return run
-
-
-_DYNAMIC = ("p_x", "p_out")
+    out = empty(shape, dtype, x.device)
+    if args_ is None:  # nothing to launch: an empty output of the same form
+        return lambda x2: empty(shape, dtype, x.device)
+    run = plan(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_out=out), (x,), (out,))
+    return lambda x2: run(x2)[0]
