@@ -27,6 +27,7 @@ profiler such as proton) or a jit pre-run hook is installed, and with `EMPF_FAST
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import triton
@@ -182,28 +183,20 @@ class BoundLaunch:
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         fast = self._fast
-        if fast is not None and ENABLED:  # ENABLED: read per call (tests and benches switch it)
-            kernel, launcher, values, slots, classes, g, device = fast
-            if (
-                [(t.dtype, t.data_ptr() & 15 == 0) for t in tensors] == classes
-                and torch.cuda.current_device() == device
-                and not (launcher.pre_run_hooks or _hooks_active())
-            ):
-                values = values.copy()
-                for i, t in zip(slots, tensors):
-                    values[i] = t
-                kernel.run(
-                    g[0], g[1], g[2], _stream(device), kernel.function, kernel.packed_metadata,
-                    None, None, None, *values,
-                )  # fmt: skip
-                return
+        if fast is not None and fast(*tensors):
+            return
         args = {**self.args, **dict(zip(self.dynamic, tensors))}
         launch(self.tuner, self.grid, args)
         if fast is None:
             self._fast = self._prepare(args, tensors)
 
-    def _prepare(self, args: dict, tensors) -> tuple | None:
-        """What the direct path needs, from the launcher's cache entry of this signature."""
+    def _prepare(self, args: dict, tensors) -> object | None:
+        """The direct path, from the launcher's cache entry of this signature: a function
+        generated for this launch, `fast(*tensors) -> bool`, which launches and returns True when
+        the tensors have the first call's dtypes and alignments, the device is the first call's,
+        direct launches are on (`ENABLED`, read per call: tests and benches switch it) and no
+        hook is installed; else returns False. It holds no tensor of a call (a plan lives as
+        long as its layer and must not keep activations alive)."""
         launcher = _LAUNCHERS.get(id(self.tuner))
         if not ENABLED or launcher is None:
             return None
@@ -215,12 +208,34 @@ class BoundLaunch:
         full = {**launcher.defaults, **args, **config}
         g = tuple(self.grid(full) if callable(self.grid) else self.grid)
         g = g + (1,) * (3 - len(g))
-        values = [full[n] for n in launcher.names]
-        slots = [launcher.names.index(n) for n in self.dynamic]
-        for i in slots:  # filled in per call; holding this call's tensors would keep them alive
-            values[i] = None
-        classes = [(t.dtype, t.data_ptr() & 15 == 0) for t in tensors]
-        return kernel, launcher, values, slots, classes, g, key[0]
+        slots = {launcher.names.index(n): j for j, n in enumerate(self.dynamic)}
+        scope = {
+            "L": _module, "torch": torch, "hooks": _hooks_active, "stream": _stream,
+            "run": kernel.run, "fn": kernel.function, "meta": kernel.packed_metadata,
+            "pre": launcher.pre_run_hooks, "dev": key[0], "g0": g[0], "g1": g[1], "g2": g[2],
+        }  # fmt: skip
+        names = [f"t{j}" for j in range(len(tensors))]
+        checks, values = [], []
+        for j, t in enumerate(tensors):
+            scope[f"dt{j}"] = t.dtype
+            aligned = "" if t.data_ptr() & 15 == 0 else "not "
+            checks.append(f"t{j}.dtype is dt{j} and {aligned}(t{j}.data_ptr() & 15 == 0)")
+        for i, n in enumerate(launcher.names):
+            if i in slots:
+                values.append(f"t{slots[i]}")
+            else:
+                scope[f"v{i}"] = full[n]
+                values.append(f"v{i}")
+        src = (
+            f"def fast({', '.join(names)}):\n"
+            f"    if not (L.ENABLED and {' and '.join(checks) or 'True'}\n"
+            f"            and torch.cuda.current_device() == dev and not (pre or hooks())):\n"
+            f"        return False\n"
+            f"    run(g0, g1, g2, stream(dev), fn, meta, None, None, None, {', '.join(values)})\n"
+            f"    return True\n"
+        )
+        exec(compile(src, f"<bound launch of {launcher.names[0]}...>", "exec"), scope)
+        return scope["fast"]
 
 
 def plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
@@ -236,16 +251,26 @@ def plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
                 break
     static = {k: v for k, v in args.items() if k not in dynamic}
     bound = BoundLaunch(kernel, grid, static, tuple(dynamic))
-    forms = [None if o is None else (o.shape, o.dtype) for o in outputs]
     device = next(t for t in held if t is not None).device
-
-    def run(*ins: torch.Tensor | None) -> tuple:
-        outs = tuple([None if f is None else empty(f[0], f[1], device) for f in forms])
-        new = ins + outs
-        bound(*[new[i] for i in which])
-        return outs
-
-    return run
+    # generated: a loop over the outputs and slots cost more than the allocations themselves
+    scope = {"empty": empty, "bound": bound, "device": device}
+    ins = [f"i{j}" for j in range(len(inputs))]
+    outs, body = [], []
+    for j, o in enumerate(outputs):
+        if o is None:
+            outs.append("None")
+            continue
+        scope[f"s{j}"], scope[f"d{j}"] = o.shape, o.dtype
+        body.append(f"    o{j} = empty(s{j}, d{j}, device)\n")
+        outs.append(f"o{j}")
+    new = ins + outs
+    src = (
+        f"def run({', '.join(ins)}):\n{''.join(body)}"
+        f"    bound({', '.join(new[i] for i in which)})\n"
+        f"    return ({', '.join(outs)},)\n"
+    )
+    exec(compile(src, "<plan run>", "exec"), scope)
+    return scope["run"]
 
 
 def _stream(device: int):
@@ -263,6 +288,7 @@ def _stream_getter():
 
 
 _STREAM = _stream_getter() if ENABLED else None
+_module = sys.modules[__name__]
 _LAUNCHERS: dict[int, Launcher | None] = {}
 _MISSING = object()
 
