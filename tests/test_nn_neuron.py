@@ -212,6 +212,81 @@ def test_module_revalidates_when_the_input_changes():
 
 
 @pytest.mark.parametrize("parallel", [False, True])
+def test_logits_are_one_parameter_and_former_state_dicts_load(parallel):
+    """`logits` is the neuron's one parameter ([2, T]: θ's logits, λ's; [1, T] parallel);
+    `threshold_logit` / `decay_logit` are views of its rows; a state dict saved with the former
+    separate entries loads into it (strict), and one that does not fit fails saying why."""
+    T = 3
+    n = EMPFNeuron(T, parallel=parallel)
+    assert [name for name, _ in n.named_parameters()] == ["logits"]
+    assert n.logits.shape == (1 if parallel else 2, T)
+    b, a = torch.tensor([0.1, -0.2, 0.3]), torch.tensor([-1.0, 0.5, 2.0])
+    old = {"threshold_logit": b} if parallel else {"threshold_logit": b, "decay_logit": a}
+    n.load_state_dict(old)
+    assert torch.equal(n.threshold_logit, b) and torch.equal(n.threshold, torch.sigmoid(b))
+    if parallel:
+        assert n.decay_logit is None and n.decay is None
+    else:
+        assert torch.equal(n.logits, torch.stack([b, a])) and torch.equal(n.decay_logit, a)
+        assert torch.equal(n.decay, torch.sigmoid(a))
+    with torch.no_grad():  # the row views write through to the parameter
+        n.threshold_logit.fill_(0.75)
+    assert torch.equal(n.logits[0], torch.full((T,), 0.75))
+    twin = EMPFNeuron(T, parallel=parallel)
+    twin.load_state_dict(n.state_dict())
+    assert torch.equal(twin.logits, n.logits)
+    bad = {k: torch.zeros(T + 1) for k in old}
+    with pytest.raises(RuntimeError, match="size mismatch for logits"):
+        EMPFNeuron(T, parallel=parallel).load_state_dict(bad)
+    # the former state of the other kind (θ only, or θ and λ): both keys are named
+    with pytest.raises(RuntimeError, match='(?s)Missing.*"logits".*Unexpected.*threshold_logit'):
+        EMPFNeuron(T, parallel=not parallel).load_state_dict(old)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_triton_step_has_one_gradient_edge_for_the_logits(parallel):
+    """A Triton step's autograd node takes the input and the whole `logits` tensor: one
+    gradient accumulation per step for the neuron's parameters (two separate [T] parameters
+    cost a second one, a launch on a GPU)."""
+    n = EMPFNeuron(3, parallel=parallel, impl="triton")
+    x = torch.randn(4, 5, requires_grad=True)
+    out = n(x)
+    edges = [f for f, _ in out.grad_fn.next_functions if f is not None]
+    assert len(edges) == 2
+    assert {id(f.variable) for f in edges} == {id(x), id(n.logits)}
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_inference_calls_are_planned_and_equal_the_reference(device, parallel, step_mode):
+    """Without autograd (evaluation) the Triton module path keeps plans too (one per step
+    index in step mode "s"), reads in-place parameter updates, and equals the reference."""
+    import empf_triton.ops.neuron as ops_neuron
+
+    T = 3
+    x = torch.randn(T, 4, 7, device=device) + 0.4
+    mods = {i: EMPFNeuron(T, parallel=parallel, step_mode=step_mode, impl=i).to(device)
+            for i in ("reference", "triton")}  # fmt: skip
+    ops_neuron._FWD_PLANS.clear()
+
+    def sample():
+        outs = {}
+        for impl, m in mods.items():
+            reset_net(m)
+            with torch.no_grad():
+                outs[impl] = m(x) if step_mode == "m" else torch.stack([m(x[t]) for t in range(T)])
+        torch.testing.assert_close(outs["triton"], outs["reference"], rtol=0, atol=1e-6)
+
+    sample()
+    assert len(ops_neuron._FWD_PLANS) == (T if step_mode == "s" else 1)
+    for m in mods.values():
+        with torch.no_grad():
+            m.logits.copy_(torch.linspace(-1.5, 1.0, m.logits.numel()).view_as(m.logits))
+    sample()
+    assert len(ops_neuron._FWD_PLANS) == (T if step_mode == "s" else 1)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_triton_module_reads_logits_in_kernel_same_as_reference(device, parallel, step_mode):
     """The Triton module path (logits and step index passed to the kernel, which applies the
@@ -222,9 +297,9 @@ def test_triton_module_reads_logits_in_kernel_same_as_reference(device, parallel
     for impl in ("reference", "triton"):
         m = EMPFNeuron(T, spike_bits=4, parallel=parallel, step_mode=step_mode, impl=impl)
         m = m.to(device)
-        with torch.no_grad():
+        with torch.no_grad():  # θ's and λ's rows differ: a swap of the rows would show
             for p in m.parameters():
-                p.copy_(torch.linspace(-0.7, 0.9, T))
+                p.copy_(torch.linspace(-0.7, 0.9, p.numel()).view_as(p))
         xi = x.clone().requires_grad_()
         out = m(xi) if step_mode == "m" else torch.stack([m(xi[t]) for t in range(T)])
         (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
@@ -283,9 +358,7 @@ def test_planned_steps_follow_parameter_updates_and_replacements(device, paralle
     sample()  # after an in-place update: the same plans, the new values
     assert (len(ops_neuron._FWD_PLANS), len(ops_neuron._BWD_PLANS)) == plans
     for m in mods.values():  # replaced storage: new addresses, new plans
-        for p, shift in ((m.decay_logit, 0.25), (m.threshold_logit, -0.25)):
-            if p is not None:
-                p.data = p.data.clone() + shift
+        m.logits.data = m.logits.data.clone() + 0.25
     sample()
     assert len(ops_neuron._FWD_PLANS) == 2 * T and len(ops_neuron._BWD_PLANS) == 2 * T
 

@@ -139,6 +139,12 @@ class EMPFNeuron(StatefulNeuron):
         mem_bn: apply Mem-BN (`empf_triton.nn.MemBN`, docs/model.md) to the membrane each step.
         channels: C, dim 1 of the per-step input `[N, C, *]`; required with mem_bn.
 
+    Parameters: `logits`, [2, T]: b (θ's logits) in row 0 and a (λ's logits) in row 1; [1, T]
+    (b only) for a parallel neuron. `threshold_logit` and `decay_logit` are views of its rows.
+    One tensor rather than two because the fused op takes it whole: one autograd input and one
+    gradient accumulation per step. State dicts with the former separate `threshold_logit` and
+    `decay_logit` entries still load.
+
     Flags (parallel, mem_bn) must be real bools. State: in step mode "s" the membrane carries over
     between calls (at most T calls) until `empf_triton.reset_net(model)`; in step mode "m" each
     call is a whole sequence from v = 0, and a second call without `reset_net` raises a
@@ -183,8 +189,8 @@ class EMPFNeuron(StatefulNeuron):
         self.spike_step = spike_step
         self.parallel = parallel
         self.channels = channels
-        self.threshold_logit = nn.Parameter(torch.zeros(T))
-        self.decay_logit = None if parallel else nn.Parameter(torch.zeros(T))
+        # One learnable tensor: the op takes it whole (one autograd input, one gradient).
+        self.logits = nn.Parameter(torch.zeros(1 if parallel else 2, T))
         self.mem_bn: MemBN | None = MemBN(channels, T) if mem_bn else None
         # Set by fold_mem_bn(): the eval-mode Mem-BN as a per-step, per-channel affine map.
         self.register_buffer("mem_scale", None)
@@ -193,14 +199,41 @@ class EMPFNeuron(StatefulNeuron):
         check_spike_bits(spike_bits, spike_step)
 
     @property
+    def threshold_logit(self) -> torch.Tensor:
+        """b, [T]: row 0 of `logits` (a view: write into it in place, or into `logits`)."""
+        return self.logits[0]
+
+    @property
+    def decay_logit(self) -> torch.Tensor | None:
+        """a, [T]: row 1 of `logits` (a view, as `threshold_logit`); None for a parallel
+        neuron."""
+        return None if self.parallel else self.logits[1]
+
+    @property
     def decay(self) -> torch.Tensor | None:
         """λ = sigmoid(a), [T] (None for a parallel neuron)."""
-        return None if self.decay_logit is None else torch.sigmoid(self.decay_logit)
+        return None if self.parallel else torch.sigmoid(self.logits[1])
 
     @property
     def threshold(self) -> torch.Tensor:
         """θ = sigmoid(b), [T]."""
-        return torch.sigmoid(self.threshold_logit)
+        return torch.sigmoid(self.logits[0])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts saved before the logits were one tensor hold `threshold_logit` [T] and
+        # (not parallel) `decay_logit` [T]: stacked into `logits` here, so they still load.
+        th, dec = prefix + "threshold_logit", prefix + "decay_logit"
+        if prefix + "logits" not in state_dict and th in state_dict:
+            rows = [state_dict.pop(th)]
+            if dec in state_dict:
+                rows.append(state_dict.pop(dec))
+            if len(rows) == self.logits.shape[0] and all(r.shape == rows[0].shape for r in rows):
+                state_dict[prefix + "logits"] = torch.stack(rows)
+            else:  # restored as they were: the size-mismatch error names them
+                state_dict[th] = rows[0]
+                if len(rows) > 1:
+                    state_dict[dec] = rows[1]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def has_mem_bn(self) -> bool:
@@ -272,10 +305,10 @@ class EMPFNeuron(StatefulNeuron):
         if self.parallel:
             if impl == "triton":
                 spike = parallel_neuron_triton(
-                    x, self.threshold_logit, bits, step, t0=t, logits=True, step=True
+                    x, self.logits, bits, step, t0=t, logits=True, step=True, joint=True
                 )
             else:
-                th = torch.sigmoid(self.threshold_logit[t : t + 1])
+                th = torch.sigmoid(self.logits[0, t : t + 1])
                 spike = parallel_neuron_ref(x.unsqueeze(0), th, bits, step)[0]
         else:
             v = self.v
@@ -286,12 +319,12 @@ class EMPFNeuron(StatefulNeuron):
                     v = v.detach()
             if impl == "triton":
                 spike, v = empf_neuron_triton(
-                    x, v, self.decay_logit, self.threshold_logit, bits, step, True,
-                    t0=t, logits=True, step=True,
+                    x, v, self.logits, None, bits, step, True,
+                    t0=t, logits=True, step=True, joint=True,
                 )  # fmt: skip
             else:
-                decay = torch.sigmoid(self.decay_logit[t : t + 1])
-                th = torch.sigmoid(self.threshold_logit[t : t + 1])
+                decay = torch.sigmoid(self.logits[1, t : t + 1])
+                th = torch.sigmoid(self.logits[0, t : t + 1])
                 spike, v = empf_neuron_ref(x.unsqueeze(0), v, decay, th, bits, step, "bptt")
                 spike = spike[0]
             self.v = v.detach() if self.grad_mode == "online" else v
@@ -317,14 +350,14 @@ class EMPFNeuron(StatefulNeuron):
         bits, step = self.spike_bits, self.spike_step
         if self.parallel:
             if impl == "triton":
-                spikes = parallel_neuron_triton(x, self.threshold_logit, bits, step, logits=True)
+                spikes = parallel_neuron_triton(x, self.logits, bits, step, logits=True, joint=True)
             else:
                 spikes = parallel_neuron_ref(x, self.threshold, bits, step)
         else:
             bptt = self.grad_mode == "bptt"
             if impl == "triton":
                 spikes, v = empf_neuron_triton(
-                    x, None, self.decay_logit, self.threshold_logit, bits, step, bptt, logits=True
+                    x, None, self.logits, None, bits, step, bptt, logits=True, joint=True
                 )
             else:
                 spikes, v = empf_neuron_ref(

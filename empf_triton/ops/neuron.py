@@ -279,44 +279,27 @@ def _c_apply(fn_cls):
 class _NeuronFn(torch.autograd.Function):
     """Eager autograd of the fused EM-PF neuron (see `empf_neuron_triton`).
 
-    plan = (T, t0, C, inner, spike_bits, spike_step, bptt, logits, decay_c, threshold_c, step).
+    plan = (T, t0, C, inner, spike_bits, spike_step, bptt, logits, decay_c, threshold_c, step,
+    joint). With `joint` the decay slot holds a module's [2, T] logits (θ's row 0, λ's row 1),
+    the threshold slot None, and backward returns their gradient as one [2, T] tensor: one
+    autograd input and one gradient accumulation instead of two.
     """
 
     @staticmethod
     def forward(ctx, current, v0, decay, threshold, plan):
-        T, t0, C, inner, bits, spike_step, bptt, logits, d_c, th_c, step = plan
+        bptt, logits, joint = plan[6], plan[7], plan[11]
         need = ctx.needs_input_grad
         need_ddecay = need[2]
         if not current.is_contiguous():
             current = current.contiguous()
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
-        pk = params_key(decay, threshold)
-        key = None if pk is None else (
-            plan, need_ddecay, current.shape, current.dtype, current.device,
-            None if v0 is None else v0.dtype, pk,
-        )  # fmt: skip
-
-        def call(launcher):
-            return launcher(
-                current, v0,
-                decay if decay is not None else d_c,
-                threshold if threshold is not None else th_c,
-                bits, spike_step, True, need_ddecay,
-                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-            )  # fmt: skip
-
-        k = _kernels()
-        with device_guard(current):
-            spikes, v_last, mask, vhist = planned(
-                _FWD_PLANS, key, (current, v0),
-                lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan),
-            )  # fmt: skip
+        spikes, v_last, mask, vhist = _fwd(current, v0, decay, threshold, plan, True, need_ddecay)
         # Saved: the 1-bit mask; v[0..T-2] and v0 only if λ learns; λ itself only where backward
         # reads it (bptt, λ's own gradient with logits); θ only when its logits need σ'. A
         # parameter whose values backward does not use is kept as a plain reference (`forms`):
         # the kernel needs its form (shape, strides), which an in-place update cannot change.
-        keep_decay = decay is not None and (bptt or (logits and need_ddecay))
+        keep_decay = decay is not None and (joint or bptt or (logits and need_ddecay))
         keep_th = threshold is not None and logits
         ctx.save_for_backward(
             mask, vhist, v0 if need_ddecay else None, decay if keep_decay else None,
@@ -335,7 +318,7 @@ class _NeuronFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, gv):
         mask, vhist, v0, decay, threshold = ctx.saved_tensors
-        T, t0, C, inner, _, _, bptt, logits, d_c, _, step = ctx.plan
+        T, t0, C, inner, _, _, bptt, logits, d_c, _, step, joint = ctx.plan
         need = ctx.needs_input_grad
         form_d, form_th = ctx.forms
         if decay is None:
@@ -344,25 +327,29 @@ class _NeuronFn(torch.autograd.Function):
             threshold = form_th
         need_dv0 = bptt and need[1]
         need_ddecay = decay is not None and need[2]
-        need_dth = threshold is not None and need[3]
+        need_dth = (threshold is not None and need[3]) or (joint and need[2])
         shape = ctx.shape
         N = shape.numel() // T
         g = g.contiguous() if g is not None else None
         gv = gv.contiguous() if gv is not None else None
         vhist = vhist if need_ddecay else None
-        decay = decay if (need_ddecay or bptt) and decay is not None else d_c
-        threshold = threshold if need_dth else 0.0
-        pk = params_key(decay, threshold)
+        if joint:  # the [2, T] logits stay whole in the key; their rows go to the launcher
+            pk = params_key(decay)
+        else:
+            decay = decay if (need_ddecay or bptt) and decay is not None else d_c
+            threshold = threshold if need_dth else 0.0
+            pk = params_key(decay, threshold)
         key = None if pk is None else (
             ctx.plan, need_dv0, need_ddecay, need_dth, g is None, gv is None, v0 is None, shape,
             ctx.dtype, mask.device, pk,
         )  # fmt: skip
 
         def call(launcher):
+            d, th = (decay[1], decay[0]) if joint else (decay, threshold)
             return launcher(
-                g, gv, mask, vhist, v0, decay, N, ctx.dtype, bptt, need_ddecay, need_dv0,
-                threshold=threshold, need_dthreshold=need_dth, t0=t0, logits=logits,
-                channels=C, inner=inner, dcur_shape=shape,
+                g, gv, mask, vhist, v0, d, N, ctx.dtype, bptt, need_ddecay, need_dv0,
+                threshold=th, need_dthreshold=need_dth, t0=t0, logits=logits,
+                channels=C, inner=inner, dcur_shape=shape, stack_param_grads=joint,
             )  # fmt: skip
 
         k = _kernels()
@@ -375,10 +362,40 @@ class _NeuronFn(torch.autograd.Function):
             dv0 = dv0.view(shape)
         elif dv0 is not None:
             dv0 = dv0.view(shape[1:])
+        if joint:  # dth: the stacked [2, T] gradient of the logits (None when not needed)
+            return dcur, dv0, dth, None, None
         return dcur, dv0, ddecay, dth, None
 
 
 _NEURON_APPLY = _c_apply(_NeuronFn)
+
+
+def _fwd(current, v0, decay, threshold, plan, save_mask, save_v):
+    """The forward launch of an eager call (`_NeuronFn`'s, or one without autograd), planned
+    when the parameters allow (see `planned`): (spikes, v_last, mask, vhist). Contiguous
+    inputs; decay and threshold tensors, or None for the plan's constants."""
+    T, t0, C, inner, bits, spike_step, _, logits, d_c, th_c, step, joint = plan
+    pk = params_key(decay, threshold)
+    key = None if pk is None else (
+        plan, save_mask, save_v, current.shape, current.dtype, current.device,
+        None if v0 is None else v0.dtype, pk,
+    )  # fmt: skip
+
+    def call(launcher):
+        d, th = (decay[1], decay[0]) if joint else (decay, threshold)
+        return launcher(
+            current, v0, d if d is not None else d_c, th if th is not None else th_c,
+            bits, spike_step, save_mask, save_v,
+            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+        )  # fmt: skip
+
+    k = _kernels()
+    with device_guard(current):
+        return planned(
+            _FWD_PLANS, key, (current, v0),
+            lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan),
+        )  # fmt: skip
+
 
 # Plans of the eager path (see `PlanCache` in ops/_common.py).
 _FWD_PLANS = PlanCache()
@@ -488,30 +505,17 @@ _PARALLEL_BWD_OP = torch.ops.empf.parallel_bwd.default
 class _ParallelFn(torch.autograd.Function):
     """Eager autograd of the parallel neuron (see `_NeuronFn`).
 
-    plan = (T, t0, C, inner, spike_bits, spike_step, logits, threshold_c, step).
+    plan = (T, t0, C, inner, spike_bits, spike_step, logits, threshold_c, step, joint). With
+    `joint` the threshold slot holds a module's [1, T] logits tensor (its row 0 is θ's logits)
+    and the gradient comes back in that shape.
     """
 
     @staticmethod
     def forward(ctx, current, threshold, plan):
-        T, t0, C, inner, bits, spike_step, logits, th_c, step = plan
+        logits = plan[6]
         if not current.is_contiguous():
             current = current.contiguous()
-        th = threshold if threshold is not None else th_c
-        pk = params_key(threshold)
-        key = None if pk is None else (plan, current.shape, current.dtype, current.device, pk)
-
-        def call(launcher):
-            return launcher(
-                current, th, bits, spike_step, True,
-                t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-            )  # fmt: skip
-
-        k = _kernels()
-        with device_guard(current):
-            spikes, mask = planned(
-                _FWD_PLANS, key, (current,),
-                lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan),
-            )  # fmt: skip
+        spikes, mask = _parallel_fwd(current, threshold, plan, True)
         keep_th = threshold is not None and logits
         ctx.save_for_backward(mask, threshold if keep_th else None)
         ctx.form = threshold if (threshold is not None and not keep_th) else None
@@ -521,7 +525,7 @@ class _ParallelFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         mask, threshold = ctx.saved_tensors
-        T, t0, C, inner, _, _, logits, _, _ = ctx.plan
+        T, t0, C, inner, _, _, logits, _, _, joint = ctx.plan
         if threshold is None:
             threshold = ctx.form
         need_dth = threshold is not None and ctx.needs_input_grad[1]
@@ -531,8 +535,9 @@ class _ParallelFn(torch.autograd.Function):
         key = None if pk is None else (ctx.plan, need_dth, g.shape, g.dtype, g.device, pk)
 
         def call(launcher):
+            th = threshold[0] if joint and threshold is not None else threshold
             return launcher(
-                g, mask, g.numel() // T, threshold=threshold, need_dthreshold=need_dth, t0=t0,
+                g, mask, g.numel() // T, threshold=th, need_dthreshold=need_dth, t0=t0,
                 logits=logits, channels=C, inner=inner,
             )  # fmt: skip
 
@@ -542,10 +547,35 @@ class _ParallelFn(torch.autograd.Function):
                 _BWD_PLANS, key, (g, mask),
                 lambda: call(k.parallel_bwd), lambda: call(k.parallel_bwd_plan),
             )  # fmt: skip
+        if joint and dth is not None:
+            dth = dth.view(1, -1)
         return dcur, dth, None
 
 
 _PARALLEL_APPLY = _c_apply(_ParallelFn)
+
+
+def _parallel_fwd(current, threshold, plan, save_mask):
+    """The forward launch of an eager parallel call (as `_fwd`): (spikes, mask)."""
+    T, t0, C, inner, bits, spike_step, logits, th_c, step, joint = plan
+    pk = params_key(threshold)
+    key = None if pk is None else (
+        plan, save_mask, current.shape, current.dtype, current.device, pk
+    )  # fmt: skip
+
+    def call(launcher):
+        th = (threshold[0] if joint else threshold) if threshold is not None else th_c
+        return launcher(
+            current, th, bits, spike_step, save_mask,
+            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+        )  # fmt: skip
+
+    k = _kernels()
+    with device_guard(current):
+        return planned(
+            _FWD_PLANS, key, (current,),
+            lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan),
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------- unchecked internal entries
@@ -589,6 +619,7 @@ def empf_neuron_triton(
     t0: int = 0,
     logits: bool = False,
     step: bool = False,
+    joint: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of `empf_neuron` without any validation (callers have validated).
 
@@ -596,19 +627,27 @@ def empf_neuron_triton(
     shape of one step, or None (already detached in online mode); decay and threshold a float, a
     1-D tensor read at rows t0..t0+T-1, or a [T, C] tensor (see `neuron_param`; C is dim 2 of
     [T, N, C, *], dim 1 of a step [N, C, *]); `logits=True`: the tensors are logits, the kernel
-    applies the sigmoid.
+    applies the sigmoid. `joint=True` (with `logits`): `decay` is a module's [2, TQ] logits
+    tensor, θ's logits in row 0 and λ's in row 1, and `threshold` is None; the gradient of the
+    logits comes back as one [2, TQ] tensor (one autograd input: one accumulation per call).
     """
     d_t = _f32(decay)
     th_t = _f32(threshold)
     T = 1 if step else current.shape[0]
-    C, inner = _channels(current, d_t, th_t, 1 if step else 2)
+    if joint:
+        C, inner = 1, 1
+        if torch.compiler.is_compiling():  # the rows are traced views: no host cost there
+            d_t, th_t, joint = d_t[1], d_t[0], False
+    else:
+        C, inner = _channels(current, d_t, th_t, 1 if step else 2)
     if torch.compiler.is_compiling():
         return _neuron_traced(current, v0, d_t, th_t, decay, threshold, spike_bits, spike_step,
                               bptt, t0, logits, step, C, inner)  # fmt: skip
     plan = (
         T, t0, C, inner, spike_bits, float(spike_step), bptt, logits,
-        0.0 if d_t is not None else float(decay), 0.0 if th_t is not None else float(threshold),
-        step,
+        0.0 if d_t is not None else float(decay),
+        0.0 if (th_t is not None or joint) else float(threshold),
+        step, joint,
     )  # fmt: skip
     if torch.is_grad_enabled() and (
         current.requires_grad
@@ -623,12 +662,7 @@ def empf_neuron_triton(
         current = current.contiguous()
     if v0 is not None and not v0.is_contiguous():
         v0 = v0.contiguous()
-    with device_guard(current):
-        spikes, v_last, _, _ = _kernels().empf_fwd(
-            current, v0, d_t if d_t is not None else plan[8],
-            th_t if th_t is not None else plan[9], spike_bits, plan[5], False, False,
-            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-        )  # fmt: skip
+    spikes, v_last, _, _ = _fwd(current, v0, d_t, th_t, plan, False, False)
     return spikes, v_last
 
 
@@ -665,11 +699,19 @@ def parallel_neuron_triton(
     t0: int = 0,
     logits: bool = False,
     step: bool = False,
+    joint: bool = False,
 ) -> torch.Tensor:
-    """The Triton path of `parallel_neuron` without validation (see `empf_neuron_triton`)."""
+    """The Triton path of `parallel_neuron` without validation (see `empf_neuron_triton`).
+    `joint=True` (with `logits`): `threshold` is a module's [1, TQ] logits tensor (its row 0 is
+    θ's logits), and its gradient comes back in that shape."""
     th_t = _f32(threshold)
     T = 1 if step else current.shape[0]
-    C, inner = _channels(current, None, th_t, 1 if step else 2)
+    if joint:
+        C, inner = 1, 1
+        if torch.compiler.is_compiling():  # a traced view
+            th_t, joint = th_t[0], False
+    else:
+        C, inner = _channels(current, None, th_t, 1 if step else 2)
     th_c = 0.0 if th_t is not None else float(threshold)
     if torch.compiler.is_compiling():
         x = current.unsqueeze(0) if step else current
@@ -682,7 +724,7 @@ def parallel_neuron_triton(
             cur2, th_t, [t0, C, inner, spike_bits or 0, flags], [th_c, float(spike_step)]
         )[0]
         return spikes.view(current.shape)
-    plan = (T, t0, C, inner, spike_bits, float(spike_step), logits, th_c, step)
+    plan = (T, t0, C, inner, spike_bits, float(spike_step), logits, th_c, step, joint)
     if torch.is_grad_enabled() and (
         current.requires_grad or (th_t is not None and th_t.requires_grad)
     ):
@@ -691,12 +733,7 @@ def parallel_neuron_triton(
         return _PARALLEL_APPLY(current, th_t, plan)
     if not current.is_contiguous():
         current = current.contiguous()
-    with device_guard(current):
-        spikes, _ = _kernels().parallel_fwd(
-            current, th_t if th_t is not None else th_c, spike_bits, plan[5], False,
-            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
-        )  # fmt: skip
-    return spikes
+    return _parallel_fwd(current, th_t, plan, False)[0]
 
 
 # ---------------------------------------------------------------------------------- public API
