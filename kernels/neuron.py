@@ -161,7 +161,8 @@ def empf_bwd_kernel(
     p_dcur,  # [T, N] out: dL/dcurrent
     p_dv0,  # [N] out: dL/dv0 (written only if NEED_DV0)
     p_dth,  # out: dL/dθ partials [TQ, P] (MODE 1) or contributions [T, N] (MODE 2)
-    p_ddecay,  # out: the same for dL/dλ (only if NEED_DDECAY)
+    p_ddecay,  # out: the same for dL/dλ (only if NEED_DDECAY), at element offset dd_off
+    dd_off,  # 0, or where λ's half starts when both share one [2, ...] buffer (p_ddecay = p_dth)
     N,
     NB,
     T,
@@ -198,6 +199,7 @@ def empf_bwd_kernel(
         o_ch = (o_n // INNER) % C
     else:
         o_ch = o_n
+    p_ddecay += tl.cast(dd_off, tl.int64)
 
     # dL/dv[t], carried backwards in time. Online mode keeps only the v_last term at t = T-1.
     if HAS_GV:
@@ -526,9 +528,11 @@ def empf_bwd(
         dcur = empty(dshape, dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
     joint = need_dthreshold and need_ddecay and th_mode == d_mode and threshold.shape == decay.shape
-    if joint:
+    dd_off = 0
+    if joint:  # one buffer, λ's half at dd_off (a view per call would cost as much as a buffer)
         both = empty((2, *_grad_shape(decay, d_mode, T, N, P)), torch.float32, dev)
-        dth, ddec = both.unbind(0)
+        dth = ddec = both
+        dd_off = both.numel() // 2
     else:
         dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
         ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
@@ -545,6 +549,7 @@ def empf_bwd(
         p_dv0=dv0,
         p_dth=dth,
         p_ddecay=ddec,
+        dd_off=dd_off,
         N=N,
         NB=mask.shape[1],
         T=T,
@@ -757,7 +762,7 @@ def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
     need_dv0 = args["NEED_DV0"]
     dcur, dv0, dth, ddec = args["p_dcur"], args["p_dv0"], args["p_dth"], args["p_ddecay"]
     # The per-call buffers: dcur, dv0 when wanted, and the partial sums (each wanted one, or
-    # one [2, ...] buffer split in two views when joint); the unwanted slots hold dcur.
+    # one [2, ...] buffer in both slots when joint); the unwanted slots hold dcur.
     if both is None:
         launch_run = plan(
             empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0),
@@ -769,19 +774,14 @@ def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
             return finish(dcur2, dv02, dth2, ddec2, None)
 
         return run
-    # Joint: the two views of the fresh buffer go in as two more inputs.
-    bound_run = plan(
-        empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0, dth, ddec),
-        (dcur, dv0 if need_dv0 else None),
+    joint_run = plan(
+        empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0),
+        (dcur, dv0 if need_dv0 else None, both),
     )  # fmt: skip
-    form = (both.shape, both.dtype)
-    device = mask.device
 
     def run_joint(*ins):
-        both2 = empty(form[0], form[1], device)
-        dth2, ddec2 = both2.unbind(0)
-        dcur2, dv02 = bound_run(*ins, dth2, ddec2)
-        return finish(dcur2, dv02, dth2, ddec2, both2)
+        dcur2, dv02, both2 = joint_run(*ins)
+        return finish(dcur2, dv02, None, None, both2)
 
     return run_joint
 
