@@ -152,6 +152,39 @@ def test_linear_bad_inputs(device):
         layer(torch.randn(2, 7, device=device))
 
 
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+def test_layers_check_each_call_form_once(device, cls):
+    """A layer runs its checks on the first call of each form (input shape, dtype, device;
+    packed or not; training; grad mode; impl) and reuses what they resolved after that; a bad
+    input, or a form that changed, is checked (and refused) as on a first call."""
+    if cls == "linear":
+        layer, good, bad = BinaryLinear(8, 4, device=device), (2, 8), (2, 7)
+    else:
+        layer, good, bad = BinaryConv2d(3, 4, 3, device=device), (1, 3, 6, 6), (1, 2, 6, 6)
+    runs = []
+    check = layer._check
+    layer._check = lambda x: runs.append(tuple(x.shape)) or check(x)
+    x = torch.randn(*good, device=device)
+    want = layer(x)
+    assert torch.equal(layer(x), want) and torch.equal(layer(x.clone()), want)
+    assert runs == [good]
+    with pytest.raises(ValueError):
+        layer(torch.randn(*bad, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(x.to(torch.int32))
+    layer(x)  # the refused calls left the checked form as it was
+    assert runs == [good, bad, good]  # (the int32 input has the good shape)
+    with torch.no_grad():  # another grad mode: checked again, the same result
+        assert torch.equal(layer(x), want)
+    layer.eval()
+    layer(x)
+    assert len(runs) == 5
+    layer.pack()
+    layer.train()  # packed and training with grad: refused, on a form seen before packing
+    with pytest.raises(PackedLayerTrainingError):
+        layer(x)
+
+
 # ---------------------------------------------------------------------------------- BinaryConv2d
 
 CONV_CASES = [

@@ -221,6 +221,27 @@ class _BinaryLayer(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
 
+    def _checked(self, x: object, check):
+        """`check(x)`: a call's checks, raising on bad input, and what they resolve (the route,
+        the output size). Run once per call form, then reused: the form is everything the
+        checks read (the input's shape, dtype and device; the weight's form; packed or not;
+        training or not; grad mode; impl). Not cached while torch.compile traces (a cache
+        written by the graph would change the next trace's guards)."""
+        if not isinstance(x, torch.Tensor):
+            return check(x)
+        wt = self.packed_words if self.is_packed else self.weight
+        key = (
+            x.shape, x.dtype, x.device, wt.shape, wt.dtype, wt.device, self.is_packed,
+            self.training, torch.is_grad_enabled(), self.impl,
+        )  # fmt: skip
+        hit = self.__dict__.get("_checked_form")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = check(x)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_checked_form"] = (key, out)
+        return out
+
 
 class BinaryLinear(_BinaryLayer):
     """Linear layer with binary (weight_bits=1) or ternary (weight_bits=1.5) weights.
@@ -254,28 +275,37 @@ class BinaryLinear(_BinaryLayer):
         self.in_features, self.out_features = in_features, out_features
         self._setup((out_features, in_features), bias, weight_bits, impl, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: object) -> str:
+        """Every check of a call; returns the route ("triton", "dense" or "reference")."""
         self._check_x(x)
         M = math.prod(x.shape[:-1]) if x.dim() else 0
-        K, N = self.in_features, self.out_features
+        K = self.in_features
         if self.is_packed:
             self._check_packed_use()
-            words, scale = self.packed_words, self.packed_scale
+            words = self.packed_words
             route = _route(self.impl, M, x, words)
-            x = check_x(x, K, words.device, "triton" if route == "dense" else route, "in_features")
-            bias = self._bias_as(x)
+            check_x(x, K, words.device, "triton" if route == "dense" else route, "in_features")
+            return route
+        w = self.weight
+        route = _route(self.impl, M, x, w, training=True)
+        kimpl = "triton" if route == "dense" else route
+        check_x(x, K, w.device, kimpl, "in_features")
+        if kimpl == "triton" and w.dtype not in TRITON_DTYPES:
+            check_tensor("weight", w, kimpl)
+        return route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self._checked(x, self._check)
+        K, N = self.in_features, self.out_features
+        bias = self._bias_as(x)
+        if self.is_packed:
+            words, scale = self.packed_words, self.packed_scale
             if route == "triton":
                 return matmul_triton(x, words, scale, bias, N, K)
             if route == "dense":
                 return F.linear(x, unpack_triton(words, scale, K, x.dtype), bias)
             return binary_matmul_ref(x, words, scale, K, bias)
         w = self.weight
-        route = _route(self.impl, M, x, w, training=True)
-        kimpl = "triton" if route == "dense" else route
-        x = check_x(x, K, w.device, kimpl, "in_features")
-        if kimpl == "triton" and w.dtype not in TRITON_DTYPES:
-            check_tensor("weight", w, kimpl)
-        bias = self._bias_as(x)
         if route == "triton":
             return linear_triton(x, w, bias, self.bits)
         if route == "dense":
@@ -376,7 +406,9 @@ class BinaryConv2d(_BinaryLayer):
         y = outs[0] if G == 1 else torch.cat(outs, dim=-1)  # [B, L, O]
         return y.transpose(1, 2).reshape(B, O, Ho, Wo)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: object) -> tuple[int, int, str]:
+        """Every check of a call; returns (H_out, W_out, route): the route is the packed
+        layer's ("triton", "dense" or "reference"), the latent layer's quantiser impl."""
         self._check_x(x)
         if x.dim() not in (3, 4, 5) or x.shape[-3] != self.in_channels:
             raise ValueError(
@@ -396,16 +428,32 @@ class BinaryConv2d(_BinaryLayer):
         wt = self.packed_words if self.is_packed else self.weight
         if wt.device != x.device:
             raise ValueError(f"x is on {x.device} but the weight is on {wt.device}")
+        if not self.is_packed:
+            impl = resolve_impl(self.impl, wt)
+            if impl == "triton":
+                check_tensor("weight", wt, "triton")
+            return Ho, Wo, impl
+        self._check_packed_use()
+        # auto: by GEMM rows M = B * H_out * W_out, as binary_matmul
+        route = _route(self.impl, math.prod(x.shape[:-3]) * Ho * Wo, x, wt)
+        check_tensor("x", x, "triton" if route == "dense" else route)
+        return Ho, Wo, route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Ho, Wo, route = self._checked(x, self._check)
         lead = x.shape[:-3]
         x4 = x.reshape(-1, *x.shape[-3:])
         bias = self._bias_as(x)
         if not self.is_packed:
-            y = self._conv(x4, self.quantized_weight().to(x.dtype), bias)
+            w = self.weight
+            q = (
+                quantize_ref(w, self.bits)
+                if route == "reference"
+                else quantize_triton(w, self.bits)
+            )
+            y = self._conv(x4, q.to(x.dtype), bias)
         else:
-            self._check_packed_use()
-            # auto: by GEMM rows M = B * H_out * W_out, as binary_matmul
-            route = _route(self.impl, x4.shape[0] * Ho * Wo, x4, wt)
-            check_tensor("x", x, "triton" if route == "dense" else route)
+            wt = self.packed_words
             if route == "triton":
                 y = self._packed_im2col(x4, bias, Ho, Wo)
             else:

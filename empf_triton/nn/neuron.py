@@ -97,7 +97,18 @@ class StatefulNeuron(nn.Module):
     def detach(self) -> None:
         """Cut the membrane's graph, keeping its value."""
         if self.v is not None:
-            self.v = self.v.detach()
+            self._store(self.v.detach(), self.t)
+
+    def _store(self, v: torch.Tensor | None, t: int) -> None:
+        """Keep the membrane and the step count. Per step, so straight into the instance dict:
+        that is where `nn.Module.__setattr__` puts these plain attributes (never a parameter,
+        buffer or module), after checks that cost about 1 µs a write. The regular assignment
+        while torch.compile traces."""
+        if torch.compiler.is_compiling():
+            self.v, self.t = v, t
+        else:
+            d = self.__dict__
+            d["v"], d["t"] = v, t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "s":
@@ -110,9 +121,10 @@ class StatefulNeuron(nn.Module):
             return self.v
         return self.v.detach()
 
-    def _keep_v(self, v: torch.Tensor) -> None:
-        # Online mode never back-propagates into the kept membrane: drop its graph right away.
-        self.v = v.detach() if self.grad_mode == "online" else v
+    def _keep_v(self, v: torch.Tensor, t: int) -> None:
+        """Keep the membrane after step t - 1 (t: the step count from now). Online mode never
+        back-propagates into the kept membrane: its graph is dropped right away."""
+        self._store(v.detach() if self.grad_mode == "online" else v, t)
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -283,7 +295,7 @@ class EMPFNeuron(StatefulNeuron):
             return parallel_neuron(m.unsqueeze(0), threshold=th, **q)[0]
         # v = None: the fused step sees no incoming membrane, so its decay is unused.
         spike, v_new = empf_neuron_step(m, None, decay=1.0, threshold=th, **q)
-        self._keep_v(v_new)
+        self._keep_v(v_new, self.t)
         return spike
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,7 +327,7 @@ class EMPFNeuron(StatefulNeuron):
             if v is not None:
                 if v.shape != x.shape:
                     self._check_state(x.shape)
-                if self.grad_mode == "online":
+                if self.grad_mode == "online" and v.requires_grad:  # kept detached already
                     v = v.detach()
             if impl == "triton":
                 spike, v = empf_neuron_triton(
@@ -327,8 +339,9 @@ class EMPFNeuron(StatefulNeuron):
                 th = torch.sigmoid(self.logits[0, t : t + 1])
                 spike, v = empf_neuron_ref(x.unsqueeze(0), v, decay, th, bits, step, "bptt")
                 spike = spike[0]
-            self.v = v.detach() if self.grad_mode == "online" else v
-        self.t = t + 1
+            self._keep_v(v, t + 1)
+            return spike
+        self._store(self.v, t + 1)
         return spike
 
     def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -363,7 +376,8 @@ class EMPFNeuron(StatefulNeuron):
                 spikes, v = empf_neuron_ref(
                     x, None, self.decay, self.threshold, bits, step, self.grad_mode
                 )
-            self._keep_v(v)
+            self._keep_v(v, self.T)
+            return spikes
         self.t = self.T
         return spikes
 
@@ -467,8 +481,7 @@ class LIFNeuron(StatefulNeuron):
             self._check_input(x, 1)
             self._check_state(x.shape)
             spike, v = self._run(x, self._carried_v(), True, step=True)
-        self._keep_v(v)
-        self.t += 1
+        self._keep_v(v, self.t + 1)
         return spike
 
     def multi_step_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -483,8 +496,7 @@ class LIFNeuron(StatefulNeuron):
         else:
             self._check_input(x, 2)
             spikes, v = self._run(x, None, self.grad_mode == "bptt")
-        self._keep_v(v)
-        self.t += x.shape[0]
+        self._keep_v(v, self.t + x.shape[0])
         return spikes
 
     def extra_repr(self) -> str:
