@@ -345,7 +345,7 @@ class _NeuronFn(torch.autograd.Function):
         )  # fmt: skip
 
         def call(launcher):
-            d, th = (decay[1], decay[0]) if joint else (decay, threshold)
+            d, th = _rows(decay, threshold, joint)
             return launcher(
                 g, gv, mask, vhist, v0, d, N, ctx.dtype, bptt, need_ddecay, need_dv0,
                 threshold=th, need_dthreshold=need_dth, t0=t0, logits=logits,
@@ -382,7 +382,7 @@ def _fwd(current, v0, decay, threshold, plan, save_mask, save_v):
     )  # fmt: skip
 
     def call(launcher):
-        d, th = (decay[1], decay[0]) if joint else (decay, threshold)
+        d, th = _rows(decay, threshold, joint)
         return launcher(
             current, v0, d if d is not None else d_c, th if th is not None else th_c,
             bits, spike_step, save_mask, save_v,
@@ -535,7 +535,7 @@ class _ParallelFn(torch.autograd.Function):
         key = None if pk is None else (ctx.plan, need_dth, g.shape, g.dtype, g.device, pk)
 
         def call(launcher):
-            th = threshold[0] if joint and threshold is not None else threshold
+            th = _rows(None, threshold, joint)[1] if threshold is not None else None
             return launcher(
                 g, mask, g.numel() // T, threshold=th, need_dthreshold=need_dth, t0=t0,
                 logits=logits, channels=C, inner=inner,
@@ -564,7 +564,7 @@ def _parallel_fwd(current, threshold, plan, save_mask):
     )  # fmt: skip
 
     def call(launcher):
-        th = (threshold[0] if joint else threshold) if threshold is not None else th_c
+        th = _rows(None, threshold, joint)[1] if threshold is not None else th_c
         return launcher(
             current, th, bits, spike_step, save_mask,
             t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
@@ -594,6 +594,17 @@ def _channels(current: torch.Tensor, decay, threshold, cdim: int) -> tuple[int, 
     for d in shape[cdim + 1 :]:
         inner *= d
     return shape[cdim], inner
+
+
+def _rows(decay, threshold, joint: bool):
+    """(decay, threshold) for the launchers: with `joint`, the rows of the logits tensor that
+    travels in the decay slot ([2, T]: θ's row 0, λ's row 1) or, for the parallel neuron, in the
+    threshold slot ([1, T]). Views made only where a launcher is called (a plan keeps them)."""
+    if not joint:
+        return decay, threshold
+    if decay is None:
+        return None, threshold[0]
+    return decay[1], decay[0]
 
 
 def _f32(p):
@@ -634,13 +645,9 @@ def empf_neuron_triton(
     d_t = _f32(decay)
     th_t = _f32(threshold)
     T = 1 if step else current.shape[0]
-    if joint:
-        C, inner = 1, 1
-        if torch.compiler.is_compiling():  # the rows are traced views: no host cost there
-            d_t, th_t, joint = d_t[1], d_t[0], False
-    else:
-        C, inner = _channels(current, d_t, th_t, 1 if step else 2)
+    C, inner = (1, 1) if joint else _channels(current, d_t, th_t, 1 if step else 2)
     if torch.compiler.is_compiling():
+        d_t, th_t = _rows(d_t, th_t, joint)  # traced views: no host cost there
         return _neuron_traced(current, v0, d_t, th_t, decay, threshold, spike_bits, spike_step,
                               bptt, t0, logits, step, C, inner)  # fmt: skip
     plan = (
@@ -706,14 +713,10 @@ def parallel_neuron_triton(
     θ's logits), and its gradient comes back in that shape."""
     th_t = _f32(threshold)
     T = 1 if step else current.shape[0]
-    if joint:
-        C, inner = 1, 1
-        if torch.compiler.is_compiling():  # a traced view
-            th_t, joint = th_t[0], False
-    else:
-        C, inner = _channels(current, None, th_t, 1 if step else 2)
+    C, inner = (1, 1) if joint else _channels(current, None, th_t, 1 if step else 2)
     th_c = 0.0 if th_t is not None else float(threshold)
     if torch.compiler.is_compiling():
+        th_t = _rows(None, th_t, joint)[1]  # a traced view
         x = current.unsqueeze(0) if step else current
         cur2 = x.reshape(T, -1).contiguous()
         save_mask = torch.is_grad_enabled() and (
