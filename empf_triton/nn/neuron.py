@@ -330,10 +330,13 @@ class EMPFNeuron(StatefulNeuron):
                 if self.grad_mode == "online" and v.requires_grad:  # kept detached already
                     v = v.detach()
             if impl == "triton":
+                # online: v comes back without history (state=True), nothing to detach
                 spike, v = empf_neuron_triton(
                     x, v, self.logits, None, bits, step, True,
-                    t0=t, logits=True, step=True, joint=True,
+                    t0=t, logits=True, step=True, joint=True, state=self.grad_mode == "online",
                 )  # fmt: skip
+                self._store(v, t + 1)
+                return spike
             else:
                 decay = torch.sigmoid(self.logits[1, t : t + 1])
                 th = torch.sigmoid(self.logits[0, t : t + 1])
@@ -370,8 +373,9 @@ class EMPFNeuron(StatefulNeuron):
             bptt = self.grad_mode == "bptt"
             if impl == "triton":
                 spikes, v = empf_neuron_triton(
-                    x, None, self.logits, None, bits, step, bptt, logits=True, joint=True
-                )
+                    x, None, self.logits, None, bits, step, bptt, logits=True, joint=True,
+                    state=not bptt,
+                )  # fmt: skip
             else:
                 spikes, v = empf_neuron_ref(
                     x, None, self.decay, self.threshold, bits, step, self.grad_mode

@@ -283,10 +283,16 @@ class _NeuronFn(torch.autograd.Function):
     joint). With `joint` the decay slot holds a module's [2, T] logits (θ's row 0, λ's row 1),
     the threshold slot None, and backward returns their gradient as one [2, T] tensor: one
     autograd input and one gradient accumulation instead of two.
+
+    With a `box` (a list) v_last is appended to it instead of returned: for a caller that keeps
+    the membrane only as state and never back-propagates into it (a module in online mode).
+    Spikes are then the only output, which saves its wrapping and backward slot (~3 µs a call on
+    the CPU) and the caller's detach. Backward returns one more None than there are inputs when
+    no box was passed; autograd drops trailing Nones.
     """
 
     @staticmethod
-    def forward(ctx, current, v0, decay, threshold, plan):
+    def forward(ctx, current, v0, decay, threshold, plan, box=None):
         bptt, logits, joint = plan[6], plan[7], plan[11]
         need = ctx.needs_input_grad
         need_ddecay = need[2]
@@ -313,10 +319,13 @@ class _NeuronFn(torch.autograd.Function):
         ctx.shape = current.shape
         ctx.dtype = current.dtype
         ctx.set_materialize_grads(False)
+        if box is not None:  # v_last as state only, outside the graph
+            box.append(v_last)
+            return spikes
         return spikes, v_last
 
     @staticmethod
-    def backward(ctx, g, gv):
+    def backward(ctx, g, gv=None):
         mask, vhist, v0, decay, threshold = ctx.saved_tensors
         T, t0, C, inner, _, _, bptt, logits, d_c, _, step, joint = ctx.plan
         need = ctx.needs_input_grad
@@ -363,8 +372,8 @@ class _NeuronFn(torch.autograd.Function):
         elif dv0 is not None:
             dv0 = dv0.view(shape[1:])
         if joint:  # dth: the stacked [2, T] gradient of the logits (None when not needed)
-            return dcur, dv0, dth, None, None
-        return dcur, dv0, ddecay, dth, None
+            return dcur, dv0, dth, None, None, None
+        return dcur, dv0, ddecay, dth, None, None
 
 
 _NEURON_APPLY = _c_apply(_NeuronFn)
@@ -631,6 +640,7 @@ def empf_neuron_triton(
     logits: bool = False,
     step: bool = False,
     joint: bool = False,
+    state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of `empf_neuron` without any validation (callers have validated).
 
@@ -641,6 +651,9 @@ def empf_neuron_triton(
     applies the sigmoid. `joint=True` (with `logits`): `decay` is a module's [2, TQ] logits
     tensor, θ's logits in row 0 and λ's in row 1, and `threshold` is None; the gradient of the
     logits comes back as one [2, TQ] tensor (one autograd input: one accumulation per call).
+    `state=True`: v_last comes back without autograd history, for a caller that keeps it only
+    as the next step's constant membrane (online mode); spikes are then the only output in the
+    graph.
     """
     d_t = _f32(decay)
     th_t = _f32(threshold)
@@ -648,8 +661,9 @@ def empf_neuron_triton(
     C, inner = (1, 1) if joint else _channels(current, d_t, th_t, 1 if step else 2)
     if torch.compiler.is_compiling():
         d_t, th_t = _rows(d_t, th_t, joint)  # traced views: no host cost there
-        return _neuron_traced(current, v0, d_t, th_t, decay, threshold, spike_bits, spike_step,
-                              bptt, t0, logits, step, C, inner)  # fmt: skip
+        spikes, v_last = _neuron_traced(current, v0, d_t, th_t, decay, threshold, spike_bits,
+                                        spike_step, bptt, t0, logits, step, C, inner)  # fmt: skip
+        return spikes, (v_last.detach() if state else v_last)
     plan = (
         T, t0, C, inner, spike_bits, float(spike_step), bptt, logits,
         0.0 if d_t is not None else float(decay),
@@ -663,7 +677,11 @@ def empf_neuron_triton(
         or (th_t is not None and th_t.requires_grad)
     ):
         if _functorch_active():
-            return _NeuronFn.apply(current, v0, d_t, th_t, plan)
+            spikes, v_last = _NeuronFn.apply(current, v0, d_t, th_t, plan)
+            return spikes, (v_last.detach() if state else v_last)
+        if state:
+            box = []
+            return _NEURON_APPLY(current, v0, d_t, th_t, plan, box), box[0]
         return _NEURON_APPLY(current, v0, d_t, th_t, plan)
     if not current.is_contiguous():
         current = current.contiguous()
