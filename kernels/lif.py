@@ -56,23 +56,37 @@ def _surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
     return b_sg
 
 
+@triton.jit
+def _per_step(p, c, t, TENSOR: tl.constexpr):
+    """A per-step parameter at step t: row t of a [T] fp32 tensor, or the scalar c."""
+    if TENSOR:
+        b = tl.load(p + t)
+    else:
+        b = c
+    return b
+
+
 @triton.autotune(configs=CONFIGS, key=["N_CLASS", "T_CLASS", "SAVE_H"])
 @triton.jit
 def lif_fwd_kernel(
     p_cur,  # [T, N] input current
     p_v0,  # [N] initial membrane (read only if HAS_V0)
-    p_decay,  # [T] fp32
-    p_th,  # [T] fp32
+    p_decay,  # [T] fp32 (read only if D_TENSOR)
+    p_th,  # [T] fp32 (read only if TH_TENSOR)
     p_spk,  # [T, N] out: spikes in {0, 1}
     p_vlast,  # [N] out: membrane after the last step
     p_h,  # [T, N] out: h = m - θ (written only if SAVE_H)
     N,
     T,
+    decay_c,  # λ for every step when not D_TENSOR (a kernel scalar)
+    th_c,  # θ for every step when not TH_TENSOR
     neg_tiny,  # minus the smallest normal of the storage dtype
     N_CLASS,  # autotune keys (size classes, see _common.size_class)
     T_CLASS,
     HAS_V0: tl.constexpr,
     SAVE_H: tl.constexpr,
+    D_TENSOR: tl.constexpr,
+    TH_TENSOR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -89,8 +103,8 @@ def lif_fwd_kernel(
     p_spk_t = p_spk + o_n
     p_h_t = p_h + o_n
     for t in range(0, T):
-        b_lam = tl.load(p_decay + t)
-        b_th = tl.load(p_th + t)
+        b_lam = _per_step(p_decay, decay_c, t, D_TENSOR)
+        b_th = _per_step(p_th, th_c, t, TH_TENSOR)
         b_i = tl.load(p_cur_t, mask=m_n, other=0.0).to(tl.float32)
         # Same two roundings as the eager reference (no FMA, see launch_options): fp32 is bit-exact.
         b_m = b_lam * b_v + b_i
@@ -117,8 +131,8 @@ def lif_bwd_kernel(
     p_gv,  # [N] dL/dv_last (read only if HAS_GV)
     p_h,  # [T, N] saved h = m - θ
     p_v0,  # [N] initial membrane (read only if NEED_DDECAY and HAS_V0)
-    p_decay,  # [T] fp32
-    p_th,  # [T] fp32
+    p_decay,  # [T] fp32 (read only if D_TENSOR)
+    p_th,  # [T] fp32 (read only if TH_TENSOR)
     p_dcur,  # [T, N] out: dL/dcurrent (written only if NEED_DCUR)
     p_dv0,  # [N] out: dL/dv0 (written only if NEED_DV0)
     p_dth,  # [T, P] out: per-chunk partial sums of dL/dθ_t (only if NEED_DTH)
@@ -126,6 +140,8 @@ def lif_bwd_kernel(
     N,
     T,
     P,
+    decay_c,  # λ for every step when not D_TENSOR
+    th_c,  # θ for every step when not TH_TENSOR
     alpha,
     N_CLASS,
     T_CLASS,
@@ -139,6 +155,8 @@ def lif_bwd_kernel(
     NEED_DV0: tl.constexpr,
     NEED_DDECAY: tl.constexpr,
     NEED_DTH: tl.constexpr,
+    D_TENSOR: tl.constexpr,
+    TH_TENSOR: tl.constexpr,
     BLOCK: tl.constexpr,
     SUB: tl.constexpr,
 ):
@@ -161,7 +179,7 @@ def lif_bwd_kernel(
     b_hn = tl.load(p_h_t, mask=m_n, other=0.0).to(tl.float32)
     for i in range(0, T):
         t = T - 1 - i
-        b_th = tl.load(p_th + t)
+        b_th = _per_step(p_th, th_c, t, TH_TENSOR)
         b_h = b_hn
         if t > 0:
             b_hn = tl.load(p_h_t - N, mask=m_n, other=0.0).to(tl.float32)
@@ -188,7 +206,7 @@ def lif_bwd_kernel(
         if NEED_DDECAY:
             # v[t-1] = h[t-1] + (1 - s[t-1]) θ_{t-1} for t >= 1, v0 (or zeros) for t = 0.
             if t > 0:
-                b_thp = tl.load(p_th + t - 1)
+                b_thp = _per_step(p_th, th_c, t - 1, TH_TENSOR)
                 b_vp = b_hn + tl.where(b_hn >= 0.0, 0.0, b_thp)
             elif HAS_V0:
                 b_vp = tl.load(p_v0 + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -196,7 +214,7 @@ def lif_bwd_kernel(
                 b_vp = tl.zeros([BLOCK], dtype=tl.float32)
             store_partials(p_ddecay + t * P, b_dm * b_vp, pid, P, BLOCK, SUB)
         if BPTT:
-            b_dv = tl.load(p_decay + t) * b_dm
+            b_dv = _per_step(p_decay, decay_c, t, D_TENSOR) * b_dm
         else:
             b_dv = tl.zeros([BLOCK], dtype=tl.float32)
         p_g_t -= N
@@ -220,15 +238,16 @@ def _partials(T: int, N: int, device) -> torch.Tensor:
 def lif_fwd(
     current: torch.Tensor,
     v0: torch.Tensor | None,
-    decay: torch.Tensor,
-    threshold: torch.Tensor,
+    decay: torch.Tensor | float,
+    threshold: torch.Tensor | float,
     save_h: bool,
     *,
     step_input: bool = False,
     bind: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run all T steps. Returns (spikes [T, *], v_last [*], h [T, N] or None), current's dtype;
-    with `step_input` the current is one step [*] and spikes and v_last are [*]."""
+    with `step_input` the current is one step [*] and spikes and v_last are [*]. decay and
+    threshold: contiguous fp32 [T] tensors, or floats (kernel scalars, the same every step)."""
     shape = current.shape
     T = 1 if step_input else shape[0]
     N = current.numel() // T
@@ -241,18 +260,22 @@ def lif_fwd(
     args = dict(
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
-        p_decay=decay,
-        p_th=threshold,
+        p_decay=decay if type(decay) is not float else current,  # dummy pointer for a float
+        p_th=threshold if type(threshold) is not float else current,
         p_spk=spikes,
         p_vlast=v_last,
         p_h=h,
         N=N,
         T=T,
+        decay_c=decay if type(decay) is float else 0.0,
+        th_c=threshold if type(threshold) is float else 0.0,
         neg_tiny=-torch.finfo(current.dtype).tiny,
         N_CLASS=size_class(N),
         T_CLASS=size_class(T),
         HAS_V0=v0 is not None,
         SAVE_H=save_h,
+        D_TENSOR=type(decay) is not float,
+        TH_TENSOR=type(threshold) is not float,
     )
     if bind:  # for lif_fwd_plan: the launch's grid and arguments, not run
         return grid, args
@@ -265,8 +288,8 @@ def lif_bwd(
     gv: torch.Tensor | None,
     h: torch.Tensor,
     v0: torch.Tensor | None,
-    decay: torch.Tensor,
-    threshold: torch.Tensor,
+    decay: torch.Tensor | float,
+    threshold: torch.Tensor | float,
     surrogate: str,
     alpha: float,
     detach_reset: bool,
@@ -300,8 +323,8 @@ def lif_bwd(
         p_gv=gv if gv is not None else h,
         p_h=h,
         p_v0=v0 if v0 is not None else h,
-        p_decay=decay,
-        p_th=threshold,
+        p_decay=decay if type(decay) is not float else h,  # dummy pointer for a float
+        p_th=threshold if type(threshold) is not float else h,
         p_dcur=dcur,
         p_dv0=dv0,
         p_dth=dth,
@@ -309,6 +332,8 @@ def lif_bwd(
         N=N,
         T=T,
         P=_cdiv(N, SUB),
+        decay_c=decay if type(decay) is float else 0.0,
+        th_c=threshold if type(threshold) is float else 0.0,
         alpha=float(alpha),
         N_CLASS=size_class(N),
         T_CLASS=size_class(T),
@@ -322,6 +347,8 @@ def lif_bwd(
         NEED_DV0=need_dv0,
         NEED_DDECAY=need_ddecay,
         NEED_DTH=need_dth,
+        D_TENSOR=type(decay) is not float,
+        TH_TENSOR=type(threshold) is not float,
         SUB=SUB,
     )
     if bind:  # for lif_bwd_plan

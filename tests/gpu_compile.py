@@ -218,6 +218,16 @@ def lif_cases():
             k.lif_bwd(
                 cur, None, cur, None, p, p, "sigmoid", 4.0, False, False, True, False, False, False
             )
+            # float decay and/or threshold: kernel scalars (what LIFNeuron passes)
+            for d, th in ((0.5, 1.0), (0.5, p), (p, 1.0)):
+                for save_h in (False, True):
+                    k.lif_fwd(cur, v0, d, th, save_h)
+                for bptt in (False, True):
+                    learn_d, learn_th = type(d) is not float, type(th) is not float
+                    k.lif_bwd(
+                        cur, None, cur, v0, d, th, "sigmoid", 4.0, False, bptt, True, bptt,
+                        learn_d, learn_th,
+                    )  # fmt: skip
 
 
 def spikes_cases():

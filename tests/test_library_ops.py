@@ -104,7 +104,13 @@ def test_opcheck_parallel_ops():
 def test_opcheck_lif_fwd(bptt):
     T, N = 3, 10
     args = (_leaf(T, N), _leaf(N), torch.rand(T).requires_grad_(), torch.rand(T) + 0.5,
-            "sigmoid", 4.0, 2 * bptt + 4)  # fmt: skip
+            "sigmoid", 4.0, 2 * bptt + 4, 0.0, 0.0)  # fmt: skip
+    torch.library.opcheck(lif_ops._LIF_FWD, args)
+    # float decay and threshold: None tensors, the values as kernel scalars
+    args = (_leaf(T, N), _leaf(N), None, None, "atan", 2.0, 2 * bptt + 4, 0.75, 0.6)
+    torch.library.opcheck(lif_ops._LIF_FWD, args)
+    # one of each
+    args = (_leaf(T, N), None, None, torch.rand(T).requires_grad_(), "sigmoid", 4.0, 4, 0.5, 0.0)
     torch.library.opcheck(lif_ops._LIF_FWD, args)
 
 

@@ -370,8 +370,9 @@ def _saved_bytes(fn):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_saves_only_h_per_step(device, dtype):
-    """h = m - θ in the current's dtype, plus the two [T] fp32 parameters; a learnable decay adds
-    nothing (the membrane is recomputed from h), v0 only when it exists and λ learns."""
+    """h = m - θ in the current's dtype, plus the [T] fp32 parameters given as tensors (a float
+    is a kernel scalar: nothing saved); a learnable decay adds nothing (the membrane is
+    recomputed from h), v0 only when it exists and λ learns."""
     T, N = 8, 1000
     cur = torch.randn(T, N, device=device, dtype=dtype, requires_grad=True)
     d = torch.full((T,), 0.5, device=device, requires_grad=True)
@@ -379,7 +380,10 @@ def test_saves_only_h_per_step(device, dtype):
     v0 = torch.randn(N, device=device, dtype=dtype)
     h_bytes = T * N * cur.element_size()
     assert _saved_bytes(lambda: lif_neuron(cur, decay=0.5, threshold=th, impl="triton")) == (
-        h_bytes + 2 * T * 4
+        h_bytes + T * 4
+    )
+    assert _saved_bytes(lambda: lif_neuron(cur, decay=0.5, threshold=0.5, impl="triton")) == (
+        h_bytes
     )
     assert _saved_bytes(lambda: lif_neuron(cur, v0, decay=d, threshold=th, impl="triton")) == (
         h_bytes + 2 * T * 4 + N * cur.element_size()
@@ -411,6 +415,51 @@ def test_scalar_tensor_params_get_gradients(device):
         assert d.grad.shape == () and t.grad.shape == ()
         torch.testing.assert_close(d.grad, d_vec.grad.sum(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(t.grad, t_vec.grad.sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("step", [False, True])
+@pytest.mark.parametrize("forms", ["ff", "ft", "tf"])
+@pytest.mark.parametrize("grad_mode", ["bptt", "online"])
+def test_float_params_are_kernel_scalars_equal_to_tensors(device, forms, step, grad_mode, dtype):
+    """A float decay or threshold reaches the kernels as a scalar (no [T] tensor): the results
+    and gradients are those of the same values as [T] tensors, and the reference's."""
+    T, N = (1 if step else 4), 37
+    cur, v0, decay, th, g, gv = _inputs(T, N, device, seed=3)
+    d_f, th_f = 0.75, 0.55
+    kw = dict(surrogate="atan")
+
+    def run(impl, d, t):
+        c = cur[0].to(dtype) if step else cur.to(dtype)
+        c = c.detach().requires_grad_()
+        v = v0.to(dtype).detach().requires_grad_()
+        if step:
+            s, vl = lif_neuron_step(c, v, decay=d, threshold=t, impl=impl, **kw)
+        else:
+            s, vl = lif_neuron(c, v, decay=d, threshold=t, grad_mode=grad_mode, impl=impl, **kw)
+        loss = (s.float() * (g[0] if step else g).float()).sum() + (vl.float() * gv.float()).sum()
+        params = [p for p in (d, t) if isinstance(p, torch.Tensor) and p.requires_grad]
+        grads = torch.autograd.grad(loss, [c, v, *params], allow_unused=True)
+        return (s, vl, *grads)
+
+    def tensor(value, learn):
+        return torch.full(() if step else (T,), value, device=device, requires_grad=learn)
+
+    d = d_f if forms[0] == "f" else tensor(d_f, True)
+    t = th_f if forms[1] == "f" else tensor(th_f, True)
+    kern = run("triton", d, t)
+    # the same values as tensors that do not learn: the same gradients for what learns
+    d_t = tensor(d_f, False) if forms[0] == "f" else d
+    t_t = tensor(th_f, False) if forms[1] == "f" else t
+    as_tensors = run("triton", d_t, t_t)
+    ref = run("reference", d, t)
+    for a, b, r in zip(kern, as_tensors, ref):
+        if a is None:
+            assert b is None and r is None
+            continue
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a.float(), r.float(), rtol=tol, atol=tol)
 
 
 def test_auto_runs_reference_on_cpu_including_fp64():

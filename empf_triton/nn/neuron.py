@@ -17,7 +17,7 @@ from ..ops._common import (
     TRITON_DTYPES,
     check_bool,
     check_spike_bits,
-    mark_persistent,
+    per_step,
     resolve_impl,
 )
 from ..ops.lif import _check_surrogate, lif_neuron, lif_neuron_step, lif_neuron_triton
@@ -432,7 +432,6 @@ class LIFNeuron(StatefulNeuron):
         self.alpha = alpha
         self.detach_reset = check_bool("detach_reset", detach_reset)
         self._alpha = _check_surrogate(surrogate, alpha)
-        self._param_cache: dict = {}
         # Validate the surrogate now (an unknown one must never silently give zero gradients).
         lif_neuron_step(
             torch.zeros(1),
@@ -458,21 +457,19 @@ class LIFNeuron(StatefulNeuron):
         }
 
     def _run(self, x: torch.Tensor, v: torch.Tensor | None, bptt: bool, step: bool = False):
-        """Eager hot path: input validated once per (shape, dtype, device) by the caller, the
-        constant [T] decay/threshold tensors made once per (T, device, precision). With `step`,
-        x is one step [N, *] and the outputs are [N, *]."""
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        key = (1 if step else x.shape[0], x.device, dt)
-        params = self._param_cache.get(key)
-        if params is None:
-            params = (  # kept and passed on every call: the op plans its launches on them
-                mark_persistent(torch.full((key[0],), self.decay, dtype=dt, device=x.device)),
-                mark_persistent(torch.full((key[0],), self.v_threshold, dtype=dt, device=x.device)),
-            )
-            self._param_cache[key] = params
-        args = (v, *params, self.surrogate, self._alpha, self.detach_reset)
+        """Eager hot path: input validated once per (shape, dtype, device) by the caller. Triton
+        takes decay and threshold as kernel scalars; the reference as constant [T] tensors
+        (made once per (T, device, precision)). With `step`, x is one step [N, *] and the
+        outputs are [N, *]."""
         if self._resolved_impl == "triton":
-            return lif_neuron_triton(x, *args, bptt, step=step)
+            return lif_neuron_triton(
+                x, v, self.decay, self.v_threshold, self.surrogate, self._alpha,
+                self.detach_reset, bptt, step=step,
+            )  # fmt: skip
+        T = 1 if step else x.shape[0]
+        d = per_step("decay", self.decay, T, x, is_decay=True)
+        th = per_step("threshold", self.v_threshold, T, x)
+        args = (v, d, th, self.surrogate, self._alpha, self.detach_reset)
         if step:
             spikes, v = lif_neuron_ref(x.unsqueeze(0), *args, "bptt" if bptt else "online")
             return spikes[0], v

@@ -125,13 +125,21 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
 def per_step(
-    name: str, value: float | torch.Tensor, T: int, like: torch.Tensor, *, is_decay: bool = False
-) -> torch.Tensor:
+    name: str,
+    value: float | torch.Tensor,
+    T: int,
+    like: torch.Tensor,
+    *,
+    is_decay: bool = False,
+    keep_float: bool = False,
+) -> torch.Tensor | float:
     """A per-step parameter (float, 0-d or [T] tensor) as a [T] tensor, differentiable.
 
-    Floats become fp32 (fp64 for an fp64 current) and are checked (decay in (0, 1], threshold
-    finite); tensor values are not inspected, so no device sync happens on the hot path. Tensors
-    keep their own floating dtype (kernels compute in fp32) but must be on `like`'s device.
+    Floats are checked (decay in [0, 1], threshold finite) and become fp32 (fp64 for an fp64
+    current) [T] tensors, or with `keep_float` stay floats (for kernels that take them as
+    scalars); tensor values are not inspected, so no device sync happens on the hot path.
+    Tensors keep their own floating dtype (kernels compute in fp32) but must be on `like`'s
+    device.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
@@ -141,6 +149,8 @@ def per_step(
             raise ValueError(f"{name} must be finite, got {value}")
         if is_decay and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if keep_float:
+            return value
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         if torch.compiler.is_compiling():
             return torch.full((T,), value, dtype=dtype, device=like.device)
@@ -369,22 +379,15 @@ def planned(cache: PlanCache, key: tuple | None, inputs: tuple, direct, make):
     return run(*inputs)
 
 
-def mark_persistent(t: torch.Tensor) -> torch.Tensor:
-    """Mark a tensor a module keeps and passes on every call (like its parameters), so the ops
-    plan the calls that take it (see `params_key`). Returns t."""
-    t._empf_persistent = True
-    return t
-
-
 def params_key(*params) -> tuple | None:
-    """The parameters' part of a plan key: floats and None as they are, nn.Parameters and
-    tensors marked persistent by identity, address and strides. None (no plan) for any other
-    tensor: one made per call would never be seen again and only fill the cache."""
+    """The parameters' part of a plan key: floats and None as they are, nn.Parameters by
+    identity, address and strides. None (no plan) for any other tensor: one made per call would
+    never be seen again and only fill the cache."""
     key = []
     for p in params:
         if p is None or type(p) is float:
             key.append(p)
-        elif type(p) is torch.nn.Parameter or getattr(p, "_empf_persistent", False):
+        elif type(p) is torch.nn.Parameter:
             key.append((id(p), p.data_ptr(), p.shape, p.stride()))
         else:
             return None

@@ -18,7 +18,6 @@ from ._common import (
     check_step_input,
     check_tensor,
     device_guard,
-    grad_wanted,
     load_kernels,
     params_key,
     per_step,
@@ -37,44 +36,54 @@ def _kernels():
 def _lif_fwd_impl(
     current: torch.Tensor,
     v0: torch.Tensor | None,
-    decay: torch.Tensor,
-    threshold: torch.Tensor,
+    decay: torch.Tensor | None,
+    threshold: torch.Tensor | None,
     surrogate: str,
     alpha: float,
     flags: int,
+    decay_c: float,
+    th_c: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """flags: bit 0 detach_reset, bit 1 bptt, bit 2 save h (few arguments: see ops/neuron.py)."""
+    """flags: bit 0 detach_reset, bit 1 bptt, bit 2 save h (few arguments: see ops/neuron.py).
+    decay / threshold None: the constants decay_c / th_c (kernel scalars)."""
     save_h = bool(flags & 4)
+    d, th = _consts(decay, threshold, decay_c, th_c)
     with device_guard(current):
-        spikes, v_last, h = _kernels().lif_fwd(current, v0, decay, threshold, save_h)
+        spikes, v_last, h = _kernels().lif_fwd(current, v0, d, th, save_h)
     return spikes, v_last, (h if h is not None else current.new_empty((0,)))
 
 
-def _lif_fwd_fake(current, v0, decay, threshold, surrogate, alpha, flags):
+def _consts(decay, threshold, decay_c, th_c):
+    """The launchers' decay and threshold: each tensor, or its float where it is None."""
+    return (decay if decay is not None else decay_c, threshold if threshold is not None else th_c)
+
+
+def _lif_fwd_fake(current, v0, decay, threshold, surrogate, alpha, flags, decay_c, th_c):
     h = torch.empty_like(current) if flags & 4 else current.new_empty((0,))
     return torch.empty_like(current), current.new_empty((current.shape[1],)), h
 
 
 def _lif_setup(ctx, inputs, output):
-    current, v0, decay, threshold, surrogate, alpha, flags = inputs
+    current, v0, decay, threshold, surrogate, alpha, flags, decay_c, th_c = inputs
     detach_reset, bptt = bool(flags & 1), bool(flags & 2)
     need_ddecay = ctx.needs_input_grad[2]
     # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
     ctx.save_for_backward(output[2], v0 if need_ddecay else None, decay, threshold)
-    ctx.meta = (surrogate, alpha, detach_reset, bptt, v0 is not None)
+    ctx.meta = (surrogate, alpha, detach_reset, bptt, v0 is not None, decay_c, th_c)
     ctx.set_materialize_grads(False)
 
 
 def _lif_backward(ctx, g, gv, _gh):
     h, v0, decay, threshold = ctx.saved_tensors
-    surrogate, alpha, detach_reset, bptt, has_v0 = ctx.meta
+    surrogate, alpha, detach_reset, bptt, has_v0, decay_c, th_c = ctx.meta
     need = ctx.needs_input_grad
     flags = (need[0], bptt and has_v0 and need[1], need[2], need[3])
     dcur, dv0, ddecay, dth = _LIF_BWD_OP(
-        g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, *flags
-    )
+        g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, *flags,
+        decay_c, th_c,
+    )  # fmt: skip
     out = [x if f else None for x, f in zip((dcur, dv0, ddecay, dth), flags)]
-    return (*out, None, None, None)
+    return (*out, None, None, None, None, None)
 
 
 _LIF_FWD = register_op(
@@ -87,8 +96,8 @@ def _lif_bwd_impl(
     gv: torch.Tensor | None,
     h: torch.Tensor,
     v0: torch.Tensor | None,
-    decay: torch.Tensor,
-    threshold: torch.Tensor,
+    decay: torch.Tensor | None,
+    threshold: torch.Tensor | None,
     surrogate: str,
     alpha: float,
     detach_reset: bool,
@@ -97,13 +106,17 @@ def _lif_bwd_impl(
     need_dv0: bool,
     need_ddecay: bool,
     need_dth: bool,
+    decay_c: float,
+    th_c: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    d, th = _consts(decay, threshold, decay_c, th_c)
     with device_guard(h):
         res = _kernels().lif_bwd(
             g.contiguous() if g is not None else None,
             gv.contiguous() if gv is not None else None,
-            h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
-            need_dcur, need_dv0, need_ddecay, need_dth,
+            h, v0, d, th, surrogate, alpha, detach_reset, bptt,
+            need_dcur, need_dv0, need_ddecay and decay is not None,
+            need_dth and threshold is not None,
         )  # fmt: skip
     dcur, dv0, ddecay, dth = res
     e = h.new_empty((0,))
@@ -118,15 +131,15 @@ def _lif_bwd_impl(
 
 def _lif_bwd_fake(
     g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt,
-    need_dcur, need_dv0, need_ddecay, need_dth,
+    need_dcur, need_dv0, need_ddecay, need_dth, decay_c, th_c,
 ):  # fmt: skip
     T, N = h.shape
     f32 = torch.float32
     return (
         h.new_empty((T, N) if need_dcur else (0,)),
         h.new_empty((N,) if need_dv0 else (0,)),
-        h.new_empty((T,) if need_ddecay else (0,), dtype=f32),
-        h.new_empty((T,) if need_dth else (0,), dtype=f32),
+        h.new_empty((T,) if need_ddecay and decay is not None else (0,), dtype=f32),
+        h.new_empty((T,) if need_dth and threshold is not None else (0,), dtype=f32),
     )
 
 
@@ -141,7 +154,8 @@ class _LIFFn(torch.autograd.Function):
     Shapes are handled inside forward/backward, where autograd records no view nodes (see
     ops/neuron.py). Under torch.compile the custom op runs instead.
 
-    plan = (surrogate, alpha, detach_reset, bptt, step).
+    plan = (surrogate, alpha, detach_reset, bptt, step). decay and threshold: fp32 [T] tensors or
+    floats (kernel scalars; a float gets no gradient and is kept in the plan key as a value).
     """
 
     @staticmethod
@@ -162,8 +176,14 @@ class _LIFFn(torch.autograd.Function):
                 lambda: k.lif_fwd(current, v0, decay, threshold, True, step_input=plan[4]),
                 lambda: k.lif_fwd_plan(current, v0, decay, threshold, True, step_input=plan[4]),
             )  # fmt: skip
-        # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns.
-        ctx.save_for_backward(h, v0 if ctx.needs_input_grad[2] else None, decay, threshold)
+        # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns; a float
+        # parameter travels as a value.
+        d_t, th_t = type(decay) is not float, type(threshold) is not float
+        ctx.save_for_backward(
+            h, v0 if ctx.needs_input_grad[2] else None, decay if d_t else None,
+            threshold if th_t else None,
+        )  # fmt: skip
+        ctx.consts = (None if d_t else decay, None if th_t else threshold)
         ctx.plan = plan
         ctx.shape = current.shape
         ctx.has_v0 = v0 is not None
@@ -174,6 +194,9 @@ class _LIFFn(torch.autograd.Function):
     def backward(ctx, g, gv):
         h, v0, decay, threshold = ctx.saved_tensors
         surrogate, alpha, detach_reset, bptt, step = ctx.plan
+        d_c, th_c = ctx.consts
+        decay = decay if d_c is None else d_c
+        threshold = threshold if th_c is None else th_c
         need = ctx.needs_input_grad
         need_dv0 = bptt and ctx.has_v0 and need[1]
         shape = ctx.shape
@@ -207,11 +230,24 @@ _FWD_PLANS = PlanCache()  # see PlanCache in ops/_common.py
 _BWD_PLANS = PlanCache()
 
 
+def _f32(p: torch.Tensor | float) -> torch.Tensor | float:
+    """A [T] parameter as a contiguous fp32 tensor (a differentiable cast), a float as it is."""
+    if type(p) is float:
+        return p
+    if p.dtype != torch.float32:
+        p = p.float()
+    return p if p.is_contiguous() else p.contiguous()
+
+
+def _learns(p: torch.Tensor | float) -> bool:
+    return type(p) is not float and p.requires_grad
+
+
 def lif_neuron_triton(
     current: torch.Tensor,
     v0: torch.Tensor | None,
-    decay: torch.Tensor,
-    threshold: torch.Tensor,
+    decay: torch.Tensor | float,
+    threshold: torch.Tensor | float,
     surrogate: str,
     alpha: float,
     detach_reset: bool,
@@ -221,27 +257,30 @@ def lif_neuron_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of `lif_neuron` without validation: current [T, *] (or one step [*] with
     `step=True`, T = 1), v0 in the shape of one step or None, decay and threshold [T] tensors
-    (any floating dtype), alpha resolved."""
-    decay32 = decay if decay.dtype == torch.float32 else decay.float()
-    th32 = threshold if threshold.dtype == torch.float32 else threshold.float()
-    if not decay32.is_contiguous():
-        decay32 = decay32.contiguous()
-    if not th32.is_contiguous():
-        th32 = th32.contiguous()
+    (any floating dtype) or floats (passed to the kernels as scalars: no tensor is made), alpha
+    resolved."""
+    decay32, th32 = _f32(decay), _f32(threshold)
     if torch.compiler.is_compiling():
         x = current.unsqueeze(0) if step else current
         T, feat = x.shape[0], x.shape[1:]
         cur2 = x.reshape(T, -1).contiguous()
         v02 = v0.reshape(-1).contiguous() if v0 is not None else None
-        save_h = grad_wanted(current, v0, decay, threshold)
+        save_h = torch.is_grad_enabled() and (
+            current.requires_grad or (v0 is not None and v0.requires_grad)
+            or _learns(decay32) or _learns(th32)
+        )  # fmt: skip
         flags = 1 * detach_reset + 2 * bptt + 4 * save_h
-        spikes, v_last, _ = _LIF_FWD_OP(cur2, v02, decay32, th32, surrogate, float(alpha), flags)
+        d_float, th_float = type(decay32) is float, type(th32) is float
+        spikes, v_last, _ = _LIF_FWD_OP(
+            cur2, v02, None if d_float else decay32, None if th_float else th32, surrogate,
+            float(alpha), flags, decay32 if d_float else 0.0, th32 if th_float else 0.0,
+        )  # fmt: skip
         return spikes.view(current.shape), v_last.view(current.shape if step else feat)
     if torch.is_grad_enabled() and (
         current.requires_grad
         or (v0 is not None and v0.requires_grad)
-        or decay32.requires_grad
-        or th32.requires_grad
+        or _learns(decay32)
+        or _learns(th32)
     ):
         plan = (surrogate, float(alpha), detach_reset, bptt, step)
         if torch._C._are_functorch_transforms_active():
@@ -314,11 +353,13 @@ def lif_neuron(
     check_grad_mode(grad_mode)
     if not isinstance(detach_reset, bool):
         raise TypeError(f"detach_reset must be a bool, got {type(detach_reset).__name__}")
-    decay_t = per_step("decay", decay, T, current, is_decay=True)
-    th_t = per_step("threshold", threshold, T, current)
+    ref = impl == "reference" or current.numel() == 0
+    # Triton takes a float as a kernel scalar; the reference a [T] tensor.
+    decay_t = per_step("decay", decay, T, current, is_decay=True, keep_float=not ref)
+    th_t = per_step("threshold", threshold, T, current, keep_float=not ref)
     if v0 is not None and grad_mode == "online":
         v0 = v0.detach()  # a constant in online mode, on both paths (as in empf_neuron)
-    if impl == "reference" or current.numel() == 0:
+    if ref:
         return lif_neuron_ref(current, v0, decay_t, th_t, surrogate, alpha, detach_reset, grad_mode)
 
     return lif_neuron_triton(
@@ -359,9 +400,10 @@ def lif_neuron_step(
     alpha = _check_surrogate(surrogate, alpha)
     if not isinstance(detach_reset, bool):
         raise TypeError(f"detach_reset must be a bool, got {type(detach_reset).__name__}")
-    decay_t = per_step("decay", decay, 1, current, is_decay=True)
-    th_t = per_step("threshold", threshold, 1, current)
-    if impl == "reference" or current.numel() == 0:
+    ref = impl == "reference" or current.numel() == 0
+    decay_t = per_step("decay", decay, 1, current, is_decay=True, keep_float=not ref)
+    th_t = per_step("threshold", threshold, 1, current, keep_float=not ref)
+    if ref:
         spikes, v_new = lif_neuron_ref(
             current.unsqueeze(0), v, decay_t, th_t, surrogate, alpha, detach_reset, "bptt"
         )
