@@ -385,8 +385,9 @@ def test_planned_steps_follow_parameter_updates_and_replacements(device, paralle
 
 
 def test_lif_module_steps_are_planned_and_equal_the_reference(device):
-    """LIFNeuron passes its constant decay/threshold tensors marked persistent, so its calls are
-    planned (one plan per call form, reused over samples); the results stay the reference's."""
+    """LIFNeuron passes its constant decay and threshold as floats (kernel scalars), so its calls
+    are planned (one plan per call form, reused over samples); the results stay the
+    reference's."""
     import empf_triton.ops.lif as ops_lif
 
     torch.manual_seed(0)
@@ -408,3 +409,18 @@ def test_lif_module_steps_are_planned_and_equal_the_reference(device):
         torch.testing.assert_close(res["triton"][1], res["reference"][1], rtol=1e-6, atol=1e-6)
     # forward: the first step (no membrane yet) and the others; backward: one form
     assert len(ops_lif._FWD_PLANS) == 2 and len(ops_lif._BWD_PLANS) >= 1
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_lif_module_reads_changed_constants(device, impl):
+    """A changed `tau` or `v_threshold` takes effect on the next call (nothing kept from the
+    values of an earlier call)."""
+    x = torch.rand(3, 4, 6, device=device) * 1.5
+    m = LIFNeuron(step_mode="m", impl=impl).to(device)
+    m(x)
+    reset_net(m)
+    m.tau, m.v_threshold = 5.0, 0.7
+    fresh = LIFNeuron(tau=5.0, v_threshold=0.7, step_mode="m", impl=impl).to(device)
+    out, want = m(x), fresh(x)
+    assert torch.equal(out, want) and torch.equal(m.v, fresh.v)
+    assert not torch.equal(out, LIFNeuron(step_mode="m", impl=impl).to(device)(x))
