@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from empf_triton import reset_net
 from empf_triton.models import build_model
 from empf_triton.train.checkpoint import (
     CheckpointError,
@@ -25,6 +26,7 @@ from empf_triton.train.strategies import (
     draw_t_star,
     evaluate,
     iterate_batches,
+    set_step_mode,
     train_batch,
     train_epoch,
 )
@@ -166,6 +168,72 @@ def test_online_memory_does_not_grow_with_T(strategy):
 def test_bptt_memory_grows_with_T():
     m1, m8 = _peak_saved("bptt", 1), _peak_saved("bptt", 8)
     assert m8 > 4 * m1, (m1, m8)
+
+
+class _HostReads:
+    """Counts the tensor-to-host reads (each a device sync on a GPU) made while active."""
+
+    NAMES = ("__float__", "__int__", "item", "tolist", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _orig=orig, **k):
+                self.count += 1
+                return _orig(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_train_batch_reads_the_host_once(monkeypatch, strategy):
+    """One host read per batch whatever the strategy (the online strategies used to read each
+    step's loss, a GPU sync per step), with the per-step losses summed as before."""
+    T = 4
+    model = _mlp(T)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same weights
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    reads = _HostReads(monkeypatch)
+    r = train_batch(model, x, y, opt, strategy, T, t_star=1)
+    assert reads.count == 1
+    monkeypatch.undo()
+    if strategy in ("online", "accumulate"):
+        reset_net(model)
+        with torch.no_grad():
+            outs = [model(x).float() for _ in range(T)]
+        want = 0.0
+        for o in outs:
+            want += float(torch.nn.functional.cross_entropy(o, y))
+        assert r.loss == want / T
+
+
+def test_evaluate_reads_the_host_once_per_call(monkeypatch, digits):
+    """Counts and loss sums stay on the device until the end (no sync per batch); the results
+    are the per-batch sums taken in order."""
+    _, test, _ = digits
+    T = 3
+    model = _mlp(T)
+    batches = list(iterate_batches(test, 100))
+    reads = _HostReads(monkeypatch)
+    ev = evaluate(model, batches, T)
+    assert reads.count == 2  # the counts, the loss sum
+    monkeypatch.undo()
+    model.eval()
+    loss, correct = 0.0, torch.zeros(T, dtype=torch.long)
+    with torch.no_grad():
+        for x, y in batches:
+            reset_net(model)
+            set_step_mode(model, "m")
+            cum = model(x.unsqueeze(0).expand(T, *x.shape)).float().cumsum(0)
+            correct += (cum.argmax(-1) == y).sum(1)
+            loss += float(torch.nn.functional.cross_entropy(cum[-1] / T, y, reduction="sum"))
+    reset_net(model)
+    set_step_mode(model, "s")
+    assert ev["anytime_correct"] == correct.tolist()
+    assert ev["loss"] == loss / len(test)
+    assert evaluate(model, [], T)["samples"] == 0
 
 
 def test_evaluate_anytime_and_step_modes(digits):

@@ -214,7 +214,7 @@ def train_batch(
         total = out.detach() if total is None else total + out.detach()
         return BatchResult(float(loss.detach()), total, t_star + 1, t_star)
 
-    losses = 0.0
+    step_losses = []  # on the device: one host sync per batch (below), not one per step
     if strategy == "accumulate":
         optimizer.zero_grad(set_to_none=True)
     for t in range(T):
@@ -228,10 +228,13 @@ def train_batch(
             backward(loss if strategy == "online" else loss / T)
         if strategy == "online":
             opt_step()
-        losses += float(loss.detach())
+        step_losses.append(loss.detach())
         total = out.detach() if total is None else total + out.detach()
     if strategy == "accumulate":
         opt_step()
+    losses = 0.0
+    for value in torch.stack(step_losses).tolist():  # summed in step order, as Python floats
+        losses += value
     return BatchResult(losses / T, total, T)
 
 
@@ -436,8 +439,10 @@ def evaluate(
     was_training = base.training
     base.eval()
     set_grad_mode(base, "online")
-    correct_t = torch.zeros(T, dtype=torch.long)
-    loss_sum, n = 0.0, 0
+    # Counts and the loss sum stay on the device (fp64, exact for the fp32 batch sums in order):
+    # one host sync at the end, not two per batch.
+    correct_t = loss_sum = None
+    n = 0
     try:
         for x, y in batches:
             reset_net(base)
@@ -449,19 +454,27 @@ def evaluate(
                     set_step_mode(base, "s")
                     out = torch.stack([fwd(step_inputs(x, t, is_event)) for t in range(T)])
             cum = out.float().cumsum(0)  # [T, N, C]
-            correct_t += (cum.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
-            loss_sum += float(loss_fn(cum[-1] / T, y, reduction="sum"))
+            correct = (cum.argmax(-1) == y.unsqueeze(0)).sum(1)
+            batch_loss = loss_fn(cum[-1] / T, y, reduction="sum").detach().double()
+            if correct_t is None:
+                correct_t, loss_sum = correct, batch_loss
+            else:
+                correct_t, loss_sum = correct_t + correct, loss_sum + batch_loss
             n += y.shape[0]
     finally:
         reset_net(base)
         set_step_mode(base, "s")
         base.train(was_training)
-    anytime = (correct_t.double() / max(n, 1)).tolist()
+    if correct_t is None:
+        correct_t, loss_sum = torch.zeros(T, dtype=torch.long), torch.zeros((), dtype=torch.float64)
+    counts = correct_t.tolist()
+    loss_sum = float(loss_sum)
+    anytime = [c / max(n, 1) for c in counts]
     return {
         "loss": loss_sum / max(n, 1),
         "accuracy": anytime[-1],
         "anytime": anytime,
         "samples": n,
-        "correct": int(correct_t[-1]),
-        "anytime_correct": correct_t.tolist(),
+        "correct": counts[-1],
+        "anytime_correct": counts,
     }
