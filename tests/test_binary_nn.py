@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -424,3 +426,72 @@ def test_modules_with_triton_raise_where_triton_cannot_run(monkeypatch):
     for layer, x in ((lin, torch.randn(2, 8)), (conv, torch.randn(1, 2, 4, 4))):
         with pytest.raises(TritonUnavailableError):
             layer(x)
+
+
+def _graph_node_names(y: torch.Tensor) -> list[str]:
+    names, seen, stack = [], set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("weight_bits", [1, 1.5])
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+def test_layers_add_no_view_nodes_and_no_graph_without_grad(device, cls, weight_bits):
+    """A [N, K] input to BinaryLinear and an [N, C, H, W] input to BinaryConv2d go to the ops as
+    they are, and the weight's [N, K] view is made inside the quantiser's autograd node: the
+    graph holds no view nodes (each costs host time forward and backward). Without grad the
+    layers launch the kernels directly: the same values, no graph."""
+    if cls == "linear":
+        layer = BinaryLinear(40, 9, weight_bits=weight_bits, impl="triton", device=device)
+        x = torch.randn(5, 40, device=device, requires_grad=True)
+    else:
+        layer = BinaryConv2d(3, 6, 3, padding=1, weight_bits=weight_bits, impl="triton",
+                             device=device)  # fmt: skip
+        x = torch.randn(2, 3, 5, 6, device=device, requires_grad=True)
+    _spread(layer)
+    y = layer(x)
+    names = _graph_node_names(y)
+    assert not [n for n in names if "View" in n or "Reshape" in n], names
+    assert len(names) <= 6, names  # op, quantiser (conv), AccumulateGrad x3
+    gx, gw = torch.autograd.grad(y.sum(), (x, layer.weight))
+    with torch.no_grad():
+        y2 = layer(x)
+    assert y2.grad_fn is None
+    torch.testing.assert_close(y2, y.detach(), rtol=0, atol=0)
+    ref = BinaryLinear if cls == "linear" else BinaryConv2d
+    twin = copy.deepcopy(layer)
+    twin.impl = "reference"
+    twin._checked_form = None
+    yr = twin(x)
+    rx, rw = torch.autograd.grad(yr.sum(), (x, twin.weight))
+    assert isinstance(twin, ref)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_quantizer_on_a_conv_weight_is_one_node(device, bits):
+    """binarize / ternarize of a 4-D weight: one autograd node (the [N, K] view inside it), the
+    STE gradient in the weight's shape; without grad no node at all."""
+    from empf_triton.ops import binarize, ternarize
+
+    op = binarize if bits == 1 else ternarize
+    w = (torch.randn(6, 3, 3, 3, device=device) * 0.8).requires_grad_()
+    q = op(w, impl="triton")
+    assert _graph_node_names(q) == ["_QuantizeFnBackward", "AccumulateGrad"]
+    g = torch.randn_like(q)
+    (gw,) = torch.autograd.grad(q, w, g)
+    w2 = w.detach().clone().requires_grad_()
+    (rw,) = torch.autograd.grad(_quant(bits)(w2), w2, g)
+    torch.testing.assert_close(gw, rw, rtol=0, atol=0)
+    torch.testing.assert_close(q, _quant(bits)(w2), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        q2 = op(w, impl="triton")
+    assert q2.grad_fn is None and torch.equal(q2, q.detach())

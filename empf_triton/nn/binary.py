@@ -441,8 +441,9 @@ class BinaryConv2d(_BinaryLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         Ho, Wo, route = self._checked(x, self._check)
-        lead = x.shape[:-3]
-        x4 = x.reshape(-1, *x.shape[-3:])
+        # [N, C, H, W] as it is (a reshape would add a view node to the graph each call)
+        flat = x.dim() != 4
+        x4 = x.reshape(-1, *x.shape[-3:]) if flat else x
         bias = self._bias_as(x)
         if not self.is_packed:
             w = self.weight
@@ -463,7 +464,7 @@ class BinaryConv2d(_BinaryLayer):
                 else:
                     w = unpack_weight_ref(wt, self.packed_scale, K, x.dtype)
                 y = self._conv(x4, w.reshape(self._packed_shape), bias)
-        return y.reshape(*lead, *y.shape[1:])
+        return y.reshape(*x.shape[:-3], *y.shape[1:]) if flat else y
 
     def extra_repr(self) -> str:
         s = (

@@ -463,16 +463,36 @@ def _callees():
     return _OPS if torch.is_grad_enabled() else _RAW
 
 
+def _quantize_nd(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Q(w) of w [N, *] in w's shape (viewed as [N, K] for the kernels)."""
+    if w.dim() == 2:
+        return _quantize_impl(w, bits)
+    w2 = w.reshape(w.shape[0], math.prod(w.shape[1:]))
+    return _quantize_impl(w2, bits).view(w.shape)
+
+
 class _QuantizeFn(torch.autograd.Function):
+    """Takes w [N, *] in its own shape: the [N, K] view is made in here, where autograd records
+    nothing (a view of a Parameter outside would add two view nodes per call to the graph). The
+    STE backward is elementwise, so the gradient needs no view either."""
+
     @staticmethod
     def forward(ctx, w, bits):
-        out = _quantize_impl(w, bits)
+        out = _quantize_nd(w, bits)
         ctx.save_for_backward(w)
         return out
 
     @staticmethod
     def backward(ctx, g):
         return _callees().ste(g, ctx.saved_tensors[0]), None
+
+
+# `apply` without the Python wrapper of `Function.apply` (as ops/neuron.py `_c_apply`).
+_QUANTIZE_APPLY = super(torch.autograd.Function, _QuantizeFn).apply
+
+
+def _any_grad(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 class _GemmFn(torch.autograd.Function):
@@ -499,14 +519,24 @@ class _LinearFn(torch.autograd.Function):
         return _linear_backward(_callees(), ctx, g)
 
 
+_GEMM_APPLY = super(torch.autograd.Function, _GemmFn).apply
+_LINEAR_APPLY = super(torch.autograd.Function, _LinearFn).apply
+
+
 _compiling = torch.compiler.is_compiling
 
 
 def quantize_triton(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unchecked Triton `binarize` (bits=1) / `ternarize` (bits=2) of w [N, *]."""
-    w2 = w.reshape(w.shape[0], math.prod(w.shape[1:]))
-    out = _OPS.quantize(w2, bits) if _compiling() else _QuantizeFn.apply(w2, bits)
-    return out.reshape(w.shape)
+    """Unchecked Triton `binarize` (bits=1) / `ternarize` (bits=2) of w [N, *]. Eager: straight
+    to the kernels when no gradient is recorded (evaluation), else one autograd node."""
+    if _compiling():
+        w2 = w.reshape(w.shape[0], math.prod(w.shape[1:]))
+        return _OPS.quantize(w2, bits).reshape(w.shape)
+    if not (w.requires_grad and torch.is_grad_enabled()):
+        return _quantize_nd(w, bits)
+    if torch._C._are_functorch_transforms_active():
+        return _QuantizeFn.apply(w, bits)
+    return _QUANTIZE_APPLY(w, bits)
 
 
 def matmul_triton(
@@ -521,8 +551,12 @@ def matmul_triton(
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
     if _compiling():
         out = _OPS.gemm(x2, words, scale, bias)
-    else:
+    elif not (torch.is_grad_enabled() and _any_grad(x, scale, bias)):
+        out = _gemm_impl(x2, words, scale, bias)  # no graph to record: straight to the kernel
+    elif torch._C._are_functorch_transforms_active():
         out = _GemmFn.apply(x2, words, scale, bias)
+    else:
+        out = _GEMM_APPLY(x2, words, scale, bias)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 
@@ -531,15 +565,20 @@ def linear_triton(
 ) -> torch.Tensor:
     """Unchecked Triton `binary_linear` (pack the latent weight, packed GEMM)."""
     N, K = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), K)
+    flat = x.dim() != 2  # a 2-D x as it is (a reshape would add a view node to the graph)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K) if flat else x
     if _compiling():
         words, scale = _OPS.pack(weight.detach(), bits)
         out = _OPS.linear(x2, weight, words, scale, bias)
     else:
         words, scale = _pack_impl(weight.detach(), bits)
-        out = _LinearFn.apply(x2, weight, words, scale, bias)
-    return out.reshape(*lead, N)
+        if not (torch.is_grad_enabled() and _any_grad(x, weight, bias)):
+            out = _gemm_impl(x2, words, scale, bias)  # no graph to record
+        elif torch._C._are_functorch_transforms_active():
+            out = _LinearFn.apply(x2, weight, words, scale, bias)
+        else:
+            out = _LINEAR_APPLY(x2, weight, words, scale, bias)
+    return out.reshape(*x.shape[:-1], N) if flat else out
 
 
 def unpack_triton(
