@@ -117,14 +117,16 @@ class StatefulNeuron(nn.Module):
 
     def _carried_v(self) -> torch.Tensor | None:
         """The membrane entering this step; online mode sees it as a constant."""
-        if self.v is None or self.grad_mode == "bptt":
-            return self.v
-        return self.v.detach()
+        v = self.v
+        if v is None or self.grad_mode == "bptt" or not v.requires_grad:
+            return v
+        return v.detach()
 
     def _keep_v(self, v: torch.Tensor, t: int) -> None:
         """Keep the membrane after step t - 1 (t: the step count from now). Online mode never
-        back-propagates into the kept membrane: its graph is dropped right away."""
-        self._store(v.detach() if self.grad_mode == "online" else v, t)
+        back-propagates into the kept membrane: its graph is dropped right away (the fused ops
+        hand it over without one already)."""
+        self._store(v.detach() if self.grad_mode == "online" and v.requires_grad else v, t)
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -464,7 +466,7 @@ class LIFNeuron(StatefulNeuron):
         if self._resolved_impl == "triton":
             return lif_neuron_triton(
                 x, v, self.decay, self.v_threshold, self.surrogate, self._alpha,
-                self.detach_reset, bptt, step=step,
+                self.detach_reset, bptt, step=step, state=self.grad_mode == "online",
             )  # fmt: skip
         T = 1 if step else x.shape[0]
         d = per_step("decay", self.decay, T, x, is_decay=True)

@@ -156,10 +156,11 @@ class _LIFFn(torch.autograd.Function):
 
     plan = (surrogate, alpha, detach_reset, bptt, step). decay and threshold: fp32 [T] tensors or
     floats (kernel scalars; a float gets no gradient and is kept in the plan key as a value).
+    With a `box`, v_last goes into it, outside the graph (see ops/neuron.py `_NeuronFn`).
     """
 
     @staticmethod
-    def forward(ctx, current, v0, decay, threshold, plan):
+    def forward(ctx, current, v0, decay, threshold, plan, box=None):
         if not current.is_contiguous():
             current = current.contiguous()
         if v0 is not None and not v0.is_contiguous():
@@ -188,10 +189,13 @@ class _LIFFn(torch.autograd.Function):
         ctx.shape = current.shape
         ctx.has_v0 = v0 is not None
         ctx.set_materialize_grads(False)
+        if box is not None:  # v_last as state only
+            box.append(v_last)
+            return spikes
         return spikes, v_last
 
     @staticmethod
-    def backward(ctx, g, gv):
+    def backward(ctx, g, gv=None):
         h, v0, decay, threshold = ctx.saved_tensors
         surrogate, alpha, detach_reset, bptt, step = ctx.plan
         d_c, th_c = ctx.consts
@@ -222,7 +226,7 @@ class _LIFFn(torch.autograd.Function):
             )  # fmt: skip
         if dv0 is not None:
             dv0 = dv0.view(shape if step else shape[1:])
-        return dcur, dv0, ddecay, dth, None
+        return dcur, dv0, ddecay, dth, None, None  # one more None than inputs without a box
 
 
 _LIF_APPLY = super(torch.autograd.Function, _LIFFn).apply  # see ops/neuron.py `_c_apply`
@@ -254,11 +258,13 @@ def lif_neuron_triton(
     bptt: bool,
     *,
     step: bool = False,
+    state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of `lif_neuron` without validation: current [T, *] (or one step [*] with
     `step=True`, T = 1), v0 in the shape of one step or None, decay and threshold [T] tensors
     (any floating dtype) or floats (passed to the kernels as scalars: no tensor is made), alpha
-    resolved."""
+    resolved. `state=True`: v_last comes back without autograd history (for online callers,
+    as `empf_neuron_triton`)."""
     decay32, th32 = _f32(decay), _f32(threshold)
     if torch.compiler.is_compiling():
         x = current.unsqueeze(0) if step else current
@@ -275,7 +281,8 @@ def lif_neuron_triton(
             cur2, v02, None if d_float else decay32, None if th_float else th32, surrogate,
             float(alpha), flags, decay32 if d_float else 0.0, th32 if th_float else 0.0,
         )  # fmt: skip
-        return spikes.view(current.shape), v_last.view(current.shape if step else feat)
+        v_last = v_last.view(current.shape if step else feat)
+        return spikes.view(current.shape), (v_last.detach() if state else v_last)
     if torch.is_grad_enabled() and (
         current.requires_grad
         or (v0 is not None and v0.requires_grad)
@@ -284,7 +291,11 @@ def lif_neuron_triton(
     ):
         plan = (surrogate, float(alpha), detach_reset, bptt, step)
         if torch._C._are_functorch_transforms_active():
-            return _LIFFn.apply(current, v0, decay32, th32, plan)
+            spikes, v_last = _LIFFn.apply(current, v0, decay32, th32, plan)
+            return spikes, (v_last.detach() if state else v_last)
+        if state:
+            box = []
+            return _LIF_APPLY(current, v0, decay32, th32, plan, box), box[0]
         return _LIF_APPLY(current, v0, decay32, th32, plan)
     if not current.is_contiguous():
         current = current.contiguous()
