@@ -282,6 +282,36 @@ def test_overhead_module_step(benchmark, module):
     _time(benchmark, fn, case=f"{module} step", kind="fwd+bwd")
 
 
+@pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("layer", ["BinaryConv2d", "nn.Conv2d"])
+def test_overhead_conv_layer(benchmark, layer, kind):
+    """A ResNet block's convolution as a layer (8 -> 8 channels, 3x3, batch 2 of 8x8): the
+    binary layer (weights quantised by a Triton launch, STE backward) next to `nn.Conv2d`, its
+    torch twin. The convolution itself runs on the CPU in both (tiny); their difference is the
+    binary layer's host cost."""
+    from empf_triton.nn import BinaryConv2d
+
+    torch.manual_seed(0)
+    if layer == "BinaryConv2d":
+        m = BinaryConv2d(8, 8, 3, padding=1, impl="triton").to(DEVICE)
+    else:
+        m = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).to(DEVICE)
+    x = _leaf(2, 8, 8, 8)
+    if kind == "fwd":
+
+        def fn():
+            with torch.no_grad():
+                return m(x)
+
+    else:
+        g = torch.ones(2, 8, 8, 8, device=DEVICE)
+
+        def fn():
+            m(x).backward(g)
+
+    _time(benchmark, fn, case=f"{layer} layer (8->8, 3x3, 2x8x8)", kind=kind)
+
+
 def test_overhead_deployed_resnet18(benchmark):
     """One forward of a deployed EM-PF ResNet-18 (T = 4, batch 1, 4-bit codes between layers,
     width 4 on 32x32 inputs: the host path of the paper's network, small tensors): every layer's
