@@ -287,8 +287,10 @@ class DeployedModel(nn.Module):
         getattr(self, f"_check_{node.op}", lambda n: None)(node)
 
     def _t(self, node: _Node, k: str) -> torch.Tensor | None:
+        # straight from the buffer dict (where register_buffer and .to() keep them): getattr
+        # would go through nn.Module.__getattr__ on every call of every layer
         b = node.buffers.get(k)
-        return None if b is None else getattr(self, b)
+        return None if b is None else self._buffers[b]
 
     def _check_shape(self, node: _Node, k: str, shapes: list[tuple[int, ...]]) -> None:
         t = self._t(node, k)
