@@ -431,4 +431,9 @@ def test_lif_module_reads_changed_constants(device, impl):
     fresh = LIFNeuron(tau=5.0, v_threshold=0.7, step_mode="m", impl=impl).to(device)
     out, want = m(x), fresh(x)
     assert torch.equal(out, want) and torch.equal(m.v, fresh.v)
+    reset_net(m)
+    m.tau, m.v_threshold = 3, 1  # ints, as a user may write them
+    reset_net(fresh)
+    fresh.tau, fresh.v_threshold = 3.0, 1.0
+    assert torch.equal(m(x), fresh(x))
     assert not torch.equal(out, LIFNeuron(step_mode="m", impl=impl).to(device)(x))

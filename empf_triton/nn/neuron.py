@@ -465,7 +465,7 @@ class LIFNeuron(StatefulNeuron):
         outputs are [N, *]."""
         if self._resolved_impl == "triton":
             return lif_neuron_triton(
-                x, v, self.decay, self.v_threshold, self.surrogate, self._alpha,
+                x, v, self.decay, float(self.v_threshold), self.surrogate, self._alpha,
                 self.detach_reset, bptt, step=step, state=self.grad_mode == "online",
             )  # fmt: skip
         T = 1 if step else x.shape[0]
