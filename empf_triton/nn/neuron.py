@@ -332,13 +332,11 @@ class EMPFNeuron(StatefulNeuron):
                 if self.grad_mode == "online" and v.requires_grad:  # kept detached already
                     v = v.detach()
             if impl == "triton":
-                # online: v comes back without history (state=True), nothing to detach
+                # online: v comes back without history (state=True): _keep_v has nothing to cut
                 spike, v = empf_neuron_triton(
                     x, v, self.logits, None, bits, step, True,
                     t0=t, logits=True, step=True, joint=True, state=self.grad_mode == "online",
                 )  # fmt: skip
-                self._store(v, t + 1)
-                return spike
             else:
                 decay = torch.sigmoid(self.logits[1, t : t + 1])
                 th = torch.sigmoid(self.logits[0, t : t + 1])
