@@ -155,6 +155,35 @@ def test_mem_bn_folds_into_conv_scale_per_step():
     )
 
 
+@pytest.mark.parametrize("spike_bits", [None, 4])
+def test_standalone_per_channel_neurons_run_the_fused_kernel(monkeypatch, spike_bits):
+    """A folded Mem-BN neuron that stays standalone (per-channel decay k λ, here partly > 1)
+    runs the fused EM-PF kernel, not a torch loop, and gives the reference path's and the
+    trained model's logits."""
+    from empf_triton.nn import MemBN
+    from empf_triton.ops import neuron as ops_neuron
+
+    model = randomize(build_model("digits_mlp", in_shape=(64,), num_classes=3, T=3,
+                                  mem_bn=True, spike_bits=spike_bits))  # fmt: skip
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MemBN):
+                m.weight.mul_(4.0)  # k = γ / σ well above 1: k λ leaves [0, 1]
+    x = torch.randn(4, 64)
+    ref = fold(model, impl="reference").to(DEVICE)
+    tri = fold(model, impl="triton").to(DEVICE)
+    standalone = [i for i, n in enumerate(tri.nodes) if n["op"] == "neuron"]
+    decays = [getattr(tri, f"n{i}_decay") for i in standalone]
+    assert decays and all(d.dim() == 2 for d in decays) and any((d > 1).any() for d in decays)
+    loaded = []
+    real = ops_neuron.load_kernels
+    monkeypatch.setattr(ops_neuron, "load_kernels", lambda name: loaded.append(name) or real(name))
+    out = tri(x.to(DEVICE))
+    assert "neuron" in loaded  # the standalone neurons' plans were made on the EM-PF kernels
+    assert rel_err(out, ref(x.to(DEVICE))) <= 1e-5
+    assert rel_err(out.cpu(), trained_logits(model, x)) <= 1e-4
+
+
 def test_empf_neuron_channels_matches_reference_per_channel():
     from empf_triton.reference.neuron import empf_neuron_ref
 

@@ -23,8 +23,9 @@ repeating the input T times gives). Node kinds (`op`), with their attributes and
 `bconv` runs `empf_triton.ops.binary_conv.binary_conv_neuron` (the fused packed convolution +
 neuron: one Triton kernel on CUDA, its eager reference on the CPU); with `neuron` set and k-bit
 spikes its output is uint8 codes (`Codes`), which the next `bconv` reads directly. A
-standalone `neuron` with a per-channel decay (a folded Mem-BN that could not fold into a
-convolution) runs `empf_neuron_channels` below.
+standalone `neuron` runs the fused EM-PF kernel too (`empf_neuron_plan`), with a per-step or,
+for a folded Mem-BN that could not fold into a convolution, a per-channel decay;
+`empf_neuron_channels` below is the same neuron in plain torch.
 """
 
 from __future__ import annotations
@@ -668,15 +669,13 @@ def _run_neuron(m, node, args, dtype):
     if decay is None:
         plan = _node_plan(node, (th,), key, lambda: parallel_neuron_plan(x, threshold=th, **q))
         return plan(x)
-    if decay.dim() == 1:
-        plan = _node_plan(
-            node, (th, decay), key, lambda: empf_neuron_plan(x, decay=decay, threshold=th, **q)
-        )
-        return plan(x)[0]
-    # Per-channel decay (folded Mem-BN): the torch loop until `empf_neuron` takes [T, C].
-    return empf_neuron_channels(
-        x, decay, th, spike_bits=a["spike_bits"], spike_step=a["spike_step"]
-    )
+    # [T] per step, or [T, C] per channel (a folded Mem-BN's k λ, which may leave [0, 1]): the
+    # fused kernel either way
+    plan = _node_plan(
+        node, (th, decay), key,
+        lambda: empf_neuron_plan(x, decay=decay, threshold=th, decay_range=False, **q),
+    )  # fmt: skip
+    return plan(x)[0]
 
 
 def _run_seca(m, node, args, dtype):

@@ -760,17 +760,21 @@ def parallel_neuron_triton(
 # ---------------------------------------------------------------------------------- public API
 
 
-def _checked_params(current, decay, threshold, spike_bits, spike_step, *, parallel=False):
+def _checked_params(
+    current, decay, threshold, spike_bits, spike_step, *, parallel=False, decay_range=True
+):
     """The parameter checks `empf_neuron`, `parallel_neuron` and their plans share, on a
     checked [T, *] current: decay and threshold in their normal forms (decay None for the
-    parallel neuron, which has none)."""
+    parallel neuron, which has none). `decay_range=False` skips the [0, 1] check of a decay
+    tensor's values (see `empf_neuron_plan`)."""
     T = current.shape[0]
     check_spike_bits(spike_bits, spike_step)
     if parallel:
         return None, neuron_param("threshold", threshold, T, current, channel_dim=2)
     decay = neuron_param("decay", decay, T, current, channel_dim=2, is_decay=True)
     threshold = neuron_param("threshold", threshold, T, current, channel_dim=2)
-    check_decay_values(decay)
+    if decay_range:
+        check_decay_values(decay)
     return decay, threshold
 
 
@@ -834,9 +838,14 @@ def empf_neuron_plan(
     spike_bits: int | None = None,
     spike_step: float = 0.25,
     impl: str = "auto",
+    decay_range: bool = True,
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Check an inference call `empf_neuron(current, decay=..., threshold=..., ...)` once and
     return `run(current2) -> (spikes, v_last)`, the same call on another current.
+
+    `decay_range=False` accepts decay tensors with values outside [0, 1]: a deployed network's
+    folded Mem-BN charges `m = (k λ) v + (k I + b)` with a per-channel `k λ` that is no leak
+    (the kernels compute `λ v + I` for any λ).
 
     For a layer called again and again (a deployed network): the arguments are checked here as
     `empf_neuron` checks them, and the kernel's launch arguments are built once. `run` takes a
@@ -846,7 +855,9 @@ def empf_neuron_plan(
     copies of other dtypes): after a change to either, make a new plan.
     """
     impl = check_sequence("current", current, impl)
-    decay, threshold = _checked_params(current, decay, threshold, spike_bits, spike_step)
+    decay, threshold = _checked_params(
+        current, decay, threshold, spike_bits, spike_step, decay_range=decay_range
+    )
     if impl == "reference" or current.numel() == 0:
 
         def run(cur):
