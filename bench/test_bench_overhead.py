@@ -312,24 +312,24 @@ def test_overhead_conv_layer(benchmark, layer, kind):
     _time(benchmark, fn, case=f"{layer} layer (8->8, 3x3, 2x8x8)", kind=kind)
 
 
-def test_overhead_deployed_resnet18(benchmark):
+@pytest.mark.parametrize("mem_bn", [False, True], ids=["plain", "mem_bn"])
+def test_overhead_deployed_resnet18(benchmark, mem_bn):
     """One forward of a deployed EM-PF ResNet-18 (T = 4, batch 1, 4-bit codes between layers,
     width 4 on 32x32 inputs: the host path of the paper's network, small tensors): every layer's
     Python and launches, the GPU work out as above. The stem conv and the classifier run as
-    torch ops on the CPU here (on a GPU they are launches too)."""
+    torch ops on the CPU here (on a GPU they are launches too). With Mem-BN, the neurons after
+    the residual joins stay standalone with a per-channel decay."""
     from empf_triton.deploy import fold
     from empf_triton.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet18", in_shape=(3, 32, 32), num_classes=10, T=T, width=4,
-                        spike_bits=4).eval()  # fmt: skip
+                        spike_bits=4, mem_bn=mem_bn).eval()  # fmt: skip
     with no_kernel_launches():
         deployed = fold(model, impl="triton").to(DEVICE)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
-    _time(
-        benchmark, lambda: deployed(x), case="deployed ResNet-18 B=1 forward", kind="fwd",
-        rounds=MODEL_ROUNDS,
-    )  # fmt: skip
+    name = "deployed ResNet-18 (Mem-BN) B=1 forward" if mem_bn else "deployed ResNet-18 B=1 forward"
+    _time(benchmark, lambda: deployed(x), case=name, kind="fwd", rounds=MODEL_ROUNDS)
 
 
 @pytest.mark.parametrize("strategy", ["online", "bptt"])
