@@ -70,6 +70,8 @@ def empf_fwd_kernel(
     p_v0,  # [N] initial membrane (read only if HAS_V0)
     p_decay,  # decay tensor (MODE 1 / 2)
     p_th,  # threshold tensor (MODE 1 / 2)
+    p_ink,  # [T, C] input scale k (read only if AFFINE): the step's current is k I + b
+    p_inb,  # [T, C] input bias b (read only if AFFINE), the strides of p_ink
     p_spk,  # [T, N] out: spikes
     p_vlast,  # [N] out: membrane after the last step
     p_mask,  # [T, NB] out: packed H bits (written only if SAVE_MASK)
@@ -84,6 +86,8 @@ def empf_fwd_kernel(
     sd_c,
     sth_t,
     sth_c,
+    sk_t,
+    sk_c,
     C,
     INNER,
     step,
@@ -97,6 +101,7 @@ def empf_fwd_kernel(
     D_MODE: tl.constexpr,
     TH_MODE: tl.constexpr,
     LOGITS: tl.constexpr,
+    AFFINE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -104,7 +109,7 @@ def empf_fwd_kernel(
     m_n = o_n < N
     o_b = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     m_b = o_b < NB
-    if D_MODE == 2 or TH_MODE == 2:
+    if D_MODE == 2 or TH_MODE == 2 or AFFINE:
         o_ch = (o_n // INNER) % C
     else:
         o_ch = o_n
@@ -123,6 +128,10 @@ def empf_fwd_kernel(
         b_lam = load_param(p_decay, decay_c, t0 + t, sd_t, sd_c, o_ch, m_n, D_MODE, LOGITS)
         b_th = load_param(p_th, th_c, t0 + t, sth_t, sth_c, o_ch, m_n, TH_MODE, LOGITS)
         b_i = tl.load(p_cur_t, mask=m_n, other=0.0).to(tl.float32)
+        if AFFINE:  # k I + b (a deployed Mem-BN's affine map), the same two roundings as torch
+            b_k = load_param(p_ink, 0.0, t0 + t, sk_t, sk_c, o_ch, m_n, 2, False)
+            b_b = load_param(p_inb, 0.0, t0 + t, sk_t, sk_c, o_ch, m_n, 2, False)
+            b_i = b_k * b_i + b_b
         b_m = b_lam * b_v + b_i
         b_d = b_m - b_th
         # relu written so NaN propagates (tl.maximum may drop it on the GPU)
@@ -415,11 +424,15 @@ def empf_fwd(
     inner: int = 1,
     step_input: bool = False,
     bind: bool = False,
+    in_scale: torch.Tensor | None = None,
+    in_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run all T steps (see the module docstring for the parameter forms).
 
     Returns (spikes [T, *], v_last [*], mask [T, ⌈N/8⌉] uint8, vhist [T-1, N]) for a contiguous
     current [T, *]; with `step_input` the current is one step [*] and spikes and v_last are [*].
+    `in_scale`, `in_bias`: per-channel [T, C] tensors of the same strides (`channels` = C): each
+    step's current enters as `k I + b` (inference: no gradient flows to k or b).
     """
     shape = current.shape
     T = 1 if step_input else shape[0]
@@ -428,6 +441,8 @@ def empf_fwd(
     dev = current.device
     d_mode, d_c, sd_t, sd_c = _param(decay, "decay")
     th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
+    affine = in_scale is not None
+    sk_t, sk_c = _param(in_scale, "in_scale")[2:] if affine else (0, 0)
     # empty_like where the shape matches (cheaper than empty); outputs must be contiguous.
     dense = current.is_contiguous()
     spikes = empty_like(current) if dense else empty(shape, current.dtype, dev)
@@ -446,6 +461,8 @@ def empf_fwd(
         p_v0=v0 if v0 is not None else current,
         p_decay=decay if d_mode else current,
         p_th=threshold if th_mode else current,
+        p_ink=in_scale if affine else current,
+        p_inb=in_bias if affine else current,
         p_spk=spikes,
         p_vlast=v_last,
         p_mask=mask,
@@ -460,6 +477,8 @@ def empf_fwd(
         sd_c=sd_c,
         sth_t=sth_t,
         sth_c=sth_c,
+        sk_t=sk_t,
+        sk_c=sk_c,
         C=channels,
         INNER=inner,
         step=float(spike_step),
@@ -473,6 +492,7 @@ def empf_fwd(
         D_MODE=d_mode,
         TH_MODE=th_mode,
         LOGITS=logits,
+        AFFINE=affine,
     )
     if bind:  # for empf_fwd_plan: the launch's grid and arguments, not run
         return grid, args
@@ -730,13 +750,15 @@ def empf_fwd_plan(
     *,
     channels: int = 1,
     inner: int = 1,
+    in_scale: torch.Tensor | None = None,
+    in_bias: torch.Tensor | None = None,
 ):
     """`run(current2) -> (spikes, v_last)`: `empf_fwd(current, None, decay, threshold, ...)`
     with nothing saved for backward (inference), for contiguous inputs of current's shape,
     dtype and device (not checked)."""
     run = empf_fwd_train_plan(
         current, None, decay, threshold, spike_bits, spike_step, False, False,
-        channels=channels, inner=inner,
+        channels=channels, inner=inner, in_scale=in_scale, in_bias=in_bias,
     )  # fmt: skip
     return lambda cur: run(cur, None)[:2]
 

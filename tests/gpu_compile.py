@@ -174,6 +174,14 @@ def _neuron_param_forms(k, cur, v0, mask, vh, dtype, T, N) -> None:
     )  # fmt: skip
     k.parallel_fwd(cur, pc, 4, 0.25, True, channels=C, inner=inner)
     k.parallel_bwd(cur, mask, N, threshold=pc, channels=C, inner=inner)
+    # a deployed Mem-BN neuron: the input map k I + b inside the forward (inference)
+    per_step = torch.zeros(T)
+    for d, th in ((pc, pc), (pc, 0.3), (per_step, per_step)):
+        for bits in (None, 4):
+            k.empf_fwd(
+                cur, None, d, th, bits, 0.25, False, False, channels=C, inner=inner,
+                in_scale=pc, in_bias=pc,
+            )  # fmt: skip
     # logits with a step row
     k.empf_fwd(cur, v0, lg, lg, 4, 0.25, True, True, t0=2, logits=True)
     for bptt in (False, True):

@@ -24,8 +24,8 @@ repeating the input T times gives). Node kinds (`op`), with their attributes and
 neuron: one Triton kernel on CUDA, its eager reference on the CPU); with `neuron` set and k-bit
 spikes its output is uint8 codes (`Codes`), which the next `bconv` reads directly. A
 standalone `neuron` runs the fused EM-PF kernel too (`empf_neuron_plan`), with a per-step or,
-for a folded Mem-BN that could not fold into a convolution, a per-channel decay;
-`empf_neuron_channels` below is the same neuron in plain torch.
+for a folded Mem-BN that could not fold into a convolution, a per-channel decay and the input
+map `k I + b` inside the kernel; `empf_neuron_channels` below is the same neuron in plain torch.
 """
 
 from __future__ import annotations
@@ -660,10 +660,18 @@ def _run_neuron(m, node, args, dtype):
     a = node.attrs
     x = _steps(_float(args[0], dtype), m.T)
     k, b = m._t(node, "in_scale"), m._t(node, "in_bias")
-    if k is not None:
+    th, decay = m._t(node, "threshold"), m._t(node, "decay")
+    # A folded Mem-BN's input map k I + b: inside the EM-PF kernel where it keeps x's dtype, else
+    # (the parallel neuron, or parameters of a wider dtype) in torch first
+    inside = (
+        k is not None
+        and decay is not None
+        and torch.promote_types(torch.promote_types(k.dtype, b.dtype), x.dtype) == x.dtype
+    )
+    if k is not None and not inside:
         view = (m.T, 1, -1) + (1,) * (x.dim() - 3)
         x = k.view(view) * x + b.view(view)
-    th, decay = m._t(node, "threshold"), m._t(node, "decay")
+        k = b = None
     q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": m.impl}
     key = (x.dtype, x.shape, x.device, m.impl)
     if decay is None:
@@ -672,8 +680,10 @@ def _run_neuron(m, node, args, dtype):
     # [T] per step, or [T, C] per channel (a folded Mem-BN's k λ, which may leave [0, 1]): the
     # fused kernel either way
     plan = _node_plan(
-        node, (th, decay), key,
-        lambda: empf_neuron_plan(x, decay=decay, threshold=th, decay_range=False, **q),
+        node, (th, decay, k, b), key,
+        lambda: empf_neuron_plan(
+            x, decay=decay, threshold=th, decay_range=False, in_scale=k, in_bias=b, **q
+        ),
     )  # fmt: skip
     return plan(x)[0]
 

@@ -15,6 +15,7 @@ values (no host sync): decay values are range-checked for floats and CPU tensors
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -839,40 +840,87 @@ def empf_neuron_plan(
     spike_step: float = 0.25,
     impl: str = "auto",
     decay_range: bool = True,
+    in_scale: torch.Tensor | None = None,
+    in_bias: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Check an inference call `empf_neuron(current, decay=..., threshold=..., ...)` once and
     return `run(current2) -> (spikes, v_last)`, the same call on another current.
 
     `decay_range=False` accepts decay tensors with values outside [0, 1]: a deployed network's
     folded Mem-BN charges `m = (k λ) v + (k I + b)` with a per-channel `k λ` that is no leak
-    (the kernels compute `λ v + I` for any λ).
+    (the kernels compute `λ v + I` for any λ). `in_scale` k and `in_bias` b (both or neither,
+    floating [T, C] tensors, C = dim 2 of the current [T, N, C, *], on its device): each step's
+    current enters as `k I + b`, computed inside the kernel (fp32, the same two roundings as
+    `k * I + b` in torch) instead of two passes over the current before it. The spikes take the
+    current's dtype.
 
     For a layer called again and again (a deployed network): the arguments are checked here as
     `empf_neuron` checks them, and the kernel's launch arguments are built once. `run` takes a
     current of this one's dtype, shape and device (not checked: the caller keys its plans on
     those), with v0 = None, and records no gradient (a current that requires grad under grad
-    mode raises a ValueError). The plan keeps what it derived from decay and threshold (fp32
-    copies of other dtypes): after a change to either, make a new plan.
+    mode raises a ValueError). The plan keeps what it derived from decay, threshold, in_scale
+    and in_bias (fp32 copies of other dtypes): after a change to any, make a new plan.
     """
     impl = check_sequence("current", current, impl)
     decay, threshold = _checked_params(
         current, decay, threshold, spike_bits, spike_step, decay_range=decay_range
     )
+    affine = _checked_affine(current, in_scale, in_bias)
     if impl == "reference" or current.numel() == 0:
+        if affine is not None:  # k I + b in fp32 (fp64 for fp64), as the kernel computes it
+            view = (current.shape[0], 1, -1) + (1,) * (current.dim() - 3)
+            ct = torch.promote_types(current.dtype, torch.float32)
+            k, b = (p.to(ct).view(view) for p in affine)
 
         def run(cur):
-            return empf_neuron_ref(cur, None, decay, threshold, spike_bits, spike_step, "online")
+            if affine is None:
+                return empf_neuron_ref(
+                    cur, None, decay, threshold, spike_bits, spike_step, "online"
+                )
+            s, v = empf_neuron_ref(
+                k * cur.to(ct) + b, None, decay, threshold, spike_bits, spike_step, "online"
+            )
+            return s.to(cur.dtype), v.to(cur.dtype)
 
         return _inference_only(run)
     d_t, th_t = _f32(decay), _f32(threshold)
     C, inner = _channels(current, d_t, th_t, 2)
+    if affine is not None:
+        C, inner = current.shape[2], math.prod(current.shape[3:])
+        affine = tuple(p.float().contiguous() for p in affine)
     with device_guard(current):
         run = _kernels().empf_fwd_plan(
             current.contiguous(), d_t if d_t is not None else float(decay),
             th_t if th_t is not None else float(threshold), spike_bits, float(spike_step),
-            channels=C, inner=inner,
+            channels=C, inner=inner, in_scale=None if affine is None else affine[0],
+            in_bias=None if affine is None else affine[1],
         )  # fmt: skip
     return _inference_only(run, on_device=True)
+
+
+def _checked_affine(current, in_scale, in_bias):
+    """(k, b) of `empf_neuron_plan`'s input map, checked, or None."""
+    if in_scale is None and in_bias is None:
+        return None
+    if in_scale is None or in_bias is None:
+        raise ValueError("in_scale and in_bias come together (the current enters as k I + b)")
+    if current.dim() < 3:
+        raise ValueError(
+            f"in_scale / in_bias are per channel: the current must be [T, N, C, *], got shape "
+            f"{tuple(current.shape)}"
+        )
+    want = (current.shape[0], current.shape[2])
+    for name, p in (("in_scale", in_scale), ("in_bias", in_bias)):
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {type(p).__name__}")
+        if tuple(p.shape) != want:
+            raise ValueError(
+                f"{name} must be [T, C] = {list(want)} (C = dim 2 of the current), got "
+                f"{list(p.shape)}"
+            )
+        if p.device != current.device:
+            raise ValueError(f"{name} is on {p.device}, the current on {current.device}")
+    return in_scale, in_bias
 
 
 def parallel_neuron_plan(
