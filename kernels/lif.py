@@ -256,26 +256,27 @@ def lif_fwd(
     spikes = empty_like(current) if dense else empty(shape, current.dtype, dev)
     v_last = empty_like(spikes) if step_input else empty(shape[1:], current.dtype, dev)
     h = empty((T, N), current.dtype, dev) if save_h else spikes  # dummy pointer when unused
+    d_tensor, th_tensor = type(decay) is not float, type(threshold) is not float
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     args = dict(
         p_cur=current,
         p_v0=v0 if v0 is not None else current,
-        p_decay=decay if type(decay) is not float else current,  # dummy pointer for a float
-        p_th=threshold if type(threshold) is not float else current,
+        p_decay=decay if d_tensor else current,  # dummy pointer for a float
+        p_th=threshold if th_tensor else current,
         p_spk=spikes,
         p_vlast=v_last,
         p_h=h,
         N=N,
         T=T,
-        decay_c=decay if type(decay) is float else 0.0,
-        th_c=threshold if type(threshold) is float else 0.0,
+        decay_c=0.0 if d_tensor else decay,
+        th_c=0.0 if th_tensor else threshold,
         neg_tiny=-torch.finfo(current.dtype).tiny,
         N_CLASS=size_class(N),
         T_CLASS=size_class(T),
         HAS_V0=v0 is not None,
         SAVE_H=save_h,
-        D_TENSOR=type(decay) is not float,
-        TH_TENSOR=type(threshold) is not float,
+        D_TENSOR=d_tensor,
+        TH_TENSOR=th_tensor,
     )
     if bind:  # for lif_fwd_plan: the launch's grid and arguments, not run
         return grid, args
@@ -317,14 +318,15 @@ def lif_bwd(
     dv0 = empty((N,), h.dtype, dev) if need_dv0 else h
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h
+    d_tensor, th_tensor = type(decay) is not float, type(threshold) is not float
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     args = dict(
         p_g=g if g is not None else h,
         p_gv=gv if gv is not None else h,
         p_h=h,
         p_v0=v0 if v0 is not None else h,
-        p_decay=decay if type(decay) is not float else h,  # dummy pointer for a float
-        p_th=threshold if type(threshold) is not float else h,
+        p_decay=decay if d_tensor else h,  # dummy pointer for a float
+        p_th=threshold if th_tensor else h,
         p_dcur=dcur,
         p_dv0=dv0,
         p_dth=dth,
@@ -332,8 +334,8 @@ def lif_bwd(
         N=N,
         T=T,
         P=_cdiv(N, SUB),
-        decay_c=decay if type(decay) is float else 0.0,
-        th_c=threshold if type(threshold) is float else 0.0,
+        decay_c=0.0 if d_tensor else decay,
+        th_c=0.0 if th_tensor else threshold,
         alpha=float(alpha),
         N_CLASS=size_class(N),
         T_CLASS=size_class(T),
@@ -347,8 +349,8 @@ def lif_bwd(
         NEED_DV0=need_dv0,
         NEED_DDECAY=need_ddecay,
         NEED_DTH=need_dth,
-        D_TENSOR=type(decay) is not float,
-        TH_TENSOR=type(threshold) is not float,
+        D_TENSOR=d_tensor,
+        TH_TENSOR=th_tensor,
         SUB=SUB,
     )
     if bind:  # for lif_bwd_plan

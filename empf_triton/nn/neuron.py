@@ -325,12 +325,9 @@ class EMPFNeuron(StatefulNeuron):
                 th = torch.sigmoid(self.logits[0, t : t + 1])
                 spike = parallel_neuron_ref(x.unsqueeze(0), th, bits, step)[0]
         else:
-            v = self.v
-            if v is not None:
-                if v.shape != x.shape:
-                    self._check_state(x.shape)
-                if self.grad_mode == "online" and v.requires_grad:  # kept detached already
-                    v = v.detach()
+            if self.v is not None and self.v.shape != x.shape:
+                self._check_state(x.shape)
+            v = self._carried_v()
             if impl == "triton":
                 # online: v comes back without history (state=True): _keep_v has nothing to cut
                 spike, v = empf_neuron_triton(

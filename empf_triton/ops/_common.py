@@ -246,10 +246,25 @@ def device_guard(x: torch.Tensor):
     return _NULL_CONTEXT
 
 
-def grad_wanted(*tensors: torch.Tensor | None) -> bool:
+def grad_wanted(*tensors: torch.Tensor | float | None) -> bool:
     """Whether autograd will record an op on these inputs (checked outside Function.forward,
-    where grad mode is always off)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    where grad mode is always off); floats and None record nothing."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    )
+
+
+def c_apply(fn_cls):
+    """`fn_cls.apply` without the Python wrapper of `torch.autograd.Function.apply` (its
+    setup_context and functorch checks and its unwrapping of dead functorch wrappers cost ~3 µs a
+    call). Called only while no functorch transform is active (`functorch_active`); the eager
+    Functions define no setup_context, so under vmap/grad the regular apply runs and raises as it
+    always did."""
+    return super(torch.autograd.Function, fn_cls).apply
+
+
+def functorch_active() -> bool:
+    return torch._C._are_functorch_transforms_active()
 
 
 def neuron_param(

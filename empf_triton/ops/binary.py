@@ -54,8 +54,11 @@ from ..reference.binary import (
 from ._common import (
     TRITON_DTYPES,
     _interpreter_on,
+    c_apply,
     check_like,
     check_tensor,
+    functorch_active,
+    grad_wanted,
     load_kernels,
     resolve_impl,
     triton_available,
@@ -487,12 +490,7 @@ class _QuantizeFn(torch.autograd.Function):
         return _callees().ste(g, ctx.saved_tensors[0]), None
 
 
-# `apply` without the Python wrapper of `Function.apply` (as ops/neuron.py `_c_apply`).
-_QUANTIZE_APPLY = super(torch.autograd.Function, _QuantizeFn).apply
-
-
-def _any_grad(*tensors: torch.Tensor | None) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+_QUANTIZE_APPLY = c_apply(_QuantizeFn)
 
 
 class _GemmFn(torch.autograd.Function):
@@ -519,8 +517,8 @@ class _LinearFn(torch.autograd.Function):
         return _linear_backward(_callees(), ctx, g)
 
 
-_GEMM_APPLY = super(torch.autograd.Function, _GemmFn).apply
-_LINEAR_APPLY = super(torch.autograd.Function, _LinearFn).apply
+_GEMM_APPLY = c_apply(_GemmFn)
+_LINEAR_APPLY = c_apply(_LinearFn)
 
 
 _compiling = torch.compiler.is_compiling
@@ -532,9 +530,9 @@ def quantize_triton(w: torch.Tensor, bits: int) -> torch.Tensor:
     if _compiling():
         w2 = w.reshape(w.shape[0], math.prod(w.shape[1:]))
         return _OPS.quantize(w2, bits).reshape(w.shape)
-    if not (w.requires_grad and torch.is_grad_enabled()):
+    if not grad_wanted(w):
         return _quantize_nd(w, bits)
-    if torch._C._are_functorch_transforms_active():
+    if functorch_active():
         return _QuantizeFn.apply(w, bits)
     return _QUANTIZE_APPLY(w, bits)
 
@@ -551,9 +549,9 @@ def matmul_triton(
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
     if _compiling():
         out = _OPS.gemm(x2, words, scale, bias)
-    elif not (torch.is_grad_enabled() and _any_grad(x, scale, bias)):
+    elif not grad_wanted(x, scale, bias):
         out = _gemm_impl(x2, words, scale, bias)  # no graph to record: straight to the kernel
-    elif torch._C._are_functorch_transforms_active():
+    elif functorch_active():
         out = _GemmFn.apply(x2, words, scale, bias)
     else:
         out = _GEMM_APPLY(x2, words, scale, bias)
@@ -572,9 +570,9 @@ def linear_triton(
         out = _OPS.linear(x2, weight, words, scale, bias)
     else:
         words, scale = _pack_impl(weight.detach(), bits)
-        if not (torch.is_grad_enabled() and _any_grad(x, weight, bias)):
+        if not grad_wanted(x, weight, bias):
             out = _gemm_impl(x2, words, scale, bias)  # no graph to record
-        elif torch._C._are_functorch_transforms_active():
+        elif functorch_active():
             out = _LinearFn.apply(x2, weight, words, scale, bias)
         else:
             out = _LINEAR_APPLY(x2, weight, words, scale, bias)

@@ -12,12 +12,15 @@ import torch
 from ..reference.lif import SURROGATES, lif_neuron_ref
 from ._common import (
     PlanCache,
+    c_apply,
     check_grad_mode,
     check_like,
     check_sequence,
     check_step_input,
     check_tensor,
     device_guard,
+    functorch_active,
+    grad_wanted,
     load_kernels,
     params_key,
     per_step,
@@ -229,7 +232,7 @@ class _LIFFn(torch.autograd.Function):
         return dcur, dv0, ddecay, dth, None, None  # one more None than inputs without a box
 
 
-_LIF_APPLY = super(torch.autograd.Function, _LIFFn).apply  # see ops/neuron.py `_c_apply`
+_LIF_APPLY = c_apply(_LIFFn)
 _FWD_PLANS = PlanCache()  # see PlanCache in ops/_common.py
 _BWD_PLANS = PlanCache()
 
@@ -271,10 +274,7 @@ def lif_neuron_triton(
         T, feat = x.shape[0], x.shape[1:]
         cur2 = x.reshape(T, -1).contiguous()
         v02 = v0.reshape(-1).contiguous() if v0 is not None else None
-        save_h = torch.is_grad_enabled() and (
-            current.requires_grad or (v0 is not None and v0.requires_grad)
-            or _learns(decay32) or _learns(th32)
-        )  # fmt: skip
+        save_h = grad_wanted(current, v0, decay32, th32)
         flags = 1 * detach_reset + 2 * bptt + 4 * save_h
         d_float, th_float = type(decay32) is float, type(th32) is float
         spikes, v_last, _ = _LIF_FWD_OP(
@@ -290,7 +290,7 @@ def lif_neuron_triton(
         or _learns(th32)
     ):
         plan = (surrogate, float(alpha), detach_reset, bptt, step)
-        if torch._C._are_functorch_transforms_active():
+        if functorch_active():
             spikes, v_last = _LIFFn.apply(current, v0, decay32, th32, plan)
             return spikes, (v_last.detach() if state else v_last)
         if state:

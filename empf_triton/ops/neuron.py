@@ -15,7 +15,6 @@ values (no host sync): decay values are range-checked for floats and CPU tensors
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -23,6 +22,7 @@ import torch
 from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
 from ._common import (
     PlanCache,
+    c_apply,
     check_decay_values,
     check_grad_mode,
     check_like,
@@ -31,6 +31,7 @@ from ._common import (
     check_step_input,
     check_tensor,
     device_guard,
+    functorch_active,
     load_kernels,
     neuron_param,
     params_key,
@@ -268,15 +269,6 @@ def _neuron_call(current, v0, decay, threshold, iargs, fargs):
 # launchers with the same arguments.
 
 
-def _c_apply(fn_cls):
-    """`fn_cls.apply` without the Python wrapper of `torch.autograd.Function.apply` (its
-    setup_context and functorch checks and its unwrapping of dead functorch wrappers cost ~3 µs a
-    call). Called only while no functorch transform is active (`_functorch_active`); these
-    Functions define no setup_context, so under vmap/grad the regular apply runs and raises as it
-    always did."""
-    return super(torch.autograd.Function, fn_cls).apply
-
-
 class _NeuronFn(torch.autograd.Function):
     """Eager autograd of the fused EM-PF neuron (see `empf_neuron_triton`).
 
@@ -377,7 +369,7 @@ class _NeuronFn(torch.autograd.Function):
         return dcur, dv0, ddecay, dth, None, None
 
 
-_NEURON_APPLY = _c_apply(_NeuronFn)
+_NEURON_APPLY = c_apply(_NeuronFn)
 
 
 def _fwd(current, v0, decay, threshold, plan, save_mask, save_v):
@@ -562,7 +554,7 @@ class _ParallelFn(torch.autograd.Function):
         return dcur, dth, None
 
 
-_PARALLEL_APPLY = _c_apply(_ParallelFn)
+_PARALLEL_APPLY = c_apply(_ParallelFn)
 
 
 def _parallel_fwd(current, threshold, plan, save_mask):
@@ -591,11 +583,15 @@ def _parallel_fwd(current, threshold, plan, save_mask):
 # ------------------------------------------------------------------- unchecked internal entries
 
 
-def _channels(current: torch.Tensor, decay, threshold, cdim: int) -> tuple[int, int]:
-    """(C, inner) for per-channel parameters of a current whose channel dimension is `cdim`
-    ([T, N, C, *]: 2; one step [N, C, *]: 1), else (1, 1)."""
+def _channels(
+    current: torch.Tensor, decay, threshold, cdim: int, per_channel: bool = False
+) -> tuple[int, int]:
+    """(C, inner) for per-channel parameters (or `per_channel`: another per-channel input) of a
+    current whose channel dimension is `cdim` ([T, N, C, *]: 2; one step [N, C, *]: 1), else
+    (1, 1)."""
     if not (
-        (isinstance(decay, torch.Tensor) and decay.dim() == 2)
+        per_channel
+        or (isinstance(decay, torch.Tensor) and decay.dim() == 2)
         or (isinstance(threshold, torch.Tensor) and threshold.dim() == 2)
     ):
         return 1, 1
@@ -622,10 +618,6 @@ def _f32(p):
     if isinstance(p, torch.Tensor):
         return p if p.dtype == torch.float32 else p.float()
     return None
-
-
-def _functorch_active() -> bool:
-    return torch._C._are_functorch_transforms_active()
 
 
 def empf_neuron_triton(
@@ -677,7 +669,7 @@ def empf_neuron_triton(
         or (d_t is not None and d_t.requires_grad)
         or (th_t is not None and th_t.requires_grad)
     ):
-        if _functorch_active():
+        if functorch_active():
             spikes, v_last = _NeuronFn.apply(current, v0, d_t, th_t, plan)
             return spikes, (v_last.detach() if state else v_last)
         if state:
@@ -750,7 +742,7 @@ def parallel_neuron_triton(
     if torch.is_grad_enabled() and (
         current.requires_grad or (th_t is not None and th_t.requires_grad)
     ):
-        if _functorch_active():
+        if functorch_active():
             return _ParallelFn.apply(current, th_t, plan)
         return _PARALLEL_APPLY(current, th_t, plan)
     if not current.is_contiguous():
@@ -884,9 +876,8 @@ def empf_neuron_plan(
 
         return _inference_only(run)
     d_t, th_t = _f32(decay), _f32(threshold)
-    C, inner = _channels(current, d_t, th_t, 2)
+    C, inner = _channels(current, d_t, th_t, 2, per_channel=affine is not None)
     if affine is not None:
-        C, inner = current.shape[2], math.prod(current.shape[3:])
         affine = tuple(p.float().contiguous() for p in affine)
     with device_guard(current):
         run = _kernels().empf_fwd_plan(

@@ -232,9 +232,7 @@ def train_batch(
         total = out.detach() if total is None else total + out.detach()
     if strategy == "accumulate":
         opt_step()
-    losses = 0.0
-    for value in torch.stack(step_losses).tolist():  # summed in step order, as Python floats
-        losses += value
+    losses = sum(torch.stack(step_losses).tolist())  # in step order, as Python floats
     return BatchResult(losses / T, total, T)
 
 
@@ -441,7 +439,7 @@ def evaluate(
     set_grad_mode(base, "online")
     # Counts and the loss sum stay on the device (fp64, exact for the fp32 batch sums in order):
     # one host sync at the end, not two per batch.
-    correct_t = loss_sum = None
+    correct_t = loss_sum = 0
     n = 0
     try:
         for x, y in batches:
@@ -454,20 +452,14 @@ def evaluate(
                     set_step_mode(base, "s")
                     out = torch.stack([fwd(step_inputs(x, t, is_event)) for t in range(T)])
             cum = out.float().cumsum(0)  # [T, N, C]
-            correct = (cum.argmax(-1) == y.unsqueeze(0)).sum(1)
-            batch_loss = loss_fn(cum[-1] / T, y, reduction="sum").detach().double()
-            if correct_t is None:
-                correct_t, loss_sum = correct, batch_loss
-            else:
-                correct_t, loss_sum = correct_t + correct, loss_sum + batch_loss
+            correct_t = correct_t + (cum.argmax(-1) == y.unsqueeze(0)).sum(1)
+            loss_sum = loss_sum + loss_fn(cum[-1] / T, y, reduction="sum").detach().double()
             n += y.shape[0]
     finally:
         reset_net(base)
         set_step_mode(base, "s")
         base.train(was_training)
-    if correct_t is None:
-        correct_t, loss_sum = torch.zeros(T, dtype=torch.long), torch.zeros((), dtype=torch.float64)
-    counts = correct_t.tolist()
+    counts = correct_t.tolist() if isinstance(correct_t, torch.Tensor) else [0] * T
     loss_sum = float(loss_sum)
     anytime = [c / max(n, 1) for c in counts]
     return {
