@@ -381,17 +381,38 @@ class PlanCache(dict):
         return run
 
 
-def planned(cache: PlanCache, key: tuple | None, inputs: tuple, direct, make):
+def planned(cache: PlanCache, key: tuple | None, inputs: tuple, direct, make, statics=()):
     """One launcher call of an eager autograd path: `direct()` when there is no plan key (a
     parameter tensor made per call), else the cached plan of `key` (made by `make()` on first
     use) run on `inputs`. `direct` and `make` are closures over the caller's arguments, so a
-    plan hit builds no argument lists."""
+    plan hit builds no argument lists.
+
+    A plan finds the launch slots of its per-call `inputs` by identity (kernels/_launch.py
+    `plan`), so it is not made from a call whose inputs are one tensor twice (a step's current
+    passed as its v0, one gradient tensor for spikes and membrane) or one of the tensors in
+    `statics` (the parameters, fixed in the plan): those slots would be ambiguous, and later
+    calls with distinct tensors would read the wrong one. Such a call runs `direct()`; a plan
+    made from distinct tensors takes aliased ones correctly."""
     if key is None:
         return direct()
     run = cache.get(key)
     if run is None:
+        if _aliased(inputs, statics):
+            return direct()
         run = cache.add(key, make())
     return run(*inputs)
+
+
+def _aliased(inputs: tuple, statics: tuple) -> bool:
+    """Whether a tensor appears twice among `inputs`, or also among `statics` (None skipped)."""
+    seen = [t for t in statics if isinstance(t, torch.Tensor)]
+    for t in inputs:
+        if t is None:
+            continue
+        if any(t is u for u in seen):
+            return True
+        seen.append(t)
+    return False
 
 
 def params_key(*params) -> tuple | None:

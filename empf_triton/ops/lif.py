@@ -179,6 +179,7 @@ class _LIFFn(torch.autograd.Function):
                 _FWD_PLANS, key, (current, v0),
                 lambda: k.lif_fwd(current, v0, decay, threshold, True, step_input=plan[4]),
                 lambda: k.lif_fwd_plan(current, v0, decay, threshold, True, step_input=plan[4]),
+                (decay, threshold),
             )  # fmt: skip
         # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns; a float
         # parameter travels as a value.
@@ -225,7 +226,7 @@ class _LIFFn(torch.autograd.Function):
         with device_guard(h):
             dcur, dv0, ddecay, dth = planned(
                 _BWD_PLANS, key, (g, gv, h, v0),
-                lambda: call(k.lif_bwd), lambda: call(k.lif_bwd_plan),
+                lambda: call(k.lif_bwd), lambda: call(k.lif_bwd_plan), (decay, threshold),
             )  # fmt: skip
         if dv0 is not None:
             dv0 = dv0.view(shape if step else shape[1:])

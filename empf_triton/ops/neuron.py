@@ -358,7 +358,7 @@ class _NeuronFn(torch.autograd.Function):
         with device_guard(mask):
             dcur, dv0, dth, ddecay = planned(
                 _BWD_PLANS, key, (g, gv, mask, vhist, v0),
-                lambda: call(k.empf_bwd), lambda: call(k.empf_bwd_plan),
+                lambda: call(k.empf_bwd), lambda: call(k.empf_bwd_plan), (decay, threshold),
             )  # fmt: skip
         if dv0 is not None and step:
             dv0 = dv0.view(shape)
@@ -395,7 +395,7 @@ def _fwd(current, v0, decay, threshold, plan, save_mask, save_v):
     with device_guard(current):
         return planned(
             _FWD_PLANS, key, (current, v0),
-            lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan),
+            lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan), (decay, threshold),
         )  # fmt: skip
 
 
@@ -547,7 +547,7 @@ class _ParallelFn(torch.autograd.Function):
         with device_guard(g):
             dcur, dth = planned(
                 _BWD_PLANS, key, (g, mask),
-                lambda: call(k.parallel_bwd), lambda: call(k.parallel_bwd_plan),
+                lambda: call(k.parallel_bwd), lambda: call(k.parallel_bwd_plan), (threshold,),
             )  # fmt: skip
         if joint and dth is not None:
             dth = dth.view(1, -1)
@@ -576,7 +576,7 @@ def _parallel_fwd(current, threshold, plan, save_mask):
     with device_guard(current):
         return planned(
             _FWD_PLANS, key, (current,),
-            lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan),
+            lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan), (threshold,),
         )  # fmt: skip
 
 
