@@ -33,23 +33,23 @@ def pick_configs(configs: list[triton.Config]) -> list[triton.Config]:
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """`torch.empty`, filled with NaN (floats) or all-ones bits (integers) under test."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON:
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        else:
-            out.fill_(-1 if dtype.is_signed else torch.iinfo(dtype).max)
-    return out
+    return poison(out) if _POISON else out
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """`torch.empty_like` of a contiguous tensor (about a third of `torch.empty`'s host time),
     poisoned under test as `empty`."""
     out = torch.empty_like(x)
-    if _POISON:
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        else:
-            out.fill_(-1 if x.dtype.is_signed else torch.iinfo(x.dtype).max)
+    return poison(out) if _POISON else out
+
+
+def poison(out: torch.Tensor) -> torch.Tensor:
+    """Fill a new output with NaN (floats) or all-ones bits (integers): under test, an element a
+    kernel forgets to write then fails the comparison."""
+    if out.is_floating_point():
+        out.fill_(float("nan"))
+    else:
+        out.fill_(-1 if out.dtype.is_signed else torch.iinfo(out.dtype).max)
     return out
 
 

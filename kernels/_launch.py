@@ -34,7 +34,8 @@ import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from ._common import INTERPRET, empty, launch_options
+from . import _common
+from ._common import INTERPRET, launch_options, poison
 
 #: Off under the interpreter (nothing is compiled) and when the environment says so.
 ENABLED: bool = not INTERPRET and os.environ.get("EMPF_FAST_LAUNCH", "1") != "0"
@@ -176,16 +177,20 @@ class BoundLaunch:
     the interpreter, a kernel the direct launcher does not take) goes through `launch`.
     """
 
-    def __init__(self, tuner, grid, args: dict, dynamic: tuple[str, ...]):
-        self.tuner, self.grid, self.dynamic = tuner, grid, dynamic
-        self.args = {k: v for k, v in args.items() if k not in dynamic}
+    def __init__(self, tuner, grid, args: dict, dynamic: tuple[str | tuple[str, ...], ...]):
+        # per tensor of a call: the parameter it fills, or the names of several (one tensor in
+        # several slots, e.g. as the dummy of unused pointers: checked once per call)
+        self.tuner, self.grid = tuner, grid
+        self.dynamic = tuple((d,) if isinstance(d, str) else tuple(d) for d in dynamic)
+        names = {n for group in self.dynamic for n in group}
+        self.args = {k: v for k, v in args.items() if k not in names}
         self._fast: tuple | None = None
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         fast = self._fast
         if fast is not None and fast(*tensors):
             return
-        args = {**self.args, **dict(zip(self.dynamic, tensors))}
+        args = {**self.args, **{n: t for group, t in zip(self.dynamic, tensors) for n in group}}
         launch(self.tuner, self.grid, args)
         if fast is None:
             self._fast = self._prepare(args, tensors)
@@ -208,7 +213,7 @@ class BoundLaunch:
         full = {**launcher.defaults, **args, **config}
         g = tuple(self.grid(full) if callable(self.grid) else self.grid)
         g = g + (1,) * (3 - len(g))
-        slots = {launcher.names.index(n): j for j, n in enumerate(self.dynamic)}
+        slots = {launcher.names.index(n): j for j, group in enumerate(self.dynamic) for n in group}
         scope = {
             "L": _module, "torch": torch, "hooks": _hooks_active, "stream": _stream,
             "run": kernel.run, "fn": kernel.function, "meta": kernel.packed_metadata,
@@ -240,28 +245,34 @@ class BoundLaunch:
 
 def plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
     """run(*inputs2) -> outputs2: new outputs of the forms of `outputs` (None stays None), and
-    the launch of `args` with inputs2 and them in the slots that held `inputs` and `outputs`."""
+    the launch of `args` with inputs2 and them in the slots that held `inputs` and `outputs`
+    (found by identity: the inputs must be distinct tensors, see ops/_common.py `planned`)."""
     held = (*inputs, *outputs)
-    dynamic, which = [], []
+    slots: dict[int, list[str]] = {}  # held index -> the parameters it fills
     for name, value in args.items():
         for i, t in enumerate(held):
             if t is not None and value is t:
-                dynamic.append(name)
-                which.append(i)
+                slots.setdefault(i, []).append(name)
                 break
-    static = {k: v for k, v in args.items() if k not in dynamic}
-    bound = BoundLaunch(kernel, grid, static, tuple(dynamic))
+    which = sorted(slots)
+    static = {k: v for k, v in args.items() if not any(k in slots[i] for i in which)}
+    bound = BoundLaunch(kernel, grid, static, tuple(tuple(slots[i]) for i in which))
     device = next(t for t in held if t is not None).device
-    # generated: a loop over the outputs and slots cost more than the allocations themselves
-    scope = {"empty": empty, "bound": bound, "device": device}
+    # generated: a loop over the outputs and slots cost more than the allocations themselves;
+    # `empty_strided` with tuples is the cheapest allocation call (a torch.Size shape costs
+    # ~0.6 µs more in torch.empty here)
+    scope = {"empty_strided": torch.empty_strided, "poison": poison, "bound": bound,
+             "device": device}  # fmt: skip
     ins = [f"i{j}" for j in range(len(inputs))]
     outs, body = [], []
     for j, o in enumerate(outputs):
         if o is None:
             outs.append("None")
             continue
-        scope[f"s{j}"], scope[f"d{j}"] = o.shape, o.dtype
-        body.append(f"    o{j} = empty(s{j}, d{j}, device)\n")
+        scope[f"s{j}"], scope[f"st{j}"], scope[f"d{j}"] = tuple(o.shape), o.stride(), o.dtype
+        body.append(f"    o{j} = empty_strided(s{j}, st{j}, dtype=d{j}, device=device)\n")
+        if _common._POISON:  # read at plan time (tests switch it)
+            body.append(f"    poison(o{j})\n")
         outs.append(f"o{j}")
     new = ins + outs
     src = (

@@ -363,6 +363,26 @@ def test_bound_launch_fills_only_the_dynamic_slots_and_falls_back_on_a_new_signa
     assert len(through_launch) == 5 and len(seen) == 2
 
 
+def test_bound_launch_fills_every_slot_of_a_tensor_given_for_several(monkeypatch):
+    """A dynamic entry may name several parameters (a plan's input that also fills unused
+    pointer slots): one tensor per call goes into each of them, on both paths."""
+    tuner, seen, through_launch = _stand_in_launches(monkeypatch)
+    binder = _binder(tuner.fn)
+    static = dict(n=64, alpha=0.5, FLAG=False)
+    bound = _launch.BoundLaunch(tuner, (2,), static, (("p_x", "p_out"),))
+    x = torch.zeros(64)
+    bound(x)
+    assert len(through_launch) == 1 and through_launch[0]["p_x"] is x
+    assert through_launch[0]["p_out"] is x
+    x2 = torch.ones(64)
+    bound(x2)
+    assert len(through_launch) == 1 and len(seen) == 1
+    expected = binder(**static, p_x=x2, p_out=x2, BLOCK=128)[0]
+    for got, want in zip(seen[-1][9:], expected.values()):
+        assert got is want or got == want
+    assert sum(a is x2 for a in seen[-1][9:]) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bound_launch_on_the_gpu_equals_a_plain_launch():
