@@ -182,3 +182,12 @@ def zero_partial_rows(p_d, pid, P, TQ, t0, T, BLOCK: tl.constexpr, SUB: tl.const
         b_r = b_zero.to(tl.int64) + r
         m_out = (o_p < P) & ((b_r < t0) | (b_r >= t0 + T))
         tl.store(p_d + r * P + o_p, b_zero, mask=m_out)
+
+
+def param_inputs(decay, threshold, stacked: bool = False) -> tuple:
+    """A training plan's parameter inputs (kernels/_launch.py `plan`, the tensors each call
+    passes): each tensor parameter, None for a float; a `stacked` pair (one [2, TQ] tensor in
+    both slots, see neuron.empf_fwd) is one tensor, in the decay slot."""
+    d = decay if isinstance(decay, torch.Tensor) else None
+    th = threshold if isinstance(threshold, torch.Tensor) and not stacked else None
+    return d, th

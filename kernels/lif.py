@@ -17,7 +17,14 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv as _cdiv
-from ._common import empty, empty_like, pick_configs, size_class, store_partials
+from ._common import (
+    empty,
+    empty_like,
+    param_inputs,
+    pick_configs,
+    size_class,
+    store_partials,
+)
 from ._launch import launch, plan
 
 # Memory-bound elementwise kernels: the block size trades registers for fewer programs. The first
@@ -372,23 +379,27 @@ def _bwd_result(need_dcur, need_dv0, need_ddecay, need_dth, dcur, dv0, ddec, dth
 # Plans (see kernels/neuron.py, "plans"): the launch arguments of a call form worked out once.
 
 
-def lif_fwd_plan(current: torch.Tensor, v0: torch.Tensor | None, *args, **kwargs):
-    """`run(current2, v02) -> (spikes, v_last, h)`: `lif_fwd(current, v0, *args, **kwargs)`
-    for contiguous inputs of the same forms (v02 None where v0 is None; not checked)."""
-    grid, args = lif_fwd(current, v0, *args, bind=True, **kwargs)
+def lif_fwd_plan(current, v0, decay, threshold, *args, **kwargs):
+    """`run(current2, v02, decay2, threshold2) -> (spikes, v_last, h)`: `lif_fwd(current, v0,
+    decay, threshold, *args, **kwargs)` for contiguous inputs and parameters of the same forms
+    (not checked): v02 None where v0 is None, decay2 and threshold2 each call's parameter
+    tensors (`_common.param_inputs`: None for a float)."""
+    grid, args = lif_fwd(current, v0, decay, threshold, *args, bind=True, **kwargs)
     outputs = (args["p_spk"], args["p_vlast"], args["p_h"] if args["SAVE_H"] else None)
-    return plan(lif_fwd_kernel, grid, args, (current, v0), outputs)
+    inputs = (current, v0, *param_inputs(decay, threshold))
+    return plan(lif_fwd_kernel, grid, args, inputs, outputs)
 
 
-def lif_bwd_plan(g, gv, h, v0, *args, **kwargs):
-    """`run(g2, gv2, h2, v02) -> lif_bwd(g, gv, h, v0, *args, **kwargs)'s result` for later
-    calls of the same forms (contiguous; the same ones None; not checked)."""
-    grid, args = lif_bwd(g, gv, h, v0, *args, bind=True, **kwargs)
+def lif_bwd_plan(g, gv, h, v0, decay, threshold, *args, **kwargs):
+    """`run(g2, gv2, h2, v02, decay2, threshold2) -> lif_bwd(g, gv, h, v0, decay, threshold,
+    *args, **kwargs)'s result` for later calls of the same forms (contiguous; the same ones
+    None; parameters as in `lif_fwd_plan`; not checked)."""
+    grid, args = lif_bwd(g, gv, h, v0, decay, threshold, *args, bind=True, **kwargs)
     need = (args["NEED_DCUR"], args["NEED_DV0"], args["NEED_DDECAY"], args["NEED_DTH"])
     outs = [args[k] for k in ("p_dcur", "p_dv0", "p_ddecay", "p_dth")]
     # unused slots hold h (an input): no buffer of their own
     run = plan(
-        lif_bwd_kernel, grid, args, (g, gv, h, v0),
+        lif_bwd_kernel, grid, args, (g, gv, h, v0, *param_inputs(decay, threshold)),
         tuple(o if wanted else None for o, wanted in zip(outs, need)),
     )  # fmt: skip
 

@@ -9,7 +9,9 @@ Parameters (decay λ, threshold θ) come in one of three forms, chosen per param
 whole [T] vector with t0 = t); 2, per channel, a [T, C] tensor (strides as given; [1, C] arrives
 expanded) where neuron n of a step belongs to channel (n // inner) % C, i.e. dim 1 of [N, C, *].
 With LOGITS the tensors hold logits and the kernels apply the sigmoid, and the gradients they
-return are the logits' gradients.
+return are the logits' gradients. A module's two logit vectors can travel as one stacked [2, TQ]
+tensor (the launchers' `stacked`): both pointers are that tensor, the decay read at element
+offset `d_off` (its row 1), so a call makes no view of either row.
 
 Saved for backward (docs/model.md): the firing mask H = 1[m > θ] packed 8 neurons per byte,
 [T, ⌈N/8⌉], and, only when the decay needs a gradient, the membrane after steps 0..T-2
@@ -37,6 +39,7 @@ from ._common import (
     empty_like,
     load_param,
     pack_bits,
+    param_inputs,
     pick_configs,
     size_class,
     spike_code,
@@ -80,6 +83,7 @@ def empf_fwd_kernel(
     NB,
     T,
     t0,
+    d_off,  # element offset of the decay in p_decay (row 1 of a stacked [2, TQ] pair), or 0
     decay_c,
     th_c,
     sd_t,
@@ -113,6 +117,7 @@ def empf_fwd_kernel(
         o_ch = (o_n // INNER) % C
     else:
         o_ch = o_n
+    p_decay += tl.cast(d_off, tl.int64)
 
     if HAS_V0:
         b_v = tl.load(p_v0 + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -177,6 +182,7 @@ def empf_bwd_kernel(
     T,
     P,
     t0,
+    d_off,  # element offset of the decay in p_decay (row 1 of a stacked [2, TQ] pair), or 0
     TQ_D,
     TQ_TH,
     decay_c,
@@ -209,6 +215,7 @@ def empf_bwd_kernel(
     else:
         o_ch = o_n
     p_ddecay += tl.cast(dd_off, tl.int64)
+    p_decay += tl.cast(d_off, tl.int64)
 
     # dL/dv[t], carried backwards in time. Online mode keeps only the v_last term at t = T-1.
     if HAS_GV:
@@ -379,23 +386,28 @@ def _levels_m1(spike_bits: int | None) -> float:
     return float(2**spike_bits - 1) if spike_bits is not None else 0.0
 
 
-def _param(p, name: str) -> tuple[int, float, int, int]:
-    """(MODE, scalar value, stride over time, stride over channels) of a parameter."""
+def _param(p, name: str, row: int | None = None) -> tuple[int, float, int, int, int, int]:
+    """(MODE, scalar value, stride over time, stride over channels, element offset, TQ) of a
+    parameter; TQ is the number of per-step rows of a MODE 1 tensor. With `row`, p is a stacked
+    [R, TQ] tensor (a module's logits) and the parameter is its row `row`, read per step where
+    it lies (no view of the row is made)."""
     if not isinstance(p, torch.Tensor):
-        return 0, float(p), 0, 0
+        return 0, float(p), 0, 0, 0, 0
+    if row is not None and p.dim() == 2:
+        return 1, 0.0, p.stride(1), 0, row * p.stride(0), p.shape[1]
     if p.dim() == 1:
-        return 1, 0.0, p.stride(0), 0
+        return 1, 0.0, p.stride(0), 0, 0, p.shape[0]
     if p.dim() == 2:
-        return 2, 0.0, (p.stride(0) if p.shape[0] > 1 else 0), p.stride(1)
+        return 2, 0.0, (p.stride(0) if p.shape[0] > 1 else 0), p.stride(1), 0, 0
     raise ValueError(f"{name} must be a float, a 1-D or a 2-D tensor, got shape {tuple(p.shape)}")
 
 
-def _grad_shape(p, mode: int, T: int, N: int, P: int) -> tuple[int, int]:
-    return (p.shape[0], P) if mode == 1 else (T, N)
+def _grad_shape(tq: int, mode: int, T: int, N: int, P: int) -> tuple[int, int]:
+    return (tq, P) if mode == 1 else (T, N)
 
 
-def _grad_buffer(p, mode: int, T: int, N: int, P: int, device) -> torch.Tensor:
-    return empty(_grad_shape(p, mode, T, N, P), torch.float32, device)
+def _grad_buffer(tq: int, mode: int, T: int, N: int, P: int, device) -> torch.Tensor:
+    return empty(_grad_shape(tq, mode, T, N, P), torch.float32, device)
 
 
 def _finish_grad(buf: torch.Tensor, p: torch.Tensor, mode: int, C: int, inner: int):
@@ -426,8 +438,12 @@ def empf_fwd(
     bind: bool = False,
     in_scale: torch.Tensor | None = None,
     in_bias: torch.Tensor | None = None,
+    stacked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run all T steps (see the module docstring for the parameter forms).
+
+    `stacked`: decay and threshold are one [2, TQ] tensor (a module's logits), θ's row 0 and
+    λ's row 1, each read per step in place.
 
     Returns (spikes [T, *], v_last [*], mask [T, ⌈N/8⌉] uint8, vhist [T-1, N]) for a contiguous
     current [T, *]; with `step_input` the current is one step [*] and spikes and v_last are [*].
@@ -439,10 +455,10 @@ def empf_fwd(
     N = current.numel() // T
     NB = _cdiv(N, 8)
     dev = current.device
-    d_mode, d_c, sd_t, sd_c = _param(decay, "decay")
-    th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
+    d_mode, d_c, sd_t, sd_c, d_off, _ = _param(decay, "decay", 1 if stacked else None)
+    th_mode, th_c, sth_t, sth_c, _, _ = _param(threshold, "threshold", 0 if stacked else None)
     affine = in_scale is not None
-    sk_t, sk_c = _param(in_scale, "in_scale")[2:] if affine else (0, 0)
+    sk_t, sk_c = _param(in_scale, "in_scale")[2:4] if affine else (0, 0)
     # empty_like where the shape matches (cheaper than empty); outputs must be contiguous.
     dense = current.is_contiguous()
     spikes = empty_like(current) if dense else empty(shape, current.dtype, dev)
@@ -471,6 +487,7 @@ def empf_fwd(
         NB=NB,
         T=T,
         t0=t0,
+        d_off=d_off,
         decay_c=d_c,
         th_c=th_c,
         sd_t=sd_t,
@@ -522,6 +539,7 @@ def empf_bwd(
     stack_param_grads: bool = False,
     dcur_shape: tuple[int, ...] | None = None,
     bind: bool = False,
+    stacked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], dthreshold, ddecay): the tensors in
     `dtype`, the parameter gradients fp32 in the parameter's shape ([TQ] or [T, C]).
@@ -532,14 +550,19 @@ def empf_bwd(
     both partial-sum buffers share one allocation and one reduction (one launch less); with
     `stack_param_grads` the result then comes back as one [2, *shape] tensor (θ's gradient,
     λ's gradient) in the dthreshold slot and None for ddecay, else as two views of it.
-    dcurrent has the shape `dcur_shape` (any shape of T * N elements; default [T, N])."""
+    dcurrent has the shape `dcur_shape` (any shape of T * N elements; default [T, N]).
+    `stacked`: decay and threshold are one [2, TQ] tensor, as in `empf_fwd` (both gradients
+    wanted then come back as the stacked pair too)."""
     T = mask.shape[0]
     dev = mask.device
     need_dthreshold = need_dthreshold and isinstance(threshold, torch.Tensor)
     if threshold is None:  # the old positional form: a [T] per-step gradient
         threshold, need_dthreshold = torch.empty((T,), device="meta"), True
-    d_mode, d_c, sd_t, sd_c = _param(decay if decay is not None else 0.0, "decay")
-    th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
+    d_row, th_row = (1, 0) if stacked else (None, None)
+    d_mode, d_c, sd_t, sd_c, d_off, tq_d = _param(
+        decay if decay is not None else 0.0, "decay", d_row
+    )
+    th_mode, _, sth_t, sth_c, _, tq_th = _param(threshold, "threshold", th_row)
     P = _cdiv(N, SUB)
     dshape = dcur_shape if dcur_shape is not None else (T, N)
     if g is not None and g.dtype == dtype and g.shape == dshape and g.is_contiguous():
@@ -547,15 +570,16 @@ def empf_bwd(
     else:
         dcur = empty(dshape, dtype, dev)
     dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
-    joint = need_dthreshold and need_ddecay and th_mode == d_mode and threshold.shape == decay.shape
+    joint = need_dthreshold and need_ddecay and th_mode == d_mode
+    joint = joint and (stacked or threshold.shape == decay.shape)
     dd_off = 0
     if joint:  # one buffer, λ's half at dd_off (a view per call would cost as much as a buffer)
-        both = empty((2, *_grad_shape(decay, d_mode, T, N, P)), torch.float32, dev)
+        both = empty((2, *_grad_shape(tq_d, d_mode, T, N, P)), torch.float32, dev)
         dth = ddec = both
         dd_off = both.numel() // 2
     else:
-        dth = _grad_buffer(threshold, th_mode, T, N, P, dev) if need_dthreshold else dcur
-        ddec = _grad_buffer(decay, d_mode, T, N, P, dev) if need_ddecay else dcur
+        dth = _grad_buffer(tq_th, th_mode, T, N, P, dev) if need_dthreshold else dcur
+        ddec = _grad_buffer(tq_d, d_mode, T, N, P, dev) if need_ddecay else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]),)  # noqa: E731
     args = dict(
         p_g=g if g is not None else dcur,
@@ -575,8 +599,9 @@ def empf_bwd(
         T=T,
         P=P,
         t0=t0,
-        TQ_D=decay.shape[0] if d_mode else T,
-        TQ_TH=threshold.shape[0] if th_mode else T,
+        d_off=d_off,
+        TQ_D=tq_d if d_mode else T,
+        TQ_TH=tq_th if th_mode else T,
         decay_c=d_c,
         sd_t=sd_t,
         sd_c=sd_c,
@@ -635,13 +660,15 @@ def parallel_fwd(
     inner: int = 1,
     step_input: bool = False,
     bind: bool = False,
+    stacked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stateless neuron on a contiguous [T, *] current (one step [*] with `step_input`).
-    Returns (spikes in the current's shape, mask [T, ⌈N/8⌉] uint8 or None)."""
+    Returns (spikes in the current's shape, mask [T, ⌈N/8⌉] uint8 or None). `stacked`: the
+    threshold is a [1, TQ] tensor (a module's logits) read per step from its row 0."""
     T = 1 if step_input else current.shape[0]
     N = current.numel() // T
     NB = _cdiv(N, 8)
-    th_mode, th_c, sth_t, sth_c = _param(threshold, "threshold")
+    th_mode, th_c, sth_t, sth_c, _, _ = _param(threshold, "threshold", 0 if stacked else None)
     dense = current.is_contiguous()
     spikes = empty_like(current) if dense else empty(current.shape, current.dtype, current.device)
     mask = empty((T, NB), torch.uint8, current.device) if save_mask else spikes
@@ -685,17 +712,19 @@ def parallel_bwd(
     channels: int = 1,
     inner: int = 1,
     bind: bool = False,
+    stacked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (dcurrent in g's shape and dtype, dthreshold fp32 in the threshold's shape or
-    None). g is contiguous, [T, N] or any shape of T * N elements."""
+    None; [TQ] for a `stacked` [1, TQ] threshold, see `parallel_fwd`). g is contiguous, [T, N]
+    or any shape of T * N elements."""
     T = mask.shape[0]
     if threshold is None:  # the old form: a [T] per-step gradient
         threshold = torch.empty((T,), device="meta")
-    th_mode, _, sth_t, sth_c = _param(threshold, "threshold")
+    th_mode, _, sth_t, sth_c, _, tq = _param(threshold, "threshold", 0 if stacked else None)
     need_dthreshold = need_dthreshold and th_mode > 0
     P = _cdiv(N, SUB)
     dcur = empty_like(g) if g.is_contiguous() else empty(g.shape, g.dtype, g.device)
-    dth = _grad_buffer(threshold, th_mode, T, N, P, g.device) if need_dthreshold else dcur
+    dth = _grad_buffer(tq, th_mode, T, N, P, g.device) if need_dthreshold else dcur
     grid = lambda meta: (_cdiv(N, meta["BLOCK"]), T)  # noqa: E731
     args = dict(
         p_g=g,
@@ -708,7 +737,7 @@ def parallel_bwd(
         P=P,
         T=T,
         t0=t0,
-        TQ=threshold.shape[0] if th_mode else T,
+        TQ=tq if th_mode else T,
         sth_t=sth_t,
         sth_c=sth_c,
         C=channels,
@@ -735,10 +764,12 @@ def _parallel_finish(need_dth, threshold, th_mode, C, inner, dcur, dth):
 #
 # A plan is one launcher call with everything but its tensors worked out once: the launcher runs
 # with `bind=True` (arguments built, nothing launched), and each later call of the same form
-# allocates the outputs, puts its tensors in the slots the first call's tensors held (the input,
-# the outputs, and the unused pointer slots the launcher filled with one of them) and launches
-# through a `BoundLaunch`. Callers key plans on everything else (shapes, dtypes, flags, the
-# parameter tensors by identity and address).
+# allocates the outputs, puts its tensors in the slots the first call's tensors held (the inputs,
+# the parameter tensors of a training plan, the outputs, and the unused pointer slots the
+# launcher filled with one of them) and launches through a `BoundLaunch`. Callers key plans on
+# everything else (shapes, dtypes, flags, the parameters' forms: a float by value, a tensor by
+# shape and strides); a training plan takes each call's parameter tensors, an inference plan
+# keeps the ones it was made with.
 
 
 def empf_fwd_plan(
@@ -755,39 +786,45 @@ def empf_fwd_plan(
 ):
     """`run(current2) -> (spikes, v_last)`: `empf_fwd(current, None, decay, threshold, ...)`
     with nothing saved for backward (inference), for contiguous inputs of current's shape,
-    dtype and device (not checked)."""
-    run = empf_fwd_train_plan(
-        current, None, decay, threshold, spike_bits, spike_step, False, False,
+    dtype and device (not checked); the parameters are the ones given here."""
+    grid, args = empf_fwd(
+        current, None, decay, threshold, spike_bits, spike_step, False, False, bind=True,
         channels=channels, inner=inner, in_scale=in_scale, in_bias=in_bias,
     )  # fmt: skip
-    return lambda cur: run(cur, None)[:2]
+    return plan(empf_fwd_kernel, grid, args, (current,), (args["p_spk"], args["p_vlast"]))
 
 
-def empf_fwd_train_plan(current: torch.Tensor, v0: torch.Tensor | None, *args, **kwargs):
-    """`run(current2, v02) -> (spikes, v_last, mask, vhist)`: `empf_fwd(current, v0, *args,
-    **kwargs)` for contiguous inputs of the same forms (v02 None where v0 is None; not
-    checked)."""
-    grid, args = empf_fwd(current, v0, *args, bind=True, **kwargs)
+def empf_fwd_train_plan(current, v0, decay, threshold, *args, stacked: bool = False, **kwargs):
+    """`run(current2, v02, decay2, threshold2) -> (spikes, v_last, mask, vhist)`:
+    `empf_fwd(current, v0, decay, threshold, *args, **kwargs)` for contiguous inputs and
+    parameters of the same forms (not checked): v02 None where v0 is None, decay2 and threshold2
+    each call's parameter tensors (see `_common.param_inputs`: None for a float)."""
+    grid, args = empf_fwd(current, v0, decay, threshold, *args, bind=True, stacked=stacked,
+                          **kwargs)  # fmt: skip
     outputs = (
         args["p_spk"],
         args["p_vlast"],
         args["p_mask"] if args["SAVE_MASK"] else None,
         args["p_vhist"] if args["SAVE_V"] else None,
     )
-    return plan(empf_fwd_kernel, grid, args, (current, v0), outputs)
+    inputs = (current, v0, *param_inputs(decay, threshold, stacked))
+    return plan(empf_fwd_kernel, grid, args, inputs, outputs)
 
 
-def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
-    """`run(g2, gv2, mask2, vhist2, v02) -> empf_bwd(g, gv, mask, vhist, v0, *args, **kwargs)'s
-    result` for later calls of the same forms (contiguous; the same ones None; not checked)."""
-    grid, args, finish, both = empf_bwd(g, gv, mask, vhist, v0, *args, bind=True, **kwargs)
+def empf_bwd_plan(g, gv, mask, vhist, v0, decay, *args, stacked: bool = False, **kwargs):
+    """`run(g2, gv2, mask2, vhist2, v02, decay2, threshold2) -> empf_bwd(g, gv, mask, vhist,
+    v0, decay, *args, **kwargs)'s result` for later calls of the same forms (contiguous; the
+    same ones None; not checked); decay2 and threshold2 as in `empf_fwd_train_plan`."""
+    grid, args, finish, both = empf_bwd(g, gv, mask, vhist, v0, decay, *args, bind=True,
+                                        stacked=stacked, **kwargs)  # fmt: skip
     need_dv0 = args["NEED_DV0"]
     dcur, dv0, dth, ddec = args["p_dcur"], args["p_dv0"], args["p_dth"], args["p_ddecay"]
+    inputs = (g, gv, mask, vhist, v0, *param_inputs(decay, kwargs.get("threshold"), stacked))
     # The per-call buffers: dcur, dv0 when wanted, and the partial sums (each wanted one, or
     # one [2, ...] buffer in both slots when joint); the unwanted slots hold dcur.
     if both is None:
         launch_run = plan(
-            empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0),
+            empf_bwd_kernel, grid, args, inputs,
             (dcur, dv0 if need_dv0 else None, _own(dth, dcur), _own(ddec, dcur)),
         )  # fmt: skip
 
@@ -796,10 +833,7 @@ def empf_bwd_plan(g, gv, mask, vhist, v0, *args, **kwargs):
             return finish(dcur2, dv02, dth2, ddec2, None)
 
         return run
-    joint_run = plan(
-        empf_bwd_kernel, grid, args, (g, gv, mask, vhist, v0),
-        (dcur, dv0 if need_dv0 else None, both),
-    )  # fmt: skip
+    joint_run = plan(empf_bwd_kernel, grid, args, inputs, (dcur, dv0 if need_dv0 else None, both))
 
     def run_joint(*ins):
         dcur2, dv02, both2 = joint_run(*ins)
@@ -823,9 +857,9 @@ def parallel_fwd_plan(
     inner: int = 1,
 ):
     """`run(current2) -> spikes`, as `empf_fwd_plan` for `parallel_fwd` (inference)."""
-    run = parallel_fwd_train_plan(
-        current, threshold, spike_bits, spike_step, False, channels=channels, inner=inner
-    )
+    grid, args = parallel_fwd(current, threshold, spike_bits, spike_step, False, bind=True,
+                              channels=channels, inner=inner)  # fmt: skip
+    run = plan(parallel_fwd_kernel, grid, args, (current,), (args["p_spk"],))
     return lambda cur: run(cur)[0]
 
 
@@ -837,24 +871,28 @@ def parallel_fwd_train_plan(
     save_mask: bool,
     **kwargs,
 ):
-    """`run(current2) -> (spikes, mask)`: `parallel_fwd` with these arguments for contiguous
-    currents of the same form (not checked). kwargs: parallel_fwd's keyword arguments."""
+    """`run(current2, threshold2) -> (spikes, mask)`: `parallel_fwd` with these arguments for a
+    contiguous current and a threshold of the same forms (not checked; threshold2 each call's
+    threshold tensor, None for a float). kwargs: parallel_fwd's keyword arguments."""
     grid, args = parallel_fwd(
         current, threshold, spike_bits, spike_step, save_mask, bind=True, **kwargs
     )
     outputs = (args["p_spk"], args["p_mask"] if args["SAVE_MASK"] else None)
-    return plan(parallel_fwd_kernel, grid, args, (current,), outputs)
+    inputs = (current, param_inputs(threshold, None, False)[0])
+    return plan(parallel_fwd_kernel, grid, args, inputs, outputs)
 
 
 def parallel_bwd_plan(g: torch.Tensor, mask: torch.Tensor, N: int, **kwargs):
-    """`run(g2, mask2) -> (dcurrent, dthreshold)`: `parallel_bwd` for later calls of the same
-    forms (not checked). kwargs: parallel_bwd's keyword arguments."""
+    """`run(g2, mask2, threshold2) -> (dcurrent, dthreshold)`: `parallel_bwd` for later calls of
+    the same forms (not checked; threshold2 as in `parallel_fwd_train_plan`). kwargs:
+    parallel_bwd's keyword arguments."""
     grid, args, finish = parallel_bwd(g, mask, N, bind=True, **kwargs)
     dcur, dth = args["p_dcur"], args["p_dth"]
-    run = plan(parallel_bwd_kernel, grid, args, (g, mask), (dcur, _own(dth, dcur)))
+    inputs = (g, mask, param_inputs(kwargs.get("threshold"), None, False)[0])
+    run = plan(parallel_bwd_kernel, grid, args, inputs, (dcur, _own(dth, dcur)))
 
-    def run_finish(g2, mask2):
-        dcur2, dth2 = run(g2, mask2)
+    def run_finish(g2, mask2, th2):
+        dcur2, dth2 = run(g2, mask2, th2)
         return finish(dcur2, dth2)
 
     return run_finish

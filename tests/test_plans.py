@@ -96,3 +96,79 @@ def test_a_plan_is_not_made_from_a_parameter_that_is_also_the_initial_membrane(d
             res.append((s.detach(), v_last.detach(), xi.grad, p.grad))
         for a, b in zip(*res):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _param_forms(device, T: int, C: int):
+    """Tensor parameter forms of a [T, 2, C] current, each made anew per call as a user's code
+    would (a sigmoid of logits, a 0-d tensor, a [1, C] per-channel row, a plain [T] tensor):
+    name -> make(seed) -> (decay, threshold)."""
+
+    def vals(seed, *shape):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.rand(*shape, generator=g).to(device)
+
+    return {
+        "sigmoid[T]": lambda s: (torch.sigmoid(vals(s, T) * 4 - 2), vals(s + 1, T) * 0.8),
+        "0-d": lambda s: (vals(s, ()), vals(s + 1, ()) * 0.8),
+        "per-channel[1,C]": lambda s: (vals(s, 1, C), vals(s + 1, 1, C) * 0.8),
+        "mixed": lambda s: (vals(s, T), 0.3),
+    }
+
+
+_FORM_CASES = [
+    (op, form)
+    for op in ("empf", "lif", "parallel")
+    for form in _param_forms("cpu", 3, 5)
+    if not (op == "lif" and form == "per-channel[1,C]")  # LIF parameters are per step only
+]
+
+
+@pytest.mark.parametrize(("op", "form"), _FORM_CASES)
+def test_plans_take_each_calls_parameter_tensors(device, op, form):
+    """Plans key tensor parameters by form (shape, strides) and take each call's tensors: calls
+    with new parameter tensors of one form reuse one plan, and every call's outputs and
+    gradients (current and parameters) equal the reference's for its own values."""
+    T, C = 3, 5
+    make = _param_forms(device, T, C)[form]
+    mod = ops_lif if op == "lif" else ops_neuron
+    x = torch.linspace(-0.6, 1.8, T * 2 * C, device=device).view(T, 2, C)
+    w = torch.linspace(-1.0, 1.0, T * 2 * C, device=device).view(T, 2, C)
+    for seed in (0, 10, 20):
+        res = []
+        for impl in ("triton", "reference"):
+            d, th = make(seed)
+            d = d.clone().requires_grad_()
+            th = th.clone().requires_grad_() if isinstance(th, torch.Tensor) else th
+            xi = x.clone().requires_grad_()
+            if op == "parallel":
+                s = ops_neuron.parallel_neuron(xi, threshold=d, spike_bits=3, impl=impl)
+                loss = (s * w).sum()
+            else:
+                fn = empf_neuron if op == "empf" else lif_neuron
+                s, v = fn(xi, decay=d, threshold=th, grad_mode="bptt", impl=impl)
+                loss = (s * w).sum() + (v * w[0]).sum()
+            loss.backward()
+            grads = [t.grad for t in (xi, d, th) if isinstance(t, torch.Tensor)]
+            res.append((s.detach(), *grads))
+        for a, b in zip(*res):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(mod._FWD_PLANS) == 1 and len(mod._BWD_PLANS) == 1
+
+
+@pytest.mark.parametrize("op", ["empf", "lif"])
+def test_a_plan_is_not_made_from_one_tensor_as_decay_and_threshold(device, op):
+    fn = empf_neuron if op == "empf" else lif_neuron
+    x = torch.linspace(-0.5, 2.0, 12, device=device).view(3, 4)
+    both = torch.tensor([0.3, 0.6, 0.9], device=device)
+    d2 = torch.tensor([0.8, 0.1, 0.5], device=device)
+    th2 = torch.tensor([0.2, 0.7, 0.4], device=device)
+    for d, th in ((both, both), (d2, th2)):
+        res = []
+        for impl in ("triton", "reference"):
+            xi = x.clone().requires_grad_()  # the autograd path, which plans
+            s, v = fn(xi, decay=d, threshold=th, impl=impl)
+            (s.sum() + v.sum()).backward()
+            res.append((s.detach(), v.detach(), xi.grad))
+        for a, b in zip(*res):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert len(ops_neuron._FWD_PLANS if op == "empf" else ops_lif._FWD_PLANS) == 1

@@ -367,7 +367,7 @@ _TOLIST_MAX = 256
 class PlanCache(dict):
     """Plans of the eager autograd paths by key: a plan is one launcher call with its launch
     arguments worked out once (kernels/_launch.py `plan`), for a module that calls its op again
-    and again with the same parameters and input form. Bounded: past `limit` entries (a long
+    and again with the same input and parameter forms. Bounded: past `limit` entries (a long
     run over many shapes) it starts over."""
 
     def __init__(self, limit: int = 1024):
@@ -381,31 +381,28 @@ class PlanCache(dict):
         return run
 
 
-def planned(cache: PlanCache, key: tuple | None, inputs: tuple, direct, make, statics=()):
-    """One launcher call of an eager autograd path: `direct()` when there is no plan key (a
-    parameter tensor made per call), else the cached plan of `key` (made by `make()` on first
-    use) run on `inputs`. `direct` and `make` are closures over the caller's arguments, so a
-    plan hit builds no argument lists.
+def planned(cache: PlanCache, key: tuple, inputs: tuple, direct, make):
+    """One launcher call of an eager autograd path: the cached plan of `key` (made by `make()`
+    on first use) run on `inputs`, the call's tensors (its parameter tensors among them). `direct`
+    and `make` are closures over the caller's arguments, so a plan hit builds no argument lists.
 
-    A plan finds the launch slots of its per-call `inputs` by identity (kernels/_launch.py
-    `plan`), so it is not made from a call whose inputs are one tensor twice (a step's current
-    passed as its v0, one gradient tensor for spikes and membrane) or one of the tensors in
-    `statics` (the parameters, fixed in the plan): those slots would be ambiguous, and later
-    calls with distinct tensors would read the wrong one. Such a call runs `direct()`; a plan
-    made from distinct tensors takes aliased ones correctly."""
-    if key is None:
-        return direct()
+    A plan finds the launch slots of its `inputs` by identity (kernels/_launch.py `plan`), so it
+    is not made from a call whose inputs hold one tensor twice (a step's current passed as its
+    v0, one gradient tensor for spikes and membrane, one tensor as decay and threshold): those
+    slots would be ambiguous, and later calls with distinct tensors would read the wrong one.
+    Such a call runs `direct()`; a plan made from distinct tensors takes aliased ones
+    correctly."""
     run = cache.get(key)
     if run is None:
-        if _aliased(inputs, statics):
+        if _aliased(inputs):
             return direct()
         run = cache.add(key, make())
     return run(*inputs)
 
 
-def _aliased(inputs: tuple, statics: tuple) -> bool:
-    """Whether a tensor appears twice among `inputs`, or also among `statics` (None skipped)."""
-    seen = [t for t in statics if isinstance(t, torch.Tensor)]
+def _aliased(inputs: tuple) -> bool:
+    """Whether a tensor appears twice among `inputs` (None skipped)."""
+    seen: list[torch.Tensor] = []
     for t in inputs:
         if t is None:
             continue
@@ -415,16 +412,14 @@ def _aliased(inputs: tuple, statics: tuple) -> bool:
     return False
 
 
-def params_key(*params) -> tuple | None:
-    """The parameters' part of a plan key: floats and None as they are, nn.Parameters by
-    identity, address and strides. None (no plan) for any other tensor: one made per call would
-    never be seen again and only fill the cache."""
-    key = []
-    for p in params:
-        if p is None or type(p) is float:
-            key.append(p)
-        elif type(p) is torch.nn.Parameter:
-            key.append((id(p), p.data_ptr(), p.shape, p.stride()))
-        else:
-            return None
-    return tuple(key)
+def params_key(decay, threshold=None) -> tuple:
+    """The parameters' part of a plan key: floats and None as they are, a tensor by its form
+    (shape and strides). The plans take each call's parameter tensors as inputs, so every
+    tensor form plans: a module's Parameter (trained in place or replaced), a sigmoid computed
+    per call, a 0-d tensor expanded over time."""
+    return (
+        decay if decay is None or type(decay) is float else (decay.shape, decay.stride()),
+        threshold
+        if threshold is None or type(threshold) is float
+        else (threshold.shape, threshold.stride()),
+    )

@@ -168,27 +168,23 @@ class _LIFFn(torch.autograd.Function):
             current = current.contiguous()
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
-        pk = params_key(decay, threshold)
-        key = None if pk is None else (
+        key = (
             plan, current.shape, current.dtype, current.device,
-            None if v0 is None else v0.dtype, pk,
+            None if v0 is None else v0.dtype, params_key(decay, threshold),
         )  # fmt: skip
+        d_t = decay if type(decay) is not float else None  # the tensor parameters, or None
+        th_t = threshold if type(threshold) is not float else None
         k = _kernels()
         with device_guard(current):
             spikes, v_last, h = planned(
-                _FWD_PLANS, key, (current, v0),
+                _FWD_PLANS, key, (current, v0, d_t, th_t),
                 lambda: k.lif_fwd(current, v0, decay, threshold, True, step_input=plan[4]),
                 lambda: k.lif_fwd_plan(current, v0, decay, threshold, True, step_input=plan[4]),
-                (decay, threshold),
             )  # fmt: skip
         # Saved: h = m - θ per step (current's dtype), plus the caller's v0 if λ learns; a float
         # parameter travels as a value.
-        d_t, th_t = type(decay) is not float, type(threshold) is not float
-        ctx.save_for_backward(
-            h, v0 if ctx.needs_input_grad[2] else None, decay if d_t else None,
-            threshold if th_t else None,
-        )  # fmt: skip
-        ctx.consts = (None if d_t else decay, None if th_t else threshold)
+        ctx.save_for_backward(h, v0 if ctx.needs_input_grad[2] else None, d_t, th_t)
+        ctx.consts = (None if d_t is not None else decay, None if th_t is not None else threshold)
         ctx.plan = plan
         ctx.shape = current.shape
         ctx.has_v0 = v0 is not None
@@ -200,20 +196,19 @@ class _LIFFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, gv=None):
-        h, v0, decay, threshold = ctx.saved_tensors
+        h, v0, d_t, th_t = ctx.saved_tensors
         surrogate, alpha, detach_reset, bptt, step = ctx.plan
         d_c, th_c = ctx.consts
-        decay = decay if d_c is None else d_c
-        threshold = threshold if th_c is None else th_c
+        decay = d_t if d_c is None else d_c
+        threshold = th_t if th_c is None else th_c
         need = ctx.needs_input_grad
         need_dv0 = bptt and ctx.has_v0 and need[1]
         shape = ctx.shape
         g = g.contiguous() if g is not None else None
         gv = gv.contiguous() if gv is not None else None
-        pk = params_key(decay, threshold)
-        key = None if pk is None else (
+        key = (
             ctx.plan, need[:4], need_dv0, g is None, gv is None, v0 is None, shape, h.dtype,
-            h.device, pk,
+            h.device, params_key(decay, threshold),
         )  # fmt: skip
 
         def call(launcher):
@@ -225,8 +220,8 @@ class _LIFFn(torch.autograd.Function):
         k = _kernels()
         with device_guard(h):
             dcur, dv0, ddecay, dth = planned(
-                _BWD_PLANS, key, (g, gv, h, v0),
-                lambda: call(k.lif_bwd), lambda: call(k.lif_bwd_plan), (decay, threshold),
+                _BWD_PLANS, key, (g, gv, h, v0, d_t, th_t),
+                lambda: call(k.lif_bwd), lambda: call(k.lif_bwd_plan),
             )  # fmt: skip
         if dv0 is not None:
             dv0 = dv0.view(shape if step else shape[1:])

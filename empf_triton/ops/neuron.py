@@ -335,30 +335,32 @@ class _NeuronFn(torch.autograd.Function):
         g = g.contiguous() if g is not None else None
         gv = gv.contiguous() if gv is not None else None
         vhist = vhist if need_ddecay else None
-        if joint:  # the [2, T] logits stay whole in the key; their rows go to the launcher
-            pk = params_key(decay)
+        # The parameter tensors the launch reads (None: unread, or a float in the plan); the
+        # joint [2, T] logits are one tensor, the launcher reads both rows in place.
+        if joint:
+            d_in, th_in = decay, None
         else:
-            decay = decay if (need_ddecay or bptt) and decay is not None else d_c
-            threshold = threshold if need_dth else 0.0
-            pk = params_key(decay, threshold)
-        key = None if pk is None else (
+            d_in = decay if need_ddecay or bptt else None
+            th_in = threshold if need_dth else None
+        key = (
             ctx.plan, need_dv0, need_ddecay, need_dth, g is None, gv is None, v0 is None, shape,
-            ctx.dtype, mask.device, pk,
+            ctx.dtype, mask.device, params_key(d_in, th_in),
         )  # fmt: skip
 
         def call(launcher):
-            d, th = _rows(decay, threshold, joint)
             return launcher(
-                g, gv, mask, vhist, v0, d, N, ctx.dtype, bptt, need_ddecay, need_dv0,
-                threshold=th, need_dthreshold=need_dth, t0=t0, logits=logits,
-                channels=C, inner=inner, dcur_shape=shape, stack_param_grads=joint,
+                g, gv, mask, vhist, v0, d_in if d_in is not None else d_c, N, ctx.dtype, bptt,
+                need_ddecay, need_dv0,
+                threshold=d_in if joint else (th_in if th_in is not None else 0.0),
+                need_dthreshold=need_dth, t0=t0, logits=logits, channels=C, inner=inner,
+                dcur_shape=shape, stack_param_grads=joint, stacked=joint,
             )  # fmt: skip
 
         k = _kernels()
         with device_guard(mask):
             dcur, dv0, dth, ddecay = planned(
-                _BWD_PLANS, key, (g, gv, mask, vhist, v0),
-                lambda: call(k.empf_bwd), lambda: call(k.empf_bwd_plan), (decay, threshold),
+                _BWD_PLANS, key, (g, gv, mask, vhist, v0, d_in, th_in),
+                lambda: call(k.empf_bwd), lambda: call(k.empf_bwd_plan),
             )  # fmt: skip
         if dv0 is not None and step:
             dv0 = dv0.view(shape)
@@ -377,25 +379,24 @@ def _fwd(current, v0, decay, threshold, plan, save_mask, save_v):
     when the parameters allow (see `planned`): (spikes, v_last, mask, vhist). Contiguous
     inputs; decay and threshold tensors, or None for the plan's constants."""
     T, t0, C, inner, bits, spike_step, _, logits, d_c, th_c, step, joint = plan
-    pk = params_key(decay, threshold)
-    key = None if pk is None else (
+    key = (
         plan, save_mask, save_v, current.shape, current.dtype, current.device,
-        None if v0 is None else v0.dtype, pk,
+        None if v0 is None else v0.dtype, params_key(decay, threshold),
     )  # fmt: skip
 
     def call(launcher):
-        d, th = _rows(decay, threshold, joint)
+        d = decay if decay is not None else d_c
+        th = decay if joint else (threshold if threshold is not None else th_c)
         return launcher(
-            current, v0, d if d is not None else d_c, th if th is not None else th_c,
-            bits, spike_step, save_mask, save_v,
-            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+            current, v0, d, th, bits, spike_step, save_mask, save_v,
+            t0=t0, logits=logits, channels=C, inner=inner, step_input=step, stacked=joint,
         )  # fmt: skip
 
     k = _kernels()
-    with device_guard(current):
+    with device_guard(current):  # joint: the logits in the decay slot, threshold None
         return planned(
-            _FWD_PLANS, key, (current, v0),
-            lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan), (decay, threshold),
+            _FWD_PLANS, key, (current, v0, decay, threshold),
+            lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan),
         )  # fmt: skip
 
 
@@ -533,21 +534,19 @@ class _ParallelFn(torch.autograd.Function):
         need_dth = threshold is not None and ctx.needs_input_grad[1]
         g = g.contiguous()
         threshold = threshold if need_dth else None
-        pk = params_key(threshold)
-        key = None if pk is None else (ctx.plan, need_dth, g.shape, g.dtype, g.device, pk)
+        key = (ctx.plan, need_dth, g.shape, g.dtype, g.device, params_key(threshold))
 
         def call(launcher):
-            th = _rows(None, threshold, joint)[1] if threshold is not None else None
             return launcher(
-                g, mask, g.numel() // T, threshold=th, need_dthreshold=need_dth, t0=t0,
-                logits=logits, channels=C, inner=inner,
+                g, mask, g.numel() // T, threshold=threshold, need_dthreshold=need_dth, t0=t0,
+                logits=logits, channels=C, inner=inner, stacked=joint,
             )  # fmt: skip
 
         k = _kernels()
         with device_guard(g):
             dcur, dth = planned(
-                _BWD_PLANS, key, (g, mask),
-                lambda: call(k.parallel_bwd), lambda: call(k.parallel_bwd_plan), (threshold,),
+                _BWD_PLANS, key, (g, mask, threshold),
+                lambda: call(k.parallel_bwd), lambda: call(k.parallel_bwd_plan),
             )  # fmt: skip
         if joint and dth is not None:
             dth = dth.view(1, -1)
@@ -560,23 +559,20 @@ _PARALLEL_APPLY = c_apply(_ParallelFn)
 def _parallel_fwd(current, threshold, plan, save_mask):
     """The forward launch of an eager parallel call (as `_fwd`): (spikes, mask)."""
     T, t0, C, inner, bits, spike_step, logits, th_c, step, joint = plan
-    pk = params_key(threshold)
-    key = None if pk is None else (
-        plan, save_mask, current.shape, current.dtype, current.device, pk
-    )  # fmt: skip
+    th = threshold if threshold is not None else th_c
+    key = (plan, save_mask, current.shape, current.dtype, current.device, params_key(th))
 
     def call(launcher):
-        th = _rows(None, threshold, joint)[1] if threshold is not None else th_c
         return launcher(
             current, th, bits, spike_step, save_mask,
-            t0=t0, logits=logits, channels=C, inner=inner, step_input=step,
+            t0=t0, logits=logits, channels=C, inner=inner, step_input=step, stacked=joint,
         )  # fmt: skip
 
     k = _kernels()
     with device_guard(current):
         return planned(
-            _FWD_PLANS, key, (current,),
-            lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan), (threshold,),
+            _FWD_PLANS, key, (current, threshold),
+            lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan),
         )  # fmt: skip
 
 
@@ -603,9 +599,10 @@ def _channels(
 
 
 def _rows(decay, threshold, joint: bool):
-    """(decay, threshold) for the launchers: with `joint`, the rows of the logits tensor that
-    travels in the decay slot ([2, T]: θ's row 0, λ's row 1) or, for the parallel neuron, in the
-    threshold slot ([1, T]). Views made only where a launcher is called (a plan keeps them)."""
+    """(decay, threshold) for the custom ops under torch.compile: with `joint`, the rows of the
+    logits tensor that travels in the decay slot ([2, T]: θ's row 0, λ's row 1) or, for the
+    parallel neuron, in the threshold slot ([1, T]), as traced views. (The eager launchers read
+    the rows in place: `stacked`.)"""
     if not joint:
         return decay, threshold
     if decay is None:
