@@ -144,6 +144,31 @@ def test_overhead_00_relu(benchmark, kind):
     _RELU_US[kind] = benchmark.stats.stats.median * 1e6
 
 
+class _EmptyFn(torch.autograd.Function):
+    """The floor of a fused op's host path: a Python autograd.Function with two outputs (as the
+    neuron ops have) that allocates its outputs and its input gradient and does nothing else."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        return torch.empty_like(x), torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, g, gv):
+        return torch.empty_like(g)
+
+
+@pytest.mark.parametrize("kind", ["fwd+bwd"])
+def test_overhead_01_empty_function(benchmark, kind):
+    """What PyTorch alone costs a two-output op (called the way the library calls its Functions:
+    the C-level apply), beside relu: the floor under every fused op's fwd+bwd."""
+    apply = ops_common.c_apply(_EmptyFn)
+    x = _leaf(NUMEL)
+    g = torch.ones(NUMEL, device=DEVICE)
+    _time(benchmark, lambda: apply(x)[0].backward(g), case="empty 2-output autograd.Function",
+          kind=kind)  # fmt: skip
+
+
 def _neuron_cases():
     """(name, make) pairs: make() returns (inputs needing grad, call) with call() -> outputs."""
     n = NUMEL // T

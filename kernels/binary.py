@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, empty, pick_configs
-from ._launch import launch
+from ._common import INTERPRET, empty, empty_like, pick_configs
+from ._launch import launch, plan
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -334,11 +334,16 @@ _TUNERS = {
 
 
 @triton.jit
-def _binarize_rows_kernel(p_w, p_scale, p_out, K, WRITE_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+def _binarize_rows_kernel(
+    p_w, p_scale, p_out, p_words, K, KW,
+    WRITE_Q: tl.constexpr, WRITE_PACK: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     """One program per row n of a contiguous [N, K] w (K >= 1; fp32/fp16/bf16, as the Triton
     path takes): α_n = mean(|w[n]|) summed in fp32 in a fixed order, stored in scale[n]; with
-    WRITE_Q also the
-    row's α_n · sign(w[n, k]) (sign(0) = +1, compared in fp32 as the pack kernel does) in out."""
+    WRITE_Q also the row's α_n · sign(w[n, k]) (sign(0) = +1, compared in fp32) in out; with
+    WRITE_PACK (BLOCK_K a multiple of 32) the row's sign bits in words[n, 0:KW] as `_pack_kernel`
+    packs them (bit k % 32 of word k // 32 set for w >= 0, padding bits 0): statistics and
+    packing in one launch."""
     n = tl.program_id(0).to(tl.int64)
     p_row = p_w + n * K
     o = tl.arange(0, BLOCK_K)
@@ -353,6 +358,19 @@ def _binarize_rows_kernel(p_w, p_scale, p_out, K, WRITE_Q: tl.constexpr, BLOCK_K
             m = k0 + o < K
             b_w = tl.load(p_row + k0 + o, mask=m, other=0.0).to(tl.float32)
             tl.store(p_orow + k0 + o, _to_out(tl.where(b_w >= 0.0, sc, -sc), p_out), mask=m)
+    if WRITE_PACK:
+        o_w = tl.arange(0, BLOCK_K // 32)
+        o_bit = tl.arange(0, 32)
+        o_k = o_w[:, None] * 32 + o_bit[None, :]  # [BLOCK_K // 32, 32]
+        p_wrow = p_words + n * KW
+        for k0 in range(0, K, BLOCK_K):
+            m = k0 + o_k < K
+            b_w = tl.load(p_row + k0 + o_k, mask=m, other=0.0).to(tl.float32)
+            b_sign = (b_w >= 0.0) & m
+            # distinct powers of two: the int32 sum is their bitwise OR (as in _pack_kernel)
+            word = tl.sum(b_sign.to(tl.int32) << o_bit[None, :], axis=1)
+            w0 = k0 // 32
+            tl.store(p_wrow + w0 + o_w, word, mask=w0 + o_w < KW)
 
 
 @triton.jit
@@ -532,14 +550,20 @@ def _bgemm(
     P: int,
     R: int,
     trans: bool,
-) -> torch.Tensor:
+    bind: bool = False,
+):
+    """out [M, P] of the packed GEMM (`binary_gemm`, or `binary_gemm_t` with `trans`). With
+    `bind` (for `bgemm_plan`): (grid, args) of the launch, not run, or None where no launch of
+    `a` itself would be made (an empty output, or `a` copied for its strides)."""
     M = a.shape[0]
     out = empty((M, P), a.dtype, a.device)
     if M == 0 or P == 0:
-        return out
+        return None if bind else out
     s_am, s_ar = a.stride()
     # The kernel keeps int32 offsets inside a tile (largest tile: 128 x 256, 256 x 256 words).
     if 127 * abs(s_am) + 255 * abs(s_ar) >= 2**31:
+        if bind:
+            return None
         a = a.contiguous()
         s_am, s_ar = a.stride()
     s_wp, s_wn, _ = words.stride()
@@ -550,36 +574,49 @@ def _bgemm(
     def grid(meta):
         return (_cdiv(M, meta["BLOCK_M"]), _cdiv(P, meta["BLOCK_P"]))
 
-    launch(
-        _TUNERS[family, trans],
-        grid,
-        dict(
-            p_a=a,
-            p_words=words,
-            p_scale=scale,
-            p_bias=bias if bias is not None else scale,
-            p_out=out,
-            M=M,
-            P=P,
-            R=R,
-            M_CLASS=m_class(M),
-            P_CLASS=size_class(P),
-            R_CLASS=size_class(R),
-            stride_am=s_am,
-            stride_ar=s_ar,
-            stride_wp=s_wp,
-            stride_wn=s_wn,
-            stride_om=P,
-            stride_op=1,
-            TRANS=trans,
-            TERNARY=words.shape[0] == 2,
-            SCALE_A=trans,
-            HAS_BIAS=bias is not None,
-            USE_DOT=family != "gemv",
-            DOT_MODE=_dot_mode(a.dtype, scaled_a=trans),
-        ),
+    args = dict(
+        p_a=a,
+        p_words=words,
+        p_scale=scale,
+        p_bias=bias if bias is not None else scale,
+        p_out=out,
+        M=M,
+        P=P,
+        R=R,
+        M_CLASS=m_class(M),
+        P_CLASS=size_class(P),
+        R_CLASS=size_class(R),
+        stride_am=s_am,
+        stride_ar=s_ar,
+        stride_wp=s_wp,
+        stride_wn=s_wn,
+        stride_om=P,
+        stride_op=1,
+        TRANS=trans,
+        TERNARY=words.shape[0] == 2,
+        SCALE_A=trans,
+        HAS_BIAS=bias is not None,
+        USE_DOT=family != "gemv",
+        DOT_MODE=_dot_mode(a.dtype, scaled_a=trans),
     )
+    if bind:
+        return grid, args
+    launch(_TUNERS[family, trans], grid, args)
     return out
+
+
+def bgemm_plan(a, words, scale, bias, P: int, R: int, trans: bool):
+    """`run(a2, words2, scale2, bias2) -> (out,)`: `_bgemm` of these arguments for later calls
+    with tensors of the same forms (shapes, strides, dtypes; bias None or not; not checked),
+    their launch arguments worked out once (`_launch.plan`). The tensors must be distinct (the
+    plan finds their slots by identity). Where `_bgemm` makes no plain launch of `a`, `run`
+    calls it each time."""
+    bound = _bgemm(a, words, scale, bias, P, R, trans, bind=True)
+    if bound is None:
+        return lambda a2, w2, s2, b2: (_bgemm(a2, w2, s2, b2, P, R, trans),)
+    grid, args = bound
+    family = "gemv" if a.shape[0] == 1 else "small" if a.shape[0] <= SMALL_M_MAX else "large"
+    return plan(_TUNERS[family, trans], grid, args, (a, words, scale, bias), (args["p_out"],))
 
 
 def binary_gemm(
@@ -604,24 +641,36 @@ def _row_block(K: int) -> int:
     return max(16, min(_ROW_BLOCK_MAX, _pow2(K)))
 
 
-def _binary_rows(w2d: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """scale [N] fp32 of a contiguous [N, K >= 1] w; binarised w into `out` when given."""
+def _rows_args(w2d: torch.Tensor, write_q: bool, write_pack: bool):
+    """(args, (out, words, scale)) of one `_binarize_rows_kernel` launch over a contiguous
+    [N, K] w with N, K >= 1: scale [N] fp32 always; out (Q(w), w's dtype) with `write_q`,
+    words (int32 [1, N, ceil(K/32)]) with `write_pack`, else None."""
     N, K = w2d.shape
-    scale = empty((N,), torch.float32, w2d.device)
-    if N:
-        launch(
-            _binarize_rows_kernel,
-            (N,),
-            dict(
-                p_w=w2d,
-                p_scale=scale,
-                p_out=out if out is not None else w2d,
-                K=K,
-                WRITE_Q=out is not None,
-                BLOCK_K=_row_block(K),
-            ),
-        )
-    return scale
+    dev = w2d.device
+    KW = _cdiv(K, 32) if write_pack else 0
+    scale = empty((N,), torch.float32, dev)
+    out = empty((N, K), w2d.dtype, dev) if write_q else None
+    words = empty((1, N, KW), torch.int32, dev) if write_pack else None
+    args = dict(
+        p_w=w2d, p_scale=scale, p_out=out if write_q else w2d,
+        p_words=words if write_pack else scale, K=K, KW=KW, WRITE_Q=write_q,
+        WRITE_PACK=write_pack, BLOCK_K=max(32, _row_block(K)) if write_pack else _row_block(K),
+    )  # fmt: skip
+    return args, (out, words, scale)
+
+
+def _binary_rows(w2d: torch.Tensor, write_q: bool, write_pack: bool):
+    """(out, words, scale) of `_rows_args`, launched: one pass of the row kernel."""
+    args, outputs = _rows_args(w2d, write_q, write_pack)
+    launch(_binarize_rows_kernel, (w2d.shape[0],), args)
+    return outputs
+
+
+def binary_rows_plan(w2d: torch.Tensor, write_q: bool, write_pack: bool):
+    """`run(w2) -> (out, words, scale)`: `_binary_rows` for later contiguous weights of w2d's
+    shape and dtype, its launch arguments worked out once (`_launch.plan`)."""
+    args, outputs = _rows_args(w2d, write_q, write_pack)
+    return plan(_binarize_rows_kernel, (w2d.shape[0],), args, (w2d,), outputs)
 
 
 def _ternary(w2d: torch.Tensor, out: torch.Tensor | None, stats: bool):
@@ -660,12 +709,11 @@ def quantize_weight(w2d: torch.Tensor, bits: int) -> torch.Tensor:
     """Q(w) of a contiguous [N, K] w in its dtype: α_n · sign(w) (bits 1: one launch) or the
     TWN rule (bits 2: three launches), statistics computed in the kernels."""
     N, K = w2d.shape
+    if N * K and bits == 1:
+        return _binary_rows(w2d, True, False)[0]
     out = empty((N, K), w2d.dtype, w2d.device)
     if out.numel():
-        if bits == 1:
-            _binary_rows(w2d, out)
-        else:
-            _ternary(w2d, out, stats=False)
+        _ternary(w2d, out, stats=False)
     return out
 
 
@@ -677,20 +725,41 @@ def weight_stats(w2d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     if N * K == 0:
         return torch.zeros((N,), device=dev), (None if bits == 1 else torch.zeros((1,), device=dev))
     if bits == 1:
-        return _binary_rows(w2d, None), None
+        return _binary_rows(w2d, False, False)[2], None
     return _ternary(w2d, None, stats=True)
+
+
+def pack_with_stats(w2d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(words int32 [bits, N, ceil(K/32)], fp32 scale [N]) of a contiguous [N, K] w: what
+    `weight_stats` then `pack` give. Binary weights take one launch (the row kernel sums |w| and
+    packs the signs: w read by one kernel, not two); ternary ones the four of those two."""
+    N, K = w2d.shape
+    if bits != 1 or N * K == 0:
+        scale, delta = weight_stats(w2d, bits)
+        return pack(w2d, delta), scale
+    _, words, scale = _binary_rows(w2d, False, True)
+    return words, scale
+
+
+def _ste_args(g: torch.Tensor, w: torch.Tensor):
+    out = empty_like(w)
+    grid = (_cdiv(w.numel(), _ELEM_BLOCK),)
+    return grid, dict(p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK), out
 
 
 def ste_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g where |w| <= 1 else 0; g and w contiguous, same shape."""
-    out = empty(w.shape, w.dtype, w.device)
+    grid, args, out = _ste_args(g, w)
     if out.numel():
-        launch(
-            _ste_kernel,
-            (_cdiv(w.numel(), _ELEM_BLOCK),),
-            dict(p_g=g, p_w=w, p_out=out, NUMEL=w.numel(), BLOCK=_ELEM_BLOCK),
-        )
+        launch(_ste_kernel, grid, args)
     return out
+
+
+def ste_grad_plan(g: torch.Tensor, w: torch.Tensor):
+    """`run(g2, w2) -> (out,)`: `ste_grad` for later distinct contiguous tensors of these
+    shapes and dtypes (not empty), its launch arguments worked out once."""
+    grid, args, out = _ste_args(g, w)
+    return plan(_ste_kernel, grid, args, (g, w), (out,))
 
 
 def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:

@@ -267,6 +267,8 @@ def binary_cases():
             k.quantize_weight(torch.zeros(3, 5000, dtype=dtype), bits)  # several steps / programs
             k.weight_stats(w, bits)
             k.pack(w, delta)
+            k.pack_with_stats(w, bits)
+            k.pack_with_stats(torch.zeros(3, 5000, dtype=dtype), bits)  # several row blocks
             k.unpack(torch.zeros(bits, 7, 2, dtype=torch.int32), torch.zeros(7), 40, dtype)
         k.ste_grad(torch.zeros(7, 40, dtype=dtype), torch.zeros(7, 40, dtype=dtype))
 

@@ -185,6 +185,31 @@ def test_pack_unpack_round_trip(device, bits, N, K):
         assert not tail.any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("N", "K"), [(3, 1), (5, 31), (2, 64), (3, 2100), (2, 4127)])
+def test_fused_binary_pack_equals_stats_then_pack(device, dtype, N, K):
+    """The one-launch binary pack (row statistics and sign bits in one kernel, as `binary_linear`
+    packs on every training call) gives the words and scale of the two-kernel path and the
+    reference's words, over several row blocks (K > 2048), padding bits, zeros (sign +1) and a
+    NaN row."""
+    from empf_triton.kernels import binary as kb
+    from empf_triton.reference.binary import pack_weight_ref
+
+    w = (torch.randn(N, K, device=device) * 0.5).to(dtype)
+    w[0, : min(K, 5)] = 0.0
+    if N > 2:
+        w[2, K // 2] = float("nan")
+    words, scale = kb.pack_with_stats(w, 1)
+    s2, delta = kb.weight_stats(w, 1)
+    assert delta is None
+    assert torch.equal(words, kb.pack(w, None))
+    torch.testing.assert_close(scale, s2, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(words, pack_weight_ref(w, 1)[0])
+    assert words.shape == (1, N, -(-K // 32)) and words.dtype == torch.int32
+    if N > 2:
+        assert torch.isnan(scale[2]) and not torch.isnan(scale[:2]).any()
+
+
 def test_pack_bit_layout(device):
     # element k of row n is bit k % 32 of word k // 32; bit set = +1
     w = -torch.ones(2, 33, device=device)
@@ -803,6 +828,7 @@ def test_quantiser_statistics_are_computed_in_its_kernels(device, monkeypatch, q
 
     kb = pytest.importorskip("empf_triton.kernels.binary")
     from empf_triton.kernels import _common as kernels_common
+    from empf_triton.kernels import _launch
 
     monkeypatch.setattr(kernels_common, "_POISON", False)  # the tests' NaN fill of outputs
     launched = []
@@ -811,6 +837,10 @@ def test_quantiser_statistics_are_computed_in_its_kernels(device, monkeypatch, q
         launched.append(getattr(tuner, "__name__", None) or tuner.fn.__name__)
 
     monkeypatch.setattr(kb, "launch", record)
+    # planned launches (ops/binary.py `_WEIGHT_PLANS`) go through kernels/_launch.py's `launch`;
+    # a fresh cache, so that no plan made under the tests' NaN fill is reused
+    monkeypatch.setattr(_launch, "launch", record)
+    monkeypatch.setattr(ops_binary, "_WEIGHT_PLANS", ops_common.PlanCache())
     aten = []
 
     class Ops(TorchDispatchMode):

@@ -1,9 +1,12 @@
-"""The eager paths' plans (ops/_common.py `planned`) against aliased calls.
+"""The eager paths' plans (ops/_common.py `planned`): a launch's arguments worked out once per
+call form, each call's tensors filled in.
 
 A plan finds the launch slots of a call's tensors by identity. A first call whose tensors alias
 (a step's current passed as its own v0, one gradient tensor for both the spikes and the
-membrane, a parameter that is also the current) must not leave a plan that later calls, with
-distinct tensors, run wrongly: every call below equals the reference op.
+membrane, a parameter that is also the current, a GEMM's scale passed as its bias) must not
+leave a plan that later calls, with distinct tensors, run wrongly; and a plan must read each
+call's own tensors (parameters, packed weights, latent weights), never the first call's. Every
+call below equals the reference op.
 """
 
 from __future__ import annotations
@@ -172,3 +175,88 @@ def test_a_plan_is_not_made_from_one_tensor_as_decay_and_threshold(device, op):
         for a, b in zip(*res):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert len(ops_neuron._FWD_PLANS if op == "empf" else ops_lif._FWD_PLANS) == 1
+
+
+# ------------------------------------------------------------------------- the packed GEMM
+
+
+def _gemm_case(x, packed, bias, impl):
+    """binary_matmul's output and the gradients of x and bias for a fixed weighting."""
+    from empf_triton.ops.binary import binary_matmul
+
+    x = x.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    y = binary_matmul(x, packed, b, impl=impl)
+    w = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).view_as(y)
+    (y * w).sum().backward()
+    return y.detach(), x.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_gemm_plans_take_each_calls_tensors(device, bits):
+    """One plan per GEMM form (forward and input gradient; with and without bias; each K), and
+    every later call, with new activations, new packed words and scales of the same shapes and
+    a new bias, equals the reference."""
+    import empf_triton.ops.binary as ops_binary
+    from empf_triton.ops.binary import pack_weight
+
+    ops_binary._GEMM_PLANS.clear()
+    torch.manual_seed(0)
+    # K = 70 and 90: the same packed words shape (3 words a row), other input-gradient widths
+    for K in (70, 90, 70):
+        packed = pack_weight(torch.randn(13, K, device=device), bits)
+        for bias in (None, torch.randn(13, device=device)):
+            x = torch.randn(5, K, device=device)
+            got = _gemm_case(x, packed, bias, "triton")
+            ref = _gemm_case(x, packed, bias, "reference")
+            for a, b in zip(got, ref):
+                if b is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # per K: forward with bias, forward without, the transposed (input-gradient) GEMM
+    assert len(ops_binary._GEMM_PLANS) == 6
+
+
+def test_a_gemm_plan_is_not_made_from_the_scale_passed_as_bias(device):
+    """A first call whose bias is the packed scale itself (one tensor in two slots) runs
+    unplanned; a later call with its own bias reads that bias."""
+    import empf_triton.ops.binary as ops_binary
+    from empf_triton.ops.binary import binary_matmul, pack_weight
+
+    ops_binary._GEMM_PLANS.clear()
+    torch.manual_seed(1)
+    packed = pack_weight(torch.randn(9, 40, device=device), 1)
+    x = torch.randn(3, 40, device=device)
+    with torch.no_grad():
+        first = binary_matmul(x, packed, packed.scale, impl="triton")
+        torch.testing.assert_close(
+            first, binary_matmul(x, packed, packed.scale.clone(), impl="reference")
+        )
+        assert len(ops_binary._GEMM_PLANS) == 0
+        bias = torch.randn(9, device=device)
+        got = binary_matmul(x, packed, bias, impl="triton")
+    torch.testing.assert_close(got, binary_matmul(x, packed, bias, impl="reference"))
+
+
+def test_weight_plans_take_each_calls_weight(device):
+    """The binary quantiser, the binary pack of `binary_linear` and the STE gradient are planned
+    per weight form: later calls with new weights (a training step's update) equal the
+    reference, one plan per kernel form."""
+    import empf_triton.ops.binary as ops_binary
+    from empf_triton.ops.binary import binarize, binary_linear
+
+    ops_binary._WEIGHT_PLANS.clear()
+    torch.manual_seed(2)
+    for _ in range(3):
+        w = (torch.randn(6, 45, device=device) * 0.8).requires_grad_()
+        x = torch.randn(4, 45, device=device)
+        outs = []
+        for impl in ("triton", "reference"):
+            w.grad = None
+            q = binarize(w, impl=impl)
+            y = binary_linear(x, w, impl=impl)
+            (q * q.detach().sign() + y.sum() * 0.1).sum().backward()
+            outs.append((q.detach(), y.detach(), w.grad.clone()))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the quantiser's row kernel, the packing row kernel, the STE kernel
+    assert len(ops_binary._WEIGHT_PLANS) == 3

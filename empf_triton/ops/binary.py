@@ -53,6 +53,7 @@ from ..reference.binary import (
 )
 from ._common import (
     TRITON_DTYPES,
+    PlanCache,
     _interpreter_on,
     c_apply,
     check_like,
@@ -60,6 +61,7 @@ from ._common import (
     functorch_active,
     grad_wanted,
     load_kernels,
+    planned,
     resolve_impl,
     triton_available,
 )
@@ -255,25 +257,51 @@ def _on(t: torch.Tensor):
     return _NULL
 
 
+#: Launch plans of the one-launch weight kernels (binary quantise, binary pack, the STE
+#: gradient) by call form: a layer calls them with the same weight shape on every step.
+_WEIGHT_PLANS = PlanCache()
+
+
+def _binary_rows(w: torch.Tensor, write_q: bool, write_pack: bool):
+    """(out, words, scale) of the binary row kernel on a contiguous non-empty w, planned."""
+    k = _kb()
+    return planned(
+        _WEIGHT_PLANS, (write_q, write_pack, w.shape, w.dtype, w.device), (w,),
+        lambda: k._binary_rows(w, write_q, write_pack),
+        lambda: k.binary_rows_plan(w, write_q, write_pack),
+    )  # fmt: skip
+
+
 def _quantize_impl(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Q(w) of a 2-D [N, K] weight, in w's dtype (statistics computed in the kernels)."""
     w = w.contiguous()
     with _on(w):
+        if bits == 1 and w.numel():
+            return _binary_rows(w, True, False)[0]
         return _kb().quantize_weight(w, bits)
 
 
 def _ste_impl(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g where |w| <= 1, else 0, in w's dtype (g, w of the same shape)."""
+    g, w = g.contiguous(), w.contiguous()
     with _on(w):
-        return _kb().ste_grad(g.contiguous(), w.contiguous())
+        k = _kb()
+        if not w.numel():
+            return k.ste_grad(g, w)
+        return planned(
+            _WEIGHT_PLANS, ("ste", w.shape, w.dtype, g.dtype, w.device), (g, w),
+            lambda: (k.ste_grad(g, w),), lambda: k.ste_grad_plan(g, w),
+        )[0]  # fmt: skip
 
 
 def _pack_impl(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(words int32 [bits, N, ceil(K/32)], fp32 scale [N]) of a 2-D [N, K] weight."""
     w = w.contiguous()
     with _on(w):
-        scale, delta = _kb().weight_stats(w, bits)
-        return _kb().pack(w, delta), scale
+        if bits == 1 and w.numel():
+            _, words, scale = _binary_rows(w, False, True)
+            return words, scale
+        return _kb().pack_with_stats(w, bits)
 
 
 def _unpack_impl(
@@ -284,20 +312,37 @@ def _unpack_impl(
         return _kb().unpack(words, scale.float().contiguous(), K, dtype)
 
 
+#: The packed GEMM's launch plans by call form: a layer calls it again and again with the same
+#: shapes, so its launch arguments are worked out once (`ops._common.planned`).
+_GEMM_PLANS = PlanCache()
+
+
+def _bgemm(a, words, scale, bias, P: int, R: int, trans: bool) -> torch.Tensor:
+    """The packed GEMM launch (kernels/binary.py `_bgemm`) through its plan."""
+    # P and R in the key: the input gradient's width K is not the words' (ceil(K / 32) words)
+    key = (trans, P, R, a.shape, a.stride(), a.dtype, a.device, words.shape, words.stride(),
+           None if bias is None else bias.dtype)  # fmt: skip
+    k = _kb()
+    return planned(
+        _GEMM_PLANS, key, (a, words, scale, bias),
+        lambda: (k._bgemm(a, words, scale, bias, P, R, trans),),
+        lambda: k.bgemm_plan(a, words, scale, bias, P, R, trans),
+    )[0]  # fmt: skip
+
+
 def _gemm_impl(
     x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x [M, K] @ decode(words)^T * scale + bias, [M, N] in x's dtype."""
     with _on(x):
-        return _kb().binary_gemm(
-            x, words, scale.float().contiguous(), None if bias is None else bias.contiguous()
-        )
+        bias = None if bias is None else bias.contiguous()
+        return _bgemm(x, words, scale.float().contiguous(), bias, words.shape[1], x.shape[1], False)
 
 
 def _gemm_t_impl(g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
     """(g [M, N] * scale) @ decode(words), [M, K] in g's dtype."""
     with _on(g):
-        return _kb().binary_gemm_t(g, words, scale.float().contiguous(), K)
+        return _bgemm(g, words, scale.float().contiguous(), None, K, words.shape[1], True)
 
 
 def _linear_impl(
