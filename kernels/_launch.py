@@ -278,7 +278,7 @@ def plan(kernel, grid, args: dict, inputs: tuple, outputs: tuple):
     src = (
         f"def run({', '.join(ins)}):\n{''.join(body)}"
         f"    bound({', '.join(new[i] for i in which)})\n"
-        f"    return ({', '.join(outs)},)\n"
+        f"    return ({''.join(o + ', ' for o in outs)})\n"
     )
     exec(compile(src, "<plan run>", "exec"), scope)
     return scope["run"]

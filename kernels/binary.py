@@ -673,36 +673,74 @@ def binary_rows_plan(w2d: torch.Tensor, write_q: bool, write_pack: bool):
     return plan(_binarize_rows_kernel, (w2d.shape[0],), args, (w2d,), outputs)
 
 
-def _ternary(w2d: torch.Tensor, out: torch.Tensor | None, stats: bool):
-    """(scale [N] fp32 filled with α, Δ [1] fp32) of a contiguous w with N * K >= 1 elements
-    (with `stats`; else (None, None)); ternarised w into `out` when given. Three launches: two
-    passes of per-block sums, then every program reduces them the same fixed way (no atomics,
-    no torch reduction: deterministic)."""
+def _ternary_launches(w2d: torch.Tensor, out: torch.Tensor | None, stats: bool):
+    """The three launches of `_ternary` as (kernel, grid, args) triples, and (part, scale,
+    delta): the per-block sums' scratch buffer and the statistics' outputs (None without
+    `stats`)."""
     N, K = w2d.shape
     NK = N * K
     P = _cdiv(NK, _TERN_BLOCK)
     part = empty((3, P), torch.float32, w2d.device)
     common = dict(p_w=w2d, p_part=part, NK=NK, P=P)
     blocks = dict(BLOCK=_TERN_BLOCK, RBLOCK=_RED_BLOCK)
-    for pass_ in (1, 2):
-        launch(_ternary_pass_kernel, (P,), dict(common, PASS=pass_, **blocks))
     scale = empty((N,), torch.float32, w2d.device) if stats else None
     delta = empty((1,), torch.float32, w2d.device) if stats else None
-    launch(
-        _ternary_finish_kernel,
-        (P,),
-        dict(
-            common,
-            p_scale=scale if stats else part,
-            p_delta=delta if stats else part,
-            p_out=out if out is not None else w2d,
-            N=N,
-            WRITE_Q=out is not None,
-            WRITE_STATS=stats,
-            **blocks,
-        ),
+    finish = dict(
+        common,
+        p_scale=scale if stats else part,
+        p_delta=delta if stats else part,
+        p_out=out if out is not None else w2d,
+        N=N,
+        WRITE_Q=out is not None,
+        WRITE_STATS=stats,
+        **blocks,
     )
+    launches = [
+        (_ternary_pass_kernel, (P,), dict(common, PASS=1, **blocks)),
+        (_ternary_pass_kernel, (P,), dict(common, PASS=2, **blocks)),
+        (_ternary_finish_kernel, (P,), finish),
+    ]
+    return launches, (part, scale, delta)
+
+
+def _ternary(w2d: torch.Tensor, out: torch.Tensor | None, stats: bool):
+    """(scale [N] fp32 filled with α, Δ [1] fp32) of a contiguous w with N * K >= 1 elements
+    (with `stats`; else (None, None)); ternarised w into `out` when given. Three launches: two
+    passes of per-block sums, then every program reduces them the same fixed way (no atomics,
+    no torch reduction: deterministic)."""
+    launches, (_, scale, delta) = _ternary_launches(w2d, out, stats)
+    for kernel, grid, args in launches:
+        launch(kernel, grid, args)
     return scale, delta
+
+
+def ternary_plan(w2d: torch.Tensor, write_q: bool, write_pack: bool):
+    """`run(w2) -> (out, words, scale)` for later contiguous weights of w2d's shape and dtype
+    (N * K >= 1): `quantize_weight(w2, 2)` in out (with `write_q`), `pack_with_stats(w2, 2)`
+    in words and scale (with `write_pack`), None for what is not asked; each launch's
+    arguments worked out once (`_launch.plan`), the scratch buffer new per call."""
+    N, K = w2d.shape
+    out = empty((N, K), w2d.dtype, w2d.device) if write_q else None
+    launches, (part, scale, delta) = _ternary_launches(w2d, out, write_pack)
+    (k1, g1, a1), (k2, g2, a2), (k3, g3, a3) = launches
+    pass1 = plan(k1, g1, a1, (w2d, part), ())
+    pass2 = plan(k2, g2, a2, (w2d, part), ())
+    finish = plan(k3, g3, a3, (w2d, part), (out, scale, delta))
+    pack_run = None
+    if write_pack:
+        grid, args, words = _pack_args(w2d, delta)
+        pack_run = plan(_pack_kernel, grid, args, (w2d, delta), (words,))
+    part_shape, dev = tuple(part.shape), w2d.device
+
+    def run(w2):
+        part2 = empty(part_shape, torch.float32, dev)
+        pass1(w2, part2)
+        pass2(w2, part2)
+        out2, scale2, delta2 = finish(w2, part2)
+        words2 = pack_run(w2, delta2)[0] if pack_run is not None else None
+        return out2, words2, scale2
+
+    return run
 
 
 def quantize_weight(w2d: torch.Tensor, bits: int) -> torch.Tensor:
@@ -762,33 +800,36 @@ def ste_grad_plan(g: torch.Tensor, w: torch.Tensor):
     return plan(_ste_kernel, grid, args, (g, w), (out,))
 
 
-def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """Sign (and, with `delta`, non-zero) planes of w [N, K] as int32 [planes, N, ceil(K/32)]."""
+def _pack_args(w2d: torch.Tensor, delta: torch.Tensor | None):
+    """(grid, args, words) of the `_pack_kernel` launch of `pack`."""
     N, K = w2d.shape
     KW = _cdiv(K, 32)
     planes = 1 if delta is None else 2
     words = empty((planes, N, KW), torch.int32, w2d.device)
+    grid = (_cdiv(N, _PACK_BLOCK_N), _cdiv(KW, _PACK_BLOCK_W))
+    args = dict(
+        p_w=w2d,
+        p_delta=delta if delta is not None else w2d,
+        p_words=words,
+        N=N,
+        K=K,
+        KW=KW,
+        stride_wn=w2d.stride(0),
+        stride_wk=w2d.stride(1),
+        stride_pn=words.stride(1),
+        stride_pp=words.stride(0),
+        TERNARY=delta is not None,
+        BLOCK_N=_PACK_BLOCK_N,
+        BLOCK_W=_PACK_BLOCK_W,
+    )
+    return grid, args, words
+
+
+def pack(w2d: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """Sign (and, with `delta`, non-zero) planes of w [N, K] as int32 [planes, N, ceil(K/32)]."""
+    grid, args, words = _pack_args(w2d, delta)
     if words.numel():
-        grid = (_cdiv(N, _PACK_BLOCK_N), _cdiv(KW, _PACK_BLOCK_W))
-        launch(
-            _pack_kernel,
-            grid,
-            dict(
-                p_w=w2d,
-                p_delta=delta if delta is not None else w2d,
-                p_words=words,
-                N=N,
-                K=K,
-                KW=KW,
-                stride_wn=w2d.stride(0),
-                stride_wk=w2d.stride(1),
-                stride_pn=words.stride(1),
-                stride_pp=words.stride(0),
-                TERNARY=delta is not None,
-                BLOCK_N=_PACK_BLOCK_N,
-                BLOCK_W=_PACK_BLOCK_W,
-            ),
-        )
+        launch(_pack_kernel, grid, args)
     return words
 
 

@@ -308,11 +308,12 @@ def lif_bwd(
     need_dth: bool,
     *,
     dcur_shape: tuple[int, ...] | None = None,
+    dv0_shape: tuple[int, ...] | None = None,
     bind: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Reverse-time pass. Returns (dcurrent [T, N] or `dcur_shape`, dv0 [N], ddecay [T],
-    dthreshold [T]), the tensors in h's dtype and the parameter gradients in fp32; None for what
-    was not asked."""
+    """Reverse-time pass. Returns (dcurrent [T, N] or `dcur_shape`, dv0 [N] or `dv0_shape`,
+    ddecay [T], dthreshold [T]), the tensors in h's dtype and the parameter gradients in fp32;
+    None for what was not asked."""
     T, N = h.shape
     dev = h.device
     dshape = dcur_shape if dcur_shape is not None else (T, N)
@@ -322,7 +323,7 @@ def lif_bwd(
         dcur = empty_like(g)
     else:
         dcur = empty(dshape, h.dtype, dev)
-    dv0 = empty((N,), h.dtype, dev) if need_dv0 else h
+    dv0 = empty(dv0_shape or (N,), h.dtype, dev) if need_dv0 else h
     dth = _partials(T, N, dev) if need_dth else h
     ddec = _partials(T, N, dev) if need_ddecay else h
     d_tensor, th_tensor = type(decay) is not float, type(threshold) is not float

@@ -538,6 +538,7 @@ def empf_bwd(
     inner: int = 1,
     stack_param_grads: bool = False,
     dcur_shape: tuple[int, ...] | None = None,
+    dv0_shape: tuple[int, ...] | None = None,
     bind: bool = False,
     stacked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -550,7 +551,8 @@ def empf_bwd(
     both partial-sum buffers share one allocation and one reduction (one launch less); with
     `stack_param_grads` the result then comes back as one [2, *shape] tensor (θ's gradient,
     λ's gradient) in the dthreshold slot and None for ddecay, else as two views of it.
-    dcurrent has the shape `dcur_shape` (any shape of T * N elements; default [T, N]).
+    dcurrent has the shape `dcur_shape` (any shape of T * N elements; default [T, N]), dv0 the
+    shape `dv0_shape` (N elements; default [N]).
     `stacked`: decay and threshold are one [2, TQ] tensor, as in `empf_fwd` (both gradients
     wanted then come back as the stacked pair too)."""
     T = mask.shape[0]
@@ -569,7 +571,7 @@ def empf_bwd(
         dcur = empty_like(g)
     else:
         dcur = empty(dshape, dtype, dev)
-    dv0 = empty((N,), dtype, dev) if need_dv0 else dcur
+    dv0 = empty(dv0_shape or (N,), dtype, dev) if need_dv0 else dcur
     joint = need_dthreshold and need_ddecay and th_mode == d_mode
     joint = joint and (stacked or threshold.shape == decay.shape)
     dd_off = 0

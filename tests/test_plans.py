@@ -237,13 +237,16 @@ def test_a_gemm_plan_is_not_made_from_the_scale_passed_as_bias(device):
     torch.testing.assert_close(got, binary_matmul(x, packed, bias, impl="reference"))
 
 
-def test_weight_plans_take_each_calls_weight(device):
-    """The binary quantiser, the binary pack of `binary_linear` and the STE gradient are planned
-    per weight form: later calls with new weights (a training step's update) equal the
-    reference, one plan per kernel form."""
+@pytest.mark.parametrize("bits", [1, 2])
+def test_weight_plans_take_each_calls_weight(device, bits):
+    """The weight quantiser, the pack of `binary_linear` and the STE gradient are planned per
+    weight form (binary: one row-kernel launch each; ternary: the three statistics launches
+    with a scratch buffer new per call, and the pack launch): later calls with new weights (a
+    training step's update) equal the reference, one plan per kernel form."""
     import empf_triton.ops.binary as ops_binary
-    from empf_triton.ops.binary import binarize, binary_linear
+    from empf_triton.ops.binary import binarize, binary_linear, ternarize
 
+    quant = binarize if bits == 1 else ternarize
     ops_binary._WEIGHT_PLANS.clear()
     torch.manual_seed(2)
     for _ in range(3):
@@ -252,11 +255,11 @@ def test_weight_plans_take_each_calls_weight(device):
         outs = []
         for impl in ("triton", "reference"):
             w.grad = None
-            q = binarize(w, impl=impl)
-            y = binary_linear(x, w, impl=impl)
+            q = quant(w, impl=impl)
+            y = binary_linear(x, w, bits=bits, impl=impl)
             (q * q.detach().sign() + y.sum() * 0.1).sum().backward()
             outs.append((q.detach(), y.detach(), w.grad.clone()))
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # the quantiser's row kernel, the packing row kernel, the STE kernel
+    # the quantiser's launches, the packing launches, the STE kernel
     assert len(ops_binary._WEIGHT_PLANS) == 3

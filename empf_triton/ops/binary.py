@@ -262,22 +262,33 @@ def _on(t: torch.Tensor):
 _WEIGHT_PLANS = PlanCache()
 
 
-def _binary_rows(w: torch.Tensor, write_q: bool, write_pack: bool):
-    """(out, words, scale) of the binary row kernel on a contiguous non-empty w, planned."""
+def _weight_kernels(w: torch.Tensor, bits: int, write_q: bool, write_pack: bool):
+    """(out, words, scale) of the weight kernels on a contiguous non-empty w, planned: Q(w)
+    with `write_q`, the packed words and scale with `write_pack` (None for what is not asked).
+    Binary: one launch of the row kernel; ternary: the three statistics launches (and the pack
+    launch)."""
     k = _kb()
-    return planned(
-        _WEIGHT_PLANS, (write_q, write_pack, w.shape, w.dtype, w.device), (w,),
-        lambda: k._binary_rows(w, write_q, write_pack),
-        lambda: k.binary_rows_plan(w, write_q, write_pack),
-    )  # fmt: skip
+    if bits == 1:
+        direct = lambda: k._binary_rows(w, write_q, write_pack)  # noqa: E731
+        make = lambda: k.binary_rows_plan(w, write_q, write_pack)  # noqa: E731
+    else:
+
+        def direct():
+            out = k.quantize_weight(w, 2) if write_q else None
+            words, scale = k.pack_with_stats(w, 2) if write_pack else (None, None)
+            return out, words, scale
+
+        make = lambda: k.ternary_plan(w, write_q, write_pack)  # noqa: E731
+    key = (bits, write_q, write_pack, w.shape, w.dtype, w.device)
+    return planned(_WEIGHT_PLANS, key, (w,), direct, make)
 
 
 def _quantize_impl(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Q(w) of a 2-D [N, K] weight, in w's dtype (statistics computed in the kernels)."""
     w = w.contiguous()
     with _on(w):
-        if bits == 1 and w.numel():
-            return _binary_rows(w, True, False)[0]
+        if w.numel():
+            return _weight_kernels(w, bits, True, False)[0]
         return _kb().quantize_weight(w, bits)
 
 
@@ -298,8 +309,8 @@ def _pack_impl(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(words int32 [bits, N, ceil(K/32)], fp32 scale [N]) of a 2-D [N, K] weight."""
     w = w.contiguous()
     with _on(w):
-        if bits == 1 and w.numel():
-            _, words, scale = _binary_rows(w, False, True)
+        if w.numel():
+            _, words, scale = _weight_kernels(w, bits, False, True)
             return words, scale
         return _kb().pack_with_stats(w, bits)
 

@@ -215,6 +215,7 @@ class _LIFFn(torch.autograd.Function):
             return launcher(
                 g, gv, h, v0, decay, threshold, surrogate, alpha, detach_reset, bptt, need[0],
                 need_dv0, need[2], need[3], dcur_shape=shape,
+                dv0_shape=shape if step else shape[1:],
             )  # fmt: skip
 
         k = _kernels()
@@ -223,8 +224,6 @@ class _LIFFn(torch.autograd.Function):
                 _BWD_PLANS, key, (g, gv, h, v0, d_t, th_t),
                 lambda: call(k.lif_bwd), lambda: call(k.lif_bwd_plan),
             )  # fmt: skip
-        if dv0 is not None:
-            dv0 = dv0.view(shape if step else shape[1:])
         return dcur, dv0, ddecay, dth, None, None  # one more None than inputs without a box
 
 

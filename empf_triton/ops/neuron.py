@@ -353,7 +353,8 @@ class _NeuronFn(torch.autograd.Function):
                 need_ddecay, need_dv0,
                 threshold=d_in if joint else (th_in if th_in is not None else 0.0),
                 need_dthreshold=need_dth, t0=t0, logits=logits, channels=C, inner=inner,
-                dcur_shape=shape, stack_param_grads=joint, stacked=joint,
+                dcur_shape=shape, dv0_shape=shape if step else shape[1:],
+                stack_param_grads=joint, stacked=joint,
             )  # fmt: skip
 
         k = _kernels()
@@ -362,10 +363,6 @@ class _NeuronFn(torch.autograd.Function):
                 _BWD_PLANS, key, (g, gv, mask, vhist, v0, d_in, th_in),
                 lambda: call(k.empf_bwd), lambda: call(k.empf_bwd_plan),
             )  # fmt: skip
-        if dv0 is not None and step:
-            dv0 = dv0.view(shape)
-        elif dv0 is not None:
-            dv0 = dv0.view(shape[1:])
         if joint:  # dth: the stacked [2, T] gradient of the logits (None when not needed)
             return dcur, dv0, dth, None, None, None
         return dcur, dv0, ddecay, dth, None, None
