@@ -293,7 +293,9 @@ class _NeuronFn(torch.autograd.Function):
             current = current.contiguous()
         if v0 is not None and not v0.is_contiguous():
             v0 = v0.contiguous()
-        spikes, v_last, mask, vhist = _fwd(current, v0, decay, threshold, plan, True, need_ddecay)
+        # v[0..T-2] is saved for λ's gradient; one step (T = 1) has none (v0 stands for it)
+        save_v = need_ddecay and plan[0] > 1
+        spikes, v_last, mask, vhist = _fwd(current, v0, decay, threshold, plan, True, save_v)
         # Saved: the 1-bit mask; v[0..T-2] and v0 only if λ learns; λ itself only where backward
         # reads it (bptt, λ's own gradient with logits); θ only when its logits need σ'. A
         # parameter whose values backward does not use is kept as a plain reference (`forms`):
