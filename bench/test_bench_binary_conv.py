@@ -76,9 +76,9 @@ def _check_codes(fn, ref_fn):
         got, ref = fn(), ref_fn()
         assert got.dtype == ref.dtype == torch.uint8 and got.shape == ref.shape
         diff = (got.int() - ref.int()).abs()
-        assert torch.equal(
-            got, ref
-        ), f"{int((diff > 0).sum())} codes differ from the reference (max {int(diff.max())})"
+        assert torch.equal(got, ref), (
+            f"{int((diff > 0).sum())} codes differ from the reference (max {int(diff.max())})"
+        )
         return {"codes_equal_reference": True}
 
     return check

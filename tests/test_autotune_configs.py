@@ -330,9 +330,9 @@ def _check_prune(tuners, full, rec) -> int:
             nargs = dict(zip(tuner.arg_names, args))
             kept = prune(full[name], nargs, **kwargs)
             assert kept, f"{name}: prune_configs_by dropped every config for {sorted(nargs)}"
-            assert all(
-                any(c is f for f in full[name]) for c in kept
-            ), f"{name}: prune_configs_by returned configs that are not the autotuner's own"
+            assert all(any(c is f for f in full[name]) for c in kept), (
+                f"{name}: prune_configs_by returned configs that are not the autotuner's own"
+            )
             checked += 1
     return checked
 
@@ -349,9 +349,9 @@ def test_every_autotuner_is_reached_and_pinned_configs_match(monkeypatch):
         assert module in modules, f"no autotuner found in kernels/{module}.py ({sorted(tuners)})"
     for name in tuners:
         assert full[name], f"{name} has no configs"
-    assert any(
-        getattr(t, "early_config_prune", None) for t in tuners.values()
-    ), "no autotuner has a prune function (the binary GEMM's prune_configs_by was expected)"
+    assert any(getattr(t, "early_config_prune", None) for t in tuners.values()), (
+        "no autotuner has a prune function (the binary GEMM's prune_configs_by was expected)"
+    )
     assert _check_prune(tuners, full, rec) > 0
 
 

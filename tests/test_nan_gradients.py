@@ -62,9 +62,9 @@ def test_nan_current_gives_nan_where_the_reference_does(device, op, kw):
     carrier = ref[1][BAD_N] if op == "lif" else ref[0][BAD_T, BAD_N]
     assert torch.isnan(carrier), "the NaN current must reach an output"
     n_out = 1 if op == "parallel" else 2
-    assert (
-        any(r is not None and torch.isnan(r).any() for r in ref[n_out:]) or op == "parallel"
-    ), "expected the NaN to reach a gradient in the reference"
+    assert any(r is not None and torch.isnan(r).any() for r in ref[n_out:]) or op == "parallel", (
+        "expected the NaN to reach a gradient in the reference"
+    )
     for i, (a, b) in enumerate(zip(tri, ref)):
         assert (a is None) == (b is None), f"output {i}: gradient present on one side only"
         if a is None:

@@ -484,8 +484,7 @@ class DeployedModel(nn.Module):
             ops[n.op] = ops.get(n.op, 0) + 1
         desc = ", ".join(f"{k}={v}" for k, v in ops.items())
         return (
-            f"T={self.T}, in_shape={self.in_shape}, num_classes={self.num_classes}, "
-            f"nodes: {desc}"
+            f"T={self.T}, in_shape={self.in_shape}, num_classes={self.num_classes}, nodes: {desc}"
         )
 
 
