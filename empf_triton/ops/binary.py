@@ -257,8 +257,8 @@ def _on(t: torch.Tensor):
     return _NULL
 
 
-#: Launch plans of the one-launch weight kernels (binary quantise, binary pack, the STE
-#: gradient) by call form: a layer calls them with the same weight shape on every step.
+#: Launch plans of the weight kernels (quantise, pack, the STE gradient) by call form: a layer
+#: calls them with the same weight shape on every step.
 _WEIGHT_PLANS = PlanCache()
 
 
