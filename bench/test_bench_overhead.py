@@ -285,6 +285,37 @@ _OTHER_NAMES = [
 ]
 
 
+@pytest.mark.parametrize("op", ["empf", "lif"])
+def test_overhead_custom_ops(benchmark, op):
+    """The forward and backward custom ops of a neuron called back to back, as a compiled graph
+    calls them (torch.compile's default mode: the graph calls `torch.ops.empf.*` through the
+    dispatcher, with no Python autograd around them). A tensor decay and threshold; T = 4."""
+    import empf_triton.ops.neuron as on
+
+    n = NUMEL // T
+    cur, g = torch.randn(T, n, device=DEVICE), torch.ones(T, n, device=DEVICE)
+    d, th = torch.full((T,), 0.5, device=DEVICE), torch.full((T,), 0.5, device=DEVICE)
+    if op == "empf":
+        fwd, bwd = torch.ops.empf.neuron_fwd.default, torch.ops.empf.neuron_bwd.default
+        need = on._NEED_DDECAY | on._NEED_DTH
+
+        def fn():
+            _, _, mask, vh = fwd(cur, None, d, th, [0, 1, 1, 0, on._SAVE_MASK | on._SAVE_V],
+                                 [0.0, 0.0, 0.25])  # fmt: skip
+            bwd(g, None, mask, vh, None, d, th, [0, 1, 1, n, need], [0.0], cur.dtype)
+    else:
+        fwd, bwd = torch.ops.empf.lif_fwd.default, torch.ops.empf.lif_bwd.default
+
+        def fn():
+            _, _, h = fwd(cur, None, d, th, "sigmoid", 4.0, 2 | 4, 0.0, 0.0)
+            bwd(g, None, h, None, d, th, "sigmoid", 4.0, False, True, True, False, True, True,
+                0.0, 0.0)  # fmt: skip
+
+    with torch.no_grad():
+        _time(benchmark, fn, case=f"{op} custom ops fwd+bwd (a compiled graph's calls)",
+              kind="fwd+bwd")  # fmt: skip
+
+
 @pytest.mark.parametrize("module", ["EMPFNeuron", "EMPFNeuron[4-bit]", "LIFNeuron"])
 def test_overhead_module_step(benchmark, module):
     """One step of a neuron module in step mode "s" + backward (online mode for EM-PF), reset

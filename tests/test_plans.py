@@ -263,3 +263,52 @@ def test_weight_plans_take_each_calls_weight(device, bits):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # the quantiser's launches, the packing launches, the STE kernel
     assert len(ops_binary._WEIGHT_PLANS) == 3
+
+
+# ---------------------------------------------------- the custom ops (what torch.compile calls)
+
+
+def _op_plans(mod) -> int:
+    return sum(1 for cache in (mod._FWD_PLANS, mod._BWD_PLANS) for k in cache if k[0] == "op")
+
+
+@pytest.mark.parametrize("op", ["empf", "parallel", "lif"])
+def test_custom_op_plans_take_each_calls_tensors(device, op, monkeypatch):
+    """The torch.library ops' Triton implementations (what a compiled model runs) keep plans
+    too: the traced path, run eagerly here (`is_compiling` patched to True), gives the reference
+    on every call with new currents, membranes and parameter tensors, from one forward and one
+    backward plan."""
+    from empf_triton.ops.neuron import parallel_neuron
+
+    mod = ops_lif if op == "lif" else ops_neuron
+    mod._FWD_PLANS.clear()
+    mod._BWD_PLANS.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(3)
+    T, N = 3, 37
+    for _ in range(3):
+        leaves = [
+            torch.randn(T, N, device=device) + 0.4,
+            torch.rand(N, device=device) - 0.5,
+            torch.rand(T, device=device) * 0.8 + 0.1,
+            torch.rand(T, device=device) * 0.5 + 0.2,
+        ]
+        got, ref = [], []
+        for impl, out in (("triton", got), ("reference", ref)):
+            x, v0, d, th = (t.detach().clone().requires_grad_() for t in leaves)
+            if op == "empf":
+                res = empf_neuron(x, v0, decay=d, threshold=th, grad_mode="bptt", impl=impl)
+                ins = (x, v0, d, th)
+            elif op == "lif":
+                res = lif_neuron(x, v0, decay=d, threshold=th, impl=impl)
+                ins = (x, v0, d, th)
+            else:
+                res = (parallel_neuron(x, threshold=th, spike_bits=3, impl=impl),)
+                ins = (x, th)
+            w = torch.linspace(-1.0, 1.0, x.numel(), device=device).view_as(x)
+            loss = (res[0] * w).sum() + (res[1] * w[0].flip(0)).sum() if len(res) > 1 else None
+            (loss if loss is not None else (res[0] * w).sum()).backward()
+            out.extend([r.detach() for r in res] + [t.grad for t in ins])
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert _op_plans(mod) == 2

@@ -51,8 +51,15 @@ def _lif_fwd_impl(
     decay / threshold None: the constants decay_c / th_c (kernel scalars)."""
     save_h = bool(flags & 4)
     d, th = _consts(decay, threshold, decay_c, th_c)
-    with device_guard(current):
-        spikes, v_last, h = _kernels().lif_fwd(current, v0, d, th, save_h)
+    k = _kernels()
+    key = ("op", save_h, current.shape, current.dtype, current.device,
+           None if v0 is None else v0.dtype, params_key(d, th))  # fmt: skip
+    with device_guard(current):  # planned as the eager path is (see `planned`)
+        spikes, v_last, h = planned(
+            _FWD_PLANS, key, (current, v0, decay, threshold),
+            lambda: k.lif_fwd(current, v0, d, th, save_h),
+            lambda: k.lif_fwd_plan(current, v0, d, th, save_h),
+        )  # fmt: skip
     return spikes, v_last, (h if h is not None else current.new_empty((0,)))
 
 
@@ -113,22 +120,32 @@ def _lif_bwd_impl(
     th_c: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     d, th = _consts(decay, threshold, decay_c, th_c)
+    g = g.contiguous() if g is not None else None
+    gv = gv.contiguous() if gv is not None else None
+    need = (need_dcur, need_dv0, need_ddecay and decay is not None,
+            need_dth and threshold is not None)  # fmt: skip
+    k = _kernels()
+    key = (
+        "op", surrogate, alpha, detach_reset, bptt, need, h.shape, h.dtype, h.device,
+        None if g is None else g.dtype, None if gv is None else gv.dtype,
+        None if v0 is None else v0.dtype, params_key(d, th),
+    )  # fmt: skip
+
+    def call(launcher):
+        return launcher(g, gv, h, v0, d, th, surrogate, alpha, detach_reset, bptt, *need)
+
     with device_guard(h):
-        res = _kernels().lif_bwd(
-            g.contiguous() if g is not None else None,
-            gv.contiguous() if gv is not None else None,
-            h, v0, d, th, surrogate, alpha, detach_reset, bptt,
-            need_dcur, need_dv0, need_ddecay and decay is not None,
-            need_dth and threshold is not None,
+        dcur, dv0, ddecay, dth = planned(
+            _BWD_PLANS, key, (g, gv, h, v0, decay, threshold),
+            lambda: call(k.lif_bwd), lambda: call(k.lif_bwd_plan),
         )  # fmt: skip
-    dcur, dv0, ddecay, dth = res
-    e = h.new_empty((0,))
-    e32 = h.new_empty((0,), dtype=torch.float32)
+    # an op's outputs are fresh tensors: an empty one for each gradient not computed
+    f32 = torch.float32
     return (
-        dcur if dcur is not None else e,
-        dv0 if dv0 is not None else e.clone(),
-        ddecay if ddecay is not None else e32,
-        dth if dth is not None else e32.clone(),
+        dcur if dcur is not None else h.new_empty((0,)),
+        dv0 if dv0 is not None else h.new_empty((0,)),
+        ddecay if ddecay is not None else h.new_empty((0,), dtype=f32),
+        dth if dth is not None else h.new_empty((0,), dtype=f32),
     )
 
 

@@ -74,21 +74,24 @@ def _neuron_fwd_impl(
     fargs = [decay_c, threshold_c, spike_step]."""
     t0, channels, inner, bits, flags = iargs
     k = _kernels()
-    with device_guard(current):
-        spikes, v_last, mask, vhist = k.empf_fwd(
-            current,
-            v0,
-            decay if decay is not None else fargs[0],
-            threshold if threshold is not None else fargs[1],
-            bits or None,
-            fargs[2],
-            bool(flags & _SAVE_MASK),
-            bool(flags & _SAVE_V),
-            t0=t0,
-            logits=bool(flags & _LOGITS),
-            channels=channels,
-            inner=inner,
-        )
+    key = (
+        "op", tuple(iargs), tuple(fargs), current.shape, current.dtype, current.device,
+        None if v0 is None else v0.dtype, params_key(decay, threshold),
+    )  # fmt: skip
+
+    def call(launcher):
+        return launcher(
+            current, v0, decay if decay is not None else fargs[0],
+            threshold if threshold is not None else fargs[1], bits or None, fargs[2],
+            bool(flags & _SAVE_MASK), bool(flags & _SAVE_V),
+            t0=t0, logits=bool(flags & _LOGITS), channels=channels, inner=inner,
+        )  # fmt: skip
+
+    with device_guard(current):  # planned as the eager path is (see `planned`)
+        spikes, v_last, mask, vhist = planned(
+            _FWD_PLANS, key, (current, v0, decay, threshold),
+            lambda: call(k.empf_fwd), lambda: call(k.empf_fwd_train_plan),
+        )  # fmt: skip
     if mask is None:
         mask = current.new_empty((0,), dtype=torch.uint8)
     if vhist is None:
@@ -188,34 +191,36 @@ def _neuron_bwd_impl(
     """iargs = [t0, channels, inner, N, flags]; fargs = [decay_c]."""
     t0, channels, inner, N, flags = iargs
     need_ddecay, need_dth = bool(flags & _NEED_DDECAY), bool(flags & _NEED_DTH)
+    g = g.contiguous() if g is not None else None
+    gv = gv.contiguous() if gv is not None else None
+    vhist = vhist if (vhist is not None and vhist.numel()) else None
     k = _kernels()
-    with device_guard(mask):
-        dcur, dv0, dth, ddecay = k.empf_bwd(
-            g.contiguous() if g is not None else None,
-            gv.contiguous() if gv is not None else None,
-            mask,
-            vhist if (vhist is not None and vhist.numel()) else None,
-            v0,
-            decay if decay is not None else fargs[0],
-            N,
-            dtype,
-            bool(flags & _BPTT),
-            need_ddecay,
-            bool(flags & _NEED_DV0),
-            threshold=threshold if threshold is not None else 0.0,
-            need_dthreshold=need_dth,
-            t0=t0,
-            logits=bool(flags & _LOGITS),
-            channels=channels,
-            inner=inner,
+    key = (
+        "op", tuple(iargs), tuple(fargs), dtype, mask.shape, mask.device,
+        None if g is None else g.dtype, None if gv is None else gv.dtype, vhist is None,
+        None if v0 is None else v0.dtype, params_key(decay, threshold),
+    )  # fmt: skip
+
+    def call(launcher):
+        return launcher(
+            g, gv, mask, vhist, v0, decay if decay is not None else fargs[0], N, dtype,
+            bool(flags & _BPTT), need_ddecay, bool(flags & _NEED_DV0),
+            threshold=threshold if threshold is not None else 0.0, need_dthreshold=need_dth,
+            t0=t0, logits=bool(flags & _LOGITS), channels=channels, inner=inner,
             stack_param_grads=True,  # no aliasing outputs: a joint [2, ...] result comes whole
-        )
-    empty32 = mask.new_empty((0,), dtype=torch.float32)
+        )  # fmt: skip
+
+    with device_guard(mask):
+        dcur, dv0, dth, ddecay = planned(
+            _BWD_PLANS, key, (g, gv, mask, vhist, v0, decay, threshold),
+            lambda: call(k.empf_bwd), lambda: call(k.empf_bwd_plan),
+        )  # fmt: skip
+    # an op's outputs are fresh tensors: an empty one for each gradient not computed
     return (
         dcur,
         dv0 if dv0 is not None else mask.new_empty((0,), dtype=dtype),
-        dth if dth is not None else empty32,
-        ddecay if ddecay is not None else empty32.clone(),
+        dth if dth is not None else mask.new_empty((0,), dtype=torch.float32),
+        ddecay if ddecay is not None else mask.new_empty((0,), dtype=torch.float32),
     )
 
 
@@ -417,18 +422,21 @@ def _parallel_fwd_impl(
     fargs = [threshold_c, spike_step]."""
     t0, channels, inner, bits, flags = iargs
     k = _kernels()
-    with device_guard(current):
-        spikes, mask = k.parallel_fwd(
-            current,
-            threshold if threshold is not None else fargs[0],
-            bits or None,
-            fargs[1],
-            bool(flags & _SAVE_MASK),
-            t0=t0,
-            logits=bool(flags & _LOGITS),
-            channels=channels,
+    key = ("op", tuple(iargs), tuple(fargs), current.shape, current.dtype, current.device,
+           params_key(threshold))  # fmt: skip
+
+    def call(launcher):
+        return launcher(
+            current, threshold if threshold is not None else fargs[0], bits or None, fargs[1],
+            bool(flags & _SAVE_MASK), t0=t0, logits=bool(flags & _LOGITS), channels=channels,
             inner=inner,
-        )
+        )  # fmt: skip
+
+    with device_guard(current):
+        spikes, mask = planned(
+            _FWD_PLANS, key, (current, threshold),
+            lambda: call(k.parallel_fwd), lambda: call(k.parallel_fwd_train_plan),
+        )  # fmt: skip
     if mask is None:
         mask = current.new_empty((0,), dtype=torch.uint8)
     return spikes, mask
@@ -479,18 +487,21 @@ def _parallel_bwd_impl(
     need_dthreshold: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = _kernels()
+    g = g.contiguous()
+    key = ("op", t0, logits, channels, inner, N, need_dthreshold, g.shape, g.dtype, g.device,
+           mask.shape, params_key(threshold))  # fmt: skip
+
+    def call(launcher):
+        return launcher(
+            g, mask, N, threshold=threshold, need_dthreshold=need_dthreshold, t0=t0,
+            logits=logits, channels=channels, inner=inner,
+        )  # fmt: skip
+
     with device_guard(g):
-        dcur, dth = k.parallel_bwd(
-            g.contiguous(),
-            mask,
-            N,
-            threshold=threshold,
-            need_dthreshold=need_dthreshold,
-            t0=t0,
-            logits=logits,
-            channels=channels,
-            inner=inner,
-        )
+        dcur, dth = planned(
+            _BWD_PLANS, key, (g, mask, threshold),
+            lambda: call(k.parallel_bwd), lambda: call(k.parallel_bwd_plan),
+        )  # fmt: skip
     return dcur, (dth if dth is not None else g.new_empty((0,), dtype=torch.float32))
 
 
