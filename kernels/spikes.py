@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import empty, pick_configs, spike_code
-from ._launch import launch
+from ._launch import launch, plan
 
 # The first config is the one pinned under the interpreter / EMPF_AUTOTUNE=0: large blocks so few
 # interpreted programs run, and a sound GPU default. Encode/decode blocks count bytes (each byte
@@ -127,8 +127,18 @@ def _decode_spikes_kernel(
     tl.store(p_out + o_elem, b_out.to(p_out.dtype.element_ty), mask=m_elem)
 
 
-def quantize_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
-    """Q(s) of a contiguous s (fp32/fp16/bf16, any shape); same shape and dtype."""
+def _launch_or_plan(kernel, grid, args: dict, inputs: tuple, out: torch.Tensor, bind: bool):
+    """Launch and return `out`; with `bind`, the plan of this launch instead (not run):
+    `run(*inputs2) -> (out2,)` for later contiguous inputs of the same forms (`_launch.plan`)."""
+    if bind:
+        return plan(kernel, grid, args, inputs, (out,))
+    launch(kernel, grid, args)
+    return out
+
+
+def quantize_spikes_fwd(s: torch.Tensor, bits: int, step: float, bind: bool = False):
+    """Q(s) of a contiguous s (fp32/fp16/bf16, any shape); same shape and dtype. `bind` (s not
+    empty): the launch's plan instead, `run(s2) -> (out,)`."""
     out = empty(s.shape, s.dtype, s.device)
     n = s.numel()
     if n == 0:
@@ -137,25 +147,21 @@ def quantize_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor
     def grid(meta):
         return (_cdiv(n, meta["BLOCK"]),)
 
-    launch(
-        _quantize_spikes_fwd_kernel,
-        grid,
-        dict(
-            p_s=s,
-            p_out=out,
-            n_elements=n,
-            SIZE_CLASS=size_class(n),
-            step=float(step),
-            levels_m1=float(2**bits - 1),
-        ),
+    args = dict(
+        p_s=s,
+        p_out=out,
+        n_elements=n,
+        SIZE_CLASS=size_class(n),
+        step=float(step),
+        levels_m1=float(2**bits - 1),
     )
-    return out
+    return _launch_or_plan(_quantize_spikes_fwd_kernel, grid, args, (s,), out, bind)
 
 
-def encode_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
+def encode_spikes_fwd(s: torch.Tensor, bits: int, step: float, bind: bool = False):
     """Packed k-bit codes of a contiguous s: 1-D uint8 of length ceil(numel * bits / 8).
 
-    `bits` in {1, 2, 4, 8}.
+    `bits` in {1, 2, 4, 8}. `bind` (s not empty): the launch's plan, `run(s2) -> (codes,)`.
     """
     per = 8 // bits
     n = s.numel()
@@ -167,30 +173,32 @@ def encode_spikes_fwd(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     def grid(meta):
         return (_cdiv(n_bytes, meta["BLOCK"]),)
 
-    launch(
-        _encode_spikes_kernel,
-        grid,
-        dict(
-            p_s=s,
-            p_codes=codes,
-            n_elements=n,
-            n_bytes=n_bytes,
-            SIZE_CLASS=size_class(n_bytes),
-            step=float(step),
-            levels_m1=float(2**bits - 1),
-            BITS=bits,
-            PER=per,
-        ),
+    args = dict(
+        p_s=s,
+        p_codes=codes,
+        n_elements=n,
+        n_bytes=n_bytes,
+        SIZE_CLASS=size_class(n_bytes),
+        step=float(step),
+        levels_m1=float(2**bits - 1),
+        BITS=bits,
+        PER=per,
     )
-    return codes
+    return _launch_or_plan(_encode_spikes_kernel, grid, args, (s,), codes, bind)
 
 
 def decode_spikes_fwd(
-    codes: torch.Tensor, bits: int, step: float, n_elements: int, dtype: torch.dtype
-) -> torch.Tensor:
+    codes: torch.Tensor,
+    bits: int,
+    step: float,
+    n_elements: int,
+    dtype: torch.dtype,
+    bind: bool = False,
+):
     """`n_elements` values code * step (1-D, `dtype`) from contiguous packed uint8 `codes`.
 
-    `codes` must hold ceil(n_elements * bits / 8) bytes; `bits` in {1, 2, 4, 8}.
+    `codes` must hold ceil(n_elements * bits / 8) bytes; `bits` in {1, 2, 4, 8}. `bind`
+    (n_elements > 0): the launch's plan, `run(codes2) -> (out,)`.
     """
     per = 8 // bits
     n_bytes = codes.numel()
@@ -201,18 +209,14 @@ def decode_spikes_fwd(
     def grid(meta):
         return (_cdiv(n_bytes, meta["BLOCK"]),)
 
-    launch(
-        _decode_spikes_kernel,
-        grid,
-        dict(
-            p_codes=codes,
-            p_out=out,
-            n_elements=n_elements,
-            n_bytes=n_bytes,
-            SIZE_CLASS=size_class(n_bytes),
-            step=float(step),
-            BITS=bits,
-            PER=per,
-        ),
+    args = dict(
+        p_codes=codes,
+        p_out=out,
+        n_elements=n_elements,
+        n_bytes=n_bytes,
+        SIZE_CLASS=size_class(n_bytes),
+        step=float(step),
+        BITS=bits,
+        PER=per,
     )
-    return out
+    return _launch_or_plan(_decode_spikes_kernel, grid, args, (codes,), out, bind)

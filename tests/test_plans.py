@@ -312,3 +312,26 @@ def test_custom_op_plans_take_each_calls_tensors(device, op, monkeypatch):
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert _op_plans(mod) == 2
+
+
+def test_spike_plans_take_each_calls_tensor(device):
+    """quantize_spikes, encode_spikes and decode_spikes keep one plan per form; later calls
+    with new spikes and codes equal the reference."""
+    import empf_triton.ops.spikes as ops_spikes
+    from empf_triton.ops.spikes import decode_spikes, encode_spikes, quantize_spikes
+
+    ops_spikes._PLANS.clear()
+    torch.manual_seed(4)
+    for _ in range(3):
+        s = (torch.rand(5, 19, device=device) * 1.2).requires_grad_()
+        outs = []
+        for impl in ("triton", "reference"):
+            s.grad = None
+            q = quantize_spikes(s, 2, 0.25, impl=impl)
+            (q * torch.arange(q.numel(), device=device).view_as(q)).sum().backward()
+            codes = encode_spikes(s.detach(), 2, 0.25, impl=impl)
+            back = decode_spikes(codes, 2, 0.25, (5, 19), impl=impl)
+            outs.append((q.detach(), s.grad.clone(), codes, back))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(ops_spikes._PLANS) == 3

@@ -42,10 +42,14 @@ from ..reference.spikes import (
 from ._common import (
     REFERENCE_DTYPES,
     TRITON_DTYPES,
+    PlanCache,
     _interpreter_on,
+    c_apply,
     check_spike_step,
     check_tensor,
+    functorch_active,
     load_kernels,
+    planned,
     resolve_impl,
 )
 from ._library import register_op
@@ -87,24 +91,51 @@ def _on(t: torch.Tensor):
     return _NULL
 
 
+#: Launch plans of the spike kernels by call form (`ops._common.planned`): a layer's spikes
+#: have the same shape on every step.
+_PLANS = PlanCache()
+
+
+def _planned(key: tuple, x: torch.Tensor, launcher, *args) -> torch.Tensor:
+    """`launcher(x, *args)` on a contiguous non-empty x, through the plan of `key`."""
+    return planned(
+        _PLANS, key, (x,), lambda: (launcher(x, *args),), lambda: launcher(x, *args, bind=True)
+    )[0]
+
+
 def _quantize_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     """Q(s), contiguous, s's shape and dtype."""
+    s = s.contiguous()
     with _on(s):
-        return _ks().quantize_spikes_fwd(s.contiguous(), bits, step)
+        k = _ks()
+        if not s.numel():
+            return k.quantize_spikes_fwd(s, bits, step)
+        key = ("quantize", s.shape, s.dtype, s.device, bits, step)
+        return _planned(key, s, k.quantize_spikes_fwd, bits, step)
 
 
 def _encode_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     """Packed codes of the flattened s, 1-D uint8."""
+    s = s.contiguous()
     with _on(s):
-        return _ks().encode_spikes_fwd(s.contiguous(), bits, step)
+        k = _ks()
+        if not s.numel():
+            return k.encode_spikes_fwd(s, bits, step)
+        key = ("encode", s.numel(), s.dtype, s.device, bits, step)
+        return _planned(key, s, k.encode_spikes_fwd, bits, step)
 
 
 def _decode_impl(
     codes: torch.Tensor, bits: int, step: float, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """The first n decoded spikes, 1-D `dtype`."""
+    codes = codes.contiguous()
     with _on(codes):
-        return _ks().decode_spikes_fwd(codes.contiguous(), bits, step, n, dtype)
+        k = _ks()
+        if not n:
+            return k.decode_spikes_fwd(codes, bits, step, n, dtype)
+        key = ("decode", codes.numel(), codes.device, bits, step, n, dtype)
+        return _planned(key, codes, k.decode_spikes_fwd, bits, step, n, dtype)
 
 
 def _cpu(fn):
@@ -153,11 +184,16 @@ class _QuantizeSpikesTriton(torch.autograd.Function):
 _compiling = torch.compiler.is_compiling
 
 
+_QUANTIZE_APPLY = c_apply(_QuantizeSpikesTriton)
+
+
 def quantize_spikes_triton(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     """Unchecked Triton `quantize_spikes` (s fp32/fp16/bf16, bits in 1..8, step checked)."""
     if _compiling():
         return _quantize_op(s, bits, step)
-    return _QuantizeSpikesTriton.apply(s, bits, step)
+    if functorch_active():
+        return _QuantizeSpikesTriton.apply(s, bits, step)
+    return _QUANTIZE_APPLY(s, bits, step)
 
 
 def quantize_spikes(
