@@ -553,8 +553,8 @@ def _bgemm(
     bind: bool = False,
 ):
     """out [M, P] of the packed GEMM (`binary_gemm`, or `binary_gemm_t` with `trans`). With
-    `bind` (for `bgemm_plan`): (grid, args) of the launch, not run, or None where no launch of
-    `a` itself would be made (an empty output, or `a` copied for its strides)."""
+    `bind` (for `bgemm_plan`): (tuner, grid, args) of the launch, not run, or None where no
+    launch of `a` itself would be made (an empty output, or `a` copied for its strides)."""
     M = a.shape[0]
     out = empty((M, P), a.dtype, a.device)
     if M == 0 or P == 0:
@@ -599,9 +599,10 @@ def _bgemm(
         USE_DOT=family != "gemv",
         DOT_MODE=_dot_mode(a.dtype, scaled_a=trans),
     )
+    tuner = _TUNERS[family, trans]
     if bind:
-        return grid, args
-    launch(_TUNERS[family, trans], grid, args)
+        return tuner, grid, args
+    launch(tuner, grid, args)
     return out
 
 
@@ -614,9 +615,8 @@ def bgemm_plan(a, words, scale, bias, P: int, R: int, trans: bool):
     bound = _bgemm(a, words, scale, bias, P, R, trans, bind=True)
     if bound is None:
         return lambda a2, w2, s2, b2: (_bgemm(a2, w2, s2, b2, P, R, trans),)
-    grid, args = bound
-    family = "gemv" if a.shape[0] == 1 else "small" if a.shape[0] <= SMALL_M_MAX else "large"
-    return plan(_TUNERS[family, trans], grid, args, (a, words, scale, bias), (args["p_out"],))
+    tuner, grid, args = bound
+    return plan(tuner, grid, args, (a, words, scale, bias), (args["p_out"],))
 
 
 def binary_gemm(

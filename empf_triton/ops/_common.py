@@ -365,7 +365,8 @@ _TOLIST_MAX = 256
 
 
 class PlanCache(dict):
-    """Plans of the eager autograd paths by key: a plan is one launcher call with its launch
+    """Plans of the Triton paths by key (the eager autograd Functions, the calls without
+    autograd and the custom ops' implementations): a plan is one launcher call with its launch
     arguments worked out once (kernels/_launch.py `plan`), for a module that calls its op again
     and again with the same input and parameter forms. Bounded: past `limit` entries (a long
     run over many shapes) it starts over."""
@@ -379,6 +380,12 @@ class PlanCache(dict):
             self.clear()
         self[key] = run
         return run
+
+    def of(self, key: tuple, make):
+        """The plan of `key`, made by `make()` on first use: for a launch whose only per-call
+        tensor is one input, which cannot alias another (else see `planned`)."""
+        run = self.get(key)
+        return run if run is not None else self.add(key, make())
 
 
 def planned(cache: PlanCache, key: tuple, inputs: tuple, direct, make):

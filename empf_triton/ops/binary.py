@@ -268,19 +268,9 @@ def _weight_kernels(w: torch.Tensor, bits: int, write_q: bool, write_pack: bool)
     Binary: one launch of the row kernel; ternary: the three statistics launches (and the pack
     launch)."""
     k = _kb()
-    if bits == 1:
-        direct = lambda: k._binary_rows(w, write_q, write_pack)  # noqa: E731
-        make = lambda: k.binary_rows_plan(w, write_q, write_pack)  # noqa: E731
-    else:
-
-        def direct():
-            out = k.quantize_weight(w, 2) if write_q else None
-            words, scale = k.pack_with_stats(w, 2) if write_pack else (None, None)
-            return out, words, scale
-
-        make = lambda: k.ternary_plan(w, write_q, write_pack)  # noqa: E731
+    make = k.binary_rows_plan if bits == 1 else k.ternary_plan
     key = (bits, write_q, write_pack, w.shape, w.dtype, w.device)
-    return planned(_WEIGHT_PLANS, key, (w,), direct, make)
+    return _WEIGHT_PLANS.of(key, lambda: make(w, write_q, write_pack))(w)
 
 
 def _quantize_impl(w: torch.Tensor, bits: int) -> torch.Tensor:

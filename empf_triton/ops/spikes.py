@@ -49,7 +49,6 @@ from ._common import (
     check_tensor,
     functorch_active,
     load_kernels,
-    planned,
     resolve_impl,
 )
 from ._library import register_op
@@ -98,9 +97,7 @@ _PLANS = PlanCache()
 
 def _planned(key: tuple, x: torch.Tensor, launcher, *args) -> torch.Tensor:
     """`launcher(x, *args)` on a contiguous non-empty x, through the plan of `key`."""
-    return planned(
-        _PLANS, key, (x,), lambda: (launcher(x, *args),), lambda: launcher(x, *args, bind=True)
-    )[0]
+    return _PLANS.of(key, lambda: launcher(x, *args, bind=True))(x)[0]
 
 
 def _quantize_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
