@@ -188,16 +188,19 @@ class _HostReads:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_train_batch_reads_the_host_once(monkeypatch, strategy):
-    """One host read per batch whatever the strategy (the online strategies used to read each
-    step's loss, a GPU sync per step), with the per-step losses summed as before."""
+def test_train_batch_reads_nothing_from_the_host(monkeypatch, strategy):
+    """A batch makes no host read whatever the strategy (the online strategies once read each
+    step's loss, later each batch's: a GPU sync each); reading `loss` is the one read, and gives
+    the per-step losses summed as before."""
     T = 4
     model = _mlp(T)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same weights
     x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
     reads = _HostReads(monkeypatch)
     r = train_batch(model, x, y, opt, strategy, T, t_star=1)
-    assert reads.count == 1
+    assert reads.count == 0
+    assert isinstance(r.loss, float) and reads.count == 1
+    assert r.loss_value.dtype == torch.float64 and r.loss_value.dim() == 0
     monkeypatch.undo()
     if strategy in ("online", "accumulate"):
         reset_net(model)
@@ -207,6 +210,51 @@ def test_train_batch_reads_the_host_once(monkeypatch, strategy):
         for o in outs:
             want += float(torch.nn.functional.cross_entropy(o, y))
         assert r.loss == want / T
+
+
+class _Due:
+    """A progress callback that asks for numbers on the batches in `want` only."""
+
+    def __init__(self, want):
+        self.want, self.calls = set(want), []
+
+    def due(self, i):
+        return i in self.want
+
+    def __call__(self, i, loss, acc):
+        self.calls.append((i, loss, acc))
+
+
+@pytest.mark.parametrize("strategy", ["online", "bptt"])
+def test_train_epoch_reads_the_host_at_its_end(monkeypatch, digits, strategy):
+    """An epoch makes its host reads (the loss sum, the correct count) at its end, not per batch:
+    2 reads for 6 batches. A progress callback with `due` costs reads only on its due batches.
+    The numbers equal a loop that reads every batch's loss and count."""
+    train, _, _ = digits
+    T = 2
+    batches = list(iterate_batches(train, 64))[:6]
+
+    def run(progress=None, count=False):
+        torch.manual_seed(0)
+        model = _mlp(T)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        reads = _HostReads(monkeypatch) if count else None
+        r = train_epoch(model, batches, opt, strategy, T, progress=progress)
+        n = reads.count if reads else None
+        monkeypatch.undo()
+        return r, n
+
+    r, n = run(count=True)
+    assert n == 2 and r.batches == 6
+    due = _Due({3, 6})
+    r2, n2 = run(due, count=True)
+    assert n2 == 2 + 2 * 2  # loss and count on each of the two due batches
+    assert [c[0] for c in due.calls] == [3, 6]
+    assert due.calls[-1][2] == r2.accuracy == r.accuracy and r2.loss == r.loss
+    every = []
+    run(lambda i, loss, acc: every.append((loss, acc)))  # a plain callable: called every batch
+    assert len(every) == 6 and every[-1][1] == r.accuracy
+    assert r.loss == sum(e[0] for e in every) / 6  # the same fp64 sum, batch by batch
 
 
 def test_evaluate_reads_the_host_once_per_call(monkeypatch, digits):

@@ -506,13 +506,15 @@ class _Progress:
         self.enabled = enabled and sys.stderr.isatty()
         self.start = self.last = time.perf_counter()
 
+    def due(self, i: int) -> bool:
+        """Whether batch i is drawn (at most ten redraws a second, and the last batch): only
+        then does `train_epoch` read the loss and accuracy back from the device for it."""
+        return self.enabled and (i >= self.total or time.perf_counter() - self.last >= 0.1)
+
     def __call__(self, i: int, loss: float, acc: float) -> None:
-        if not self.enabled:
+        if not self.due(i):
             return
-        now = time.perf_counter()
-        if now - self.last < 0.1 and i < self.total:
-            return
-        self.last = now
+        now = self.last = time.perf_counter()
         width = 24
         done = int(width * i / max(self.total, 1))
         rate = i / max(now - self.start, 1e-9)

@@ -104,17 +104,24 @@ class BatchResult:
     """Outcome of one training batch.
 
     Attributes:
-        loss: mean of the per-step losses that were back-propagated (for `random_step` the loss at
-            t*, for `bptt` the loss on the mean logits).
+        loss_value: the loss below as a detached 0-d float64 tensor on the model's device.
+            Training a batch reads nothing back from the device; reading `loss` does (one sync
+            on a GPU), so a loop that only sums losses keeps them here and reads once.
         logits: detached logits of the last step run, summed over the steps run, [N, C].
         steps: forward steps run (t* + 1 for `random_step`, else T).
         t_star: the drawn step (`random_step`), else None.
     """
 
-    loss: float
+    loss_value: torch.Tensor
     logits: torch.Tensor
     steps: int
     t_star: int | None = None
+
+    @property
+    def loss(self) -> float:
+        """Mean of the per-step losses that were back-propagated (for `random_step` the loss at
+        t*, for `bptt` the loss on the mean logits), as a Python float."""
+        return float(self.loss_value)
 
 
 def draw_t_star(T: int, generator: torch.Generator) -> int:
@@ -192,7 +199,7 @@ def train_batch(
         backward(loss)
         opt_step()
         reset_net(base)  # drop the temporal graph held by the kept membranes
-        return BatchResult(float(loss.detach()), out.detach().sum(0), T)
+        return BatchResult(loss.detach().double(), out.detach().sum(0), T)
 
     set_step_mode(base, "s")
     set_grad_mode(base, "online")
@@ -212,9 +219,9 @@ def train_batch(
         backward(loss)
         opt_step()
         total = out.detach() if total is None else total + out.detach()
-        return BatchResult(float(loss.detach()), total, t_star + 1, t_star)
+        return BatchResult(loss.detach().double(), total, t_star + 1, t_star)
 
-    step_losses = []  # on the device: one host sync per batch (below), not one per step
+    step_losses = []  # on the device: no host sync in a batch
     if strategy == "accumulate":
         optimizer.zero_grad(set_to_none=True)
     for t in range(T):
@@ -232,8 +239,8 @@ def train_batch(
         total = out.detach() if total is None else total + out.detach()
     if strategy == "accumulate":
         opt_step()
-    losses = sum(torch.stack(step_losses).tolist())  # in step order, as Python floats
-    return BatchResult(losses / T, total, T)
+    # fp64: T fp32 losses of like magnitude sum exactly, so the order of the sum does not matter
+    return BatchResult(torch.stack(step_losses).double().sum() / T, total, T)
 
 
 def iterate_batches(
@@ -339,6 +346,10 @@ def train_epoch(
         generator: the t* generator for `random_step` (seed it identically on every DDP rank).
         transform: training augmentation `f(x, transform_generator) -> x` per batch.
         progress: called after each batch as `progress(batch_index, loss, accuracy_so_far)`.
+            Each call reads the loss and the accuracy back from the device (a GPU sync per
+            batch); a `progress` object with a `due(batch_index) -> bool` method is called only
+            for the batches where it returns True. Without `progress` an epoch reads the device
+            once, at its end.
         check_tstar: under torch.distributed, all-gather t* each batch and raise if ranks differ.
         precision, scaler: as `train_batch`.
     """
@@ -348,7 +359,11 @@ def train_epoch(
         generator = torch.Generator().manual_seed(0)
     model.train()
     start = time.perf_counter()
-    loss_sum, correct, seen, nb = 0.0, 0, 0, 0
+    # The loss sum (fp64, batch losses added in order) and the correct count stay on the
+    # device: the GPU is never waited for inside the epoch unless `progress` asks for numbers.
+    loss_sum = correct = 0
+    seen, nb = 0, 0
+    due = getattr(progress, "due", None)
     counts = [0] * T
     for x, y in batches:
         if transform is not None:
@@ -375,16 +390,16 @@ def train_epoch(
         )
         if scheduler is not None:
             scheduler.step()
-        loss_sum += r.loss
-        correct += int((r.logits.argmax(1) == y).sum())
+        loss_sum = loss_sum + r.loss_value
+        correct = correct + (r.logits.argmax(1) == y).sum()
         seen += y.shape[0]
         nb += 1
-        if progress is not None:
-            progress(nb, r.loss, correct / max(seen, 1))
+        if progress is not None and (due is None or due(nb)):
+            progress(nb, r.loss, int(correct) / max(seen, 1))
     reset_net(_base(model))
     return EpochResult(
-        loss_sum / max(nb, 1),
-        correct / max(seen, 1),
+        float(loss_sum) / max(nb, 1),
+        int(correct) / max(seen, 1),
         seen,
         nb,
         time.perf_counter() - start,
