@@ -9,7 +9,8 @@ One launch runs a deployed spiking convolution layer for all T steps:
   registers (as `kernels/binary.py` does: each word loaded once, shifted to its 32 elements).
 - Program tile = BLOCK_P output positions of one image x BLOCK_CO output channels of one group;
   the program loops over t = 0..T-1 itself, so the neuron's membrane v stays in registers.
-- Epilogue per step: `y = acc (* in_step for codes) * scale[t, co] + bias[t, co]`, then the neuron
+- Epilogue per step: `y = acc (* in_step for codes) * scale[t, co] + bias[t, co]` (+ an optional
+  residual[t, n, co, p], the join of a residual block, read in its own dtype), then the neuron
   `m = decay·v + y; s = relu(m - θ); v = m - s` (or the parallel `s = relu(y - θ)`), and the
   store of uint8 codes `clamp(round_half_even(s / step), 0, 2^k - 1)`, float spikes s or the
   currents y.
@@ -107,6 +108,7 @@ def _bconv_neuron_kernel(
     p_bias,  # fp32 [T or 1, C_out] (read only if HAS_BIAS)
     p_decay,  # fp32 [T, C_out] contiguous (read only if MODE == EMPF)
     p_th,  # fp32 [T, C_out] contiguous (read only if MODE != CURRENT)
+    p_res,  # [T or 1, N, C_out, Ho * Wo], unit position stride (read only if HAS_RES)
     p_out,  # [T, N, C_out, Ho * Wo] contiguous
     T,
     COG,  # output channels per group
@@ -134,6 +136,8 @@ def _bconv_neuron_kernel(
     stride_bt,
     stride_ot,
     stride_on,
+    stride_rt,  # 0 for a residual broadcast over the steps
+    stride_rn,
     in_step,
     spike_step,
     levels_m1,
@@ -142,6 +146,7 @@ def _bconv_neuron_kernel(
     MODE: tl.constexpr,
     QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
     CODES: tl.constexpr,
     IN_MASK: tl.constexpr,
     TERNARY: tl.constexpr,
@@ -177,6 +182,7 @@ def _bconv_neuron_kernel(
     p_wg = p_words + o_co.to(tl.int64)[None, :] * stride_wn + o_wr[:, None]
 
     p_out_t = p_out + pid_n.to(tl.int64) * stride_on
+    p_res_t = p_res + pid_n.to(tl.int64) * stride_rn
     off_out = o_co[None, :] * HWo + o_p[:, None]
     m_out = m_p[:, None] & m_c[None, :]
     p_sc_t = p_scale + o_co
@@ -224,6 +230,8 @@ def _bconv_neuron_kernel(
         b_y = b_y * tl.load(p_sc_t, mask=m_c, other=0.0)[None, :]
         if HAS_BIAS:
             b_y = b_y + tl.load(p_b_t, mask=m_c, other=0.0)[None, :]
+        if HAS_RES:  # the residual join of a deployed block, before the neuron
+            b_y = b_y + tl.load(p_res_t + off_out, mask=m_out, other=0.0).to(tl.float32)
         if MODE == 0:
             b_o = b_y
         else:
@@ -246,6 +254,7 @@ def _bconv_neuron_kernel(
             tl.store(p_out_t + off_out, _to_out(b_o, p_out), mask=m_out)
         p_xg += stride_xt
         p_out_t += stride_ot
+        p_res_t += stride_rt
         p_sc_t += stride_st
         p_b_t += stride_bt
         p_lam_t += C_out
@@ -291,9 +300,12 @@ def _bconv_setup(
     spike_bits: int | None,
     spike_step: float,
     out_dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
 ) -> tuple[tuple[int, ...], torch.dtype, object, dict | None]:
-    """(output shape, output dtype, grid, kernel arguments but p_x / p_out) of a launch on
-    validated inputs; the arguments are None when the output is empty (nothing to launch)."""
+    """(output shape, output dtype, grid, kernel arguments but p_x / p_res / p_out) of a launch
+    on validated inputs; the arguments are None when the output is empty (nothing to launch).
+    A residual [T or 1, N, C_out, Ho, Wo] must have unit strides inside one image's
+    [C_out, Ho * Wo] (see `_res_inner`); only its form is read here."""
     T, N, C_in, H, W = x.shape
     C_out, CG, kh, kw = wshape
     sh, sw = stride
@@ -372,6 +384,8 @@ def _bconv_setup(
         stride_bt=stride_bt,
         stride_ot=N * C_out * HWo,
         stride_on=C_out * HWo,
+        stride_rt=residual.stride(0) if residual is not None and residual.shape[0] > 1 else 0,
+        stride_rn=residual.stride(1) if residual is not None else 0,
         in_step=float(in_step) if codes else 1.0,
         spike_step=float(spike_step),
         levels_m1=float(2**spike_bits - 1) if quant else 0.0,
@@ -380,6 +394,7 @@ def _bconv_setup(
         MODE=mode,
         QUANT=quant,
         HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
         CODES=codes,
         IN_MASK=(1 << in_bits) - 1,
         TERNARY=words.shape[0] == 2,
@@ -388,28 +403,51 @@ def _bconv_setup(
     return shape, odtype, grid, args
 
 
-def binary_conv_neuron_fwd(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _res_inner(residual: torch.Tensor | None) -> torch.Tensor | None:
+    """The residual with the layout the kernel reads: each [C_out, Ho, Wo] image contiguous."""
+    if residual is not None and residual.numel() and not residual[0, 0].is_contiguous():
+        residual = residual.contiguous()
+    return residual
+
+
+def binary_conv_neuron_fwd(
+    x: torch.Tensor, *args, residual: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor:
     """Launch the fused kernel on validated inputs (see `ops.binary_conv.binary_conv_neuron`;
     arguments as `_bconv_setup`).
 
     x: [T, N, C_in, H, W] uint8 codes (`in_step` given, codes read masked to `in_bits` bits) or
     float spikes; words: int32 [planes, C_out, ceil(K / 32)]; scale, bias: [C] or [T, C];
-    decay, threshold: [T, C_out] or None. Returns [T, N, C_out, Ho, Wo] contiguous.
+    decay, threshold: [T, C_out] or None; residual: None or a float [T or 1, N, C_out, Ho, Wo]
+    added to the currents. Returns [T, N, C_out, Ho, Wo] contiguous.
     """
-    shape, dtype, grid, args_ = _bconv_setup(x, *args, **kwargs)
+    residual = _res_inner(residual)
+    shape, dtype, grid, args_ = _bconv_setup(x, *args, residual=residual, **kwargs)
     out = empty(shape, dtype, x.device)
     if args_ is not None:
-        launch(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_out=out))
+        p_res = residual if residual is not None else out
+        launch(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_res=p_res, p_out=out))
     return out
 
 
-def binary_conv_neuron_plan(x: torch.Tensor, *args, **kwargs):
-    """`run(x2) -> out`, the same launch as `binary_conv_neuron_fwd(x, ...)` for inputs x2 of
-    x's dtype, shape, strides and device (the caller's promise: not checked): the arguments are
-    built once (a `plan`, kernels/_launch.py)."""
-    shape, dtype, grid, args_ = _bconv_setup(x, *args, **kwargs)
+def binary_conv_neuron_plan(x: torch.Tensor, *args, residual: torch.Tensor | None = None, **kwargs):
+    """`run(x2, residual2=None) -> out`, the same launch as `binary_conv_neuron_fwd(x, ...,
+    residual=residual)` for inputs x2 (and residual2, given exactly when `residual` was) of the
+    same dtype, shape, strides and device (the caller's promise: not checked); a residual
+    needs unit strides inside one image (`_res_inner`). The arguments are built once (a `plan`,
+    kernels/_launch.py)."""
+    shape, dtype, grid, args_ = _bconv_setup(x, *args, residual=residual, **kwargs)
     out = empty(shape, dtype, x.device)
     if args_ is None:  # nothing to launch: an empty output of the same form
-        return lambda x2: empty(shape, dtype, x.device)
-    run = plan(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_out=out), (x,), (out,))
-    return lambda x2: run(x2)[0]
+        return lambda x2, residual2=None: empty(shape, dtype, x.device)
+    if residual is None:
+        run = plan(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_res=out, p_out=out), (x,),
+                   (out,))  # fmt: skip
+        return lambda x2, residual2=None: run(x2)[0]
+    # a slot holder of the residual's form (the plan finds its slots by identity: x itself
+    # may have been passed as the residual)
+    res = torch.empty_strided(residual.shape, residual.stride(), dtype=residual.dtype,
+                              device=residual.device)  # fmt: skip
+    run2 = plan(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_res=res, p_out=out),
+                (x, res), (out,))  # fmt: skip
+    return lambda x2, residual2: run2(x2, residual2)[0]

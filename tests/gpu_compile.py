@@ -276,7 +276,8 @@ def binary_cases():
 def binary_conv_cases():
     from empf_triton.kernels import binary_conv as k
 
-    def launch(x, bits, C_out, groups, neuron, spike_bits, out_dtype, bias, in_bits=8, T=2):
+    def launch(x, bits, C_out, groups, neuron, spike_bits, out_dtype, bias, in_bits=8, T=2,
+               residual=None):  # fmt: skip
         C_in = x.shape[2]
         words = torch.zeros(bits, C_out, (C_in // groups * 9 + 31) // 32, dtype=torch.int32)
         p = torch.zeros(T, C_out)
@@ -297,9 +298,16 @@ def binary_conv_cases():
             spike_bits=spike_bits,
             spike_step=0.25,
             out_dtype=out_dtype,
+            residual=residual,
         )
 
     codes = torch.zeros(2, 2, 64, 8, 8, dtype=torch.uint8)
+    # the residual join of a deployed block: per step or broadcast over T, in each float dtype
+    for res_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for steps in (1, 2):
+            res = torch.zeros(steps, 2, 64, 8, 8, dtype=res_dtype)
+            launch(codes, 1, 64, 1, "current", None, res_dtype, True, 4, residual=res)
+    launch(codes, 1, 64, 1, "empf", 4, torch.float32, True, 4, residual=torch.zeros(2, 2, 64, 8, 8))
     for in_bits in (4, 8):  # int8 dots, fp16 dots
         for bits in (1, 2):
             for neuron in ("empf", "parallel"):

@@ -513,3 +513,108 @@ def test_plan_runs_the_checked_call_on_new_inputs(device):
             assert torch.equal(run(x2), expected), impl
     with pytest.raises(ValueError, match="in_step"):
         binary_conv_neuron_plan(x, w, scale, bias, **dict(opts, in_step=None))
+
+
+# ------------------------------------------------------------------------------------ residual join
+
+
+def _grid_residual(shape, dtype, seed):
+    """Values on a 1/16 grid in [-2, 2]: exact in every float dtype, so sums stay exact."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-32, 33, shape, generator=g).float() / 16).to(DEV, dtype)
+
+
+@pytest.mark.parametrize("res_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("res_steps", ["T", "1"])
+@pytest.mark.parametrize("geom", [GEOMS[0], GEOMS[1], GEOMS[4]], ids=["3x3", "s2p0", "dw"])
+def test_residual_matches_reference(geom, res_steps, res_dtype):
+    """`residual` is added to the currents before the neuron, per step or broadcast over T, in
+    each float dtype: every output format equals the reference bit for bit (code inputs and a
+    residual on a grid: exact sums), and the currents equal the unfused currents + residual."""
+    C_in, C_out, k, stride, padding, groups, H, W = geom
+    T = 3
+    packed = _packed(C_out, C_in // groups, k, 1)
+    decay, threshold = _neuron(T, C_out)
+    scale, bias = _params(T, C_out, per_step=True, bias=True)
+    x = torch.randint(0, 16, (T, 2, C_in, H, W), dtype=torch.uint8, device=DEV)
+    common = dict(stride=stride, padding=padding, groups=groups, in_step=0.125, in_bits=4)
+    plain = binary_conv_neuron(x, packed, scale, bias, impl="reference", **common)
+    res = _grid_residual((T if res_steps == "T" else 1, *plain.shape[1:]), res_dtype, seed=3)
+    cases = {
+        "currents": dict(out_dtype=res_dtype),
+        "codes": dict(decay=decay, threshold=threshold, spike_bits=4, spike_step=0.25),
+        "parallel_float": dict(threshold=threshold, parallel=True),
+    }
+    for name, kw in cases.items():
+        out, ref = _both(x, packed, scale, bias, residual=res, **common, **kw)
+        _assert_equal(out, ref, name)
+        without = binary_conv_neuron(x, packed, scale, bias, impl="reference", **common, **kw)
+        assert not torch.equal(ref, without), f"{name}: the residual changed nothing"
+    summed = (plain + res.float()).to(res_dtype)
+    fused = binary_conv_neuron(
+        x, packed, scale, bias, impl="triton", residual=res, out_dtype=res_dtype, **common
+    )
+    _assert_equal(fused, summed, "unfused sum")
+
+
+def test_residual_any_layout_and_float_spikes():
+    """A residual whose images are not contiguous (a channel slice, an expanded step) reads the
+    same as its contiguous copy; float spike inputs take a residual too."""
+    T, C_in, C_out = 2, 4, 6
+    packed = _packed(C_out, C_in, (3, 3), 2)
+    scale, bias = _params(T, C_out, per_step=False, bias=True)
+    x = (torch.randint(0, 8, (T, 2, C_in, 5, 5)).float() / 8).to(DEV)
+    wide = _grid_residual((T, 2, C_out + 3, 5, 5), torch.float32, seed=4)
+    sliced = wide[:, :, 1 : C_out + 1]
+    expanded = _grid_residual((1, 2, C_out, 5, 5), torch.float32, seed=5).expand(T, -1, -1, -1, -1)
+    for res in (sliced, expanded):
+        for impl in ("triton", "reference"):
+            got = binary_conv_neuron(x, packed, scale, bias, padding=1, residual=res, impl=impl)
+            want = binary_conv_neuron(x, packed, scale, bias, padding=1,
+                                      residual=res.contiguous(), impl="reference")  # fmt: skip
+            _assert_equal(got, want, impl)
+
+
+def test_bad_residual_raises():
+    kw = _good()
+    x, packed, scale = kw.pop("x"), kw.pop("packed"), kw.pop("scale")
+    kw.pop("bias")
+    shape = (2, 1, 6, 3, 3)  # [T, N, C_out, Ho, Wo] of _good()
+    other = "cpu" if DEV == "cuda" else "meta"
+    bad = [
+        ([0.0], TypeError, "residual must be a torch.Tensor or None"),
+        (torch.zeros(shape, dtype=torch.int32, device=DEV), TypeError, "residual must have dtype"),
+        (torch.zeros(2, 1, 6, 3, 4, device=DEV), ValueError, r"residual must have shape"),
+        (torch.zeros(3, 1, 6, 3, 3, device=DEV), ValueError, r"\[T or 1, N, C_out, Ho, Wo\]"),
+        (torch.zeros(1, 6, 3, 3, device=DEV), ValueError, "residual must have shape"),
+        (torch.zeros(shape, device=other), ValueError, "residual is on"),
+    ]
+    for res, exc, match in bad:
+        for impl in ("triton", "reference"):
+            with pytest.raises(exc, match=match):
+                binary_conv_neuron(x, packed, scale, None, residual=res, impl=impl, **kw)
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        binary_conv_neuron(x, packed, scale, None, residual=torch.zeros(shape, dtype=torch.float64,
+                           device=DEV), impl="triton", **kw)  # fmt: skip
+    res = torch.zeros(shape, device=DEV, requires_grad=True)
+    with pytest.raises(ValueError, match="inference only"):
+        binary_conv_neuron(x, packed, scale, None, residual=res, **kw)
+
+
+def test_plan_with_a_residual_takes_each_calls_residual(device):
+    """A plan made with a residual runs `run(x2, residual2)` as the op runs it, on both paths,
+    also when the plan was made with x itself as the residual (the plan's slots are found by
+    identity)."""
+    from empf_triton.ops.binary_conv import binary_conv_neuron_plan
+
+    torch.manual_seed(0)
+    w = pack_weight(torch.randn(4, 4, 3, 3, device=device), 1)
+    scale, bias = torch.rand(4, device=device), torch.rand(4, device=device)
+    x = torch.rand(2, 1, 4, 5, 5, device=device)
+    for impl in ("reference", "triton"):
+        for res0 in (x, torch.rand(1, 1, 4, 5, 5, device=device)):
+            run = binary_conv_neuron_plan(x, w, scale, bias, padding=1, residual=res0, impl=impl)
+            for _ in range(2):
+                x2, r2 = torch.rand_like(x), torch.rand_like(res0)
+                want = binary_conv_neuron(x2, w, scale, bias, padding=1, residual=r2, impl=impl)
+                assert torch.equal(run(x2, r2), want), impl

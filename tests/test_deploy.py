@@ -339,6 +339,70 @@ def test_triton_path_equals_reference_path(spike_bits):
     assert rel_err(ref.cpu(), trained_logits(model, x)) <= 1e-5
 
 
+def _node_by_node(deployed, x):
+    """The forward without the fused schedule (a recorder runs every node on its own)."""
+    deployed._recorder = lambda *args: None
+    try:
+        return deployed(x)
+    finally:
+        deployed._recorder = None
+
+
+@pytest.mark.parametrize("spike_bits", [None, 4])
+def test_residual_adds_run_inside_the_convolution(spike_bits):
+    """Each residual join (a `bconv` without a neuron whose currents only feed an `add`) runs as
+    the convolution's residual: one launch, no add. The logits equal the node-by-node forward
+    exactly (fp32: the same additions), on both paths; every add of a ResNet-18 is fused."""
+    full = fold(build_model("resnet18", in_shape=(3, 32, 32), num_classes=10, T=4).eval())
+    adds = sum(n.op == "add" for n in full._nodes)
+    assert adds == 8 and not any(step[1].op == "add" for step in full._schedule)
+    assert len(full._schedule) == len(full._nodes) - adds
+    model = randomize(build_model("resnet18", in_shape=(3, 6, 6), num_classes=3, T=2, width=2,
+                                  spike_bits=spike_bits))  # fmt: skip
+    model.layers = model.layers[:3]  # stage 1 (identity shortcuts) and one stride-2 block
+    model.final_neuron = EMPFNeuron(2, spike_bits=spike_bits)
+    model.classifier[2] = nn.Linear(4, 3)
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    outs = {}
+    for impl in ("reference", "triton"):
+        deployed = fold(model, impl=impl).to(DEVICE)
+        fused = [s for s in deployed._schedule if s[0].__name__ == "_run_bconv_add"]
+        assert len(fused) == sum(n.op == "add" for n in deployed._nodes) == 3
+        outs[impl] = deployed(x)
+        assert torch.equal(outs[impl], _node_by_node(deployed, x)), impl
+    assert rel_err(outs["triton"], outs["reference"]) <= 1e-5
+    # fp16: one rounding of conv + residual instead of two; within fp16's precision
+    half = fold(model, impl="reference").to(DEVICE, torch.float16)
+    assert rel_err(half(x).float(), _node_by_node(half, x).float()) <= 2e-2
+
+
+def test_residual_that_does_not_fit_runs_apart():
+    """A graph whose add broadcasts a residual the fused op cannot take (here [1, N, C, 1, 1])
+    still runs: the convolution and the add run apart and give the node-by-node result."""
+    model = randomize(build_model("resnet18", in_shape=(3, 6, 6), num_classes=3, T=2, width=2))
+    model.layers = model.layers[:1]
+    model.final_neuron = EMPFNeuron(2)
+    model.classifier[2] = nn.Linear(2, 3)
+    deployed = fold(model, impl="reference")
+    graph = json.loads(json.dumps(deployed.graph))
+    step = next(s for s in deployed._schedule if s[0].__name__ == "_run_bconv_add")
+    res_name = step[2][1]
+    # put a global average pool in front of the residual: [T', N, C, 1, 1] broadcasts in the add
+    nodes = graph["nodes"]
+    at = next(i for i, n in enumerate(nodes) if n["out"] == res_name) + 1
+    nodes.insert(at, {"op": "avgpool", "in": [res_name], "out": "pooled", "attrs": {}})
+    for n in nodes[at + 1 :]:
+        n["in"] = ["pooled" if (v == res_name and n["op"] == "add") else v for v in n["in"]]
+    tensors = {}
+    for key, t in deployed.file_tensors().items():
+        i, name = key.split(".", 1)
+        tensors[f"{int(i) + (int(i) >= at)}.{name}"] = t
+    changed = type(deployed)(graph, tensors, deployed.info, impl="reference")
+    x = torch.randn(2, 3, 6, 6)
+    assert any(s[0].__name__ == "_run_bconv_add" for s in changed._schedule)
+    assert torch.equal(changed(x), _node_by_node(changed, x))
+
+
 def test_runtime_modules_do_not_import_training_code():
     """load() builds the model from the file alone: the runtime never imports train/models."""
     for f in ("runtime.py", "format.py", "errors.py", "report.py"):

@@ -151,7 +151,7 @@ def empf_neuron_channels(
 class _Node:
     __slots__ = (
         "index", "op", "inputs", "output", "attrs", "buffers", "free_after", "packed", "plans",
-        "plan_tensors",
+        "plan_tensors", "fits",
     )  # fmt: skip
 
     def __init__(self, index: int, spec: Mapping[str, Any]) -> None:
@@ -165,6 +165,7 @@ class _Node:
         self.packed: PackedWeight | None = None  # bconv: built once per words tensor
         self.plans: dict[tuple, Callable] = {}  # checked calls, by input signature
         self.plan_tensors: tuple | None = None  # ... for these tensors (identity, version)
+        self.fits: dict[tuple, bool] = {}  # bconv + add: whether a residual fits, by shapes
 
 
 def _fail(msg: str) -> DeployFormatError:
@@ -260,8 +261,43 @@ class DeployedModel(nn.Module):
             if name != output:
                 self._nodes[i].free_after.append(name)
         self.spike_values = self._spike_values()
+        self._schedule = self._fused_schedule()
         self._recorder: Callable | None = None
         self.eval()
+
+    def _fused_schedule(self) -> list[tuple]:
+        """What `forward` runs: (run function, node, input names, output name, names to free)
+        per step. A `bconv` without a neuron whose currents only feed the next node, an `add`
+        (the join of a residual block), runs as one step: the add's other input goes into the
+        convolution's epilogue as its residual (`binary_conv_neuron(residual=...)`), which saves
+        the add's launch and the currents' round trip through memory."""
+        readers: dict[str, int] = {}
+        for n in self._nodes:
+            for name in n.inputs:
+                readers[name] = readers.get(name, 0) + 1
+        schedule, i = [], 0
+        while i < len(self._nodes):
+            n = self._nodes[i]
+            nxt = self._nodes[i + 1] if i + 1 < len(self._nodes) else None
+            if (
+                n.op == "bconv"
+                and n.attrs["neuron"] is None
+                and not n.attrs["linear"]
+                and nxt is not None
+                and nxt.op == "add"
+                and n.output in nxt.inputs
+                and nxt.inputs[0] != nxt.inputs[1]
+                and readers.get(n.output) == 1
+                and n.output != self.graph_output
+            ):
+                res = nxt.inputs[1] if nxt.inputs[0] == n.output else nxt.inputs[0]
+                free = [f for f in n.free_after + nxt.free_after if f != n.output]
+                schedule.append((_run_bconv_add, n, [n.inputs[0], res], nxt.output, free))
+                i += 2
+                continue
+            schedule.append((_RUN[n.op], n, n.inputs, n.output, n.free_after))
+            i += 1
+        return schedule
 
     # --------------------------------------------------------------------------- construction
 
@@ -459,14 +495,19 @@ class DeployedModel(nn.Module):
         dtype = self.dtype
         env: dict[str, Any] = {"x": self.check_input(x).to(dtype)}
         rec = self._recorder
-        for node in self._nodes:
-            args = [env[n] for n in node.inputs]
-            out = _RUN[node.op](self, node, args, dtype)
-            env[node.output] = out
-            if rec is not None:
+        if rec is not None:  # node by node (a recorder sees every node, the adds included)
+            for node in self._nodes:
+                args = [env[n] for n in node.inputs]
+                out = _RUN[node.op](self, node, args, dtype)
+                env[node.output] = out
                 rec(self, node, args, out)
-            for name in node.free_after:
-                del env[name]
+                for name in node.free_after:
+                    del env[name]
+        else:
+            for run, node, inputs, output, free in self._schedule:
+                env[output] = run(self, node, [env[n] for n in inputs], dtype)
+                for name in free:
+                    del env[name]
         y = _float(env[self.graph_output], dtype)
         if y.shape[0] != self.T:
             y = y.expand(self.T, *y.shape[1:])
@@ -599,7 +640,33 @@ def _node_plan(node: _Node, tensors: tuple, key: tuple, make: Callable) -> Calla
     return plan
 
 
-def _run_bconv(m, node, args, dtype):
+def _run_bconv_add(m, node, args, dtype):
+    """A `bconv` (no neuron) and the `add` that reads its currents, as one launch: the add's
+    other input is the convolution's residual. Where the two shapes do not meet as the fused
+    op needs (a graph that broadcasts otherwise), the two run apart."""
+    x, res = args[0], _float(args[1], dtype)
+    key = (x.shape, res.shape, res.dtype)
+    fits = node.fits.get(key)
+    if fits is None:
+        fits = node.fits[key] = _residual_fits(node.attrs, x.shape, res, dtype, m.T)
+    if not fits:
+        return _run_add(m, node, [_run_bconv(m, node, [x], dtype), res], dtype)
+    if not res.is_contiguous():
+        res = res.contiguous()
+    return _run_bconv(m, node, [x], dtype, residual=res)
+
+
+def _residual_fits(a: Mapping, xs: torch.Size, res: torch.Tensor, dtype, T: int) -> bool:
+    """Whether `res` is a residual of the convolution `a` on inputs of shape `xs` [T', N, C, H,
+    W]: [T or 1, N, C_out, Ho, Wo] in the model's dtype."""
+    if len(xs) != 5 or res.dim() != 5 or res.dtype != dtype:
+        return False
+    (kh, kw), (sh, sw), (ph, pw) = a["shape"][2:], a["stride"], a["padding"]
+    out = (a["shape"][0], (xs[3] + 2 * ph - kh) // sh + 1, (xs[4] + 2 * pw - kw) // sw + 1)
+    return tuple(res.shape[1:]) == (xs[1], *out) and res.shape[0] in (1, T)
+
+
+def _run_bconv(m, node, args, dtype, residual=None):
     a = node.attrs
     x = args[0]
     in_step = in_bits = None
@@ -609,7 +676,7 @@ def _run_bconv(m, node, args, dtype):
         x = x.reshape(*x.shape, 1, 1)
     neuron = a["neuron"]
     scale = m._t(node, "scale")
-    if neuron is not None or scale.dim() == 2:
+    if neuron is not None or scale.dim() == 2 or (residual is not None and residual.shape[0] > 1):
         x = _steps(x, m.T)
     words = m._t(node, "words")
     packed = node.packed
@@ -620,6 +687,8 @@ def _run_bconv(m, node, args, dtype):
     decay, threshold = m._t(node, "decay"), m._t(node, "threshold")
     bias = m._t(node, "bias")
     key = (x.dtype, x.shape, x.stride(), x.device, in_step, in_bits, dtype, m.impl)
+    if residual is not None:
+        key += (residual.shape, residual.stride())
 
     def make():
         kw = {}
@@ -643,11 +712,12 @@ def _run_bconv(m, node, args, dtype):
             in_bits=in_bits,
             out_dtype=dtype,
             impl=m.impl,
+            residual=residual,
             **kw,
         )
 
     plan = _node_plan(node, (words, scale, bias, decay, threshold), key, make)
-    y = plan(x)
+    y = plan(x) if residual is None else plan(x, residual)
     if a["linear"]:
         y = y.reshape(y.shape[:-2])
     if neuron is not None and neuron["spike_bits"] is not None:

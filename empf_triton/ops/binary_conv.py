@@ -96,7 +96,7 @@ def _check_step_param(name: str, p: object, T: int, C: int, device: torch.device
 
 def _checked(
     x, packed, scale, bias, *, stride, padding, groups, in_step, decay, threshold, parallel,
-    spike_bits, spike_step, out_dtype, impl, in_bits,
+    spike_bits, spike_step, out_dtype, impl, in_bits, residual,
 ) -> tuple[str, PackedWeight, dict]:  # fmt: skip
     """Every check of `binary_conv_neuron`; returns (resolved impl, packed weight, the keyword
     arguments both paths take after x and packed, normalised)."""
@@ -193,7 +193,29 @@ def _checked(
     if out_dtype not in TRITON_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
         raise TypeError(f"out_dtype must be one of ({names}), got {out_dtype!r}")
-    tensors = (x, scale, bias, decay, threshold)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(
+                f"residual must be a torch.Tensor or None, got {type(residual).__name__}"
+            )
+        r_dtypes = TRITON_DTYPES if impl == "triton" else (*TRITON_DTYPES, torch.float64)
+        if residual.dtype not in r_dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in r_dtypes)
+            raise TypeError(
+                f"residual must have dtype in ({names}) for impl={impl!r}, got {residual.dtype}"
+            )
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+        if (
+            residual.dim() != 5
+            or tuple(residual.shape[1:]) != (N, C_out, Ho, Wo)
+            or (residual.shape[0] not in (1, T))
+        ):
+            raise ValueError(
+                f"residual must have shape [T or 1, N, C_out, Ho, Wo] = [{T} or 1, {N}, "
+                f"{C_out}, {Ho}, {Wo}], got {tuple(residual.shape)}"
+            )
+    tensors = (x, scale, bias, decay, threshold, residual)
     if grad_wanted(*tensors):
         raise ValueError(
             "binary_conv_neuron is inference only (no gradients): an input requires grad; "
@@ -217,6 +239,7 @@ def _checked(
             spike_bits=spike_bits,
             spike_step=spike_step,
             out_dtype=out_dtype,
+            residual=residual,
         ),
     )
 
@@ -233,6 +256,7 @@ def _kernel_call(kw: dict) -> tuple[tuple, dict]:
         spike_bits=kw["spike_bits"],
         spike_step=kw["spike_step"],
         out_dtype=kw["out_dtype"],
+        residual=kw["residual"],
     )
 
 
@@ -254,11 +278,13 @@ def binary_conv_neuron(
     out_dtype: torch.dtype = torch.float32,
     impl: str = "auto",
     in_bits: int | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed binary/ternary convolution, folded scale/bias and EM-PF neuron in one fused op.
 
     Per output element (step t, image n, channel c, position (i, j)):
-    `y[t] = scale[t, c] * conv(x[t], W)[c, i, j] + bias[t, c]` with W the packed ±1 (binary) or
+    `y[t] = scale[t, c] * conv(x[t], W)[c, i, j] + bias[t, c] (+ residual[t, n, c, i, j])` with
+    W the packed ±1 (binary) or
     -1/0/+1 (ternary) weight, then, over t = 0..T-1 with v = 0 at the start,
     `m = decay[t, c] * v + y[t]; s = max(m - threshold[t, c], 0); v = m - s`; the parallel neuron
     is `s = max(y[t] - threshold[t, c], 0)`. The output is `code(s) =
@@ -288,6 +314,10 @@ def binary_conv_neuron(
         in_bits: uint8 inputs only: the codes' bit width k_in in 1..8 (default 8). Only the low
             k_in bits of each byte are read (both paths mask them), and with k_in <= 7 the GPU
             kernel uses int8 tensor-core dots (codes < 128); 8 uses exact fp16 dots.
+        residual: None, or a float tensor [T or 1, N, C_out, Ho, Wo] (fp32, fp16 or bf16; fp64
+            on the reference; a leading 1 is the same at every step) added to the currents y
+            in fp32 before the neuron: the join of a residual block, which then costs no
+            separate add (and no round trip of the currents through memory).
 
     Returns:
         [T, N, C_out, Ho, Wo]: uint8 codes, float spikes or currents (see above), contiguous.
@@ -303,7 +333,7 @@ def binary_conv_neuron(
     impl, packed, kw = _checked(
         x, packed, scale, bias, stride=stride, padding=padding, groups=groups, in_step=in_step,
         decay=decay, threshold=threshold, parallel=parallel, spike_bits=spike_bits,
-        spike_step=spike_step, out_dtype=out_dtype, impl=impl, in_bits=in_bits,
+        spike_step=spike_step, out_dtype=out_dtype, impl=impl, in_bits=in_bits, residual=residual,
     )  # fmt: skip
     if impl == "reference":
         return binary_conv_neuron_ref(x, packed, **kw)
@@ -318,6 +348,7 @@ def binary_conv_neuron(
 PLAN_OPTIONS = dict(
     stride=1, padding=0, groups=1, in_step=None, decay=None, threshold=None, parallel=False,
     spike_bits=None, spike_step=0.25, out_dtype=torch.float32, impl="auto", in_bits=None,
+    residual=None,
 )  # fmt: skip
 
 
@@ -334,7 +365,9 @@ def binary_conv_neuron_plan(
     arguments (`options`: the keyword arguments of `binary_conv_neuron`, same defaults) are
     checked here as `binary_conv_neuron` checks them, and the kernel's launch arguments are
     built once. `run(x2)` takes an input of x's dtype, shape, strides and device and does not
-    check it (the caller keys its plans on those). The plan keeps what it derived from the
+    check it (the caller keys its plans on those). A plan made with a `residual` is
+    `run(x2, residual2)`, residual2 likewise of the residual's form, with each image's
+    [C_out, Ho, Wo] block contiguous. The plan keeps what it derived from the
     weights and parameters (fp32 copies of 16-bit parameters, their strides): after a change to
     any of them, in place or not, make a new plan. Returns what `binary_conv_neuron(x2, ...)`
     returns.
@@ -345,14 +378,18 @@ def binary_conv_neuron_plan(
     options = {**PLAN_OPTIONS, **options}
     impl, packed, kw = _checked(x, packed, scale, bias, **options)
     if impl == "reference":
-        return lambda x2: binary_conv_neuron_ref(x2, packed, **kw)
+
+        def run_ref(x2: torch.Tensor, residual2: torch.Tensor | None = None) -> torch.Tensor:
+            return binary_conv_neuron_ref(x2, packed, **{**kw, "residual": residual2})
+
+        return run_ref
     params, options = _kernel_call(kw)
     k = load_kernels("binary_conv")
     with device_guard(x):
         run = k.binary_conv_neuron_plan(x, packed.words, packed.shape, *params, **options)
 
-    def run_on_device(x2: torch.Tensor) -> torch.Tensor:
+    def run_on_device(x2: torch.Tensor, residual2: torch.Tensor | None = None) -> torch.Tensor:
         with device_guard(x2):
-            return run(x2)
+            return run(x2, residual2)
 
     return run_on_device

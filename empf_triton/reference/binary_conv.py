@@ -87,6 +87,7 @@ def binary_conv_neuron_ref(
     spike_bits: int | None = None,
     spike_step: float = 0.25,
     out_dtype: torch.dtype = torch.float32,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager twin of `empf_triton.ops.binary_conv.binary_conv_neuron` (same arguments, no impl).
 
@@ -111,6 +112,8 @@ def binary_conv_neuron_ref(
     y = conv * _per_step(scale, T).reshape(bshape)
     if bias is not None:
         y = y + _per_step(bias, T).reshape(bshape)
+    if residual is not None:  # [T or 1, N, C_out, Ho, Wo], broadcast over the steps
+        y = y + residual.to(torch.float32)
     if threshold is None:
         return y.to(out_dtype)
     th = _per_step(threshold, T).reshape(bshape)
