@@ -589,3 +589,36 @@ def test_resume_changes_and_hyperparameters_applied():
     assert g["momentum"] == 0.5 and g["nesterov"] is True
     sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.25 * (1 + math.cos(math.pi * 11 / 40)))
+
+
+def test_cli_progress_bar_asks_for_numbers_only_when_it_draws(monkeypatch, digits):
+    """The CLI's bar draws at most ten times a second and on the last batch, only on a
+    terminal; `train_epoch` reads the device only for the batches it draws."""
+    import sys
+
+    from empf_triton.train import loop
+
+    assert not loop._Progress(5, "e", True).due(5)  # stderr is not a terminal here
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert not loop._Progress(5, "e", False).due(5)  # --no-progress
+    bar = loop._Progress(5, "e", True)
+    bar.last = float("inf")  # as if it had just drawn
+    assert bar.due(5) and not bar.due(1)  # the last batch always; others 0.1 s after a draw
+    bar.last = -1e9  # long ago
+    assert bar.due(2)
+    train, _, _ = digits
+    model = _mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = list(iterate_batches(train, 64))[:6]
+    drawn = []
+    bar = loop._Progress(6, "e", True)
+    bar.last = float("inf")  # as if it had just drawn, whatever the machine's speed
+    real_call = loop._Progress.__call__
+    monkeypatch.setattr(
+        loop._Progress,
+        "__call__",
+        lambda self, i, loss, acc: (drawn.append(i), real_call(self, i, loss, acc)),
+    )
+    reads = _HostReads(monkeypatch)
+    train_epoch(model, batches, opt, "online", 2, progress=bar)
+    assert drawn == [6] and reads.count == 2 + 2  # the epoch's 2 reads, the last batch's 2
