@@ -95,6 +95,7 @@ else
         tests/test_binary.py tests/test_binary_conv.py tests/test_spikes.py
         tests/test_cuda_graphs.py tests/test_nan_gradients.py
         tests/test_deploy.py::test_triton_path_equals_reference_path
+        tests/test_deploy.py::test_residual_adds_run_inside_the_convolution
         tests/test_deploy.py::test_graphed_replays_equal_the_eager_forward
         tests/test_deploy.py::test_standalone_per_channel_neurons_run_the_fused_kernel
         tests/test_lif.py::test_float_params_are_kernel_scalars_equal_to_tensors)

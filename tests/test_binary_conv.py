@@ -618,3 +618,25 @@ def test_plan_with_a_residual_takes_each_calls_residual(device):
                 x2, r2 = torch.rand_like(x), torch.rand_like(res0)
                 want = binary_conv_neuron(x2, w, scale, bias, padding=1, residual=r2, impl=impl)
                 assert torch.equal(run(x2, r2), want), impl
+
+
+def test_nan_and_inf_in_the_residual():
+    """A NaN in the residual makes that current NaN (code 0 where codes are written, as for a
+    NaN spike); +inf and -inf give the top code and 0. Both paths agree."""
+    T, C_in, C_out = 2, 3, 5
+    packed = _packed(C_out, C_in, (1, 1), 1)
+    x = torch.randint(0, 4, (T, 1, C_in, 3, 3), dtype=torch.uint8, device=DEV)
+    res = _grid_residual((T, 1, C_out, 3, 3), torch.float32, seed=6)
+    res[0, 0, 1, 1, 1] = float("nan")
+    res[1, 0, 2, 0, 0] = float("inf")
+    res[1, 0, 3, 2, 2] = float("-inf")
+    scale = torch.ones(C_out, device=DEV)
+    decay, threshold = _neuron(T, C_out)
+    common = dict(in_step=0.25, residual=res)
+    cur, cur_ref = _both(x, packed, scale, None, **common)
+    assert torch.equal(cur.isnan(), cur_ref.isnan()) and cur[0, 0, 1, 1, 1].isnan()
+    assert torch.equal(cur.nan_to_num(0.0), cur_ref.nan_to_num(0.0))
+    codes, codes_ref = _both(x, packed, scale, None, decay=decay, threshold=threshold,
+                             spike_bits=4, **common)  # fmt: skip
+    _assert_equal(codes, codes_ref, "codes")
+    assert codes[0, 0, 1, 1, 1] == 0 and codes[1, 0, 2, 0, 0] == 15 and codes[1, 0, 3, 2, 2] == 0
