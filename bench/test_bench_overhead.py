@@ -368,6 +368,29 @@ def test_overhead_conv_layer(benchmark, layer, kind):
     _time(benchmark, fn, case=f"{layer} layer (8->8, 3x3, 2x8x8)", kind=kind)
 
 
+def test_overhead_resnet18_eval_forward(benchmark):
+    """One evaluation forward of the training model (not deployed): EM-PF ResNet-18, T = 4,
+    batch 1, width 4 on 32x32 inputs, eval mode under no_grad, step mode "m" (as `evaluate` and
+    `empf eval` run it), the Triton launches out as above. Convolutions and batch norms run as
+    torch ops on the CPU here; on a GPU they are launches."""
+    from empf_triton import reset_net
+    from empf_triton.models import build_model, set_step_mode
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_shape=(3, 32, 32), num_classes=10, T=T, width=4,
+                        spike_bits=4, impl="triton").to(DEVICE).eval()  # fmt: skip
+    set_step_mode(model, "m")
+    x = torch.randn(T, 1, 3, 32, 32, device=DEVICE)
+
+    def fn():
+        reset_net(model)
+        with torch.no_grad():
+            return model(x)
+
+    _time(benchmark, fn, case="ResNet-18 eval forward B=1 (training model)", kind="fwd",
+          rounds=MODEL_ROUNDS)  # fmt: skip
+
+
 @pytest.mark.parametrize("mem_bn", [False, True], ids=["plain", "mem_bn"])
 def test_overhead_deployed_resnet18(benchmark, mem_bn):
     """One forward of a deployed EM-PF ResNet-18 (T = 4, batch 1, 4-bit codes between layers,

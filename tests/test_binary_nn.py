@@ -495,3 +495,122 @@ def test_quantizer_on_a_conv_weight_is_one_node(device, bits):
     with torch.no_grad():
         q2 = op(w, impl="triton")
     assert q2.grad_fn is None and torch.equal(q2, q.detach())
+
+
+# ----------------------------------------------------------------- evaluation keeps the weight form
+
+
+def _counting(monkeypatch):
+    """Counts the calls that derive a layer's weight form (quantise or pack) from the latent
+    weight."""
+    import empf_triton.nn.binary as nb
+
+    calls = []
+    for name in ("quantize_ref", "quantize_triton", "_pack_impl"):
+        real = getattr(nb, name)
+        monkeypatch.setattr(nb, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("bits", [1, 1.5], ids=["binary", "ternary"])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_eval_keeps_the_weight_form_until_the_weight_can_change(monkeypatch, layer, impl, bits):
+    """In eval mode without autograd through the weight, a layer quantises (or packs) its latent
+    weight once and reuses it: the same outputs as a fresh derivation (train mode under no_grad
+    keeps nothing), derived again after an in-place change, a `.data` swap or `train()`, never
+    kept where a gradient reaches the weight, and dropped by `pack()`."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        m, x = BinaryLinear(40, 7, weight_bits=bits, impl=impl), torch.randn(5, 40)
+    else:
+        m, x = (
+            BinaryConv2d(3, 5, 3, padding=1, weight_bits=bits, impl=impl),
+            torch.randn(2, 3, 5, 5),
+        )
+    calls = _counting(monkeypatch)
+
+    def fresh():
+        m.train()
+        with torch.no_grad():
+            out = m(x)
+        m.eval()
+        return out
+
+    want = fresh()
+    assert "_derived_value" not in m.__dict__
+    with torch.no_grad():
+        n = len(calls)
+        outs = [m(x) for _ in range(3)]
+        assert len(calls) == n + 1  # derived once for three calls
+    assert all(torch.equal(o, want) for o in outs)
+    with torch.no_grad():
+        m.weight.mul_(-0.5)  # in place: an optimizer step, load_state_dict
+        n = len(calls)
+        changed = m(x)
+        assert len(calls) == n + 1
+    assert torch.equal(changed, fresh()) and not torch.equal(changed, want)
+    m.weight.data = torch.randn_like(m.weight)  # another storage
+    with torch.no_grad():
+        swapped = m(x)
+    assert torch.equal(swapped, fresh())
+    # a gradient through the weight in eval mode: the STE gradient of train mode arrives
+    grads = []
+    for mode in (False, False, True):
+        m.train(mode)
+        m.weight.grad = None
+        m(x).square().sum().backward()
+        grads.append(m.weight.grad)
+    m.eval()
+    assert grads[0].abs().sum() > 0 and all(torch.equal(g, grads[2]) for g in grads[:2])
+    # a frozen weight: kept under inference mode and, separately, for an input gradient
+    m.weight.requires_grad_(False)
+    with torch.inference_mode():
+        m(x)
+    xg = x.clone().requires_grad_()
+    m(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    m.weight.requires_grad_(True)
+    with torch.no_grad():
+        m(x)
+    assert "_derived_value" in m.__dict__
+    m.train()
+    assert "_derived_value" not in m.__dict__
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    m.pack()
+    assert "_derived_value" not in m.__dict__ and m.__dict__["_latent_param"].numel() == 0
+
+
+def test_eval_input_gradient_equals_the_uncached_one():
+    """A frozen weight in eval mode with an input that needs a gradient: the kept weight gives
+    the input gradient of the uncached path exactly (Triton, packed GEMM backward)."""
+    torch.manual_seed(1)
+    m = BinaryLinear(40, 6, impl="triton").eval()
+    m.weight.requires_grad_(False)
+    x = torch.randn(3, 40)
+    grads = []
+    for _ in range(2):  # the first call derives, the second reuses
+        xg = x.clone().requires_grad_()
+        m(xg).square().sum().backward()
+        grads.append(xg.grad)
+    m.train()
+    xg = x.clone().requires_grad_()
+    m(xg).square().sum().backward()
+    assert torch.equal(grads[0], xg.grad) and torch.equal(grads[1], xg.grad)
+
+
+def test_moving_a_layer_drops_the_kept_weight_form():
+    """`.to()` (here to fp64) drops what evaluation kept; the next call derives it again in the
+    new dtype and equals the fresh derivation."""
+    m = BinaryConv2d(2, 3, 3, impl="reference").eval()
+    x = torch.randn(1, 2, 4, 4)
+    with torch.no_grad():
+        m(x)
+        assert "_derived_value" in m.__dict__
+        m.to(torch.float64)
+        assert "_derived_value" not in m.__dict__
+        out = m(x.double())
+        m.train()
+        assert out.dtype == torch.float64 and torch.equal(out, m(x.double()))

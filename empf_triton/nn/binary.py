@@ -43,6 +43,7 @@ from torch import nn
 from ..ops._common import IMPLS, TRITON_DTYPES, check_tensor, resolve_impl
 from ..ops.binary import (
     PackedWeight,
+    _pack_impl,
     _route,
     check_x,
     linear_triton,
@@ -116,6 +117,38 @@ class _BinaryLayer(nn.Module):
     def is_packed(self) -> bool:
         return self._packed_shape is not None
 
+    def _derived(self, tag: tuple, make):
+        """`make()`: what a forward derives from the latent weight (its quantised weight, or its
+        packed words and scales), kept between calls while the weight cannot change and no graph
+        needs it: eval mode, no autograd through the weight, not under torch.compile. Evaluation
+        then costs the layer one launch per call (the convolution or GEMM), not two, and no pass
+        over the latent weight. The kept value belongs to the weight's storage (held, so its
+        address is not reused), its version (in-place changes bump it: optimizer steps,
+        `load_state_dict`), shape and dtype, grad/inference mode and `tag` (the route, the input
+        dtype); `train()`, `pack()`, `unpack()` and `.to()` drop it."""
+        if torch.compiler.is_compiling():
+            return make()
+        w = self.weight
+        if self.training or (w.requires_grad and torch.is_grad_enabled()):
+            self.__dict__.pop("_derived_value", None)
+            return make()
+        key = (tag, w._version, w.data_ptr(), w.shape, w.dtype, torch.is_inference_mode_enabled())
+        hit = self.__dict__.get("_derived_value")
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        value = make()
+        self.__dict__["_derived_value"] = (key, w.detach(), value)
+        return value
+
+    def train(self, mode: bool = True) -> _BinaryLayer:
+        if mode:
+            self.__dict__.pop("_derived_value", None)  # training changes the weight: free it
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_derived_value", None)  # .to() / .cuda() / .half(): new tensors
+        return super()._apply(fn, recurse)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (binarised or ternarised), with its STE gradient."""
         if self.is_packed:
@@ -144,6 +177,7 @@ class _BinaryLayer(nn.Module):
         """
         if self.is_packed:
             return self
+        self.__dict__.pop("_derived_value", None)  # it would keep the latent storage alive
         packed = pack_weight(self.weight, self.bits, impl=self.impl)
         param = self.weight
         self.register_buffer("packed_words", packed.words)
@@ -167,6 +201,7 @@ class _BinaryLayer(nn.Module):
         """
         if not self.is_packed:
             return self
+        self.__dict__.pop("_derived_value", None)
         param = self.__dict__.pop("_latent_param")
         # α·(±1) in fp32 rounds once to param's dtype, exactly as unpacking into that dtype
         param.data = unpack_weight(self.packed_weight(), torch.float32, impl=self.impl).to(
@@ -305,12 +340,25 @@ class BinaryLinear(_BinaryLayer):
             if route == "dense":
                 return F.linear(x, unpack_triton(words, scale, K, x.dtype), bias)
             return binary_matmul_ref(x, words, scale, K, bias)
-        w = self.weight
+        w, bits = self.weight, self.bits
+        if not (
+            self.training
+            or (w.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()
+        ):  # evaluation: the weight's packed / quantised form is kept between calls
+            if route == "triton":
+                words, scale = self._derived(("pack",), lambda: _pack_impl(w.detach(), bits))
+                return matmul_triton(x, words, scale, bias, self.out_features, K)
+            if route == "dense":
+                q = self._derived(("q", x.dtype), lambda: quantize_triton(w, bits).to(x.dtype))
+            else:
+                q = self._derived(("ref", x.dtype), lambda: quantize_ref(w, bits).to(x.dtype))
+            return F.linear(x, q, bias)
         if route == "triton":
-            return linear_triton(x, w, bias, self.bits)
+            return linear_triton(x, w, bias, bits)
         if route == "dense":
-            return F.linear(x, quantize_triton(w, self.bits).to(x.dtype), bias)
-        return binary_linear_ref(x, w, bias, self.bits)
+            return F.linear(x, quantize_triton(w, bits).to(x.dtype), bias)
+        return binary_linear_ref(x, w, bias, bits)
 
     def extra_repr(self) -> str:
         return (
@@ -446,13 +494,13 @@ class BinaryConv2d(_BinaryLayer):
         x4 = x.reshape(-1, *x.shape[-3:]) if flat else x
         bias = self._bias_as(x)
         if not self.is_packed:
-            w = self.weight
-            q = (
-                quantize_ref(w, self.bits)
-                if route == "reference"
-                else quantize_triton(w, self.bits)
-            )
-            y = self._conv(x4, q.to(x.dtype), bias)
+            w, bits = self.weight, self.bits
+            ref = route == "reference"
+
+            def quantized() -> torch.Tensor:
+                return (quantize_ref(w, bits) if ref else quantize_triton(w, bits)).to(x.dtype)
+
+            y = self._conv(x4, self._derived((ref, x.dtype), quantized), bias)
         else:
             wt = self.packed_words
             if route == "triton":
