@@ -371,10 +371,12 @@ def test_overhead_conv_layer(benchmark, layer, kind):
 def test_overhead_resnet18_eval_forward(benchmark):
     """One evaluation forward of the training model (not deployed): EM-PF ResNet-18, T = 4,
     batch 1, width 4 on 32x32 inputs, eval mode under no_grad, step mode "m" (as `evaluate` and
-    `empf eval` run it), the Triton launches out as above. Convolutions and batch norms run as
-    torch ops on the CPU here; on a GPU they are launches."""
+    `empf eval` run it: inside `frozen_weights`, so the binary layers quantise their weights
+    once), the Triton launches out as above. Convolutions and batch norms run as torch ops on
+    the CPU here; on a GPU they are launches."""
     from empf_triton import reset_net
     from empf_triton.models import build_model, set_step_mode
+    from empf_triton.nn import frozen_weights
 
     torch.manual_seed(0)
     model = build_model("resnet18", in_shape=(3, 32, 32), num_classes=10, T=T, width=4,
@@ -387,8 +389,9 @@ def test_overhead_resnet18_eval_forward(benchmark):
         with torch.no_grad():
             return model(x)
 
-    _time(benchmark, fn, case="ResNet-18 eval forward B=1 (training model)", kind="fwd",
-          rounds=MODEL_ROUNDS)  # fmt: skip
+    with frozen_weights(model):
+        _time(benchmark, fn, case="ResNet-18 eval forward B=1 (training model)", kind="fwd",
+              rounds=MODEL_ROUNDS)  # fmt: skip
 
 
 @pytest.mark.parametrize("mem_bn", [False, True], ids=["plain", "mem_bn"])

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from helpers import DTYPES, assert_close_to_oracle
 
-from empf_triton.nn.binary import BinaryConv2d, BinaryLinear, PackedLayerTrainingError
+from empf_triton.nn.binary import (
+    BinaryConv2d,
+    BinaryLinear,
+    PackedLayerTrainingError,
+    frozen_weights,
+)
 from empf_triton.reference.binary import binarize_ref, ternarize_ref
 
 IMPLS = ["reference", "triton"]
@@ -515,11 +520,12 @@ def _counting(monkeypatch):
 @pytest.mark.parametrize("bits", [1, 1.5], ids=["binary", "ternary"])
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("layer", ["linear", "conv"])
-def test_eval_keeps_the_weight_form_until_the_weight_can_change(monkeypatch, layer, impl, bits):
-    """In eval mode without autograd through the weight, a layer quantises (or packs) its latent
-    weight once and reuses it: the same outputs as a fresh derivation (train mode under no_grad
-    keeps nothing), derived again after an in-place change, a `.data` swap or `train()`, never
-    kept where a gradient reaches the weight, and dropped by `pack()`."""
+def test_frozen_weights_keep_the_weight_form_until_it_can_change(monkeypatch, layer, impl, bits):
+    """Inside `frozen_weights`, in eval mode without autograd through the weight, a layer
+    quantises (or packs) its latent weight once and reuses it: the same outputs as a fresh
+    derivation, derived again after an in-place change or a `.data` swap, never kept where a
+    gradient reaches the weight, dropped by `train()`, `pack()` and by leaving the block.
+    Outside the block nothing is kept."""
     torch.manual_seed(0)
     if layer == "linear":
         m, x = BinaryLinear(40, 7, weight_bits=bits, impl=impl), torch.randn(5, 40)
@@ -528,59 +534,77 @@ def test_eval_keeps_the_weight_form_until_the_weight_can_change(monkeypatch, lay
             BinaryConv2d(3, 5, 3, padding=1, weight_bits=bits, impl=impl),
             torch.randn(2, 3, 5, 5),
         )
+    m.eval()
     calls = _counting(monkeypatch)
 
     def fresh():
-        m.train()
         with torch.no_grad():
-            out = m(x)
-        m.eval()
-        return out
+            return m(x)  # outside the block: derived anew
+
+    def derivations(fn):
+        n = len(calls)
+        out = fn()
+        return len(calls) - n, out
 
     want = fresh()
-    assert "_derived_value" not in m.__dict__
-    with torch.no_grad():
-        n = len(calls)
-        outs = [m(x) for _ in range(3)]
-        assert len(calls) == n + 1  # derived once for three calls
-    assert all(torch.equal(o, want) for o in outs)
-    with torch.no_grad():
+    assert derivations(fresh)[0] == 1 and "_derived_value" not in m.__dict__
+    with frozen_weights(m) as same, torch.no_grad():
+        assert same is m
+        count, outs = derivations(lambda: [m(x) for _ in range(3)])
+        assert count == 1 and all(torch.equal(o, want) for o in outs)  # once for three calls
         m.weight.mul_(-0.5)  # in place: an optimizer step, load_state_dict
-        n = len(calls)
-        changed = m(x)
-        assert len(calls) == n + 1
-    assert torch.equal(changed, fresh()) and not torch.equal(changed, want)
-    m.weight.data = torch.randn_like(m.weight)  # another storage
-    with torch.no_grad():
-        swapped = m(x)
-    assert torch.equal(swapped, fresh())
-    # a gradient through the weight in eval mode: the STE gradient of train mode arrives
-    grads = []
-    for mode in (False, False, True):
-        m.train(mode)
-        m.weight.grad = None
-        m(x).square().sum().backward()
-        grads.append(m.weight.grad)
-    m.eval()
-    assert grads[0].abs().sum() > 0 and all(torch.equal(g, grads[2]) for g in grads[:2])
-    # a frozen weight: kept under inference mode and, separately, for an input gradient
-    m.weight.requires_grad_(False)
-    with torch.inference_mode():
-        m(x)
-    xg = x.clone().requires_grad_()
-    m(xg).sum().backward()
-    assert xg.grad is not None and xg.grad.abs().sum() > 0
-    m.weight.requires_grad_(True)
-    with torch.no_grad():
-        m(x)
-    assert "_derived_value" in m.__dict__
-    m.train()
-    assert "_derived_value" not in m.__dict__
-    m.eval()
-    with torch.no_grad():
-        m(x)
-    m.pack()
-    assert "_derived_value" not in m.__dict__ and m.__dict__["_latent_param"].numel() == 0
+        count, changed = derivations(lambda: m(x))
+        assert count == 1 and not torch.equal(changed, want)
+    assert "_derived_value" not in m.__dict__ and torch.equal(changed, fresh())
+    with frozen_weights(m):
+        with torch.no_grad():
+            m(x)
+            m.weight.data = torch.randn_like(m.weight)  # another storage
+            swapped = m(x)
+        assert torch.equal(swapped, fresh())
+        # a gradient through the weight: the STE gradient of train mode arrives
+        grads = []
+        for mode in (False, False, True):
+            m.train(mode)
+            m.weight.grad = None
+            m(x).square().sum().backward()
+            grads.append(m.weight.grad)
+        m.eval()
+        assert grads[0].abs().sum() > 0 and all(torch.equal(g, grads[2]) for g in grads[:2])
+        # a frozen weight: kept under inference mode and, separately, for an input gradient
+        m.weight.requires_grad_(False)
+        with torch.inference_mode():
+            m(x)
+        xg = x.clone().requires_grad_()
+        m(xg).sum().backward()
+        assert xg.grad is not None and xg.grad.abs().sum() > 0
+        m.weight.requires_grad_(True)
+        with torch.no_grad():
+            m(x)
+        assert "_derived_value" in m.__dict__
+        m.train()
+        assert "_derived_value" not in m.__dict__
+        m.eval()
+        with torch.no_grad():
+            m(x)
+        m.pack()
+        assert "_derived_value" not in m.__dict__ and m.__dict__["_latent_param"].numel() == 0
+
+
+def test_frozen_weights_nest_and_reach_every_binary_layer():
+    """The block covers every binary layer of a model; an inner block leaves the outer one's
+    keeping in place; leaving the outer one frees every layer's copy."""
+    model = torch.nn.Sequential(BinaryLinear(8, 8, impl="reference"), torch.nn.ReLU(),
+                                BinaryLinear(8, 3, impl="reference")).eval()  # fmt: skip
+    x = torch.randn(2, 8)
+    kept = lambda: [("_derived_value" in m.__dict__) for m in (model[0], model[2])]  # noqa: E731
+    with frozen_weights(model), torch.no_grad():
+        model(x)
+        with frozen_weights(model):
+            model(x)
+        assert kept() == [True, True]
+        model(x)
+    assert kept() == [False, False]
 
 
 def test_eval_input_gradient_equals_the_uncached_one():
@@ -591,10 +615,11 @@ def test_eval_input_gradient_equals_the_uncached_one():
     m.weight.requires_grad_(False)
     x = torch.randn(3, 40)
     grads = []
-    for _ in range(2):  # the first call derives, the second reuses
-        xg = x.clone().requires_grad_()
-        m(xg).square().sum().backward()
-        grads.append(xg.grad)
+    with frozen_weights(m):
+        for _ in range(2):  # the first call derives, the second reuses
+            xg = x.clone().requires_grad_()
+            m(xg).square().sum().backward()
+            grads.append(xg.grad)
     m.train()
     xg = x.clone().requires_grad_()
     m(xg).square().sum().backward()
@@ -602,15 +627,29 @@ def test_eval_input_gradient_equals_the_uncached_one():
 
 
 def test_moving_a_layer_drops_the_kept_weight_form():
-    """`.to()` (here to fp64) drops what evaluation kept; the next call derives it again in the
-    new dtype and equals the fresh derivation."""
+    """`.to()` (here to fp64) drops what was kept; the next call derives it again in the new
+    dtype and equals the fresh derivation."""
     m = BinaryConv2d(2, 3, 3, impl="reference").eval()
     x = torch.randn(1, 2, 4, 4)
-    with torch.no_grad():
+    with frozen_weights(m), torch.no_grad():
         m(x)
         assert "_derived_value" in m.__dict__
         m.to(torch.float64)
         assert "_derived_value" not in m.__dict__
         out = m(x.double())
-        m.train()
-        assert out.dtype == torch.float64 and torch.equal(out, m(x.double()))
+    assert out.dtype == torch.float64 and torch.equal(out, m(x.double()).detach())
+
+
+def test_evaluate_runs_inside_frozen_weights(monkeypatch):
+    """`evaluate` quantises each binary layer once per pass, not once per batch."""
+    from empf_triton.models import build_model
+    from empf_triton.train.strategies import evaluate
+
+    torch.manual_seed(0)
+    model = build_model("digits_mlp", in_shape=(64,), num_classes=10, T=2, impl="reference")
+    layers = sum(isinstance(m, BinaryLinear) for m in model.modules())
+    calls = _counting(monkeypatch)
+    batches = [(torch.randn(4, 64), torch.randint(0, 10, (4,))) for _ in range(3)]
+    ev = evaluate(model, batches, 2)
+    assert layers > 0 and len(calls) == layers and ev["samples"] == 12
+    assert not any("_derived_value" in m.__dict__ for m in model.modules())

@@ -1,6 +1,6 @@
 """Thin nn.Modules over the ops."""
 
-from .binary import BinaryConv2d, BinaryLinear, PackedLayerTrainingError
+from .binary import BinaryConv2d, BinaryLinear, PackedLayerTrainingError, frozen_weights
 from .membn import MemBN
 from .neuron import EMPFNeuron, LIFNeuron, StatefulNeuron, detach_net, reset_net
 from .seca import SECA
@@ -15,5 +15,6 @@ __all__ = [
     "SECA",
     "StatefulNeuron",
     "detach_net",
+    "frozen_weights",
     "reset_net",
 ]

@@ -34,7 +34,9 @@ another shape fails with a clear error even where the packed words happen to hav
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,7 @@ from ..reference.binary import (
     unpack_weight_ref,
 )
 
-__all__ = ["BinaryConv2d", "BinaryLinear", "PackedLayerTrainingError"]
+__all__ = ["BinaryConv2d", "BinaryLinear", "PackedLayerTrainingError", "frozen_weights"]
 
 
 class PackedLayerTrainingError(RuntimeError):
@@ -82,6 +84,32 @@ def _check_impl(impl: object) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block the binary layers of `model` (latent, not packed) quantise their weight
+    once and reuse it in every eval-mode call that sends no gradient into the weight: an
+    evaluation pass then costs one convolution or GEMM per layer and call, not a quantisation
+    too, and no pass over the latent weights. `evaluate` and `empf eval` run inside it.
+
+    The weights are expected not to change inside the block. In-place updates through the
+    parameter itself (an optimizer step, `load_state_dict`, `p.mul_()`) and new storage (`.data =
+    ...`, `.to()`) are noticed and the weight is quantised again; writes through `p.data` (e.g.
+    `p.data.clamp_()`) cannot be noticed. Leaving the block frees what was kept (one weight's
+    worth per layer, in the input's dtype). Nests; yields `model`.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BinaryLayer)]
+    outer = [m.__dict__.get("_keep_derived", False) for m in layers]
+    for m in layers:
+        m.__dict__["_keep_derived"] = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, outer):
+            if not was:
+                m.__dict__.pop("_keep_derived", None)
+                m.__dict__.pop("_derived_value", None)
 
 
 class _BinaryLayer(nn.Module):
@@ -119,18 +147,17 @@ class _BinaryLayer(nn.Module):
 
     def _derived(self, tag: tuple, make):
         """`make()`: what a forward derives from the latent weight (its quantised weight, or its
-        packed words and scales), kept between calls while the weight cannot change and no graph
-        needs it: eval mode, no autograd through the weight, not under torch.compile. Evaluation
-        then costs the layer one launch per call (the convolution or GEMM), not two, and no pass
-        over the latent weight. The kept value belongs to the weight's storage (held, so its
-        address is not reused), its version (in-place changes bump it: optimizer steps,
-        `load_state_dict`), shape and dtype, grad/inference mode and `tag` (the route, the input
-        dtype); `train()`, `pack()`, `unpack()` and `.to()` drop it."""
-        if torch.compiler.is_compiling():
+        packed words and scales), kept between calls inside `frozen_weights` while no graph
+        needs it (eval mode, no autograd through the weight, not under torch.compile). The kept
+        value belongs to the weight's storage (held, so its address is not reused), its version
+        (in-place changes through the tensor bump it; changes through `.data` do not, which is
+        why keeping is opt-in), shape and dtype, grad/inference mode and `tag` (the route, the
+        input dtype); leaving `frozen_weights`, `train()`, `pack()`, `unpack()` and `.to()` drop
+        it."""
+        if torch.compiler.is_compiling() or "_keep_derived" not in self.__dict__:
             return make()
         w = self.weight
         if self.training or (w.requires_grad and torch.is_grad_enabled()):
-            self.__dict__.pop("_derived_value", None)
             return make()
         key = (tag, w._version, w.data_ptr(), w.shape, w.dtype, torch.is_inference_mode_enabled())
         hit = self.__dict__.get("_derived_value")

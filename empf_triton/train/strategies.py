@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.binary import frozen_weights
 from ..nn.neuron import STEP_MODES, StatefulNeuron, reset_net
 from .precision import autocast, check_precision
 
@@ -457,19 +458,20 @@ def evaluate(
     correct_t = loss_sum = 0
     n = 0
     try:
-        for x, y in batches:
-            reset_net(base)
-            with autocast(x.device, precision):
-                if step_mode == "m":
-                    set_step_mode(base, "m")
-                    out = fwd(seq_inputs(x, T, is_event))  # [T, N, C]
-                else:
-                    set_step_mode(base, "s")
-                    out = torch.stack([fwd(step_inputs(x, t, is_event)) for t in range(T)])
-            cum = out.float().cumsum(0)  # [T, N, C]
-            correct_t = correct_t + (cum.argmax(-1) == y.unsqueeze(0)).sum(1)
-            loss_sum = loss_sum + loss_fn(cum[-1] / T, y, reduction="sum").detach().double()
-            n += y.shape[0]
+        with frozen_weights(base):  # binary layers quantise their weights once per pass
+            for x, y in batches:
+                reset_net(base)
+                with autocast(x.device, precision):
+                    if step_mode == "m":
+                        set_step_mode(base, "m")
+                        out = fwd(seq_inputs(x, T, is_event))  # [T, N, C]
+                    else:
+                        set_step_mode(base, "s")
+                        out = torch.stack([fwd(step_inputs(x, t, is_event)) for t in range(T)])
+                cum = out.float().cumsum(0)  # [T, N, C]
+                correct_t = correct_t + (cum.argmax(-1) == y.unsqueeze(0)).sum(1)
+                loss_sum = loss_sum + loss_fn(cum[-1] / T, y, reduction="sum").detach().double()
+                n += y.shape[0]
     finally:
         reset_net(base)
         set_step_mode(base, "s")
