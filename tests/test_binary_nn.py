@@ -605,6 +605,9 @@ def test_frozen_weights_nest_and_reach_every_binary_layer():
         assert kept() == [True, True]
         model(x)
     assert kept() == [False, False]
+    with pytest.raises(TypeError, match="frozen_weights needs an nn.Module"):
+        with frozen_weights([model]):
+            pass
 
 
 def test_eval_input_gradient_equals_the_uncached_one():

@@ -99,6 +99,8 @@ def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
     `p.data.clamp_()`) cannot be noticed. Leaving the block frees what was kept (one weight's
     worth per layer, in the input's dtype). Nests; yields `model`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"frozen_weights needs an nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, _BinaryLayer)]
     outer = [m.__dict__.get("_keep_derived", False) for m in layers]
     for m in layers:
