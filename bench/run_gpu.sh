@@ -15,8 +15,9 @@
 #                     T=32, eager and Triton (autotuned): the cases the targets read
 #   bench_compile_t4 60  torch.compile(reference) of empf_neuron fwd+bwd at T=4
 #   bench_gemm 40     binary GEMM vs cuBLAS (eager and CUDA graph)
-#   bench_models_target 60  ResNet-18 inference B=1 step mode "m", eager and
-#                     torch.compile(mode="reduce-overhead"): the 2 ms target's case
+#   bench_models_target 60  ResNet-18 inference B=1 step mode "m", eager, eager inside
+#                     frozen_weights and torch.compile(mode="reduce-overhead"): the 2 ms
+#                     target's case
 #   bench_training_targets 60  ResNet-18 B=64 T=4 online and BPTT steps, EM-PF vs LIF step
 #   profile 60        bench/profile_host.py --model: launch costs, real-launch host time per op,
 #                     profiler tables, ResNet-18 B=1 under reduce-overhead with dynamo's counters

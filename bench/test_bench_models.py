@@ -18,6 +18,9 @@ Cases (`op="resnet18_inference"`, `batch`, `T=4`, `step_mode`, `impl`):
 - `eager`: the model called directly. On CUDA checked before timing against the same weights
   built with `impl="reference"` (logits' relative error ≤ 1e-3, TF32 off); the harness also
   captures the call in a `torch.cuda.CUDAGraph` and replays it (`graph_wall_time_s`).
+- `eager-frozen`: the same calls inside `empf_triton.nn.frozen_weights(model)`, as `evaluate` and
+  `empf eval` run them: the binary layers quantise their weights once, not per call. Checked
+  against `eager` (≤ 1e-3; the same kernels, so equal in practice).
 - `compile`: `torch.compile` (default mode) of the whole sample function (the step loop unrolled
   into one graph). Checked against eager (≤ 1e-3).
 - `compile-reduce-overhead`: `torch.compile(mode="reduce-overhead")`: inductor + CUDA graphs
@@ -31,6 +34,7 @@ lists). `extra_info["compile_s"]`: seconds of the first call (compilation) of co
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -46,13 +50,15 @@ from torch import nn
 
 from empf_triton import reset_net
 from empf_triton.models import build_model, set_step_mode
+from empf_triton.nn import frozen_weights
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 T = 4
 WIDTH = 64 if ON_CUDA else 4
 HW = 32 if ON_CUDA else 16
 BATCHES = [1, 64] if ON_CUDA else [1, 4]
-IMPLS = ["eager", "compile-reduce-overhead", "compile"]  # the target's impl before plain compile
+# the target's impl before plain compile
+IMPLS = ["eager", "eager-frozen", "compile-reduce-overhead", "compile"]
 COMPILE_MODE = {"compile": "default", "compile-reduce-overhead": "reduce-overhead"}
 OP = "resnet18_inference"
 REL_TOL = 1e-3
@@ -96,21 +102,27 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@contextlib.contextmanager
+def _tf32_off():
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def _check_against(get, want, what: str):
     """Before timing: `get()` against `want()` (relative error of the logits ≤ REL_TOL), TF32
     off while both run; two samples, so that a state left over between samples shows."""
 
     def check() -> dict:
-        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
+        with _tf32_off():
             errs = []
             for _ in range(2):
                 a, b = get(), want()
                 assert bool(b.abs().max() > 0), "reference logits are all zero"
                 errs.append(_rel_err(a, b))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         err = max(errs)
         assert err <= REL_TOL, f"logits differ from {what}: rel. error {err:.3g}"
         return {f"rel_err_vs_{what}": err}
@@ -122,7 +134,7 @@ def _check_against(get, want, what: str):
 @pytest.mark.parametrize("step_mode", ["m", "s"], ids=lambda s: f"step_{s}")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_resnet18_inference(benchmark, bench_tools, impl, step_mode, B):
-    if impl != "eager":
+    if impl.startswith("compile"):
         reason = compile_skip_reason(T)
         if reason:
             bench_skip(reason)
@@ -144,7 +156,13 @@ def test_bench_resnet18_inference(benchmark, bench_tools, impl, step_mode, B):
         "dtype": "fp32",
     }
 
-    if impl == "eager":
+    frozen = contextlib.nullcontext()
+    if impl == "eager-frozen":
+        fn, frozen = eager, frozen_weights(model)
+        with _tf32_off():  # as the check runs; outside the block: quantised per call
+            want = _run_sample(model, eager, x).clone()
+        check = _check_against(lambda: _run_sample(model, fn, x), lambda: want, "eager")
+    elif impl == "eager":
         fn = _sample_fn(model, step_mode)
         check = None
         if ON_CUDA:  # the Triton kernels against the same weights on the reference ops
@@ -167,10 +185,11 @@ def test_bench_resnet18_inference(benchmark, bench_tools, impl, step_mode, B):
             lambda: _run_sample(model, fn, x).clone(), lambda: _run_sample(model, eager, x), "eager"
         )
 
-    bench_tools.run(
-        benchmark,
-        lambda: _run_sample(model, fn, x),
-        check=check,
-        graph=impl != "compile-reduce-overhead",
-        **info,
-    )
+    with frozen:
+        bench_tools.run(
+            benchmark,
+            lambda: _run_sample(model, fn, x),
+            check=check,
+            graph=impl != "compile-reduce-overhead",
+            **info,
+        )
