@@ -245,8 +245,10 @@ def _bconv_nodes(d):
 
 def test_layer_plans_are_reused_per_input_and_renewed_when_tensors_change():
     """Each fused layer checks its call once per input signature and reuses the plan; a new
-    batch size gets its own plan; an in-place change of a layer's tensors (load_state_dict) or
-    new tensors (`.to()`) drop the plans. Outputs equal a freshly loaded model's every time."""
+    batch size gets its own plan; an in-place change of any of the model's tensors
+    (load_state_dict) or new tensors (`.to()`, another tensor put in a buffer's place) drop the
+    plans (one check per forward covers every layer). Outputs equal a freshly loaded model's
+    every time."""
     model = _small(spike_bits=4)
     d = fold(model)
     nodes = _bconv_nodes(d)
@@ -259,16 +261,31 @@ def test_layer_plans_are_reused_per_input_and_renewed_when_tensors_change():
     assert [n.plans for n in nodes] == plans  # the same plan objects
     assert torch.equal(d(x2), fold(model)(x2))
     assert [len(n.plans) for n in nodes] == [2] * len(nodes)
-    # an in-place change of one layer's scale: that layer plans again, the output follows
+    # an in-place change of one layer's scale: the layers plan again, the output follows
     name = next(k for k, _ in d.named_buffers() if k.endswith("_scale"))
     fresh = fold(model)
     for m in (d, fresh):
         dict(m.named_buffers())[name].mul_(3.0)
     assert torch.equal(d(x), fresh(x)) and not torch.equal(d(x), first)
-    assert sum(len(n.plans) for n in nodes) == 2 * len(nodes) - 1
+    assert [len(n.plans) for n in nodes] == [1] * len(nodes)
+    assert torch.equal(d(x2), fresh(x2))
     d.load_state_dict(fresh.state_dict())  # copies into every tensor: every layer plans again
     assert torch.equal(d(x), fresh(x))
     assert [len(n.plans) for n in nodes] == [1] * len(nodes)
+    # another tensor in a buffer's place: load_state_dict(assign=True), then setattr of a tensor
+    # whose version equals the old one's (0): only the replacement itself can tell
+    state = {k: v * 2 if k == name else v for k, v in fresh.state_dict().items()}
+    for m in (d, fresh):
+        m.load_state_dict(state, assign=True)
+    assert torch.equal(d(x), fresh(x)) and torch.equal(d(x2), fresh(x2))
+    old = dict(d.named_buffers())[name]
+    new = old * 0.5
+    assert new._version == old._version == 0
+    setattr(d, name, new)
+    rebuilt = type(d)(d.graph, d.file_tensors(), d.info)  # the same tensors, no plans yet
+    assert torch.equal(d(x), rebuilt(x)) and not torch.equal(d(x), fresh(x))
+    setattr(d, name, old)  # back: d is fresh's equal again
+    assert torch.equal(d(x), fresh(x))
     # new tensors (another dtype): every layer plans again
     d = d.to(torch.bfloat16)
     assert torch.equal(d(x), fresh.to(torch.bfloat16)(x))

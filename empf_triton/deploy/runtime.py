@@ -31,6 +31,7 @@ map `k I + b` inside the kernel; `empf_neuron_channels` below is the same neuron
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -151,7 +152,7 @@ def empf_neuron_channels(
 class _Node:
     __slots__ = (
         "index", "op", "inputs", "output", "attrs", "buffers", "free_after", "packed", "plans",
-        "plan_tensors", "fits",
+        "plan_state", "fits",
     )  # fmt: skip
 
     def __init__(self, index: int, spec: Mapping[str, Any]) -> None:
@@ -164,7 +165,7 @@ class _Node:
         self.free_after: list[str] = []
         self.packed: PackedWeight | None = None  # bconv: built once per words tensor
         self.plans: dict[tuple, Callable] = {}  # checked calls, by input signature
-        self.plan_tensors: tuple | None = None  # ... for these tensors (identity, version)
+        self.plan_state: tuple | None = None  # ... for the model's tensors in this state
         self.fits: dict[tuple, bool] = {}  # bconv + add: whether a residual fits, by shapes
 
 
@@ -264,6 +265,37 @@ class DeployedModel(nn.Module):
         self._schedule = self._fused_schedule()
         self._recorder: Callable | None = None
         self.eval()
+        self.__dict__["_gen"] = 0  # bumped whenever a buffer may be another tensor
+        self.__dict__["_buffer_list"] = None
+        self.__dict__["_state"] = None
+
+    # The layers' plans keep what they derived from the model's tensors (fp32 copies of 16-bit
+    # parameters, the tensors themselves). They are valid while `_state` is: the generation
+    # (bumped by `.to()` and by putting another tensor in a buffer's place) and the sum of the
+    # buffers' versions (in-place changes, `load_state_dict`, bump a version). One check per
+    # forward instead of one per layer.
+
+    def _new_tensors(self) -> None:
+        """A buffer may be another tensor now: the plans and the buffer list are out of date."""
+        d = self.__dict__
+        d["_gen"] = d.get("_gen", 0) + 1
+        d["_buffer_list"] = None  # (and holds no old tensor alive until the next forward)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._new_tensors()
+        return out
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        # also what `model.<buffer> = tensor` and load_state_dict(assign=True) call
+        super().register_buffer(name, tensor, persistent)
+        self._new_tensors()
+
+    def _check_state(self) -> None:
+        d = self.__dict__
+        if d["_buffer_list"] is None:
+            d["_buffer_list"] = [b for b in self._buffers.values() if b is not None]
+        d["_state"] = (d["_gen"], sum(map(_VERSION, d["_buffer_list"])))
 
     def _fused_schedule(self) -> list[tuple]:
         """What `forward` runs: (run function, node, input names, output name, names to free)
@@ -494,6 +526,7 @@ class DeployedModel(nn.Module):
         """
         dtype = self.dtype
         env: dict[str, Any] = {"x": self.check_input(x).to(dtype)}
+        self._check_state()
         rec = self._recorder
         if rec is not None:  # node by node (a recorder sees every node, the adds included)
             for node in self._nodes:
@@ -619,19 +652,22 @@ def _run_linear(m, node, args, dtype):
 _MAX_PLANS = 8  # per node: input shapes a deployed model is called with
 
 
-def _node_plan(node: _Node, tensors: tuple, key: tuple, make: Callable) -> Callable:
+_VERSION = operator.attrgetter("_version")
+
+
+def _node_plan(m: DeployedModel, node: _Node, key: tuple, make: Callable) -> Callable:
     """The node's plan for inputs of signature `key` (made by `make()` on first use).
 
     A plan is a call checked once, with its launch arguments built once: a layer's call then
-    costs a launch, not the op's checks. The plans are for the node's current `tensors`, by
-    identity and version: `.to()` makes new tensors and an in-place change (load_state_dict)
-    bumps the version; either drops the plans (a plan keeps fp32 copies of 16-bit parameters,
-    and would keep old tensors alive).
+    costs a launch, not the op's checks. The plans are for the model's tensors as they are
+    (`DeployedModel._state`): `.to()`, another tensor in a buffer's place, or an in-place change
+    (load_state_dict) drops them (a plan keeps fp32 copies of 16-bit parameters, and would keep
+    old tensors alive).
     """
-    sig = tuple((id(t), t._version) if t is not None else None for t in tensors)
-    if sig != node.plan_tensors:
+    state = m.__dict__["_state"]
+    if state != node.plan_state:
         node.plans.clear()
-        node.plan_tensors = sig
+        node.plan_state = state
     plan = node.plans.get(key)
     if plan is None:
         if len(node.plans) >= _MAX_PLANS:
@@ -716,7 +752,7 @@ def _run_bconv(m, node, args, dtype, residual=None):
             **kw,
         )
 
-    plan = _node_plan(node, (words, scale, bias, decay, threshold), key, make)
+    plan = _node_plan(m, node, key, make)
     y = plan(x) if residual is None else plan(x, residual)
     if a["linear"]:
         y = y.reshape(y.shape[:-2])
@@ -744,12 +780,12 @@ def _run_neuron(m, node, args, dtype):
     q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": m.impl}
     key = (x.dtype, x.shape, x.device, m.impl)
     if decay is None:
-        plan = _node_plan(node, (th,), key, lambda: parallel_neuron_plan(x, threshold=th, **q))
+        plan = _node_plan(m, node, key, lambda: parallel_neuron_plan(x, threshold=th, **q))
         return plan(x)
     # [T] per step, or [T, C] per channel (a folded Mem-BN's k λ, which may leave [0, 1]): the
     # fused kernel either way
     plan = _node_plan(
-        node, (th, decay, k, b), key,
+        m, node, key,
         lambda: empf_neuron_plan(
             x, decay=decay, threshold=th, decay_range=False, in_scale=k, in_bias=b, **q
         ),
