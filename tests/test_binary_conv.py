@@ -567,7 +567,9 @@ def test_residual_any_layout_and_float_spikes():
     wide = _grid_residual((T, 2, C_out + 3, 5, 5), torch.float32, seed=4)
     sliced = wide[:, :, 1 : C_out + 1]
     expanded = _grid_residual((1, 2, C_out, 5, 5), torch.float32, seed=5).expand(T, -1, -1, -1, -1)
-    for res in (sliced, expanded):
+    transposed = _grid_residual((T, 2, C_out, 5, 5), torch.float32, seed=7).transpose(-1, -2)
+    assert not transposed[0, 0].is_contiguous()  # the launcher copies it to the kernel's layout
+    for res in (sliced, expanded, transposed):
         for impl in ("triton", "reference"):
             got = binary_conv_neuron(x, packed, scale, bias, padding=1, residual=res, impl=impl)
             want = binary_conv_neuron(x, packed, scale, bias, padding=1,

@@ -507,13 +507,16 @@ def test_quantizer_on_a_conv_weight_is_one_node(device, bits):
 
 def _counting(monkeypatch):
     """Counts the calls that derive a layer's weight form (quantise or pack) from the latent
-    weight."""
+    weight: the layers' own, and those inside `binary_linear`'s reference and Triton paths."""
     import empf_triton.nn.binary as nb
+    import empf_triton.ops.binary as ob
+    import empf_triton.reference.binary as rb
 
     calls = []
-    for name in ("quantize_ref", "quantize_triton", "_pack_impl"):
-        real = getattr(nb, name)
-        monkeypatch.setattr(nb, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    for module, name in ((nb, "quantize_ref"), (nb, "quantize_triton"), (ob, "_pack_impl"),
+                         (rb, "quantize_ref")):  # fmt: skip
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
     return calls
 
 

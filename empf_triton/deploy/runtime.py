@@ -318,8 +318,7 @@ class DeployedModel(nn.Module):
                 and nxt is not None
                 and nxt.op == "add"
                 and n.output in nxt.inputs
-                and nxt.inputs[0] != nxt.inputs[1]
-                and readers.get(n.output) == 1
+                and readers.get(n.output) == 1  # (so not both of the add's inputs)
                 and n.output != self.graph_output
             ):
                 res = nxt.inputs[1] if nxt.inputs[0] == n.output else nxt.inputs[0]

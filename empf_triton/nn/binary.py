@@ -45,11 +45,11 @@ from torch import nn
 from ..ops._common import IMPLS, TRITON_DTYPES, check_tensor, resolve_impl
 from ..ops.binary import (
     PackedWeight,
-    _pack_impl,
     _route,
     check_x,
     linear_triton,
     matmul_triton,
+    pack_triton,
     pack_weight,
     quantize_triton,
     unpack_triton,
@@ -147,20 +147,25 @@ class _BinaryLayer(nn.Module):
     def is_packed(self) -> bool:
         return self._packed_shape is not None
 
+    def _keeps(self) -> bool:
+        """Whether this forward may keep what it derives from the latent weight: inside
+        `frozen_weights`, and no graph needs it (eval mode, no autograd through the weight, not
+        under torch.compile, which is asked first so that tracing reads no module state)."""
+        return (
+            not torch.compiler.is_compiling()
+            and "_keep_derived" in self.__dict__
+            and not self.training
+            and not (self.weight.requires_grad and torch.is_grad_enabled())
+        )
+
     def _derived(self, tag: tuple, make):
         """`make()`: what a forward derives from the latent weight (its quantised weight, or its
-        packed words and scales), kept between calls inside `frozen_weights` while no graph
-        needs it (eval mode, no autograd through the weight, not under torch.compile). The kept
-        value belongs to the weight's storage (held, so its address is not reused), its version
-        (in-place changes through the tensor bump it; changes through `.data` do not, which is
-        why keeping is opt-in), shape and dtype, grad/inference mode and `tag` (the route, the
-        input dtype); leaving `frozen_weights`, `train()`, `pack()`, `unpack()` and `.to()` drop
-        it."""
-        if torch.compiler.is_compiling() or "_keep_derived" not in self.__dict__:
-            return make()
+        packed words and scales), kept between calls where `_keeps()`. The kept value belongs to
+        the weight's storage (held, so its address is not reused), its version (in-place changes
+        through the tensor bump it; changes through `.data` do not, which is why keeping is
+        opt-in), shape and dtype, the inference mode and `tag` (the route, the input dtype);
+        leaving `frozen_weights`, `train()`, `pack()`, `unpack()` and `.to()` drop it."""
         w = self.weight
-        if self.training or (w.requires_grad and torch.is_grad_enabled()):
-            return make()
         key = (tag, w._version, w.data_ptr(), w.shape, w.dtype, torch.is_inference_mode_enabled())
         hit = self.__dict__.get("_derived_value")
         if hit is not None and hit[0] == key:
@@ -370,13 +375,9 @@ class BinaryLinear(_BinaryLayer):
                 return F.linear(x, unpack_triton(words, scale, K, x.dtype), bias)
             return binary_matmul_ref(x, words, scale, K, bias)
         w, bits = self.weight, self.bits
-        if not (
-            self.training
-            or (w.requires_grad and torch.is_grad_enabled())
-            or torch.compiler.is_compiling()
-        ):  # evaluation: the weight's packed / quantised form is kept between calls
+        if self._keeps():  # evaluation: the weight's packed / quantised form is kept
             if route == "triton":
-                words, scale = self._derived(("pack",), lambda: _pack_impl(w.detach(), bits))
+                words, scale = self._derived(("pack",), lambda: pack_triton(w.detach(), bits))
                 return matmul_triton(x, words, scale, bias, self.out_features, K)
             if route == "dense":
                 q = self._derived(("q", x.dtype), lambda: quantize_triton(w, bits).to(x.dtype))
@@ -529,7 +530,8 @@ class BinaryConv2d(_BinaryLayer):
             def quantized() -> torch.Tensor:
                 return (quantize_ref(w, bits) if ref else quantize_triton(w, bits)).to(x.dtype)
 
-            y = self._conv(x4, self._derived((ref, x.dtype), quantized), bias)
+            q = self._derived((ref, x.dtype), quantized) if self._keeps() else quantized()
+            y = self._conv(x4, q, bias)
         else:
             wt = self.packed_words
             if route == "triton":

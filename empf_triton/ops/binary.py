@@ -604,6 +604,11 @@ def matmul_triton(
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
 
 
+def pack_triton(w2d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unchecked Triton pack of a 2-D [N, K] weight: (words, scale), as `_pack_impl` (eager)."""
+    return _pack_impl(w2d, bits)
+
+
 def linear_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
