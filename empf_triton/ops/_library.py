@@ -44,11 +44,27 @@ Conventions the helper relies on:
   attributes). Output gradients arrive as zeros for unused outputs unless `setup_context` calls
   `ctx.set_materialize_grads(False)`, in which case they may be None.
 
-Why `custom_op` and not `triton_op`: `torch.library.triton_op` lets inductor trace into the
-launcher and re-emit the kernels itself, which requires the launcher to be written with
-`wrap_triton` and cannot run on CPU tensors (the interpreter path the tests depend on), while the
-library's launchers autotune and allocate their outputs in Python. An opaque `custom_op` keeps the
-exact kernels, works on both devices and still gives fullgraph compilation and CUDA-graph capture.
+Why `custom_op` and not `triton_op`: `torch.library.triton_op` hands the kernels to inductor,
+which compiles and launches them itself. Tracing works with our launchers (their `bind=True`
+mode gives the grid and arguments; traced on fake CUDA tensors, `empf_fwd_kernel` became one
+`triton_kernel_wrapper_functional` node and the HOP found the right written outputs). But in
+torch 2.13 inductor changes what the kernels compute (seen in the wrapper it generated for that
+kernel, 2026-12-06):
+
+- It compiles user kernels without the library's `enable_fp_fusion=False`, so Triton's default
+  applies: contraction on in Triton 3.9 (its warning says 3.10 turns it off). `λ·v + I` then
+  becomes one FMA, and spikes are no longer bit-equal to the eager path and the reference, which
+  round twice.
+- It types Python float arguments (decay, threshold, spike step) as fp64
+  (`inductor.config._use_fp64_for_unbacked_floats`). The membrane update would then run in fp64.
+- Under Triton's interpreter, `wrap_triton` returns the raw kernel. The traced path therefore
+  cannot run, or be tested, without a GPU.
+
+Switching becomes reasonable once contraction is off by default, the kernels cast their float
+scalars to fp32, and a GPU run shows compiled and eager results equal.
+
+An opaque `custom_op` keeps the exact kernels, compiled with the library's options. It runs on
+both devices, and it still gives fullgraph compilation and CUDA-graph capture.
 
 Every op registered here should pass `torch.library.opcheck` (see tests/test_library_ops.py).
 """
