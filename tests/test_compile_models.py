@@ -1,6 +1,7 @@
 """`torch.compile(model, fullgraph=True)` of every registered model: no graph break, in step modes
-"s" and "m", in evaluation and in the per-step training form online training uses (one step's
-forward, its loss, backward), with the same logits and gradients as eager.
+"s" and "m", in evaluation, in the per-step training form online training uses (one step's
+forward, its loss, backward) and in BPTT training (all steps at once in step mode "m"), with the
+same logits and gradients as eager.
 
 The ops run their Triton path (`impl="triton"`: the kernels in the interpreter on a CPU, compiled
 on a GPU), so the graphs hold the `empf::` custom ops. `backend="aot_eager"` traces forward and
@@ -18,7 +19,7 @@ import torch
 from helpers import DEVICE
 
 from empf_triton import reset_net
-from empf_triton.models import build_model, set_step_mode
+from empf_triton.models import build_model, set_grad_mode, set_step_mode
 
 T, N, CLASSES = 2, 2, 3
 MODELS = [
@@ -96,6 +97,31 @@ def test_model_compiles_fullgraph_per_step_training(name, in_shape, opts):
     for k in grads_e:
         torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-4, atol=1e-5, msg=k)
     # The neurons' own parameters learn through the compiled graph too.
+    assert any(k.endswith(".logits") and (grads_c[k] != 0).any() for k in grads_c)
+
+
+@pytest.mark.parametrize(("name", "in_shape", "opts"), MODELS, ids=[m[0] for m in MODELS])
+def test_model_compiles_fullgraph_bptt_training(name, in_shape, opts):
+    """The BPTT strategy's form: step mode "m", grad mode "bptt", one forward over all T steps
+    and one backward through time."""
+    model = set_grad_mode(_model(name, in_shape, opts, "m").train(), "bptt")
+    twin = copy.deepcopy(model)
+    x = torch.rand(T, N, *in_shape, device=DEVICE) * 2
+
+    def run(m):
+        reset_net(m)
+        loss = m(x).mean(0).square().mean()
+        loss.backward()
+        grads = {k.removeprefix("_orig_mod."): p.grad.clone()
+                 for k, p in m.named_parameters() if p.grad is not None}  # fmt: skip
+        return loss.detach(), grads
+
+    loss_e, grads_e = run(model)
+    loss_c, grads_c = run(torch.compile(twin, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 0
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-4, atol=1e-5, msg=k)
     assert any(k.endswith(".logits") and (grads_c[k] != 0).any() for k in grads_c)
 
 
