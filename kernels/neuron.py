@@ -410,7 +410,7 @@ def _grad_buffer(tq: int, mode: int, T: int, N: int, P: int, device) -> torch.Te
     return empty(_grad_shape(tq, mode, T, N, P), torch.float32, device)
 
 
-def _finish_grad(buf: torch.Tensor, p: torch.Tensor, mode: int, C: int, inner: int):
+def _finish_grad(buf: torch.Tensor, mode: int, C: int, inner: int):
     """The [TQ] (MODE 1) or [T, C] (MODE 2) fp32 gradient from the kernel's buffer, [2, ...] for
     a stacked pair (one fixed-order torch reduction)."""
     lead = buf.shape[:-2]  # () or (2,) for two parameters reduced together
@@ -625,27 +625,28 @@ def empf_bwd(
         LOGITS=logits,
         SUB=SUB,
     )
-    form = (joint, need_dv0, need_dthreshold, need_ddecay, decay, threshold, d_mode, th_mode,
-            channels, inner, stack_param_grads)  # fmt: skip
+    # no tensors in `form`: a plan keeps it, and it must not hold the first call's parameters
+    form = (joint, need_dv0, need_dthreshold, need_ddecay, d_mode, th_mode, channels, inner,
+            stack_param_grads)  # fmt: skip
     if bind:  # for empf_bwd_plan: the launch's grid and arguments and the finish, not run
         return grid, args, functools.partial(_bwd_finish, *form), (both if joint else None)
     launch(empf_bwd_kernel, grid, args)
     return _bwd_finish(*form, dcur, dv0, dth, ddec, both if joint else None)
 
 
-def _bwd_finish(joint, need_dv0, need_dth, need_ddecay, decay, threshold, d_mode, th_mode, C,
-                inner, stack, dcur, dv0, dth, ddec, both):  # fmt: skip
+def _bwd_finish(joint, need_dv0, need_dth, need_ddecay, d_mode, th_mode, C, inner, stack, dcur,
+                dv0, dth, ddec, both):  # fmt: skip
     """What `empf_bwd` returns from its buffers after the launch: dv0 where wanted, and the
     parameter gradients reduced from their partial sums (one [2, ...] pair when joint)."""
     dv0 = dv0 if need_dv0 else None
     if joint:
-        sums = _finish_grad(both, decay, d_mode, C, inner)
+        sums = _finish_grad(both, d_mode, C, inner)
         if stack:
             return dcur, dv0, sums, None
         dthr, ddecay = sums.unbind(0)
         return dcur, dv0, dthr, ddecay
-    dthr = _finish_grad(dth, threshold, th_mode, C, inner) if need_dth else None
-    ddecay = _finish_grad(ddec, decay, d_mode, C, inner) if need_ddecay else None
+    dthr = _finish_grad(dth, th_mode, C, inner) if need_dth else None
+    ddecay = _finish_grad(ddec, d_mode, C, inner) if need_ddecay else None
     return dcur, dv0, dthr, ddecay
 
 
@@ -750,16 +751,16 @@ def parallel_bwd(
         LOGITS=logits,
         SUB=SUB,
     )
-    form = (need_dthreshold, threshold, th_mode, channels, inner)
+    form = (need_dthreshold, th_mode, channels, inner)  # no tensors: a plan keeps it
     if bind:  # for parallel_bwd_plan
         return grid, args, functools.partial(_parallel_finish, *form)
     launch(parallel_bwd_kernel, grid, args)
     return _parallel_finish(*form, dcur, dth)
 
 
-def _parallel_finish(need_dth, threshold, th_mode, C, inner, dcur, dth):
+def _parallel_finish(need_dth, th_mode, C, inner, dcur, dth):
     """What `parallel_bwd` returns from its buffers after the launch."""
-    return dcur, (_finish_grad(dth, threshold, th_mode, C, inner) if need_dth else None)
+    return dcur, (_finish_grad(dth, th_mode, C, inner) if need_dth else None)
 
 
 # ---------------------------------------------------------------------------------------- plans
