@@ -158,6 +158,34 @@ def test_plans_take_each_calls_parameter_tensors(device, op, form):
     assert len(mod._FWD_PLANS) == 1 and len(mod._BWD_PLANS) == 1
 
 
+@pytest.mark.parametrize("op", ["empf", "lif", "parallel"])
+def test_plans_keep_no_tensor_of_the_call_that_made_them(device, op):
+    """Plans live as long as the process: the forward and backward plans must not keep the
+    current, the parameter tensors or the outputs of the call that made them (a sigmoid of
+    logits computed per call, activations)."""
+    import gc
+    import weakref
+
+    mod = ops_lif if op == "lif" else ops_neuron
+    refs = []
+    for seed in (0, 1):  # the first call makes the plans, the second runs them
+        x = torch.linspace(-0.6, 1.8, 3 * 10, device=device).view(3, 10).requires_grad_()
+        d = torch.sigmoid(torch.full((3,), 0.2 * seed, device=device)).requires_grad_()
+        th = torch.full((3,), 0.4, device=device).requires_grad_()
+        if op == "parallel":
+            out = (ops_neuron.parallel_neuron(x, threshold=th, spike_bits=3, impl="triton"),)
+        else:
+            fn = empf_neuron if op == "empf" else lif_neuron
+            out = fn(x, decay=d, threshold=th, grad_mode="bptt", impl="triton")
+        sum(o.sum() for o in out).backward()
+        assert th.grad is not None
+        refs += [weakref.ref(t) for t in (x, d, th, *out, x.grad, th.grad)]
+        del x, d, th, out
+    assert len(mod._FWD_PLANS) == 1 and len(mod._BWD_PLANS) == 1
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
 @pytest.mark.parametrize("op", ["empf", "lif"])
 def test_a_plan_is_not_made_from_one_tensor_as_decay_and_threshold(device, op):
     fn = empf_neuron if op == "empf" else lif_neuron
@@ -283,6 +311,10 @@ def test_custom_op_plans_take_each_calls_tensors(device, op, monkeypatch):
     mod = ops_lif if op == "lif" else ops_neuron
     mod._FWD_PLANS.clear()
     mod._BWD_PLANS.clear()
+    # Dynamo maps torch functions to its rules once per process, by object. Built while the
+    # patch is in place, that map would miss the real `is_compiling`, and later compiled code
+    # in this worker would graph-break on it. So have dynamo build the map first.
+    torch.compile(lambda t: t + torch.compiler.is_compiling(), backend="eager")(torch.zeros(1))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.manual_seed(3)
     T, N = 3, 37
