@@ -49,7 +49,8 @@ which compiles and launches them itself. Tracing works with our launchers (their
 mode gives the grid and arguments; traced on fake CUDA tensors, `empf_fwd_kernel` became one
 `triton_kernel_wrapper_functional` node and the HOP found the right written outputs). But in
 torch 2.13 inductor changes what the kernels compute (seen in the wrapper it generated for that
-kernel, 2026-12-06):
+kernel, 2026-12-06; in torch's source: `_inductor/runtime/triton_heuristics.py`
+`_create_compile_options` and `_inductor/codegen/triton_utils.py` `signature_of`):
 
 - It compiles user kernels without the library's `enable_fp_fusion=False`, so Triton's default
   applies: contraction on in Triton 3.9 (its warning says 3.10 turns it off). `λ·v + I` then
