@@ -762,6 +762,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report}
     handlers["export"] = deploy_cli.cmd_export
+    # The commands set torch's thread count (--threads); called in a process that uses torch
+    # already (a notebook, a test), give its own setting back afterwards.
+    torch_mod = sys.modules.get("torch")
+    threads_before = torch_mod.get_num_threads() if torch_mod is not None else None
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as e:
@@ -775,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"empf {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        if threads_before is not None and torch_mod.get_num_threads() != threads_before:
+            torch_mod.set_num_threads(threads_before)
 
 
 def _one_line(e: BaseException) -> str:

@@ -28,6 +28,14 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
+def pytest_sessionstart(session):
+    """Have dynamo map torch's functions to its tracing rules now, before any test patches one.
+    It builds that map once per process (cached, keyed by the function objects): built while a
+    test has `torch.compiler.is_compiling` or `torch.cuda.current_device` patched, it would miss
+    the real function, and every later compile in the process would graph-break on it."""
+    torch.compile(lambda t: t + torch.compiler.is_compiling(), backend="eager")(torch.zeros(1))
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

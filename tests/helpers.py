@@ -297,3 +297,22 @@ def assert_same_quantization(out: torch.Tensor, ref: torch.Tensor, n: int) -> No
     torch.testing.assert_close(
         out[~nan].double().abs(), ref[~nan].double().abs(), rtol=stat_rtol(n, out.dtype), atol=0
     )
+
+
+def fresh_launch_caches(monkeypatch) -> None:
+    """Empty launch caches for the rest of a test: every ops module's plan caches and the direct
+    launcher's compiled-kernel cache (kernels/_launch.py). A test that changes what a launch
+    should be (a module constant such as SUB, a patched dot mode, an autotuner's configs) needs
+    this: a plan or a cached launcher made by an earlier test, keyed without that change, would
+    otherwise run the old launch and the test would check nothing."""
+    import importlib
+
+    from empf_triton.ops._common import PlanCache
+
+    for name in ("binary", "binary_conv", "lif", "neuron", "spikes"):
+        mod = importlib.import_module(f"empf_triton.ops.{name}")
+        for attr, value in list(vars(mod).items()):
+            if isinstance(value, PlanCache):
+                monkeypatch.setattr(mod, attr, PlanCache(value.limit))
+    launch = importlib.import_module("empf_triton.kernels._launch")
+    monkeypatch.setattr(launch, "_LAUNCHERS", {})

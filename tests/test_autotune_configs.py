@@ -30,7 +30,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from helpers import assert_same_quantization  # noqa: E402
+from helpers import assert_same_quantization, fresh_launch_caches  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from empf_triton import ops  # noqa: E402
@@ -297,8 +297,12 @@ class _Recorder:
 
 
 def _pin(tuner: Autotuner, configs: list, monkeypatch) -> None:
+    """Restrict `tuner` to `configs`. Its own cache and every launch cache that would bypass it
+    (plans, the direct launcher's compiled kernels) start empty, so the next launches really
+    go through the autotuner with these configs."""
     monkeypatch.setattr(tuner, "configs", list(configs))
     tuner.cache.clear()
+    fresh_launch_caches(monkeypatch)
 
 
 def _reach_map(monkeypatch) -> tuple[dict[str, Autotuner], dict[str, list], _Recorder]:

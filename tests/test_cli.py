@@ -63,7 +63,13 @@ def test_train_eval_report(tmp_path, capsys):
     assert ("cuda_peak_mb" in row) != ("peak_rss_mb" in row)
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
 
-    assert cli.main(["eval", "--checkpoint", str(run / "last.pt"), "--json", "ev.json"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # the caller's own setting: eval sets 1 on a CPU, then gives it back
+    try:
+        assert cli.main(["eval", "--checkpoint", str(run / "last.pt"), "--json", "ev.json"]) == 0
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert f"test accuracy {row['test_accuracy'] * 100:.2f}%" in out
     assert "t=1" in out and "t=2" in out

@@ -311,10 +311,7 @@ def test_custom_op_plans_take_each_calls_tensors(device, op, monkeypatch):
     mod = ops_lif if op == "lif" else ops_neuron
     mod._FWD_PLANS.clear()
     mod._BWD_PLANS.clear()
-    # Dynamo maps torch functions to its rules once per process, by object. Built while the
-    # patch is in place, that map would miss the real `is_compiling`, and later compiled code
-    # in this worker would graph-break on it. So have dynamo build the map first.
-    torch.compile(lambda t: t + torch.compiler.is_compiling(), backend="eager")(torch.zeros(1))
+    # (tests/conftest.py has dynamo build its rule map before any test patches is_compiling)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.manual_seed(3)
     T, N = 3, 37
