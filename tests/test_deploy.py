@@ -292,6 +292,30 @@ def test_layer_plans_are_reused_per_input_and_renewed_when_tensors_change():
     assert [len(n.plans) for n in _bconv_nodes(d)] == [1] * len(nodes)
 
 
+def test_a_model_made_under_inference_mode_runs_and_notices_changes(tmp_path):
+    """fold, load and `.to()` under `torch.inference_mode()` give tensors without a version
+    counter: the model still runs (equal to one made outside), and an in-place change to a
+    buffer made inside inference mode later still drops the plans."""
+    model = _small(spike_bits=4)
+    x = torch.randn(4, 1, 24)
+    want = fold(model)(x)
+    want16 = fold(model).to(torch.bfloat16)(x)
+    p = tmp_path / "m.safetensors"
+    export(model, p)
+    with torch.inference_mode():
+        made = {"fold": fold(model), "load": load(p), "to": fold(model).to(torch.bfloat16)}
+        for how, d in made.items():
+            assert any(b.is_inference() for b in d.buffers()), how
+            assert torch.equal(d(x), want16 if how == "to" else want), how
+        d = made["fold"]
+        name = next(k for k, _ in d.named_buffers() if k.endswith("_scale"))
+        dict(d.named_buffers())[name].mul_(3.0)
+        changed = d(x)
+    fresh = fold(model)
+    dict(fresh.named_buffers())[name].mul_(3.0)
+    assert torch.equal(changed, fresh(x)) and not torch.equal(changed, want)
+
+
 def test_graphed_needs_a_cuda_input():
     d = fold(_small(spike_bits=4))
     with pytest.raises(ValueError, match="CUDA"):

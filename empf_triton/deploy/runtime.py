@@ -294,8 +294,18 @@ class DeployedModel(nn.Module):
     def _check_state(self) -> None:
         d = self.__dict__
         if d["_buffer_list"] is None:
+            self._track_versions()
             d["_buffer_list"] = [b for b in self._buffers.values() if b is not None]
         d["_state"] = (d["_gen"], sum(map(_VERSION, d["_buffer_list"])))
+
+    def _track_versions(self) -> None:
+        """Buffers made under `torch.inference_mode()` (a model folded, loaded or converted
+        there) have no version counter, so an in-place change to them could not be noticed:
+        they become normal tensors (one copy each, once)."""
+        for name, b in self._buffers.items():
+            if b is not None and b.is_inference():
+                with torch.inference_mode(False):
+                    self._buffers[name] = b.clone()
 
     def _fused_schedule(self) -> list[tuple]:
         """What `forward` runs: (run function, node, input names, output name, names to free)
