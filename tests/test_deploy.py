@@ -292,6 +292,30 @@ def test_layer_plans_are_reused_per_input_and_renewed_when_tensors_change():
     assert [len(n.plans) for n in _bconv_nodes(d)] == [1] * len(nodes)
 
 
+def test_fold_of_a_packed_model_shares_no_memory_with_it():
+    """A packed layer's words go into the deployed model as a copy: a later change to either
+    model (the trained one loading another checkpoint, an edit of the deployed one) leaves the
+    other as it was."""
+    model = _small(spike_bits=4).eval()
+    for m in model.modules():
+        if hasattr(m, "pack"):
+            m.pack()
+    x = torch.randn(4, 1, 24)
+    d = fold(model)
+    before = d(x)
+    theirs = {b.untyped_storage().data_ptr() for b in model.buffers() if b.numel()}
+    assert not theirs & {b.untyped_storage().data_ptr() for b in d.buffers() if b.numel()}
+    words = [m.packed_words for m in model.modules() if hasattr(m, "packed_words")]
+    kept = [w.clone() for w in words]
+    for w in words:
+        w.bitwise_not_()  # the trained model changes: the deployed one does not
+    assert torch.equal(d(x), before)
+    for b in d.buffers():
+        if b.dtype == torch.int32:
+            b.bitwise_not_()  # the deployed model changes: the trained one does not
+    assert all(torch.equal(w, ~k) for w, k in zip(words, kept))
+
+
 def test_a_model_made_under_inference_mode_runs_and_notices_changes(tmp_path):
     """fold, load and `.to()` under `torch.inference_mode()` give tensors without a version
     counter: the model still runs (equal to one made outside), and an in-place change to a

@@ -321,5 +321,6 @@ def fold(model: nn.Module, *, impl: str = "auto") -> DeployedModel:
     for i, n in enumerate(g.nodes):
         nodes.append({"op": n.op, "in": n.inputs, "out": n.output, "attrs": n.attrs})
         for k, t in n.tensors.items():
-            tensors[f"{i}.{k}"] = t.detach().cpu().contiguous()
+            # a copy: the deployed model shares no memory with `model` (a packed layer's words)
+            tensors[f"{i}.{k}"] = t.detach().to("cpu", copy=True).contiguous()
     return DeployedModel({"nodes": nodes, "output": cur}, tensors, info, impl=impl)
