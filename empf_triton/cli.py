@@ -328,6 +328,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.deployed is not None or args.checkpoint is None:
         return deploy_cli.cmd_eval(args)
+    given = [f for f, v in (("--energy-samples", args.energy_samples),
+                            ("--latency-runs", args.latency_runs)) if v is not None]  # fmt: skip
+    if given:
+        raise UsageError(f"{' and '.join(given)} apply to --deployed, not to --checkpoint")
+    step_mode = args.step_mode or "m"
+    precision = args.precision or "fp32"
+    compile_mode = args.compile or "none"
     device = resolve_device(args.device)
     torch.set_num_threads(resolve_threads(args.threads, device))
     ckpt = load_checkpoint(args.checkpoint)
@@ -347,12 +354,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = build_from_checkpoint(ckpt, impl=args.impl, path=args.checkpoint).to(device)
     T = int(cfg["T"])
     ev = evaluate(
-        compile_model(model, args.compile),
+        compile_model(model, compile_mode),
         iterate_batches(test_set, args.batch_size, device=device),
         T,
         is_event=info.is_event,
-        step_mode=args.step_mode,
-        precision=args.precision,
+        step_mode=step_mode,
+        precision=precision,
     )
     print(
         f"{ckpt['model_name']} on {dataset} (epoch {ckpt['epoch']}, T={T}): test accuracy "
@@ -368,8 +375,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "model": ckpt["model_name"],
             "dataset": dataset,
             "epoch": ckpt["epoch"],
-            "precision": args.precision,
-            "compile": args.compile,
+            "precision": precision,
+            "compile": compile_mode,
             **ev,
         }
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
@@ -694,21 +701,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--step-mode",
         dest="step_mode",
         choices=("m", "s"),
-        default="m",
-        help="m: all steps per call (fast); s: one step per call (default m)",
+        default=None,
+        help="m: all steps per call (fast); s: one step per call (default m; --checkpoint only)",
     )
     e.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="fp32, or bf16/fp16 autocast for convolutions and linears (default fp32)",
+        default=None,
+        help="fp32, or bf16/fp16 autocast for convolutions and linears (default fp32; "
+        "--checkpoint only)",
     )
     e.add_argument(
         "--compile",
         choices=("none", "default", "reduce-overhead"),
-        default="none",
+        default=None,
         help="torch.compile the model: none, default, or reduce-overhead (CUDA graphs; on a CPU "
-        "the same as default) (default none)",
+        "the same as default) (default none; --checkpoint only)",
     )
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     r = sub.add_parser(

@@ -123,6 +123,12 @@ def test_eval_deployed_errors(main_job, tmp_path, capsys):
         ["eval", "--deployed", str(good), "--checkpoint", str(main_job / "best.pt")],
         "either --checkpoint or --deployed",
     )
+    # options of the other kind of model are refused, not silently ignored
+    for opt in (["--precision", "bf16"], ["--compile", "default"], ["--step-mode", "s"]):
+        _error(capsys, ["eval", "--deployed", str(good), *opt], f"{opt[0]} apply to --checkpoint")
+    ckpt = str(main_job / "best.pt")
+    for opt in (["--latency-runs", "2"], ["--energy-samples", "10"]):
+        _error(capsys, ["eval", "--checkpoint", ckpt, *opt], f"{opt[0]} apply to --deployed")
     pytest.importorskip("sklearn")
     _error(
         capsys,

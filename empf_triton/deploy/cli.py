@@ -45,14 +45,14 @@ def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
         dest="energy_samples",
         type=_number("energy_samples"),
         default=None,
-        help="test samples for the energy table (default: the whole test set)",
+        help="test samples for the energy table (default: the whole test set; --deployed only)",
     )
     e.add_argument(
         "--latency-runs",
         dest="latency_runs",
         type=_number("latency_runs"),
-        default=5,
-        help="timed runs per batch size for the latency (median; default 5)",
+        default=None,
+        help="timed runs per batch size for the latency (median; default 5; --deployed only)",
     )
     r = report_parser
     r.add_argument("--deployed", default=None, help="plot per-layer stats of an export")
@@ -171,7 +171,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DeployError("empf eval needs --checkpoint FILE or --deployed FILE")
     if getattr(args, "checkpoint", None) is not None:
         raise DeployError("pass either --checkpoint or --deployed, not both")
-    if args.batch_size < 1 or args.latency_runs < 1:
+    given = [f"--{f.replace('_', '-')}" for f in ("step_mode", "precision", "compile")
+             if getattr(args, f, None) is not None]  # fmt: skip
+    if given:
+        raise DeployError(
+            f"{', '.join(given)} apply to --checkpoint: a deployed model runs as it was exported "
+            "(its dtype, all steps per call; empf_triton.deploy.load(...).to(dtype) converts it)"
+        )
+    runs = args.latency_runs if args.latency_runs is not None else 5
+    if args.batch_size < 1 or runs < 1:
         raise DeployError("--batch-size and --latency-runs must be >= 1")
     device = _device(args.device)
     if args.threads > 0:
@@ -210,11 +218,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         impl = "triton" if device.type == "cuda" else "reference"
     for bs in sorted({1, first.shape[1] if ev else first.shape[0]}):
         xb = first[:, :bs] if ev else first[:bs]
-        t = _latency(model, xb, args.latency_runs, device)
+        t = _latency(model, xb, runs, device)
         lat[str(bs)] = t
         print(
             f"latency at batch {bs}: {t * 1e3:.3f} ms per batch, {t / bs * 1e3:.4f} ms per "
-            f"sample (wall time, median of {args.latency_runs}, {device.type}, "
+            f"sample (wall time, median of {runs}, {device.type}, "
             f"{torch.get_num_threads()} thread(s), impl {impl})"
         )
     if args.json:
