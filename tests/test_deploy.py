@@ -316,6 +316,24 @@ def test_fold_of_a_packed_model_shares_no_memory_with_it():
     assert all(torch.equal(w, ~k) for w, k in zip(words, kept))
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_a_deployed_model_pickles_after_it_has_run(impl):
+    """torch.save of a DeployedModel works after forwards (the layers' plans, which hold launch
+    closures, are left out and made again), and the copy gives the same logits."""
+    import io
+
+    d = fold(_small(spike_bits=4), impl=impl)
+    x = torch.randn(4, 1, 24)
+    first = d(x)
+    assert any(n.plans for n in d._nodes)
+    buf = io.BytesIO()
+    torch.save(d, buf)
+    buf.seek(0)
+    copy = torch.load(buf, weights_only=False)
+    assert not any(n.plans for n in copy._nodes)
+    assert torch.equal(copy(x), first) and torch.equal(d(x), first)
+
+
 def test_a_model_made_under_inference_mode_runs_and_notices_changes(tmp_path):
     """fold, load and `.to()` under `torch.inference_mode()` give tensors without a version
     counter: the model still runs (equal to one made outside), and an in-place change to a

@@ -168,6 +168,18 @@ class _Node:
         self.plan_state: tuple | None = None  # ... for the model's tensors in this state
         self.fits: dict[tuple, bool] = {}  # bconv + add: whether a residual fits, by shapes
 
+    _DERIVED = ("packed", "plans", "plan_state", "fits")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (torch.save of a DeployedModel) and copy the description, not what a forward
+        derived from it (plans hold launch closures): those are made again on first use."""
+        return {k: getattr(self, k) for k in self.__slots__ if k not in self._DERIVED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.packed, self.plans, self.plan_state, self.fits = None, {}, None, {}
+
 
 def _fail(msg: str) -> DeployFormatError:
     return DeployFormatError(f"deployed graph: {msg}")
