@@ -664,6 +664,18 @@ def test_mismatched_input_shape_is_clear():
         d(torch.randn(2, 4, 1, 24))  # T=2 steps for a T=3 model
     with pytest.raises(TypeError, match="torch.Tensor"):
         d([1.0, 2.0])
+    with pytest.raises(TypeError, match="must be real.*complex64"):
+        d(torch.randn(4, 1, 24, dtype=torch.complex64))  # not cast with a warning
+    with pytest.raises(DeployError, match="input is on meta, the model on cpu"):
+        d(torch.randn(4, 1, 24, device="meta"))
+
+
+def test_load_names_a_bad_device(exported):
+    with pytest.raises(ValueError, match="device must be.*'gpu'"):
+        load(exported, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load(exported, device="cuda")
 
 
 def test_inference_only():

@@ -230,9 +230,17 @@ def load(
     Raises:
         DeployFormatError: the file is missing, truncated, corrupt (SHA-256 mismatch), of another
             format version, or not an export; one message naming the file and the reason.
+        ValueError: an unknown `impl` or `device`, or a CUDA device where there is none.
     """
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch.device or a name like 'cpu', 'cuda:0'; got "
+                         f"{device!r}") from e  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but CUDA is not available here")
     path = Path(path)
     if not path.is_file():
         raise _bad(path, "no such file" if not path.exists() else "not a file")

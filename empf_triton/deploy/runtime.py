@@ -526,6 +526,8 @@ class DeployedModel(nn.Module):
         `[T, N, *in_shape]` (one frame per step, e.g. event data). Returns it as `[T', N, *]`."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"deployed model input must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_complex():
+            raise TypeError(f"deployed model input must be real (float, int, bool), got {x.dtype}")
         d = len(self.in_shape)
         shp = ", ".join(map(str, self.in_shape))
         if x.dim() == d + 1 and tuple(x.shape[1:]) == self.in_shape:
@@ -546,8 +548,15 @@ class DeployedModel(nn.Module):
                 `[T, N, *in_shape]`; cast to the model's dtype and must be on its device.
         """
         dtype = self.dtype
-        env: dict[str, Any] = {"x": self.check_input(x).to(dtype)}
+        x = self.check_input(x)
         self._check_state()
+        tensors = self.__dict__["_buffer_list"]
+        if tensors and x.device != tensors[0].device:
+            raise DeployError(
+                f"deployed model input is on {x.device}, the model on {tensors[0].device}: move "
+                "one of them (model.to(device) or x.to(device))"
+            )
+        env: dict[str, Any] = {"x": x.to(dtype)}
         rec = self._recorder
         if rec is not None:  # node by node (a recorder sees every node, the adds included)
             for node in self._nodes:
