@@ -528,10 +528,25 @@ def test_no_overwrite_unless_told(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temp files left
 
 
+def test_export_to_a_folder_or_under_a_file_is_named(tmp_path):
+    model = _small()
+    (tmp_path / "dir").mkdir()
+    for overwrite in (False, True):  # the same message either way
+        with pytest.raises(DeployError, match="is a folder"):
+            export(model, tmp_path / "dir", overwrite=overwrite)
+    (tmp_path / "file").write_bytes(b"keep")
+    with pytest.raises(DeployError, match="a part of its folder path is a file"):
+        export(model, tmp_path / "file" / "m.safetensors")
+    assert (tmp_path / "file").read_bytes() == b"keep"
+
+
 def test_export_respects_umask(tmp_path):
     old = os.umask(0o027)
     try:
         p = export(_small(), tmp_path / "m.safetensors")
+        from empf_triton.deploy.format import _umask
+
+        assert _umask() == 0o027  # read from /proc where there is one, without setting it
     finally:
         os.umask(old)
     assert (p.stat().st_mode & 0o777) == 0o640

@@ -68,17 +68,29 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux): setting
+    it to read it would, for a moment, let other threads create files open to everyone."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
 def _write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise DeployError(f"{path} already exists; pass overwrite=True (CLI: --overwrite)")
     if path.is_dir():
         raise DeployError(f"{path} is a folder, not a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise DeployError(f"{path} already exists; pass overwrite=True (CLI: --overwrite)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DeployError(f"cannot write {path}: a part of its folder path is a file") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
