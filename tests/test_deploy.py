@@ -316,6 +316,27 @@ def test_fold_of_a_packed_model_shares_no_memory_with_it():
     assert all(torch.equal(w, ~k) for w, k in zip(words, kept))
 
 
+def test_the_graph_description_is_a_copy():
+    """Editing `graph` / `nodes` (or the description the model was made from) changes neither
+    the running model nor what it exports."""
+    d = fold(_small(spike_bits=4))
+    x = torch.randn(4, 1, 24)
+    first = d(x)
+    want = d.graph
+    for desc in (d.graph, {"nodes": d.nodes}):
+        for n in desc["nodes"]:
+            for v in n["attrs"].values():
+                if isinstance(v, list):
+                    v.clear()
+            n["attrs"]["stride"] = [9, 9]
+    assert d.graph == want
+    spec = d.graph
+    made = type(d)(spec, d.file_tensors(), d.info)
+    for n in spec["nodes"]:
+        n["attrs"].clear()
+    assert torch.equal(d(x), first) and torch.equal(made(x), first)
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_a_deployed_model_pickles_after_it_has_run(impl):
     """torch.save of a DeployedModel works after forwards (the layers' plans, which hold launch

@@ -30,6 +30,7 @@ map `k I + b` inside the kernel; `empf_neuron_channels` below is the same neuron
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -160,7 +161,7 @@ class _Node:
         self.op = spec["op"]
         self.inputs = list(spec["in"])
         self.output = spec["out"]
-        self.attrs = dict(spec.get("attrs", {}))
+        self.attrs = copy.deepcopy(dict(spec.get("attrs", {})))  # nothing shared with the caller
         self.buffers: dict[str, str] = {}
         self.free_after: list[str] = []
         self.packed: PackedWeight | None = None  # bconv: built once per words tensor
@@ -264,7 +265,7 @@ class DeployedModel(nn.Module):
         if extra:
             raise _fail(f"tensors not used by any node: {sorted(extra)[:5]}")
         self.graph_output = output
-        self.graph = {"nodes": [dict(s) for s in nodes], "output": output}
+        self._graph = copy.deepcopy({"nodes": nodes, "output": output})
         # Free each value after its last reader (activation memory of a deep net stays small).
         last: dict[str, int] = {}
         for n in self._nodes:
@@ -504,8 +505,14 @@ class DeployedModel(nn.Module):
         }
 
     @property
+    def graph(self) -> dict[str, Any]:
+        """The graph description (plain data, as exported): a copy, so editing it changes
+        neither this model nor what `export` writes of it."""
+        return copy.deepcopy(self._graph)
+
+    @property
     def nodes(self) -> list[dict]:
-        """The graph's node descriptions (plain data)."""
+        """The graph's node descriptions (plain data; a copy, see `graph`)."""
         return self.graph["nodes"]
 
     def train(self, mode: bool = True) -> DeployedModel:
