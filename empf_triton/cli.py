@@ -271,7 +271,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a(
         "--overwrite",
         action="store_true",
-        help="start afresh in an --out holding a checkpoint (replaced at the first save)",
+        help="start afresh in an --out holding a run's files (removed at the first save)",
     )
     a(
         "--stop-after",

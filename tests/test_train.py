@@ -458,9 +458,63 @@ def test_resume_with_other_model_keeps_checkpoint(tmp_path, digits):
         run_training(
             TrainConfig(**{**common, "T": 3, "epochs": 2}, resume=str(last)), log=lambda s: None
         )
-    with pytest.raises(ValueError, match="already holds a checkpoint"):
+    with pytest.raises(ValueError, match="already holds files of another run"):
         run_training(TrainConfig(out=str(tmp_path / "r"), **common), log=lambda s: None)
     assert last.read_bytes() == before
+
+
+def test_a_folder_with_any_run_file_is_refused_without_overwrite(tmp_path, digits):
+    """best.pt alone (last.pt deleted to save space), or a config.json / metrics.csv of the
+    user's own in --out, is not replaced by a new run unless --overwrite."""
+    common = dict(dataset="digits", epochs=1, T=2, device="cpu", progress=False)
+    for name in ("best.pt", "config.json", "metrics.csv"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_bytes(b"keep")
+        with pytest.raises(ValueError, match=f"already holds files of another run \\({name}\\)"):
+            run_training(TrainConfig(out=str(folder), **common), log=lambda s: None)
+        assert (folder / name).read_bytes() == b"keep"
+
+
+def test_overwrite_removes_the_earlier_runs_files_before_writing(tmp_path, digits, monkeypatch):
+    """With --overwrite, a crash during the first save leaves no file of the earlier run beside
+    the new one's (before: the new config.json sat next to the old last.pt, best.pt, metrics)."""
+    import empf_triton.train.loop as loop
+
+    common = dict(dataset="digits", epochs=1, T=2, device="cpu", progress=False)
+    out = tmp_path / "r"
+    run_training(TrainConfig(out=str(out), **common), log=lambda s: None)
+
+    def full_disk(path, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        run_training(TrainConfig(out=str(out), overwrite=True, lr=0.05, **common),
+                     log=lambda s: None)  # fmt: skip
+    assert not [n for n in loop.RUN_FILES if (out / n).exists()]
+
+
+def test_a_branch_keeps_its_best_epoch_as_best_pt(tmp_path, digits):
+    """Resuming into a new folder: when the first new epoch is worse than the best inherited one,
+    best.pt is the inherited best checkpoint (copied from the folder branched off), not the new
+    epoch, so best.pt, the summary and the history agree."""
+    common = dict(dataset="digits", T=2, device="cpu", progress=False)
+    a = tmp_path / "a"
+    run_training(TrainConfig(out=str(a), epochs=2, **common), log=lambda s: None)
+    src = load_checkpoint(a / "best.pt")
+    hist = load_checkpoint(a / "last.pt")["history"]
+    # lr 0 past the branch: the next epoch cannot beat the best one by learning
+    r = run_training(
+        TrainConfig(resume=str(a / "last.pt"), out=str(tmp_path / "b"), epochs=3, lr=1e-9,
+                    **common),
+        log=lambda s: None,
+    )  # fmt: skip
+    best_pt = load_checkpoint(tmp_path / "b" / "best.pt")
+    accs = [h["test_accuracy"] for h in r["history"]]
+    assert best_pt["history"][-1]["test_accuracy"] == max(accs) == r["best_test_accuracy"]
+    assert accs[-1] < max(accs)  # the case under test (seeded: holds on every run)
+    assert best_pt["epoch"] == src["epoch"] and best_pt["history"] == hist[: src["epoch"]]
 
 
 # ---------------------------------------------------------------------- the small nets (small.py)

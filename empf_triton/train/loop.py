@@ -117,9 +117,10 @@ class TrainConfig:
         threads: CPU threads for torch (0 = auto: 1 on CPU; see `resolve_threads`).
         seed: seeds the model init, the shuffling, t* and the augmentation.
         out: output folder (None: `runs/<dataset>-<model>-<strategy>-T<T>`, suffixed -2, -3, ...
-            when that one already holds a checkpoint).
+            when that one already holds a run's files, `RUN_FILES`).
         resume: a checkpoint file or a run folder (its last.pt) to continue from.
-        overwrite: allow starting afresh in an `out` folder that already holds a checkpoint.
+        overwrite: allow starting afresh in an `out` folder that already holds a run's files
+            (they are removed at this run's first save, before its own are written).
         stop_after: stop after this many epochs in this invocation (time-boxed jobs; resume later).
         grad_clip: clip the gradient norm (None: no clipping).
         sync_bn: SyncBatchNorm under DDP (CUDA only).
@@ -544,6 +545,40 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _inherited_best(resume_path: Path | None, history: list[dict], best: float) -> bytes | None:
+    """The bytes of the best.pt beside the checkpoint a branch resumed from, when that file is
+    this run's best epoch so far (its history is a prefix of this run's and its test accuracy is
+    `best`); else None."""
+    if resume_path is None:
+        return None
+    src = resume_path.parent / "best.pt"
+    try:
+        data = src.read_bytes()
+        ck = load_checkpoint(src)
+    except (OSError, CheckpointError):
+        return None
+    n = int(ck.get("epoch", 0))
+    hist = ck.get("history", [])
+    if not 0 < n <= len(history) or hist != history[:n]:
+        return None
+    return data if hist[-1].get("test_accuracy") == best else None
+
+
 def _write_logs(out: Path, history: list[dict]) -> None:
     _atomic_write_text(out / "metrics.json", json.dumps(history, indent=1) + "\n")
     keys: list[str] = []
@@ -567,8 +602,18 @@ def _peak_memory_mb(device: torch.device) -> tuple[str, float]:
     return "peak_rss_mb", rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+#: What a run writes into its folder. A folder holding any of them holds (part of) a run, whose
+#: files another run may replace only with `overwrite` (a user's own config.json or metrics.csv
+#: in `--out .` included).
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "metrics.csv", "config.json")
+
+
+def _held_run_files(folder: Path) -> list[str]:
+    return [name for name in RUN_FILES if (folder / name).exists()]
+
+
 def _holds_run(folder: Path) -> bool:
-    return (folder / "last.pt").exists()
+    return bool(_held_run_files(folder))
 
 
 def _check_out_folder(out: Path) -> None:
@@ -582,12 +627,12 @@ def _lock_out(
     """Choose the output folder and lock it (see lock.py); returns (folder, lock).
 
     An explicit `out` (or, for a resume, the resumed checkpoint's folder) is used as given:
-    refused if it is a file, if another run holds its lock, or if it holds a last.pt that this
-    run would replace without continuing it (a fresh run, a resume from another folder, or a
-    resume from best.pt while a later last.pt is there), unless `overwrite`; and refused if the
+    refused if it is a file, if another run holds its lock, or if it holds files of a run
+    (`RUN_FILES`) that this run would replace without continuing it (a fresh run, a resume from
+    another folder, or a resume from best.pt), unless `overwrite`; and refused if the
     resumed last.pt changed since it was read (`resume_stat`: another run wrote it meanwhile).
     The default folder `runs/<dataset>-<model>-<strategy>-T<T>` is suffixed -2, -3, ...
-    past folders that hold a checkpoint or are in use. The checks run after the lock is taken,
+    past folders that hold a run's files or are in use. The checks run after the lock is taken,
     so two runs racing for one folder cannot both pass them.
     """
     from .lock import OutputFolderBusyError
@@ -601,14 +646,20 @@ def _lock_out(
         if _holds_run(out) and not cfg.overwrite and not continuing:
             lock.release()
             if resume_path is not None and out.resolve() == resume_path.parent.resolve():
+                what = f"{last}, a later checkpoint of" if last.exists() else "the files of"
                 raise ValueError(
-                    f"resuming from {resume_path} would replace {last}, a later checkpoint of "
-                    f"this run; pass --out NEW_FOLDER to branch off, or --overwrite"
+                    f"resuming from {resume_path} would replace {what} this run; pass --out "
+                    f"NEW_FOLDER to branch off, or --overwrite"
                 )
-            hint = f"pass --resume {out} to continue that run, " if resume_path is None else ""
+            hint = (
+                f"pass --resume {out} to continue that run, "
+                if resume_path is None and last.exists()
+                else ""
+            )
             raise ValueError(
-                f"output folder {out} already holds a checkpoint (last.pt) of another run; "
-                f"{hint}--overwrite to replace it, or another --out"
+                f"output folder {out} already holds files of another run "
+                f"({', '.join(_held_run_files(out))}); {hint}--overwrite to replace them, or "
+                f"another --out"
             )
         if continuing and resume_stat is not None:
             now = last.stat()
@@ -894,7 +945,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         state.resumed = (resume_path, start_epoch)
     if dist.is_main:
         out, state.lock = _lock_out(cfg, model_name, resume_path, resume_stat)
-        state.preexisting = _holds_run(out)
+        state.preexisting = (out / "last.pt").exists()
     else:
         out = Path(cfg.out) if cfg.out is not None else Path(".")
         state.main = False
@@ -1056,16 +1107,31 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
             }
             # All of an epoch's files, or none: Ctrl-C waits until they are written.
             with _DeferInterrupt():
+                first = state.saved_epoch is None and not same_folder
+                inherited = None
+                if first and anytime[-1] <= best:  # a branch whose best epoch came before it
+                    inherited = _inherited_best(resume_path, history, best)
+                if first:
+                    # An earlier run's files here (--overwrite) go before this run writes any,
+                    # so a crash mid-save never leaves the two runs' files side by side.
+                    for name in RUN_FILES:
+                        (out / name).unlink(missing_ok=True)
+                save_checkpoint(out / "last.pt", **ck)
+                # The first save into a folder other than the resumed one writes best.pt too,
+                # so best.pt never belongs to another run or is missing: the branch's own best
+                # epoch (copied from the folder it branched off) or this one.
+                if inherited is not None:
+                    _atomic_write_bytes(out / "best.pt", inherited)
+                elif anytime[-1] > best or first:
+                    save_checkpoint(out / "best.pt", **ck)
+                    if anytime[-1] <= best:
+                        log(f"best.pt: the best epoch so far is not in {resume_path.parent}; "
+                            f"best.pt holds epoch {epoch + 1} until a better one")  # fmt: skip
+                best = max(best, anytime[-1])
+                _write_logs(out, history)
                 _atomic_write_text(
                     out / "config.json", json.dumps(conf, indent=1, default=str) + "\n"
                 )
-                save_checkpoint(out / "last.pt", **ck)
-                # The first save into a folder other than the resumed one writes best.pt too,
-                # so best.pt never belongs to another run (--overwrite) or is missing.
-                if anytime[-1] > best or (state.saved_epoch is None and not same_folder):
-                    save_checkpoint(out / "best.pt", **ck)
-                best = max(best, anytime[-1])
-                _write_logs(out, history)
                 state.saved_epoch = epoch + 1
         summary = row
     ddp.barrier(dist)
