@@ -646,6 +646,32 @@ def test_moving_a_layer_drops_the_kept_weight_form():
     assert out.dtype == torch.float64 and torch.equal(out, m(x.double()).detach())
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_inside_frozen_weights_is_not_frozen(how):
+    """A copy of a model taken inside the block (an EMA or snapshot during evaluation) neither
+    keeps the original's quantised weight nor goes on keeping its own after the block: a later
+    change of its weight through `.data` shows in its output."""
+    import io
+
+    model = torch.nn.Sequential(BinaryLinear(8, 3, bias=False, impl="reference")).eval()
+    x = torch.randn(2, 8)
+    with frozen_weights(model), torch.no_grad():
+        model(x)
+        if how == "deepcopy":
+            c = copy.deepcopy(model)
+        else:
+            buf = io.BytesIO()
+            torch.save(model, buf)
+            buf.seek(0)
+            c = torch.load(buf, weights_only=False)
+        assert "_derived_value" not in c[0].__dict__
+    with torch.no_grad():
+        before = c(x)
+        c[0].weight.data.neg_()  # not noticed by a kept form: only right if nothing is kept
+        assert torch.equal(c(x), -before)
+        assert torch.equal(c(x), c[0](x)) and "_derived_value" not in c[0].__dict__
+
+
 def test_evaluate_runs_inside_frozen_weights(monkeypatch):
     """`evaluate` quantises each binary layer once per pass, not once per batch."""
     from empf_triton.models import build_model

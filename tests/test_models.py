@@ -578,3 +578,18 @@ def test_triton_tiny_lif_resnet_matches_reference(device, monkeypatch):
     assert gp_t.keys() == gp_r.keys()
     for k in gp_r:
         torch.testing.assert_close(gp_t[k], gp_r[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("name", "in_shape"),
+    [
+        ("mnist1d_cnn", (1, 40)),
+        ("digits_mlp", (64,)),
+        ("resnet18", (3, 8, 8)),
+        ("vgg11", (2, 16, 16)),
+    ],
+)
+def test_seca_flag_must_be_a_bool(name, in_shape):
+    """`seca="False"` is a TypeError in every model (mnist1d_cnn took any truthy value)."""
+    with pytest.raises(TypeError, match="seca must be a bool, got str"):
+        build_model(name, in_shape=in_shape, num_classes=3, T=2, seca="False")

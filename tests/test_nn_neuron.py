@@ -438,3 +438,55 @@ def test_lif_module_reads_changed_constants(device, impl):
     fresh.tau, fresh.v_threshold = 3.0, 1.0
     assert torch.equal(m(x), fresh(x))
     assert not torch.equal(out, LIFNeuron(step_mode="m", impl=impl).to(device)(x))
+
+
+# ------------------------------------------------- the input-check cache and module edge cases
+
+
+@pytest.mark.parametrize("cls", [EMPFNeuron, LIFNeuron])
+def test_changing_impl_after_a_call_takes_effect(cls, monkeypatch):
+    """The validated-input cache is keyed on the impl setting too: `m.impl = "reference"` after
+    a Triton call runs the reference from the next call on."""
+    import empf_triton.nn.neuron as nn_neuron
+
+    m = cls(T=2, impl="triton") if cls is EMPFNeuron else cls(impl="triton")
+    x = torch.rand(3, 4)
+    m(x)
+    reset_net(m)
+    m.impl = "reference"
+    for name in ("empf_neuron_triton", "parallel_neuron_triton", "lif_neuron_triton"):
+        monkeypatch.setattr(nn_neuron, name, lambda *a, **k: pytest.fail("the Triton path ran"))
+    m(x)
+
+
+@pytest.mark.parametrize("cls", [EMPFNeuron, LIFNeuron])
+def test_step_mode_change_rechecks_the_input_form(cls):
+    """After calls in step mode "s", the same 1-D input in mode "m" is refused as it is on a
+    fresh module (it was run as T scalar steps), and so is T = 0."""
+    m = cls(T=5) if cls is EMPFNeuron else cls()
+    x = torch.rand(5)
+    m(x)
+    reset_net(m)
+    m.step_mode = "m"
+    with pytest.raises(ValueError, match=r"needs (an input )?\[T, N, \*\]"):
+        m(x)
+    if cls is LIFNeuron:  # EMPFNeuron checks T against its own T
+        with pytest.raises(ValueError, match="with T >= 1"):
+            m(torch.rand(0, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_mem_bn_neuron_names_a_bad_input_dtype(dtype):
+    m = EMPFNeuron(T=2, mem_bn=True, channels=4)
+    with pytest.raises(TypeError, match=f"mem_bn=True\\) input has dtype {dtype}"):
+        m(torch.ones(2, 4, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_lif_continues_in_the_inputs_dtype_after_a_dtype_change(impl):
+    """A model converted to fp16 mid-sample: the kept fp32 membrane continues in fp16 on both
+    impls (the reference returned fp32 spikes and kept fp32, the kernel fp16)."""
+    m = LIFNeuron(impl=impl)
+    m(torch.rand(3, 4) * 2)
+    s = m(torch.rand(3, 4, dtype=torch.float16) * 2)
+    assert s.dtype == m.v.dtype == torch.float16

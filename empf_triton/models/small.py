@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from ..nn.binary import BinaryConv2d
-from .layers import NeuronFactory, SeqToANN, SpikingModel, check_weight_bits, linear
+from .layers import (
+    NeuronFactory,
+    SeqToANN,
+    SpikingModel,
+    check_flag,
+    check_weight_bits,
+    linear,
+)
 
 __all__ = ["SMALL_MODELS", "DigitsMLP", "MNIST1DCNN", "digits_mlp", "mnist1d_cnn"]
 
@@ -104,6 +111,7 @@ class MNIST1DCNN(SpikingModel):
             alpha=alpha,
             detach_reset=detach_reset,
         )
+        check_flag("seca", seca)
         C0, L = self.in_shape
         self.stem = SeqToANN(
             nn.Conv2d(C0, channels[0], (1, 5), padding=(0, 2), bias=False),
@@ -176,7 +184,7 @@ class DigitsMLP(SpikingModel):
         detach_reset: bool = False,
     ) -> None:
         super().__init__(T, num_classes, in_shape)
-        if seca:
+        if check_flag("seca", seca):
             raise ValueError("digits_mlp: seca needs channels and an MLP has none; use seca=False")
         if len(hidden) < 1:
             raise ValueError(f"digits_mlp: hidden needs >= 1 width, got {hidden!r}")

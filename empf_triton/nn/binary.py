@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -102,16 +103,22 @@ def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"frozen_weights needs an nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, _BinaryLayer)]
-    outer = [m.__dict__.get("_keep_derived", False) for m in layers]
     for m in layers:
-        m.__dict__["_keep_derived"] = True
+        _FROZEN[m] = _FROZEN.get(m, 0) + 1
     try:
         yield model
     finally:
-        for m, was in zip(layers, outer):
-            if not was:
-                m.__dict__.pop("_keep_derived", None)
+        for m in layers:
+            depth = _FROZEN.pop(m, 1) - 1
+            if depth:
+                _FROZEN[m] = depth
+            else:
                 m.__dict__.pop("_derived_value", None)
+
+
+#: The layers inside a `frozen_weights` block and how deeply nested. Kept here, not on the
+#: layers: a copy (deepcopy, pickle) made inside a block is not in one.
+_FROZEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _BinaryLayer(nn.Module):
@@ -153,7 +160,7 @@ class _BinaryLayer(nn.Module):
         under torch.compile, which is asked first so that tracing reads no module state)."""
         return (
             not torch.compiler.is_compiling()
-            and "_keep_derived" in self.__dict__
+            and self in _FROZEN
             and not self.training
             and not (self.weight.requires_grad and torch.is_grad_enabled())
         )
@@ -173,6 +180,11 @@ class _BinaryLayer(nn.Module):
         value = make()
         self.__dict__["_derived_value"] = (key, w.detach(), value)
         return value
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_derived_value", None)  # a copy derives its own (deepcopy, pickle)
+        return state
 
     def train(self, mode: bool = True) -> _BinaryLayer:
         if mode:

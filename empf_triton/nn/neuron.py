@@ -50,21 +50,26 @@ class StatefulNeuron(nn.Module):
         self.impl = impl
         self.v: torch.Tensor | None = None
         self.t = 0
-        # (shape, dtype, device) of the last validated input, and the impl it resolved to:
-        # validation runs on the first call and whenever these change, not on every call.
+        # (shape, dtype, device, impl setting, step form) of the last validated input, and the
+        # impl it resolved to: validation runs on the first call and whenever these change.
         self._checked: tuple | None = None
         self._resolved_impl = "reference"
 
     def _check_input(self, x: object, min_dim: int) -> str:
-        """Validate the input once per (shape, dtype, device); returns the resolved impl."""
-        key = (x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else None
+        """Validate the input once per (shape, dtype, device, impl, step form); returns the
+        resolved impl."""
+        key = (
+            (x.shape, x.dtype, x.device, self.impl, min_dim)
+            if isinstance(x, torch.Tensor)
+            else None
+        )
         if key is not None and key == self._checked:
             return self._resolved_impl
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < min_dim:
-            form = "[N, *]" if min_dim == 1 else "[T, N, *]"
+        if x.dim() < min_dim or (min_dim == 2 and x.shape[0] == 0):
+            form = "[N, *]" if min_dim == 1 else "[T, N, *] with T >= 1"
             raise ValueError(
                 f"{name} in step_mode={self.step_mode!r} needs an input {form}, "
                 f"got shape {tuple(x.shape)}"
@@ -277,6 +282,12 @@ class EMPFNeuron(StatefulNeuron):
                 f"EMPFNeuron(mem_bn=True, channels={self.channels}) needs a per-step input "
                 f"[N, {self.channels}, *], got {shape}"
             )
+        pdt = self.threshold_logit.dtype
+        if not x.is_floating_point() or (x.dtype == torch.float64) != (pdt == torch.float64):
+            raise TypeError(
+                f"EMPFNeuron(mem_bn=True) input has dtype {x.dtype}, its parameters {pdt}: give a "
+                "floating input (float64 only with a float64 module, `.double()`)"
+            )
         th = torch.sigmoid(self.threshold_logit[t])
         q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
         if not self.parallel:
@@ -478,7 +489,10 @@ class LIFNeuron(StatefulNeuron):
         else:
             self._check_input(x, 1)
             self._check_state(x.shape)
-            spike, v = self._run(x, self._carried_v(), True, step=True)
+            v = self._carried_v()
+            if v is not None and v.dtype != x.dtype:  # the model changed dtype mid-sample
+                v = v.to(x.dtype)  # both impls continue in the input's dtype
+            spike, v = self._run(x, v, True, step=True)
         self._keep_v(v, self.t + 1)
         return spike
 
