@@ -218,13 +218,19 @@ def _setup_axes_T(ax, Ts):
     ax.grid(True, which="both", alpha=0.3)
 
 
+def _subplots(*args, figsize, **kwargs):
+    """`pyplot.subplots` on a standalone Figure: no global backend switch or figure registry
+    (`empf report --bench` runs this module inside the caller's process)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
 def _finish(fig, label: str, title: str, path: Path, written: list[Path]) -> None:
     fig.suptitle(f"{title}\n{label}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     written.append(path)
 
 
@@ -250,15 +256,13 @@ def _present(records, key) -> list:
 
 
 def plot_speedup(records, label, out: Path, suffix: str, written: list[Path]) -> None:
-    import matplotlib.pyplot as plt
-
     sp = speedups(records)
     for op in NEURON_OPS:
         recs = [r for r in records if r["op"] == op and r.get("T") is not None]
         if not any(_key(r) in sp and r["impl"] != BASELINE for r in recs):
             continue
         modes, passes = _present(recs, "grad_mode"), _present(recs, "pass")
-        fig, axes = plt.subplots(
+        fig, axes = _subplots(
             len(modes), len(passes), figsize=(5.2 * len(passes), 3.6 * len(modes)), squeeze=False
         )
         for i, mode in enumerate(modes):
@@ -423,11 +427,9 @@ def plot_memory(records, label, out: Path, suffix: str, written: list[Path]) -> 
 
 def _grid(n: int, w: float = 5.4, h: float = 4.0):
     """A figure with n axes, at most two per row; returns (fig, flat list of n axes)."""
-    import matplotlib.pyplot as plt
-
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -486,8 +488,6 @@ def plot_bandwidth(records, label, out: Path, suffix: str, written: list[Path]) 
 
 
 def plot_empf_vs_lif(records, label, out: Path, suffix: str, written: list[Path]) -> None:
-    import matplotlib.pyplot as plt
-
     recs = [
         r
         for r in records
@@ -499,7 +499,7 @@ def plot_empf_vs_lif(records, label, out: Path, suffix: str, written: list[Path]
     if not {"empf_neuron", "lif_neuron"} <= {r["op"] for r in recs}:
         return
     modes = _present(recs, "grad_mode")
-    fig, axes = plt.subplots(2, len(modes), figsize=(5.2 * len(modes), 7.0), squeeze=False)
+    fig, axes = _subplots(2, len(modes), figsize=(5.2 * len(modes), 7.0), squeeze=False)
     for j, mode in enumerate(modes):
         ax, ax_ratio = axes[0][j], axes[1][j]
         cell = [r for r in recs if r.get("grad_mode") == mode]
@@ -551,14 +551,12 @@ def plot_gemm(records, label, out: Path, suffix: str, written: list[Path]) -> No
     """One row per GEMM benchmark op (inference GEMM, training step), columns time / GB/s /
     TFLOP/s vs M; solid = from the wall time of a synchronised call, dashed = from device time
     (the CUDA-graph replay's for the time column, CUDA events for the rates) where recorded."""
-    import matplotlib.pyplot as plt
-
     recs = [r for r in records if _is_gemm(r) and r.get("M") is not None and r.get("median_s")]
     if not recs:
         return
     copy_bw = copy_bandwidth(records)
     ops = _present(recs, "op")
-    fig, axes = plt.subplots(len(ops), 3, figsize=(15, 4.2 * len(ops)), squeeze=False)
+    fig, axes = _subplots(len(ops), 3, figsize=(15, 4.2 * len(ops)), squeeze=False)
     for r in recs:  # rates from the wall time (solid) and from the device time (dashed)
         if r.get("gbps_wall") is None and r.get("gbps") is not None:
             r["gbps_wall"] = r["gbps"] if r.get("gbps_basis") != "device_time_s" else None
@@ -602,15 +600,13 @@ def plot_gemm(records, label, out: Path, suffix: str, written: list[Path]) -> No
 
 
 def plot_spikes(records, label, out: Path, suffix: str, written: list[Path]) -> None:
-    import matplotlib.pyplot as plt
-
     recs = [r for r in records if r["op"] in SPIKE_OPS and r.get("gbps")]
     if not recs:
         return
     cases = sorted({(r["op"], r.get("bits"), r.get("dtype")) for r in recs}, key=str)
     impls = sorted({r["impl"] for r in recs})
     width = 0.8 / len(impls)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases)), 4))
+    fig, ax = _subplots(figsize=(max(6, 1.1 * len(cases)), 4))
     for k, impl in enumerate(impls):
         vals = []
         for c in cases:
@@ -1088,9 +1084,6 @@ def readme_table(paths: Sequence[str | Path]) -> str:
 
 def report(paths: Sequence[str | Path], out: str | Path) -> list[Path]:
     """Write all plots and summaries for `paths` into `out`; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records, envs = load(paths)

@@ -476,15 +476,14 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     """Accuracy curves (test and train accuracy per epoch), the final anytime accuracy and the
     loss of each run folder holding a metrics.json, with the accuracy axes zoomed to the range
     the runs occupy; writes runs.md (see `run_table`). Returns the files written."""
-    import matplotlib
+    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ._plot import subplots
 
     runs = [(Path(d).name, read_training_log(Path(d))) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     acc_vals: list[float] = []
     any_vals: list[float] = []
     for name, hist in runs:
@@ -514,10 +513,9 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     fig.tight_layout()
     path = out / "accuracy.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     written.append(path)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = subplots(figsize=(5.5, 4))
     for name, hist in runs:
         ax.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label=name)
     losses = [h["train_loss"] for _, hist in runs for h in hist]
@@ -532,7 +530,6 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     fig.tight_layout()
     path = out / "loss.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     written.append(path)
 
     path = out / "runs.md"
@@ -544,10 +541,9 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
 def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
     """Memory and time per step vs T for each training strategy, from the `train_step` records
     of bench/test_bench_training.py, plus the EM-PF / LIF step times. Returns the PNGs written."""
-    import matplotlib
+    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ._plot import subplots
 
     rows, neuron, device = [], {}, None
     for f in json_files:
@@ -567,7 +563,7 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
         return written
     out.mkdir(parents=True, exist_ok=True)
     if rows:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
         for strategy in sorted({r["strategy"] for r in rows}):
             rs = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["T"])
             Ts = [r["T"] for r in rs]
@@ -589,10 +585,9 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
         fig.tight_layout()
         path = out / "training_memory_speed.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
     if neuron:
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        fig, ax = subplots(figsize=(4.5, 3.5))
         names = sorted(neuron)
         ax.bar(
             names, [1e3 * neuron[n] for n in names], color=["tab:blue", "tab:gray"][: len(names)]
@@ -603,7 +598,6 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
         fig.tight_layout()
         path = out / "training_empf_vs_lif.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -637,6 +631,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
         missing = [b for b in args.bench if not Path(b).is_file()]
         if missing:
             raise UsageError(f"no such benchmark file: {', '.join(missing)}")
+        for b in args.bench:
+            try:
+                doc = json.loads(Path(b).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UsageError(f"{b} is not a readable JSON file ({e})") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks", []), list):
+                raise UsageError(
+                    f"{b} is not a pytest-benchmark JSON file (an object with a 'benchmarks' list)"
+                )
         try:
             written += plot_training_bench(args.bench, out)
         except ImportError as e:

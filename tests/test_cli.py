@@ -76,9 +76,20 @@ def test_train_eval_report(tmp_path, capsys):
     ev = json.loads(Path("ev.json").read_text())
     assert ev["accuracy"] == pytest.approx(row["test_accuracy"])
 
-    assert cli.main(["report", "--runs", str(run), "--out", "rep"]) == 0
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # the caller's (a notebook's) backend: report must not switch it
+    try:
+        assert cli.main(["report", "--runs", str(run), "--out", "rep"]) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     assert Path("rep/accuracy.png").stat().st_size > 1000
     assert Path("rep/loss.png").is_file()
+    Path("list.json").write_text("[1, 2]")
+    assert cli.main(["report", "--bench", "list.json", "--out", "rep2"]) == 2
+    assert "not a pytest-benchmark JSON file" in capsys.readouterr().err
 
 
 def test_resume_continues_and_inherits_settings(tmp_path, capsys):

@@ -324,10 +324,7 @@ def plot_energy(report: Mapping[str, Any], out: str | os.PathLike, *, title: str
         report: an `energy_report` result.
         out: a folder (writes `deployed_layers.png` there) or a `.png` path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .._plot import subplots
 
     out = Path(out)
     path = out if out.suffix == ".png" else out / "deployed_layers.png"
@@ -335,7 +332,7 @@ def plot_energy(report: Mapping[str, Any], out: str | os.PathLike, *, title: str
     layers = report["layers"]
     names = [r["layer"] for r in layers]
     x = range(len(layers))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, 0.45 * len(layers) + 2), 8))
+    fig, (ax1, ax2) = subplots(2, 1, figsize=(max(8.0, 0.45 * len(layers) + 2), 8))
     fr = [r["firing_rate"] if r["firing_rate"] is not None else math.nan for r in layers]
     ax1.bar(x, fr, color="tab:blue")
     ax1.set(ylabel="firing rate", title="firing rate per spiking layer (non-zero outputs)")
@@ -356,5 +353,4 @@ def plot_energy(report: Mapping[str, Any], out: str | os.PathLike, *, title: str
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
