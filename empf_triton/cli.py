@@ -306,7 +306,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     base.update(explicit)
     cfg = TrainConfig(**base)
     summary = run_training(cfg)
-    if summary["epochs_run"] and summary["final"]:
+    if summary["epochs_run"] and summary["final"] and summary.get("rank", 0) == 0:
         f = summary["final"]
         best = summary["best_test_accuracy"] * 100
         print(

@@ -173,3 +173,30 @@ def test_torchrun_cli_train(tmp_path):
     from empf_triton.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_torchrun_resume_is_exact_with_per_rank_augmentation(tmp_path):
+    """Each rank augments with its own generator; rank 0 saves every rank's state, so a resumed
+    DDP run gives the uninterrupted run's weights (before, every rank resumed with rank 0's
+    stream). Only rank 0 prints the final line."""
+    pytest.importorskip("mnist1d")
+    from empf_triton.train.checkpoint import load_checkpoint
+
+    common = [
+        "-m", "empf_triton.cli", "train", "--dataset", "mnist1d", "--epochs", "2", "--T", "2",
+        "--batch-size", "256", "--device", "cpu", "--no-progress",
+        "--model-options", '{"channels": [8, 8, 16, 16]}',
+    ]  # fmt: skip
+    runs = [
+        [*common, "--out", "a"],
+        [*common, "--out", "b", "--stop-after", "1"],
+        ["-m", "empf_triton.cli", "train", "--resume", "b", "--no-progress"],
+    ]
+    for args in runs:
+        p = _torchrun(args, cwd=tmp_path)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert p.stdout.count("done:") == 1, p.stdout
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
+    assert a["extra"]["config"]["augment"] and b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

@@ -10,7 +10,9 @@ Conventions of the training loop under DDP:
   `nn.SyncBatchNorm`, which needs CUDA).
 - `random_step` draws t* from a generator seeded identically on every rank and advanced once per
   batch on every rank, so all ranks run the same steps.
-- Only rank 0 prints, writes logs and saves checkpoints.
+- Only rank 0 prints, writes logs and saves checkpoints. The augmentation generator differs per
+  rank: at each save every rank's state is gathered (`all_gather_states`) and stored as
+  `augment@rank<r>`, and a resumed rank r continues its own stream, so a resume is exact.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "cleanup", "init_distributed", "wrap_model"]
+__all__ = [
+    "DistInfo",
+    "all_gather_states",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "init_distributed",
+    "wrap_model",
+]
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,18 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_states(gen: torch.Generator, info: DistInfo) -> list[torch.Tensor]:
+    """Every rank's state of its generator `gen`, in rank order (on every rank): for state that
+    differs per rank (augmentation) in a checkpoint only rank 0 writes."""
+    if not info.enabled:
+        return [gen.get_state()]
+    import torch.distributed as dist
+
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, gen.get_state())
+    return out
 
 
 def barrier(info: DistInfo) -> None:

@@ -939,6 +939,10 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         if scaler is not None and scaler_state:
             scaler.load_state_dict(scaler_state)
         restore_rng(ckpt["rng"], gens)
+        # under DDP each rank continues its own augmentation stream (saved by rank 0 for all)
+        per_rank = ckpt["rng"].get("generators", {}).get(f"augment@rank{dist.rank}")
+        if dist.enabled and per_rank is not None:
+            gens["augment"].set_state(per_rank)
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt.get("history", []))
         best = max((h.get("test_accuracy", -1.0) for h in history), default=-1.0)
@@ -1082,6 +1086,11 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
             )
         history.append(row)
         run_epochs += 1
+        saved_gens = gens
+        if dist.enabled:  # every rank takes part; rank 0 saves each rank's augmentation state
+            saved_gens = dict(gens)
+            for rank, st in enumerate(ddp.all_gather_states(gens["augment"], dist)):
+                saved_gens[f"augment@rank{rank}"] = torch.Generator().set_state(st)
         if dist.is_main:
             log(
                 f"epoch {epoch + 1:3d}/{cfg.epochs} loss {train_loss:.4f} "
@@ -1101,7 +1110,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
                 "optimizer": optimizer,
                 "scheduler": scheduler,
                 "epoch": epoch + 1,
-                "generators": gens,
+                "generators": saved_gens,
                 "history": history,
                 "extra": extra,
             }
@@ -1136,6 +1145,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         summary = row
     ddp.barrier(dist)
     return {
+        "rank": dist.rank,  # under DDP only rank 0's summary has the run's best and folder
         "out": str(out),
         "model": model_name,
         "epochs_run": run_epochs,
