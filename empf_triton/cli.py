@@ -50,7 +50,7 @@ NUMERIC_OPTIONS: dict[str, tuple[type, float, bool, float, bool]] = {
     "eval_batch_size": (int, 1, True, math.inf, False),
     "stop_after": (int, 1, True, math.inf, False),
     "threads": (int, 0, True, math.inf, False),
-    "seed": (int, 0, True, math.inf, False),
+    "seed": (int, 0, True, 2**62, True),  # the loop seeds generators with seed + a few 1000
     "spike_bits": (int, 1, True, 8, True),
     "lr": (float, 0, False, math.inf, False),
     "weight_decay": (float, 0, True, math.inf, False),
@@ -265,7 +265,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a("--sync-bn", dest="sync_bn", action="store_true", help="SyncBatchNorm under DDP (CUDA)")
     a("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     a("--threads", type=_number("threads"), help="CPU threads (default 0 = auto: 1 on CPU)")
-    a("--seed", type=_number("seed"), help=f"random seed, >= 0 (default {d.seed})")
+    a("--seed", type=_number("seed"), help=f"random seed, 0 to 2^62 (default {d.seed})")
     a("--out", help="output folder (default runs/<dataset>-<model>-<strategy>-T<T>)")
     a("--resume", help="checkpoint file or run folder to continue from")
     a(

@@ -245,6 +245,8 @@ class TrainConfig:
                 raise ValueError(f"spike_bits must be 1..8 or None, got {self.spike_bits!r}")
         number("spike_step", self.spike_step, 0)
         pos_int("seed", self.seed, 0)
+        if self.seed > 2**62:  # generators are seeded with seed + a few 1000 (int64)
+            raise ValueError(f"seed must be at most 2**62, got {self.seed}")
         check_precision(self.precision)
         check_compile(self.compile)
         if self.model_options is not None and not isinstance(self.model_options, dict):
