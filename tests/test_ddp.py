@@ -200,3 +200,22 @@ def test_torchrun_resume_is_exact_with_per_rank_augmentation(tmp_path):
     assert a["extra"]["config"]["augment"] and b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_torchrun_refused_output_folder_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 refuses an --out that holds a run; the other ranks stop with one line too (before,
+    they went on into DDP's constructor and died with a gloo traceback) and exit with status 2."""
+    pytest.importorskip("sklearn")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "last.pt").write_bytes(b"keep")
+    p = _torchrun(
+        ["-m", "empf_triton.cli", "train", "--dataset", "digits", "--epochs", "1", "--T", "2",
+         "--out", "taken", "--no-progress", "--device", "cpu"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "empf train: error: output folder taken already holds files of another run" in text
+    assert "empf train: error: rank 0 refused the output folder" in text
+    assert "exitcode  : 2" in text and "exitcode  : 1" not in text, text[-3000:]
+    assert (tmp_path / "taken" / "last.pt").read_bytes() == b"keep"

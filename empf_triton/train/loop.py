@@ -949,12 +949,26 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         history = list(ckpt.get("history", []))
         best = max((h.get("test_accuracy", -1.0) for h in history), default=-1.0)
         state.resumed = (resume_path, start_epoch)
+    refused: BaseException | None = None
     if dist.is_main:
-        out, state.lock = _lock_out(cfg, model_name, resume_path, resume_stat)
-        state.preexisting = (out / "last.pt").exists()
+        try:
+            out, state.lock = _lock_out(cfg, model_name, resume_path, resume_stat)
+            state.preexisting = (out / "last.pt").exists()
+        except (ValueError, OSError) as e:  # the output folder is refused: tell the ranks
+            refused = e
     else:
         out = Path(cfg.out) if cfg.out is not None else Path(".")
         state.main = False
+    if (
+        dist.enabled
+        and ddp.all_reduce_sum([float(refused is None)], device, dist)[0] < dist.world_size
+    ):
+        # every rank stops here with one line, instead of the others failing inside DDP's
+        # constructor when rank 0 leaves
+        if refused is None:
+            raise ValueError("rank 0 refused the output folder (its error says why)")
+    if refused is not None:
+        raise refused
     state.out = out
     same_folder = (
         (out / "last.pt").exists()
