@@ -606,6 +606,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.deployed is not None:
         return deploy_cli.cmd_report(args)
     out = Path(args.out)
+    if args.runs == []:  # `--runs` with no folder after it: not "every run" silently
+        raise UsageError("--runs needs one or more run folders (leave it out for every runs/*/)")
     runs = (
         [Path(r) for r in args.runs]
         if args.runs

@@ -112,6 +112,7 @@ def test_resume_continues_and_inherits_settings(tmp_path, capsys):
         (["train", "--dataset", "digits", "--T", "0"], "--T/-T: must be an integer >= 1, got '0'"),
         (["train", "--dataset", "digits", "--epochs", "-1"], "--epochs: must be an integer >= 1"),
         (["train", "--dataset", "digits", "--seed", str(2**64 - 1)], "--seed: must be an integer"),
+        (["report", "--runs"], "--runs needs one or more run folders"),
         (["train", "--dataset", "digits", "--device", "tpu"], "device"),
         (["train", "--dataset", "digits", "--weight-bits", "3"], "must be 1, 1.5 or 32, got '3'"),
         (["train", "--dataset", "cifar10", "--data-root", "nowhere"], "nowhere"),
