@@ -490,3 +490,15 @@ def test_lif_continues_in_the_inputs_dtype_after_a_dtype_change(impl):
     m(torch.rand(3, 4) * 2)
     s = m(torch.rand(3, 4, dtype=torch.float16) * 2)
     assert s.dtype == m.v.dtype == torch.float16
+
+
+@pytest.mark.parametrize("cls", [EMPFNeuron, LIFNeuron])
+def test_a_membrane_on_another_device_than_the_input_is_named(cls):
+    """A model moved mid-sample keeps its membrane where it was: the next step says so and how
+    to fix it (before: a device error from inside the op). "meta" stands in for a GPU."""
+    m = cls(T=3) if cls is EMPFNeuron else cls()
+    m(torch.rand(2, 3))
+    with pytest.raises(ValueError, match="holds a membrane on cpu but got an input on meta"):
+        m(torch.rand(2, 3, device="meta"))
+    reset_net(m)
+    assert m(torch.rand(2, 3, device="meta")).device.type == "meta"

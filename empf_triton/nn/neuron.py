@@ -74,6 +74,12 @@ class StatefulNeuron(nn.Module):
                 f"{name} in step_mode={self.step_mode!r} needs an input {form}, "
                 f"got shape {tuple(x.shape)}"
             )
+        v = self.__dict__.get("v")
+        if v is not None and v.device != x.device:  # checked here: a new device is a new key
+            raise ValueError(
+                f"{name} holds a membrane on {v.device} but got an input on {x.device}; call "
+                "empf_triton.reset_net(model) after moving the model"
+            )
         impl = resolve_impl(self.impl, x)
         allowed = TRITON_DTYPES if impl == "triton" else REFERENCE_DTYPES
         if x.dtype not in allowed:
