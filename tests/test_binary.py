@@ -513,6 +513,8 @@ def test_packed_scale_gets_no_gradient_on_any_path(device, impl):
     out.sum().backward()
     assert scale.grad is None
     assert x.grad is not None
+    alone = binary_matmul(x.detach(), p, impl=impl)  # only the constant scale requires grad
+    assert not alone.requires_grad and alone.grad_fn is None
 
 
 @pytest.mark.parametrize("impl", IMPLS)

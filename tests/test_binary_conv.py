@@ -411,6 +411,8 @@ BAD = [
     ("out_dtype", torch.float64, TypeError, "out_dtype must be one of"),
     ("out_dtype", torch.uint8, TypeError, "out_dtype must be one of"),
     ("impl", "cuda", ValueError, "impl must be one of"),
+    ("packed", _packed(0, 2, (3, 3), 1), ValueError, "non-empty conv weight"),  # C_out = 0
+    ("packed", _packed(6, 0, (3, 3), 1), ValueError, "non-empty conv weight"),  # C_in = 0
 ]
 
 

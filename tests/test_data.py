@@ -58,10 +58,15 @@ def test_mnist1d_deterministic_and_cached(mnist1d_cache):
     assert len(files) == 1
     assert not list(mnist1d_cache.glob("*.tmp"))  # the atomic write left no temp file
     a = mnist1d_arrays(mnist1d_cache)  # from the cache
-    state = np.random.get_state()
+    import random
+
+    random.seed(123)  # a stream of the caller's own (not the one generation leaves behind)
+    state, py_state = np.random.get_state(), random.getstate()
     b = mnist1d_arrays(cache=False)  # generated afresh
-    # Generation seeds numpy's global RNG internally; the caller's stream is left as it was.
+    # Generation seeds numpy's and Python's global RNGs internally; the caller's streams are
+    # left as they were.
     assert np.array_equal(np.random.get_state()[1], state[1])
+    assert random.getstate() == py_state
     for k in ("x", "y", "x_test", "y_test"):
         assert np.array_equal(a[k], b[k]), k
 
@@ -202,6 +207,27 @@ def test_cifar_batch_refuses_code(tmp_path):
         load_dataset("cifar10", str(tmp_path))
 
 
+def test_corrupt_cifar_batches_are_one_clear_error(tmp_path):
+    """Random byte damage to a batch file fails inside the unpickler in many ways (attribute and
+    lookup errors among them): each is a ValueError naming the file."""
+    import random
+
+    good = pickle.dumps({b"labels": [1, 2, 3], b"data": np.zeros((3, 3072), np.uint8)}, protocol=2)
+    r = random.Random(0)
+    path = tmp_path / "data_batch_1"
+    for _ in range(1500):
+        b = bytearray(good)
+        for _ in range(r.randint(1, 4)):
+            b[r.randrange(len(b))] = r.randrange(256)
+        if r.random() < 0.3:
+            b = b[: r.randrange(len(b))]
+        path.write_bytes(bytes(b))
+        try:
+            read_batch(path)
+        except ValueError as e:
+            assert str(path) in str(e) or "CIFAR batch" in str(e)
+
+
 def test_cifar_augment_crop_flip():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
@@ -238,3 +264,37 @@ def test_mnist1d_default_args_match_package():
     args = data.get_dataset_args(as_dict=True)
     args.pop("url", None)
     assert args == DEFAULT_ARGS
+
+
+def test_dvs_cifar10_split_reads_no_sample_when_targets_are_known(tmp_path, monkeypatch):
+    """The 90/10 split of CIFAR10-DVS uses the data set's `targets` and reads no event file for
+    it (before: every sample was read and framed to build a default list that was not used)."""
+    import sys
+    import types
+
+    reads = []
+
+    class FakeCIFAR10DVS:
+        sensor_size = (128, 128, 2)
+
+        def __init__(self, save_to, transform=None, train=None):
+            self.targets, self.transform = [i % 10 for i in range(200)], transform
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return np.zeros((self.transform.n_time_bins, 2, 128, 128), np.int16), self.targets[i]
+
+    class ToFrame:
+        def __init__(self, sensor_size, n_time_bins):
+            self.n_time_bins = n_time_bins
+
+    tonic = types.ModuleType("tonic")
+    tonic.datasets = types.SimpleNamespace(CIFAR10DVS=FakeCIFAR10DVS)
+    tonic.transforms = types.SimpleNamespace(ToFrame=ToFrame)
+    monkeypatch.setitem(sys.modules, "tonic", tonic)
+    (tmp_path / "CIFAR10DVS").mkdir()
+    train, test, _ = load_dataset("dvs_cifar10", str(tmp_path), T=2)
+    assert (len(train), len(test)) == (180, 20) and reads == []

@@ -199,3 +199,21 @@ def test_eval_deployed_event_data(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert _accuracy(out) == (ref["correct"], 40)
     assert "latency at batch 16" in out
+
+
+def test_deployed_eval_batches_data_sets_read_from_files():
+    """Event data sets read frames from files (no in-memory .x / .y): the deployed eval's batches
+    go through a DataLoader and come out [T, N, *] (before: AttributeError on .x)."""
+    from empf_triton.deploy.cli import _batches
+
+    class Frames(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.full((3, 2, 4, 4), float(i)), i % 2  # [T, C, H, W], label
+
+    got = list(_batches(Frames(), 2, torch.device("cpu"), is_event=True))
+    assert [tuple(x.shape) for x, _ in got] == [(3, 2, 2, 4, 4)] * 2 + [(3, 1, 2, 4, 4)]
+    assert torch.equal(got[1][0][0, :, 0, 0, 0], torch.tensor([2.0, 3.0]))
+    assert torch.equal(torch.cat([y for _, y in got]), torch.tensor([0, 1, 0, 1, 0]))

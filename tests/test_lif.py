@@ -637,3 +637,19 @@ def test_reference_impl_of_lif_ops_never_loads_kernels(monkeypatch):
     s.sum().backward()
     s, v = lif_neuron_step(x[0], v.detach(), decay=0.5, threshold=0.3, impl="reference")
     (s.sum() + v.sum()).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_spikes_are_those_of_the_fp32_membrane(device, dtype):
+    """Both paths carry the membrane in fp32 for a half-precision current (the reference used to
+    compute in the current's dtype, so spikes near the threshold flipped: 5 of 16,000 in fp16)."""
+    g = torch.Generator().manual_seed(0)
+    cur = (torch.randn(8, 2000, generator=g) * 0.8 + 0.3).to(device, dtype)
+    want_s, want_v = lif_neuron(cur.float(), decay=0.9, threshold=0.7, impl="reference")
+    for impl in ("triton", "reference"):
+        s, v = lif_neuron(cur, decay=0.9, threshold=0.7, impl=impl)
+        assert s.dtype == v.dtype == dtype
+        assert torch.equal(s.float(), want_s), impl
+        # one rounding to the dtype (the interpreter truncates fp32 -> bf16: up to one ulp)
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(v.float(), want_v.to(dtype).float(), rtol=ulp, atol=0)

@@ -60,8 +60,10 @@ def read_batch(path: Path) -> dict:
     with open(path, "rb") as f:
         try:
             d = _RestrictedUnpickler(f, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise ValueError(f"cannot read CIFAR batch {path}: {e}") from e
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                LookupError, MemoryError, OverflowError) as e:  # fmt: skip
+            # corrupt bytes fail in many ways inside the unpickler; every one names the file
+            raise ValueError(f"cannot read CIFAR batch {path}: {type(e).__name__}: {e}") from e
     if not isinstance(d, dict):
         raise ValueError(f"CIFAR batch {path} does not hold a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}

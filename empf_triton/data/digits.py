@@ -15,7 +15,7 @@ def load_digits(root=None, test_fraction: float = 0.2, seed: int = 0):
     """(train_set, test_set, DatasetInfo): x items [64] in [0, 1] float32.
 
     The split is stratified by class with a fixed permutation (`seed`), so it never changes:
-    1437 train / 360 test with the defaults.
+    1438 train / 359 test with the defaults.
     """
     from . import DatasetInfo
 

@@ -79,7 +79,10 @@ def load_dvs(name: str, root=None, T: int = 10, size: int | None = 48, seed: int
         test = FramesDataset(test_base, range(len(test_base)), T, size)
     else:
         base = cls(save_to=str(root), transform=to_frames)
-        targets = np.asarray(getattr(base, "targets", [base[i][1] for i in range(len(base))]))
+        targets = getattr(base, "targets", None)  # reading every sample only where it is missing
+        if targets is None:
+            targets = [base[i][1] for i in range(len(base))]
+        targets = np.asarray(targets)
         rng = np.random.RandomState(seed)
         test_idx = []
         for c in range(num_classes):

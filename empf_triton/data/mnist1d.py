@@ -60,12 +60,15 @@ def _generate(args: dict) -> dict[str, np.ndarray]:
             "pip install 'empf-triton[data]'"
         ) from e
 
-    # make_dataset seeds numpy's global RNG; leave the caller's stream as it was.
-    state = np.random.get_state()
+    # make_dataset seeds numpy's and Python's global RNGs; leave the caller's streams as they were.
+    import random
+
+    state, py_state = np.random.get_state(), random.getstate()
     try:
         d = make_dataset(ObjectView(dict(args)))
     finally:
         np.random.set_state(state)
+        random.setstate(py_state)
     return {
         "x": d["x"].astype(np.float32),
         "y": d["y"].astype(np.int64),

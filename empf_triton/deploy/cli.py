@@ -137,10 +137,11 @@ def _load_for_eval(path: str, dataset: str | None, data_root: str | None, device
 
 
 def _batches(test_set, batch_size: int, device, is_event: bool):
-    """(x, y) batches shaped as the deployed model takes them ([N, *] or [T, N, *])."""
-    n = len(test_set)
-    for i in range(0, n, batch_size):
-        x, y = test_set.x[i : i + batch_size], test_set.y[i : i + batch_size]
+    """(x, y) batches shaped as the deployed model takes them ([N, *] or [T, N, *]); in-memory
+    data sets are sliced, others (event frames read from files) go through a DataLoader."""
+    from ..train.strategies import iterate_batches
+
+    for x, y in iterate_batches(test_set, batch_size):
         if is_event:
             x = x.transpose(0, 1)
         yield x.to(device), y.to(device)

@@ -595,7 +595,7 @@ def matmul_triton(
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
     if _compiling():
         out = _OPS.gemm(x2, words, scale, bias)
-    elif not grad_wanted(x, scale, bias):
+    elif not grad_wanted(x, bias):  # the packed weight (words, scale) is a constant
         out = _gemm_impl(x2, words, scale, bias)  # no graph to record: straight to the kernel
     elif functorch_active():
         out = _GemmFn.apply(x2, words, scale, bias)

@@ -121,6 +121,11 @@ def _checked(
             f"{packed.shape}"
         )
     C_out, Cg, kh, kw = packed.shape
+    if C_out * Cg * kh * kw == 0:  # both paths: no convolution of an empty weight
+        raise ValueError(
+            f"packed must hold a non-empty conv weight (C_out, C_in // groups, kh, kw), got "
+            f"shape {packed.shape}"
+        )
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     if groups < 1 or C_in % groups or C_out % groups:

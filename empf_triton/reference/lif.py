@@ -83,14 +83,19 @@ def lif_neuron_ref(
         grad_mode: "online" detaches v[t-1] in the charge, "bptt" keeps the temporal path.
 
     Returns:
-        (spikes [T, *], v_last [*]) in the current's dtype.
+        (spikes [T, *], v_last [*]) in the current's dtype. Like the kernel, the membrane is
+        carried in fp32 (fp64 for an fp64 current): a half-precision current gives the spikes of
+        the fp32 membrane.
     """
-    v = torch.zeros_like(current[0]) if v0 is None else v0
+    cdt = torch.float64 if current.dtype == torch.float64 else torch.float32
+    cur = current.to(cdt)
+    decay, threshold = decay.to(cdt), threshold.to(cdt)
+    v = torch.zeros_like(cur[0]) if v0 is None else v0.to(cdt)
     spikes = []
-    for t in range(current.shape[0]):
+    for t in range(cur.shape[0]):
         v_in = v.detach() if grad_mode == "online" else v
-        m = decay[t] * v_in + current[t]
+        m = decay[t] * v_in + cur[t]
         s = spike_ref(m - threshold[t], surrogate, alpha)
         v = m - (s.detach() if detach_reset else s) * threshold[t]
         spikes.append(s)
-    return torch.stack(spikes), v
+    return torch.stack(spikes).to(current.dtype), v.to(current.dtype)
