@@ -114,6 +114,10 @@ def test_digits_fixed_stratified_split():
     pytest.importorskip("sklearn")
     train, test, info = load_dataset("digits")
     assert (len(train), len(test)) == (1438, 359)
+    from empf_triton.data.digits import load_digits
+
+    with pytest.raises(ValueError, match="leaves a class without test samples"):
+        load_digits(test_fraction=0.001)  # was an empty test set
     assert info.in_shape == (64,) and info.num_classes == 10 and info.default_model == "digits_mlp"
     assert float(train.x.min()) >= 0 and float(train.x.max()) <= 1
     counts = torch.bincount(test.y, minlength=10)

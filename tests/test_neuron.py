@@ -730,3 +730,14 @@ def test_inference_plan_input_affine_bad_arguments():
         empf_neuron_plan(x, in_scale=k, in_bias=torch.ones(2, 4, dtype=torch.long), **q)
     with pytest.raises(ValueError, match="per channel"):
         empf_neuron_plan(torch.randn(2, 3, device=DEVICE), in_scale=k, in_bias=k, **q)
+
+
+def test_neuron_plan_names_bad_decay_range_and_affine_dtype():
+    from empf_triton.ops.neuron import empf_neuron_plan
+
+    cur = torch.rand(2, 3, 4, 5)
+    with pytest.raises(TypeError, match="decay_range must be a bool, got int"):
+        empf_neuron_plan(cur, decay=0.5, threshold=0.5, decay_range=1)
+    k, b = torch.ones(2, 4, dtype=torch.int32), torch.ones(2, 4)
+    with pytest.raises(TypeError, match="in_scale must be a floating tensor, got dtype torch.int"):
+        empf_neuron_plan(cur, decay=0.5, threshold=0.5, in_scale=k, in_bias=b)

@@ -313,6 +313,8 @@ def test_bad_strategy_and_T():
         ("optimizer", "lion", "unknown optimizer"),
         ("lr", -1.0, "lr must be"),
         ("weight_bits", 2, "weight_bits must be"),
+        ("weight_bits", True, "weight_bits must be"),  # True == 1, but not a bit width
+        ("seed", 2**63, "seed must be at most"),
     ]:
         with pytest.raises(ValueError, match=msg):
             TrainConfig(**{field: value}).validate()

@@ -36,6 +36,11 @@ def load_digits(root=None, test_fraction: float = 0.2, seed: int = 0):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
         test_idx.append(idx[: round(len(idx) * test_fraction)])
+    if not all(len(i) for i in test_idx):
+        raise ValueError(
+            f"test_fraction {test_fraction!r} leaves a class without test samples (the classes "
+            f"have about {len(y) // NUM_CLASSES} samples each)"
+        )
     test_mask = np.zeros(len(y), dtype=bool)
     test_mask[np.concatenate(test_idx)] = True
     train = ArrayDataset(torch.from_numpy(x[~test_mask]), torch.from_numpy(y[~test_mask]))

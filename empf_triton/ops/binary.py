@@ -818,7 +818,8 @@ def binary_linear(
 
     Args:
         x: [*, K] floating activations; K = 0 gives the bias (or zeros).
-        weight: [N, K] latent weight (any floating dtype; typically fp32), same device as x.
+        weight: [N, K] latent weight (fp32, fp16 or bf16 for the Triton path, any floating dtype
+            for the reference; typically fp32), same device as x.
         bias: [N] in x's dtype, or None.
         bits: 1 (Q = binarize) or 2 (Q = ternarize).
         impl: "auto" (CPU: reference; CUDA: pack + packed kernels where `PACKED_MAX_M_TRAIN` says

@@ -358,7 +358,7 @@ def lif_neuron(
     Args:
         current: [T, *] input current, fp32/fp16/bf16 (fp64 too on the reference), T >= 1.
         v0: [*] initial membrane in the current's dtype and device; None means zeros.
-        decay: λ, a float in (0, 1], a 0-d tensor or a [T] tensor (differentiable).
+        decay: λ, a float in [0, 1], a 0-d tensor or a [T] tensor (differentiable).
         threshold: θ, a float, a 0-d tensor or a [T] tensor (differentiable).
         surrogate: "sigmoid", "atan" or "triangle".
         alpha: the surrogate's sharpness (γ for "triangle"), a positive float; None = default.
@@ -409,7 +409,7 @@ def lif_neuron_step(
     Args:
         current: [*] input current of this step (at least 1-D), fp32/fp16/bf16.
         v: [*] membrane from the previous step (None means zeros), same dtype and device.
-        decay: λ, a float in (0, 1] or a 0-d tensor.
+        decay: λ, a float in [0, 1] or a 0-d tensor.
         threshold: θ, a float or a 0-d tensor.
         surrogate, alpha, detach_reset, impl: as in `lif_neuron`.
 

@@ -861,6 +861,8 @@ def empf_neuron_plan(
     and in_bias (fp32 copies of other dtypes): after a change to any, make a new plan.
     """
     impl = check_sequence("current", current, impl)
+    if not isinstance(decay_range, bool):
+        raise TypeError(f"decay_range must be a bool, got {type(decay_range).__name__}")
     decay, threshold = _checked_params(
         current, decay, threshold, spike_bits, spike_step, decay_range=decay_range
     )
@@ -909,8 +911,10 @@ def _checked_affine(current, in_scale, in_bias):
         )
     want = (current.shape[0], current.shape[2])
     for name, p in (("in_scale", in_scale), ("in_bias", in_bias)):
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+        if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name} must be a floating tensor, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {p.dtype}")
         if tuple(p.shape) != want:
             raise ValueError(
                 f"{name} must be [T, C] = {list(want)} (C = dim 2 of the current), got "

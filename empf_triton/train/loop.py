@@ -233,7 +233,7 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs!r}"
             )
-        if self.weight_bits not in (1, 1.5, 32):
+        if isinstance(self.weight_bits, bool) or self.weight_bits not in (1, 1.5, 32):
             raise ValueError(
                 f"weight_bits must be 1, 1.5 or 32 (full precision), got {self.weight_bits!r}"
             )
