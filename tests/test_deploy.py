@@ -565,9 +565,9 @@ def test_export_respects_umask(tmp_path):
     old = os.umask(0o027)
     try:
         p = export(_small(), tmp_path / "m.safetensors")
-        from empf_triton.deploy.format import _umask
+        from empf_triton._files import default_file_mode
 
-        assert _umask() == 0o027  # read from /proc where there is one, without setting it
+        assert default_file_mode() == 0o640  # read from /proc where there is one, not set
     finally:
         os.umask(old)
     assert (p.stat().st_mode & 0o777) == 0o640

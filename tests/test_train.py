@@ -519,6 +519,25 @@ def test_a_branch_keeps_its_best_epoch_as_best_pt(tmp_path, digits):
     assert best_pt["epoch"] == src["epoch"] and best_pt["history"] == hist[: src["epoch"]]
 
 
+def test_a_branch_without_its_best_checkpoint_says_what_best_pt_holds(tmp_path, digits):
+    """The branched-off folder's best.pt is gone: best.pt holds the first new epoch (never
+    missing), and the log says the best epoch so far is not there."""
+    common = dict(dataset="digits", T=2, device="cpu", progress=False)
+    a = tmp_path / "a"
+    run_training(TrainConfig(out=str(a), epochs=2, **common), log=lambda s: None)
+    (a / "best.pt").unlink()
+    lines: list[str] = []
+    r = run_training(
+        TrainConfig(resume=str(a / "last.pt"), out=str(tmp_path / "b"), epochs=3, lr=1e-9,
+                    **common),
+        log=lines.append,
+    )  # fmt: skip
+    accs = [h["test_accuracy"] for h in r["history"]]
+    assert accs[-1] < max(accs)  # the case under test (seeded, as in the test above)
+    assert load_checkpoint(tmp_path / "b" / "best.pt")["epoch"] == 3
+    assert any("best.pt holds epoch 3 until a better one" in s for s in lines)
+
+
 # ---------------------------------------------------------------------- the small nets (small.py)
 
 

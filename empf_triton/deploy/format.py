@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .._files import default_file_mode
 from .errors import DeployError, DeployFormatError
 from .runtime import DeployedModel
 
@@ -67,21 +68,6 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"{where} must hold plain JSON data, got {type(value).__name__}")
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where the system says it (Linux): setting
-    it to read it would, for a moment, let other threads create files open to everyone."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
     if path.is_dir():
         raise DeployError(f"{path} is a folder, not a file path")
@@ -97,7 +83,7 @@ def _write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give what open() would
         if overwrite:
             os.replace(tmp, path)
         else:

@@ -513,7 +513,7 @@ class DeployedModel(nn.Module):
     @property
     def nodes(self) -> list[dict]:
         """The graph's node descriptions (plain data; a copy, see `graph`)."""
-        return self.graph["nodes"]
+        return copy.deepcopy(self._graph["nodes"])
 
     def train(self, mode: bool = True) -> DeployedModel:
         if mode:

@@ -31,7 +31,6 @@ import hashlib
 import io
 import os
 import random
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lock import default_file_mode
+from .._files import write_file_atomic
 
 __all__ = [
     "FORMAT",
@@ -172,34 +171,8 @@ def save_checkpoint(
         buf,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (umask respected).
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_oserror():
-            os.unlink(tmp)
-        raise
-    with _suppress_oserror():  # make the rename itself durable where the OS allows it
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    write_file_atomic(path, buf.getbuffer())
     return path
-
-
-class _suppress_oserror:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, OSError)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

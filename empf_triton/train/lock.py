@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._files import default_file_mode
+
 __all__ = ["LOCK_NAME", "OutputFolderBusyError", "OutputLock", "default_file_mode"]
 
 LOCK_NAME = ".empf.lock"
@@ -23,23 +25,6 @@ LOCK_NAME = ".empf.lock"
 
 class OutputFolderBusyError(ValueError):
     """Another running process holds the lock of this output folder."""
-
-
-def default_file_mode() -> int:
-    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the umask.
-
-    Read from /proc on Linux (thread-safe); elsewhere `os.umask` is set and restored at once.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 class OutputLock:

@@ -13,9 +13,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -24,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._files import write_file_atomic
 from . import ddp
 from .checkpoint import (
     CheckpointError,
@@ -33,7 +32,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .lock import OutputLock, default_file_mode
+from .lock import OutputLock
 from .precision import (
     check_compile,
     check_precision,
@@ -535,31 +534,7 @@ class _Progress:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would ignore the user's umask
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_file_atomic(path, text.encode())
 
 
 def _inherited_best(resume_path: Path | None, history: list[dict], best: float) -> bytes | None:
@@ -1146,7 +1121,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
                 # so best.pt never belongs to another run or is missing: the branch's own best
                 # epoch (copied from the folder it branched off) or this one.
                 if inherited is not None:
-                    _atomic_write_bytes(out / "best.pt", inherited)
+                    write_file_atomic(out / "best.pt", inherited)
                 elif anytime[-1] > best or first:
                     save_checkpoint(out / "best.pt", **ck)
                     if anytime[-1] <= best:

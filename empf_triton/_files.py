@@ -1,0 +1,50 @@
+"""Files written whole: the mode a plain `open()` would give, and atomic replacement. Shared by
+training (checkpoints, logs) and deployment (exports); imports nothing else of the library."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the umask.
+
+    Read from /proc on Linux (thread-safe); elsewhere `os.umask` is set and restored at once.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_file_atomic(path: Path, data) -> None:
+    """Write `data` (bytes-like) to `path` through a temporary file in the same folder, flushed
+    to disk and renamed over `path`: readers see the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (umask respected).
+        os.fchmod(fd, default_file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
