@@ -219,3 +219,26 @@ def test_torchrun_refused_output_folder_stops_every_rank_with_one_line(tmp_path)
     assert "empf train: error: rank 0 refused the output folder" in text
     assert "exitcode  : 2" in text and "exitcode  : 1" not in text, text[-3000:]
     assert (tmp_path / "taken" / "last.pt").read_bytes() == b"keep"
+
+
+def test_cleanup_leaves_a_group_the_caller_created(tmp_path, monkeypatch):
+    """A process group made by the caller before `init_distributed` stays the caller's: its rank
+    and size are used (not the environment's), and `cleanup` does not destroy it."""
+    import torch.distributed as dist
+
+    from empf_triton.train import ddp
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what the environment claims; the group has 1 rank
+    monkeypatch.setenv("RANK", "1")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        info = ddp.init_distributed(torch.device("cpu"))
+        assert (info.rank, info.world_size, info.owns_group) == (0, 1, False)
+        ddp.cleanup(info)
+        assert dist.is_initialized()
+        # also when the caller's group spans several ranks: cleanup never destroys it
+        ddp.cleanup(ddp.DistInfo(0, 2, 0))
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

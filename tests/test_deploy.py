@@ -337,6 +337,28 @@ def test_the_graph_description_is_a_copy():
     assert torch.equal(d(x), first) and torch.equal(made(x), first)
 
 
+def test_data_parallel_replicas_have_their_own_layers():
+    """`nn.DataParallel` makes one replica per device with nn.Module's shallow copy and puts that
+    device's tensors in its buffers. A replica has its own layers (no plan or packed weight made
+    from the first device's tensors), and runs on whatever tensors it was given."""
+    d = fold(_small(spike_bits=4))
+    x = torch.randn(4, 1, 24)
+    first = d(x)
+    assert any(n.plans for n in d._nodes)
+    replica = d._replicate_for_data_parallel()
+    assert not {id(n) for n in replica._nodes} & {id(n) for n in d._nodes}
+    assert not any(n.plans or n.packed is not None for n in replica._nodes)
+    assert all(s[1] in replica._nodes for s in replica._schedule)
+    # as DataParallel does: the replica's buffers become other tensors (here: other values)
+    name = next(k for k, _ in d.named_buffers() if k.endswith("_scale"))
+    for k, b in d.named_buffers():
+        setattr(replica, k, b * 3.0 if k == name else b.clone())
+    want = type(d)(d.graph, {k: t.clone() for k, t in d.file_tensors().items()}, d.info)
+    dict(want.named_buffers())[name].mul_(3.0)
+    assert torch.equal(replica(x), want(x)) and not torch.equal(replica(x), first)
+    assert torch.equal(d(x), first)  # the original is untouched
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_a_deployed_model_pickles_after_it_has_run(impl):
     """torch.save of a DeployedModel works after forwards (the layers' plans, which hold launch

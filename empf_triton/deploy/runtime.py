@@ -299,6 +299,18 @@ class DeployedModel(nn.Module):
         self._new_tensors()
         return out
 
+    def _replicate_for_data_parallel(self):
+        """A replica for `nn.DataParallel` (one per device): nn.Module's shallow copy would share
+        the layer list, so every replica would use the plans and packed weights derived from the
+        first device's tensors. Each replica gets its own nodes (with nothing derived yet)."""
+        replica = super()._replicate_for_data_parallel()
+        d = replica.__dict__
+        d["_nodes"] = [copy.copy(n) for n in self._nodes]  # copy drops what was derived
+        d["_schedule"] = replica._fused_schedule()
+        replica._new_tensors()
+        d["_state"] = None
+        return replica
+
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         # also what `model.<buffer> = tensor` and load_state_dict(assign=True) call
         super().register_buffer(name, tensor, persistent)

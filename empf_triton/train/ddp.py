@@ -41,6 +41,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # True when init_distributed created the process group (so cleanup destroys it); a group
+    # the caller made before stays theirs.
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -74,12 +77,13 @@ def init_distributed(device: torch.device) -> DistInfo:
     import torch.distributed as dist
 
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return DistInfo(rank, world, local)
+    if dist.is_initialized():  # the caller's group: its rank and size are the truth
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local, owns_group=True)
 
 
 def wrap_model(model: nn.Module, device: torch.device, info: DistInfo, sync_bn: bool = False):
@@ -131,8 +135,9 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    """Leave the process group (safe to call when not distributed)."""
-    if info.enabled:
+    """Leave the process group if `init_distributed` created it (safe to call when not
+    distributed; a group the caller created before is left for the caller to destroy)."""
+    if info.enabled and info.owns_group:
         import torch.distributed as dist
 
         if dist.is_initialized():
