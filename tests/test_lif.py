@@ -653,3 +653,22 @@ def test_half_precision_spikes_are_those_of_the_fp32_membrane(device, dtype):
         # one rounding to the dtype (the interpreter truncates fp32 -> bf16: up to one ulp)
         ulp = torch.finfo(dtype).eps
         torch.testing.assert_close(v.float(), want_v.to(dtype).float(), rtol=ulp, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")], ids=["1.5", "-0.5", "nan"])
+def test_cpu_decay_tensors_are_range_checked(impl, bad):
+    """As the EM-PF ops: a CPU decay tensor's values must lie in [0, 1], on both paths, for the
+    0-d and [T] forms of `lif_neuron` and the 0-d form of `lif_neuron_step`."""
+    x = torch.randn(3, 4)
+    values = r"decay must lie in \[0, 1\]"
+    for d in (torch.tensor(bad), torch.tensor([0.5, bad, 0.5])):
+        with pytest.raises(ValueError, match=values):
+            lif_neuron(x, decay=d, threshold=0.5, impl=impl)
+    with pytest.raises(ValueError, match=values):
+        lif_neuron_step(x[0], decay=torch.tensor(bad), threshold=0.5, impl=impl)
+    ok = torch.tensor([0.0, 1.0, 0.5])  # the ends are allowed
+    assert torch.equal(
+        lif_neuron(x, decay=ok, threshold=0.5, impl=impl)[0],
+        lif_neuron(x, decay=ok, threshold=0.5, impl="reference")[0],
+    )

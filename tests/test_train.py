@@ -233,6 +233,8 @@ def test_train_epoch_reads_the_host_at_its_end(monkeypatch, digits, strategy):
     train, _, _ = digits
     T = 2
     batches = list(iterate_batches(train, 64))[:6]
+    batches[-1] = (batches[-1][0][:40], batches[-1][1][:40])  # a short last batch
+    sizes = [y.shape[0] for _, y in batches]
 
     def run(progress=None, count=False):
         torch.manual_seed(0)
@@ -254,7 +256,12 @@ def test_train_epoch_reads_the_host_at_its_end(monkeypatch, digits, strategy):
     every = []
     run(lambda i, loss, acc: every.append((loss, acc)))  # a plain callable: called every batch
     assert len(every) == 6 and every[-1][1] == r.accuracy
-    assert r.loss == sum(e[0] for e in every) / 6  # the same fp64 sum, batch by batch
+    # the mean loss per sample: the batch means weighted by the batch sizes (fp64, in order)
+    want = 0.0
+    for e, n_b in zip(every, sizes):
+        want = want + e[0] * n_b
+    assert r.samples == sum(sizes) == 5 * 64 + 40
+    assert r.loss == want / r.samples
 
 
 def test_evaluate_reads_the_host_once_per_call(monkeypatch, digits):

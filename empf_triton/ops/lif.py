@@ -13,6 +13,7 @@ from ..reference.lif import SURROGATES, lif_neuron_ref
 from ._common import (
     PlanCache,
     c_apply,
+    check_decay_values,
     check_grad_mode,
     check_like,
     check_sequence,
@@ -358,7 +359,8 @@ def lif_neuron(
     Args:
         current: [T, *] input current, fp32/fp16/bf16 (fp64 too on the reference), T >= 1.
         v0: [*] initial membrane in the current's dtype and device; None means zeros.
-        decay: λ, a float in [0, 1], a 0-d tensor or a [T] tensor (differentiable).
+        decay: λ in [0, 1]: a float, a 0-d tensor or a [T] tensor (differentiable). A CPU
+            tensor's values are checked; a CUDA tensor's are not (that would wait for the GPU).
         threshold: θ, a float, a 0-d tensor or a [T] tensor (differentiable).
         surrogate: "sigmoid", "atan" or "triangle".
         alpha: the surrogate's sharpness (γ for "triangle"), a positive float; None = default.
@@ -380,6 +382,7 @@ def lif_neuron(
     # Triton takes a float as a kernel scalar; the reference a [T] tensor.
     decay_t = per_step("decay", decay, T, current, is_decay=True, keep_float=not ref)
     th_t = per_step("threshold", threshold, T, current, keep_float=not ref)
+    check_decay_values(decay_t)  # a CPU tensor's values (floats are checked by per_step)
     if v0 is not None and grad_mode == "online":
         v0 = v0.detach()  # a constant in online mode, on both paths (as in empf_neuron)
     if ref:
@@ -409,7 +412,7 @@ def lif_neuron_step(
     Args:
         current: [*] input current of this step (at least 1-D), fp32/fp16/bf16.
         v: [*] membrane from the previous step (None means zeros), same dtype and device.
-        decay: λ, a float in [0, 1] or a 0-d tensor.
+        decay: λ in [0, 1], a float or a 0-d tensor (values checked as in `lif_neuron`).
         threshold: θ, a float or a 0-d tensor.
         surrogate, alpha, detach_reset, impl: as in `lif_neuron`.
 
@@ -426,6 +429,7 @@ def lif_neuron_step(
     ref = impl == "reference" or current.numel() == 0
     decay_t = per_step("decay", decay, 1, current, is_decay=True, keep_float=not ref)
     th_t = per_step("threshold", threshold, 1, current, keep_float=not ref)
+    check_decay_values(decay_t)
     if ref:
         spikes, v_new = lif_neuron_ref(
             current.unsqueeze(0), v, decay_t, th_t, surrogate, alpha, detach_reset, "bptt"

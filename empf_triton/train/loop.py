@@ -1042,8 +1042,8 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         # Sum counts over ranks (each evaluated and trained on its own shard).
         sums = ddp.all_reduce_sum(
             [
-                r.loss * r.batches,
-                r.batches,
+                r.loss * r.samples,
+                r.samples,
                 r.accuracy * r.samples,
                 r.samples,
                 ev["loss"] * ev["samples"],

@@ -309,7 +309,9 @@ def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = 
 class EpochResult:
     """Metrics of one training epoch (this rank's batches unless reduced by the caller).
 
-    loss: mean batch loss; accuracy: of the logits summed over the steps each batch ran;
+    loss: mean loss per sample (each batch's mean loss weighted by its size, so a short last
+    batch counts for its samples only); accuracy: of the logits summed over the steps each
+    batch ran;
     samples, batches, seconds; t_star_counts: how often each t* was drawn (random_step).
     """
 
@@ -360,7 +362,8 @@ def train_epoch(
         generator = torch.Generator().manual_seed(0)
     model.train()
     start = time.perf_counter()
-    # The loss sum (fp64, batch losses added in order) and the correct count stay on the
+    # The loss sum (fp64, each batch's mean loss times its size, added in order) and the
+    # correct count stay on the
     # device: the GPU is never waited for inside the epoch unless `progress` asks for numbers.
     loss_sum = correct = 0
     seen, nb = 0, 0
@@ -391,7 +394,7 @@ def train_epoch(
         )
         if scheduler is not None:
             scheduler.step()
-        loss_sum = loss_sum + r.loss_value
+        loss_sum = loss_sum + r.loss_value * y.shape[0]
         correct = correct + (r.logits.argmax(1) == y).sum()
         seen += y.shape[0]
         nb += 1
@@ -399,7 +402,7 @@ def train_epoch(
             progress(nb, r.loss, int(correct) / max(seen, 1))
     reset_net(_base(model))
     return EpochResult(
-        float(loss_sum) / max(nb, 1),
+        float(loss_sum) / max(seen, 1),
         int(correct) / max(seen, 1),
         seen,
         nb,
