@@ -84,6 +84,16 @@ def test_resume_honours_changed_lr_and_records_it(tmp_path, capsys):
     assert moved < 1e-9
     hist = json.loads(Path("run/metrics.json").read_text())
     assert hist[-1]["lr"] == 1e-12
+    # a second resume: config.json keeps the first one's changes too, oldest first
+    out = _ok(capsys, ["train", "--resume", "run", "--epochs", "3", "--lr", "1e-11"])
+    conf = json.loads(Path("run/config.json").read_text())
+    assert conf["changed_on_resume"]["lr"] == {"saved": 1e-12, "now": 1e-11}
+    assert [r["epoch"] for r in conf["resumes"]] == [1, 2]
+    assert [r["changed"]["lr"] for r in conf["resumes"]] == [
+        {"saved": 0.003, "now": 1e-12},
+        {"saved": 1e-12, "now": 1e-11},
+    ]
+    assert conf["resumes"][-1]["changed"]["epochs"] == {"saved": 2, "now": 3}
 
 
 @pytest.mark.parametrize(

@@ -727,7 +727,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     The output folder is locked for the whole run (a second run into it fails at once), and
     config.json, last.pt, best.pt and the logs are (re)written together at the end of each
     epoch, so the folder never mixes files of two runs. A resumed run honours changed
-    `RESUME_CHANGEABLE` settings (it logs them and records them in config.json) and refuses
+    `RESUME_CHANGEABLE` settings (it logs them and records them in config.json, which lists
+    every resume of the run so far under "resumes") and refuses
     changed `RESUME_FIXED` ones.
 
     Raises:
@@ -960,9 +961,14 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         device_resolved=str(device),
         world_size=dist.world_size,
     )
+    # Every resume of this run's chain, oldest first (each checkpoint carries the list so far):
+    # config.json records them all, the latest also as resumed_from / changed_on_resume.
+    resumes = list(ckpt.get("extra", {}).get("resumes", [])) if ckpt is not None else []
     if ckpt is not None:
         conf["resumed_from"] = {"checkpoint": str(resume_path), "epoch": start_epoch}
         conf["changed_on_resume"] = {k: {"saved": a, "now": b} for k, (a, b) in changes.items()}
+        resumes.append({**conf["resumed_from"], "changed": conf["changed_on_resume"]})
+        conf["resumes"] = resumes
     if dist.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         log(
@@ -990,6 +996,8 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
     transform = info.train_transform if cfg.augment else None
     extra = {"config": {k: v for k, v in asdict(cfg).items() if k != "model_options"}}
     extra["config"]["model_options"] = json.dumps(cfg.model_options or {})
+    if resumes:
+        extra["resumes"] = resumes
     run_epochs = 0
     summary: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
