@@ -82,6 +82,45 @@ def test_mnist1d_corrupt_cache_regenerated(mnist1d_cache, tmp_path):
         assert z["x"].shape == (4000, 40)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "short y_test",
+        "x_test of another length",
+        "int32 labels",
+        "a label of 10",
+        "a NaN",
+        "too few samples",
+    ],
+)
+def test_mnist1d_readable_but_wrong_cache_regenerated(mnist1d_cache, tmp_path, damage):
+    """A cache file that reads but is not a whole data set of these arguments is regenerated,
+    never returned (where before a wrong test split loaded and failed later, unnamed)."""
+    from empf_triton.data.common import save_npz_atomic
+
+    (f,) = mnist1d_cache.glob("mnist1d-*.npz")
+    good = mnist1d_arrays(mnist1d_cache)
+    bad = {k: v.copy() for k, v in good.items()}
+    if damage == "short y_test":
+        bad["y_test"] = bad["y_test"][:-3]
+    elif damage == "x_test of another length":
+        bad["x_test"] = bad["x_test"][:, :30]
+    elif damage == "int32 labels":
+        bad["y"] = bad["y"].astype(np.int32)
+    elif damage == "a label of 10":
+        bad["y"][5] = 10
+    elif damage == "a NaN":
+        bad["x"][2, 7] = np.nan
+    else:  # the arrays of a smaller set (train and test lengths consistent, too few samples)
+        bad = {k: v[:100] for k, v in good.items()}
+    save_npz_atomic(tmp_path / f.name, **bad)
+    again = mnist1d_arrays(tmp_path)
+    for k in good:
+        assert again[k].dtype == good[k].dtype and np.array_equal(again[k], good[k]), k
+    with np.load(tmp_path / f.name) as z:  # replaced by a whole file
+        assert np.array_equal(z["y_test"], good["y_test"])
+
+
 def test_mnist1d_bad_generation_arg():
     with pytest.raises(ValueError, match="unknown mnist1d generation arguments"):
         load_dataset("mnist1d", num_sample=10)

@@ -77,6 +77,26 @@ def _generate(args: dict) -> dict[str, np.ndarray]:
     }
 
 
+def _cache_ok(a: dict[str, np.ndarray], args: dict) -> bool:
+    """Whether cached arrays are a whole data set of these arguments: dtypes, [n, L] signals of
+    the asked length with one label in 0..9 each, train + test = num_samples, finite values.
+    Anything else (a foreign or damaged file that still unzips) is regenerated."""
+    x, y, xt, yt = a["x"], a["y"], a["x_test"], a["y_test"]
+    L = args["final_seq_length"]
+    return (
+        x.dtype == xt.dtype == np.float32
+        and y.dtype == yt.dtype == np.int64
+        and x.ndim == xt.ndim == 2
+        and x.shape[1] == xt.shape[1] == L
+        and y.shape == (x.shape[0],)
+        and yt.shape == (xt.shape[0],)
+        and x.shape[0] > 0
+        and x.shape[0] + xt.shape[0] == args["num_samples"]
+        and all(v.size == 0 or (v.min() >= 0 and v.max() < NUM_CLASSES) for v in (y, yt))
+        and bool(np.isfinite(x).all() and np.isfinite(xt).all())
+    )
+
+
 def mnist1d_arrays(root=None, cache: bool = True, **overrides) -> dict[str, np.ndarray]:
     """The MNIST-1D arrays x [4000, 40], y, x_test [1000, 40], y_test (default arguments)."""
     args = generation_args(**overrides)
@@ -86,7 +106,7 @@ def mnist1d_arrays(root=None, cache: bool = True, **overrides) -> dict[str, np.n
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
-            if arrays["x"].shape[0] == arrays["y"].shape[0] > 0:
+            if _cache_ok(arrays, args):
                 return arrays
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             pass  # corrupt or foreign cache file: regenerate and replace it
