@@ -357,6 +357,25 @@ def test_unpack_gives_back_the_same_parameter(device, cls):
     assert not torch.equal(param.detach(), before)
 
 
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_change_while_packed_carries_to_the_unpacked_weight(device, cls, dtype):
+    """`.to(dtype)` / `.half()` of a packed layer applies to the latent weight it keeps: unpack()
+    gives the weight in the layer's dtype now, like its bias (not the dtype before packing)."""
+    layer = (
+        BinaryLinear(12, 5, device=device)
+        if cls == "linear"
+        else BinaryConv2d(2, 3, 3, bias=True, device=device)
+    )
+    param = layer.weight
+    want = layer.pack().quantized_weight().to(dtype)
+    layer.to(dtype).unpack()
+    assert layer.weight is param
+    assert layer.weight.dtype == layer.bias.dtype == dtype
+    assert layer.weight.device == layer.bias.device
+    assert torch.equal(layer.weight.detach(), want)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("packed", [False, True])
 def test_conv_input_smaller_than_kernel_same_error(device, impl, packed):

@@ -193,6 +193,9 @@ class _BinaryLayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self.__dict__.pop("_derived_value", None)  # .to() / .cuda() / .half(): new tensors
+        latent = self.__dict__.get("_latent_param")
+        if latent is not None:  # packed: the kept (empty) Parameter follows dtype and device,
+            latent.data = fn(latent.data)  # so unpack() gives the weight the layer's dtype now
         return super()._apply(fn, recurse)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -242,8 +245,9 @@ class _BinaryLayer(nn.Module):
     def unpack(self) -> _BinaryLayer:
         """Restore a trainable latent weight equal to the dequantised packed weight.
 
-        The values go back into the Parameter object the layer had before `pack()` (in its dtype,
-        on the packed weight's device), so optimizers that hold it keep working.
+        The values go back into the Parameter object the layer had before `pack()`, so optimizers
+        that hold it keep working; in the dtype the layer has now (`.half()` / `.to()` of the
+        packed layer apply to it too), on the packed weight's device.
         """
         if not self.is_packed:
             return self
