@@ -441,8 +441,11 @@ def test_exact_resume(tmp_path, digits):
         progress=False,
         model_options={"hidden": [64, 64]},
     )
+    torch.manual_seed(1234)  # the caller's global stream: a run leaves it as it was
+    caller = torch.get_rng_state()
     a = run_training(TrainConfig(out=str(tmp_path / "a"), **common), log=lambda s: None)
     assert a["epochs_run"] == 2
+    assert torch.equal(torch.get_rng_state(), caller)
     b = run_training(
         TrainConfig(out=str(tmp_path / "b"), stop_after=1, **common), log=lambda s: None
     )

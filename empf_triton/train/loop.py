@@ -729,7 +729,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     epoch, so the folder never mixes files of two runs. A resumed run honours changed
     `RESUME_CHANGEABLE` settings (it logs them and records them in config.json, which lists
     every resume of the run so far under "resumes") and refuses
-    changed `RESUME_FIXED` ones.
+    changed `RESUME_FIXED` ones. The global torch RNG is the caller's again afterwards.
 
     Raises:
         ValueError: a bad configuration (unknown data set / model / strategy, T < 1, ...), an
@@ -745,8 +745,12 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(cfg.threads, device))
+    # The run seeds (and a resume restores) the global torch RNG, which model init and dropout
+    # draw from; the caller's own stream is given back afterwards, as it was.
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     try:
-        return _start(cfg, device, log, load_dataset)
+        with torch.random.fork_rng(devices=cuda):
+            return _start(cfg, device, log, load_dataset)
     finally:
         torch.set_num_threads(threads_before)
 
