@@ -688,6 +688,74 @@ def test_wrong_tensor_shape_is_format_error(exported):
         load(exported)
 
 
+def _rewrite_with_checksum(path: Path, change_tensors=None, change_doc=None) -> None:
+    """Edit an export's tensors and/or document and store a matching SHA-256 (a deliberately
+    edited file, which the checksum alone cannot catch)."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save
+
+    tensors, doc = st_load(path.read_bytes()), read_header(path)
+    if change_tensors:
+        change_tensors(tensors)
+    if change_doc:
+        change_doc(doc)
+    doc["sha256"] = payload_sha256(tensors, doc)
+    path.write_bytes(save(tensors, metadata={META_KEY: json.dumps(doc)}))
+
+
+def _widen(suffix, dim):
+    def change(tensors):
+        key = next(k for k in tensors if k.endswith(suffix) and tensors[k].dim() == dim)
+        w = tensors[key]
+        tensors[key] = torch.zeros(w.shape[0], w.shape[1] + 3, *w.shape[2:])
+
+    return change
+
+
+def _per_channel_decay(tensors):
+    key = next(k for k in tensors if k.endswith(".decay") and tensors[k].dim() == 1)
+    tensors[key] = torch.full((tensors[key].shape[0], 5), 0.5)  # 5 channels; the input has 8
+
+
+@pytest.mark.parametrize(
+    "change_tensors,change_doc,match",
+    [
+        (
+            _widen(".weight", 2),
+            None,
+            r"node 8 \(linear\) does not fit its input of shape \[3, 1, 192\]",
+        ),
+        (_widen(".weight", 4), None, r"node 1 \(conv\) does not fit its input"),
+        (_per_channel_decay, None, r"node \d \(neuron\) .*decay has 5 channels, its input 8"),
+        (None, lambda d: d["model"].update(num_classes=7), r"expected \[T, 1, num_classes=7\]"),
+        (None, lambda d: d["model"].update(in_shape=[1, 2]), r"node 8 \(linear\) does not fit"),
+    ],
+    ids=["classifier", "conv channels", "neuron channels", "num_classes", "in_shape"],
+)
+def test_tensors_that_do_not_fit_each_other_are_a_format_error(
+    exported, change_tensors, change_doc, match
+):
+    """A file whose tensors and graph are each well formed but do not fit each other (edited,
+    with its checksum made again) fails at load, naming the file and the node, instead of
+    loading and then failing inside torch at the first forward."""
+    _rewrite_with_checksum(exported, change_tensors, change_doc)
+    with pytest.raises(DeployFormatError, match=match) as e:
+        load(exported)
+    assert "m.safetensors" in str(e.value)
+
+
+def test_the_shape_check_leaves_nothing_behind():
+    """The construction's shape run (meta tensors) puts the model's own tensors back and keeps
+    no plan or packed weight made from them."""
+    model = _small(spike_bits=4)
+    d = fold(model, impl="triton")
+    assert d.impl == "triton"
+    assert all(b.device.type == "cpu" for b in d.buffers())
+    assert not any(n.plans or n.packed is not None or n.fits for n in d._nodes)
+    x = torch.randn(2, 1, 24)
+    assert torch.equal(d(x), fold(model, impl="reference")(x))
+
+
 def test_not_an_export(tmp_path):
     from safetensors.torch import save_file
 

@@ -281,6 +281,7 @@ class DeployedModel(nn.Module):
         self.__dict__["_gen"] = 0  # bumped whenever a buffer may be another tensor
         self.__dict__["_buffer_list"] = None
         self.__dict__["_state"] = None
+        self._check_flow()
 
     # The layers' plans keep what they derived from the model's tensors (fp32 copies of 16-bit
     # parameters, the tensors themselves). They are valid while `_state` is: the generation
@@ -496,6 +497,45 @@ class DeployedModel(nn.Module):
         d = node.attrs["dim"]
         if isinstance(d, bool) or not isinstance(d, int) or d >= 0:
             raise _fail(f"node {node.index}: unsqueeze dim must be a negative int, got {d!r}")
+
+    def _check_flow(self) -> None:
+        """Run the graph once on shapes alone (meta tensors, the reference ops, one sample; the
+        neurons, which keep their input's shape, reduced to a check of their channels) so that
+        a graph whose tensors do not fit each other (a layer's weight against its input's
+        channels, the classifier against the features) fails here, naming the node, and not as
+        a torch error at the first forward. Leaves nothing behind: the buffers are put back and
+        what the run derived (plans, packed weights) is dropped."""
+        d, saved, impl = self.__dict__, dict(self._buffers), self.impl
+        try:
+            for name, b in saved.items():
+                if b is not None:
+                    self._buffers[name] = torch.empty_like(b, device="meta")
+            d["impl"] = "reference"
+            dtype = self.dtype
+            env: dict[str, Any] = {"x": torch.zeros(1, 1, *self.in_shape, device="meta")}
+            for node in self._nodes:
+                args = [env[n] for n in node.inputs]
+                try:
+                    env[node.output] = _SHAPE_RUN.get(node.op, _RUN[node.op])(
+                        self, node, args, dtype
+                    )
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    shapes = ", ".join(str(list(a.shape)) for a in args)
+                    raise _fail(
+                        f"node {node.index} ({node.op}) does not fit its input of shape {shapes} "
+                        f"([T, N, *]): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    ) from None
+            y = _float(env[self.graph_output], dtype)
+            if y.dim() != 3 or y.shape[0] not in (1, self.T) or y.shape[2] != self.num_classes:
+                raise _fail(
+                    f"the output {self.graph_output!r} has shape {list(y.shape)} for one sample, "
+                    f"expected [T, 1, num_classes={self.num_classes}]"
+                )
+        finally:
+            self._buffers.update(saved)
+            d["impl"] = impl
+            for node in self._nodes:
+                node.packed, node.plans, node.plan_state, node.fits = None, {}, None, {}
 
     def _spike_values(self) -> set[str]:
         spikes: set[str] = set()
@@ -869,6 +909,32 @@ def _run_avgpool(m, node, args, dtype):
 
 def _run_add(m, node, args, dtype):
     return _float(args[0], dtype) + _float(args[1], dtype)
+
+
+def _shape_neuron(m, node, args, dtype):
+    """`_check_flow`'s neuron: the output's shape (the input's, over T steps) after checking
+    that per-channel parameters ([T, C]) have the input's C (dim 2 of [T, N, C, *])."""
+    x = _steps(_float(args[0], dtype), m.T)
+    for k in ("decay", "in_scale", "in_bias"):
+        t = m._t(node, k)
+        if t is not None and t.dim() == 2 and (x.dim() < 3 or x.shape[2] != t.shape[1]):
+            has = x.shape[2] if x.dim() >= 3 else "none (no channel dim)"
+            raise ValueError(f"its {k} has {t.shape[1]} channels, its input {has}")
+    return x
+
+
+def _shape_bconv(m, node, args, dtype, residual=None):
+    """`_check_flow`'s bconv: the convolution alone (the fused neuron keeps its shape and its
+    [T, O] tensors were checked against the weight at construction)."""
+    if node.attrs["neuron"] is None:
+        return _run_bconv(m, node, args, dtype)
+    bare = copy.copy(node)
+    bare.attrs = {**node.attrs, "neuron": None}
+    return _steps(_run_bconv(m, bare, args, dtype), m.T)
+
+
+#: What `_check_flow` runs instead of `_RUN` where the shape is all it needs.
+_SHAPE_RUN: dict[str, Callable] = {"neuron": _shape_neuron, "bconv": _shape_bconv}
 
 
 _RUN: dict[str, Callable] = {
