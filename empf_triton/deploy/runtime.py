@@ -512,7 +512,9 @@ class DeployedModel(nn.Module):
                     self._buffers[name] = torch.empty_like(b, device="meta")
             d["impl"] = "reference"
             dtype = self.dtype
-            env: dict[str, Any] = {"x": torch.zeros(1, 1, *self.in_shape, device="meta")}
+            env: dict[str, Any] = {
+                "x": torch.zeros(1, 1, *self.in_shape, device="meta", dtype=dtype)
+            }
             for node in self._nodes:
                 args = [env[n] for n in node.inputs]
                 try:
