@@ -16,6 +16,29 @@ import triton.language as tl
 #: True when kernels run in Triton's CPU interpreter (read once, at import, as Triton does).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+@triton.jit
+def _probe_kernel(p, B: tl.constexpr):
+    # what every kernel here uses: a program id, a block of offsets, a block of values
+    o = tl.program_id(0) * B + tl.arange(0, B)
+    tl.store(p + o, tl.zeros([B], dtype=tl.float32) + 1.0)
+
+
+@functools.cache
+def interpreter_works() -> bool:
+    """Whether kernels run in Triton's interpreter here: `TRITON_INTERPRET=1` must have been set
+    before triton itself was imported (anything may import it first: torch.compile does), or
+    every launch fails inside Triton. Tried once, with a two-element kernel."""
+    if not INTERPRET:
+        return False
+    out = torch.zeros(2)
+    try:
+        _probe_kernel[(1,)](out, B=2)
+    except Exception:  # triton's InterpreterError ("... outside of the scope of a kernel")
+        return False
+    return out.tolist() == [1.0, 1.0]
+
+
 #: Tests set EMPF_POISON_EMPTY=1: an output a kernel forgets to write reads as NaN (or all ones).
 _POISON: bool = os.environ.get("EMPF_POISON_EMPTY", "0") == "1"
 

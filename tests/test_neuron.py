@@ -484,6 +484,51 @@ def test_triton_unavailable_raises(monkeypatch):
     empf_neuron(torch.randn(3, 4), impl="auto", **KW)
 
 
+_LATE_INTERPRETER = """
+import os, sys
+import triton  # imported before TRITON_INTERPRET is set: the interpreter stays off
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+import empf_triton as et
+from empf_triton.ops import TritonUnavailableError
+x = torch.randn(3, 4)
+calls = [
+    lambda: et.empf_neuron(x, decay=0.5, threshold=0.5, impl="triton"),
+    lambda: et.binarize(x, impl="triton"),
+    lambda: et.quantize_spikes(x, bits=2, impl="triton"),
+]
+for call in calls:
+    try:
+        call()
+    except TritonUnavailableError as e:
+        assert "imported before" in str(e), e
+    else:
+        sys.exit("no error")
+et.empf_neuron(x, decay=0.5, threshold=0.5)  # auto runs the reference
+print("ok")
+"""
+
+
+def test_interpreter_set_after_triton_import_is_a_clear_error():
+    """TRITON_INTERPRET=1 set after triton was imported leaves Triton's interpreter off (every
+    launch would fail inside Triton): impl='triton' on the CPU says so with
+    TritonUnavailableError (a ValueError), for every op."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(root)]
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LATE_INTERPRETER], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------ robustness
 
 

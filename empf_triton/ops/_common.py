@@ -8,6 +8,7 @@ reference. An explicit `impl="triton"` never falls back: it raises `TritonUnavai
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import math
@@ -55,6 +56,13 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _interpreter_works() -> bool:
+    from ..kernels import _common as kernels_common
+
+    return kernels_common.interpreter_works()
+
+
 def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     """Return "triton" or "reference" for these tensors, or raise if `impl` cannot be honoured."""
     if impl not in IMPLS:
@@ -69,6 +77,13 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
             raise TritonUnavailableError(
                 "impl='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before triton is imported, or move the tensors to CUDA, or use impl='auto'"
+            )
+        if not on_cuda and not _interpreter_works():
+            raise TritonUnavailableError(
+                "impl='triton' on CPU tensors: TRITON_INTERPRET=1 is set, but triton was imported "
+                "before it was (by this program or a library it uses, e.g. torch.compile), so "
+                "Triton's interpreter is off; set it before anything imports triton, or use "
+                "impl='auto'"
             )
     return impl
 
