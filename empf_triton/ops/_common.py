@@ -49,11 +49,18 @@ def load_kernels(name: str) -> ModuleType:
     return mod
 
 
-def _interpreter_on() -> bool:
+def _interpreter_flag() -> bool:
+    """Whether TRITON_INTERPRET=1 is asked for (as the kernels read it at their import)."""
     common = importlib.sys.modules.get("empf_triton.kernels._common")
     if common is not None:  # triton already decided at import time; that decision holds
         return common.INTERPRET
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_on() -> bool:
+    """Whether kernels run in Triton's interpreter here: asked for, and working (it is not when
+    triton was imported before TRITON_INTERPRET=1 was set; tried once)."""
+    return _interpreter_flag() and _interpreter_works()
 
 
 @functools.cache
@@ -74,11 +81,12 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
         if not triton_available():
             raise TritonUnavailableError("impl='triton' needs the triton package, which is missing")
         if not on_cuda and not _interpreter_on():
-            raise TritonUnavailableError(
-                "impl='triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-                "before triton is imported, or move the tensors to CUDA, or use impl='auto'"
-            )
-        if not on_cuda and not _interpreter_works():
+            if not _interpreter_flag():
+                raise TritonUnavailableError(
+                    "impl='triton' on CPU tensors needs Triton's interpreter: set "
+                    "TRITON_INTERPRET=1 before triton is imported, or move the tensors to CUDA, "
+                    "or use impl='auto'"
+                )
             raise TritonUnavailableError(
                 "impl='triton' on CPU tensors: TRITON_INTERPRET=1 is set, but triton was imported "
                 "before it was (by this program or a library it uses, e.g. torch.compile), so "

@@ -54,7 +54,7 @@ from ..reference.binary import (
 from ._common import (
     TRITON_DTYPES,
     PlanCache,
-    _interpreter_on,
+    _interpreter_flag,
     c_apply,
     check_like,
     check_tensor,
@@ -408,7 +408,7 @@ def _linear_setup(ctx, inputs, output):
 
 def _cpu(fn):
     """The reference as the ops' CPU implementation when the interpreter is off."""
-    return None if _interpreter_on() else {"cpu": fn}
+    return None if _interpreter_flag() else {"cpu": fn}
 
 
 def _fake_like_x(x, words, scale, bias):

@@ -43,7 +43,7 @@ from ._common import (
     REFERENCE_DTYPES,
     TRITON_DTYPES,
     PlanCache,
-    _interpreter_on,
+    _interpreter_flag,
     c_apply,
     check_spike_step,
     check_tensor,
@@ -137,7 +137,7 @@ def _decode_impl(
 
 def _cpu(fn):
     """The reference as the ops' CPU implementation when the interpreter is off."""
-    return None if _interpreter_on() else {"cpu": fn}
+    return None if _interpreter_flag() else {"cpu": fn}
 
 
 def _ref_quantize(s, bits, step):
