@@ -59,7 +59,10 @@ def _interpreter_flag() -> bool:
 
 def _interpreter_on() -> bool:
     """Whether kernels run in Triton's interpreter here: asked for, and working (it is not when
-    triton was imported before TRITON_INTERPRET=1 was set; tried once)."""
+    triton was imported before TRITON_INTERPRET=1 was set; tried once, never while
+    torch.compile traces: the probe is a launch)."""
+    if torch.compiler.is_compiling():
+        return _interpreter_flag()
     return _interpreter_flag() and _interpreter_works()
 
 
