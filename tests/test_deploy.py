@@ -814,8 +814,11 @@ def test_inference_only():
 def test_unknown_layers_and_models_are_named():
     model = _small()
     model.blocks[0] = LIFNeuron()
-    with pytest.raises(DeployError, match=r"blocks\.0 of type LIFNeuron"):
+    with pytest.raises(DeployError, match=r"blocks\.0 is a LIFNeuron: the LIF baseline is not"):
         fold(model)
+    lif = build_model("mnist1d_cnn", in_shape=(1, 24), num_classes=5, T=3, neuron="lif")
+    with pytest.raises(DeployError, match="LIF baseline is not deployable"):
+        fold(lif)
     with pytest.raises(DeployError, match="model type Sequential"):
         fold(nn.Sequential(nn.Linear(2, 2)))
     m2 = _small()

@@ -240,6 +240,11 @@ def _leaf(g: _Graph, mod: nn.Module, cur: str, path: str) -> str:
         if mod.start_dim != 1 or mod.end_dim != -1:
             raise DeployError(f"{path}: only nn.Flatten() of everything after the batch")
         return g.add("flatten", [cur])
+    if type(mod).__name__ == "LIFNeuron":
+        raise DeployError(
+            f"{path} is a LIFNeuron: the LIF baseline is not deployable (deployed models run "
+            "EM-PF neurons only); train with EM-PF neurons (the default, --neuron empf) to export"
+        )
     raise DeployError(
         f"the exporter does not know layer {path} of type {type(mod).__name__}; deployable "
         "layers: binary/full-precision conv and linear, BatchNorm (folded), EMPFNeuron, SECA, "
