@@ -433,9 +433,12 @@ def binary_conv_neuron_fwd(
 def binary_conv_neuron_plan(x: torch.Tensor, *args, residual: torch.Tensor | None = None, **kwargs):
     """`run(x2, residual2=None) -> out`, the same launch as `binary_conv_neuron_fwd(x, ...,
     residual=residual)` for inputs x2 (and residual2, given exactly when `residual` was) of the
-    same dtype, shape, strides and device (the caller's promise: not checked); a residual
-    needs unit strides inside one image (`_res_inner`). The arguments are built once (a `plan`,
-    kernels/_launch.py)."""
+    same dtype, shape, strides and device (the caller's promise: not checked). A residual whose
+    images are not contiguous is copied to the layout the kernel reads on every call, as the
+    op does (`_res_inner`). The arguments are built once (a `plan`, kernels/_launch.py)."""
+    given = residual
+    residual = _res_inner(residual)
+    copy_res = residual is not given  # strides are promised equal: decided once, here
     shape, dtype, grid, args_ = _bconv_setup(x, *args, residual=residual, **kwargs)
     out = empty(shape, dtype, x.device)
     if args_ is None:  # nothing to launch: an empty output of the same form
@@ -450,4 +453,6 @@ def binary_conv_neuron_plan(x: torch.Tensor, *args, residual: torch.Tensor | Non
                               device=residual.device)  # fmt: skip
     run2 = plan(_bconv_neuron_kernel, grid, dict(args_, p_x=x, p_res=res, p_out=out),
                 (x, res), (out,))  # fmt: skip
+    if copy_res:
+        return lambda x2, residual2: run2(x2, residual2.contiguous())[0]
     return lambda x2, residual2: run2(x2, residual2)[0]

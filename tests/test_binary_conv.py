@@ -624,6 +624,27 @@ def test_plan_with_a_residual_takes_each_calls_residual(device):
                 assert torch.equal(run(x2, r2), want), impl
 
 
+def test_plan_with_a_residual_whose_images_are_not_contiguous(device):
+    """A plan made with a residual whose [C_out, Ho, Wo] images are not contiguous (a transposed
+    view) copies each call's residual to the layout the kernel reads, as the op does: it read
+    it as if contiguous before (a silent wrong answer on the Triton path)."""
+    from empf_triton.ops.binary_conv import binary_conv_neuron_plan
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 2, 5, 5, device=device)
+    w = pack_weight(torch.randn(3, 2, 3, 3, device=device), 1)
+    scale, bias = torch.ones(3, device=device), torch.zeros(3, device=device)
+    res = torch.randn(2, 1, 3, 3, 3, device=device).transpose(3, 4)
+    assert not res[0, 0].is_contiguous()
+    want = binary_conv_neuron(x, w, scale, bias, residual=res, impl="reference")
+    for impl in ("reference", "triton"):
+        run = binary_conv_neuron_plan(x, w, scale, bias, residual=res, impl=impl)
+        torch.testing.assert_close(run(x, res), want, rtol=1e-5, atol=1e-5)
+        r2 = torch.randn(2, 1, 3, 3, 3, device=device).transpose(3, 4)
+        want2 = binary_conv_neuron(x, w, scale, bias, residual=r2, impl="reference")
+        torch.testing.assert_close(run(x, r2), want2, rtol=1e-5, atol=1e-5)
+
+
 def test_nan_and_inf_in_the_residual():
     """A NaN in the residual makes that current NaN (code 0 where codes are written, as for a
     NaN spike); +inf and -inf give the top code and 0. Both paths agree."""

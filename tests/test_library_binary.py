@@ -101,6 +101,25 @@ def test_double_backward_matches_reference(device, bits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+def test_double_backward_reaches_the_weight(device, bits):
+    """With create_graph=True, binary_linear's input gradient g Q(W) depends on the latent
+    weight through Q's STE (a gradient penalty on it trains W): the Triton path gives the
+    reference's second derivative with respect to W (it gave none before)."""
+    w0 = _w(6, 40, device)
+    res = {}
+    for impl in ("triton", "reference"):
+        x = torch.randn(2, 40, device=device, generator=torch.Generator(device).manual_seed(1))
+        x.requires_grad_()
+        w = w0.clone().requires_grad_()
+        out = ob.binary_linear(x, w, bits=bits, impl=impl)
+        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
+        assert gx.requires_grad, impl
+        res[impl] = torch.autograd.grad((gx**2).sum(), w)[0]
+    assert res["reference"].abs().sum() > 0
+    torch.testing.assert_close(res["triton"], res["reference"], atol=1e-4, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ torch.compile
 
 

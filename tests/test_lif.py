@@ -672,3 +672,42 @@ def test_cpu_decay_tensors_are_range_checked(impl, bad):
         lif_neuron(x, decay=ok, threshold=0.5, impl=impl)[0],
         lif_neuron(x, decay=ok, threshold=0.5, impl="reference")[0],
     )
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_float_parameters_after_a_call_under_inference_mode(impl):
+    """Float decay/threshold become cached constant tensors on the reference path: one made
+    under torch.inference_mode() must still serve a later training call (it could not be saved
+    for backward), for the op and the module."""
+    from empf_triton.nn import LIFNeuron
+
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        lif_neuron(x, decay=0.25, threshold=0.375, impl=impl)
+    xg = x.clone().requires_grad_()
+    s, _ = lif_neuron(xg, decay=0.25, threshold=0.375, impl=impl)
+    s.sum().backward()
+    assert xg.grad is not None
+    m = LIFNeuron(step_mode="m", impl="reference")
+    with torch.inference_mode():
+        m(x)
+    m.reset()
+    m(xg).sum().backward()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_parameters_outside_fp32_are_refused(impl):
+    """A float threshold or decay that does not fit fp32, and an alpha whose surrogate needs
+    more than fp32 (1 / alpha^2 for the triangle), are ValueErrors on both paths (they were an
+    internal torch error or an OverflowError on the reference, inf/NaN on Triton)."""
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="threshold must fit in fp32"):
+        lif_neuron(x, decay=0.5, threshold=1e300, impl=impl)
+    with pytest.raises(ValueError, match="threshold must fit in fp32"):
+        lif_neuron_step(x[0], decay=0.5, threshold=-1e39, impl=impl)
+    for alpha in (1e-200, 1e-20, 1e39):
+        with pytest.raises(ValueError, match="alpha must lie in"):
+            lif_neuron(x, decay=0.5, threshold=0.5, surrogate="triangle", alpha=alpha, impl=impl)
+    s, _ = lif_neuron(x, decay=0.5, threshold=3e38, surrogate="triangle", alpha=1e-19, impl=impl)
+    s.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -529,6 +529,54 @@ def test_interpreter_set_after_triton_import_is_a_clear_error():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+def test_triton_on_meta_tensors_is_a_clear_error():
+    """impl='triton' on tensors of a device Triton cannot run on (meta) is a
+    TritonUnavailableError naming it, for every kind of op (it was an internal error from
+    inside Triton under the interpreter); the reference runs on meta."""
+    import empf_triton as et
+
+    x = torch.randn(3, 4, 8, device="meta")
+    calls = {
+        "empf_neuron": lambda i: et.empf_neuron(x, decay=0.5, threshold=0.5, impl=i),
+        "parallel_neuron": lambda i: et.parallel_neuron(x, threshold=0.5, impl=i),
+        "lif_neuron": lambda i: et.lif_neuron(x, decay=0.5, threshold=0.5, impl=i),
+        "quantize_spikes": lambda i: et.quantize_spikes(x, bits=2, impl=i),
+        "binarize": lambda i: et.binarize(x[0], impl=i),
+    }
+    for name, call in calls.items():
+        with pytest.raises(common.TritonUnavailableError, match="not on meta tensors"):
+            call("triton")
+        out = call("reference")
+        assert (out[0] if isinstance(out, tuple) else out).device.type == "meta", name
+
+
+@pytest.mark.parametrize("op", ["empf_neuron", "empf_neuron_step", "parallel_neuron", "lif"])
+def test_second_derivatives_are_refused_on_the_triton_path(device, op):
+    """The Triton path's gradients come from a kernel and carry no graph: a backward with
+    create_graph=True raises instead of silently giving a gradient with no second derivative.
+    The reference supports it."""
+    from empf_triton.ops.lif import lif_neuron
+
+    def run(impl):
+        x = torch.randn(3, 16, device=device, requires_grad=True)
+        if op == "empf_neuron":
+            out = empf_neuron(x, decay=0.5, threshold=0.2, grad_mode="bptt", impl=impl)[0]
+        elif op == "empf_neuron_step":
+            out = empf_neuron_step(x[0], decay=0.5, threshold=0.2, impl=impl)[0]
+        elif op == "parallel_neuron":
+            out = parallel_neuron(x, threshold=0.2, impl=impl)
+        else:
+            out = lif_neuron(x, decay=0.5, threshold=0.2, impl=impl)[0]
+        g = torch.ones_like(out, requires_grad=True)
+        (gx,) = torch.autograd.grad(out, x, g, create_graph=True)
+        return gx, g
+
+    gx, g = run("reference")
+    assert gx.requires_grad
+    with pytest.raises(NotImplementedError, match="create_graph=True.*impl='reference'"):
+        run("triton")
+
+
 # ------------------------------------------------------------------------------ robustness
 
 

@@ -83,6 +83,12 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     if impl == "triton":
         if not triton_available():
             raise TritonUnavailableError("impl='triton' needs the triton package, which is missing")
+        if not on_cuda and any(t is not None and t.device.type != "cpu" for t in tensors):
+            dev = next(t.device for t in tensors if t is not None and t.device.type != "cpu")
+            raise TritonUnavailableError(
+                f"impl='triton' runs on CUDA tensors (or CPU tensors in Triton's interpreter), "
+                f"not on {dev.type} tensors; use impl='reference' or impl='auto'"
+            )
         if not on_cuda and not _interpreter_on():
             if not _interpreter_flag():
                 raise TritonUnavailableError(
@@ -150,6 +156,9 @@ def check_like(name: str, x: torch.Tensor | None, ref_name: str, ref: torch.Tens
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
+_FP32_MAX = 3.4028234663852886e38
+
+
 def per_step(
     name: str,
     value: float | torch.Tensor,
@@ -175,6 +184,9 @@ def per_step(
             raise ValueError(f"{name} must be finite, got {value}")
         if is_decay and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if like.dtype != torch.float64 and abs(value) > _FP32_MAX:
+            # the kernels take it as an fp32 scalar, the reference as an fp32 tensor
+            raise ValueError(f"{name} must fit in fp32 (|value| <= 3.4e38), got {value}")
         if keep_float:
             return value
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -187,7 +199,11 @@ def per_step(
                 _CONSTANTS.clear()
             # Made once per (value, T, dtype, device): a torch.full per call costs host time.
             # Never handed to the caller, never written, never requires grad.
-            const = _CONSTANTS[key] = torch.full((T,), value, dtype=dtype, device=like.device)
+            # Made outside inference mode: an inference tensor could not be saved for a later
+            # backward that reuses it.
+            with torch.inference_mode(False):
+                const = torch.full((T,), value, dtype=dtype, device=like.device)
+            _CONSTANTS[key] = const
         return const
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
@@ -287,6 +303,17 @@ def c_apply(fn_cls):
     Functions define no setup_context, so under vmap/grad the regular apply runs and raises as it
     always did."""
     return super(torch.autograd.Function, fn_cls).apply
+
+
+def refuse_double_backward(op: str) -> None:
+    """Called first in a Triton Function's backward: with create_graph=True (grad mode on in
+    the backward) its kernel-computed gradient would carry no graph, so a second derivative
+    through it would be silently missing. Raise instead."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{op}: second derivatives (backward with create_graph=True) are not supported on "
+            "the Triton path, whose gradients come from a kernel; use impl='reference'"
+        )
 
 
 def functorch_active() -> bool:

@@ -375,7 +375,14 @@ def _gemm_backward(f, ctx, g):
 
 def _linear_backward(f, ctx, g):
     x, weight, words, scale = ctx.saved_tensors
-    gx = f.gemm_t(g, words, scale, x.shape[1]) if ctx.needs_input_grad[0] else None
+    gx = None
+    if ctx.needs_input_grad[0]:
+        if torch.is_grad_enabled() and ctx.needs_input_grad[1]:
+            # create_graph=True with a learning weight: dL/dx = g Q(W) must reach W too (through
+            # Q's STE, as on the reference); the packed words are constants, so a dense GEMM
+            gx = g @ f.quantize(weight, words.shape[0]).to(g.dtype)
+        else:
+            gx = f.gemm_t(g, words, scale, x.shape[1])
     gw = None
     if ctx.needs_input_grad[1]:
         # dL/dW_q = g^T x is a dense GEMM whatever the weight format: cuBLAS's job.

@@ -11,6 +11,7 @@ import torch
 
 from ..reference.lif import SURROGATES, lif_neuron_ref
 from ._common import (
+    _FP32_MAX,
     PlanCache,
     c_apply,
     check_decay_values,
@@ -26,6 +27,7 @@ from ._common import (
     params_key,
     per_step,
     planned,
+    refuse_double_backward,
     resolve_impl,
 )
 from ._library import register_op
@@ -214,6 +216,7 @@ class _LIFFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, gv=None):
+        refuse_double_backward("lif_neuron")
         h, v0, d_t, th_t = ctx.saved_tensors
         surrogate, alpha, detach_reset, bptt, step = ctx.plan
         d_c, th_c = ctx.consts
@@ -330,6 +333,9 @@ def _check_surrogate(surrogate: str, alpha: float | None) -> float:
     alpha = float(alpha)
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite float, got {alpha}")
+    if alpha > _FP32_MAX or alpha * alpha * _FP32_MAX < 1.0:
+        # the surrogates use alpha and 1 / alpha^2 (triangle) in fp32
+        raise ValueError(f"alpha must lie in [5.5e-20, 3.4e38] (fp32 range), got {alpha}")
     return alpha
 
 

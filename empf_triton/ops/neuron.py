@@ -36,6 +36,7 @@ from ._common import (
     neuron_param,
     params_key,
     planned,
+    refuse_double_backward,
     resolve_impl,
 )
 from ._library import register_op
@@ -326,6 +327,7 @@ class _NeuronFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, gv=None):
+        refuse_double_backward("empf_neuron")
         mask, vhist, v0, decay, threshold = ctx.saved_tensors
         T, t0, C, inner, _, _, bptt, logits, d_c, _, step, joint = ctx.plan
         need = ctx.needs_input_grad
@@ -537,6 +539,7 @@ class _ParallelFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_double_backward("parallel_neuron")
         mask, threshold = ctx.saved_tensors
         T, t0, C, inner, _, _, logits, _, _, joint = ctx.plan
         if threshold is None:
