@@ -83,8 +83,11 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     if impl == "triton":
         if not triton_available():
             raise TritonUnavailableError("impl='triton' needs the triton package, which is missing")
-        if not on_cuda and any(t is not None and t.device.type != "cpu" for t in tensors):
-            dev = next(t.device for t in tensors if t is not None and t.device.type != "cpu")
+        # the op's main input decides (another tensor on another device is the op's own
+        # device-mismatch error)
+        first = next((t for t in tensors if t is not None), None)
+        if not on_cuda and first is not None and first.device.type != "cpu":
+            dev = first.device
             raise TritonUnavailableError(
                 f"impl='triton' runs on CUDA tensors (or CPU tensors in Triton's interpreter), "
                 f"not on {dev.type} tensors; use impl='reference' or impl='auto'"
