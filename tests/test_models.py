@@ -593,3 +593,42 @@ def test_seca_flag_must_be_a_bool(name, in_shape):
     """`seca="False"` is a TypeError in every model (mnist1d_cnn took any truthy value)."""
     with pytest.raises(TypeError, match="seca must be a bool, got str"):
         build_model(name, in_shape=in_shape, num_classes=3, T=2, seca="False")
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"in_shape": (1, 3)}, ValueError, "too short for the pools"),  # 3 -> 1 -> pool of 1
+        ({"in_shape": (1, 1)}, ValueError, "too short for the pools"),
+        ({"pool_after": (5, 9)}, ValueError, "pool_after holds block indices 0..2"),
+        ({"pool_after": (True,)}, ValueError, "pool_after holds block indices"),
+        ({"pool_after": 0}, TypeError, "pool_after must be a sequence"),
+        ({"channels": "ab"}, TypeError, "channels must be a sequence of ints"),
+        ({"channels": (4, 0, 4)}, ValueError, "ints >= 1"),
+        ({"channels": (4,)}, ValueError, ">= 2 widths"),
+    ],
+)
+def test_mnist1d_cnn_bad_layout_raises_at_construction(kw, exc, match):
+    """Pools that shrink the signal to nothing, pool indices of no block and widths that are
+    not ints are refused at construction, naming the option (before: a Linear(0, ...) and a
+    crash inside max_pool2d at the first forward, or indices silently ignored)."""
+    args = {"in_shape": (1, 8), "num_classes": 3, "T": 2, "channels": (4, 4, 4, 4)}
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        build_model("mnist1d_cnn", **args)
+
+
+def test_mnist1d_cnn_shortest_signal_for_its_pools_runs():
+    """The check is not stricter than the pools: length 2 with one pool runs."""
+    m = build_model(
+        "mnist1d_cnn", in_shape=(1, 2), num_classes=3, T=2, channels=(4, 4), pool_after=(0,),
+        impl="reference",
+    ).eval()  # fmt: skip
+    assert m(torch.rand(2, 1, 2)).shape == (2, 3)
+
+
+def test_digits_mlp_bad_hidden_raises():
+    with pytest.raises(TypeError, match="hidden must be a sequence of ints"):
+        build_model("digits_mlp", in_shape=(64,), num_classes=3, T=2, hidden=8)
+    with pytest.raises(ValueError, match="ints >= 1"):
+        build_model("digits_mlp", in_shape=(64,), num_classes=3, T=2, hidden=(8, 2.5))

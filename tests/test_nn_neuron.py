@@ -502,3 +502,149 @@ def test_a_membrane_on_another_device_than_the_input_is_named(cls):
         m(torch.rand(2, 3, device="meta"))
     reset_net(m)
     assert m(torch.rand(2, 3, device="meta")).device.type == "meta"
+
+
+# ------------------------------------------------------- settings changed after construction
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize(
+    ("name", "value", "exc", "match"),
+    [
+        ("tau", 0.5, ValueError, "tau must be a float > 1"),
+        ("tau", float("nan"), ValueError, "tau must be a float > 1"),
+        ("v_threshold", float("inf"), ValueError, "v_threshold must be a finite float"),
+        ("v_threshold", float("nan"), ValueError, "v_threshold must be a finite float"),
+        ("v_threshold", "1.0", ValueError, "v_threshold must be a finite float"),
+        ("v_threshold", 1e39, ValueError, "threshold"),  # outside fp32: the op's own check
+        ("surrogate", "bogus", ValueError, "surrogate must be one of"),
+        ("alpha", -1.0, ValueError, "alpha must be a positive finite float"),
+        ("alpha", "2", TypeError, "alpha must be a float or None"),
+        ("detach_reset", 1, TypeError, "detach_reset"),
+        ("grad_mode", "stbp", ValueError, "grad_mode must be"),
+        ("step_mode", "x", ValueError, "step_mode must be"),
+        ("impl", "cuda", ValueError, "impl must be"),
+    ],
+)
+def test_lif_settings_are_checked_when_set(impl, name, value, exc, match):
+    """A setting changed after construction is checked as at construction, on both impls (the
+    Triton path used to run a decay of -1 or a NaN threshold silently), and a refused value
+    leaves the module as it was."""
+    m = LIFNeuron(step_mode="m", impl=impl)
+    x = torch.rand(3, 2, 4) * 2
+    want = m(x)
+    reset_net(m)
+    with pytest.raises(exc, match=match):
+        setattr(m, name, value)
+    assert torch.equal(m(x), want)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_lif_alpha_and_surrogate_changed_later_take_effect(impl):
+    """`m.alpha = 8.0` and `m.surrogate = "atan"` act from the next call, as a fresh module
+    with those settings (before, the alpha resolved at construction stayed in use)."""
+    x = torch.rand(3, 2, 5) * 2
+
+    def grads(m):
+        xi = x.clone().requires_grad_()
+        m(xi).sum().backward()
+        return xi.grad
+
+    for change, fresh in (
+        ({"alpha": 8.0}, {"alpha": 8.0}),
+        ({"surrogate": "atan"}, {"surrogate": "atan"}),
+        ({"surrogate": "triangle", "alpha": 0.5}, {"surrogate": "triangle", "alpha": 0.5}),
+    ):
+        m = LIFNeuron(step_mode="m", impl=impl)
+        grads(m)
+        reset_net(m)
+        for k, v in change.items():
+            setattr(m, k, v)
+        assert torch.equal(grads(m), grads(LIFNeuron(step_mode="m", impl=impl, **fresh)))
+        assert m.alpha == fresh.get("alpha")
+    assert not torch.equal(
+        grads(LIFNeuron(step_mode="m", impl=impl, alpha=8.0)),
+        grads(LIFNeuron(step_mode="m", impl=impl)),
+    )
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_empf_quantiser_settings_are_checked_when_set(impl):
+    """`spike_bits` and `spike_step` set after construction are checked as at construction (a
+    2.5-bit or 0-bit quantiser and a zero or NaN step ran silently); valid changes act."""
+    m = EMPFNeuron(2, step_mode="m", impl=impl)
+    x = torch.rand(2, 3, 4) * 2
+    for name, value, exc in (
+        ("spike_bits", 2.5, TypeError),
+        ("spike_bits", 0, ValueError),
+        ("spike_bits", 9, ValueError),
+        ("spike_step", 0.0, ValueError),
+        ("spike_step", float("nan"), ValueError),
+    ):
+        with pytest.raises(exc, match=name):
+            setattr(m, name, value)
+        assert m.spike_bits is None and m.spike_step == 0.25
+    m.spike_bits, m.spike_step = 2, 0.5
+    want = EMPFNeuron(2, spike_bits=2, spike_step=0.5, step_mode="m", impl=impl)(x)
+    assert torch.equal(m(x), want)
+
+
+@pytest.mark.parametrize("name", ["T", "parallel", "channels"])
+def test_empf_shape_settings_are_fixed(name):
+    """T, parallel and channels shape the parameters: changing them later is refused (a larger
+    T made the Triton kernels read logits past their end)."""
+    m = EMPFNeuron(2)
+    with pytest.raises(AttributeError, match=f"EMPFNeuron.{name} is fixed at construction"):
+        setattr(m, name, 3 if name != "parallel" else True)
+    assert (m.T, m.parallel, m.channels) == (2, False, None)
+
+
+@pytest.mark.parametrize("cls", [EMPFNeuron, LIFNeuron])
+def test_deepcopy_and_pickle_after_bptt_forward(cls):
+    """A neuron holding a bptt membrane with its graph (until reset_net) deep-copies and
+    pickles, keeping the membrane's value (before: torch refused to deepcopy a non-leaf)."""
+    import copy
+    import pickle
+
+    m = cls(T=2, grad_mode="bptt", step_mode="m") if cls is EMPFNeuron else cls(step_mode="m")
+    m(torch.rand(2, 3, 4, requires_grad=True)).sum().backward()
+    assert m.v.grad_fn is not None
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin.v.grad_fn is None and torch.equal(twin.v, m.v)
+        assert (twin.step_mode, twin.grad_mode, twin.t) == (m.step_mode, m.grad_mode, m.t)
+    assert m.v.grad_fn is not None  # the original keeps its graph
+
+
+def test_pickle_from_before_settings_were_properties_loads():
+    """A neuron pickled when its settings were plain attributes (`step_mode`, `tau`, `alpha`,
+    ...) still loads, with those settings."""
+    m = LIFNeuron(tau=3.0, alpha=2.0, step_mode="m")
+    state = m.__getstate__()
+    for k in ("step_mode", "grad_mode", "impl", "tau", "v_threshold", "surrogate",
+              "detach_reset"):  # fmt: skip
+        state[k] = state.pop("_" + k)
+    state["alpha"] = state.pop("_alpha_arg")
+    old = LIFNeuron.__new__(LIFNeuron)
+    old.__setstate__(state)
+    assert (old.tau, old.alpha, old.step_mode, old.surrogate) == (3.0, 2.0, "m", "sigmoid")
+    x = torch.rand(2, 3)
+    assert torch.equal(old(x), LIFNeuron(tau=3.0, alpha=2.0, step_mode="m")(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mem_bn_half_module_refuses_a_wider_input(dtype):
+    """A Mem-BN neuron in half precision given an fp32 input is a TypeError naming both dtypes
+    (it crashed inside batch_norm); its own dtype runs."""
+    n = EMPFNeuron(2, mem_bn=True, channels=3, impl="reference").to(dtype)
+    with pytest.raises(TypeError, match=r"input has dtype torch.float32, its parameters"):
+        n(torch.randn(4, 3, 2))
+    assert n(torch.randn(4, 3, 2, dtype=dtype)).dtype == dtype
+
+
+def test_mem_bn_membrane_on_another_device_is_named():
+    """The Mem-BN neuron names a membrane left on another device, as the plain one does."""
+    n = EMPFNeuron(3, mem_bn=True, channels=3)
+    n(torch.rand(2, 3, 4))
+    n.to("meta")
+    with pytest.raises(ValueError, match="holds a membrane on cpu but got an input on meta"):
+        n(torch.rand(2, 3, 4, device="meta"))

@@ -52,7 +52,9 @@ class MNIST1DCNN(SpikingModel):
         num_classes: classes.
         T: time steps.
         channels: the stem's width, then each block's width.
-        pool_after: 0-based indices of the blocks followed by a 2x max-pool.
+        pool_after: 0-based indices of the blocks followed by a 2x max-pool, each naming a
+            block (0 .. len(channels) - 2). None (default): blocks 0 and 2, those of them that
+            exist.
         weight_bits: 1 (binary), 1.5 (ternary) or 32 (full precision) for the block convs.
         spike_bits, spike_step: k-bit spikes (None = float spikes).
         parallel: make every second block's neuron a parallel (stateless) neuron.
@@ -73,7 +75,7 @@ class MNIST1DCNN(SpikingModel):
         T: int = 4,
         *,
         channels: Sequence[int] = (64, 64, 128, 128),
-        pool_after: Sequence[int] = (0, 2),
+        pool_after: Sequence[int] | None = None,
         weight_bits: float = 1,
         spike_bits: int | None = None,
         spike_step: float = 0.25,
@@ -93,8 +95,22 @@ class MNIST1DCNN(SpikingModel):
         super().__init__(T, num_classes, in_shape)
         if len(self.in_shape) != 2:
             raise ValueError(f"mnist1d_cnn: in_shape must be (C, L), got {in_shape!r}")
-        if len(channels) < 2:
-            raise ValueError(f"mnist1d_cnn: channels needs >= 2 widths, got {channels!r}")
+        channels = _widths("mnist1d_cnn", "channels", channels, 2)
+        if pool_after is not None and (
+            isinstance(pool_after, (str, bytes)) or not isinstance(pool_after, Sequence)
+        ):
+            raise TypeError(
+                f"mnist1d_cnn: pool_after must be a sequence of block indices, got {pool_after!r}"
+            )
+        n_blocks = len(channels) - 1
+        if pool_after is None:
+            pool_after = tuple(i for i in (0, 2) if i < n_blocks)
+        for i in pool_after:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_blocks:
+                raise ValueError(
+                    f"mnist1d_cnn: pool_after holds block indices 0..{n_blocks - 1} (one block "
+                    f"per width after the first of channels), got {tuple(pool_after)!r}"
+                )
         check_weight_bits(weight_bits)
         neuron_of = _factory(
             T,
@@ -127,6 +143,11 @@ class MNIST1DCNN(SpikingModel):
 
                 blocks.append(SECA(cout))
             if i in pool_after:
+                if L < 2:
+                    raise ValueError(
+                        f"mnist1d_cnn: in_shape {self.in_shape} is too short for the pools of "
+                        f"pool_after={tuple(pool_after)} (length {L} before block {i}'s pool)"
+                    )
                 blocks.append(SeqToANN(nn.MaxPool2d((1, 2))))
                 L //= 2
         self.blocks = nn.Sequential(*blocks)
@@ -139,6 +160,17 @@ class MNIST1DCNN(SpikingModel):
         x = self.stem(x.unsqueeze(-2))  # [*, C, L] -> [*, C, 1, L]
         x = self.blocks(x)
         return self.classifier(self.head_neuron(x))
+
+
+def _widths(model: str, name: str, widths: object, least: int) -> tuple[int, ...]:
+    """`widths` as a tuple of at least `least` ints >= 1."""
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
+        raise TypeError(f"{model}: {name} must be a sequence of ints, got {widths!r}")
+    if len(widths) < least or any(
+        isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths
+    ):
+        raise ValueError(f"{model}: {name} needs >= {least} widths, ints >= 1, got {widths!r}")
+    return tuple(widths)
 
 
 def _conv1x3(cin: int, cout: int, weight_bits: float, impl: str) -> nn.Module:
@@ -186,8 +218,7 @@ class DigitsMLP(SpikingModel):
         super().__init__(T, num_classes, in_shape)
         if check_flag("seca", seca):
             raise ValueError("digits_mlp: seca needs channels and an MLP has none; use seca=False")
-        if len(hidden) < 1:
-            raise ValueError(f"digits_mlp: hidden needs >= 1 width, got {hidden!r}")
+        hidden = _widths("digits_mlp", "hidden", hidden, 1)
         check_weight_bits(weight_bits)
         neuron_of = _factory(
             T,

@@ -39,12 +39,6 @@ class StatefulNeuron(nn.Module):
 
     def __init__(self, step_mode: str, grad_mode: str, impl: str) -> None:
         super().__init__()
-        if step_mode not in STEP_MODES:
-            raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
-        if grad_mode not in ("online", "bptt"):
-            raise ValueError(f"grad_mode must be 'online' or 'bptt', got {grad_mode!r}")
-        if impl not in ("auto", "triton", "reference"):
-            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
         self.step_mode = step_mode
         self.grad_mode = grad_mode
         self.impl = impl
@@ -54,6 +48,60 @@ class StatefulNeuron(nn.Module):
         # impl it resolved to: validation runs on the first call and whenever these change.
         self._checked: tuple | None = None
         self._resolved_impl = "reference"
+
+    # The settings are checked whenever they are set, at construction or later (a model's
+    # set_step_mode / set_grad_mode, a user's `m.impl = ...`): the forward reads them unchecked.
+    @property
+    def step_mode(self) -> str:
+        """ "s" (one step per call) or "m" (a whole sequence per call)."""
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, mode: str) -> None:
+        if not isinstance(mode, str) or mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be 's' or 'm', got {mode!r}")
+        self.__dict__["_step_mode"] = mode
+
+    @property
+    def grad_mode(self) -> str:
+        """ "online" (the membrane a constant between steps) or "bptt"."""
+        return self._grad_mode
+
+    @grad_mode.setter
+    def grad_mode(self, mode: str) -> None:
+        if not isinstance(mode, str) or mode not in ("online", "bptt"):
+            raise ValueError(f"grad_mode must be 'online' or 'bptt', got {mode!r}")
+        self.__dict__["_grad_mode"] = mode
+
+    @property
+    def impl(self) -> str:
+        """ "auto", "triton" or "reference"."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        if not isinstance(impl, str) or impl not in ("auto", "triton", "reference"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        self.__dict__["_impl"] = impl
+
+    #: Settings kept as `_name` behind a checking property; pickles made before that held them
+    #: as plain `name` attributes (`__setstate__` moves them).
+    _SETTINGS = ("step_mode", "grad_mode", "impl")
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        v = state.get("v")
+        if v is not None and v.grad_fn is not None:
+            # bptt keeps the membrane with its graph until reset_net; a copy (deepcopy, pickle)
+            # takes its value (a graph cannot be copied, and torch refuses to deepcopy it)
+            state["v"] = v.detach()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name in self._SETTINGS:
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
 
     def _check_input(self, x: object, min_dim: int) -> str:
         """Validate the input once per (shape, dtype, device, impl, step form); returns the
@@ -74,12 +122,7 @@ class StatefulNeuron(nn.Module):
                 f"{name} in step_mode={self.step_mode!r} needs an input {form}, "
                 f"got shape {tuple(x.shape)}"
             )
-        v = self.__dict__.get("v")
-        if v is not None and v.device != x.device:  # checked here: a new device is a new key
-            raise ValueError(
-                f"{name} holds a membrane on {v.device} but got an input on {x.device}; call "
-                "empf_triton.reset_net(model) after moving the model"
-            )
+        self._check_device(x)  # here: a new device is a new key
         impl = resolve_impl(self.impl, x)
         allowed = TRITON_DTYPES if impl == "triton" else REFERENCE_DTYPES
         if x.dtype not in allowed:
@@ -89,6 +132,14 @@ class StatefulNeuron(nn.Module):
             # next trace and cost one recompile.
             self._checked, self._resolved_impl = key, impl
         return impl
+
+    def _check_device(self, x: torch.Tensor) -> None:
+        v = self.__dict__.get("v")
+        if v is not None and v.device != x.device:
+            raise ValueError(
+                f"{type(self).__name__} holds a membrane on {v.device} but got an input on "
+                f"{x.device}; call empf_triton.reset_net(model) after moving the model"
+            )
 
     def _check_state(self, step_shape: torch.Size) -> None:
         """The carried membrane must fit this step's input (it does not after a batch change)."""
@@ -209,19 +260,71 @@ class EMPFNeuron(StatefulNeuron):
                 f"EMPFNeuron(mem_bn=True) needs channels, an int >= 1 (dim 1 of its input "
                 f"[N, C, *]), got {channels!r}"
             )
-        self.T = T
-        self.spike_bits = spike_bits
-        self.spike_step = spike_step
-        self.parallel = parallel
-        self.channels = channels
+        # Fail at construction, not at the first forward, on a bad quantiser setting.
+        check_spike_bits(spike_bits, spike_step)
+        d = self.__dict__  # behind properties (see below)
+        d["_T"], d["_parallel"], d["_channels"] = T, parallel, channels
+        d["_spike_bits"], d["_spike_step"] = spike_bits, spike_step
         # One learnable tensor: the op takes it whole (one autograd input, one gradient).
         self.logits = nn.Parameter(torch.zeros(1 if parallel else 2, T))
         self.mem_bn: MemBN | None = MemBN(channels, T) if mem_bn else None
         # Set by fold_mem_bn(): the eval-mode Mem-BN as a per-step, per-channel affine map.
         self.register_buffer("mem_scale", None)
         self.register_buffer("mem_bias", None)
-        # Fail at construction, not at the first forward, on a bad quantiser setting.
-        check_spike_bits(spike_bits, spike_step)
+
+    _SETTINGS = StatefulNeuron._SETTINGS + ("T", "parallel", "channels", "spike_bits", "spike_step")
+
+    # T, parallel and channels shape the parameters (logits [2, T] or [1, T], Mem-BN's C): fixed
+    # at construction. The quantiser's settings may change (checked as at construction).
+    @property
+    def T(self) -> int:
+        return self._T
+
+    @property
+    def parallel(self) -> bool:
+        return self._parallel
+
+    @property
+    def channels(self) -> int | None:
+        return self._channels
+
+    @T.setter
+    def T(self, value):
+        self._fixed("T")
+
+    @parallel.setter
+    def parallel(self, value):
+        self._fixed("parallel")
+
+    @channels.setter
+    def channels(self, value):
+        self._fixed("channels")
+
+    def _fixed(self, name: str) -> None:
+        raise AttributeError(
+            f"EMPFNeuron.{name} is fixed at construction (the parameters are shaped by it); "
+            "build a new EMPFNeuron"
+        )
+
+    @property
+    def spike_bits(self) -> int | None:
+        """None (float spikes) or k in 1..8 (k-bit spikes)."""
+        return self._spike_bits
+
+    @spike_bits.setter
+    def spike_bits(self, bits: int | None) -> None:
+        check_spike_bits(bits, self._spike_step)
+        self.__dict__["_spike_bits"] = bits
+
+    @property
+    def spike_step(self) -> float:
+        """The quantiser's step Δ."""
+        return self._spike_step
+
+    @spike_step.setter
+    def spike_step(self, step: float) -> None:
+        check_spike_bits(self._spike_bits, step)
+        self.__dict__["_spike_step"] = step
 
     @property
     def threshold_logit(self) -> torch.Tensor:
@@ -289,11 +392,23 @@ class EMPFNeuron(StatefulNeuron):
                 f"[N, {self.channels}, *], got {shape}"
             )
         pdt = self.threshold_logit.dtype
-        if not x.is_floating_point() or (x.dtype == torch.float64) != (pdt == torch.float64):
+        if (
+            not x.is_floating_point()
+            or (x.dtype == torch.float64) != (pdt == torch.float64)
+            or (
+                self.mem_bn is not None
+                and pdt in (torch.float16, torch.bfloat16)
+                and x.dtype != pdt
+            )
+        ):
+            # Mem-BN's batch norm takes an input of its parameters' dtype, or a half-precision
+            # input with fp32 parameters (autocast), never a wider input than its parameters.
             raise TypeError(
                 f"EMPFNeuron(mem_bn=True) input has dtype {x.dtype}, its parameters {pdt}: give a "
-                "floating input (float64 only with a float64 module, `.double()`)"
+                "floating input of the parameters' dtype (a half-precision input also fits fp32 "
+                "parameters; float64 only with a float64 module, `.double()`)"
             )
+        self._check_device(x)
         th = torch.sigmoid(self.threshold_logit[t])
         q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
         if not self.parallel:
@@ -436,25 +551,80 @@ class LIFNeuron(StatefulNeuron):
         impl: str = "auto",
     ) -> None:
         super().__init__(step_mode, grad_mode, impl)
+        self._configure(tau=tau, v_threshold=v_threshold, surrogate=surrogate, alpha=alpha)
+        self.detach_reset = detach_reset
+
+    _SETTINGS = StatefulNeuron._SETTINGS + ("tau", "v_threshold", "surrogate", "detach_reset")
+
+    def __setstate__(self, state: dict) -> None:
+        if "alpha" in state:  # a pickle from before the settings were properties
+            state["_alpha_arg"] = state.pop("alpha")
+        super().__setstate__(state)
+
+    def _configure(self, **change) -> None:
+        """Check the neuron's settings with `change` applied, as the ops would check them, and
+        keep them (all or none). Every setting is checked when it is set, at construction or
+        later (`m.tau = 5.0`), so the forward reads them unchecked on both impls."""
+        d = self.__dict__
+        cfg = {k: d.get("_" + k) for k in ("tau", "v_threshold", "surrogate")}
+        cfg["alpha"] = d.get("_alpha_arg")
+        cfg.update(change)
+        tau, th, surrogate, alpha = cfg["tau"], cfg["v_threshold"], cfg["surrogate"], cfg["alpha"]
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 1:
             raise ValueError(f"tau must be a float > 1 (decay = 1 - 1/tau in (0, 1)), got {tau!r}")
-        if not isinstance(v_threshold, (int, float)) or not math.isfinite(v_threshold):
-            raise ValueError(f"v_threshold must be a finite float, got {v_threshold!r}")
-        self.tau = float(tau)
-        self.v_threshold = float(v_threshold)
-        self.surrogate = surrogate
-        self.alpha = alpha
-        self.detach_reset = check_bool("detach_reset", detach_reset)
-        self._alpha = _check_surrogate(surrogate, alpha)
-        # Validate the surrogate now (an unknown one must never silently give zero gradients).
+        if isinstance(th, bool) or not isinstance(th, (int, float)) or not math.isfinite(th):
+            raise ValueError(f"v_threshold must be a finite float, got {th!r}")
+        resolved = _check_surrogate(surrogate, alpha)
+        # The op's own checks too (fp32 range of the constants; an unknown surrogate must never
+        # silently give zero gradients).
         lif_neuron_step(
-            torch.zeros(1),
-            decay=self.decay,
-            threshold=self.v_threshold,
-            surrogate=surrogate,
-            alpha=alpha,
-            impl="reference",
-        )
+            torch.zeros(1), decay=1.0 - 1.0 / float(tau), threshold=float(th),
+            surrogate=surrogate, alpha=alpha, impl="reference",
+        )  # fmt: skip
+        d["_tau"], d["_v_threshold"], d["_surrogate"] = float(tau), float(th), surrogate
+        d["_alpha_arg"], d["_alpha"] = alpha, resolved
+
+    @property
+    def tau(self) -> float:
+        """The membrane time constant (> 1); decay λ = 1 - 1/tau."""
+        return self._tau
+
+    @tau.setter
+    def tau(self, tau: float) -> None:
+        self._configure(tau=tau)
+
+    @property
+    def v_threshold(self) -> float:
+        return self._v_threshold
+
+    @v_threshold.setter
+    def v_threshold(self, v_threshold: float) -> None:
+        self._configure(v_threshold=v_threshold)
+
+    @property
+    def surrogate(self) -> str:
+        return self._surrogate
+
+    @surrogate.setter
+    def surrogate(self, surrogate: str) -> None:
+        self._configure(surrogate=surrogate)
+
+    @property
+    def alpha(self) -> float | None:
+        """The surrogate's sharpness as given (None: the surrogate's default)."""
+        return self._alpha_arg
+
+    @alpha.setter
+    def alpha(self, alpha: float | None) -> None:
+        self._configure(alpha=alpha)
+
+    @property
+    def detach_reset(self) -> bool:
+        return self._detach_reset
+
+    @detach_reset.setter
+    def detach_reset(self, flag: bool) -> None:
+        self.__dict__["_detach_reset"] = check_bool("detach_reset", flag)
 
     @property
     def decay(self) -> float:
@@ -477,7 +647,7 @@ class LIFNeuron(StatefulNeuron):
         outputs are [N, *]."""
         if self._resolved_impl == "triton":
             return lif_neuron_triton(
-                x, v, self.decay, float(self.v_threshold), self.surrogate, self._alpha,
+                x, v, self.decay, self.v_threshold, self.surrogate, self._alpha,
                 self.detach_reset, bptt, step=step, state=self.grad_mode == "online",
             )  # fmt: skip
         T = 1 if step else x.shape[0]
