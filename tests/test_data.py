@@ -341,3 +341,37 @@ def test_dvs_cifar10_split_reads_no_sample_when_targets_are_known(tmp_path, monk
     (tmp_path / "CIFAR10DVS").mkdir()
     train, test, _ = load_dataset("dvs_cifar10", str(tmp_path), T=2)
     assert (len(train), len(test)) == (180, 20) and reads == []
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        ([0, 1, 10, 2], r"labels holds labels 0\.\.10, expected 0\.\.9"),
+        ([0, -1, 3, 2], r"labels holds labels -1\.\.3, expected 0\.\.9"),
+        ([0, 1, 2], r"labels has shape \(3,\), expected \[4\]"),
+    ],
+)
+def test_cifar_labels_out_of_range_name_the_file(tmp_path, labels, match):
+    """A batch whose labels do not fit the classes (or the images) is a ValueError naming the
+    file at load, not an IndexError from the loss in the middle of training."""
+    folder, _, _ = _fake_cifar10(tmp_path)
+    _write_batch(folder / "data_batch_2", 4, b"labels", 2, {b"labels": labels})
+    with pytest.raises(ValueError, match=match) as e:
+        load_dataset("cifar10", str(tmp_path))
+    assert "data_batch_2" in str(e.value)
+
+
+def test_npz_cache_file_gets_the_umask_mode(tmp_path):
+    """A data set cache file is readable as a plain open() would make it (a shared cache
+    folder), not 0600 as mkstemp makes files."""
+    from empf_triton._files import default_file_mode
+    from empf_triton.data.common import save_npz_atomic
+
+    old = os.umask(0o022)
+    try:
+        save_npz_atomic(tmp_path / "c.npz", a=np.arange(3))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o644
+    assert np.load(tmp_path / "c.npz")["a"].tolist() == [0, 1, 2]
+    assert default_file_mode() == 0o666 & ~old

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -707,3 +708,104 @@ def test_cli_progress_bar_asks_for_numbers_only_when_it_draws(monkeypatch, digit
     reads = _HostReads(monkeypatch)
     train_epoch(model, batches, opt, "online", 2, progress=bar)
     assert drawn == [6] and reads.count == 2 + 2  # the epoch's 2 reads, the last batch's 2
+
+
+def test_resume_refuses_a_model_option_left_out(tmp_path, digits):
+    """A resume whose model configuration leaves out a saved entry (a LIF surrogate alpha of 8
+    -> the default 4) is a different model and refused, naming the entry (before: only the
+    requested keys were compared, so the run went on with alpha 4 and recorded no change)."""
+    common = dict(dataset="digits", epochs=2, T=2, device="cpu", progress=False, neuron="lif")
+    run_training(
+        TrainConfig(out=str(tmp_path / "r"), stop_after=1, surrogate_alpha=8.0, **common),
+        log=lambda s: None,
+    )
+    last = tmp_path / "r" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=r"alpha: saved 8.0 vs requested \(not set\)"):
+        run_training(TrainConfig(resume=str(last), **common), log=lambda s: None)
+    assert last.read_bytes() == before
+    ckpt = load_checkpoint(last)
+    check_compatible(ckpt, "digits_mlp", {"T": 2})  # a partial expectation still works
+    cfg = {k: v for k, v in ckpt["model_config"].items() if k != "alpha"}
+    check_compatible(ckpt, "digits_mlp", cfg)
+    with pytest.raises(CheckpointError, match=r"alpha: saved 8.0 vs requested \(not set\)"):
+        check_compatible(ckpt, "digits_mlp", cfg, exact=True)
+    check_compatible(ckpt, "digits_mlp", ckpt["model_config"], exact=True)
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, digits, monkeypatch):
+    """A run trained on 2 processes resumed on 1 is refused (its schedule and data order are
+    counted in joint batches of 2 processes); before, it went on with a wrong schedule."""
+    import empf_triton.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def as_two_processes(path, **kw):  # what rank 0 of a 2-process run writes
+        return real(path, **{**kw, "extra": {**kw["extra"], "world_size": 2}})
+
+    common = dict(dataset="digits", epochs=2, T=2, device="cpu", progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", as_two_processes)
+    run_training(TrainConfig(out=str(tmp_path / "r"), stop_after=1, **common), log=lambda s: None)
+    monkeypatch.undo()
+    last = tmp_path / "r" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(ValueError, match="trained with world size 2 .*cannot use 1"):
+        run_training(TrainConfig(resume=str(last), **common), log=lambda s: None)
+    assert last.read_bytes() == before
+    # a 1-process run records 1 and resumes
+    run_training(TrainConfig(out=str(tmp_path / "s"), stop_after=1, **common), log=lambda s: None)
+    assert load_checkpoint(tmp_path / "s" / "last.pt")["extra"]["world_size"] == 1
+    r = run_training(TrainConfig(resume=str(tmp_path / "s"), **common), log=lambda s: None)
+    assert r["epochs_done"] == 2
+
+
+def test_overwrite_without_out_replaces_only_the_default_folder(tmp_path, digits, monkeypatch):
+    """--overwrite with no --out takes the default folder; while another run uses it, that is
+    an error, and the run kept in the suffixed folder -2 is left alone (before, it was
+    replaced)."""
+    from empf_triton.train.lock import OutputLock
+
+    monkeypatch.chdir(tmp_path)
+    common = dict(dataset="digits", epochs=1, T=2, device="cpu", progress=False)
+    a = run_training(TrainConfig(seed=1, **common), log=lambda s: None)
+    b = run_training(TrainConfig(seed=2, **common), log=lambda s: None)
+    assert Path(b["out"]).name == Path(a["out"]).name + "-2"
+    kept = (Path(b["out"]) / "last.pt").read_bytes()
+    with OutputLock(Path(a["out"])):  # a run in progress holds the default folder
+        with pytest.raises(ValueError, match="is in use by another empf train run"):
+            run_training(TrainConfig(seed=3, overwrite=True, **common), log=lambda s: None)
+    assert (Path(b["out"]) / "last.pt").read_bytes() == kept
+    c = run_training(TrainConfig(seed=3, overwrite=True, **common), log=lambda s: None)
+    assert c["out"] == a["out"] and (Path(b["out"]) / "last.pt").read_bytes() == kept
+
+
+def test_a_training_batch_of_one_sample_is_refused_up_front(tmp_path, digits):
+    """A batch size that leaves a last batch of 1 sample stops the run before training (batch
+    norm cannot train on one sample): before, the first epoch ran and died at its last batch
+    without a checkpoint."""
+    n = len(digits[0])
+    common = dict(dataset="digits", epochs=1, T=2, device="cpu", progress=False)
+    bs = next(b for b in range(200, n) if n % b == 1)
+    with pytest.raises(ValueError, match=f"--batch-size {bs} leaves a training batch of 1 sample"):
+        run_training(TrainConfig(out=str(tmp_path / "a"), batch_size=bs, **common), log=print)
+    assert not (tmp_path / "a" / "last.pt").exists()
+    with pytest.raises(ValueError, match="--batch-size 1 leaves a training batch of 1 sample"):
+        run_training(TrainConfig(out=str(tmp_path / "b"), batch_size=1, **common), log=print)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"momentum": 0.5}, "momentum is an SGD setting"),
+        ({"spike_step": 0.5}, "spike_step is the k-bit spike quantiser's step"),
+        ({"model_options": {"grad_mode": "bptt"}}, "model_options may not set 'grad_mode'"),
+        ({"model_options": {"step_mode": "m"}}, "model_options may not set 'step_mode'"),
+    ],
+)
+def test_settings_that_would_do_nothing_are_refused(kw, match):
+    """Momentum with AdamW, a spike step without k-bit spikes and a grad_mode the strategy
+    overrides changed nothing in training; they are refused instead of accepted."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw).validate()
+    TrainConfig(optimizer="sgd", momentum=0.5).validate()  # where they apply, they are fine
+    TrainConfig(spike_bits=2, spike_step=0.5).validate()

@@ -80,7 +80,7 @@ def _find_folder(root: Path, sub: str) -> Path:
     )
 
 
-def _load_split(folder: Path, files: list[str], label_key: str):
+def _load_split(folder: Path, files: list[str], label_key: str, num_classes: int):
     xs, ys = [], []
     for name in files:
         path = folder / name
@@ -92,8 +92,19 @@ def _load_split(folder: Path, files: list[str], label_key: str):
         x = np.asarray(d["data"], dtype=np.uint8)
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
             raise ValueError(f"CIFAR batch {path}: data has shape {x.shape}, expected [N, 3072]")
+        y = np.asarray(d[label_key], dtype=np.int64)
+        if y.shape != (x.shape[0],):
+            raise ValueError(
+                f"CIFAR batch {path}: {label_key} has shape {y.shape}, expected [{x.shape[0]}] "
+                "(one label per image)"
+            )
+        if y.size and not (0 <= y.min() and y.max() < num_classes):
+            raise ValueError(
+                f"CIFAR batch {path}: {label_key} holds labels {int(y.min())}..{int(y.max())}, "
+                f"expected 0..{num_classes - 1}"
+            )
         xs.append(x.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -124,8 +135,8 @@ def load_cifar(root=None, num_classes: int = 10, augment: bool = True):
     sub, train_files, test_files, label_key = _LAYOUT[num_classes]
     folder = _find_folder(Path(root if root is not None else "data"), sub)
     label_key = label_key.decode()
-    xtr, ytr = _load_split(folder, train_files, label_key)
-    xte, yte = _load_split(folder, test_files, label_key)
+    xtr, ytr = _load_split(folder, train_files, label_key, num_classes)
+    xte, yte = _load_split(folder, test_files, label_key, num_classes)
     mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in STATS[num_classes])
 
     def norm(a: np.ndarray) -> torch.Tensor:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .._files import write_file_atomic
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -53,16 +55,9 @@ def cache_dir(root: str | os.PathLike | None = None) -> Path:
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write an .npz next to `path` and rename it into place, so readers never see half a file."""
+    """Write an .npz to `path` whole (`write_file_atomic`: readers never see half a file; the
+    file gets the mode a plain open() would, so a shared cache folder stays readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_file_atomic(path, buf.getbuffer())

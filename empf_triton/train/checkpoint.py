@@ -252,12 +252,14 @@ def check_compatible(
     model_config: Mapping[str, Any] | None = None,
     *,
     path: str | os.PathLike = "checkpoint",
+    exact: bool = False,
 ) -> None:
     """Raise `CheckpointError` unless `ckpt` was saved for this model name and configuration.
 
     Every entry of `model_config` must equal the saved one (an entry the checkpoint lacks counts
     as a difference); saved entries not in `model_config` are not checked, so a partial
-    expectation such as {"T": 4} works.
+    expectation such as {"T": 4} works. With `exact` they are (a whole configuration, as a
+    resumed run gives: an option left out would build another model).
     """
     if ckpt["model_name"] != model_name:
         raise CheckpointError(
@@ -270,9 +272,12 @@ def check_compatible(
         diff = {
             k: (saved.get(k, missing), v) for k, v in want.items() if saved.get(k, missing) != v
         }
+        if exact:
+            diff.update((k, (v, missing)) for k, v in saved.items() if k not in want)
         if diff:
             desc = ", ".join(
-                f"{k}: saved {'(not set)' if a is missing else repr(a)} vs requested {b!r}"
+                f"{k}: saved {'(not set)' if a is missing else repr(a)} vs requested "
+                f"{'(not set)' if b is missing else repr(b)}"
                 for k, (a, b) in diff.items()
             )
             raise CheckpointError(

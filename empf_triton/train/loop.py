@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .._files import write_file_atomic
 from . import ddp
@@ -227,6 +228,13 @@ class TrainConfig:
         number("momentum", self.momentum, 0, lo_open=False)
         if not self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        # Settings that would do nothing are refused (as the LIF options with neuron='empf'),
+        # not accepted and then logged as honoured on a resume.
+        if self.optimizer != "sgd" and self.momentum != _DEFAULT_MOMENTUM:
+            raise ValueError(
+                f"momentum is an SGD setting; optimizer {self.optimizer!r} has none "
+                "(use --optimizer sgd, or leave --momentum out)"
+            )
         number("warmup_epochs", self.warmup_epochs, 0, lo_open=False)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
@@ -243,6 +251,11 @@ class TrainConfig:
             if self.spike_bits > 8:
                 raise ValueError(f"spike_bits must be 1..8 or None, got {self.spike_bits!r}")
         number("spike_step", self.spike_step, 0)
+        if self.spike_bits is None and self.spike_step != _DEFAULT_SPIKE_STEP:
+            raise ValueError(
+                "spike_step is the k-bit spike quantiser's step; it needs spike_bits "
+                "(--spike-bits K), float spikes have no step"
+            )
         pos_int("seed", self.seed, 0)
         if self.seed > 2**62:  # generators are seeded with seed + a few 1000 (int64)
             raise ValueError(f"seed must be at most 2**62, got {self.seed}")
@@ -313,6 +326,9 @@ def _jsonable(v: object) -> bool:
         return False
 
 
+_DEFAULT_MOMENTUM = TrainConfig.momentum
+_DEFAULT_SPIKE_STEP = TrainConfig.spike_step
+
 #: model_options keys that other settings own, and what to use instead.
 _RESERVED_OPTIONS = {
     "in_shape": "the input shape is fixed by the data set",
@@ -331,6 +347,9 @@ _RESERVED_OPTIONS = {
     "surrogate": "use --surrogate",
     "alpha": "use --surrogate-alpha",
     "detach_reset": "use --detach-reset",
+    "grad_mode": "the strategy sets it (online, random_step and accumulate train online, bptt "
+    "through time)",
+    "step_mode": "training and evaluation set it",
 }
 
 
@@ -609,7 +628,8 @@ def _lock_out(
     another folder, or a resume from best.pt), unless `overwrite`; and refused if the
     resumed last.pt changed since it was read (`resume_stat`: another run wrote it meanwhile).
     The default folder `runs/<dataset>-<model>-<strategy>-T<T>` is suffixed -2, -3, ...
-    past folders that hold a run's files or are in use. The checks run after the lock is taken,
+    past folders that hold a run's files or are in use; with `overwrite` the default folder
+    itself is taken (an error if another run is using it). The checks run after the lock is taken,
     so two runs racing for one folder cannot both pass them.
     """
     from .lock import OutputFolderBusyError
@@ -648,19 +668,24 @@ def _lock_out(
                 )
         return out, lock
     base = Path("runs") / f"{cfg.dataset}-{model_name}-{cfg.strategy}-T{cfg.T}"
+    if cfg.overwrite:
+        # --overwrite replaces the default folder's run, never another (suffixed) one: a busy
+        # default folder is an error, not a reason to move on to the next one and replace that.
+        _check_out_folder(base)
+        return base, OutputLock(base).acquire()
     k = 1
     while True:
         out = base if k == 1 else base.with_name(f"{base.name}-{k}")
         k += 1
         if out.exists() and not out.is_dir():
             continue
-        if _holds_run(out) and not cfg.overwrite:
+        if _holds_run(out):
             continue
         try:
             lock = OutputLock(out).acquire()
         except OutputFolderBusyError:
             continue
-        if _holds_run(out) and not cfg.overwrite:  # another run finished here meanwhile
+        if _holds_run(out):  # another run finished here meanwhile
             lock.release()
             continue
         return out, lock
@@ -858,6 +883,14 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
                 f"{resume_path} was trained on dataset {saved_ds!r}, not {cfg.dataset!r}"
             )
         changes = resume_changes(cfg, saved, resume_path)
+        saved_ws = ckpt.get("extra", {}).get("world_size")
+        if saved_ws is not None and saved_ws != dist.world_size:
+            raise ValueError(
+                f"{resume_path} was trained with world size {saved_ws} (processes); a "
+                f"resumed run cannot use {dist.world_size} (the schedule and data order are "
+                "counted in the batches of all processes together). Resume with as many "
+                "processes, or start a new run"
+            )
     kw = {"T": cfg.T} if cfg.dataset in EVENT_DATASETS else {}
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_root, **kw)
     model_name = cfg.model if cfg.model != "auto" else info.default_model
@@ -877,7 +910,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
             )
     model_config = cfg.model_config(info.in_shape, info.num_classes)
     if ckpt is not None:
-        check_compatible(ckpt, model_name, model_config, path=resume_path)
+        check_compatible(ckpt, model_name, model_config, path=resume_path, exact=True)
 
     torch.manual_seed(cfg.seed)
     model = _build_model(model_name, model_config, cfg.impl).to(device)
@@ -894,6 +927,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
             weight_decay=cfg.weight_decay,
         )
     steps = num_batches(len(train_set), cfg.batch_size, dist.world_size)
+    _check_single_sample_batch(model, len(train_set), cfg.batch_size, dist.world_size)
     scheduler = _make_scheduler(cfg, optimizer, steps)
     scaler = make_grad_scaler(device, cfg.precision)
     # Separate streams, so e.g. turning augmentation off does not change the data order or t*.
@@ -1000,6 +1034,7 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
     transform = info.train_transform if cfg.augment else None
     extra = {"config": {k: v for k, v in asdict(cfg).items() if k != "model_options"}}
     extra["config"]["model_options"] = json.dumps(cfg.model_options or {})
+    extra["world_size"] = dist.world_size
     if resumes:
         extra["resumes"] = resumes
     run_epochs = 0
@@ -1157,6 +1192,26 @@ def _run(cfg, device, dist, ckpt, resume, load_dataset, log, state) -> dict:
         "final": summary,
         "history": history,
     }
+
+
+def _check_single_sample_batch(model, n: int, batch_size: int, world_size: int) -> None:
+    """Refuse, before any training, a batch size that leaves a training batch of one sample
+    when the model has batch norm: its training statistics need more than one value per
+    channel, so that batch would stop the run at the end of the first epoch."""
+    from ..nn.membn import MemBN
+
+    per_rank = (n - n % world_size) // world_size
+    last = per_rank % batch_size or min(batch_size, per_rank)
+    if last != 1 or not any(
+        isinstance(m, (nn.modules.batchnorm._BatchNorm, MemBN)) for m in model.modules()
+    ):
+        return
+    where = f" on each of {world_size} processes" if world_size > 1 else ""
+    raise ValueError(
+        f"--batch-size {batch_size} leaves a training batch of 1 sample ({per_rank} training "
+        f"samples{where}), and the model's batch norm cannot train on one sample; choose "
+        "another --batch-size"
+    )
 
 
 def _plural(n: int, word: str) -> str:
