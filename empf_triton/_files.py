@@ -48,3 +48,18 @@ def write_file_atomic(path: Path, data) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Refuse, before any work, an output file path that cannot be written: its folder is
+    missing or not a folder, or the path is a folder (ValueError naming `option`)."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file path")
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise ValueError(f"{option} {path}: the folder {parent} {what}")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path}: the folder {parent} is not writable")
+    return path

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from ._files import check_output_file, write_file_atomic
 from .deploy import cli as deploy_cli
 
 __all__ = ["main"]
@@ -332,6 +333,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                             ("--latency-runs", args.latency_runs)) if v is not None]  # fmt: skip
     if given:
         raise UsageError(f"{' and '.join(given)} apply to --deployed, not to --checkpoint")
+    if args.json:
+        check_output_file(args.json, "--json")  # before the evaluation, not after it
     step_mode = args.step_mode or "m"
     precision = args.precision or "fp32"
     compile_mode = args.compile or "none"
@@ -379,7 +382,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "compile": compile_mode,
             **ev,
         }
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        write_file_atomic(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
     return 0
 
 

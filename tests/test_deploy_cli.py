@@ -217,3 +217,26 @@ def test_deployed_eval_batches_data_sets_read_from_files():
     assert [tuple(x.shape) for x, _ in got] == [(3, 2, 2, 4, 4)] * 2 + [(3, 1, 2, 4, 4)]
     assert torch.equal(got[1][0][0, :, 0, 0, 0], torch.tensor([2.0, 3.0]))
     assert torch.equal(torch.cat([y for _, y in got]), torch.tensor([0, 1, 0, 1, 0]))
+
+
+def test_eval_json_path_that_cannot_be_written_fails_before_the_evaluation(
+    main_job, tmp_path, capsys, monkeypatch
+):
+    """`--json` into a missing folder or onto a folder is one error line before any work (it
+    failed only after the whole evaluation), for --checkpoint and --deployed."""
+    import empf_triton.deploy.cli as dcli
+    import empf_triton.train.strategies as strategies
+
+    def no_eval(*a, **k):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(strategies, "evaluate", no_eval)
+    monkeypatch.setattr(dcli, "_load_for_eval", no_eval)
+    ckpt = str(main_job / "best.pt")
+    for src in (["--checkpoint", ckpt], ["--deployed", str(tmp_path / "m.safetensors")]):
+        for bad, what in ((tmp_path / "nowhere" / "e.json", "does not exist"),
+                          (tmp_path, "is a folder")):  # fmt: skip
+            capsys.readouterr()
+            assert cli.main(["eval", *src, "--json", str(bad)]) == 2
+            err = capsys.readouterr().err
+            assert "--json" in err and what in err and len(err.strip().splitlines()) == 1, err

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .._files import check_output_file, write_file_atomic
 from .errors import DeployError
 
 __all__ = ["cmd_eval", "cmd_export", "cmd_report", "register"]
@@ -179,6 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{', '.join(given)} apply to --checkpoint: a deployed model runs as it was exported "
             "(its dtype, all steps per call; empf_triton.deploy.load(...).to(dtype) converts it)"
         )
+    if args.json:
+        check_output_file(args.json, "--json")  # before the evaluation, not after it
     runs = args.latency_runs if args.latency_runs is not None else 5
     if args.batch_size < 1 or runs < 1:
         raise DeployError("--batch-size and --latency-runs must be >= 1")
@@ -239,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "latency_s": lat,
             "device": str(device),
         }
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        write_file_atomic(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
     return 0
 
 
