@@ -59,7 +59,8 @@ def _surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
         b_sg = (alpha * 0.5) / (1.0 + b_z * b_z)
     else:
         b_tri = alpha - tl.abs(x)
-        b_sg = (1.0 / alpha) * (1.0 / alpha) * tl.where(b_tri > 0.0, b_tri, 0.0)
+        # NaN stays NaN (as torch.clamp(min=0) on the reference): `b_tri < 0` is False for NaN
+        b_sg = (1.0 / alpha) * (1.0 / alpha) * tl.where(b_tri < 0.0, 0.0, b_tri)
     return b_sg
 
 

@@ -51,6 +51,10 @@ CASES = [
     pytest.param("parallel", {"spike_bits": 4}),
     ("lif", {"grad_mode": "online"}),
     ("lif", {"grad_mode": "bptt"}),
+    # each surrogate (the triangle's max(γ - |x|, 0) in the kernel dropped the NaN to 0)
+    ("lif", {"grad_mode": "bptt", "surrogate": "atan"}),
+    ("lif", {"grad_mode": "bptt", "surrogate": "triangle"}),
+    ("lif", {"grad_mode": "online", "surrogate": "triangle"}),
 ]
 
 

@@ -834,3 +834,26 @@ def test_neuron_plan_names_bad_decay_range_and_affine_dtype():
     k, b = torch.ones(2, 4, dtype=torch.int32), torch.ones(2, 4)
     with pytest.raises(TypeError, match="in_scale must be a floating tensor, got dtype torch.int"):
         empf_neuron_plan(cur, decay=0.5, threshold=0.5, in_scale=k, in_bias=b)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_float_threshold_outside_fp32_is_refused(impl):
+    """A float threshold that does not fit fp32 is a ValueError on every EM-PF op, as on the LIF
+    ops (the kernels took it as an fp32 scalar, ±inf, and the two paths then disagreed: inf
+    spikes against NaN); an infinite threshold is still possible as a tensor. fp64 currents on
+    the reference take fp64 values."""
+    x = torch.tensor([[0.5], [0.25], [1.0]])
+    for th in (-1e39, 1e300):
+        with pytest.raises(ValueError, match="threshold must fit in fp32"):
+            empf_neuron(x, decay=0.5, threshold=th, impl=impl)
+        with pytest.raises(ValueError, match="threshold must fit in fp32"):
+            parallel_neuron(x, threshold=th, impl=impl)
+        with pytest.raises(ValueError, match="threshold must fit in fp32"):
+            empf_neuron_step(x[0], None, decay=0.5, threshold=th, impl=impl)
+    inf = torch.full((3,), float("-inf"))
+    s, v = empf_neuron(x, decay=0.5, threshold=inf, impl=impl)
+    ref_s, ref_v = empf_neuron(x, decay=0.5, threshold=inf, impl="reference")
+    torch.testing.assert_close(s, ref_s, equal_nan=True)
+    torch.testing.assert_close(v, ref_v, equal_nan=True)
+    if impl == "reference":
+        empf_neuron(x.double(), decay=0.5, threshold=1e300, impl=impl)

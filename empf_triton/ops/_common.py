@@ -352,6 +352,10 @@ def neuron_param(
             raise ValueError(f"{name} must be finite, got {value}")
         if is_decay and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if like.dtype != torch.float64 and abs(value) > _FP32_MAX:
+            # the kernels take it as an fp32 scalar (it became ±inf there, and the paths then
+            # disagreed); a ±inf tensor is the way to ask for an infinite threshold
+            raise ValueError(f"{name} must fit in fp32 (|value| <= 3.4e38), got {value}")
         return value
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
