@@ -607,7 +607,18 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     if args.deployed is not None:
+        given = [f for f in ("runs", "bench") if getattr(args, f) is not None]
+        if given:
+            raise UsageError(
+                f"{' and '.join('--' + f for f in given)} report training runs and benchmarks; "
+                "--deployed reports one export (run them as two commands)"
+            )
         return deploy_cli.cmd_report(args)
+    given = [f for f in ("dataset", "data_root", "samples") if getattr(args, f) is not None]
+    if given:
+        raise UsageError(
+            f"{' and '.join('--' + f.replace('_', '-') for f in given)} apply to --deployed"
+        )
     out = Path(args.out)
     if args.runs == []:  # `--runs` with no folder after it: not "every run" silently
         raise UsageError("--runs needs one or more run folders (leave it out for every runs/*/)")

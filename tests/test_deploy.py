@@ -946,3 +946,93 @@ def test_fold_of_a_cuda_model_equals_fold_on_cpu():
     ref = fold(model, impl="reference")(x)
     out = fold(model.to("cuda"), impl="reference").to("cpu")(x)
     assert rel_err(out, ref) <= 1e-5
+
+
+def _node_attrs(op, change):
+    """A document edit: `change(attrs)` on the first node of `op`."""
+
+    def edit(doc):
+        change(next(n for n in doc["graph"]["nodes"] if n["op"] == op)["attrs"])
+
+    return edit
+
+
+def _fused_neuron(change):
+    def edit(doc):
+        n = next(n for n in doc["graph"]["nodes"] if n["op"] == "bconv" and n["attrs"]["neuron"])
+        change(n["attrs"]["neuron"])
+
+    return edit
+
+
+def _int_weight(tensors):
+    key = next(k for k in tensors if k.endswith(".weight") and tensors[k].dim() == 4)
+    tensors[key] = tensors[key].to(torch.int32)
+
+
+@pytest.mark.parametrize(
+    "change_tensors,change_doc,match",
+    [
+        (None, _node_attrs("conv", lambda a: a.update(stride=[0, 0])), r"stride must be .* >= 1"),
+        (None, _node_attrs("conv", lambda a: a.update(dilation=[1, 0])), "dilation"),
+        (None, _node_attrs("bconv", lambda a: a.update(stride=[0, 1])), r"stride must be"),
+        (None, _node_attrs("maxpool", lambda a: a.update(kernel_size=[0, 2])), "kernel_size"),
+        (None, _fused_neuron(lambda a: a.pop("spike_bits")), "neuron lacks attribute 'spike_bits'"),
+        (None, _fused_neuron(lambda a: a.update(spike_step=float("inf"))), "spike_step must be"),
+        (None, _node_attrs("neuron", lambda a: a.update(spike_step=1e300)), "spike_step must be"),
+        (_int_weight, None, r"weight must be floating, got torch.int32"),
+    ],
+    ids=[
+        "conv stride 0",
+        "dilation 0",
+        "bconv stride 0",
+        "pool size 0",
+        "fused neuron keys",
+        "fused spike_step inf",
+        "spike_step beyond fp32",
+        "int conv weight",
+    ],  # fmt: skip
+)
+def test_attributes_the_ops_cannot_run_are_a_format_error(
+    exported, change_tensors, change_doc, match
+):
+    """Hand-edited files (checksum made again) that the ops cannot run fail at load with a
+    DeployFormatError naming the node: before, a zero stride crashed load() with a
+    ZeroDivisionError, and the others loaded and failed at the first forward (a KeyError,
+    a ValueError, a torch dtype error)."""
+    _rewrite_with_checksum(exported, change_tensors, change_doc)
+    with pytest.raises(DeployFormatError, match=match) as e:
+        load(exported)
+    assert "m.safetensors" in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["header", "metadata"])
+@pytest.mark.parametrize("what", ["deep", "bigint"])
+def test_pathological_header_json_is_a_format_error(tmp_path, where, what):
+    """JSON nested 100,000 deep or holding a 5,000-digit integer is a DeployFormatError (it was
+    a RecursionError or a plain ValueError)."""
+    from safetensors.torch import save
+
+    bad = "[" * 100_000 + "]" * 100_000 if what == "deep" else "1" * 5000
+    path = tmp_path / "m.safetensors"
+    if where == "metadata":
+        path.write_bytes(save({"a": torch.zeros(1)}, metadata={META_KEY: bad}))
+    else:
+        head = ('{"x": ' + bad + "}").encode()
+        path.write_bytes(len(head).to_bytes(8, "little") + head)
+    with pytest.raises(DeployFormatError, match="m.safetensors"):
+        load(path)
+
+
+def test_conversion_to_float64_is_refused_before_any_change():
+    """`.double()` / `.to(torch.float64)` of a deployed model is a TypeError, as
+    load(dtype=torch.float64) is, and leaves the model as it was (it was accepted, and the next
+    forward failed inside a layer)."""
+    d = fold(_small(spike_bits=4), impl="reference")
+    x = torch.randn(2, 1, 24)
+    want = d(x)
+    for convert in (lambda m: m.double(), lambda m: m.to(torch.float64)):
+        with pytest.raises(TypeError, match="not torch.float64"):
+            convert(d)
+        assert d.dtype == torch.float32 and torch.equal(d(x), want)
+    assert d.to(torch.float16).dtype == torch.float16

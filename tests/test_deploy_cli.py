@@ -240,3 +240,22 @@ def test_eval_json_path_that_cannot_be_written_fails_before_the_evaluation(
             assert cli.main(["eval", *src, "--json", str(bad)]) == 2
             err = capsys.readouterr().err
             assert "--json" in err and what in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_refuses_options_of_the_other_mode(main_job, tmp_path, capsys):
+    """`empf report --deployed` with --runs/--bench, or without --deployed with --samples /
+    --dataset, is one error line (they were ignored, nonexistent paths included)."""
+    out_file = tmp_path / "m.safetensors"
+    assert cli.main(["export", "--checkpoint", str(main_job / "best.pt"), "--out",
+                     str(out_file)]) == 0  # fmt: skip
+    for argv, match in (
+        (["--deployed", str(out_file), "--runs", "nowhere"], "--runs report training runs"),
+        (["--deployed", str(out_file), "--bench", "x.json"], "--bench report training runs"),
+        (["--runs", str(main_job), "--samples", "5"], "--samples apply to --deployed"),
+        (["--runs", str(main_job), "--dataset", "digits"], "--dataset apply to --deployed"),
+    ):
+        capsys.readouterr()
+        assert cli.main(["report", *argv, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

@@ -184,13 +184,13 @@ def read_header(path: str | os.PathLike, data: bytes | None = None) -> dict:
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
         meta = header.get("__metadata__") if isinstance(header, dict) else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too deep, huge integers
         raise _bad(path, f"is corrupt or not a safetensors file (bad header: {e})") from e
     if not isinstance(meta, dict) or META_KEY not in meta:
         raise _bad(path, "is not an empf_triton deployment export (no 'empf_triton' metadata)")
     try:
         doc = json.loads(meta[META_KEY])
-    except (TypeError, json.JSONDecodeError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise _bad(path, f"has corrupt empf_triton metadata ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise _bad(path, f"is not an empf_triton deployment export (format {doc.get('format')!r})"

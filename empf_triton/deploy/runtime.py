@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import check_spike_step
 from ..ops.binary import PackedWeight
 from ..ops.binary_conv import binary_conv_neuron_plan
 from ..ops.neuron import empf_neuron_plan, parallel_neuron_plan
@@ -182,17 +183,22 @@ class _Node:
         self.packed, self.plans, self.plan_state, self.fits = None, {}, None, {}
 
 
+#: The dtypes a deployed model computes in.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _fail(msg: str) -> DeployFormatError:
     return DeployFormatError(f"deployed graph: {msg}")
 
 
-def _int_list(v: object, n: int, what: str) -> list[int]:
+def _int_list(v: object, n: int, what: str, least: int = 0) -> list[int]:
     if (
         not isinstance(v, list)
         or len(v) != n
-        or any(isinstance(a, bool) or not isinstance(a, int) or a < 0 for a in v)
+        or any(isinstance(a, bool) or not isinstance(a, int) or a < least for a in v)
     ):
-        raise _fail(f"{what} must be a list of {n} non-negative ints, got {v!r}")
+        kind = "non-negative ints" if least == 0 else f"ints >= {least}"
+        raise _fail(f"{what} must be a list of {n} {kind}, got {v!r}")
     return v
 
 
@@ -296,6 +302,14 @@ class DeployedModel(nn.Module):
         d["_buffer_list"] = None  # (and holds no old tensor alive until the next forward)
 
     def _apply(self, fn, recurse: bool = True):
+        # The deployed ops compute in fp32, fp16 or bf16: a conversion to another floating
+        # dtype (.double(), .to(torch.float64)) is refused before any buffer changes, as
+        # load(dtype=...) refuses it, instead of failing inside a layer at the next forward.
+        probe = fn(torch.zeros(()))  # (a CPU scalar: fn may move it to any device)
+        if probe.is_floating_point() and probe.dtype not in _DTYPES:
+            raise TypeError(
+                f"a deployed model runs in torch.float32, float16 or bfloat16, not {probe.dtype}"
+            )
         out = super()._apply(fn, recurse)
         self._new_tensors()
         return out
@@ -385,6 +399,8 @@ class DeployedModel(nn.Module):
             t = tensors[key]
             if not isinstance(t, torch.Tensor):
                 raise _fail(f"tensor {key} is not a tensor")
+            if k != "words" and not t.is_floating_point():  # (words: checked with their shape)
+                raise _fail(f"tensor {key} must be floating, got {t.dtype}")
             buf = f"n{node.index}_{k}"
             self.register_buffer(buf, t)
             node.buffers[k] = buf
@@ -413,19 +429,24 @@ class DeployedModel(nn.Module):
             raise _fail(f"node {node.index} tensor {k!r} must be floating, got {t.dtype}")
 
     def _check_neuron_attrs(self, node: _Node, a: Mapping) -> None:
-        sb = a.get("spike_bits")
+        for k in OPS["neuron"][0]:  # a fused neuron's mapping needs them as a neuron node does
+            if k not in a:
+                raise _fail(f"node {node.index} ({node.op}) neuron lacks attribute {k!r}")
+        sb = a["spike_bits"]
         if sb is not None and (isinstance(sb, bool) or not isinstance(sb, int) or not 1 <= sb <= 8):
             raise _fail(f"node {node.index}: spike_bits must be null or 1..8, got {sb!r}")
-        st = a.get("spike_step")
-        if isinstance(st, bool) or not isinstance(st, (int, float)) or not st > 0:
-            raise _fail(f"node {node.index}: spike_step must be > 0, got {st!r}")
-        if not isinstance(a.get("parallel"), bool):
+        try:
+            check_spike_step(a["spike_step"])  # what the ops require: finite and > 0 in fp32
+        except (TypeError, ValueError) as e:
+            raise _fail(f"node {node.index}: {e}") from None
+        if not isinstance(a["parallel"], bool):
             raise _fail(f"node {node.index}: parallel must be a bool")
 
     def _check_conv(self, node: _Node) -> None:
         a = node.attrs
-        for k in ("stride", "padding", "dilation"):
-            _int_list(a[k], 2, f"node {node.index} {k}")
+        _int_list(a["padding"], 2, f"node {node.index} padding")
+        for k in ("stride", "dilation"):
+            _int_list(a[k], 2, f"node {node.index} {k}", 1)
         w = self._t(node, "weight")
         if w.dim() != 4:
             raise _fail(f"node {node.index} conv weight must be 4-D, got {list(w.shape)}")
@@ -440,7 +461,7 @@ class DeployedModel(nn.Module):
     def _check_bconv(self, node: _Node) -> None:
         a, T = node.attrs, self.T
         shape = _int_list(a["shape"], 4, f"node {node.index} shape")
-        _int_list(a["stride"], 2, f"node {node.index} stride")
+        _int_list(a["stride"], 2, f"node {node.index} stride", 1)
         _int_list(a["padding"], 2, f"node {node.index} padding")
         if a["bits"] not in (1, 2) or isinstance(a["bits"], bool):
             raise _fail(f"node {node.index}: bits must be 1 or 2, got {a['bits']!r}")
@@ -490,8 +511,9 @@ class DeployedModel(nn.Module):
             raise _fail(f"node {node.index} seca weight must be [1, 1, odd k], got {list(w.shape)}")
 
     def _check_maxpool(self, node: _Node) -> None:
-        for k in ("kernel_size", "stride", "padding"):
-            _int_list(node.attrs[k], 2, f"node {node.index} {k}")
+        for k in ("kernel_size", "stride"):
+            _int_list(node.attrs[k], 2, f"node {node.index} {k}", 1)
+        _int_list(node.attrs["padding"], 2, f"node {node.index} padding")
 
     def _check_unsqueeze(self, node: _Node) -> None:
         d = node.attrs["dim"]
@@ -521,7 +543,7 @@ class DeployedModel(nn.Module):
                     env[node.output] = _SHAPE_RUN.get(node.op, _RUN[node.op])(
                         self, node, args, dtype
                     )
-                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                except (RuntimeError, ValueError, TypeError, IndexError, ArithmeticError) as e:
                     shapes = ", ".join(str(list(a.shape)) for a in args)
                     raise _fail(
                         f"node {node.index} ({node.op}) does not fit its input of shape {shapes} "
