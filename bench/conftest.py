@@ -280,6 +280,15 @@ FLUSH_BYTES = 256 << 20
 _FLUSH: torch.Tensor | None = None
 
 
+def release_flush_buffer() -> None:
+    """Free the L2 flush buffer (made again by the next device timing): a total-memory
+    measurement must not count the harness's 256 MiB."""
+    global _FLUSH
+    if _FLUSH is not None:
+        _FLUSH = None
+        torch.cuda.empty_cache()
+
+
 def _flush_l2() -> None:
     """Overwrite a 256 MiB buffer so the next kernel starts with a cold L2 (as do_bench does)."""
     global _FLUSH
@@ -507,6 +516,8 @@ def pytest_configure(config):
         )
     if USE_FALLBACK:
         config._empf_fallback_results = []
+    else:
+        config.pluginmanager.register(_UnfinishedCases(), "empf-unfinished-cases")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -550,6 +561,26 @@ _JSON_WRITTEN: list[bool] = []  # pytest-benchmark wrote the session's JSON (som
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["empf_skipped"] = list(_SKIPPED)
     _JSON_WRITTEN.append(True)
+
+
+class _UnfinishedCases:
+    """A plugin (registered in pytest_configure: conftest.py has its own sessionfinish) whose
+    wrapper runs before pytest-benchmark writes its JSON. A stage stopped by its time limit
+    (SIGINT) may stop a case before its first timed round: that case has no data, and
+    pytest-benchmark then fails on it (`min()` of an empty sequence) and writes no JSON at all,
+    losing every finished case of the stage. Such cases are dropped; a case stopped after some
+    rounds keeps them and says so in its extra_info (which the harness fills only when a case
+    finishes)."""
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        bs = getattr(session.config, "_benchmarksession", None)
+        if bs is not None:
+            bs.benchmarks[:] = [b for b in bs.benchmarks if b]
+            for b in bs.benchmarks:
+                if not b.extra_info:
+                    b.extra_info["interrupted"] = "stopped by the time limit before it finished"
+        yield
 
 
 @pytest.hookimpl(trylast=True)

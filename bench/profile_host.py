@@ -280,8 +280,39 @@ def main() -> None:
     import triton
 
     res["triton"] = triton.__version__
+
+    def save() -> list[str]:
+        """Write what is measured so far: the stage's time limit (SIGINT, a KeyboardInterrupt
+        that nothing here catches) may stop the run in any later section."""
+        (args.out / "profile_host.json").write_text(json.dumps(res, indent=1, default=str))
+        lines = [
+            f"# Host profile on {res['device']} (torch {res['torch']}, triton {res['triton']})",
+            "",
+            "| call | back to back µs | synced µs |",
+            "|---|---|---|",
+        ]
+        for group in ("launch", "ops"):
+            for name, r in res.get(group, {}).items():
+                lines.append(
+                    f"| {name} | {r['back_to_back_us']:.1f} | {r['synced_median_us']:.1f} |"
+                )
+        if "model" in res:
+            m = res["model"]
+            lines += [
+                "",
+                f"ResNet-18 B=1 T=4 eager: {m['eager']}",
+                f"reduce-overhead: {m['reduce-overhead']} (compile {m['compile_s']:.1f} s)",
+                f"counters: {m['counters']}",
+            ]
+        if "model_error" in res:
+            lines += ["", f"model case failed: {res['model_error']}"]
+        (args.out / "profile_host.md").write_text("\n".join(lines) + "\n")
+        return lines
+
     res["launch"] = launch_cases()
+    save()
     res["ops"] = op_cases()
+    print("\n".join(save()), flush=True)
     profile_tables(args.out)
     python_profile(args.out)
     if args.model:
@@ -289,28 +320,7 @@ def main() -> None:
             res["model"] = model_case(args.out)
         except Exception as e:  # the counters so far are still worth having
             res["model_error"] = f"{type(e).__name__}: {e}"
-    (args.out / "profile_host.json").write_text(json.dumps(res, indent=1, default=str))
-    lines = [
-        f"# Host profile on {res['device']} (torch {res['torch']}, triton {res['triton']})",
-        "",
-        "| call | back to back µs | synced µs |",
-        "|---|---|---|",
-    ]
-    for group in ("launch", "ops"):
-        for name, r in res[group].items():
-            lines.append(f"| {name} | {r['back_to_back_us']:.1f} | {r['synced_median_us']:.1f} |")
-    if "model" in res:
-        m = res["model"]
-        lines += [
-            "",
-            f"ResNet-18 B=1 T=4 eager: {m['eager']}",
-            f"reduce-overhead: {m['reduce-overhead']} (compile {m['compile_s']:.1f} s)",
-            f"counters: {m['counters']}",
-        ]
-    if "model_error" in res:
-        lines += ["", f"model case failed: {res['model_error']}"]
-    (args.out / "profile_host.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        print("\n".join(save()[-4:]))
 
 
 if __name__ == "__main__":
