@@ -704,3 +704,21 @@ def test_evaluate_runs_inside_frozen_weights(monkeypatch):
     ev = evaluate(model, batches, 2)
     assert layers > 0 and len(calls) == layers and ev["samples"] == 12
     assert not any("_derived_value" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_conv_output_follows_the_input_memory_format(impl, packed):
+    """Every path gives a contiguous output for a contiguous input (the packed Triton path gave
+    channels-last strides, so `.view(N, -1)` failed there only) and a channels-last output for a
+    channels-last input, as nn.Conv2d."""
+    layer = BinaryConv2d(4, 6, 3, padding=1, impl=impl)
+    if packed:
+        layer.pack()
+    x = torch.rand(2, 4, 5, 5)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.is_contiguous() and y.view(2, -1).shape == (2, 150)
+        y_cl = layer(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y)

@@ -498,7 +498,11 @@ class BinaryConv2d(_BinaryLayer):
             x_g = cols[:, g].transpose(1, 2)  # [B, L, Kg]
             outs.append(matmul_triton(x_g, words[:, rows], scale[rows], b_g, Ng, Kg))
         y = outs[0] if G == 1 else torch.cat(outs, dim=-1)  # [B, L, O]
-        return y.transpose(1, 2).reshape(B, O, Ho, Wo)
+        y = y.transpose(1, 2).reshape(B, O, Ho, Wo)  # channels-last strides
+        # in the input's memory format, as nn.Conv2d and the other paths give it (a contiguous
+        # input gives a contiguous output, which a caller's .view() relies on)
+        last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
 
     def _check(self, x: object) -> tuple[int, int, str]:
         """Every check of a call; returns (H_out, W_out, route): the route is the packed
