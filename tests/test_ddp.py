@@ -217,7 +217,15 @@ def test_torchrun_refused_output_folder_stops_every_rank_with_one_line(tmp_path)
     assert p.returncode != 0
     assert "empf train: error: output folder taken already holds files of another run" in text
     assert "empf train: error: rank 0 refused the output folder" in text
-    assert "exitcode  : 2" in text and "exitcode  : 1" not in text, text[-3000:]
+    assert "exitcode  : 1" not in text, text[-3000:]  # no rank died of an error of ours
+    # Each rank exits with status 2 after its line. Rarely (1 in about 15 runs on a loaded
+    # 2-core VM) a rank aborts in torch's gloo teardown after that, which torchrun reports as
+    # its root cause: accepted only with gloo's own message, never with a traceback of ours.
+    teardown_abort = (
+        "exitcode  : -6" in text and "terminate called without an active exception" in text
+    )
+    assert "exitcode  : 2" in text or teardown_abort, text[-3000:]
+    assert "empf_triton/" not in text, text[-3000:]  # (torchrun prints its own traceback)
     assert (tmp_path / "taken" / "last.pt").read_bytes() == b"keep"
 
 

@@ -142,3 +142,9 @@ def cleanup(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+            # Free the group's C++ objects (gloo's worker threads) now, while the interpreter
+            # is whole: left to its finalisation, their teardown sometimes aborted a rank
+            # ("terminate called without an active exception", SIGABRT) after its work was done.
+            import gc
+
+            gc.collect()
