@@ -247,8 +247,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
-        help="fp32, or bf16/fp16 autocast for convolutions and linears (neuron state stays "
-        "fp32; fp16 adds a gradient scaler) (default fp32)",
+        help="fp32, or bf16/fp16 autocast for convolutions and linears (the neurons compute "
+        "in fp32 and carry their membrane in the currents' dtype; fp16 adds a gradient "
+        "scaler) (default fp32)",
     )
     a(
         "--compile",

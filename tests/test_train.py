@@ -143,32 +143,60 @@ def test_train_epoch_counts_t_star(digits):
     assert 0 <= r.accuracy <= 1 and r.loss > 0
 
 
-def _peak_saved(strategy: str, T: int) -> int:
+def _peak_saved(strategy: str, T: int, event: bool = False) -> int:
     torch.manual_seed(0)
     model = build_model(
         "mnist1d_cnn", in_shape=(1, 40), num_classes=10, T=T, channels=(8, 8, 16), pool_after=(0,)
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(16, 1, 40), torch.randint(0, 10, (16,))
+    if event:  # an event batch [N, T, *]: each step reads its slice x[:, t]
+        x = x.unsqueeze(1).expand(16, T, 1, 40).contiguous()
     with SavedTensorMeter() as meter:
         # random_step at its costliest draw, t* = T - 1
         train_batch(
-            model, x, y, opt, strategy, T, t_star=T - 1 if strategy == "random_step" else None
-        )
+            model, x, y, opt, strategy, T, t_star=T - 1 if strategy == "random_step" else None,
+            is_event=event,
+        )  # fmt: skip
     assert meter.current == 0  # every graph was freed
     return meter.peak
 
 
+@pytest.mark.parametrize("event", [False, True])
 @pytest.mark.parametrize("strategy", ["online", "random_step", "accumulate"])
-def test_online_memory_does_not_grow_with_T(strategy):
-    m1, m8 = _peak_saved(strategy, 1), _peak_saved(strategy, 8)
+def test_online_memory_does_not_grow_with_T(strategy, event):
+    """Also on event data, whose step inputs are strided slices of the whole [N, T, *] batch:
+    the meter counts the slice's elements, not the batch's storage (it reported 21x at T=32)."""
+    m1, m8 = _peak_saved(strategy, 1, event), _peak_saved(strategy, 8, event)
     assert m1 > 0
     assert m8 <= 1.1 * m1, (strategy, m1, m8)
+    if event:  # exactly what the same step inputs cost as separate tensors
+        assert m8 == _peak_saved(strategy, 8, False), (strategy, m8)
 
 
 def test_bptt_memory_grows_with_T():
     m1, m8 = _peak_saved("bptt", 1), _peak_saved("bptt", 8)
     assert m8 > 4 * m1, (m1, m8)
+
+
+def test_meter_counts_views_by_what_they_hold():
+    """A whole tensor once however often it is saved; a strided slice by its elements; an
+    expanded tensor by its storage; a slice adds nothing while its whole storage is saved."""
+    w = torch.randn(8, 16, requires_grad=True)
+    with SavedTensorMeter() as m:
+        a = (w * w).sum()  # w saved twice: counted once
+    assert m.peak == 8 * 16 * 4
+    base = torch.randn(8, 4, 16)
+    with SavedTensorMeter() as m:  # (w * other saves `other` for w's gradient)
+        b = (w * base[:, 1]).sum()  # a strided slice [8, 16] of a [8, 4, 16] batch
+    assert m.peak == 8 * 16 * 4  # the slice, not the batch
+    with SavedTensorMeter() as m:
+        c = (w * torch.randn(16).expand(8, 16)).sum()
+    assert m.peak == 16 * 4  # an expanded tensor: its storage
+    with SavedTensorMeter() as m:
+        d = (w * base[:, 1]).sum() + (w.unsqueeze(1) * base).sum()
+    assert m.peak == 8 * 4 * 16 * 4  # the slice adds nothing to its whole storage
+    del a, b, c, d
 
 
 class _HostReads:
@@ -809,3 +837,64 @@ def test_settings_that_would_do_nothing_are_refused(kw, match):
         TrainConfig(**kw).validate()
     TrainConfig(optimizer="sgd", momentum=0.5).validate()  # where they apply, they are fine
     TrainConfig(spike_bits=2, spike_step=0.5).validate()
+
+
+def test_evaluate_gives_back_the_step_and_grad_modes(digits):
+    """evaluate leaves a caller's bptt / step mode "m" setup as it was (it left every neuron
+    online in step mode "s", so a user's own BPTT loop trained with cut gradients after an
+    evaluation) and refuses an unknown step mode (it ran "s")."""
+    from empf_triton.nn.neuron import StatefulNeuron
+
+    model = _mlp(2, hidden=(8, 8))
+    set_step_mode(model, "m")
+    for m in model.modules():
+        if isinstance(m, StatefulNeuron):
+            m.grad_mode = "bptt"
+    x, y = digits[1].x[:20], digits[1].y[:20]
+    for mode in ("s", "m"):
+        evaluate(model, [(x, y)], 2, step_mode=mode)
+        neurons = [m for m in model.modules() if isinstance(m, StatefulNeuron)]
+        assert neurons and all(n.grad_mode == "bptt" and n.step_mode == "m" for n in neurons)
+        assert model.step_mode == "m"
+    with pytest.raises(ValueError, match="step_mode must be 's' or 'm'"):
+        evaluate(model, [(x, y)], 2, step_mode="bogus")
+
+
+def test_compiled_training_stays_compiled_after_the_first_epoch():
+    """compile_model raises dynamo's per-function graph limit for the model's T: at T=4 a spiking
+    model needs more than the default 8 graphs (one per step and grad mode, a short last batch,
+    evaluation's step mode), past which every call ran eager again from the second epoch on."""
+    import torch._dynamo
+
+    from empf_triton.train.precision import compile_model
+
+    calls = {"compiled": 0}
+
+    def counting(gm, example_inputs):
+        def run(*args):
+            calls["compiled"] += 1
+            return gm.forward(*args)
+
+        return run
+
+    T = 4
+    torch._dynamo.reset()
+    saved = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8  # the default
+        model = _mlp(T, hidden=(8, 8))
+        cm = compile_model(model, "default", backend=counting)
+        assert torch._dynamo.config.recompile_limit >= 4 * T + 8
+        X, Y = torch.randn(40, 64), torch.randint(0, 10, (40,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for epoch in range(2):
+            calls["compiled"] = 0
+            batches = [(X[i : i + 16], Y[i : i + 16]) for i in range(0, 40, 16)]  # 16, 16, 8
+            gen = torch.Generator().manual_seed(epoch)
+            train_epoch(cm, batches, opt, "online", T, generator=gen)
+            evaluate(cm, batches, T)
+            # online: T calls per batch (graphs per step x 2 batch sizes), evaluate one per batch
+            assert calls["compiled"] == 3 * T + 3, (epoch, calls)
+    finally:
+        torch._dynamo.config.recompile_limit = saved
+        torch._dynamo.reset()

@@ -4,8 +4,12 @@
 tensor autograd saves for backward while it is alive: a saved tensor counts from the moment it is
 saved until its graph is freed (after `backward()` or when the graph is dropped). `peak` is the
 most ever alive at once, i.e. the training memory of the autograd graph, the part that grows with
-T in BPTT and must not in online training. Storages shared by several saved tensors (a parameter
-saved by T steps, views of one buffer) are counted once.
+T in BPTT and must not in online training. Bytes shared by several saved tensors (a parameter
+saved by T steps, several saves of one tensor) are counted once. A saved view counts the
+elements it holds, not its whole storage: one step's slice `x[:, t]` of an event batch
+`[N, T, *]` is one step's bytes (the batch itself is the data loader's, whatever the strategy).
+Views of a storage count at most the storage once, and nothing more while the whole storage is
+saved; partial views that overlap each other are each counted (an upper bound).
 """
 
 from __future__ import annotations
@@ -39,32 +43,55 @@ class SavedTensorMeter:
         self.current = 0
         self.peak = 0
         self.total = 0
-        self._refs: dict[tuple, int] = {}  # storage key -> live saved tensors using it
+        # storage key -> [its bytes, live saves of the whole storage, {view key: [bytes, saves]}]
+        self._live: dict[tuple, list] = {}
         self._hooks = None
 
     @staticmethod
-    def _key(t: torch.Tensor) -> tuple:
+    def _view(t: torch.Tensor) -> tuple[tuple, int, tuple | None, int]:
+        """(storage key, storage bytes, view key or None for the whole storage, view bytes)."""
         st = t.untyped_storage()
-        return (t.device.type, t.device.index, st.data_ptr(), st.nbytes())
+        key = (t.device.type, t.device.index, st.data_ptr())
+        held = t.element_size()
+        for n, stride in zip(t.shape, t.stride()):
+            held *= n if stride != 0 else min(n, 1)  # an expanded dim holds one element
+        if held >= st.nbytes():
+            return key, st.nbytes(), None, st.nbytes()
+        return key, st.nbytes(), (t.storage_offset(), tuple(t.shape), t.stride()), held
 
-    def _release(self, key: tuple) -> None:
-        n = self._refs.get(key, 0) - 1
-        if n <= 0:
-            self._refs.pop(key, None)
-            self.current -= key[3]
+    @staticmethod
+    def _bytes(entry: list) -> int:
+        nbytes, whole, views = entry
+        return nbytes if whole else min(nbytes, sum(b for b, _ in views.values()))
+
+    def _change(self, t_key: tuple, delta: int) -> int:
+        """Add (delta 1) or remove (-1) a live save; returns the change of `current`."""
+        key, nbytes, view, _ = t_key
+        entry = self._live.setdefault(key, [nbytes, 0, {}])
+        before = self._bytes(entry)
+        if view is None:
+            entry[1] += delta
         else:
-            self._refs[key] = n
+            slot = entry[2].setdefault(view, [t_key[3], 0])
+            slot[1] += delta
+            if slot[1] <= 0:
+                del entry[2][view]
+        after = self._bytes(entry)
+        if entry[1] <= 0 and not entry[2]:
+            del self._live[key]
+        self.current += after - before
+        return after - before
+
+    def _release(self, t_key: tuple) -> None:
+        self._change(t_key, -1)
 
     def _pack(self, t: torch.Tensor):
-        key = self._key(t)
-        if key not in self._refs:
-            self._refs[key] = 0
-            self.current += key[3]
-            self.total += key[3]
-            self.peak = max(self.peak, self.current)
-        self._refs[key] += 1
+        t_key = self._view(t)
+        grown = self._change(t_key, 1)
+        self.total += max(grown, 0)
+        self.peak = max(self.peak, self.current)
         h = _Handle(t)
-        weakref.finalize(h, self._release, key)
+        weakref.finalize(h, self._release, t_key)
         return h
 
     @staticmethod

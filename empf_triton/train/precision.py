@@ -1,10 +1,13 @@
 """Mixed precision and torch.compile settings of a training or evaluation run.
 
 - precision "fp32": no autocast. "bf16" / "fp16": `torch.autocast` around the forward passes, so
-  convolutions and linears run in half precision; the neuron ops take the half-precision currents
-  and keep their membrane state in fp32; losses and BN statistics stay in fp32 (autocast's
-  rules). "fp16" also uses a `torch.amp.GradScaler` (its small exponent range would flush small
-  gradients to zero); bf16 has fp32's exponent range and needs none.
+  convolutions and linears run in half precision; the neuron ops take the half-precision currents,
+  compute in fp32 and return spikes and membrane in the currents' dtype: in step mode "m" the
+  membrane stays fp32 from step to step inside the one call, in step mode "s" (the online
+  strategies) the membrane carried between calls is in half precision, so the two modes differ
+  by that rounding under autocast (they are equal in fp32). Losses and BN statistics stay in
+  fp32 (autocast's rules). "fp16" also uses a `torch.amp.GradScaler` (its small exponent range
+  would flush small gradients to zero); bf16 has fp32's exponent range and needs none.
 - compile "none": eager. "default": `torch.compile(model)`. "reduce-overhead":
   `torch.compile(model, mode="reduce-overhead")`, which captures CUDA graphs on a GPU; on a CPU
   there are no CUDA graphs and it behaves like "default". Not fullgraph: until every op is
@@ -51,8 +54,22 @@ def make_grad_scaler(device: torch.device | str, precision: str):
     return torch.amp.GradScaler(torch.device(device).type)
 
 
-def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """`model` itself for "none", else `torch.compile(model, mode=...)` (not fullgraph)."""
+def compile_model(model: nn.Module, mode: str, *, backend="inductor") -> nn.Module:
+    """`model` itself for "none", else `torch.compile(model, mode=..., backend=...)` (not
+    fullgraph).
+
+    A spiking model's compiled forward has one graph per time step (each neuron's step counter
+    is a Python int the graph is specialised on), per grad mode (random_step's steps before t*
+    run without grad), per batch size (a short last batch) and per step mode (evaluation runs
+    "m"): for T = 4 more than dynamo's default limit of 8 graphs per function, past which every
+    call ran eager again, silently, from the second epoch on. The limit is raised (never
+    lowered) to 4 T + 8 for the model's T.
+    """
     if check_compile(mode) == "none":
         return model
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    base = getattr(getattr(model, "_orig_mod", model), "module", model)
+    T = getattr(base, "T", None)
+    if isinstance(T, int) and T > 0:
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 4 * T + 8)
+    return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)

@@ -451,9 +451,17 @@ def evaluate(
     """
     _check_T(T)
     check_precision(precision)
+    if step_mode not in STEP_MODES:
+        raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
     base = _base(model)
     fwd = model if hasattr(model, "_orig_mod") else base
     was_training = base.training
+    # each module's step and grad mode, given back at the end (a caller's bptt setup stays)
+    modes = [
+        (m, getattr(m, "step_mode", None), getattr(m, "grad_mode", None))
+        for m in base.modules()
+        if hasattr(m, "step_mode") or hasattr(m, "grad_mode")
+    ]
     base.eval()
     set_grad_mode(base, "online")
     # Counts and the loss sum stay on the device (fp64, exact for the fp32 batch sums in order):
@@ -477,7 +485,11 @@ def evaluate(
                 n += y.shape[0]
     finally:
         reset_net(base)
-        set_step_mode(base, "s")
+        for m, step, grad in modes:
+            if step is not None:
+                m.step_mode = step
+            if grad is not None:
+                m.grad_mode = grad
         base.train(was_training)
     counts = correct_t.tolist() if isinstance(correct_t, torch.Tensor) else [0] * T
     loss_sum = float(loss_sum)
