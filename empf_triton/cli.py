@@ -268,7 +268,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     a("--threads", type=_number("threads"), help="CPU threads (default 0 = auto: 1 on CPU)")
     a("--seed", type=_number("seed"), help=f"random seed, 0 to 2^62 (default {d.seed})")
-    a("--out", help="output folder (default runs/<dataset>-<model>-<strategy>-T<T>)")
+    a(
+        "--out",
+        help="output folder (default runs/<dataset>-<model>-<strategy>-T<T>, or the first of "
+        "its -2, -3, ... variants that holds no run)",
+    )
     a("--resume", help="checkpoint file or run folder to continue from")
     a(
         "--overwrite",
@@ -333,7 +337,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     given = [f for f, v in (("--energy-samples", args.energy_samples),
                             ("--latency-runs", args.latency_runs)) if v is not None]  # fmt: skip
     if given:
-        raise UsageError(f"{' and '.join(given)} apply to --deployed, not to --checkpoint")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{' and '.join(given)} {verb} to --deployed, not to --checkpoint")
     if args.json:
         check_output_file(args.json, "--json")  # before the evaluation, not after it
     step_mode = args.step_mode or "m"
@@ -618,7 +623,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     given = [f for f in ("dataset", "data_root", "samples") if getattr(args, f) is not None]
     if given:
         raise UsageError(
-            f"{' and '.join('--' + f.replace('_', '-') for f in given)} apply to --deployed"
+            f"{' and '.join('--' + f.replace('_', '-') for f in given)} "
+            f"{'applies' if len(given) == 1 else 'apply'} to --deployed"
         )
     out = Path(args.out)
     if args.runs == []:  # `--runs` with no folder after it: not "every run" silently

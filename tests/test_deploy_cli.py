@@ -125,10 +125,10 @@ def test_eval_deployed_errors(main_job, tmp_path, capsys):
     )
     # options of the other kind of model are refused, not silently ignored
     for opt in (["--precision", "bf16"], ["--compile", "default"], ["--step-mode", "s"]):
-        _error(capsys, ["eval", "--deployed", str(good), *opt], f"{opt[0]} apply to --checkpoint")
+        _error(capsys, ["eval", "--deployed", str(good), *opt], f"{opt[0]} applies to --checkpoint")
     ckpt = str(main_job / "best.pt")
     for opt in (["--latency-runs", "2"], ["--energy-samples", "10"]):
-        _error(capsys, ["eval", "--checkpoint", ckpt, *opt], f"{opt[0]} apply to --deployed")
+        _error(capsys, ["eval", "--checkpoint", ckpt, *opt], f"{opt[0]} applies to --deployed")
     pytest.importorskip("sklearn")
     _error(
         capsys,
@@ -251,8 +251,8 @@ def test_report_refuses_options_of_the_other_mode(main_job, tmp_path, capsys):
     for argv, match in (
         (["--deployed", str(out_file), "--runs", "nowhere"], "--runs report training runs"),
         (["--deployed", str(out_file), "--bench", "x.json"], "--bench report training runs"),
-        (["--runs", str(main_job), "--samples", "5"], "--samples apply to --deployed"),
-        (["--runs", str(main_job), "--dataset", "digits"], "--dataset apply to --deployed"),
+        (["--runs", str(main_job), "--samples", "5"], "--samples applies to --deployed"),
+        (["--runs", str(main_job), "--dataset", "digits"], "--dataset applies to --deployed"),
     ):
         capsys.readouterr()
         assert cli.main(["report", *argv, "--out", str(tmp_path / "r")]) == 2

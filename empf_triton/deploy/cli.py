@@ -177,7 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
              if getattr(args, f, None) is not None]  # fmt: skip
     if given:
         raise DeployError(
-            f"{', '.join(given)} apply to --checkpoint: a deployed model runs as it was exported "
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --checkpoint: a "
+            "deployed model runs as it was exported "
             "(its dtype, all steps per call; empf_triton.deploy.load(...).to(dtype) converts it)"
         )
     if args.json:
