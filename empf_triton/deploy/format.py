@@ -33,7 +33,7 @@ import torch
 
 from .._files import default_file_mode
 from .errors import DeployError, DeployFormatError
-from .runtime import DeployedModel
+from .runtime import _DTYPES, DeployedModel
 
 __all__ = ["FORMAT", "META_KEY", "VERSION", "export", "load", "payload_sha256", "read_header"]
 
@@ -269,7 +269,7 @@ def load(
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise _bad(path, f"has an inconsistent graph ({type(e).__name__}: {e})") from e
     if dtype is not None:
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in _DTYPES:
             raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
         model = model.to(dtype)
     return model.to(device)

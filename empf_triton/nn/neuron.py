@@ -34,6 +34,53 @@ from .membn import MemBN
 STEP_MODES = ("s", "m")
 
 
+def _getter(name: str):
+    """Reads `_name` from the instance dict (an AttributeError, as for any attribute, when it
+    is not set yet)."""
+    key = "_" + name
+
+    def get(self):
+        try:
+            return self.__dict__[key]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no {name} yet") from None
+
+    return get
+
+
+def _choice(name: str, choices: tuple[str, ...], say: str) -> property:
+    """A setting kept as `_name` that must be one of `choices`, checked whenever it is set."""
+
+    def set_(self, value: str) -> None:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name} must be {say}, got {value!r}")
+        self.__dict__["_" + name] = value
+
+    return property(_getter(name), set_)
+
+
+def _fixed(name: str) -> property:
+    """A setting kept as `_name` that shapes the parameters: fixed at construction."""
+
+    def set_(self, value) -> None:
+        raise AttributeError(
+            f"{type(self).__name__}.{name} is fixed at construction (the parameters are shaped "
+            f"by it); build a new {type(self).__name__}"
+        )
+
+    return property(_getter(name), set_)
+
+
+def _configured(name: str, doc: str | None = None) -> property:
+    """A LIF setting kept as `_name`, set through `_configure` (which checks it with the
+    others)."""
+    return property(
+        _getter(name),
+        lambda self, value: self._configure(**{name: value}),
+        doc=doc,
+    )
+
+
 class StatefulNeuron(nn.Module):
     """Base of neurons that carry a membrane `v` and a step counter `t` between calls."""
 
@@ -51,38 +98,9 @@ class StatefulNeuron(nn.Module):
 
     # The settings are checked whenever they are set, at construction or later (a model's
     # set_step_mode / set_grad_mode, a user's `m.impl = ...`): the forward reads them unchecked.
-    @property
-    def step_mode(self) -> str:
-        """ "s" (one step per call) or "m" (a whole sequence per call)."""
-        return self._step_mode
-
-    @step_mode.setter
-    def step_mode(self, mode: str) -> None:
-        if not isinstance(mode, str) or mode not in STEP_MODES:
-            raise ValueError(f"step_mode must be 's' or 'm', got {mode!r}")
-        self.__dict__["_step_mode"] = mode
-
-    @property
-    def grad_mode(self) -> str:
-        """ "online" (the membrane a constant between steps) or "bptt"."""
-        return self._grad_mode
-
-    @grad_mode.setter
-    def grad_mode(self, mode: str) -> None:
-        if not isinstance(mode, str) or mode not in ("online", "bptt"):
-            raise ValueError(f"grad_mode must be 'online' or 'bptt', got {mode!r}")
-        self.__dict__["_grad_mode"] = mode
-
-    @property
-    def impl(self) -> str:
-        """ "auto", "triton" or "reference"."""
-        return self._impl
-
-    @impl.setter
-    def impl(self, impl: str) -> None:
-        if not isinstance(impl, str) or impl not in ("auto", "triton", "reference"):
-            raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-        self.__dict__["_impl"] = impl
+    step_mode = _choice("step_mode", STEP_MODES, "'s' or 'm'")
+    grad_mode = _choice("grad_mode", ("online", "bptt"), "'online' or 'bptt'")
+    impl = _choice("impl", ("auto", "triton", "reference"), "'auto', 'triton' or 'reference'")
 
     #: Settings kept as `_name` behind a checking property; pickles made before that held them
     #: as plain `name` attributes (`__setstate__` moves them).
@@ -276,35 +294,9 @@ class EMPFNeuron(StatefulNeuron):
 
     # T, parallel and channels shape the parameters (logits [2, T] or [1, T], Mem-BN's C): fixed
     # at construction. The quantiser's settings may change (checked as at construction).
-    @property
-    def T(self) -> int:
-        return self._T
-
-    @property
-    def parallel(self) -> bool:
-        return self._parallel
-
-    @property
-    def channels(self) -> int | None:
-        return self._channels
-
-    @T.setter
-    def T(self, value):
-        self._fixed("T")
-
-    @parallel.setter
-    def parallel(self, value):
-        self._fixed("parallel")
-
-    @channels.setter
-    def channels(self, value):
-        self._fixed("channels")
-
-    def _fixed(self, name: str) -> None:
-        raise AttributeError(
-            f"EMPFNeuron.{name} is fixed at construction (the parameters are shaped by it); "
-            "build a new EMPFNeuron"
-        )
+    T = _fixed("T")
+    parallel = _fixed("parallel")
+    channels = _fixed("channels")
 
     @property
     def spike_bits(self) -> int | None:
@@ -584,39 +576,14 @@ class LIFNeuron(StatefulNeuron):
         d["_tau"], d["_v_threshold"], d["_surrogate"] = float(tau), float(th), surrogate
         d["_alpha_arg"], d["_alpha"] = alpha, resolved
 
-    @property
-    def tau(self) -> float:
-        """The membrane time constant (> 1); decay λ = 1 - 1/tau."""
-        return self._tau
-
-    @tau.setter
-    def tau(self, tau: float) -> None:
-        self._configure(tau=tau)
-
-    @property
-    def v_threshold(self) -> float:
-        return self._v_threshold
-
-    @v_threshold.setter
-    def v_threshold(self, v_threshold: float) -> None:
-        self._configure(v_threshold=v_threshold)
-
-    @property
-    def surrogate(self) -> str:
-        return self._surrogate
-
-    @surrogate.setter
-    def surrogate(self, surrogate: str) -> None:
-        self._configure(surrogate=surrogate)
-
-    @property
-    def alpha(self) -> float | None:
-        """The surrogate's sharpness as given (None: the surrogate's default)."""
-        return self._alpha_arg
-
-    @alpha.setter
-    def alpha(self, alpha: float | None) -> None:
-        self._configure(alpha=alpha)
+    tau = _configured("tau", "The membrane time constant (> 1); decay λ = 1 - 1/tau.")
+    v_threshold = _configured("v_threshold")
+    surrogate = _configured("surrogate")
+    alpha = property(
+        lambda self: self._alpha_arg,
+        lambda self, value: self._configure(alpha=value),
+        doc="The surrogate's sharpness as given (None: the surrogate's default).",
+    )
 
     @property
     def detach_reset(self) -> bool:
