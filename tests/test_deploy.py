@@ -359,6 +359,23 @@ def test_data_parallel_replicas_have_their_own_layers():
     assert torch.equal(d(x), first)  # the original is untouched
 
 
+def test_file_tensors_are_copies_on_the_cpu_too():
+    """`file_tensors()` of a CPU model gives copies: a model built from them, or an edit of the
+    dict's tensors, leaves the first model as it was."""
+    d = fold(_small(spike_bits=4))
+    x = torch.randn(4, 1, 24)
+    first = d(x)
+    tensors = d.file_tensors()
+    for k, b in d.named_buffers():
+        t = tensors[f"{k[1:].split('_', 1)[0]}.{k.split('_', 1)[1]}"]
+        assert t.untyped_storage().data_ptr() != b.untyped_storage().data_ptr(), k
+    other = type(d)(d.graph, tensors, d.info)
+    for b in other.buffers():
+        if b.is_floating_point():
+            b.mul_(3.0)
+    assert torch.equal(d(x), first) and not torch.equal(other(x), first)
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_a_deployed_model_pickles_after_it_has_run(impl):
     """torch.save of a DeployedModel works after forwards (the layers' plans, which hold launch

@@ -573,9 +573,10 @@ class DeployedModel(nn.Module):
     # ------------------------------------------------------------------------------ inference
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors as stored in an export: `{"{node_index}.{name}": CPU tensor}`."""
+        """The tensors as stored in an export: `{"{node_index}.{name}": CPU tensor}`, copies
+        (on the CPU too): an edit of one changes neither this model nor one built from them."""
         return {
-            f"{n.index}.{k}": getattr(self, b).detach().cpu().contiguous()
+            f"{n.index}.{k}": getattr(self, b).detach().to("cpu", copy=True).contiguous()
             for n in self._nodes
             for k, b in n.buffers.items()
         }
