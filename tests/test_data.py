@@ -18,6 +18,7 @@ from empf_triton.data import (
     load_dataset,
 )
 from empf_triton.data.cifar import cifar_augment, read_batch
+from empf_triton.data.dvs import load_dvs
 from empf_triton.data.mnist1d import mnist1d_arrays, mnist1d_augment
 
 
@@ -297,6 +298,9 @@ def test_dvs_needs_tonic_or_files(tmp_path):
             load_dataset("dvs_cifar10", str(tmp_path))
     with pytest.raises(ValueError, match="T must be an int >= 1"):
         load_dataset("dvs_gesture", str(tmp_path), T=0)
+    for size in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="size must be None or an int >= 1"):
+            load_dvs("dvs_gesture", str(tmp_path), T=2, size=size)
 
 
 def test_mnist1d_default_args_match_package():

@@ -61,6 +61,8 @@ def load_dvs(name: str, root=None, T: int = 10, size: int | None = 48, seed: int
         raise ValueError(f"unknown event dataset {name!r}; expected one of {sorted(_SPECS)}")
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be an int >= 1, got {T!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be None or an int >= 1, got {size!r}")
     cls_name, folder, num_classes = _SPECS[name]
     root = Path(root if root is not None else "data")
     tonic = _import_tonic()
