@@ -68,13 +68,38 @@ def _dtype_name(d) -> str | None:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}.get(d, d)
 
 
+def read_doc(path: str | Path) -> dict:
+    """One pytest-benchmark JSON file; ValueError saying what is wrong with it (an empty file is
+    what a stage cut by its time limit before pytest-benchmark wrote anything leaves)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable text file ({e})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty (its benchmark run wrote nothing: nothing measured)")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    benches = doc.get("benchmarks", []) if isinstance(doc, dict) else None
+    fields = ("stats", "extra_info")
+    if not isinstance(benches, list) or not all(
+        isinstance(b, dict) and all(isinstance(b.get(k) or {}, dict) for k in fields)
+        for b in benches
+    ):
+        raise ValueError(
+            f"{path}: not a pytest-benchmark JSON file (an object with a 'benchmarks' list)"
+        )
+    return doc
+
+
 def load(paths: Sequence[str | Path]) -> tuple[list[dict], dict[str, list[dict]]]:
     """All benchmark records of the files (extra_info + median time + device), and the run
     environments per device (from machine_info["empf"], else pytest-benchmark's own fields)."""
     records: list[dict] = []
     envs: dict[str, list[dict]] = defaultdict(list)
     for path in paths:
-        doc = json.loads(Path(path).read_text())
+        doc = read_doc(path)
         machine = doc.get("machine_info") or {}
         commit = doc.get("commit_info") or {}
         env = dict(machine.get("empf") or {})
@@ -1035,7 +1060,7 @@ def load_skipped(paths: Sequence[str | Path]) -> list[dict]:
     """Cases the benchmark runs skipped, with their reasons (bench/conftest.py's empf_skipped)."""
     out = []
     for path in paths:
-        doc = json.loads(Path(path).read_text())
+        doc = read_doc(path)
         out += [dict(s, source=Path(path).name) for s in doc.get("empf_skipped") or []]
     return out
 
@@ -1120,6 +1145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [p for p in args.json if not Path(p).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
+    seen: dict[Path, str] = {}
+    for p in args.json:
+        if Path(p).resolve() in seen:  # its cases would be listed twice
+            parser.error(f"{p} is given twice (as {seen[Path(p).resolve()]})")
+        seen[Path(p).resolve()] = p
+        try:
+            read_doc(p)
+        except ValueError as e:
+            parser.error(str(e))
     written = report(args.json, args.out)
     if not written:
         print("no benchmark records with timings found", file=sys.stderr)

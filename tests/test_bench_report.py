@@ -120,6 +120,35 @@ def test_report_rejects_missing_files(tmp_path):
         report.main([str(tmp_path / "nope.json"), "--out", str(tmp_path)])
 
 
+def test_report_refuses_unreadable_json_and_a_file_given_twice(tmp_path, capsys):
+    """An empty file (a stage cut before pytest-benchmark wrote it, as in the committed run 1
+    folder), a truncated or non-benchmark JSON or a binary file is a clear error naming the file,
+    not a traceback; a file given twice is refused (its cases would be listed twice)."""
+    report = _load_report()
+    bad = {
+        "empty.json": ("", "empty"),
+        "cut.json": ('{"benchmarks": [', "not valid JSON"),
+        "list.json": ("[1, 2]", "not a pytest-benchmark JSON"),
+        "stats.json": ('{"benchmarks": [{"name": "x", "stats": [1]}]}', "not a pytest-benchmark"),
+        "bin.json": (None, "not a readable text file"),
+    }
+    for name, (text, message) in bad.items():
+        path = tmp_path / name
+        if text is None:
+            path.write_bytes(b"\xff\xfe\x00")
+        else:
+            path.write_text(text)
+        with pytest.raises(SystemExit):
+            report.main([str(path), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert name in err and message in err and "Traceback" not in err, err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SystemExit):
+        report.main([str(good), str(tmp_path / "." / "good.json"), "--out", str(tmp_path)])
+    assert "given twice" in capsys.readouterr().err
+
+
 def test_harness_survives_disabled_pytest_benchmark(tmp_path):
     """Under xdist pytest-benchmark disables itself and leaves `benchmark.stats` empty; the shared
     harness then times the case with its own loop instead of crashing (the first GPU run's

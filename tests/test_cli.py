@@ -185,6 +185,9 @@ def test_report_calls_bench_report(tmp_path, capsys, monkeypatch):
     assert cli.main(["report", "--bench", "b.json", "--out", "rep"]) == 0
     assert calls == [["b.json", "--out", "rep"]]
     _error(capsys, ["report", "--bench", "none.json"], "no such benchmark file")
+    # a file given twice would list its cases twice in every table
+    _error(capsys, ["report", "--bench", "b.json", "./b.json"], "given twice: ./b.json")
+    assert len(calls) == 1
     if (REPO / "bench" / "report.py").is_file():
         monkeypatch.undo()
         monkeypatch.chdir(REPO)
