@@ -150,6 +150,17 @@ def load(paths: Sequence[str | Path]) -> tuple[list[dict], dict[str, list[dict]]
     return records, dict(envs)
 
 
+def finished(records: list[dict]) -> list[dict]:
+    """The records with a median that ran to the end: a case stopped by a stage's time limit
+    after some rounds (bench/conftest.py marks it `interrupted`) has a median of those rounds
+    and none of its fields, so it is listed as not measured, never timed or judged."""
+    return [r for r in records if r.get("median_s") and not r.get("interrupted")]
+
+
+def interrupted(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("interrupted")]
+
+
 def _infer_op(name: str) -> str:
     base = re.sub(r"\[.*\]$", "", name).removeprefix("test_bench_")
     return base or name
@@ -1071,6 +1082,18 @@ def write_extras(paths, out: Path, stages: str | None, written: list[Path]) -> N
     if not md.exists():
         return
     lines = []
+    cut = interrupted(load(paths)[0])
+    if cut:
+        lines.append("\n## Not measured (interrupted cases)\n")
+        lines.append(
+            "Stopped by their stage's time limit after some rounds: left out of every table, "
+            "plot and target above.\n"
+        )
+        lines.append("| case | file | rounds |\n|---|---|---|")
+        lines += [
+            f"| {r['name']} | {Path(r['source']).name} | {_fmt(r.get('rounds'))} |"
+            for r in sorted(cut, key=lambda r: (r["source"], r["name"]))
+        ]
     skipped = load_skipped(paths)
     if skipped:
         reasons: dict[str, list[str]] = defaultdict(list)
@@ -1095,7 +1118,8 @@ def write_extras(paths, out: Path, stages: str | None, written: list[Path]) -> N
 def readme_table(paths: Sequence[str | Path]) -> str:
     """The README's performance table: every GPU target with its value and status, per device."""
     records, envs = load(paths)
-    records = [r for r in records if r.get("median_s")]
+    cut = interrupted(records)
+    records = finished(records)
     lines = []
     for device in sorted({r["device"] for r in records}):
         recs = [r for r in records if r["device"] == device]
@@ -1104,6 +1128,11 @@ def readme_table(paths: Sequence[str | Path]) -> str:
         for c in gpu_targets(recs):
             lines.append(f"| {c['target']} | {c['value']} | {c['goal']} | {c['status']} |")
         lines.append("")
+    if cut:
+        lines.append(
+            f"Not measured: {len(cut)} case(s) stopped by a time limit before they finished, "
+            f"left out above: {', '.join(sorted(r['name'] for r in cut))}.\n"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1112,7 +1141,7 @@ def report(paths: Sequence[str | Path], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records, envs = load(paths)
-    records = [r for r in records if r.get("median_s")]
+    records = finished(records)
     written: list[Path] = []
     devices = sorted({r["device"] for r in records})
     for device in devices:

@@ -149,6 +149,36 @@ def test_report_refuses_unreadable_json_and_a_file_given_twice(tmp_path, capsys)
     assert "given twice" in capsys.readouterr().err
 
 
+def test_interrupted_cases_are_listed_as_not_measured_never_timed(tmp_path):
+    """A case a stage's time limit stopped after some rounds keeps those rounds' median but only
+    `interrupted` in its extra_info (bench/conftest.py): it was listed among the other benchmarks
+    with that median as if measured, and nowhere as interrupted."""
+    pytest.importorskip("matplotlib")
+    report = _load_report()
+    gm = {"op": "binary_gemm", "M": 1, "N": 4096, "K": 4096, "device_type": "cuda"}
+    doc = {
+        "machine_info": {"empf": {"device": "GPU", "device_type": "cuda", "commit": "c"}},
+        "benchmarks": [
+            {"name": "test_bench_binary_gemm[triton-1]", "stats": {"median": 1e-5, "rounds": 9},
+             "extra_info": dict(gm, impl="triton")},
+            {"name": "test_bench_binary_gemm[cublas-1]", "stats": {"median": 9e-6, "rounds": 1},
+             "extra_info": {"interrupted": "stopped by the time limit before it finished"}},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "bench_gemm.json"
+    path.write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    assert report.main([str(path), "--out", str(out), "--readme-table", str(out / "t.md")]) == 0
+    summary = (out / "summary.md").read_text()
+    other = summary.split("## Other benchmarks")[1].split("\n## ")[0]
+    assert "triton-1]" in other and "cublas-1]" not in other
+    assert "## Not measured (interrupted cases)" in summary
+    assert "| test_bench_binary_gemm[cublas-1] | bench_gemm.json | 1 |" in summary
+    table = (out / "t.md").read_text()
+    assert "| binary_matmul M=1 N=K=4096 vs cuBLAS fp16, eager | not measured" in table
+    assert "1 case(s) stopped by a time limit" in table and "[cublas-1]" in table
+
+
 def test_harness_survives_disabled_pytest_benchmark(tmp_path):
     """Under xdist pytest-benchmark disables itself and leaves `benchmark.stats` empty; the shared
     harness then times the case with its own loop instead of crashing (the first GPU run's
