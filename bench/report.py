@@ -132,6 +132,7 @@ def load(paths: Sequence[str | Path]) -> tuple[list[dict], dict[str, list[dict]]
                 min_s=stats.get("min"),
                 rounds=stats.get("rounds"),
                 source=str(path),
+                run_commit=str(env["commit"]) + ("+dirty" if env.get("commit_dirty") else ""),
             )
             rec["op"] = extra.get("op") or _infer_op(rec["name"])
             rec["impl"] = extra.get("impl") or "?"
@@ -211,12 +212,14 @@ def _key(r: dict, *, impl: bool = True) -> tuple:
         r.get("dtype"),
         r.get("spike_bits"),
         r.get("N"),
+        r.get("run_commit"),
     )
     return (*k, r["impl"]) if impl else k
 
 
 def speedups(records: list[dict]) -> dict[tuple, float]:
-    """Eager median / impl median for every record that has an eager twin (same everything)."""
+    """Eager median / impl median for every record that has an eager twin (same everything,
+    the commit of the run included)."""
     base = {_key(r, impl=False): r["median_s"] for r in records if r["impl"] == BASELINE}
     out = {}
     for r in records:
@@ -831,7 +834,30 @@ def _ratio(a, b):
 
 
 def gpu_targets(records: list[dict]) -> list[dict]:
-    """The GPU targets of the open issues, PASS / FAIL / not measured, from these records."""
+    """The GPU targets of the open issues, PASS / FAIL / not measured, from these records. Each
+    target is judged on the records of one commit (the first that has its cases): a ratio of
+    one commit's Triton case to another's reference would compare two different codes."""
+    commits = list(dict.fromkeys(r.get("run_commit") for r in records))
+    rows = _gpu_targets_one_run(records)
+    if len(commits) < 2:
+        return rows
+    per_commit = [
+        _gpu_targets_one_run([r for r in records if r.get("run_commit") == c]) for c in commits
+    ]
+    out = []
+    for i, row in enumerate(rows):
+        measured = [rs[i] for rs in per_commit if rs[i]["status"] != "not measured"]
+        if measured:
+            out.append(measured[0])
+        elif row["status"] != "not measured":  # only the records of several commits together
+            why = f"its cases come from different commits: {', '.join(map(str, commits))}"
+            out.append(dict(row, value=f"not measured ({why})", status="not measured"))
+        else:
+            out.append(row)
+    return out
+
+
+def _gpu_targets_one_run(records: list[dict]) -> list[dict]:
     rows = []
     on_cuda = any(r.get("device_type") == "cuda" for r in records)
     why_dev = "" if on_cuda else "no CUDA records"

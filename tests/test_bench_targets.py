@@ -81,3 +81,24 @@ def test_deploy_targets_read_the_4bit_packed_records():
     assert _rows(no_act)["deployed ResNet-18 activation memory / dense fp16"]["status"] == (
         "not measured"
     )
+
+
+def test_a_target_never_pairs_records_of_two_commits():
+    """Two runs of one device at different commits reported together (as the README's combined
+    H200 table is): a ratio took run A's Triton case and run B's eager reference (each the first
+    match over all records) and stated the target PASS, comparing two different codes."""
+    neuron = {"op": "empf_neuron", "T": 4, "N": 1 << 22, "dtype": "fp32", "spike_bits": None,
+              "grad_mode": "online", "pass": "fwd+bwd"}  # fmt: skip
+    name = "empf_neuron fwd+bwd T=4 N=2^22 online: triton vs eager reference"
+    tri_a = _rec(impl="triton", median_s=1e-4, run_commit="aaa", **neuron)
+    eag_b = _rec(impl="eager", median_s=6e-4, run_commit="bbb", **neuron)
+    row = _rows([tri_a, eag_b])[name]
+    assert row["status"] == "not measured" and "different commits: aaa, bbb" in row["value"]
+    sp = _report().speedups([tri_a, eag_b])  # nor do the summary's speed-ups
+    assert [k for k in sp if k[-1] == "triton"] == []
+    # with both cases in run B, run B's pair is judged (run A's lone Triton case is not used)
+    eag_a = dict(eag_b, run_commit="aaa", median_s=3e-4)
+    assert _rows([tri_a, eag_b, dict(tri_a, run_commit="bbb", median_s=2e-4)])[name]["value"] == (
+        "3.00x"
+    )
+    assert _rows([tri_a, eag_a, eag_b])[name]["value"] == "3.00x"  # the first commit's pair
