@@ -321,6 +321,40 @@ def test_overhead_table_takes_the_median_of_runs_and_the_ratio_to_relu(tmp_path)
         mod.main([str(paths[0])])
 
 
+def test_overhead_table_refuses_mixed_or_repeated_runs_and_marks_partial_cases(tmp_path, capsys):
+    """The table's header named the first run's commit and 'median of N run(s)' for N files:
+    runs of two commits were mixed under one commit's name, a file given twice counted as two
+    runs, a case some runs lack showed the median of fewer runs unmarked, and an empty file was
+    a traceback."""
+    spec = importlib.util.spec_from_file_location("overhead_table", BENCH / "overhead_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lif = {("lif_neuron", "direct"): 60.0}
+    docs = {
+        "a": _overhead_doc(20.0, lif),
+        "b": _overhead_doc(20.0, lif),
+        "c": _overhead_doc(22.0, {}),
+    }
+    docs["b"]["machine_info"]["empf"]["commit"] = "other"
+    paths = {}
+    for name, doc in docs.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(doc))
+    (tmp_path / "empty.json").write_text("")
+    refused = {
+        "different machines, versions or commits": [paths["a"], paths["b"]],
+        "given twice": [paths["a"], paths["c"], tmp_path / "." / "a.json"],
+        "empty.json: not a readable JSON file": [tmp_path / "empty.json"],
+    }
+    for message, args in refused.items():
+        with pytest.raises(SystemExit):
+            mod.main([str(p) for p in args])
+        assert message in capsys.readouterr().err
+    assert mod.main([str(paths["a"]), str(paths["c"])]) == 0
+    text = capsys.readouterr().out
+    assert "median of 2 run(s)" in text and "| `lif_neuron` | – | 60 (1 of 2 runs) | 2.9x |" in text
+
+
 def test_skipped_only_json_goes_to_the_given_path_and_never_over_timed_results(tmp_path):
     """bench/conftest.py writes a JSON of skipped cases when pytest-benchmark wrote none. It used
     to take the basename of the `--benchmark-json` path (a Path in this pytest-benchmark) and so
