@@ -626,7 +626,7 @@ def plot_gemm(records, label, out: Path, suffix: str, written: list[Path]) -> No
                     pts = [(r["M"], r[field] * scale) for r in rs if r.get(field) is not None]
                     if pts:
                         ax.plot(*zip(*pts), marker="o", ls=ls, color=color, label=name + tag)
-            if wall == "gbps" and copy_bw:
+            if wall == "gbps_wall" and copy_bw:
                 ax.axhline(copy_bw, color="k", lw=1, label=f"copy {copy_bw:.0f} GB/s")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -179,6 +179,29 @@ def test_interrupted_cases_are_listed_as_not_measured_never_timed(tmp_path):
     assert "1 case(s) stopped by a time limit" in table and "[cublas-1]" in table
 
 
+def _figure_of(report, plot, records, monkeypatch):
+    """The matplotlib Figure a plot function draws (its _finish, which saves it, captured)."""
+    figs = []
+    monkeypatch.setattr(report, "_finish", lambda fig, *a: figs.append(fig))
+    plot(records, "label", Path("."), "", [])
+    assert len(figs) == 1
+    return figs[0]
+
+
+def test_gemm_bandwidth_plot_draws_the_copy_bandwidth(monkeypatch):
+    """The GB/s column's copy-bandwidth line tested the metric name "gbps", which no column has
+    ("gbps_wall"): the line the docstring promises was never drawn."""
+    pytest.importorskip("matplotlib")
+    report = _load_report()
+    recs = [
+        _rec(op="copy", impl="torch", gbps=4000.0),
+        _rec(op="binary_gemm", impl="triton", M=1, N=64, K=64, gbps=1000.0, flops=10**6),
+    ]
+    axes = _figure_of(report, report.plot_gemm, recs, monkeypatch).axes
+    labels = [ln.get_label() for ln in axes[1].get_lines()]
+    assert "copy 4000 GB/s" in labels and axes[1].get_ylabel() == "GB/s"
+
+
 def test_harness_survives_disabled_pytest_benchmark(tmp_path):
     """Under xdist pytest-benchmark disables itself and leaves `benchmark.stats` empty; the shared
     harness then times the case with its own loop instead of crashing (the first GPU run's
