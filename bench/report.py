@@ -654,7 +654,7 @@ def plot_spikes(records, label, out: Path, suffix: str, written: list[Path]) -> 
                 for r in recs
                 if (r["op"], r.get("bits"), r.get("dtype")) == c and r["impl"] == impl
             ]
-            vals.append(hit[0] if hit else 0.0)
+            vals.append(hit[0] if hit else math.nan)  # not measured: no bar, never a 0 GB/s one
         ax.bar(
             [i + k * width for i in range(len(cases))],
             vals,

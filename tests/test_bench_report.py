@@ -202,6 +202,22 @@ def test_gemm_bandwidth_plot_draws_the_copy_bandwidth(monkeypatch):
     assert "copy 4000 GB/s" in labels and axes[1].get_ylabel() == "GB/s"
 
 
+def test_spikes_plot_draws_no_bar_for_a_case_not_measured(monkeypatch):
+    """An impl missing for one case (a skipped reference, an interrupted stage) was drawn as a
+    0 GB/s bar."""
+    pytest.importorskip("matplotlib")
+    report = _load_report()
+    recs = [
+        _rec(op="encode", impl="triton", bits=4, dtype="fp32", gbps=100.0),
+        _rec(op="encode", impl="reference", bits=4, dtype="fp32", gbps=10.0),
+        _rec(op="decode", impl="triton", bits=4, dtype="fp32", gbps=80.0),
+    ]
+    (ax,) = _figure_of(report, report.plot_spikes, recs, monkeypatch).axes
+    heights = [b.get_height() for b in ax.patches]
+    assert sorted(h for h in heights if h == h) == [10.0, 80.0, 100.0]
+    assert 0.0 not in heights and ax.get_ylabel() == "GB/s"
+
+
 def test_harness_survives_disabled_pytest_benchmark(tmp_path):
     """Under xdist pytest-benchmark disables itself and leaves `benchmark.stats` empty; the shared
     harness then times the case with its own loop instead of crashing (the first GPU run's
