@@ -1103,9 +1103,10 @@ def load_skipped(paths: Sequence[str | Path]) -> list[dict]:
 
 
 def write_extras(paths, out: Path, stages: str | None, written: list[Path]) -> None:
-    """Append to summary.md what did not run: skipped cases and the stage table of run_gpu.sh."""
-    md = out / "summary.md"
-    if not md.exists():
+    """Append to summary.md (to each device's summary_<device>.md when the files hold several
+    devices) what did not run: interrupted and skipped cases and the stage table of run_gpu.sh."""
+    mds = [p for p in written if p.parent == out and re.fullmatch(r"summary(_.+)?\.md", p.name)]
+    if not mds:
         return
     lines = []
     cut = interrupted(load(paths)[0])
@@ -1137,7 +1138,7 @@ def write_extras(paths, out: Path, stages: str | None, written: list[Path]) -> N
             lines.append("| " + " | ".join(rows[0]) + " |")
             lines.append("|" + "---|" * len(rows[0]))
             lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    if lines:
+    for md in mds if lines else ():
         md.write_text(md.read_text() + "\n".join(lines) + "\n")
 
 

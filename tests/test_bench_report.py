@@ -218,6 +218,36 @@ def test_spikes_plot_draws_no_bar_for_a_case_not_measured(monkeypatch):
     assert 0.0 not in heights and ax.get_ylabel() == "GB/s"
 
 
+def test_skipped_cases_and_stages_reach_every_device_summary(tmp_path):
+    """With files of two devices the summaries are summary_<device>.md; the skipped cases and
+    run_gpu.sh's stage table (a stage that timed out) were appended only to a summary.md, which
+    then does not exist: they were silently left out."""
+    pytest.importorskip("matplotlib")
+    report = _load_report()
+    paths = []
+    for dev in ("GPU one", "GPU two"):
+        doc = {
+            "machine_info": {"empf": {"device": dev, "device_type": "cuda", "commit": "c"}},
+            "benchmarks": [
+                {"name": "test_bench_binary_gemm[triton-1]", "stats": {"median": 1e-5},
+                 "extra_info": {"op": "binary_gemm", "impl": "triton", "M": 1, "N": 64, "K": 64}},
+            ],
+            "empf_skipped": [{"nodeid": f"x.py::test_sj[{dev[4:]}]", "reason": "no spikingjelly"}],
+        }  # fmt: skip
+        paths.append(tmp_path / f"{dev.replace(' ', '_')}.json")
+        paths[-1].write_text(json.dumps(doc))
+    stages = tmp_path / "stages.tsv"
+    stages.write_text("stage\texit\tseconds\tlimit\tnote\nbench_gemm\t130\t40\t40\ttimed out\n")
+    out = tmp_path / "out"
+    assert report.main([*map(str, paths), "--out", str(out), "--stages", str(stages)]) == 0
+    mds = sorted(out.glob("summary*.md"))
+    assert [p.name for p in mds] == ["summary_GPU-one.md", "summary_GPU-two.md"]
+    for md in mds:
+        text = md.read_text()
+        assert "| no spikingjelly | test_sj[one], test_sj[two] |" in text
+        assert "| bench_gemm | 130 | 40 | 40 | timed out |" in text
+
+
 def test_harness_survives_disabled_pytest_benchmark(tmp_path):
     """Under xdist pytest-benchmark disables itself and leaves `benchmark.stats` empty; the shared
     harness then times the case with its own loop instead of crashing (the first GPU run's
