@@ -895,9 +895,9 @@ def _gpu_targets_one_run(records: list[dict]) -> list[dict]:
             )
         )  # fmt: skip
     tri = _one(records, op="empf_neuron_step", impl="triton", T=4, device_type="cuda",
-               dtype="fp32", **{"pass": "fwd+bwd"})  # fmt: skip
+               dtype="fp32", N=N_TARGET, **{"pass": "fwd+bwd"})  # fmt: skip
     eag = _one(records, op="empf_neuron_step", impl="eager", T=4, device_type="cuda",
-               dtype="fp32", **{"pass": "fwd+bwd"})  # fmt: skip
+               dtype="fp32", N=N_TARGET, **{"pass": "fwd+bwd"})  # fmt: skip
     rows.append(
         _target(
             "empf_neuron_step: T=4 calls, backward after each, triton vs eager",

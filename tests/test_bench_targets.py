@@ -102,3 +102,16 @@ def test_a_target_never_pairs_records_of_two_commits():
         "3.00x"
     )
     assert _rows([tri_a, eag_a, eag_b])[name]["value"] == "3.00x"  # the first commit's pair
+
+
+def test_step_target_reads_only_the_target_size():
+    """The fused-op targets read N = 2^22 only; the step target took a case of any N (a run with
+    a smaller EMPF_BENCH_N was judged against a target stated at 2^22)."""
+    step = {"op": "empf_neuron_step", "T": 4, "dtype": "fp32", "spike_bits": None,
+            "grad_mode": "online", "pass": "fwd+bwd"}  # fmt: skip
+    name = "empf_neuron_step: T=4 calls, backward after each, triton vs eager"
+    small = [_rec(impl="triton", median_s=1e-4, N=1024, **step),
+             _rec(impl="eager", median_s=5e-4, N=1024, **step)]  # fmt: skip
+    assert _rows(small)[name]["status"] == "not measured"
+    full = [dict(r, N=1 << 22) for r in small]
+    assert _rows(full)[name]["status"] == "PASS" and _rows(full)[name]["value"] == "5.00x"
