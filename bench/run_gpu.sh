@@ -307,7 +307,17 @@ stage autotune 60 env EMPF_AUTOTUNE=1 EMPF_POISON_EMPTY=1 "$PY" -m pytest "${AUT
 
 # --- 4. report from whatever JSON exists.
 JSONS=()
-for f in "$RESULTS"/bench_*.json; do [ -s "$f" ] && JSONS+=("$f"); done
+for f in "$RESULTS"/bench_*.json; do
+    [ -s "$f" ] || continue
+    # report.py refuses an unreadable file (a stage killed while writing it): leave it out here,
+    # so the other stages still get their report
+    if "$PY" -c "import sys; sys.path.insert(0, 'bench'); import report; report.read_doc(sys.argv[1])" \
+        "$f" 2>>"$LOG"; then
+        JSONS+=("$f")
+    else
+        log "== report: $f is not a readable benchmark JSON; left out"
+    fi
+done
 if [ "${#JSONS[@]}" -gt 0 ]; then
     stage report 25 "$PY" bench/report.py "${JSONS[@]}" --out "$RESULTS" \
         --readme-table "$RESULTS/readme_table.md" --stages "$RESULTS/stages.tsv"
