@@ -1198,6 +1198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--stages", metavar="TSV", help="bench/run_gpu.sh's stages.tsv, listed in summary.md"
     )
     args = parser.parse_args(argv)
+    folders = [p for p in args.json if Path(p).is_dir()]
+    if folders:
+        parser.error(f"{folders[0]} is a folder; pass its files, e.g. {folders[0]}/bench_*.json")
     missing = [p for p in args.json if not Path(p).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")

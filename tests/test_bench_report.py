@@ -147,6 +147,9 @@ def test_report_refuses_unreadable_json_and_a_file_given_twice(tmp_path, capsys)
     with pytest.raises(SystemExit):
         report.main([str(good), str(tmp_path / "." / "good.json"), "--out", str(tmp_path)])
     assert "given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a results folder instead of its files
+        report.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "is a folder; pass its files" in capsys.readouterr().err
 
 
 def test_interrupted_cases_are_listed_as_not_measured_never_timed(tmp_path):
