@@ -66,6 +66,17 @@ from empf_triton.kernels._common import INTERPRET  # noqa: E402
 LAUNCH_PATHS = ["stubbed"] if INTERPRET else ["direct", "triton"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread while a case runs: the model cases' CPU convolutions and batch norms
+    otherwise wait on idle worker threads when the machine is shared (a ResNet-18 training batch
+    took 1.5-6 s instead of 0.2 s under load). The 4096-element ops never use a second thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @contextlib.contextmanager
 def no_kernel_launches(path: str = LAUNCH_PATHS[0]):
     """No kernel runs: Triton's driver is faked (`path` "direct" or "triton": which launch path
