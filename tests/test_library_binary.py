@@ -61,6 +61,17 @@ def test_opcheck_spike_ops(device, dtype):
         _opcheck(osp._decode_op, (codes, bits, 0.3, 37, dtype))
 
 
+def test_opcheck_weight_ops_on_a_transposed_weight(device):
+    """A transposed latent weight (`binarize(w.t())` under torch.compile): the ops' results are
+    contiguous, and so must their fake results be (binary_ste's fake took w's strides, and
+    inductor's stride assertion then failed in the compiled backward)."""
+    w = _w(40, 5, device).t()  # [5, 40], strides (1, 5)
+    _opcheck(ob._OPS.ste, (torch.randn(5, 40, device=device).requires_grad_(), w))
+    _opcheck(ob._OPS.quantize, (w.detach().requires_grad_(), 1))
+    out = ob._OPS.ste(torch.randn(5, 40, device=device), w)
+    assert out.is_contiguous()
+
+
 def test_ops_match_reference_and_double_backward(device):
     N, K = 6, 70
     packed = pack_weight(_w(N, K, device), 2)

@@ -462,7 +462,8 @@ _OPS = SimpleNamespace()
 _OPS.ste = register_op(
     "binary_ste",
     _ste_impl,
-    fake=lambda g, w: torch.empty_like(w),
+    # contiguous, as `_ste_impl`'s result (a transposed 2-D weight must not give w's strides)
+    fake=lambda g, w: torch.empty_like(w, memory_format=torch.contiguous_format),
     backward=lambda ctx, gg: (_OPS.ste(gg, ctx.saved_tensors[0]), None),
     setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[1]),
     device_impls=_cpu(_ref_ste),
