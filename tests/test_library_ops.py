@@ -114,6 +114,58 @@ def test_opcheck_lif_fwd(bptt):
     torch.library.opcheck(lif_ops._LIF_FWD, args)
 
 
+def _strided(x):
+    """x's values in a non-contiguous tensor (every other element of a buffer twice as long)."""
+    buf = torch.zeros(*x.shape[:-1], 2 * x.shape[-1])
+    buf[..., ::2] = x.detach()
+    return buf[..., ::2].requires_grad_(x.requires_grad)
+
+
+@pytest.mark.parametrize("op", ["neuron_fwd", "parallel_fwd", "lif_fwd"])
+def test_fwd_ops_take_non_contiguous_inputs(op):
+    """The ops' kernels read their tensors as contiguous: a direct call with other strides (a
+    transposed current, a strided v0 or [T] parameter) gave wrong values, and fake results with
+    the current's strides where the real ones are contiguous (opcheck's fake-tensor check)."""
+    T, N = 3, 13
+    cur, v0 = _leaf(T, N), _leaf(N)
+    d, th = torch.rand(T).requires_grad_(), (torch.rand(T) + 0.2).requires_grad_()
+    if op == "neuron_fwd":
+        fn = neuron_ops._NEURON_FWD
+        args = lambda c, v, dd, tt: (c, v, dd, tt, [0, 1, 1, 0, 2 + 4 + 8], [0.0, 0.0, 0.25])
+    elif op == "parallel_fwd":
+        fn = neuron_ops._PARALLEL_FWD
+        args = lambda c, v, dd, tt: (c, tt, [0, 1, 1, 0, 4], [0.0, 0.25])
+    else:
+        fn = lif_ops._LIF_FWD
+        args = lambda c, v, dd, tt: (c, v, dd, tt, "sigmoid", 4.0, 2 + 4, 0.0, 0.0)
+    # a transposed current: [T, N] with strides (1, T)
+    cur_t = cur.detach().t().contiguous().t().requires_grad_()
+    strided = args(cur_t, _strided(v0), _strided(d), _strided(th))
+    dense = args(cur, v0, d, th)
+    torch.library.opcheck(fn, strided)
+    out_s, out_d = fn(*strided), fn(*dense)
+    for a, b in zip(out_s, out_d):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert a.is_contiguous()
+    ins_s = [t for t in strided if isinstance(t, torch.Tensor)]
+    ins_d = [t for t in dense if isinstance(t, torch.Tensor)]
+    g = torch.randn_like(out_d[0])
+    grads_s = torch.autograd.grad(out_s[0], ins_s, g, allow_unused=True)
+    grads_d = torch.autograd.grad(out_d[0], ins_d, g, allow_unused=True)
+    for a, b in zip(grads_s, grads_d):
+        torch.testing.assert_close(a, b)
+
+
+def test_parallel_bwd_fake_is_contiguous_for_a_transposed_gradient():
+    T, N = 3, 13
+    _, mask = neuron_ops._PARALLEL_FWD(torch.rand(T, N), None, [0, 1, 1, 0, 4], [0.4, 0.25])
+    g = torch.randn(N, T).t()  # [T, N], strides (1, T): the gradient of a transposed use
+    args = (g, mask, None, 0, False, 1, 1, N, False)
+    torch.library.opcheck(neuron_ops._PARALLEL_BWD, args)
+    dcur, _ = neuron_ops._PARALLEL_BWD(*args)
+    torch.testing.assert_close(dcur, neuron_ops._PARALLEL_BWD(g.contiguous(), *args[1:])[0])
+
+
 # ------------------------------------------------------------- torch.compile of the modules
 
 

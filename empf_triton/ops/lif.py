@@ -53,6 +53,9 @@ def _lif_fwd_impl(
     """flags: bit 0 detach_reset, bit 1 bptt, bit 2 save h (few arguments: see ops/neuron.py).
     decay / threshold None: the constants decay_c / th_c (kernel scalars)."""
     save_h = bool(flags & 4)
+    # the kernels read current, v0 and the [T] parameters as contiguous tensors (a direct call
+    # may pass other strides; the traced path passes contiguous ones, for which this is free)
+    current, v0, decay, threshold = _dense(current, v0, decay, threshold)
     d, th = _consts(decay, threshold, decay_c, th_c)
     k = _kernels()
     key = ("op", save_h, current.shape, current.dtype, current.device,
@@ -66,14 +69,20 @@ def _lif_fwd_impl(
     return spikes, v_last, (h if h is not None else current.new_empty((0,)))
 
 
+def _dense(*tensors: torch.Tensor | None) -> tuple:
+    """Each tensor contiguous (None stays None)."""
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
 def _consts(decay, threshold, decay_c, th_c):
     """The launchers' decay and threshold: each tensor, or its float where it is None."""
     return (decay if decay is not None else decay_c, threshold if threshold is not None else th_c)
 
 
 def _lif_fwd_fake(current, v0, decay, threshold, surrogate, alpha, flags, decay_c, th_c):
-    h = torch.empty_like(current) if flags & 4 else current.new_empty((0,))
-    return torch.empty_like(current), current.new_empty((current.shape[1],)), h
+    T, N = current.shape
+    h = current.new_empty((T, N)) if flags & 4 else current.new_empty((0,))
+    return current.new_empty((T, N)), current.new_empty((N,)), h  # contiguous
 
 
 def _lif_setup(ctx, inputs, output):
@@ -122,9 +131,9 @@ def _lif_bwd_impl(
     decay_c: float,
     th_c: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the forward's v0 and parameters as the caller gave them: contiguous, as the kernels read
+    g, gv, v0, decay, threshold = _dense(g, gv, v0, decay, threshold)
     d, th = _consts(decay, threshold, decay_c, th_c)
-    g = g.contiguous() if g is not None else None
-    gv = gv.contiguous() if gv is not None else None
     need = (need_dcur, need_dv0, need_ddecay and decay is not None,
             need_dth and threshold is not None)  # fmt: skip
     k = _kernels()

@@ -74,6 +74,10 @@ def _neuron_fwd_impl(
     """iargs = [t0, channels, inner, spike_bits (0: float spikes), flags];
     fargs = [decay_c, threshold_c, spike_step]."""
     t0, channels, inner, bits, flags = iargs
+    # the kernels read current and v0 as contiguous [T, N] and [N] (a direct call may pass
+    # other strides; the traced path passes contiguous ones, for which this is free)
+    current = current.contiguous()
+    v0 = v0.contiguous() if v0 is not None else None
     k = _kernels()
     key = (
         "op", tuple(iargs), tuple(fargs), current.shape, current.dtype, current.device,
@@ -106,7 +110,7 @@ def _neuron_fwd_fake(current, v0, decay, threshold, iargs, fargs):
     mask_shape = (T, (N + 7) // 8) if flags & _SAVE_MASK else (0,)
     mask = current.new_empty(mask_shape, dtype=torch.uint8)
     vhist = current.new_empty((T - 1, N) if flags & _SAVE_V and T > 1 else (0,))
-    return torch.empty_like(current), current.new_empty((N,)), mask, vhist
+    return current.new_empty((T, N)), current.new_empty((N,)), mask, vhist  # contiguous
 
 
 def _neuron_setup(ctx, inputs, output):
@@ -194,6 +198,7 @@ def _neuron_bwd_impl(
     need_ddecay, need_dth = bool(flags & _NEED_DDECAY), bool(flags & _NEED_DTH)
     g = g.contiguous() if g is not None else None
     gv = gv.contiguous() if gv is not None else None
+    v0 = v0.contiguous() if v0 is not None else None  # the forward's v0 as the caller gave it
     vhist = vhist if (vhist is not None and vhist.numel()) else None
     k = _kernels()
     key = (
@@ -423,6 +428,7 @@ def _parallel_fwd_impl(
     """iargs = [t0, channels, inner, spike_bits (0: float spikes), flags];
     fargs = [threshold_c, spike_step]."""
     t0, channels, inner, bits, flags = iargs
+    current = current.contiguous()  # read as contiguous [T, N] (see _neuron_fwd_impl)
     k = _kernels()
     key = ("op", tuple(iargs), tuple(fargs), current.shape, current.dtype, current.device,
            params_key(threshold))  # fmt: skip
@@ -447,7 +453,7 @@ def _parallel_fwd_impl(
 def _parallel_fwd_fake(current, threshold, iargs, fargs):
     T, N = current.shape
     shape = (T, (N + 7) // 8) if iargs[4] & _SAVE_MASK else (0,)
-    return torch.empty_like(current), current.new_empty(shape, dtype=torch.uint8)
+    return current.new_empty((T, N)), current.new_empty(shape, dtype=torch.uint8)
 
 
 def _parallel_setup(ctx, inputs, output):
@@ -509,7 +515,8 @@ def _parallel_bwd_impl(
 
 def _parallel_bwd_fake(g, mask, threshold, t0, logits, channels, inner, N, need_dthreshold):
     shape = tuple(threshold.shape) if need_dthreshold else (0,)
-    return torch.empty_like(g), g.new_empty(shape, dtype=torch.float32)
+    # contiguous, as the implementation's result (it makes g contiguous first)
+    return g.new_empty(g.shape), g.new_empty(shape, dtype=torch.float32)
 
 
 _PARALLEL_BWD = register_op("parallel_bwd", _parallel_bwd_impl, fake=_parallel_bwd_fake)
