@@ -389,6 +389,7 @@ BAD = [
     ("in_step", "0.25", TypeError, "in_step must be a float"),
     ("in_step", 1e-50, ValueError, "finite and > 0 in fp32"),
     ("in_step", 1e39, ValueError, "finite and > 0 in fp32"),
+    ("in_step", 10**400, ValueError, "finite and > 0 in fp32"),  # was an OverflowError
     ("in_bits", 0, ValueError, "in_bits must be in 1..8"),
     ("in_bits", 9, ValueError, "in_bits must be in 1..8"),
     ("in_bits", 4.0, TypeError, "in_bits must be an int"),
@@ -408,6 +409,7 @@ BAD = [
     ("spike_bits", 9, ValueError, "spike_bits must be in"),
     ("spike_bits", 2.0, TypeError, "spike_bits must be an int"),
     ("spike_step", 0.0, ValueError, "spike_step must be finite and > 0"),
+    ("spike_step", 10**400, ValueError, "spike_step must be finite and > 0"),
     ("out_dtype", torch.float64, TypeError, "out_dtype must be one of"),
     ("out_dtype", torch.uint8, TypeError, "out_dtype must be one of"),
     ("impl", "cuda", ValueError, "impl must be one of"),

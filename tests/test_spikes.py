@@ -309,6 +309,19 @@ def test_bad_step(step):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_huge_int_step_raises_value_error(device, impl):
+    # an int beyond float range: float() raised OverflowError inside the check, not ValueError
+    s, codes = torch.zeros(3, device=device), torch.zeros(2, dtype=torch.uint8, device=device)
+    for call in (
+        lambda: quantize_spikes(s, 4, 10**400, impl=impl),
+        lambda: encode_spikes(s, 4, 10**400, impl=impl),
+        lambda: decode_spikes(codes, 4, 10**400, impl=impl),
+    ):
+        with pytest.raises(ValueError, match="step must be finite and > 0 in fp32"):
+            call()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("step", [3.4e38, 1e-45])
 def test_extreme_steps_inside_fp32_range_work(device, impl, step):
     # 3.4e38 and 1e-45 (a subnormal) are finite and > 0 in fp32: accepted, no NaN

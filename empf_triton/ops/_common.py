@@ -228,15 +228,16 @@ def check_spike_step(spike_step: object, name: str = "spike_step") -> float:
 
     Raises:
         TypeError: not an int or float (bools are rejected).
-        ValueError: NaN, infinite, <= 0, or out of fp32 range (1e300 is inf in fp32, 1e-50 is 0).
+        ValueError: NaN, infinite, <= 0, or out of fp32 range (1e300 is inf in fp32, 1e-50 is 0;
+            an int beyond float range, e.g. 10**400, too).
     """
     if isinstance(spike_step, bool) or not isinstance(spike_step, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(spike_step).__name__}")
-    value = float(spike_step)
     try:
+        value = float(spike_step)
         as_fp32 = struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        as_fp32 = math.inf
+    except OverflowError:  # an int beyond float range, or a float beyond fp32's
+        value = as_fp32 = math.inf
     if not (math.isfinite(value) and math.isfinite(as_fp32) and as_fp32 > 0):
         raise ValueError(f"{name} must be finite and > 0 in fp32, got {spike_step!r}")
     return value

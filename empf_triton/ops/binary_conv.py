@@ -151,7 +151,7 @@ def _checked(
             raise ValueError("in_step is required when x holds uint8 spike codes")
         if isinstance(in_step, bool) or not isinstance(in_step, (int, float)):
             raise TypeError(f"in_step must be a float, got {type(in_step).__name__}")
-        if not (math.isfinite(in_step) and in_step > 0):
+        if not 0 < in_step < math.inf:  # (not math.isfinite: it overflows on an int like 10**400)
             raise ValueError(f"in_step must be a finite float > 0, got {in_step}")
         if in_bits is None:
             in_bits = 8
