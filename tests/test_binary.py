@@ -658,6 +658,14 @@ def test_bad_packed_weight_fields(device):
         dataclasses.replace(p, scale=p.scale[:3])
     with pytest.raises(ValueError, match="unit stride"):
         PackedWeight(p.words.repeat(1, 1, 2)[:, :, ::2], p.scale, p.shape, p.K, 1)
+    # a non-integer shape is refused, not truncated by int() (4.5 rows read as 4) or failing
+    # inside it (a string) or in iteration (None)
+    N, K = p.shape
+    for shape in ((N + 0.5, K), (float(N), K), "ab", None, (True, K)):
+        with pytest.raises(TypeError, match="packed shape must be a sequence of ints"):
+            dataclasses.replace(p, shape=shape)
+    for shape in ([N, K], torch.Size([N, K]), (N, torch.tensor(K))):  # int-like sizes too
+        assert dataclasses.replace(p, shape=shape).shape == (N, K)
 
 
 def test_bad_bits_and_dtypes(device):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -106,6 +107,17 @@ def _check_bits(bits: object) -> int:
     return bits
 
 
+def _shape_tuple(shape: object) -> tuple[int, ...]:
+    """A packed weight's shape as a tuple of ints: int-like sizes (numpy ints, 0-d integer
+    tensors of a loaded state) are accepted, a float (e.g. 4.5, which `int` truncated) is not."""
+    try:
+        if isinstance(shape, (str, bytes)) or any(isinstance(s, bool) for s in shape):
+            raise TypeError
+        return tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"packed shape must be a sequence of ints, got {shape!r}") from None
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A bit-packed binary (bits=1) or ternary (bits=2) weight.
@@ -127,7 +139,7 @@ class PackedWeight:
     bits: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "shape", _shape_tuple(self.shape))
         self.check()
 
     def check(self) -> None:
