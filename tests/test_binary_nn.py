@@ -149,6 +149,9 @@ def test_linear_bad_inputs(device):
         BinaryLinear(4, 4, impl="cuda")
     with pytest.raises(ValueError, match="in_features"):
         BinaryLinear(0, 4)
+    for dtype in (torch.int32, torch.bool, "float32"):  # was a RuntimeError from nn.Parameter
+        with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+            BinaryLinear(4, 4, dtype=dtype)
     layer = BinaryLinear(8, 4, device=device)
     with pytest.raises(ValueError, match="K = 8"):
         layer(torch.randn(2, 7, device=device))
@@ -294,6 +297,8 @@ def test_conv_bad_inputs(device):
         BinaryConv2d(4, 4, 3, padding="same")
     with pytest.raises(ValueError, match="kernel_size"):
         BinaryConv2d(4, 4, 0)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        BinaryConv2d(4, 4, 3, dtype=torch.int64)
     layer = BinaryConv2d(4, 4, 3, device=device)
     with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):
         layer(torch.randn(1, 3, 8, 8, device=device))

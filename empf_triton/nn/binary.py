@@ -131,6 +131,9 @@ class _BinaryLayer(nn.Module):
         self.weight_bits = 1.5 if _weight_bits(weight_bits) == 2 else 1
         self.bits = _weight_bits(weight_bits)
         self.impl = _check_impl(impl)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            # (an integer dtype would fail inside nn.Parameter: it cannot require grad)
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         factory = {"device": device, "dtype": dtype if dtype is not None else torch.float32}
         self.weight = nn.Parameter(torch.empty(shape, **factory))
         self.bias = nn.Parameter(torch.empty(shape[0], **factory)) if bias else None
