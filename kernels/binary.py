@@ -559,6 +559,10 @@ def _bgemm(
     out = empty((M, P), a.dtype, a.device)
     if M == 0 or P == 0:
         return None if bind else out
+    if R == 0:  # an empty sum is 0: the kernel's epilogue would scale it (0 · inf is NaN)
+        if bind:
+            return None
+        return out.copy_(bias.expand(M, P)) if bias is not None else out.zero_()
     s_am, s_ar = a.stride()
     # The kernel keeps int32 offsets inside a tile (largest tile: 128 x 256, 256 x 256 words).
     if 127 * abs(s_am) + 255 * abs(s_ar) >= 2**31:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -538,6 +539,12 @@ def test_k_zero_gives_bias(device, impl, bits, dtype):
     assert torch.equal(out, bias.detach().expand(3, 4))
     gw = torch.autograd.grad(out.sum(), w)[0]
     assert gw.shape == (4, 0)
+    # whatever the scale holds: the packed kernel scaled its empty sum, 0 · inf = NaN
+    scale = torch.tensor([math.inf, -math.inf, math.nan, 1.0], device=device)
+    odd = PackedWeight(p.words, scale, p.shape, 0, bits)
+    for M in (1, 3):  # the GEMV and the tensor-core kernels
+        out = binary_matmul(x[:M].detach(), odd, bias.detach(), impl=impl)
+        assert torch.equal(out, bias.detach().expand(M, 4))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
