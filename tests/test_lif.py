@@ -708,6 +708,10 @@ def test_parameters_outside_fp32_are_refused(impl):
     for alpha in (1e-200, 1e-20, 1e39):
         with pytest.raises(ValueError, match="alpha must lie in"):
             lif_neuron(x, decay=0.5, threshold=0.5, surrogate="triangle", alpha=alpha, impl=impl)
+    for kw in ({"threshold": 10**400}, {"decay": -(10**400)}, {"alpha": 10**400}):
+        # an int beyond float range: the ValueError of an infinite value, not an OverflowError
+        with pytest.raises(ValueError, match="must be finite, got an int beyond float range"):
+            lif_neuron(x, **{"decay": 0.5, "threshold": 0.5, **kw}, impl=impl)
     s, _ = lif_neuron(x, decay=0.5, threshold=3e38, surrogate="triangle", alpha=1e-19, impl=impl)
     s.sum().backward()
     assert torch.isfinite(x.grad).all()

@@ -850,6 +850,11 @@ def test_float_threshold_outside_fp32_is_refused(impl):
             parallel_neuron(x, threshold=th, impl=impl)
         with pytest.raises(ValueError, match="threshold must fit in fp32"):
             empf_neuron_step(x[0], None, decay=0.5, threshold=th, impl=impl)
+    for kw in ({"threshold": 10**400}, {"decay": 10**400}):  # not an OverflowError
+        with pytest.raises(ValueError, match="must be finite, got an int beyond float range"):
+            empf_neuron(x, **{"decay": 0.5, "threshold": 0.5, **kw}, impl=impl)
+    with pytest.raises(ValueError, match="must be finite, got an int beyond float range"):
+        parallel_neuron(x, threshold=-(10**400), impl=impl)
     inf = torch.full((3,), float("-inf"))
     s, v = empf_neuron(x, decay=0.5, threshold=inf, impl=impl)
     ref_s, ref_v = empf_neuron(x, decay=0.5, threshold=inf, impl="reference")

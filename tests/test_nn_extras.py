@@ -87,6 +87,7 @@ def test_membn_gradcheck_fp64():
         (lambda: MemBN(3, 0), ValueError),
         (lambda: MemBN(3, True), ValueError),
         (lambda: MemBN(3, 2, eps=0), ValueError),
+        (lambda: MemBN(3, 2, eps=10**400), ValueError),  # not an OverflowError
         (lambda: MemBN(3, 2, momentum=2.0), ValueError),
         (lambda: MemBN(3, 2)(torch.randn(2, 4, 5), 0), ValueError),
         (lambda: MemBN(3, 2)(torch.randn(2, 3), 2), ValueError),

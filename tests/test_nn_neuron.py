@@ -111,6 +111,11 @@ def test_online_step_mode_per_step_backward_matches_multistep_online():
         (lambda: LIFNeuron(surrogate="erf"), ValueError),
         (lambda: LIFNeuron(alpha=-1.0), ValueError),
         (lambda: LIFNeuron(v_threshold=float("inf")), ValueError),
+        # ints beyond float range: ValueErrors, not Python's OverflowError
+        (lambda: LIFNeuron(tau=10**400), ValueError),
+        (lambda: LIFNeuron(v_threshold=-(10**400)), ValueError),
+        (lambda: LIFNeuron(alpha=10**400), ValueError),
+        (lambda: EMPFNeuron(2, spike_bits=4, spike_step=10**400), ValueError),
     ],
 )
 def test_bad_construction_raises(make, exc):

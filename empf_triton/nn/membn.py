@@ -14,9 +14,13 @@ This is plain torch (no kernel): BatchNorm needs the batch statistics of m at ev
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops._common import to_float
 
 __all__ = ["MemBN"]
 
@@ -43,8 +47,8 @@ class MemBN(nn.Module):
         for name, v in (("channels", channels), ("T", T)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"MemBN: {name} must be an int >= 1, got {v!r}")
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"MemBN: eps must be a float > 0, got {eps!r}")
+        if not (isinstance(eps, (int, float)) and 0 < to_float(eps, "MemBN: eps") < math.inf):
+            raise ValueError(f"MemBN: eps must be a finite float > 0, got {eps!r}")
         if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
             raise ValueError(f"MemBN: momentum must be a float in (0, 1], got {momentum!r}")
         self.channels, self.T = channels, T

@@ -19,6 +19,7 @@ from ..ops._common import (
     check_spike_bits,
     per_step,
     resolve_impl,
+    to_float,
 )
 from ..ops.lif import _check_surrogate, lif_neuron, lif_neuron_step, lif_neuron_triton
 from ..ops.neuron import (
@@ -564,7 +565,10 @@ class LIFNeuron(StatefulNeuron):
         tau, th, surrogate, alpha = cfg["tau"], cfg["v_threshold"], cfg["surrogate"], cfg["alpha"]
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 1:
             raise ValueError(f"tau must be a float > 1 (decay = 1 - 1/tau in (0, 1)), got {tau!r}")
-        if isinstance(th, bool) or not isinstance(th, (int, float)) or not math.isfinite(th):
+        if isinstance(th, bool) or not isinstance(th, (int, float)):
+            raise ValueError(f"v_threshold must be a finite float, got {th!r}")
+        tau, th = to_float(tau, "tau"), to_float(th, "v_threshold")
+        if not math.isfinite(th):
             raise ValueError(f"v_threshold must be a finite float, got {th!r}")
         resolved = _check_surrogate(surrogate, alpha)
         # The op's own checks too (fp32 range of the constants; an unknown surrogate must never

@@ -162,6 +162,15 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _FP32_MAX = 3.4028234663852886e38
 
 
+def to_float(value: int | float, name: str) -> float:
+    """`float(value)` for a checked int or float; an int beyond float range (10**400) is the
+    ValueError of a non-finite value, not Python's OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an int beyond float range") from None
+
+
 def per_step(
     name: str,
     value: float | torch.Tensor,
@@ -182,7 +191,7 @@ def per_step(
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
-        value = float(value)
+        value = to_float(value, name)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         if is_decay and not 0.0 <= value <= 1.0:
@@ -348,7 +357,7 @@ def neuron_param(
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
-        value = float(value)
+        value = to_float(value, name)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         if is_decay and not 0.0 <= value <= 1.0:

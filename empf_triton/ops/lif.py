@@ -29,6 +29,7 @@ from ._common import (
     planned,
     refuse_double_backward,
     resolve_impl,
+    to_float,
 )
 from ._library import register_op
 
@@ -339,7 +340,7 @@ def _check_surrogate(surrogate: str, alpha: float | None) -> float:
         return SURROGATES[surrogate]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or None, got {type(alpha).__name__}")
-    alpha = float(alpha)
+    alpha = to_float(alpha, "alpha")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite float, got {alpha}")
     if alpha > _FP32_MAX or alpha * alpha * _FP32_MAX < 1.0:
