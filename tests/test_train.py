@@ -866,6 +866,7 @@ def test_compiled_training_stays_compiled_after_the_first_epoch():
     evaluation's step mode), past which every call ran eager again from the second epoch on."""
     import torch._dynamo
 
+    from empf_triton.nn import EMPFNeuron
     from empf_triton.train.precision import compile_model
 
     calls = {"compiled": 0}
@@ -895,6 +896,11 @@ def test_compiled_training_stays_compiled_after_the_first_epoch():
             evaluate(cm, batches, T)
             # online: T calls per batch (graphs per step x 2 batch sizes), evaluate one per batch
             assert calls["compiled"] == 3 * T + 3, (epoch, calls)
+        # a user's own container (no T of its own) gets the limit of its neurons' largest T
+        torch._dynamo.config.recompile_limit = 8
+        own = torch.nn.Sequential(torch.nn.Linear(4, 4), EMPFNeuron(6, step_mode="s"))
+        compile_model(own, "default")
+        assert torch._dynamo.config.recompile_limit == 4 * 6 + 8
     finally:
         torch._dynamo.config.recompile_limit = saved
         torch._dynamo.reset()

@@ -54,6 +54,11 @@ def make_grad_scaler(device: torch.device | str, precision: str):
     return torch.amp.GradScaler(torch.device(device).type)
 
 
+def _steps(m: nn.Module) -> int | None:
+    T = getattr(m, "T", None)
+    return T if isinstance(T, int) and not isinstance(T, bool) and T > 0 else None
+
+
 def compile_model(model: nn.Module, mode: str, *, backend="inductor") -> nn.Module:
     """`model` itself for "none", else `torch.compile(model, mode=..., backend=...)` (not
     fullgraph).
@@ -63,13 +68,16 @@ def compile_model(model: nn.Module, mode: str, *, backend="inductor") -> nn.Modu
     run without grad), per batch size (a short last batch) and per step mode (evaluation runs
     "m"): for T = 4 more than dynamo's default limit of 8 graphs per function, past which every
     call ran eager again, silently, from the second epoch on. The limit is raised (never
-    lowered) to 4 T + 8 for the model's T.
+    lowered) to 4 T + 8 for the model's T (a model without one, e.g. a user's container of
+    neurons: the largest T of its modules).
     """
     if check_compile(mode) == "none":
         return model
     base = getattr(getattr(model, "_orig_mod", model), "module", model)
-    T = getattr(base, "T", None)
-    if isinstance(T, int) and T > 0:
+    T = _steps(base)
+    if T is None:
+        T = max(filter(None, map(_steps, base.modules())), default=None)
+    if T is not None:
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, 4 * T + 8)
     return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
