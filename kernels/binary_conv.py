@@ -11,9 +11,9 @@ One launch runs a deployed spiking convolution layer for all T steps:
   the program loops over t = 0..T-1 itself, so the neuron's membrane v stays in registers.
 - Epilogue per step: `y = acc (* in_step for codes) * scale[t, co] + bias[t, co]` (+ an optional
   residual[t, n, co, p], the join of a residual block, read in its own dtype), then the neuron
-  `m = decay·v + y; s = relu(m - θ); v = m - s` (or the parallel `s = relu(y - θ)`), and the
-  store of uint8 codes `clamp(round_half_even(s / step), 0, 2^k - 1)`, float spikes s or the
-  currents y.
+  `m = decay·v + y; s = relu(m - θ); v = m - s = min(m, θ)` (exactly θ after firing; or the
+  parallel `s = relu(y - θ)`), and the store of uint8 codes
+  `clamp(round_half_even(s / step), 0, 2^k - 1)`, float spikes s or the currents y.
 
 Dot precision (±1/0 weights are exact in every format, so only the spike operand matters):
 - uint8 codes with `in_bits <= 7` (codes < 128): int8 tensor-core dots, int32 accumulation: exact.
@@ -243,8 +243,8 @@ def _bconv_neuron_kernel(
             b_d = b_m - b_th
             # relu written so NaN propagates (tl.maximum may drop it on the GPU)
             b_o = tl.where(b_d < 0.0, 0.0, b_d)
-            if MODE == 1:
-                b_v = b_m - b_o
+            if MODE == 1:  # v = m - s = min(m, θ): exactly θ after firing, NaN stays NaN
+                b_v = tl.where(b_m > b_th, b_th, b_m)
             if QUANT:
                 b_o = spike_code(b_o, spike_step, levels_m1)
                 b_o = tl.where(b_o != b_o, 0.0, b_o)  # NaN has no code: 0, as the reference

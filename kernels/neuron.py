@@ -141,7 +141,8 @@ def empf_fwd_kernel(
         b_d = b_m - b_th
         # relu written so NaN propagates (tl.maximum may drop it on the GPU)
         b_s = tl.where(b_d < 0.0, 0.0, b_d)
-        b_v = b_m - b_s
+        # v = m - s = min(m, θ), exactly θ after firing (m - s would round); NaN stays NaN
+        b_v = tl.where(b_m > b_th, b_th, b_m)
         if QUANT:
             b_out = spike_code(b_s, step, levels_m1) * step
         else:

@@ -667,3 +667,25 @@ def test_nan_and_inf_in_the_residual():
                              spike_bits=4, **common)  # fmt: skip
     _assert_equal(codes, codes_ref, "codes")
     assert codes[0, 0, 1, 1, 1] == 0 and codes[1, 0, 2, 0, 0] == 15 and codes[1, 0, 3, 2, 2] == 0
+
+
+def test_fired_membrane_is_exactly_the_threshold():
+    """The fused neuron keeps v = min(m, θ) (docs/model.md §1), as `empf_neuron` does: after a
+    current of 1e8 or +inf at t = 0 the membrane is θ, not 1e8 - fl(1e8 - θ) = 0 or inf - inf =
+    NaN, so step 1 fires as the unfused neuron does (and is finite)."""
+    T, N, C_in, C_out = 2, 2, 3, 6
+    packed = _packed(C_out, C_in, (3, 3), 1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 16, (T, N, C_in, 5, 5), dtype=torch.uint8, generator=g).to(DEV)
+    scale = torch.full((T, C_out), 0.125, device=DEV)
+    bias = torch.zeros(T, C_out, device=DEV)
+    bias[0, 1], bias[0, 2] = 1e8, float("inf")
+    decay = torch.full((T, C_out), 0.5, device=DEV)
+    threshold = torch.full((T, C_out), 0.8125, device=DEV)  # exact products with the 1/32 grid
+    cur = binary_conv_neuron(x, packed, scale, bias, padding=1, in_step=0.25, impl="reference")
+    want, _ = empf_neuron(cur, decay=decay, threshold=threshold, impl="reference")
+    assert torch.isfinite(want[1]).all() and (want[1, :, 1:3] > 0).any()
+    for impl in ("triton", "reference"):
+        out = binary_conv_neuron(x, packed, scale, bias, padding=1, in_step=0.25, decay=decay,
+                                 threshold=threshold, impl=impl)  # fmt: skip
+        assert torch.equal(out, want), impl

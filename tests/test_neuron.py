@@ -862,3 +862,31 @@ def test_float_threshold_outside_fp32_is_refused(impl):
     torch.testing.assert_close(v, ref_v, equal_nan=True)
     if impl == "reference":
         empf_neuron(x.double(), decay=0.5, threshold=1e300, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fired_membrane_is_exactly_the_threshold(device, impl, dtype):
+    """v[t] = min(m[t], θ_t) (docs/model.md §1): a neuron that fires keeps exactly θ_t. Computed as
+    m - (m - θ) it would not: that rounds (off by an ulp for most fired neurons in fp32), drops to
+    0 for a large m (1e8 - fl(1e8 - 0.3) = 0) and is NaN for an infinite current (inf - inf),
+    which then poisons every later step of that neuron."""
+    gen = torch.Generator().manual_seed(0)
+    cur = (torch.randn(2, 4096, generator=gen) * 2).to(dtype)
+    cur[0, :3] = torch.tensor([1e8 if dtype == torch.float32 else 6e4, float("inf"), 3.0])
+    cur = cur.to(device)
+    th = torch.tensor([0.3, 0.45], device=device)
+    lam = torch.tensor([0.5, 0.75], device=device)
+    for mode in ("online", "bptt"):
+        s1, v1 = empf_neuron(cur[:1], decay=lam[:1], threshold=th[:1], grad_mode=mode, impl=impl)
+        m = cur[0].float()  # v0 = 0: m[0] = I[0] exactly
+        fired = m > th[0]
+        assert fired.sum() > 1000
+        want = torch.where(fired, th[0], m).to(dtype)
+        assert torch.equal(v1, want)
+        # the infinite current fires an infinite spike, and the neuron carries on from θ
+        s, v = empf_neuron(cur, decay=lam, threshold=th, grad_mode=mode, impl=impl)
+        assert s[0, 1] == float("inf")
+        assert torch.isfinite(s[1, :3]).all() and torch.isfinite(v[:3]).all()
+        m1 = lam[1] * th[0] + cur[1, :3].float()
+        assert torch.equal(s[1, :3], torch.relu(m1 - th[1]).to(dtype))

@@ -117,7 +117,7 @@ def empf_neuron_channels(
 ) -> torch.Tensor:
     """EM-PF neuron (inference) with per-step, per-channel parameters, in torch.
 
-    `m[t] = λ[t, c] v[t-1] + I[t]`, `s = relu(m - θ[t, c])`, `v = m - s`, `out = Q(s)`;
+    `m[t] = λ[t, c] v[t-1] + I[t]`, `s = relu(m - θ[t, c])`, `v = m - s = min(m, θ)`, `out = Q(s)`;
     decay None is the parallel (stateless) neuron `Q(relu(I[t] - θ[t, c]))`.
 
     Args:
@@ -143,7 +143,8 @@ def empf_neuron_channels(
         m = i_t if decay is None else (i_t if v is None else per_channel(decay, t) * v + i_t)
         s = torch.relu(m - per_channel(threshold, t))
         if decay is not None:
-            v = m - s
+            th = per_channel(threshold, t)
+            v = torch.where(m > th, th, m)  # m - s = min(m, θ), exactly θ after firing
         out.append(_quantize(s, spike_bits, spike_step, codes))
     return torch.stack(out)
 

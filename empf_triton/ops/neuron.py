@@ -801,7 +801,8 @@ def empf_neuron(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-step EM-PF neuron (docs/model.md), all T steps in one fused launch.
 
-    `m[t] = λ_t v[t-1] + I[t]`, `s[t] = relu(m[t] - θ_t)`, `v[t] = m[t] - s[t]`, `out[t] = Q(s[t])`.
+    `m[t] = λ_t v[t-1] + I[t]`, `s[t] = relu(m[t] - θ_t)`, `v[t] = m[t] - s[t] = min(m[t], θ_t)`
+    (exactly θ_t after firing), `out[t] = Q(s[t])`.
     Both paths compute in fp32 (fp64 for an fp64 current on the reference) and store spikes and
     membrane in the current's dtype, so half-precision overflow gives the same result on both.
 

@@ -12,7 +12,8 @@ Arithmetic, chosen so that the Triton kernel reproduces it bit for bit on k-bit 
   `code * in_step`.
 - float spikes: the convolution of the spikes (converted to fp32) accumulates in fp32 (TF32 off).
 - then `y = conv * scale + bias` in fp32 (a multiply and an add, each rounded), and the neuron
-  `m = decay * v + y; s = relu(m - threshold); v = m - s` in fp32, one rounding per operation.
+  `m = decay * v + y; s = relu(m - threshold); v = m - s` in fp32, one rounding per operation,
+  except that v is `min(m, threshold)` exactly (`where(m > θ, θ, m)`, no rounding).
 - output codes `clamp(round_half_even(s / spike_step), 0, 2^k - 1)` as uint8; NaN gives code 0.
 """
 
@@ -126,7 +127,7 @@ def binary_conv_neuron_ref(
         for t in range(T):
             m = lam[t] * v + y[t]
             s = torch.relu(m - th[t])
-            v = m - s
+            v = torch.where(m > th[t], th[t], m)  # m - s = min(m, θ), exactly θ after firing
             out.append(s)
         spikes = torch.stack(out)
     if spike_bits is None:

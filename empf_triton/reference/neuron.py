@@ -2,9 +2,10 @@
 
 Written step by step so that torch autograd yields exactly the model's gradient rules:
 `s = relu(m - θ)` has derivative H = 1[m > θ] (0 at equality and at NaN, see `fire`) and
-`v = m - s`. Like the kernels, it computes in fp32 (fp64 for fp64 inputs), carrying the membrane
-in that precision, and stores spikes and the last membrane in the current's dtype: a half-precision
-current that overflows when stored still gives the exact fp32 membrane.
+`v = m - s = min(m, θ)`, computed as `where(m > θ, θ, m)` (see `reset`). Like the kernels, it
+computes in fp32 (fp64 for fp64 inputs), carrying the membrane in that precision, and stores
+spikes and the last membrane in the current's dtype: a half-precision current that overflows when
+stored still gives the exact fp32 membrane.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def fire(m_minus_theta: torch.Tensor) -> torch.Tensor:
     would pass the gradient at NaN (its backward zeroes only where the result is <= 0)."""
     d = m_minus_theta
     return torch.where(d > 0, d, torch.where(torch.isnan(d), d.detach(), torch.zeros_like(d)))
+
+
+def reset(m: torch.Tensor, theta: float | torch.Tensor) -> torch.Tensor:
+    """The membrane after firing, `v = m - s = min(m, θ)`, as `where(m > θ, θ, m)`: a neuron that
+    fired keeps exactly θ (the float difference `m - fl(m - θ)` is off by an ulp for most fired
+    neurons, 0 for a large m, NaN for an infinite one). Its derivative is that of `m - s`:
+    dv/dm = 1 - H, dv/dθ = H, with H = 1[m > θ] (0 at equality and at NaN, where v = m = NaN)."""
+    return torch.where(m > theta, theta, m)
 
 
 def param_at(p: float | torch.Tensor, t: int, like: torch.Tensor) -> float | torch.Tensor:
@@ -66,8 +75,9 @@ def empf_neuron_ref(
     for t in range(cur.shape[0]):
         v_in = v.detach() if grad_mode == "online" else v
         m = param_at(decay, t, cur[t]) * v_in + cur[t]
-        s = fire(m - param_at(threshold, t, cur[t]))
-        v = m - s
+        th = param_at(threshold, t, cur[t])
+        s = fire(m - th)
+        v = reset(m, th)
         spikes.append(s if spike_bits is None else quantize_spikes_ref(s, spike_bits, spike_step))
     return torch.stack(spikes).to(current.dtype), v.to(current.dtype)
 
