@@ -890,3 +890,26 @@ def test_fired_membrane_is_exactly_the_threshold(device, impl, dtype):
         assert torch.isfinite(s[1, :3]).all() and torch.isfinite(v[:3]).all()
         m1 = lam[1] * th[0] + cur[1, :3].float()
         assert torch.equal(s[1, :3], torch.relu(m1 - th[1]).to(dtype))
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_online_v_last_gradient_reaches_the_last_threshold(device, impl):
+    """docs/model.md §3, online mode: dL/dv_last reaches θ_{T-1} (+ Σ gv · H[T-1]) and λ_{T-1}
+    (Σ gv · (1 - H[T-1]) · v[T-2]), and no earlier step; the spikes' gradient is 0 here."""
+    cur, v0, decay, th, g, gv = _inputs(3, 500, device, seed=11)
+    out = _run_multi(impl, torch.float32, cur, v0, decay, th, g * 0, gv, None, "online")
+    v, H = v0.float(), []
+    vs = [v]
+    for t in range(3):
+        m = decay[t] * v + cur[t].float()
+        H.append((m > th[t]).float())
+        v = torch.where(m > th[t], th[t], m)
+        vs.append(v)
+    gv = gv.float()
+    assert 0 < H[2].sum() < 500
+    want_th = torch.stack([torch.zeros(()), torch.zeros(()), (gv * H[2]).sum().cpu()])
+    want_lam = torch.stack(
+        [torch.zeros(()), torch.zeros(()), (gv * (1 - H[2]) * vs[2]).sum().cpu()]
+    )
+    torch.testing.assert_close(out["d_threshold"].cpu(), want_th, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["d_decay"].cpu(), want_lam, rtol=1e-5, atol=1e-5)
