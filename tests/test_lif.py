@@ -481,13 +481,18 @@ def test_empty_features(device):
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("detach_reset", [False, True])
-@pytest.mark.parametrize("surrogate", ["sigmoid", "atan"])
+@pytest.mark.parametrize("surrogate", ["sigmoid", "atan", "triangle"])
 def test_matches_spikingjelly(device, impl, surrogate, detach_reset):
     sj = import_spikingjelly()
     from spikingjelly.activation_based import neuron as sj_neuron
     from spikingjelly.activation_based import surrogate as sj_surrogate
 
-    sj_fn = {"sigmoid": sj_surrogate.Sigmoid(alpha=4.0), "atan": sj_surrogate.ATan(alpha=2.0)}
+    # The triangle (1/γ)^2 max(γ - |x|, 0) is SpikingJelly's PiecewiseQuadratic with α = 1/γ.
+    sj_fn = {
+        "sigmoid": sj_surrogate.Sigmoid(alpha=4.0),
+        "atan": sj_surrogate.ATan(alpha=2.0),
+        "triangle": sj_surrogate.PiecewiseQuadratic(alpha=1.0),
+    }
     del sj
     gen = torch.Generator().manual_seed(7)
     for tau, v_th in ((2.0, 1.0), (5.0, 0.6)):

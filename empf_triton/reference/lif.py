@@ -1,6 +1,7 @@
 """Reference LIF baseline neuron with surrogate gradients (docs/model.md, "LIF baseline").
 
-Written step by step in the current's dtype. The Heaviside spike is a custom autograd Function
+Written step by step in fp32 (fp64 for an fp64 current), as the kernels compute, and returned in
+the current's dtype. The Heaviside spike is a custom autograd Function
 (forward `x >= 0`, backward `g * sg'(x)`); everything else is plain torch, so autograd yields the
 gradients for the current, v0, decay and threshold in both grad modes, with or without
 `detach_reset`. This equals SpikingJelly's `LIFNode(tau, decay_input=False, v_reset=None)` with
