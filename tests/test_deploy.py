@@ -576,6 +576,24 @@ def test_load_and_run_import_no_training_code(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
+def test_fold_of_a_triton_model_on_the_cpu_without_the_interpreter():
+    """fold() takes a model on any device: a CPU model built with impl="triton" (trained on a GPU,
+    then moved) folds where Triton cannot run (its weights were packed with the layer's impl)."""
+    code = (
+        "import torch;"
+        "from empf_triton.deploy import fold;"
+        "from empf_triton.models import build_model;"
+        "kw = dict(in_shape=(64,), num_classes=3, T=2, hidden=(8, 6));"
+        "torch.manual_seed(0); m = build_model('digits_mlp', impl='triton', **kw).eval();"
+        "torch.manual_seed(0); r = build_model('digits_mlp', impl='reference', **kw).eval();"
+        "x = torch.randn(2, 64);"
+        "assert torch.equal(fold(m, impl='reference')(x), fold(r, impl='reference')(x))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+
+
 def test_no_overwrite_unless_told(tmp_path):
     model = _small()
     p = tmp_path / "m.safetensors"

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from ..nn.binary import BinaryConv2d, BinaryLinear
+from ..ops._common import TritonUnavailableError
+from ..ops.binary import pack_weight
 from ..nn.neuron import EMPFNeuron
 from ..nn.seca import SECA
 from .errors import DeployError
@@ -179,8 +181,18 @@ def _neuron(g: _Graph, n: EMPFNeuron, cur: str, path: str) -> str:
     return g.add("neuron", [cur], attrs, tensors)
 
 
+def _packed(layer: BinaryConv2d | BinaryLinear):
+    """The layer's packed weight. A latent weight that the layer's `impl="triton"` cannot pack
+    where it is (a CPU model without Triton's interpreter) is packed by the reference: the same
+    signs and α, and folding works on any device as documented."""
+    try:
+        return layer.packed_weight()
+    except TritonUnavailableError:
+        return pack_weight(layer.weight.detach(), layer.bits, impl="reference")
+
+
 def _binary(g: _Graph, layer: BinaryConv2d | BinaryLinear, cur: str, path: str) -> str:
-    packed = layer.packed_weight()
+    packed = _packed(layer)
     if isinstance(layer, BinaryConv2d):
         if layer.dilation != (1, 1):
             raise DeployError(f"{path}: dilated binary convolutions are not deployable")
