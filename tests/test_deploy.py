@@ -942,6 +942,15 @@ def test_energy_report_counts_match_the_trained_model():
     assert energy_report(d, [x], max_samples=3)["samples"] == 3
 
 
+def test_energy_report_takes_an_empty_batch():
+    """A batch of no samples (the deployed model runs it) adds nothing to the counts."""
+    d = fold(_small(parallel=True))
+    x = torch.randn(5, 1, 24)
+    rep = energy_report(d, [x[:3], x[:0], x[3:]])
+    assert rep["samples"] == 5
+    assert rep == energy_report(d, [x[:3], x[3:]])
+
+
 def test_paper_energy_constants_reproduce_its_ablation():
     # 284.49 M SOPs -> 0.26 mJ; 233.84 M SOPs with 4-bit spikes -> 0.03 mJ (the paper's table)
     assert round(284.49e6 * E_SOP_PJ * 1e-9, 2) == 0.26

@@ -121,7 +121,7 @@ class _Recorder:
             r = self.row(model, node)
             o = out.codes if isinstance(out, Codes) else out
             N = o.shape[1]
-            per = o.numel() // (T * N)
+            per = math.prod(o.shape[2:])  # neurons per sample (an empty batch has some too)
             parallel = (node.attrs if node.op == "neuron" else node.attrs["neuron"])["parallel"]
             r["neurons"] = per
             r["nops"] += float(per * (T if parallel else 3 * T) * N)
