@@ -359,6 +359,18 @@ def test_data_parallel_replicas_have_their_own_layers():
     assert torch.equal(d(x), first)  # the original is untouched
 
 
+def test_fold_unwraps_a_compiled_model():
+    """A model wrapped by torch.compile (as `compile_model` returns it) folds as the model
+    itself (it was refused as an unknown model type), also inside a DataParallel wrapper."""
+    m = _small(spike_bits=4).eval()
+    want = fold(m)
+    x = torch.randn(3, 1, 24)
+    for wrapped in (torch.compile(m), torch.nn.DataParallel(torch.compile(m))):
+        d = fold(wrapped)
+        assert d.info == want.info and torch.equal(d(x), want(x))
+    assert state_dict_bytes(torch.compile(m)) == state_dict_bytes(m)
+
+
 def test_file_tensors_are_copies_on_the_cpu_too():
     """`file_tensors()` of a CPU model gives copies: a model built from them, or an edit of the
     dict's tensors, leaves the first model as it was."""

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from ..nn.binary import BinaryConv2d, BinaryLinear
-from ..ops._common import TritonUnavailableError
-from ..ops.binary import pack_weight
 from ..nn.neuron import EMPFNeuron
 from ..nn.seca import SECA
+from ..ops._common import TritonUnavailableError
+from ..ops.binary import pack_weight
 from .errors import DeployError
 from .runtime import DeployedModel
 
@@ -298,9 +298,21 @@ def _parts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield n, getattr(model, n)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's wrapper (`_orig_mod`) and DDP's / DataParallel's
+    (`module`), in any nesting."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def model_info(model: nn.Module) -> dict:
-    """T, in_shape and num_classes of a registered model (unwraps DDP)."""
-    model = getattr(model, "module", model)
+    """T, in_shape and num_classes of a registered model (unwraps DDP and torch.compile)."""
+    model = _unwrap(model)
     return {"T": int(model.T), "in_shape": list(model.in_shape),
             "num_classes": int(model.num_classes)}  # fmt: skip
 
@@ -314,13 +326,14 @@ def fold(model: nn.Module, *, impl: str = "auto") -> DeployedModel:
 
     Args:
         model: a model of the registry (`mnist1d_cnn`, `digits_mlp`, `resnet18/19/34`,
-            `vgg11`), possibly DDP-wrapped, on any device (the result is on the CPU; `.to()` it).
+            `vgg11`), possibly DDP-wrapped or compiled, on any device (the result is on the
+            CPU; `.to()` it).
         impl: "auto" | "triton" | "reference" for the deployed model's ops.
 
     Raises:
         DeployError: a model type or layer the exporter does not know (the message names it).
     """
-    model = getattr(model, "module", model)
+    model = _unwrap(model)
     parts = list(_parts(model))  # refuses an unknown model type first
     info = model_info(model)
     neurons = [m for m in model.modules() if isinstance(m, EMPFNeuron)]

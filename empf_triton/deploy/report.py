@@ -266,7 +266,9 @@ def format_energy_table(report: Mapping[str, Any]) -> str:
 
 def state_dict_bytes(model: torch.nn.Module) -> int:
     """Bytes of `torch.save(model.state_dict())` with floating tensors in fp32 (in memory)."""
-    model = getattr(model, "module", model)
+    from .fold import _unwrap
+
+    model = _unwrap(model)
     sd = {
         k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
         for k, v in model.state_dict().items()
