@@ -32,7 +32,7 @@ from ..nn.seca import SECA
 from ..ops._common import TritonUnavailableError
 from ..ops.binary import pack_weight
 from .errors import DeployError
-from .runtime import DeployedModel
+from .runtime import DeployedModel, unwrap_model
 
 
 @functools.cache
@@ -161,12 +161,14 @@ def _neuron(g: _Graph, n: EMPFNeuron, cur: str, path: str) -> str:
         bias = t.get("bias")
         if bias is None:
             bias = torch.zeros(C, dtype=_F32, device=scale.device)
-        if p["k"] is not None:
-            t["scale"] = (p["k"] * scale[None]).contiguous()
-            t["bias"] = (p["k"] * bias[None] + p["b"]).contiguous()
+        k = p["k"].double() if p["k"] is not None else None  # fp64 arithmetic, stored fp32
+        if k is not None:
+            t["scale"] = (k * scale.double()[None]).to(_F32).contiguous()
+            t["bias"] = (k * bias.double()[None] + p["b"].double()).to(_F32).contiguous()
         if p["decay"] is not None:
             lam = p["decay"][:, None]
-            t["decay"] = (p["k"] * lam if p["k"] is not None else lam.expand(T, C)).contiguous()
+            t["decay"] = (k * lam.double()).to(_F32) if k is not None else lam.expand(T, C)
+            t["decay"] = t["decay"].contiguous()
         t["threshold"] = p["threshold"][:, None].expand(T, C).contiguous()
         prod.attrs["neuron"] = attrs
         prod.output = g.fresh()
@@ -175,7 +177,7 @@ def _neuron(g: _Graph, n: EMPFNeuron, cur: str, path: str) -> str:
     if p["k"] is not None:
         tensors["in_scale"], tensors["in_bias"] = p["k"], p["b"]
         if p["decay"] is not None:
-            tensors["decay"] = (p["k"] * p["decay"][:, None]).contiguous()
+            tensors["decay"] = (p["k"].double() * p["decay"][:, None].double()).to(_F32)
     elif p["decay"] is not None:
         tensors["decay"] = p["decay"]
     return g.add("neuron", [cur], attrs, tensors)
@@ -298,21 +300,9 @@ def _parts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield n, getattr(model, n)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's wrapper (`_orig_mod`) and DDP's / DataParallel's
-    (`module`), in any nesting."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def model_info(model: nn.Module) -> dict:
     """T, in_shape and num_classes of a registered model (unwraps DDP and torch.compile)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     return {"T": int(model.T), "in_shape": list(model.in_shape),
             "num_classes": int(model.num_classes)}  # fmt: skip
 
@@ -333,7 +323,7 @@ def fold(model: nn.Module, *, impl: str = "auto") -> DeployedModel:
     Raises:
         DeployError: a model type or layer the exporter does not know (the message names it).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     parts = list(_parts(model))  # refuses an unknown model type first
     info = model_info(model)
     neurons = [m for m in model.modules() if isinstance(m, EMPFNeuron)]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .runtime import Codes, DeployedModel
+from .runtime import Codes, DeployedModel, unwrap_model
 
 __all__ = [
     "E_MAC_PJ",
@@ -266,9 +266,7 @@ def format_energy_table(report: Mapping[str, Any]) -> str:
 
 def state_dict_bytes(model: torch.nn.Module) -> int:
     """Bytes of `torch.save(model.state_dict())` with floating tensors in fp32 (in memory)."""
-    from .fold import _unwrap
-
-    model = _unwrap(model)
+    model = unwrap_model(model)
     sd = {
         k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
         for k, v in model.state_dict().items()
