@@ -201,6 +201,25 @@ def test_empf_neuron_channels_matches_reference_per_channel():
     assert torch.equal(par, torch.relu(cur - th[:, None, :, None]))
 
 
+def test_empf_neuron_channels_keeps_exactly_the_threshold_after_firing():
+    """The deployed layers' torch neuron resets to v = min(m, θ) exactly (docs/model.md §1), as
+    `empf_neuron`: after a current of 1e8 or +inf the membrane is θ, not 1e8 - fl(1e8 - θ) = 0
+    or inf - inf = NaN, so the next step's spike is that of a membrane at θ."""
+    from empf_triton.reference.neuron import empf_neuron_ref
+
+    cur = torch.zeros(2, 1, 3, 1)
+    cur[0, 0, :, 0] = torch.tensor([1e8, float("inf"), 0.3])
+    cur[1] = 0.5
+    decay = torch.full((2, 3), 0.75)
+    th = torch.tensor([[0.3, 0.45, 0.2], [0.1, 0.2, 0.3]])
+    out = empf_neuron_channels(cur, decay, th)
+    want = torch.relu(decay[1] * torch.minimum(cur[0, 0, :, 0], th[0]) + 0.5 - th[1])
+    assert torch.isfinite(out[1]).all() and torch.equal(out[1, 0, :, 0], want)
+    for c in range(3):
+        ref, _ = empf_neuron_ref(cur[:, :, c], None, decay[:, c], th[:, c])
+        assert torch.equal(out[:, :, c], ref)
+
+
 # ------------------------------------------------------------------------------ export and load
 
 

@@ -117,7 +117,7 @@ def _manual_membn_neuron(n: EMPFNeuron, x: torch.Tensor, grad_mode: str) -> torc
         bn = F.batch_norm(m, None, None, mb.weight[t], mb.bias[t], True, 0.1, mb.eps)
         m = torch.sigmoid(mb.p[t]) * bn + torch.sigmoid(mb.q[t]) * m
         s = torch.relu(m - th)
-        v = m - s
+        v = torch.where(m > th, th, m)  # min(m, θ) (docs/model.md §1)
         out.append(s)
     return torch.stack(out)
 

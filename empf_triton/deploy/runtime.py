@@ -44,6 +44,7 @@ from ..ops._common import check_spike_step
 from ..ops.binary import PackedWeight
 from ..ops.binary_conv import binary_conv_neuron_plan
 from ..ops.neuron import empf_neuron_plan, parallel_neuron_plan
+from ..reference.neuron import reset
 from .errors import DeployError, DeployFormatError
 
 __all__ = [
@@ -141,10 +142,10 @@ def empf_neuron_channels(
     for t in range(T):
         i_t = current[t]
         m = i_t if decay is None else (i_t if v is None else per_channel(decay, t) * v + i_t)
-        s = torch.relu(m - per_channel(threshold, t))
+        th = per_channel(threshold, t)
+        s = torch.relu(m - th)
         if decay is not None:
-            th = per_channel(threshold, t)
-            v = torch.where(m > th, th, m)  # m - s = min(m, θ), exactly θ after firing
+            v = reset(m, th)  # min(m, θ): exactly θ after firing
         out.append(_quantize(s, spike_bits, spike_step, codes))
     return torch.stack(out)
 

@@ -252,9 +252,9 @@ class EMPFNeuron(StatefulNeuron):
     statistics of m[t] before firing. Each step then runs: `m = λ_t v + I` in torch (v detached
     in online mode), `m' = MemBN_t(m)`, and fire/reset through the ops as a neuron with zero
     incoming membrane, `empf_neuron_step(m', None, threshold=θ_t)` (or `parallel_neuron` for a
-    parallel neuron, whose m is I), which gives `s = Q(relu(m' - θ_t))` and `v = m' - s`. Mode "m"
-    loops over the T steps the same way. `fold_mem_bn()` replaces Mem-BN by its eval-mode affine
-    map for deployment: `m' = (k_t λ_t) v + (k_t I + b_t)`.
+    parallel neuron, whose m is I), which gives `s = Q(relu(m' - θ_t))` and `v = min(m', θ_t)`.
+    Mode "m" loops over the T steps the same way. `fold_mem_bn()` replaces Mem-BN by its
+    eval-mode affine map for deployment: `m' = (k_t λ_t) v + (k_t I + b_t)`.
     """
 
     def __init__(

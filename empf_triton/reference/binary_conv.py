@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .binary import decode_ref
+from .neuron import reset
 from .spikes import spike_codes_ref
 
 
@@ -127,7 +128,7 @@ def binary_conv_neuron_ref(
         for t in range(T):
             m = lam[t] * v + y[t]
             s = torch.relu(m - th[t])
-            v = torch.where(m > th[t], th[t], m)  # m - s = min(m, θ), exactly θ after firing
+            v = reset(m, th[t])  # min(m, θ): exactly θ after firing
             out.append(s)
         spikes = torch.stack(out)
     if spike_bits is None:
