@@ -651,6 +651,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
             raise UsageError("empf report needs matplotlib: pip install 'empf-triton[plot]'") from e
         print(table)
     if args.bench:
+        folders = [b for b in args.bench if Path(b).is_dir()]
+        if folders:
+            raise UsageError(
+                f"{folders[0]} is a folder; pass its files, e.g. {folders[0]}/bench_*.json"
+            )
         missing = [b for b in args.bench if not Path(b).is_file()]
         if missing:
             raise UsageError(f"no such benchmark file: {', '.join(missing)}")

@@ -185,6 +185,9 @@ def test_report_calls_bench_report(tmp_path, capsys, monkeypatch):
     assert cli.main(["report", "--bench", "b.json", "--out", "rep"]) == 0
     assert calls == [["b.json", "--out", "rep"]]
     _error(capsys, ["report", "--bench", "none.json"], "no such benchmark file")
+    # a results folder instead of its files is named as such (as bench/report.py does)
+    Path("results").mkdir()
+    _error(capsys, ["report", "--bench", "results"], "results is a folder; pass its files")
     # a file given twice would list its cases twice in every table
     _error(capsys, ["report", "--bench", "b.json", "./b.json"], "given twice: ./b.json")
     assert len(calls) == 1
