@@ -289,11 +289,10 @@ def binary_conv_neuron(
 
     Per output element (step t, image n, channel c, position (i, j)):
     `y[t] = scale[t, c] * conv(x[t], W)[c, i, j] + bias[t, c] (+ residual[t, n, c, i, j])` with
-    W the packed ±1 (binary) or
-    -1/0/+1 (ternary) weight, then, over t = 0..T-1 with v = 0 at the start,
-    `m = decay[t, c] * v + y[t]; s = max(m - threshold[t, c], 0); v = m - s = min(m, θ)` (exactly
-    θ after firing); the parallel neuron
-    is `s = max(y[t] - threshold[t, c], 0)`. The output is `code(s) =
+    W the packed ±1 (binary) or -1/0/+1 (ternary) weight, then, over t = 0..T-1 with v = 0 at
+    the start, `m = decay[t, c] * v + y[t]; s = max(m - threshold[t, c], 0); v = m - s =
+    min(m, θ)` (exactly θ after firing); the parallel neuron is
+    `s = max(y[t] - threshold[t, c], 0)`. The output is `code(s) =
     clamp(round_half_even(s / spike_step), 0, 2^k - 1)` as uint8 when `spike_bits = k` is given,
     `s` in `out_dtype` otherwise, or `y` in `out_dtype` when `threshold` is None.
 
