@@ -659,8 +659,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         missing = [b for b in args.bench if not Path(b).is_file()]
         if missing:
             raise UsageError(f"no such benchmark file: {', '.join(missing)}")
-        twice = [b for i, b in enumerate(args.bench) if Path(b).resolve() in
-                 {Path(a).resolve() for a in args.bench[:i]}]  # fmt: skip
+        resolved = [Path(b).resolve() for b in args.bench]
+        twice = [b for i, b in enumerate(args.bench) if resolved[i] in resolved[:i]]
         if twice:
             raise UsageError(f"benchmark file given twice: {', '.join(twice)}")
         for b in args.bench:

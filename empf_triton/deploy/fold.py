@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from ..nn.binary import BinaryConv2d, BinaryLinear
-from ..nn.neuron import EMPFNeuron
+from ..nn.neuron import EMPFNeuron, unwrap_model
 from ..nn.seca import SECA
 from ..ops._common import TritonUnavailableError
 from ..ops.binary import pack_weight
 from .errors import DeployError
-from .runtime import DeployedModel, unwrap_model
+from .runtime import DeployedModel
 
 
 @functools.cache
@@ -167,8 +167,8 @@ def _neuron(g: _Graph, n: EMPFNeuron, cur: str, path: str) -> str:
             t["bias"] = (k * bias.double()[None] + p["b"].double()).to(_F32).contiguous()
         if p["decay"] is not None:
             lam = p["decay"][:, None]
-            t["decay"] = (k * lam.double()).to(_F32) if k is not None else lam.expand(T, C)
-            t["decay"] = t["decay"].contiguous()
+            decay = (k * lam.double()).to(_F32) if k is not None else lam.expand(T, C)
+            t["decay"] = decay.contiguous()
         t["threshold"] = p["threshold"][:, None].expand(T, C).contiguous()
         prod.attrs["neuron"] = attrs
         prod.output = g.fresh()

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .runtime import Codes, DeployedModel, unwrap_model
+from ..nn.neuron import unwrap_model
+from .runtime import Codes, DeployedModel
 
 __all__ = [
     "E_MAC_PJ",

@@ -204,18 +204,6 @@ def _int_list(v: object, n: int, what: str, least: int = 0) -> list[int]:
     return v
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's wrapper (`_orig_mod`) and DDP's / DataParallel's
-    (`module`), in any nesting."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 class DeployedModel(nn.Module):
     """An EM-PF network for inference, built from a graph description and its tensors.
 

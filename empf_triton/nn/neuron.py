@@ -574,10 +574,10 @@ class LIFNeuron(StatefulNeuron):
         # The op's own checks too (fp32 range of the constants; an unknown surrogate must never
         # silently give zero gradients).
         lif_neuron_step(
-            torch.zeros(1), decay=1.0 - 1.0 / float(tau), threshold=float(th),
+            torch.zeros(1), decay=1.0 - 1.0 / tau, threshold=th,
             surrogate=surrogate, alpha=alpha, impl="reference",
         )  # fmt: skip
-        d["_tau"], d["_v_threshold"], d["_surrogate"] = float(tau), float(th), surrogate
+        d["_tau"], d["_v_threshold"], d["_surrogate"] = tau, th, surrogate
         d["_alpha_arg"], d["_alpha"] = alpha, resolved
 
     tau = _configured("tau", "The membrane time constant (> 1); decay λ = 1 - 1/tau.")
@@ -663,6 +663,18 @@ class LIFNeuron(StatefulNeuron):
             f"tau={self.tau}, v_threshold={self.v_threshold}, surrogate={self.surrogate!r}, "
             f"alpha={self.alpha}, detach_reset={self.detach_reset}, " + super().extra_repr()
         )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's wrapper (`_orig_mod`) and DDP's / DataParallel's
+    (`module`), in any nesting."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def reset_net(model: nn.Module) -> None:

@@ -162,6 +162,12 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _FP32_MAX = 3.4028234663852886e38
 
 
+def contiguous(*tensors: torch.Tensor | None) -> tuple:
+    """Each tensor contiguous (None stays None): for the custom ops' implementations, whose
+    kernels read their tensors as contiguous (free for a tensor that already is)."""
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
 def to_float(value: int | float, name: str) -> float:
     """`float(value)` for a checked int or float; an int beyond float range (10**400) is the
     ValueError of a non-finite value, not Python's OverflowError."""

@@ -20,6 +20,7 @@ from ._common import (
     check_sequence,
     check_step_input,
     check_tensor,
+    contiguous,
     device_guard,
     functorch_active,
     grad_wanted,
@@ -56,7 +57,7 @@ def _lif_fwd_impl(
     save_h = bool(flags & 4)
     # the kernels read current, v0 and the [T] parameters as contiguous tensors (a direct call
     # may pass other strides; the traced path passes contiguous ones, for which this is free)
-    current, v0, decay, threshold = _dense(current, v0, decay, threshold)
+    current, v0, decay, threshold = contiguous(current, v0, decay, threshold)
     d, th = _consts(decay, threshold, decay_c, th_c)
     k = _kernels()
     key = ("op", save_h, current.shape, current.dtype, current.device,
@@ -68,11 +69,6 @@ def _lif_fwd_impl(
             lambda: k.lif_fwd_plan(current, v0, d, th, save_h),
         )  # fmt: skip
     return spikes, v_last, (h if h is not None else current.new_empty((0,)))
-
-
-def _dense(*tensors: torch.Tensor | None) -> tuple:
-    """Each tensor contiguous (None stays None)."""
-    return tuple(t.contiguous() if t is not None else None for t in tensors)
 
 
 def _consts(decay, threshold, decay_c, th_c):
@@ -133,7 +129,7 @@ def _lif_bwd_impl(
     th_c: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # the forward's v0 and parameters as the caller gave them: contiguous, as the kernels read
-    g, gv, v0, decay, threshold = _dense(g, gv, v0, decay, threshold)
+    g, gv, v0, decay, threshold = contiguous(g, gv, v0, decay, threshold)
     d, th = _consts(decay, threshold, decay_c, th_c)
     need = (need_dcur, need_dv0, need_ddecay and decay is not None,
             need_dth and threshold is not None)  # fmt: skip

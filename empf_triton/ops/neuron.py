@@ -30,6 +30,7 @@ from ._common import (
     check_spike_bits,
     check_step_input,
     check_tensor,
+    contiguous,
     device_guard,
     functorch_active,
     load_kernels,
@@ -76,8 +77,7 @@ def _neuron_fwd_impl(
     t0, channels, inner, bits, flags = iargs
     # the kernels read current and v0 as contiguous [T, N] and [N] (a direct call may pass
     # other strides; the traced path passes contiguous ones, for which this is free)
-    current = current.contiguous()
-    v0 = v0.contiguous() if v0 is not None else None
+    current, v0 = contiguous(current, v0)
     k = _kernels()
     key = (
         "op", tuple(iargs), tuple(fargs), current.shape, current.dtype, current.device,
@@ -196,9 +196,7 @@ def _neuron_bwd_impl(
     """iargs = [t0, channels, inner, N, flags]; fargs = [decay_c]."""
     t0, channels, inner, N, flags = iargs
     need_ddecay, need_dth = bool(flags & _NEED_DDECAY), bool(flags & _NEED_DTH)
-    g = g.contiguous() if g is not None else None
-    gv = gv.contiguous() if gv is not None else None
-    v0 = v0.contiguous() if v0 is not None else None  # the forward's v0 as the caller gave it
+    g, gv, v0 = contiguous(g, gv, v0)  # v0: the forward's, as the caller gave it
     vhist = vhist if (vhist is not None and vhist.numel()) else None
     k = _kernels()
     key = (

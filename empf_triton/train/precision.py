@@ -21,6 +21,8 @@ import contextlib
 import torch
 from torch import nn
 
+from ..nn.neuron import unwrap_model
+
 __all__ = ["COMPILE_MODES", "PRECISIONS", "autocast", "compile_model", "make_grad_scaler"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,7 +75,7 @@ def compile_model(model: nn.Module, mode: str, *, backend="inductor") -> nn.Modu
     """
     if check_compile(mode) == "none":
         return model
-    base = getattr(getattr(model, "_orig_mod", model), "module", model)
+    base = unwrap_model(model)
     T = _steps(base)
     if T is None:
         T = max(filter(None, map(_steps, base.modules())), default=None)

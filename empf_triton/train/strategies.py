@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.binary import frozen_weights
-from ..nn.neuron import STEP_MODES, StatefulNeuron, reset_net
+from ..nn.neuron import STEP_MODES, StatefulNeuron, reset_net, unwrap_model
 from .precision import autocast, check_precision
 
 __all__ = [
@@ -51,11 +51,8 @@ __all__ = [
 STRATEGIES = ("online", "random_step", "accumulate", "bptt")
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The plain model under a `torch.compile` wrapper (`._orig_mod`) and/or a DDP /
-    DataParallel wrapper (`.module`)."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+# The plain model under `torch.compile` / DDP / DataParallel wrappers.
+_base = unwrap_model
 
 
 def set_step_mode(model: nn.Module, mode: str) -> None:
