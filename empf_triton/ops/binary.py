@@ -15,8 +15,9 @@ Choosing the implementation. `impl="reference"` is the eager twin (reference/bin
 reference on CPU; on CUDA it runs the packed kernels only where `PACKED_MAX_M` (inference) or
 `PACKED_MAX_M_TRAIN` (`binary_linear`) lists the GPU and the input has at most that many rows,
 and otherwise the dense path: quantise (or unpack) the weight to ±α once per call with the Triton
-kernels, then cuBLAS. Both tables are empty until GPU measurements fill them
-(bench/test_bench_binary_gemm.py times both paths per M), so today `auto` on CUDA is dense.
+kernels, then cuBLAS. The tables hold GPU measurements only (bench/test_bench_binary_gemm.py
+times both paths per M): today `PACKED_MAX_M` lists the H200 (M <= 256) and `PACKED_MAX_M_TRAIN`
+lists no GPU, so training and every other GPU take the dense path.
 
 NaN weights propagate (no path inspects values, which would synchronise with the GPU): binary
 weights give NaN rows (α_n is NaN), ternary weights a NaN layer (Δ and α are per layer). Empty
