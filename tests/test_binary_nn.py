@@ -727,3 +727,33 @@ def test_conv_output_follows_the_input_memory_format(impl, packed):
         y_cl = layer(x.contiguous(memory_format=torch.channels_last))
     assert y_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y_cl, y)
+
+
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_scale_stays_fp32_under_half(device, cls, dtype):
+    """`.half()` / `.to(bf16)` of a packed layer keeps α in fp32, from its own values: the
+    forward equals the one with the scale it was packed with (α rounded to fp16 it did not)."""
+    layer = (
+        BinaryLinear(40, 6, device=device)
+        if cls == "linear"
+        else BinaryConv2d(3, 6, 3, bias=True, device=device)
+    ).eval()
+    with torch.no_grad():
+        layer.weight.mul_(
+            1.0 + 1e-3 * torch.arange(layer.weight.numel(), device=device).view_as(layer.weight)
+        )  # α values that fp16 cannot hold exactly
+    layer.pack()
+    scale = layer.packed_scale.clone()
+    assert scale.dtype == torch.float32
+    assert not torch.equal(scale.to(dtype).float(), scale)  # the test would show a rounding
+    layer.to(dtype)
+    assert layer.packed_scale.dtype == torch.float32
+    assert torch.equal(layer.packed_scale, scale)
+    assert layer.packed_words.dtype == torch.int32 and layer.bias.dtype == dtype
+    layer.to(torch.float64)  # a wider dtype is exact either way
+    assert layer.packed_scale.dtype == torch.float64 and torch.equal(
+        layer.packed_scale, scale.double()
+    )
+    layer.float()
+    assert torch.equal(layer.packed_scale, scale)

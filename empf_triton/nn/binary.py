@@ -13,7 +13,8 @@ dimension (channels) and device per call with a few attribute reads; the forward
 ops' unchecked entry points (`ops.binary.matmul_triton`, `linear_triton`, `quantize_triton`).
 
 Deployment: `layer.pack()` replaces the latent weight by a `PackedWeight` (int32 words + per-channel
-scale, stored as buffers `packed_words` and `packed_scale`, so `.to()` and `state_dict()` carry it)
+scale, stored as buffers `packed_words` and `packed_scale`, so `.to()` and `state_dict()` carry it;
+the scale stays fp32 under `.half()` / `.to(torch.bfloat16)`)
 and the forward then runs the packed GEMM of `ops.binary_matmul` (convolution: `F.unfold` im2col,
 one GEMM per group; `impl="auto"` on CUDA: unpack + cuBLAS/cuDNN unless `ops.binary.PACKED_MAX_M`
 lists the GPU),
@@ -199,7 +200,14 @@ class _BinaryLayer(nn.Module):
         latent = self.__dict__.get("_latent_param")
         if latent is not None:  # packed: the kept (empty) Parameter follows dtype and device,
             latent.data = fn(latent.data)  # so unpack() gives the weight the layer's dtype now
-        return super()._apply(fn, recurse)
+        scale = self._buffers.get("packed_scale")
+        out = super()._apply(fn, recurse)
+        new = self._buffers.get("packed_scale")
+        if scale is not None and new is not None and new.dtype in (torch.float16, torch.bfloat16):
+            # α stays at least fp32, as packing makes it (the kernels apply it in fp32):
+            # `.half()` moves it, from its own values (no round trip through fp16)
+            self._buffers["packed_scale"] = scale.to(new.device, torch.float32)
+        return out
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (binarised or ternarised), with its STE gradient."""
