@@ -125,6 +125,25 @@ def test_t_star_uniform():
     assert len(set(a)) == 1
 
 
+def test_train_batch_without_generator_draws_t_star_anew():
+    """Without a generator or t_star, each call draws its own t* (from torch's global RNG, so
+    torch.manual_seed repeats the draws); a fresh default-seeded generator per call gave every
+    batch the same t* (2 of 0..3), so the other steps never trained."""
+    T = 4
+    model = _mlp(T, hidden=(8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(4, 64), torch.randint(0, 10, (4,))
+
+    def draws():
+        return [train_batch(model, x, y, opt, "random_step", T).t_star for _ in range(24)]
+
+    torch.manual_seed(3)
+    first = draws()
+    assert set(first) == set(range(T)), first
+    torch.manual_seed(3)
+    assert draws() == first
+
+
 def test_train_epoch_counts_t_star(digits):
     train, _, _ = digits
     T = 4

@@ -122,8 +122,9 @@ class BatchResult:
         return float(self.loss_value)
 
 
-def draw_t_star(T: int, generator: torch.Generator) -> int:
-    """t* uniform in 0..T-1 from `generator` (a CPU generator seeded alike on every rank)."""
+def draw_t_star(T: int, generator: torch.Generator | None) -> int:
+    """t* uniform in 0..T-1 from `generator` (a CPU generator seeded alike on every rank), or
+    from torch's global RNG if None."""
     return int(torch.randint(0, T, (1,), generator=generator).item())
 
 
@@ -154,7 +155,9 @@ def train_batch(
         strategy: "online" | "random_step" | "accumulate" | "bptt".
         T: time steps.
         is_event: x carries one frame per step.
-        generator: draws t* for `random_step` (a fresh default-seeded one if None).
+        generator: draws t* for `random_step`. None: torch's global RNG (each call draws anew;
+            `torch.manual_seed` repeats the draws). Under DDP pass a generator seeded alike on
+            every rank (as `train_epoch` does), so that the ranks draw the same t*.
         loss_fn: per-step loss on [N, C] logits.
         grad_clip: clip the gradient norm to this before each optimizer step (None: no clip).
         t_star: force t* for `random_step` (tests; normally drawn).
@@ -204,7 +207,7 @@ def train_batch(
     total = None
     if strategy == "random_step":
         if t_star is None:
-            t_star = draw_t_star(T, generator if generator is not None else torch.Generator())
+            t_star = draw_t_star(T, generator)
         if not 0 <= t_star < T:
             raise ValueError(f"t_star must be in 0..{T - 1}, got {t_star}")
         with torch.no_grad():
