@@ -653,3 +653,22 @@ def test_mem_bn_membrane_on_another_device_is_named():
     n.to("meta")
     with pytest.raises(ValueError, match="holds a membrane on cpu but got an input on meta"):
         n(torch.rand(2, 3, 4, device="meta"))
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_mem_bn_first_step_builds_no_unused_graph(fold):
+    """The first step has no incoming membrane, so λ_0 is not used: it built an orphan graph
+    (sigmoid of the decay logit) that no backward frees. A saved-tensor hook that keeps the tensor
+    (SavedTensorMeter) made it a reference cycle: a leak per batch and neuron, and a meter that
+    never came back to 0."""
+    from empf_triton.train.memory import SavedTensorMeter
+
+    n = EMPFNeuron(2, mem_bn=True, channels=3)
+    if fold:
+        n.fold_mem_bn()
+    x = torch.randn(2, 4, 3, 2)
+    with SavedTensorMeter() as meter:
+        for t in range(2):
+            n(x[t]).sum().backward()
+    assert meter.peak > 0 and meter.current == 0
+    assert n.logits.grad[1, 0] == 0 and n.logits.grad[1, 1] != 0

@@ -407,7 +407,9 @@ class EMPFNeuron(StatefulNeuron):
         if not self.parallel:
             self._check_state(x.shape)
         v = None if self.parallel else self._carried_v()
-        decay = None if self.parallel else torch.sigmoid(self.decay_logit[t])
+        # λ_t only where a membrane comes in: an unused sigmoid would leave a graph no backward
+        # frees (a leak under saved-tensor hooks that keep the tensor)
+        decay = None if v is None else torch.sigmoid(self.decay_logit[t])
         if self.mem_bn is not None:
             m = x if v is None else decay * v + x
             m = self.mem_bn(m, t)
