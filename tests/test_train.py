@@ -113,6 +113,86 @@ def test_online_steps_optimizer_every_step():
         assert len(steps) == 1, strategy
 
 
+def _twin_logits(w, t, x, v, bptt):
+    """The net of `test_strategies_give_the_gradients_of_the_model`, written from the model's
+    equations: linear -> EM-PF neuron (4-bit spikes, straight-through) -> linear -> parallel
+    neuron -> linear. `w` holds its parameters, `v` the membrane carried to step t (updated)."""
+
+    def spikes(m, th):
+        s = torch.where(m > th, m - th, torch.zeros_like(m))
+        q = torch.clamp(torch.round(s / 0.25), 0, 15) * 0.25
+        return s + (q - s).detach()
+
+    m = x @ w["0.weight"].T + w["0.bias"]
+    if v:
+        m = m + torch.sigmoid(w["1.logits"][1, t]) * (v[0] if bptt else v[0].detach())
+    th = torch.sigmoid(w["1.logits"][0, t])
+    s = spikes(m, th)
+    v[:] = [torch.where(m > th, th, m)]
+    m = s @ w["2.weight"].T + w["2.bias"]
+    s = spikes(m, torch.sigmoid(w["3.logits"][0, t]))
+    return s @ w["4.weight"].T + w["4.bias"]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategies_give_the_gradients_of_the_model(strategy, T):
+    """Each strategy's parameter gradients (at every optimizer step, learnable decay and
+    threshold included) against a twin written from the model's equations: online and
+    accumulate cut the membrane's path across steps, random_step differentiates only step t*,
+    bptt the mean logits through time."""
+    from empf_triton.nn import EMPFNeuron
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5),
+        EMPFNeuron(T, spike_bits=4),
+        torch.nn.Linear(5, 4),
+        EMPFNeuron(T, spike_bits=4, parallel=True),
+        torch.nn.Linear(4, 3),
+    )
+    with torch.no_grad():  # varied decays and thresholds; weights large enough to fire
+        for n, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.5 if n.endswith("logits") else p * 3)
+    x, y = torch.randn(8, 6) * 2, torch.randint(0, 3, (8,))
+    lr = 0.5
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    names = [n for n, _ in model.named_parameters()]
+    got = []
+    opt.register_step_pre_hook(lambda *a: got.append([p.grad.clone() for p in model.parameters()]))
+    w = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    want = []
+
+    def step(loss):
+        grads = torch.autograd.grad(loss, list(w.values()))
+        want.append(grads)
+        with torch.no_grad():
+            for p, g in zip(w.values(), grads):
+                p -= lr * g
+
+    ce = torch.nn.functional.cross_entropy
+    t_star = T - 1 if strategy == "random_step" else None
+    v = []
+    if strategy == "online":
+        for t in range(T):
+            step(ce(_twin_logits(w, t, x, v, False), y))
+    elif strategy == "random_step":
+        with torch.no_grad():
+            for t in range(t_star):
+                _twin_logits(w, t, x, v, False)
+        step(ce(_twin_logits(w, t_star, x, v, False), y))
+    elif strategy == "accumulate":
+        step(sum(ce(_twin_logits(w, t, x, v, False), y) for t in range(T)) / T)
+    else:
+        step(ce(torch.stack([_twin_logits(w, t, x, v, True) for t in range(T)]).mean(0), y))
+    train_batch(model, x, y, opt, strategy, T, t_star=t_star)
+    assert len(got) == len(want) == (T if strategy == "online" else 1)
+    for g_got, g_want in zip(got, want):
+        for n, a, b in zip(names, g_got, g_want):
+            torch.testing.assert_close(a, b, msg=n)
+    assert any((g[names.index("1.logits")][1] != 0).any() for g in got) == (T > 1)
+
+
 def test_t_star_uniform():
     g = torch.Generator().manual_seed(0)
     T, n = 4, 8000
