@@ -347,6 +347,8 @@ def train_epoch(
     Args:
         batches: iterable of (x, y) on the model's device (see `iterate_batches`).
         generator: the t* generator for `random_step` (seed it identically on every DDP rank).
+            Pass the same generator to every epoch, as `run_training` does: None makes a new one
+            seeded 0 per call, so each epoch would draw the same t* sequence again.
         transform: training augmentation `f(x, transform_generator) -> x` per batch.
         progress: called after each batch as `progress(batch_index, loss, accuracy_so_far)`.
             Each call reads the loss and the accuracy back from the device (a GPU sync per
