@@ -553,6 +553,26 @@ def test_checkpoint_of_other_model_rejected(tmp_path):
         load_model_state(_mlp(2, hidden=(16, 16)), ckpt)
 
 
+def test_checkpoint_keys_are_the_plain_models_whatever_the_wrapper(tmp_path):
+    """A torch.compile'd (or DataParallel) model saves the plain model's keys (no `_orig_mod.`
+    prefix), and any of the three loads any checkpoint."""
+    wrappers = {
+        "plain": lambda m: m,
+        "compiled": torch.compile,  # lazy: nothing compiles, state_dict only
+        "data_parallel": torch.nn.DataParallel,
+    }
+    model = _mlp(2)
+    keys = list(model.state_dict())
+    for name, wrap in wrappers.items():
+        ckpt = load_checkpoint(save_checkpoint(tmp_path / f"{name}.pt", **_ckpt_args(wrap(model))))
+        assert list(ckpt["model"]) == keys, name
+        for into, wrap_into in wrappers.items():
+            other = _mlp(2, seed=1)
+            load_model_state(wrap_into(other), ckpt)
+            for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+                assert torch.equal(a, b), (name, into)
+
+
 def _state(path):
     return load_checkpoint(path)["model"]
 

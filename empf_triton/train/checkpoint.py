@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .._files import write_file_atomic
+from ..nn.neuron import unwrap_model
 
 __all__ = [
     "FORMAT",
@@ -131,7 +132,8 @@ def save_checkpoint(
 
     Args:
         path: target file; its folder is created if needed.
-        model: the model (a DDP wrapper is unwrapped).
+        model: the model (torch.compile, DDP and DataParallel wrappers are unwrapped, so the
+            saved keys are those of the plain model).
         model_name, model_config: what rebuilds the model (`build_model(name, **config)`);
             checked on load so a checkpoint of another model is refused.
         optimizer, scheduler: saved with their state_dicts when given.
@@ -144,7 +146,7 @@ def save_checkpoint(
         The path written.
     """
     path = Path(path)
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     payload = {
         "model_name": str(model_name),
         "model_config": _plain(model_config),
@@ -286,8 +288,9 @@ def check_compatible(
 
 
 def load_model_state(model: nn.Module, ckpt: Mapping, *, path: str | os.PathLike = "") -> None:
-    """`model.load_state_dict(ckpt["model"])` (strict), mapping a mismatch to `CheckpointError`."""
-    model = getattr(model, "module", model)
+    """`model.load_state_dict(ckpt["model"])` (strict), mapping a mismatch to `CheckpointError`;
+    the model is unwrapped as `save_checkpoint` unwraps it (torch.compile, DDP, DataParallel)."""
+    model = unwrap_model(model)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
