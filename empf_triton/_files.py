@@ -4,6 +4,7 @@ training (checkpoints, logs) and deployment (exports); imports nothing else of t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -26,9 +27,12 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_file_atomic(path: Path, data) -> None:
+def write_file_atomic(path: Path, data, *, overwrite: bool = True) -> None:
     """Write `data` (bytes-like) to `path` through a temporary file in the same folder, flushed
-    to disk and renamed over `path`: readers see the old file or the new one, never a part."""
+    to disk and renamed over `path`: readers see the old file or the new one, never a part.
+
+    With `overwrite=False` an existing `path` (one that appeared meanwhile included) is left as
+    it is and `FileExistsError` is raised."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600; give the file the mode a plain open() would (umask respected).
@@ -37,7 +41,10 @@ def write_file_atomic(path: Path, data) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -50,13 +57,30 @@ def write_file_atomic(path: Path, data) -> None:
             os.close(dfd)
 
 
-def check_output_file(path: str | os.PathLike, option: str) -> Path:
+def _link_new(tmp: str, path: Path) -> None:
+    """Move the finished file `tmp` to `path` unless `path` exists (FileExistsError)."""
+    try:
+        os.link(tmp, path)  # atomic, and refuses a file that appeared meanwhile
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def check_output_file(path: str | os.PathLike, option: str, *, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output file path that cannot be written: its folder is
-    missing or not a folder, or the path is a folder (ValueError naming `option`)."""
+    missing or not a folder, the path is a folder, or (unless `overwrite`) a file is there
+    already (ValueError naming `option`)."""
     path = Path(path)
     parent = path.parent
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file path")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise ValueError(f"{option} {path} already exists; pass --overwrite to replace it")
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise ValueError(f"{option} {path}: the folder {parent} {what}")

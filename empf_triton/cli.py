@@ -340,7 +340,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         verb = "applies" if len(given) == 1 else "apply"
         raise UsageError(f"{' and '.join(given)} {verb} to --deployed, not to --checkpoint")
     if args.json:
-        check_output_file(args.json, "--json")  # before the evaluation, not after it
+        check_output_file(args.json, "--json", overwrite=args.overwrite)  # before the work
+    elif args.overwrite:
+        raise UsageError("--overwrite applies to --json (the only file empf eval writes)")
     step_mode = args.step_mode or "m"
     precision = args.precision or "fp32"
     compile_mode = args.compile or "none"
@@ -388,7 +390,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "compile": compile_mode,
             **ev,
         }
-        write_file_atomic(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
+        data = (json.dumps(record, indent=1) + "\n").encode()
+        write_file_atomic(Path(args.json), data, overwrite=args.overwrite)
     return 0
 
 
@@ -753,7 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the model: none, default, or reduce-overhead (CUDA graphs; on a CPU "
         "the same as default) (default none; --checkpoint only)",
     )
-    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument(
+        "--json", default=None, help="also write the metrics to this JSON file (a new file)"
+    )
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     r = sub.add_parser(
         "report",
         help="plot training logs and benchmark JSON as PNGs",

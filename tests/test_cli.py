@@ -164,6 +164,49 @@ def test_bad_checkpoints_clean_errors(tmp_path, capsys):
     assert last.read_bytes() == good  # never overwritten by any of the above
 
 
+def test_eval_json_never_replaces_a_file_unasked(tmp_path, capsys, monkeypatch):
+    """`empf eval --json FILE` onto an existing file (a checkpoint, the export being evaluated,
+    an earlier result) is refused before the evaluation unless --overwrite; a file that appears
+    while the evaluation runs is kept too. --checkpoint and --deployed alike."""
+    import empf_triton.deploy.report as report
+    import empf_triton.train.strategies as strategies
+
+    assert _train(tmp_path) == 0
+    run = tmp_path / "run"
+    export = tmp_path / "m.safetensors"
+    assert cli.main(["export", "--checkpoint", str(run / "best.pt"), "--out", str(export)]) == 0
+    capsys.readouterr()
+    saved = {p: p.read_bytes() for p in (run / "last.pt", export)}
+    late = tmp_path / "late.json"
+    for src in (["--checkpoint", str(run / "best.pt")], ["--deployed", str(export)]):
+        for target in saved:
+            _error(
+                capsys, ["eval", *src, "--json", str(target)], "already exists; pass --overwrite"
+            )
+        assert {p: p.read_bytes() for p in saved} == saved
+        _error(capsys, ["eval", *src, "--overwrite"], "--overwrite applies to --json")
+        mine = tmp_path / "mine.json"
+        mine.write_text('{"mine": 1}\n')
+        assert cli.main(["eval", *src, "--json", str(mine), "--overwrite"]) == 0
+        assert "mine" not in json.loads(mine.read_text())
+        # another process writes the file while this evaluation runs: it is not replaced
+        mod, name = (
+            (strategies, "evaluate") if src[0] == "--checkpoint" else (report, "energy_report")
+        )
+        real = getattr(mod, name)
+
+        def while_another_writes(*a, real=real, **k):
+            late.write_text("theirs\n")
+            return real(*a, **k)
+
+        with monkeypatch.context() as m:
+            m.setattr(mod, name, while_another_writes)
+            _error(capsys, ["eval", *src, "--json", str(late)], "File exists")
+        assert late.read_text() == "theirs\n"
+        late.unlink()
+        assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
 def test_overwrite_and_auto_out(tmp_path, capsys):
     assert _train(tmp_path) == 0
     assert _train(tmp_path, "--overwrite") == 0

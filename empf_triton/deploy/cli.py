@@ -182,7 +182,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "(its dtype, all steps per call; empf_triton.deploy.load(...).to(dtype) converts it)"
         )
     if args.json:
-        check_output_file(args.json, "--json")  # before the evaluation, not after it
+        check_output_file(args.json, "--json", overwrite=args.overwrite)  # before the work
+    elif args.overwrite:
+        raise DeployError("--overwrite applies to --json (the only file empf eval writes)")
     runs = args.latency_runs if args.latency_runs is not None else 5
     if args.batch_size < 1 or runs < 1:
         raise DeployError("--batch-size and --latency-runs must be >= 1")
@@ -243,7 +245,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "latency_s": lat,
             "device": str(device),
         }
-        write_file_atomic(Path(args.json), (json.dumps(record, indent=1) + "\n").encode())
+        data = (json.dumps(record, indent=1) + "\n").encode()
+        write_file_atomic(Path(args.json), data, overwrite=args.overwrite)
     return 0
 
 
