@@ -615,6 +615,11 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    there = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+    if not there.is_dir():  # before any work, not after the plots are drawn
+        where = "" if there == out else f": {there} is a file"
+        raise UsageError(f"--out {out} is a file{where}; give a folder for the report")
     if args.deployed is not None:
         given = [f for f in ("runs", "bench") if getattr(args, f) is not None]
         if given:
@@ -629,7 +634,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
             f"{' and '.join('--' + f.replace('_', '-') for f in given)} "
             f"{'applies' if len(given) == 1 else 'apply'} to --deployed"
         )
-    out = Path(args.out)
     if args.runs == []:  # `--runs` with no folder after it: not "every run" silently
         raise UsageError("--runs needs one or more run folders (leave it out for every runs/*/)")
     runs = (

@@ -207,6 +207,32 @@ def test_eval_json_never_replaces_a_file_unasked(tmp_path, capsys, monkeypatch):
         assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
+def test_report_out_that_is_a_file_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    """`empf report --out FILE` is one error line naming --out, before any plot is drawn or the
+    deployed model is evaluated (it failed with "File exists" after all the work), and the
+    file is left as it was."""
+    import empf_triton.deploy.report as report
+
+    assert _train(tmp_path) == 0
+    export = tmp_path / "m.safetensors"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run/best.pt"), "--out",
+                     str(export)]) == 0  # fmt: skip
+    capsys.readouterr()
+
+    def no_work(*a, **k):
+        raise AssertionError("the report was computed")
+
+    monkeypatch.setattr(report, "energy_report", no_work)
+    monkeypatch.setattr(cli, "plot_training_logs", no_work)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine\n")
+    for src in (["--runs", str(tmp_path / "run")], ["--deployed", str(export)]):
+        _error(capsys, ["report", *src, "--out", str(mine)], f"--out {mine} is a file;")
+        below = mine / "reports"
+        _error(capsys, ["report", *src, "--out", str(below)], f"{mine} is a file;")
+    assert mine.read_text() == "mine\n"
+
+
 def test_overwrite_and_auto_out(tmp_path, capsys):
     assert _train(tmp_path) == 0
     assert _train(tmp_path, "--overwrite") == 0
