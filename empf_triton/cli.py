@@ -644,6 +644,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for r in runs:
         if not (r / "metrics.json").is_file():
             raise UsageError(f"{r} is not a run folder (no metrics.json)")
+    resolved = [r.resolve() for r in runs]
+    twice = [str(r) for i, r in enumerate(runs) if resolved[i] in resolved[:i]]
+    if twice:
+        raise UsageError(f"run folder given twice: {', '.join(twice)}")
     if not runs and not args.bench:
         raise UsageError(
             "nothing to report: no run folders with metrics.json under runs/ and no --bench "

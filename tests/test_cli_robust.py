@@ -390,6 +390,19 @@ def test_report_table_and_zoom(tmp_path, capsys):
     assert 85 < lo < 90 and 93.5 < hi < 96  # zoomed to the runs' range, not 0..100
 
 
+def _log(folder: str, acc: float) -> None:
+    Path(folder).mkdir(parents=True)
+    row = {"epoch": 1, "train_loss": 0.3, "train_accuracy": acc, "test_accuracy": acc}
+    Path(folder, "metrics.json").write_text(json.dumps([row]))
+
+
+def test_report_refuses_a_run_folder_given_twice(tmp_path, capsys):
+    """One folder twice (under two spellings) was reported as two runs, as --bench refuses."""
+    _log("a", 0.9)
+    _error(capsys, ["report", "--runs", "a", "./a/", "--out", "rep"], "run folder given twice")
+    assert not Path("rep").exists()
+
+
 # ---- wording, help -----------------------------------------------------------------------------
 
 
