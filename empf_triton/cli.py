@@ -453,6 +453,13 @@ def read_training_log(run_dir: Path) -> list[dict]:
     return hist
 
 
+def run_names(run_dirs: Sequence[Path]) -> list[str]:
+    """Each run's label in the table and plots: its folder's name, or the path as given where
+    two runs' folders share a name (x/run and y/run)."""
+    names = [Path(d).name for d in run_dirs]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs)]
+
+
 def run_table(runs: Sequence[tuple[str, list[dict]]]) -> str:
     """A markdown table of each run's final, best (with its epoch) and last-epoch anytime
     accuracy (%)."""
@@ -492,7 +499,7 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
 
     from ._plot import subplots
 
-    runs = [(Path(d).name, read_training_log(Path(d))) for d in run_dirs]
+    runs = [(n, read_training_log(Path(d))) for n, d in zip(run_names(run_dirs), run_dirs)]
     out.mkdir(parents=True, exist_ok=True)
     written = []
     fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
@@ -655,7 +662,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         )
     written: list[Path] = []
     if runs:
-        table = run_table([(r.name, read_training_log(r)) for r in runs])
+        table = run_table([(n, read_training_log(r)) for n, r in zip(run_names(runs), runs)])
         try:
             written += plot_training_logs(runs, out)
         except ImportError as e:

@@ -403,6 +403,17 @@ def test_report_refuses_a_run_folder_given_twice(tmp_path, capsys):
     assert not Path("rep").exists()
 
 
+def test_report_tells_apart_runs_whose_folders_share_a_name(tmp_path, capsys):
+    """x/run and y/run were both labelled "run" in the table, runs.md and the plots' legends."""
+    _log("x/run", 0.9)
+    _log("y/run", 0.5)
+    _log("z", 0.7)
+    out = _ok(capsys, ["report", "--runs", "x/run", "y/run", "z", "--out", "rep"])
+    for table in (out, Path("rep/runs.md").read_text()):
+        assert "| x/run | 1 | 90.00 |" in table and "| y/run | 1 | 50.00 |" in table, table
+        assert "| z | 1 | 70.00 |" in table, table
+
+
 # ---- wording, help -----------------------------------------------------------------------------
 
 
