@@ -94,6 +94,14 @@ def _number(dest: str, none_words: tuple[str, ...] = ()):
     return parse
 
 
+def _path(text: str) -> str:
+    """An argparse `type` for file and folder options: an empty path (an unset shell variable,
+    `--out "$DIR"`) would mean the current folder or, for --json, no file at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r}")
+    return text
+
+
 def _weight_bits(s: str) -> float:
     try:
         v = float(s)
@@ -139,6 +147,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a(
         "--data-root",
         dest="data_root",
+        type=_path,
         help="folder of the data files (cifar/dvs) or of the cache (default: the data set's)",
     )
     a("--model", help=f"registered model name, or auto for the data set's net (default {d.model})")
@@ -270,10 +279,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a("--seed", type=_number("seed"), help=f"random seed, 0 to 2^62 (default {d.seed})")
     a(
         "--out",
+        type=_path,
         help="output folder (default runs/<dataset>-<model>-<strategy>-T<T>, or the first of "
         "its -2, -3, ... variants that holds no run)",
     )
-    a("--resume", help="checkpoint file or run folder to continue from")
+    a("--resume", type=_path, help="checkpoint file or run folder to continue from")
     a(
         "--overwrite",
         action="store_true",
@@ -723,13 +733,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint written by empf train on its data set's test split: "
         "accuracy of the logits summed over T, and the anytime accuracy after each step.",
     )
-    e.add_argument("--checkpoint", default=None, help="a checkpoint written by empf train")
+    e.add_argument(
+        "--checkpoint", type=_path, default=None, help="a checkpoint written by empf train"
+    )
     e.add_argument(
         "--dataset", default=None, help="override the checkpoint's data set (same input shape)"
     )
     e.add_argument(
         "--data-root",
         dest="data_root",
+        type=_path,
         default=None,
         help="folder of the data files (default: the one the run used)",
     )
@@ -772,7 +785,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the same as default) (default none; --checkpoint only)",
     )
     e.add_argument(
-        "--json", default=None, help="also write the metrics to this JSON file (a new file)"
+        "--json",
+        type=_path,
+        default=None,
+        help="also write the metrics to this JSON file (a new file)",
     )
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     r = sub.add_parser(
@@ -785,17 +801,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--runs",
         nargs="*",
+        type=_path,
         default=None,
         help="run folders with metrics.json (default: every runs/*/)",
     )
     r.add_argument(
         "--bench",
         nargs="*",
+        type=_path,
         default=None,
         help="pytest-benchmark JSON files (plotted by bench/report.py)",
     )
     r.add_argument(
-        "--out", default="reports", help="folder for the PNGs and runs.md (default reports)"
+        "--out",
+        type=_path,
+        default="reports",
+        help="folder for the PNGs and runs.md (default reports)",
     )
     deploy_cli.register(sub, e, r)
     return parser

@@ -327,6 +327,35 @@ def test_every_numeric_option_range(capsys, dest):
         _error(capsys, [*cmd, flag, v], f"argument {flag}", "must be", f"got {v!r}")
 
 
+def _path_options() -> set[tuple[str, str]]:
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    return {
+        (cmd, a.option_strings[0])
+        for cmd, p in sub.choices.items()
+        for a in p._actions
+        if a.type is cli._path
+    }
+
+
+def test_every_path_option_refuses_an_empty_path(capsys):
+    """An empty path (an unset shell variable) made `train --out ""` write the run into the
+    current folder, `--resume ""` resume the run found there, and `eval --json ""` write no
+    file, all without a word; now one error line for each file or folder option."""
+    assert _path_options() == {
+        ("train", "--data-root"), ("train", "--out"), ("train", "--resume"),
+        ("eval", "--checkpoint"), ("eval", "--data-root"), ("eval", "--json"),
+        ("eval", "--deployed"),
+        ("report", "--runs"), ("report", "--bench"), ("report", "--out"),
+        ("report", "--deployed"), ("report", "--data-root"),
+        ("export", "--checkpoint"), ("export", "--out"),
+    }  # fmt: skip
+    given = {"export": ["--checkpoint", "x.pt", "--out", "x.safetensors"]}
+    for cmd, flag in sorted(_path_options()):
+        for empty in ("", " "):
+            _error(capsys, [cmd, *given.get(cmd, []), flag, empty], f"argument {flag}", "path")
+    assert os.listdir(".") == []  # nothing written
+
+
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--threads", "-1")])
 def test_eval_numeric_ranges(capsys, flag, value):
     _error(capsys, ["eval", "--checkpoint", "x.pt", flag, value], f"argument {flag}: must be")

@@ -27,7 +27,7 @@ __all__ = ["cmd_eval", "cmd_export", "cmd_report", "register"]
 
 def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
     """Add the `export` subcommand and the `--deployed` options of `eval` and `report`."""
-    from ..cli import _number  # numeric options are range-checked from one table (cli.py)
+    from ..cli import _number, _path  # options are checked as in cli.py
 
     p = sub.add_parser(
         "export",
@@ -36,11 +36,15 @@ def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
         "write it as one .safetensors file that `empf eval --deployed` and "
         "empf_triton.deploy.load() read without the training code.",
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by empf train")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument(
+        "--checkpoint", type=_path, required=True, help="a checkpoint written by empf train"
+    )
+    p.add_argument("--out", type=_path, required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e = eval_parser
-    e.add_argument("--deployed", default=None, help="evaluate an export (instead of --checkpoint)")
+    e.add_argument(
+        "--deployed", type=_path, default=None, help="evaluate an export (instead of --checkpoint)"
+    )
     e.add_argument(
         "--energy-samples",
         dest="energy_samples",
@@ -56,9 +60,11 @@ def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
         help="timed runs per batch size for the latency (median; default 5; --deployed only)",
     )
     r = report_parser
-    r.add_argument("--deployed", default=None, help="plot per-layer stats of an export")
+    r.add_argument("--deployed", type=_path, default=None, help="plot per-layer stats of an export")
     r.add_argument("--dataset", default=None, help="data set for --deployed (default: its own)")
-    r.add_argument("--data-root", dest="data_root", default=None, help="folder of the data files")
+    r.add_argument(
+        "--data-root", dest="data_root", type=_path, default=None, help="folder of the data files"
+    )
     r.add_argument(
         "--samples",
         type=_number("samples"),
