@@ -507,7 +507,7 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     the runs occupy; writes runs.md (see `run_table`). Returns the files written."""
     import matplotlib.ticker
 
-    from ._plot import subplots
+    from ._plot import save_png, subplots
 
     runs = [(n, read_training_log(Path(d))) for n, d in zip(run_names(run_dirs), run_dirs)]
     out.mkdir(parents=True, exist_ok=True)
@@ -541,7 +541,7 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     ax2.legend(fontsize=7)
     fig.tight_layout()
     path = out / "accuracy.png"
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     written.append(path)
 
     fig, ax = subplots(figsize=(5.5, 4))
@@ -558,11 +558,11 @@ def plot_training_logs(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "loss.png"
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     written.append(path)
 
     path = out / "runs.md"
-    path.write_text("# Training runs\n\n" + run_table(runs))
+    write_file_atomic(path, ("# Training runs\n\n" + run_table(runs)).encode())
     written.append(path)
     return written
 
@@ -572,7 +572,7 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
     of bench/test_bench_training.py, plus the EM-PF / LIF step times. Returns the PNGs written."""
     import matplotlib.ticker
 
-    from ._plot import subplots
+    from ._plot import save_png, subplots
 
     rows, neuron, device = [], {}, None
     for f in json_files:
@@ -613,7 +613,7 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
         fig.suptitle(f"online training vs BPTT ({rows[0].get('model')}, {device})", fontsize=9)
         fig.tight_layout()
         path = out / "training_memory_speed.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, path)
         written.append(path)
     if neuron:
         fig, ax = subplots(figsize=(4.5, 3.5))
@@ -626,7 +626,7 @@ def plot_training_bench(json_files: Sequence[str], out: Path) -> list[Path]:
             ax.set_xlabel(f"EM-PF / LIF = {neuron['empf'] / neuron['lif']:.2f} (target <= 1.2)")
         fig.tight_layout()
         path = out / "training_empf_vs_lif.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, path)
         written.append(path)
     return written
 

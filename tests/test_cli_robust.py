@@ -432,6 +432,24 @@ def test_report_refuses_a_run_folder_given_twice(tmp_path, capsys):
     assert not Path("rep").exists()
 
 
+def test_an_interrupted_report_leaves_the_previous_files_whole(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a PNG was written left a broken file in place of the previous plot."""
+    from PIL import Image
+
+    _log("a", 0.9)
+    _ok(capsys, ["report", "--runs", "a", "--out", "rep"])
+    before = _files(Path("rep"))
+    assert set(before) == {"accuracy.png", "loss.png", "runs.md"}
+
+    def write_part_then_interrupt(im, fp, filename, *a, **k):
+        fp.write(b"\x89PNG")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(Image.SAVE, "PNG", write_part_then_interrupt)
+    _error(capsys, ["report", "--runs", "a", "--out", "rep"], "interrupted", rc=130)
+    assert _files(Path("rep")) == before  # no temporary file left either
+
+
 def test_report_tells_apart_runs_whose_folders_share_a_name(tmp_path, capsys):
     """x/run and y/run were both labelled "run" in the table, runs.md and the plots' legends."""
     _log("x/run", 0.9)

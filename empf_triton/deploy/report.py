@@ -325,7 +325,7 @@ def plot_energy(report: Mapping[str, Any], out: str | os.PathLike, *, title: str
         report: an `energy_report` result.
         out: a folder (writes `deployed_layers.png` there) or a `.png` path.
     """
-    from .._plot import subplots
+    from .._plot import save_png, subplots
 
     out = Path(out)
     path = out if out.suffix == ".png" else out / "deployed_layers.png"
@@ -353,5 +353,5 @@ def plot_energy(report: Mapping[str, Any], out: str | os.PathLike, *, title: str
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return path
