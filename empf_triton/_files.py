@@ -33,7 +33,10 @@ def write_file_atomic(path: Path, data, *, overwrite: bool = True) -> None:
 
     With `overwrite=False` an existing `path` (one that appeared meanwhile included) is left as
     it is and `FileExistsError` is raised."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file asked for, not the temporary one never made
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         # mkstemp creates 0600; give the file the mode a plain open() would (umask respected).
         os.fchmod(fd, default_file_mode())

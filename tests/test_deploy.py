@@ -637,6 +637,43 @@ def test_no_overwrite_unless_told(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temp files left
 
 
+def test_an_unwritable_folder_is_named_not_the_temporary_file(tmp_path, monkeypatch):
+    """A folder where no file can be made gave "Permission denied: DIR/.m.safetensors.x7q.tmp"
+    (a name the user never gave); the error names the file asked for, and nothing is left."""
+    import tempfile
+
+    from empf_triton._files import write_file_atomic
+
+    model = _small()
+
+    def unwritable(prefix="", suffix="", dir=None):  # what mkstemp raises in a read-only folder
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x7q{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", unwritable)
+    target = tmp_path / "m.safetensors"
+    for write in (lambda: export(model, target), lambda: write_file_atomic(target, b"{}")):
+        with pytest.raises(PermissionError) as e:
+            write()
+        assert e.value.filename == str(target) and ".tmp" not in str(e.value), e.value
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_keeps_a_file_that_appears_while_it_writes(tmp_path, monkeypatch):
+    model = _small()
+    p = tmp_path / "m.safetensors"
+    real_link = os.link
+
+    def another_writer_first(src, dst, *a, **k):
+        p.write_bytes(b"theirs")
+        return real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "link", another_writer_first)
+    with pytest.raises(DeployError, match="already exists"):
+        export(model, p)
+    assert p.read_bytes() == b"theirs"
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temp files left
+
+
 def test_export_to_a_folder_or_under_a_file_is_named(tmp_path):
     model = _small()
     (tmp_path / "dir").mkdir()

@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._files import default_file_mode
+from .._files import write_file_atomic
 from .errors import DeployError, DeployFormatError
 from .runtime import _DTYPES, DeployedModel
 
@@ -77,29 +76,12 @@ def _write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise DeployError(f"cannot write {path}: a part of its folder path is a file") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give what open() would
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and refuses a file that appeared meanwhile
-            except FileExistsError:
-                raise DeployError(
-                    f"{path} already exists; pass overwrite=True (CLI: --overwrite)"
-                ) from None
-            except OSError:  # no hard links on this file system
-                if path.exists():
-                    raise DeployError(f"{path} already exists; pass overwrite=True") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        write_file_atomic(path, data, overwrite=overwrite)
+    except FileExistsError:  # appeared while this export was folded and written
+        raise DeployError(
+            f"{path} already exists; pass overwrite=True (CLI: --overwrite)"
+        ) from None
 
 
 def export(
