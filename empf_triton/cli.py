@@ -102,6 +102,14 @@ def _path(text: str) -> str:
     return text
 
 
+def _name(text: str) -> str:
+    """An argparse `type` for --dataset and --model: an empty name (an unset shell variable)
+    would read as "not given" (eval would use the saved data set without a word)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a name, got {text!r}")
+    return text
+
+
 def _weight_bits(s: str) -> float:
     try:
         v = float(s)
@@ -142,6 +150,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a = p.add_argument
     a(
         "--dataset",
+        type=_name,
         help=f"mnist1d, digits, cifar10, cifar100, dvs_cifar10, dvs_gesture (default {d.dataset})",
     )
     a(
@@ -150,7 +159,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         type=_path,
         help="folder of the data files (cifar/dvs) or of the cache (default: the data set's)",
     )
-    a("--model", help=f"registered model name, or auto for the data set's net (default {d.model})")
+    a(
+        "--model",
+        type=_name,
+        help=f"registered model name, or auto for the data set's net (default {d.model})",
+    )
     a("--T", "-T", type=_number("T"), help=f"time steps, >= 1 (default {d.T})")
     a("--strategy", help=f"online, random_step, accumulate or bptt (default {d.strategy})")
     a("--epochs", type=_number("epochs"), help=f"total epochs of the run (default {d.epochs})")
@@ -737,7 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=_path, default=None, help="a checkpoint written by empf train"
     )
     e.add_argument(
-        "--dataset", default=None, help="override the checkpoint's data set (same input shape)"
+        "--dataset",
+        type=_name,
+        default=None,
+        help="override the checkpoint's data set (same input shape)",
     )
     e.add_argument(
         "--data-root",

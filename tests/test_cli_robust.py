@@ -356,6 +356,23 @@ def test_every_path_option_refuses_an_empty_path(capsys):
     assert os.listdir(".") == []  # nothing written
 
 
+def test_dataset_and_model_refuse_an_empty_name(capsys):
+    """`eval --dataset ""` used the checkpoint's data set without a word, and `train --model ""`
+    said the data set had no default model."""
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    named = {
+        (cmd, a.option_strings[0])
+        for cmd, p in sub.choices.items()
+        for a in p._actions
+        if a.type is cli._name
+    }
+    assert named == {("train", "--dataset"), ("train", "--model"), ("eval", "--dataset"),
+                     ("report", "--dataset")}  # fmt: skip
+    for cmd, flag in sorted(named):
+        _error(capsys, [cmd, flag, ""], f"argument {flag}: must be a name, got ''")
+    assert os.listdir(".") == []
+
+
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--threads", "-1")])
 def test_eval_numeric_ranges(capsys, flag, value):
     _error(capsys, ["eval", "--checkpoint", "x.pt", flag, value], f"argument {flag}: must be")

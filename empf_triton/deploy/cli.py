@@ -27,7 +27,7 @@ __all__ = ["cmd_eval", "cmd_export", "cmd_report", "register"]
 
 def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
     """Add the `export` subcommand and the `--deployed` options of `eval` and `report`."""
-    from ..cli import _number, _path  # options are checked as in cli.py
+    from ..cli import _name, _number, _path  # options are checked as in cli.py
 
     p = sub.add_parser(
         "export",
@@ -61,7 +61,9 @@ def register(sub, eval_parser: argparse.ArgumentParser, report_parser) -> None:
     )
     r = report_parser
     r.add_argument("--deployed", type=_path, default=None, help="plot per-layer stats of an export")
-    r.add_argument("--dataset", default=None, help="data set for --deployed (default: its own)")
+    r.add_argument(
+        "--dataset", type=_name, default=None, help="data set for --deployed (default: its own)"
+    )
     r.add_argument(
         "--data-root", dest="data_root", type=_path, default=None, help="folder of the data files"
     )
