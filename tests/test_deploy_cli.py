@@ -104,6 +104,19 @@ def test_export_refuses_to_overwrite(main_job, tmp_path, capsys):
     assert load(out_file).T == 4
 
 
+def test_export_never_replaces_its_own_checkpoint(main_job, tmp_path, capsys):
+    """`--out` naming the checkpoint being exported (also through another spelling of the
+    path, and with --overwrite) is refused before anything is written."""
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes((main_job / "best.pt").read_bytes())
+    before = ckpt.read_bytes()
+    for out in (ckpt, tmp_path / "sub" / ".." / "best.pt"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]
+        _error(capsys, argv, "is the checkpoint being exported")
+        assert ckpt.read_bytes() == before
+
+
 def test_eval_deployed_errors(main_job, tmp_path, capsys):
     good = tmp_path / "m.safetensors"
     assert cli.main(["export", "--checkpoint", str(main_job / "best.pt"), "--out", str(good)]) == 0

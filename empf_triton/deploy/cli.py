@@ -82,6 +82,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .format import export
     from .report import format_size_report, size_report, state_dict_bytes
 
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():  # --overwrite or not
+        raise DeployError(
+            f"--out {args.out} is the checkpoint being exported; give the export another name"
+        )
     ckpt = load_checkpoint(args.checkpoint)
     model = build_from_checkpoint(ckpt, impl="auto", path=args.checkpoint).eval()
     saved = ckpt.get("extra", {}).get("config", {})
