@@ -142,6 +142,22 @@ def test_fused_neurons_and_codes_between_layers():
     assert sum(1 for op, codes in seen if op == "bconv" and codes) >= 8
 
 
+@pytest.mark.parametrize("seca", [False, True])
+def test_resnet_block_graph(seca):
+    """A ResNet block's nodes as docs/deployment.md lists them: conv1 + neuron2 fused without
+    SECA; with SECA (between each conv and its reader) neuron2 runs on its own after it."""
+    model = build_model("resnet18", in_shape=(3, 8, 8), num_classes=4, T=2, width=4, seca=seca)
+    nodes = fold(model.eval()).nodes
+    first = next(i for i, n in enumerate(nodes) if n["op"] == "neuron")
+    last = next(i for i, n in enumerate(nodes) if n["op"] == "add")
+    block = nodes[first : last + 1]
+    ops = [n["op"] + ("+neuron" if n["attrs"].get("neuron") else "") for n in block]
+    if seca:
+        assert ops == ["neuron", "bconv", "seca", "neuron", "bconv", "seca", "add"]
+    else:
+        assert ops == ["neuron", "bconv+neuron", "bconv", "add"]
+
+
 def test_mem_bn_folds_into_conv_scale_per_step():
     model = randomize(build_model("digits_mlp", in_shape=(64,), num_classes=3, T=3, mem_bn=True))
     d = fold(model)
