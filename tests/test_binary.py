@@ -167,7 +167,7 @@ def test_pack_unpack_round_trip(device, bits, N, K):
     pt = pack_weight(w, bits, impl="triton")
     assert pr.words.shape == (bits, N, -(-K // 32)) and pr.words.dtype == torch.int32
     assert torch.equal(pr.words, pt.words)
-    # Each path's scale against the formula (docs/model.md, §2), computed here in fp64.
+    # Each path's scale against the formula (docs/model.md, §4), computed here in fp64.
     w64 = w.double()
     if bits == 1:  # α_c = mean |W| over each output channel
         alpha = w64.abs().mean(1)

@@ -512,7 +512,7 @@ def test_lif_model_saves_and_loads(tmp_path):
         ({"neuron": "lif", "spike_bits": 4}, ValueError, "spike_bits=4"),
         ({"neuron": "lif", "spike_step": 0.5}, ValueError, "spike_step=0.5"),
         ({"neuron": "lif", "parallel": True}, ValueError, "parallel=True"),
-        ({"tau": 3.0}, ValueError, "tau=3.0 only apply to neuron='lif'"),
+        ({"tau": 3.0}, ValueError, "tau=3.0 only applies to neuron='lif'"),
         ({"neuron": "empf", "surrogate": "atan"}, ValueError, "surrogate"),
         ({"v_threshold": 0.5}, ValueError, "v_threshold"),
         ({"alpha": 2.0}, ValueError, "alpha"),

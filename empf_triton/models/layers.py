@@ -260,8 +260,9 @@ def check_neuron_options(options: dict) -> str:
                 "are EM-PF options (LIF spikes are binary, its decay is fixed by tau); use "
                 "neuron='empf' or leave them at their defaults"
             )
+        verb = "applies" if len(bad) == 1 else "apply"
         raise ValueError(
-            f"{given} only apply to neuron='lif' (the EM-PF neuron learns its decay and "
+            f"{given} only {verb} to neuron='lif' (the EM-PF neuron learns its decay and "
             "threshold and needs no surrogate); pass neuron='lif' or leave them at their defaults"
         )
     return kind
