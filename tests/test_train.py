@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -539,6 +540,23 @@ def test_checkpoint_rejects_damaged_files(tmp_path):
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not an empf_triton checkpoint"):
         load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_checkpoint_path_of_a_run_folder_names_its_checkpoints(tmp_path):
+    """A run folder given as the checkpoint is refused, and the message names the checkpoint
+    files that are in it (none named where it holds none)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=r"is a folder$"):
+        load_checkpoint(run)
+    save_checkpoint(run / "best.pt", **_ckpt_args(_mlp(2)))
+    (run / "last.pt").write_bytes((run / "best.pt").read_bytes())
+    with pytest.raises(
+        CheckpointError,
+        match=r"is a folder; give a checkpoint file in it, e\.g\. "
+        + re.escape(f"{run / 'best.pt'} or {run / 'last.pt'}"),
+    ):
+        load_checkpoint(run)
 
 
 def test_checkpoint_of_other_model_rejected(tmp_path):

@@ -189,6 +189,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        hint = [str(path / n) for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        hint = f"; give a checkpoint file in it, e.g. {' or '.join(hint)}" if hint else ""
+        raise CheckpointError(f"checkpoint path is not a file: {path} is a folder{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     if path.stat().st_size == 0:
