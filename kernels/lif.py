@@ -199,12 +199,27 @@ def lif_bwd_kernel(
             b_g = tl.load(p_g_t, mask=m_n, other=0.0).to(tl.float32)
         else:
             b_g = tl.zeros([BLOCK], dtype=tl.float32)
-        # dL/ds[t]: the output gradient plus, unless detached, the reset's -θ dL/dv[t].
+        # dL/ds[t]: the output gradient plus, unless detached, the reset's -θ dL/dv[t] where
+        # v[t] reaches the loss (the next charge in BPTT, v_last at the last step). A missing
+        # path adds nothing, as in the reference's autograd: no 0 * NaN from a NaN sg'(h) or
+        # an infinite θ_t.
         if DETACH_RESET:
             b_ds = b_g
         else:
             b_ds = b_g - b_th * b_dv
+            if not BPTT:
+                if HAS_GV:
+                    b_ds = tl.where(t == last, b_ds, b_g)
+                else:
+                    b_ds = b_g
+            elif not HAS_GV:
+                b_ds = tl.where(t == last, b_g, b_ds)
         b_dh = b_ds * b_sg
+        if not HAS_G:  # then s[t] reaches the loss only through that reset
+            if DETACH_RESET:
+                b_dh = tl.zeros([BLOCK], dtype=tl.float32)
+            elif not BPTT:
+                b_dh = tl.where(t == last, b_dh, 0.0)
         b_dm = b_dv + b_dh
         if NEED_DCUR:
             tl.store(p_dcur_t, b_dm.to(p_dcur.dtype.element_ty), mask=m_n)
@@ -220,7 +235,10 @@ def lif_bwd_kernel(
                 b_vp = tl.load(p_v0 + o_n, mask=m_n, other=0.0).to(tl.float32)
             else:
                 b_vp = tl.zeros([BLOCK], dtype=tl.float32)
-            store_partials(p_ddecay + t * P, b_dm * b_vp, pid, P, BLOCK, SUB)
+            b_dlam = b_dm * b_vp
+            if not HAS_G and not BPTT:
+                b_dlam = tl.where(t == last, b_dlam, 0.0)  # no path (as for b_dh above)
+            store_partials(p_ddecay + t * P, b_dlam, pid, P, BLOCK, SUB)
         if BPTT:
             b_dv = _per_step(p_decay, decay_c, t, D_TENSOR) * b_dm
         else:

@@ -175,6 +175,48 @@ def test_only_spike_or_only_v_last_gradient(device):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("grad_mode", "detach_reset"), [("online", True), ("online", False), ("bptt", True)]
+)
+def test_nan_current_with_only_a_v_last_loss(device, grad_mode, detach_reset):
+    """With no gradient for the spikes, a spike outside the graph (detached reset, or an earlier
+    step online) gets none, nor does λ_t at an earlier step online: a NaN current's sg'(NaN) and
+    NaN membrane must not reach the gradients (the kernel once multiplied the missing dL/ds, 0,
+    by sg'(NaN), and online the missing dL/dm[t], 0, by v[t-1])."""
+    nan = float("nan")
+    res = {}
+    for impl in ("triton", "reference"):
+        c = torch.tensor([[nan, 0.2], [0.1, 0.3], [0.4, 0.2]], device=device, requires_grad=True)
+        d = torch.tensor([0.5, 0.6, 0.7], device=device, requires_grad=True)
+        t = torch.tensor(0.5, device=device, requires_grad=True)
+        _, v = lif_neuron(
+            c, decay=d, threshold=t, detach_reset=detach_reset, grad_mode=grad_mode, impl=impl
+        )
+        v.sum().backward()
+        res[impl] = (c.grad, d.grad, t.grad)
+    for a, b in zip(res["triton"], res["reference"]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert torch.isfinite(res["triton"][0][0, 0]) and res["triton"][1][0] == 0
+
+
+@pytest.mark.parametrize("grad_mode", ["online", "bptt"])
+def test_infinite_threshold_reset_term_only_where_v_reaches_the_loss(device, grad_mode):
+    """The reset's -θ dL/dv[t] exists only where v[t] reaches the loss (online: not before the
+    last step; without a v_last loss: not at the last step). An infinite θ_t elsewhere must not
+    make it 0 * inf = NaN (it did, in the kernel)."""
+    inf = float("inf")
+    res = {}
+    for impl in ("triton", "reference"):
+        c = torch.tensor([[0.3, 0.2], [0.2, 0.5]], device=device, requires_grad=True)
+        t = torch.tensor([inf, -0.25], device=device) if grad_mode == "online" else None
+        t = torch.tensor([0.4, inf], device=device) if t is None else t
+        s, _ = lif_neuron(c, decay=0.5, threshold=t, grad_mode=grad_mode, impl=impl)
+        s.sum().backward()
+        res[impl] = c.grad
+    torch.testing.assert_close(res["triton"], res["reference"], equal_nan=True)
+    assert torch.isfinite(res["triton"][1 if grad_mode == "bptt" else 0]).all()
+
+
 def test_fp16_tiny_negative_margin_is_not_a_spike(device):
     """m - θ = -1e-8 underflows to -0.0 in fp16; the kernel must still treat it as silent in the
     backward (the saved h keeps its sign), as the fp64 oracle does."""
