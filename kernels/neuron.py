@@ -258,6 +258,10 @@ def empf_bwd_kernel(
             else:
                 b_vp = tl.zeros([BLOCK], dtype=tl.float32)
             b_dlam = b_dm * b_vp
+            if not HAS_G and not BPTT:
+                # online without dL/dspikes only the last step reaches the loss (through
+                # v_last); elsewhere λ_t has no path, and 0 * an infinite v[t-1] is no NaN
+                b_dlam = tl.where(t == last, b_dlam, 0.0)
             if LOGITS:
                 b_dlam = b_dlam * (b_lam * (1.0 - b_lam))
             store_param_grad(p_ddecay, b_dlam, t0 + t, t, pid, o_n, m_n, N, P, D_MODE, BLOCK, SUB)

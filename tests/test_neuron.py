@@ -915,6 +915,23 @@ def test_online_v_last_gradient_reaches_the_last_threshold(device, impl):
     torch.testing.assert_close(out["d_decay"].cpu(), want_lam, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_online_v_last_gradient_skips_an_earlier_nonfinite_membrane(device, bad):
+    """Online with a loss on v_last only, λ_t of an earlier step has no path to the loss: its
+    gradient is 0 even where v[t-1] is NaN or infinite (the kernel once multiplied the missing
+    dL/dm[t], 0, by v[t-1]: NaN)."""
+    res = {}
+    for impl in ("triton", "reference"):
+        c = torch.tensor([[bad, 0.2], [0.3, 0.1], [0.2, 0.4]], device=device, requires_grad=True)
+        d = torch.tensor([0.5, 0.6, 0.7], device=device, requires_grad=True)
+        _, v = empf_neuron(c, decay=d, threshold=0.5, grad_mode="online", impl=impl)
+        v.sum().backward()
+        res[impl] = (c.grad, d.grad)
+    for a, b in zip(res["triton"], res["reference"]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert res["triton"][1][1] == 0
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("grad_mode", ["online", "bptt"])
 def test_nan_threshold_never_fires_and_keeps_the_charge(device, impl, grad_mode):
