@@ -379,3 +379,52 @@ def test_npz_cache_file_gets_the_umask_mode(tmp_path):
     assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o644
     assert np.load(tmp_path / "c.npz")["a"].tolist() == [0, 1, 2]
     assert default_file_mode() == 0o666 & ~old
+
+
+# -------------------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"batch_size": 0, "drop_last": True}, "batch_size must be an int >= 1, got 0"),
+        ({"batch_size": -2}, "batch_size must be an int >= 1, got -2"),
+        ({"batch_size": 2.5}, "batch_size must be an int >= 1, got 2.5"),
+        ({"batch_size": True}, "batch_size must be an int >= 1, got True"),
+        ({"batch_size": 3, "world_size": 0}, "world_size must be an int >= 1, got 0"),
+        ({"batch_size": 3, "rank": 3, "world_size": 3}, r"rank must be an int in 0\.\.2, got 3"),
+        ({"batch_size": 3, "rank": -1, "world_size": 2}, r"rank must be an int in 0\.\.1, got -1"),
+    ],
+)
+def test_iterate_batches_bad_arguments_are_named(kw, match):
+    """A batch size < 1 or a rank outside the world is a ValueError naming it, raised at the call
+    (before: range()'s 'arg 3 must not be zero', a ZeroDivisionError, an empty epoch for a
+    negative size, or rank 3 of 3 silently repeating rank 0's samples)."""
+    from empf_triton.train.strategies import iterate_batches, num_batches
+
+    ds = ArrayDataset(torch.zeros(10, 2), torch.arange(10))
+    with pytest.raises(ValueError, match=match):
+        iterate_batches(ds, **kw)
+    if "rank" not in kw:
+        with pytest.raises(ValueError, match=match):
+            num_batches(10, kw["batch_size"], kw.get("world_size", 1))
+
+
+def test_iterate_batches_epoch_covers_every_sample_once():
+    """Shuffled epochs: the same seed gives the same batches, another seed another order, every
+    sample exactly once; the short last batch is kept unless drop_last (as num_batches counts)."""
+    from empf_triton.train.strategies import iterate_batches, num_batches
+
+    ds = ArrayDataset(torch.arange(10).float().unsqueeze(1), torch.arange(10))
+
+    def epoch(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return [y.tolist() for _, y in iterate_batches(ds, 3, shuffle=True, generator=g, **kw)]
+
+    a = epoch(0)
+    assert a == epoch(0) and a != epoch(1)
+    assert sorted(sum(a, [])) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
+    assert len(a) == num_batches(10, 3)
+    d = epoch(0, drop_last=True)
+    assert d == a[:3] and len(d) == num_batches(10, 3, drop_last=True)

@@ -266,7 +266,29 @@ def iterate_batches(
     Args:
         batch_size: per-rank batch size.
         shuffle: permute with `generator` (advanced once per call).
+        drop_last: drop the last batch if it is short (else it is kept).
+
+    Raises:
+        ValueError: `batch_size` or `world_size` is not an int >= 1, or `rank` is not in
+            0..world_size-1 (checked at the call, before any batch).
     """
+    _check_batching(batch_size, rank, world_size)
+    return _iterate_batches(
+        dataset, batch_size, shuffle, generator, drop_last, rank, world_size, device, num_workers
+    )
+
+
+def _check_batching(batch_size, rank: int = 0, world_size: int = 1) -> None:
+    for name, v in (("batch_size", batch_size), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in 0..{world_size - 1}, got {rank!r}")
+
+
+def _iterate_batches(
+    dataset, batch_size, shuffle, generator, drop_last, rank, world_size, device, num_workers
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if world_size > 1:
@@ -301,6 +323,7 @@ def iterate_batches(
 
 def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
     """Batches per epoch that `iterate_batches` yields on each rank."""
+    _check_batching(batch_size, 0, world_size)
     per_rank = (n - n % world_size) // world_size if world_size > 1 else n
     return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
 
