@@ -428,3 +428,118 @@ def test_iterate_batches_epoch_covers_every_sample_once():
     assert len(a) == num_batches(10, 3)
     d = epoch(0, drop_last=True)
     assert d == a[:3] and len(d) == num_batches(10, 3, drop_last=True)
+
+
+def _fake_tonic(monkeypatch, downloads):
+    """A stand-in for tonic's dataset classes as tonic 1.x writes them: files under
+    save_to/<class name>; the constructor calls self.download() unless its archive is there and
+    enough files are extracted; samples are ToFrame frames [T, P, H, W] int16."""
+    import sys
+    import types
+
+    class Base:
+        sensor_size = (128, 128, 2)
+        filename, folder_name, ext = "", "", ".npy"
+
+        def __init__(self, save_to, transform=None, train=True):
+            self.location_on_system = os.path.join(save_to, type(self).__name__)
+            self.transform, self.data, self.targets = transform, [], []
+            if not self._check_exists():
+                self.download()
+            folder = os.path.join(self.location_on_system, self.folder_name)
+            for f in sorted(os.listdir(folder)):
+                self.data.append(f)
+                self.targets.append(int(f.split("_")[0]))
+
+        def _check_exists(self):
+            where = os.path.join(self.location_on_system, self.folder_name)
+            return os.path.isfile(os.path.join(self.location_on_system, self.filename)) and (
+                os.path.isdir(where) and len(os.listdir(where)) >= 4
+            )
+
+        def download(self):  # tonic's: download_and_extract_archive into location_on_system
+            downloads.append(self.location_on_system)
+            os.makedirs(self.location_on_system, exist_ok=True)
+            with open(os.path.join(self.location_on_system, self.filename), "wb") as f:
+                f.write(b"downloaded")
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            T = self.transform.n_time_bins
+            frames = np.full((T, 2, 128, 128), i, np.int16)
+            frames[:, 1] += 1000  # the OFF channel differs from the ON channel
+            return frames, self.targets[i]
+
+    class DVSGesture(Base):
+        def __init__(self, save_to, train=True, transform=None):
+            self.filename = "ibmGestureTrain.tar.gz" if train else "ibmGestureTest.tar.gz"
+            self.folder_name = "ibmGestureTrain" if train else "ibmGestureTest"
+            super().__init__(save_to, transform, train)
+
+    class CIFAR10DVS(Base):
+        filename, folder_name = "CIFAR10DVS.zip", "CIFAR10DVS"
+
+    class ToFrame:
+        def __init__(self, sensor_size, n_time_bins):
+            self.n_time_bins = n_time_bins
+
+    tonic = types.ModuleType("tonic")
+    tonic.datasets = types.SimpleNamespace(DVSGesture=DVSGesture, CIFAR10DVS=CIFAR10DVS)
+    tonic.transforms = types.SimpleNamespace(ToFrame=ToFrame)
+    monkeypatch.setitem(sys.modules, "tonic", tonic)
+
+
+def _fake_gesture_files(root, split, n):
+    folder = root / "DVSGesture" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    (root / "DVSGesture" / f"{split}.tar.gz").write_bytes(b"archive")
+    for i in range(n):
+        (folder / f"{i % 11}_{i}.npy").write_bytes(b"")
+
+
+@pytest.mark.parametrize("missing", ["empty folder", "archive gone", "test split not extracted"])
+def test_dvs_incomplete_files_are_refused_not_downloaded(tmp_path, monkeypatch, missing):
+    """tonic downloads whenever its files look incomplete; the loader, documented never to
+    download, refuses with DatasetNotFoundError naming the folder, and writes nothing there
+    (before: tonic's download ran, into the user's data folder)."""
+    downloads = []
+    _fake_tonic(monkeypatch, downloads)
+    (tmp_path / "DVSGesture").mkdir()
+    if missing != "empty folder":
+        _fake_gesture_files(tmp_path, "ibmGestureTrain", 6)
+        _fake_gesture_files(tmp_path, "ibmGestureTest", 6)
+    if missing == "archive gone":
+        (tmp_path / "DVSGesture" / "ibmGestureTrain.tar.gz").unlink()
+    elif missing == "test split not extracted":
+        for f in (tmp_path / "DVSGesture" / "ibmGestureTest").iterdir():
+            f.unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(DatasetNotFoundError, match="never downloads") as e:
+        load_dataset("dvs_gesture", str(tmp_path), T=2)
+    assert str(tmp_path / "DVSGesture") in str(e.value) and "tar.gz" in str(e.value)
+    assert downloads == []
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_dvs_frames_per_step(tmp_path, monkeypatch):
+    """Event samples are T frames [T, 2, size, size] float32 (ON/OFF channels kept apart) and
+    batches are [N, T, 2, size, size], so the model gets frame t at step t."""
+    from empf_triton.train.strategies import iterate_batches, step_inputs
+
+    _fake_tonic(monkeypatch, [])
+    _fake_gesture_files(tmp_path, "ibmGestureTrain", 6)
+    _fake_gesture_files(tmp_path, "ibmGestureTest", 5)
+    train, test, info = load_dataset("dvs_gesture", str(tmp_path), T=3)
+    assert (len(train), len(test)) == (6, 5)
+    assert info.is_event and info.in_shape == (2, 48, 48) and info.num_classes == 11
+    x, y = train[2]
+    assert x.shape == (3, 2, 48, 48) and x.dtype == torch.float32 and isinstance(y, int)
+    # "area" resizing of a constant frame keeps the value; the channels stay apart
+    assert float(x[:, 0].min()) == float(x[:, 0].max()) == 2.0 and float(x[:, 1].min()) == 1002.0
+    (xb, yb), *_ = iterate_batches(train, 4)
+    assert xb.shape == (4, 3, 2, 48, 48) and yb.dtype == torch.int64
+    assert torch.equal(step_inputs(xb, 1, True), xb[:, 1])
+    _, _, full = load_dvs("dvs_gesture", str(tmp_path), T=3, size=None)
+    assert full.in_shape == (2, 128, 128)

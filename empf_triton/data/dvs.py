@@ -36,6 +36,21 @@ def _import_tonic():
     return tonic
 
 
+def _no_download(cls, name: str, where: Path):
+    """`cls` with its `download()` refusing: tonic downloads (gigabytes, into `where`) whenever
+    its files look incomplete there, e.g. the archive it fetched is gone or few files are
+    extracted. The subclass keeps tonic's class name, which names tonic's folder."""
+
+    def download(self):
+        raise DatasetNotFoundError(
+            f"{name} files under {where} are missing or incomplete: tonic expects its archive "
+            f"{getattr(self, 'filename', '')!r} there and the files extracted from it (this "
+            "library never downloads; fetch and extract the data set there, or pass --data-root)"
+        )
+
+    return type(cls.__name__, (cls,), {"download": download})
+
+
 class FramesDataset(Dataset):
     """Wraps a tonic data set: items (frames [T, 2, H, W] float32, label int)."""
 
@@ -71,7 +86,7 @@ def load_dvs(name: str, root=None, T: int = 10, size: int | None = 48, seed: int
             f"{name} files not found: expected tonic's folder {root / folder} (this library never "
             "downloads; fetch and extract the data set there, or pass --data-root)"
         )
-    cls = getattr(tonic.datasets, cls_name)
+    cls = _no_download(getattr(tonic.datasets, cls_name), name, root / folder)
     sensor = cls.sensor_size
     to_frames = tonic.transforms.ToFrame(sensor_size=sensor, n_time_bins=T)
     if name == "dvs_gesture":
