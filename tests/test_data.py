@@ -543,3 +543,40 @@ def test_dvs_frames_per_step(tmp_path, monkeypatch):
     assert torch.equal(step_inputs(xb, 1, True), xb[:, 1])
     _, _, full = load_dvs("dvs_gesture", str(tmp_path), T=3, size=None)
     assert full.in_shape == (2, 128, 128)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"num_samples": 0}, "num_samples must be an int >= 1, got 0"),
+        ({"num_samples": "100"}, "num_samples must be an int >= 1, got '100'"),
+        ({"num_samples": 5}, r"leave an empty split \(0 samples are made"),
+        ({"train_split": 1.0}, "train_split 1.0 leave an empty split"),
+        ({"train_split": "0.8"}, "train_split must be a number, got '0.8'"),
+        ({"final_seq_length": 0}, "final_seq_length must be an int >= 1, got 0"),
+    ],
+)
+def test_mnist1d_bad_generation_values_are_named(tmp_path, kw, match):
+    """Generation arguments that cannot make two non-empty splits are a ValueError naming them,
+    before generating or caching anything (before: numpy's 'need at least one array to stack',
+    a TypeError from inside the package, or an empty test set / signals of length 0 cached)."""
+    with pytest.raises(ValueError, match=match):
+        load_dataset("mnist1d", str(tmp_path), **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mnist1d_cache_hits_when_num_samples_is_not_a_multiple_of_10(tmp_path, monkeypatch):
+    """The package makes num_samples // 10 samples of each class; the cache check expects that
+    many (before: it expected num_samples, so such a cache was regenerated on every load)."""
+    pytest.importorskip("mnist1d")
+    import empf_triton.data.mnist1d as m
+
+    a = mnist1d_arrays(tmp_path, num_samples=55)
+    assert (len(a["x"]), len(a["x_test"])) == (40, 10)
+
+    def no_generation(args):
+        raise AssertionError("regenerated although the cache holds these arguments")
+
+    monkeypatch.setattr(m, "_generate", no_generation)
+    b = mnist1d_arrays(tmp_path, num_samples=55)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

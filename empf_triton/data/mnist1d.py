@@ -47,7 +47,26 @@ def generation_args(**overrides) -> dict:
             f"unknown mnist1d generation arguments {sorted(unknown)}; expected some of "
             f"{sorted(DEFAULT_ARGS)}"
         )
-    return {**DEFAULT_ARGS, **overrides}
+    args = {**DEFAULT_ARGS, **overrides}
+    for name in ("num_samples", "final_seq_length"):
+        v = args[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"mnist1d {name} must be an int >= 1, got {v!r}")
+    split, n = args["train_split"], num_generated(args)
+    if isinstance(split, bool) or not isinstance(split, (int, float)):
+        raise ValueError(f"mnist1d train_split must be a number, got {split!r}")
+    if not 0 < int(n * split) < n:
+        raise ValueError(
+            f"mnist1d num_samples {args['num_samples']!r} and train_split {split!r} leave an "
+            f"empty split ({n} samples are made: num_samples rounded down to a multiple of "
+            f"{NUM_CLASSES}, the first int({n} * train_split) of them for training)"
+        )
+    return args
+
+
+def num_generated(args: dict) -> int:
+    """How many samples the package makes: `num_samples // 10` of each class."""
+    return args["num_samples"] // NUM_CLASSES * NUM_CLASSES
 
 
 def _generate(args: dict) -> dict[str, np.ndarray]:
@@ -79,7 +98,7 @@ def _generate(args: dict) -> dict[str, np.ndarray]:
 
 def _cache_ok(a: dict[str, np.ndarray], args: dict) -> bool:
     """Whether cached arrays are a whole data set of these arguments: dtypes, [n, L] signals of
-    the asked length with one label in 0..9 each, train + test = num_samples, finite values.
+    the asked length with one label in 0..9 each, train + test = `num_generated`, finite values.
     Anything else (a foreign or damaged file that still unzips) is regenerated."""
     x, y, xt, yt = a["x"], a["y"], a["x_test"], a["y_test"]
     L = args["final_seq_length"]
@@ -91,7 +110,7 @@ def _cache_ok(a: dict[str, np.ndarray], args: dict) -> bool:
         and y.shape == (x.shape[0],)
         and yt.shape == (xt.shape[0],)
         and x.shape[0] > 0
-        and x.shape[0] + xt.shape[0] == args["num_samples"]
+        and x.shape[0] + xt.shape[0] == num_generated(args)
         and all(v.size == 0 or (v.min() >= 0 and v.max() < NUM_CLASSES) for v in (y, yt))
         and bool(np.isfinite(x).all() and np.isfinite(xt).all())
     )
