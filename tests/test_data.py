@@ -34,6 +34,9 @@ def mnist1d_cache(tmp_path_factory):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'mnist2d'.*mnist1d"):
         load_dataset("mnist2d")
+    for name in (["mnist1d"], {"mnist1d": 1}):  # was "unhashable type: 'list'", no name
+        with pytest.raises(ValueError, match=r"unknown dataset .*mnist1d.*; expected one of"):
+            load_dataset(name)
     assert {"mnist1d", "digits", "cifar10", "cifar100", "dvs_cifar10", "dvs_gesture"} <= set(
         DATASETS
     )

@@ -126,6 +126,6 @@ def load_dataset(name: str, root: str | None = None, **kw) -> tuple:
         DatasetNotFoundError: the files are not under `root` (the message names the path).
         MissingDependencyError: the optional package the data set needs is not installed.
     """
-    if name not in DATASETS:
+    if not isinstance(name, str) or name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     return DATASETS[name](root, **kw)
