@@ -583,3 +583,26 @@ def test_mnist1d_cache_hits_when_num_samples_is_not_a_multiple_of_10(tmp_path, m
     monkeypatch.setattr(m, "_generate", no_generation)
     b = mnist1d_arrays(tmp_path, num_samples=55)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["compression method", "encrypted flag", "zip version"])
+def test_mnist1d_cache_damaged_in_the_zip_headers_regenerated(tmp_path, damage):
+    """A cache file whose zip headers are damaged makes zipfile raise NotImplementedError or
+    RuntimeError: it is regenerated like any other corrupt cache (before: the error escaped and
+    the load failed)."""
+    pytest.importorskip("mnist1d")
+    good = mnist1d_arrays(tmp_path, num_samples=20)
+    (path,) = tmp_path.glob("mnist1d-*.npz")
+    b = bytearray(path.read_bytes())
+    central = b.index(b"PK\x01\x02")  # the first central directory entry
+    if damage == "compression method":
+        b[central + 10] = 99
+    elif damage == "encrypted flag":
+        b[central + 8] |= 1
+    else:
+        b[central + 6] = 200  # "version needed to extract": 20.0
+    path.write_bytes(bytes(b))
+    again = mnist1d_arrays(tmp_path, num_samples=20)
+    assert all(np.array_equal(again[k], good[k]) for k in good)
+    with np.load(path) as z:  # replaced by a whole file
+        assert np.array_equal(z["x"], good["x"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 
 import numpy as np
 import torch
@@ -127,8 +126,11 @@ def mnist1d_arrays(root=None, cache: bool = True, **overrides) -> dict[str, np.n
                 arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
             if _cache_ok(arrays, args):
                 return arrays
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-            pass  # corrupt or foreign cache file: regenerate and replace it
+        except Exception:
+            # a corrupt or foreign cache file: regenerate and replace it. Damaged bytes fail in
+            # many ways inside zipfile and numpy's header parser (BadZipFile, EOFError,
+            # NotImplementedError, RuntimeError, tokenize errors, ...); the file is only a cache.
+            pass
     arrays = _generate(args)
     if cache:
         try:
