@@ -606,3 +606,22 @@ def test_mnist1d_cache_damaged_in_the_zip_headers_regenerated(tmp_path, damage):
     assert all(np.array_equal(again[k], good[k]) for k in good)
     with np.load(path) as z:  # replaced by a whole file
         assert np.array_equal(z["x"], good["x"])
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"max_shift": -1}, "max_shift must be an int >= 0, got -1"),
+        ({"max_shift": 2.5}, "max_shift must be an int >= 0, got 2.5"),
+        ({"max_shift": True}, "max_shift must be an int >= 0, got True"),
+        ({"noise": -0.1}, "noise must be a finite number >= 0, got -0.1"),
+        ({"noise": float("nan")}, "noise must be a finite number >= 0, got nan"),
+    ],
+)
+def test_mnist1d_bad_augmentation_options_are_named(tmp_path, kw, match):
+    """Augmentation options are checked at load, before generating anything (before: a negative
+    max_shift or a NaN noise silently turned that augmentation off, and a float max_shift failed
+    in torch.randint at the first training batch)."""
+    with pytest.raises(ValueError, match=match):
+        load_dataset("mnist1d", str(tmp_path), **kw)
+    assert list(tmp_path.iterdir()) == []

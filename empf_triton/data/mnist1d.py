@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import torch
@@ -169,9 +170,16 @@ def load_mnist1d(
     noise: float = 0.0,
     **overrides,
 ):
-    """(train_set, test_set, DatasetInfo) for MNIST-1D; x items are [1, 40] float32."""
+    """(train_set, test_set, DatasetInfo) for MNIST-1D; x items are [1, 40] float32.
+
+    The training augmentation (`augment`) shifts each sample circularly by up to `max_shift`
+    (an int >= 0) and adds Gaussian noise of std `noise` (a number >= 0)."""
     from . import DatasetInfo
 
+    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
+        raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < math.inf:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     a = mnist1d_arrays(root, cache=cache, **overrides)
     train = ArrayDataset(torch.from_numpy(a["x"]).unsqueeze(1), torch.from_numpy(a["y"]))
     test = ArrayDataset(torch.from_numpy(a["x_test"]).unsqueeze(1), torch.from_numpy(a["y_test"]))
