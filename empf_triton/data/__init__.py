@@ -114,7 +114,8 @@ def load_dataset(name: str, root: str | None = None, **kw) -> tuple:
         name: one of `DATASETS` ("mnist1d", "digits", "cifar10", "cifar100", "dvs_cifar10",
             "dvs_gesture").
         root: folder of the files for cifar/dvs (default "./data"); the cache folder for mnist1d
-            (default `$EMPF_CACHE_DIR` or `~/.cache/empf_triton`); unused by digits.
+            (default `$EMPF_CACHE_DIR`, else `$XDG_CACHE_HOME/empf_triton`, else
+            `~/.cache/empf_triton`); unused by digits.
         **kw: loader options (e.g. `T` for event data, `cache=False` for mnist1d).
 
     Returns:
@@ -122,8 +123,10 @@ def load_dataset(name: str, root: str | None = None, **kw) -> tuple:
         (x [*in_shape] float32, label int64).
 
     Raises:
-        ValueError: unknown name.
-        DatasetNotFoundError: the files are not under `root` (the message names the path).
+        ValueError: unknown name, a bad option value, or a damaged data file (the message
+            names it).
+        DatasetNotFoundError: the files are not under `root`, or are incomplete (the message
+            names the path).
         MissingDependencyError: the optional package the data set needs is not installed.
     """
     if not isinstance(name, str) or name not in DATASETS:
