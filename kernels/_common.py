@@ -157,7 +157,7 @@ def load_param(p, c_val, row, s_t, s_c, o_ch, m_n, MODE: tl.constexpr, LOGIT: tl
     With LOGIT the stored value is a logit and the parameter is its sigmoid.
     """
     if MODE == 0:
-        x = c_val
+        x = tl.cast(c_val, tl.float32)  # a subnormal float is an fp64 constant in the interpreter
     elif MODE == 1:
         x = tl.load(p + row * s_t).to(tl.float32)
     else:

@@ -864,6 +864,29 @@ def test_float_threshold_outside_fp32_is_refused(impl):
         empf_neuron(x.double(), decay=0.5, threshold=1e300, impl=impl)
 
 
+@pytest.mark.parametrize(
+    "op, param",
+    [(op, p) for op in ("empf_neuron", "empf_neuron_step") for p in ("decay", "threshold")]
+    + [("parallel_neuron", "threshold")],
+)
+def test_subnormal_float_params_match_reference_with_codes(device, op, param):
+    """A float decay or threshold below fp32's smallest normal (1e-39, or 1e-50 which is 0 in
+    fp32) is a valid value: the Triton path quantising to codes gives the reference's spikes. (In
+    Triton's interpreter such a float was an fp64 constant, and the spike quantiser then raised
+    an InterpreterError: "Expected dtype ['fp32'] but got fp64".)"""
+    x = torch.tensor([[0.5, 0.0, 1e-39], [0.25, -1.0, 2.0]], device=device)
+    for value in (1e-39, -1e-39 if param == "threshold" else 0.0, 1e-50):
+        kw = {"decay": 0.5, "threshold": 0.25, param: value, "spike_bits": 4}
+        if op == "empf_neuron":
+            out = [empf_neuron(x[:, None], **kw, impl=impl)[0] for impl in ("triton", "reference")]
+        elif op == "empf_neuron_step":
+            out = [empf_neuron_step(x, **kw, impl=impl)[0] for impl in ("triton", "reference")]
+        else:
+            kw.pop("decay")
+            out = [parallel_neuron(x[:, None], **kw, impl=impl) for impl in ("triton", "reference")]
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fired_membrane_is_exactly_the_threshold(device, impl, dtype):
