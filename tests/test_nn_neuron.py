@@ -62,6 +62,15 @@ def test_step_mode_limits_calls_to_T_and_reset_net_restarts():
     net(x)
 
 
+@pytest.mark.parametrize("fn", [reset_net, detach_net], ids=["reset_net", "detach_net"])
+@pytest.mark.parametrize("bad", [None, "model", [EMPFNeuron(2)], torch.zeros(3)], ids=repr)
+def test_reset_and_detach_net_name_a_non_module(fn, bad):
+    """A model that is not an nn.Module (None, a list of modules, ...) is a TypeError naming the
+    function, as frozen_weights, not an AttributeError on `.modules`."""
+    with pytest.raises(TypeError, match=f"{fn.__name__} needs an nn.Module, got"):
+        fn(bad)
+
+
 def test_multi_step_checks_T_and_fresh_state():
     n = EMPFNeuron(3, step_mode="m")
     with pytest.raises(ValueError, match=r"T=3"):

@@ -681,6 +681,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def reset_net(model: nn.Module) -> None:
     """Reset every stateful neuron in `model` (membrane cleared, step counter 0)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"reset_net needs an nn.Module, got {type(model).__name__}")
     for m in model.modules():
         if isinstance(m, StatefulNeuron):
             m.reset()
@@ -688,6 +690,8 @@ def reset_net(model: nn.Module) -> None:
 
 def detach_net(model: nn.Module) -> None:
     """Detach the membrane of every stateful neuron in `model` from its graph."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"detach_net needs an nn.Module, got {type(model).__name__}")
     for m in model.modules():
         if isinstance(m, StatefulNeuron):
             m.detach()
