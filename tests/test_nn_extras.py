@@ -100,6 +100,33 @@ def test_membn_bad_input_raises(make, exc):
         make()
 
 
+@pytest.mark.parametrize(
+    ("module_dtype", "x", "exc", "match"),
+    [
+        (torch.float32, torch.ones(2, 3, dtype=torch.int64), TypeError, "dtype torch.int64"),
+        (torch.float32, torch.ones(2, 3, dtype=torch.bool), TypeError, "dtype torch.bool"),
+        (torch.float32, torch.ones(2, 3, dtype=torch.complex64), TypeError, "dtype torch.complex"),
+        (
+            torch.float32,
+            torch.ones(2, 3, dtype=torch.float64),
+            TypeError,
+            "parameters torch.float32",
+        ),
+        (torch.float64, torch.ones(2, 3), TypeError, "parameters torch.float64"),
+        (torch.bfloat16, torch.ones(2, 3), TypeError, "parameters torch.bfloat16"),
+        (torch.float32, torch.ones(2, 3, device="meta"), ValueError, "on meta but its parameters"),
+    ],
+)
+def test_membn_names_an_input_of_the_wrong_dtype_or_device(module_dtype, x, exc, match):
+    """An input batch_norm cannot take (integer, complex, wider than the parameters, another
+    device) is a TypeError/ValueError naming MemBN's input, not batch_norm's NotImplementedError
+    or RuntimeError; a half-precision input with fp32 parameters (autocast) still runs."""
+    mb = MemBN(3, 2).to(module_dtype)
+    with pytest.raises(exc, match=f"MemBN input (has|is) .*{match}"):
+        mb(x, 0)
+    assert MemBN(3, 2)(torch.ones(2, 3, dtype=torch.bfloat16), 0).dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------ EMPFNeuron(mem_bn=True)
 
 

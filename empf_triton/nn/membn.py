@@ -74,6 +74,22 @@ class MemBN(nn.Module):
                 f"MemBN(channels={self.channels}) needs a membrane [N, {self.channels}, *], "
                 f"got {tuple(m.shape)}"
             )
+        p = self.weight
+        half = (torch.float16, torch.bfloat16)
+        if (
+            not m.is_floating_point()
+            or (m.dtype == torch.float64) != (p.dtype == torch.float64)
+            or (p.dtype in half and m.dtype != p.dtype)
+        ):
+            # batch_norm takes an input of its parameters' dtype, or a half-precision input
+            # with fp32 parameters (autocast), never a wider input than its parameters
+            raise TypeError(
+                f"MemBN input has dtype {m.dtype}, its parameters {p.dtype}: give a floating "
+                "input of the parameters' dtype (a half-precision input also fits fp32 "
+                "parameters; float64 only with a float64 module, `.double()`)"
+            )
+        if m.device != p.device:
+            raise ValueError(f"MemBN input is on {m.device} but its parameters are on {p.device}")
 
     def forward(self, m: torch.Tensor, t: int) -> torch.Tensor:
         self._check(m, t)
