@@ -162,6 +162,15 @@ def test_linear_bad_inputs(device):
         layer(torch.randn(2, 7, device=device))
 
 
+@pytest.mark.parametrize("cls", [BinaryLinear, BinaryConv2d], ids=["linear", "conv"])
+@pytest.mark.parametrize("bias", ["False", 1, None], ids=repr)
+def test_bias_flag_must_be_a_bool(cls, bias):
+    """bias is a real bool, as the neurons' flags: "False" (truthy) made a bias silently."""
+    size = (4, 4) if cls is BinaryLinear else (4, 4, 3)
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        cls(*size, bias=bias)
+
+
 @pytest.mark.parametrize("cls", ["linear", "conv"])
 def test_layers_check_each_call_form_once(device, cls):
     """A layer runs its checks on the first call of each form (input shape, dtype, device;

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import IMPLS, TRITON_DTYPES, check_tensor, resolve_impl
+from ..ops._common import IMPLS, TRITON_DTYPES, check_bool, check_tensor, resolve_impl
 from ..ops.binary import (
     PackedWeight,
     _route,
@@ -132,6 +132,7 @@ class _BinaryLayer(nn.Module):
         self.weight_bits = 1.5 if _weight_bits(weight_bits) == 2 else 1
         self.bits = _weight_bits(weight_bits)
         self.impl = _check_impl(impl)
+        check_bool("bias", bias)  # a truthy "False" or 0.0 would silently add a bias
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             # (an integer dtype would fail inside nn.Parameter: it cannot require grad)
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
