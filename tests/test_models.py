@@ -299,6 +299,36 @@ def test_input_shape_checked():
         m([1.0])
 
 
+@pytest.mark.parametrize(
+    ("x", "exc", "match"),
+    [
+        (torch.rand(2, 64, dtype=torch.float64), TypeError, "has dtype torch.float64 but"),
+        (torch.rand(2, 64).half(), TypeError, "has dtype torch.float16 but"),
+        (torch.ones(2, 64, dtype=torch.uint8), TypeError, "has dtype torch.uint8 but"),
+        (torch.ones(2, 64, dtype=torch.complex64), TypeError, "has dtype torch.complex64"),
+        (torch.rand(2, 64, device="meta"), ValueError, "is on meta but the model is on cpu"),
+    ],
+    ids=["fp64", "fp16", "uint8", "complex", "meta"],
+)
+def test_input_dtype_and_device_checked(x, exc, match):
+    """An input of another dtype or device than the model's parameters is named by the model,
+    not torch's "expected m1 and m2 to have the same dtype" from inside its first layer; under
+    autocast a float input of another dtype still runs (the layers cast it)."""
+    m = build_model("digits_mlp", in_shape=(64,), num_classes=3, T=2, impl="reference")
+    with pytest.raises(exc, match=f"DigitsMLP input {match}"):
+        m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.rand(2, 64, dtype=torch.bfloat16)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("in_shape", [64, None, "64"], ids=repr)
+def test_build_model_names_an_in_shape_that_is_not_a_sequence(in_shape):
+    """in_shape=64 (not (64,)) is the ValueError of a bad in_shape, not "'int' object is not
+    iterable"."""
+    with pytest.raises(ValueError, match="in_shape must be a tuple of positive ints"):
+        build_model("digits_mlp", in_shape=in_shape, num_classes=3, T=2)
+
+
 def test_online_training_step_keeps_no_graph_across_steps():
     """Step mode "s", train mode: per-step backward and optimizer step, as the online strategy."""
     T = 3

@@ -343,6 +343,9 @@ class NeuronFactory:
         return empf_neuron(self.T, channels, parallel=parallel and self.parallel, **self.kw)
 
 
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class SpikingModel(nn.Module):
     """Base of the models: holds `T`, `num_classes`, `in_shape` and `step_mode`, checks inputs.
 
@@ -386,6 +389,21 @@ class SpikingModel(nn.Module):
                 f"{type(self).__name__} in step_mode={self.step_mode!r} needs input {want}, "
                 f"got {tuple(x.shape)}"
             )
+        p = next(self.parameters(), None)
+        if p is not None:
+            # here, not as torch's "expected scalar type Double but found Float" from the first
+            # layer (under autocast the layers cast an fp32, fp16 or bf16 input)
+            if x.dtype != p.dtype and not (
+                x.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(x.device.type)
+            ):
+                raise TypeError(
+                    f"{type(self).__name__} input has dtype {x.dtype} but the model's parameters "
+                    f"are {p.dtype}: convert the input (x.to({p.dtype})), or the model"
+                )
+            if x.device != p.device:
+                raise ValueError(
+                    f"{type(self).__name__} input is on {x.device} but the model is on {p.device}"
+                )
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -443,6 +461,8 @@ def build_model(
                 f"model {name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
                 f"accepted: {', '.join(accepted)}"
             )
+    if not isinstance(in_shape, (tuple, list, torch.Size)):
+        raise ValueError(f"in_shape must be a tuple of positive ints, got {in_shape!r}")
     try:
         return fn(in_shape=tuple(in_shape), num_classes=num_classes, T=T, **options)
     except TypeError as e:
