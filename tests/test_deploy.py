@@ -719,6 +719,24 @@ def test_export_rejects_non_plain_meta(tmp_path):
         export(_small(), tmp_path / "m.safetensors", meta={"x": object()})
 
 
+@pytest.mark.parametrize("meta", ["mnist1d", [("a", 1)]], ids=["str", "list"])
+def test_export_names_meta_that_is_not_a_mapping(tmp_path, meta):
+    """meta="..." was "dictionary update sequence element #0 has length 1" (not naming meta)."""
+    with pytest.raises(DeployError, match="meta must be a dict of plain JSON data or None"):
+        export(_small(), tmp_path / "m.safetensors", meta=meta)
+
+
+@pytest.mark.parametrize("overwrite", ["False", 1, None], ids=repr)
+def test_export_overwrite_must_be_a_bool(tmp_path, overwrite):
+    """overwrite="False" (truthy) replaced an existing file; a non-bool is a TypeError and the
+    file stays."""
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(b"precious")
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        export(_small(), p, overwrite=overwrite)
+    assert p.read_bytes() == b"precious"
+
+
 @pytest.fixture
 def exported(tmp_path):
     return export(_small(spike_bits=4), tmp_path / "m.safetensors")

@@ -110,6 +110,12 @@ def export(
     from .. import __version__
     from .fold import fold
 
+    if not isinstance(overwrite, bool):  # "False" is truthy: it would replace the file
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r} ({type(overwrite).__name__})")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise DeployError(
+            f"meta must be a dict of plain JSON data or None, got {type(meta).__name__}"
+        )
     deployed = model if isinstance(model, DeployedModel) else fold(model)
     try:
         user = _plain(dict(meta or {}), "meta")
