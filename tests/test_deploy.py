@@ -1044,6 +1044,18 @@ def test_energy_report_counts_match_the_trained_model():
     assert energy_report(d, [x], max_samples=3)["samples"] == 3
 
 
+def test_energy_report_names_a_model_that_is_not_deployed_and_a_non_int_max_samples():
+    """The trained model (not folded) was an AttributeError on `_nodes`; max_samples=1e4 (a
+    float) was "slice indices must be integers"."""
+    model = _small()
+    x = torch.randn(2, 1, 24)
+    with pytest.raises(TypeError, match="energy_report needs a DeployedModel .*got MNIST1DCNN"):
+        energy_report(model, [x])
+    for bad in (1e4, 2.0, True, "3"):
+        with pytest.raises(TypeError, match="max_samples must be an int or None"):
+            energy_report(fold(model), [x], max_samples=bad)
+
+
 def test_energy_report_takes_an_empty_batch():
     """A batch of no samples (the deployed model runs it) adds nothing to the counts."""
     d = fold(_small(parallel=True))

@@ -189,6 +189,15 @@ def energy_report(
         "neurons", "input_bits", "energy_paper_pj", ...} per sample], "totals": {"sops", "macs",
         "nops", "energy_paper_mj", "energy_usual_mj", "firing_rate"}} with counts per sample.
     """
+    if not isinstance(model, DeployedModel):
+        raise TypeError(
+            f"energy_report needs a DeployedModel (empf_triton.deploy.fold(model) or load(path)), "
+            f"got {type(model).__name__}"
+        )
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int)
+    ):
+        raise TypeError(f"max_samples must be an int or None, got {max_samples!r}")
     rec = _Recorder(model)
     n = 0
     model._recorder = rec
