@@ -346,6 +346,20 @@ class NeuronFactory:
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _first_parameter(module: nn.Module) -> torch.Tensor | None:
+    """`next(module.parameters(), None)` without its generators (a few µs a call on a
+    ResNet): the model checks its input against it at every forward."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        if child is not None:
+            p = _first_parameter(child)
+            if p is not None:
+                return p
+    return None
+
+
 class SpikingModel(nn.Module):
     """Base of the models: holds `T`, `num_classes`, `in_shape` and `step_mode`, checks inputs.
 
@@ -389,7 +403,7 @@ class SpikingModel(nn.Module):
                 f"{type(self).__name__} in step_mode={self.step_mode!r} needs input {want}, "
                 f"got {tuple(x.shape)}"
             )
-        p = next(self.parameters(), None)
+        p = _first_parameter(self)
         if p is not None:
             # here, not as torch's "expected scalar type Double but found Float" from the first
             # layer (under autocast the layers cast an fp32, fp16 or bf16 input)
