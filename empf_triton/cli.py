@@ -94,20 +94,21 @@ def _number(dest: str, none_words: tuple[str, ...] = ()):
     return parse
 
 
-def _path(text: str) -> str:
-    """An argparse `type` for file and folder options: an empty path (an unset shell variable,
-    `--out "$DIR"`) would mean the current folder or, for --json, no file at all."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"must be a path, got {text!r}")
-    return text
+def _nonempty(what: str):
+    """An argparse `type` refusing an empty or blank value (an unset shell variable): an empty
+    path would mean the current folder (or, for --json, no file at all), an empty --dataset or
+    --model would read as "not given"."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"must be a {what}, got {text!r}")
+        return text
+
+    return parse
 
 
-def _name(text: str) -> str:
-    """An argparse `type` for --dataset and --model: an empty name (an unset shell variable)
-    would read as "not given" (eval would use the saved data set without a word)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"must be a name, got {text!r}")
-    return text
+_path = _nonempty("path")  # file and folder options
+_name = _nonempty("name")  # --dataset, --model
 
 
 def _weight_bits(s: str) -> float:
@@ -355,6 +356,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.precision import compile_model
     from .train.strategies import evaluate, iterate_batches
 
+    if args.json:  # before the work, for both sources
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
+    elif args.overwrite:
+        raise UsageError("--overwrite applies to --json (the only file empf eval writes)")
     if args.deployed is not None or args.checkpoint is None:
         return deploy_cli.cmd_eval(args)
     given = [f for f, v in (("--energy-samples", args.energy_samples),
@@ -362,10 +367,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if given:
         verb = "applies" if len(given) == 1 else "apply"
         raise UsageError(f"{' and '.join(given)} {verb} to --deployed, not to --checkpoint")
-    if args.json:
-        check_output_file(args.json, "--json", overwrite=args.overwrite)  # before the work
-    elif args.overwrite:
-        raise UsageError("--overwrite applies to --json (the only file empf eval writes)")
     step_mode = args.step_mode or "m"
     precision = args.precision or "fp32"
     compile_mode = args.compile or "none"

@@ -800,13 +800,13 @@ def test_fp16_scaler_path_with_grad_clip_steps_every_strategy():
 
 
 def test_compiled_and_ddp_wrappers_are_unwrapped():
+    from empf_triton.nn.neuron import unwrap_model
     from empf_triton.train.precision import compile_model
-    from empf_triton.train.strategies import _base
 
     model = _mlp(2, hidden=(8,))
     assert compile_model(model, "none") is model
     compiled = compile_model(model, "default")  # lazy: nothing compiles until it is called
-    assert _base(compiled) is model
+    assert unwrap_model(compiled) is model
     with pytest.raises(ValueError, match="compile"):
         compile_model(model, "fast")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .._files import check_output_file, write_file_atomic
+from .._files import write_file_atomic
 from .errors import DeployError
 
 __all__ = ["cmd_eval", "cmd_export", "cmd_report", "register"]
@@ -193,10 +193,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "deployed model runs as it was exported "
             "(its dtype, all steps per call; empf_triton.deploy.load(...).to(dtype) converts it)"
         )
-    if args.json:
-        check_output_file(args.json, "--json", overwrite=args.overwrite)  # before the work
-    elif args.overwrite:
-        raise DeployError("--overwrite applies to --json (the only file empf eval writes)")
     runs = args.latency_runs if args.latency_runs is not None else 5
     if args.batch_size < 1 or runs < 1:
         raise DeployError("--batch-size and --latency-runs must be >= 1")

@@ -51,15 +51,11 @@ __all__ = [
 STRATEGIES = ("online", "random_step", "accumulate", "bptt")
 
 
-# The plain model under `torch.compile` / DDP / DataParallel wrappers.
-_base = unwrap_model
-
-
 def set_step_mode(model: nn.Module, mode: str) -> None:
     """Set `step_mode` on the model and every submodule that has one (neurons, SeqToANN, ...)."""
     if mode not in STEP_MODES:
         raise ValueError(f"step_mode must be 's' or 'm', got {mode!r}")
-    for m in _base(model).modules():
+    for m in unwrap_model(model).modules():
         if isinstance(m, StatefulNeuron) or hasattr(m, "step_mode"):
             m.step_mode = mode
 
@@ -68,7 +64,7 @@ def set_grad_mode(model: nn.Module, mode: str) -> None:
     """Set `grad_mode` ("online" | "bptt") on every stateful neuron of the model."""
     if mode not in ("online", "bptt"):
         raise ValueError(f"grad_mode must be 'online' or 'bptt', got {mode!r}")
-    for m in _base(model).modules():
+    for m in unwrap_model(model).modules():
         if isinstance(m, StatefulNeuron) or hasattr(m, "grad_mode"):
             m.grad_mode = mode
 
@@ -168,7 +164,7 @@ def train_batch(
     _check_strategy(strategy)
     _check_T(T)
     check_precision(precision)
-    base = _base(model)
+    base = unwrap_model(model)
     reset_net(base)
     device = x.device
 
@@ -425,7 +421,7 @@ def train_epoch(
         nb += 1
         if progress is not None and (due is None or due(nb)):
             progress(nb, r.loss, int(correct) / max(seen, 1))
-    reset_net(_base(model))
+    reset_net(unwrap_model(model))
     return EpochResult(
         float(loss_sum) / max(seen, 1),
         int(correct) / max(seen, 1),
@@ -478,7 +474,7 @@ def evaluate(
     check_precision(precision)
     if step_mode not in STEP_MODES:
         raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
-    base = _base(model)
+    base = unwrap_model(model)
     fwd = model if hasattr(model, "_orig_mod") else base
     was_training = base.training
     # each module's step and grad mode, given back at the end (a caller's bptt setup stays)
