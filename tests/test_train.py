@@ -1041,3 +1041,43 @@ def test_compiled_training_stays_compiled_after_the_first_epoch():
     finally:
         torch._dynamo.config.recompile_limit = saved
         torch._dynamo.reset()
+
+
+def _model_calls():
+    """Each public function that takes a model, called with `bad` in the model's place."""
+    from empf_triton import models, train
+    from empf_triton.train.precision import compile_model
+
+    x, y = torch.zeros(2, 64), torch.zeros(2, dtype=torch.long)
+    return {
+        "set_step_mode": lambda bad: train.set_step_mode(bad, "s"),
+        "set_grad_mode": lambda bad: models.set_grad_mode(bad, "online"),
+        "count_parameters": models.count_parameters,
+        "save_checkpoint": lambda bad: train.save_checkpoint(
+            "unused.pt", model=bad, model_name="digits_mlp", model_config={}
+        ),
+        "evaluate": lambda bad: train.evaluate(bad, [(x, y)], 2),
+        "train_batch": lambda bad: train.train_batch(bad, x, y, None, "online", 2),
+        "train_epoch": lambda bad: train.train_epoch(bad, [(x, y)], None, "online", 2),
+        "compile_model": lambda bad: compile_model(bad, "default"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_model_calls()))
+@pytest.mark.parametrize("bad", [None, "model", [torch.nn.Linear(2, 2)]], ids=repr)
+def test_functions_taking_a_model_name_a_non_module(name, bad, tmp_path, monkeypatch):
+    """A model that is not an nn.Module is a TypeError naming the function, not an
+    AttributeError from deep inside (`'NoneType' object has no attribute 'modules'`)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=f"^{name} needs an nn.Module, got {type(bad).__name__}$"):
+        _model_calls()[name](bad)
+    assert not any(tmp_path.iterdir())  # save_checkpoint wrote nothing
+
+
+def test_step_and_grad_mode_setters_are_one_function_everywhere():
+    """models.set_step_mode and train.set_step_mode (once two copies that differed: only one
+    unwrapped a compiled model) are the same function, as are the set_grad_mode twins."""
+    from empf_triton import models, train
+
+    assert models.set_step_mode is train.set_step_mode
+    assert models.set_grad_mode is train.set_grad_mode

@@ -29,7 +29,15 @@ import torch
 from torch import nn
 
 from ..nn.binary import BinaryConv2d, BinaryLinear
-from ..nn.neuron import STEP_MODES, EMPFNeuron, LIFNeuron, StatefulNeuron
+from ..nn.neuron import (
+    STEP_MODES,
+    EMPFNeuron,
+    LIFNeuron,
+    StatefulNeuron,
+    check_module,
+    set_grad_mode,
+    set_step_mode,
+)
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -122,26 +130,6 @@ class SeqToANN(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"step_mode={self.step_mode!r}"
-
-
-def set_step_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Set `step_mode` on every module of `model` that has one (neurons, SeqToANN, SECA, the
-    model itself). Returns `model`. Reset the neurons (`reset_net`) before switching mid-sample."""
-    _check_step_mode(mode)
-    for m in model.modules():
-        if isinstance(m, StatefulNeuron) or hasattr(m, "step_mode"):
-            m.step_mode = mode
-    return model
-
-
-def set_grad_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Set `grad_mode` ("online" or "bptt") on every module of `model` that has one."""
-    if mode not in ("online", "bptt"):
-        raise ValueError(f"grad_mode must be 'online' or 'bptt', got {mode!r}")
-    for m in model.modules():
-        if isinstance(m, StatefulNeuron) or hasattr(m, "grad_mode"):
-            m.grad_mode = mode
-    return model
 
 
 def check_weight_bits(weight_bits: object) -> float:
@@ -488,4 +476,5 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameter elements."""
+    check_module(model, "count_parameters")
     return sum(math.prod(p.shape) for p in model.parameters() if p.requires_grad)

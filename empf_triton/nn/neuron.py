@@ -679,10 +679,40 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def check_module(model: object, who: str) -> None:
+    """TypeError naming `who` when `model` is not an nn.Module (None, a list of modules, ...)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who} needs an nn.Module, got {type(model).__name__}")
+
+
+def set_step_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set `step_mode` on every module of `model` that has one (neurons, SeqToANN, SECA, the
+    model itself), through a torch.compile or DDP wrapper. Returns `model`. Reset the neurons
+    (`reset_net`) before switching mid-sample."""
+    check_module(model, "set_step_mode")
+    if mode not in STEP_MODES:
+        raise ValueError(f"step_mode must be 's' or 'm', got {mode!r}")
+    for m in unwrap_model(model).modules():
+        if isinstance(m, StatefulNeuron) or hasattr(m, "step_mode"):
+            m.step_mode = mode
+    return model
+
+
+def set_grad_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set `grad_mode` ("online" or "bptt") on every module of `model` that has one, through a
+    torch.compile or DDP wrapper. Returns `model`."""
+    check_module(model, "set_grad_mode")
+    if mode not in ("online", "bptt"):
+        raise ValueError(f"grad_mode must be 'online' or 'bptt', got {mode!r}")
+    for m in unwrap_model(model).modules():
+        if isinstance(m, StatefulNeuron) or hasattr(m, "grad_mode"):
+            m.grad_mode = mode
+    return model
+
+
 def reset_net(model: nn.Module) -> None:
     """Reset every stateful neuron in `model` (membrane cleared, step counter 0)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"reset_net needs an nn.Module, got {type(model).__name__}")
+    check_module(model, "reset_net")
     for m in model.modules():
         if isinstance(m, StatefulNeuron):
             m.reset()
@@ -690,8 +720,7 @@ def reset_net(model: nn.Module) -> None:
 
 def detach_net(model: nn.Module) -> None:
     """Detach the membrane of every stateful neuron in `model` from its graph."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"detach_net needs an nn.Module, got {type(model).__name__}")
+    check_module(model, "detach_net")
     for m in model.modules():
         if isinstance(m, StatefulNeuron):
             m.detach()

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .._files import write_file_atomic
-from ..nn.neuron import unwrap_model
+from ..nn.neuron import check_module, unwrap_model
 
 __all__ = [
     "FORMAT",
@@ -146,6 +146,7 @@ def save_checkpoint(
         The path written.
     """
     path = Path(path)
+    check_module(model, "save_checkpoint")
     model = unwrap_model(model)
     payload = {
         "model_name": str(model_name),

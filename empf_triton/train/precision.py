@@ -21,7 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..nn.neuron import unwrap_model
+from ..nn.neuron import check_module, unwrap_model
 
 __all__ = ["COMPILE_MODES", "PRECISIONS", "autocast", "compile_model", "make_grad_scaler"]
 
@@ -73,6 +73,7 @@ def compile_model(model: nn.Module, mode: str, *, backend="inductor") -> nn.Modu
     lowered) to 4 T + 8 for the model's T (a model without one, e.g. a user's container of
     neurons: the largest T of its modules).
     """
+    check_module(model, "compile_model")
     if check_compile(mode) == "none":
         return model
     base = unwrap_model(model)

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.binary import frozen_weights
-from ..nn.neuron import STEP_MODES, StatefulNeuron, reset_net, unwrap_model
+from ..nn.neuron import (
+    STEP_MODES,
+    check_module,
+    reset_net,
+    set_grad_mode,
+    set_step_mode,
+    unwrap_model,
+)
 from .precision import autocast, check_precision
 
 __all__ = [
@@ -49,24 +56,6 @@ __all__ = [
 ]
 
 STRATEGIES = ("online", "random_step", "accumulate", "bptt")
-
-
-def set_step_mode(model: nn.Module, mode: str) -> None:
-    """Set `step_mode` on the model and every submodule that has one (neurons, SeqToANN, ...)."""
-    if mode not in STEP_MODES:
-        raise ValueError(f"step_mode must be 's' or 'm', got {mode!r}")
-    for m in unwrap_model(model).modules():
-        if isinstance(m, StatefulNeuron) or hasattr(m, "step_mode"):
-            m.step_mode = mode
-
-
-def set_grad_mode(model: nn.Module, mode: str) -> None:
-    """Set `grad_mode` ("online" | "bptt") on every stateful neuron of the model."""
-    if mode not in ("online", "bptt"):
-        raise ValueError(f"grad_mode must be 'online' or 'bptt', got {mode!r}")
-    for m in unwrap_model(model).modules():
-        if isinstance(m, StatefulNeuron) or hasattr(m, "grad_mode"):
-            m.grad_mode = mode
 
 
 def _check_strategy(strategy: object) -> str:
@@ -161,6 +150,7 @@ def train_batch(
         scaler: a `torch.amp.GradScaler` (for fp16): losses are scaled before backward and the
             optimizer is stepped through it.
     """
+    check_module(model, "train_batch")
     _check_strategy(strategy)
     _check_T(T)
     check_precision(precision)
@@ -377,6 +367,7 @@ def train_epoch(
         check_tstar: under torch.distributed, all-gather t* each batch and raise if ranks differ.
         precision, scaler: as `train_batch`.
     """
+    check_module(model, "train_epoch")
     _check_strategy(strategy)
     _check_T(T)
     if strategy == "random_step" and generator is None:
@@ -470,6 +461,7 @@ def evaluate(
          "anytime": [accuracy using the logits summed over steps 0..t, for t in 0..T-1],
          "samples": n, "correct": the count behind "accuracy", "anytime_correct": counts}.
     """
+    check_module(model, "evaluate")
     _check_T(T)
     check_precision(precision)
     if step_mode not in STEP_MODES:
