@@ -125,6 +125,11 @@ def test_online_step_mode_per_step_backward_matches_multistep_online():
         (lambda: LIFNeuron(v_threshold=-(10**400)), ValueError),
         (lambda: LIFNeuron(alpha=10**400), ValueError),
         (lambda: EMPFNeuron(2, spike_bits=4, spike_step=10**400), ValueError),
+        # channels is checked without mem_bn too (it was recorded unchecked)
+        (lambda: EMPFNeuron(2, channels=0), ValueError),
+        (lambda: EMPFNeuron(2, channels=-3), ValueError),
+        (lambda: EMPFNeuron(2, channels="8"), ValueError),
+        (lambda: EMPFNeuron(2, channels=True), ValueError),
     ],
 )
 def test_bad_construction_raises(make, exc):

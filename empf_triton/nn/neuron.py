@@ -232,7 +232,8 @@ class EMPFNeuron(StatefulNeuron):
         grad_mode: "online" (membrane detached between steps) or "bptt".
         impl: "auto", "triton" or "reference", passed to the ops.
         mem_bn: apply Mem-BN (`empf_triton.nn.MemBN`, docs/model.md) to the membrane each step.
-        channels: C, dim 1 of the per-step input `[N, C, *]`; required with mem_bn.
+        channels: C, dim 1 of the per-step input `[N, C, *]`; required with mem_bn (None or an
+            int >= 1 without it, where it is only recorded).
 
     Parameters: `logits`, [2, T]: b (θ's logits) in row 0 and a (λ's logits) in row 1; [1, T]
     (b only) for a parallel neuron. `threshold_logit` and `decay_logit` are views of its rows.
@@ -279,6 +280,10 @@ class EMPFNeuron(StatefulNeuron):
                 f"EMPFNeuron(mem_bn=True) needs channels, an int >= 1 (dim 1 of its input "
                 f"[N, C, *]), got {channels!r}"
             )
+        if channels is not None and (
+            isinstance(channels, bool) or not isinstance(channels, int) or channels < 1
+        ):
+            raise ValueError(f"EMPFNeuron channels must be None or an int >= 1, got {channels!r}")
         # Fail at construction, not at the first forward, on a bad quantiser setting.
         check_spike_bits(spike_bits, spike_step)
         d = self.__dict__  # behind properties (see below)
