@@ -89,6 +89,9 @@ def test_membn_gradcheck_fp64():
         (lambda: MemBN(3, 2, eps=0), ValueError),
         (lambda: MemBN(3, 2, eps=10**400), ValueError),  # not an OverflowError
         (lambda: MemBN(3, 2, momentum=2.0), ValueError),
+        (lambda: MemBN(3, 2, eps=True), ValueError),  # a bool is not taken as 1.0
+        (lambda: MemBN(3, 2, momentum=True), ValueError),
+        (lambda: MemBN(3, 2, eps="1e-5"), ValueError),
         (lambda: MemBN(3, 2)(torch.randn(2, 4, 5), 0), ValueError),
         (lambda: MemBN(3, 2)(torch.randn(2, 3), 2), ValueError),
         (lambda: MemBN(3, 2)(torch.randn(2, 3), -1), ValueError),

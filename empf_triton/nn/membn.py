@@ -47,9 +47,14 @@ class MemBN(nn.Module):
         for name, v in (("channels", channels), ("T", T)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"MemBN: {name} must be an int >= 1, got {v!r}")
-        if not (isinstance(eps, (int, float)) and 0 < to_float(eps, "MemBN: eps") < math.inf):
+        real = (int, float)  # bools excluded below: eps=True would pass as 1.0
+        if (
+            isinstance(eps, bool)
+            or not isinstance(eps, real)
+            or not 0 < to_float(eps, "MemBN: eps") < math.inf
+        ):
             raise ValueError(f"MemBN: eps must be a finite float > 0, got {eps!r}")
-        if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+        if isinstance(momentum, bool) or not (isinstance(momentum, real) and 0 < momentum <= 1):
             raise ValueError(f"MemBN: momentum must be a float in (0, 1], got {momentum!r}")
         self.channels, self.T = channels, T
         self.eps, self.momentum = float(eps), float(momentum)
