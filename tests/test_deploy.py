@@ -933,6 +933,14 @@ def test_mismatched_input_shape_is_clear():
         d(torch.randn(4, 1, 24, device="meta"))
 
 
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_per_step_must_be_a_bool(bad):
+    """per_step="no" (truthy) returned the per-step logits [T, N, C] instead of the sum."""
+    d = fold(_small())
+    with pytest.raises(TypeError, match="per_step must be a bool"):
+        d(torch.randn(2, 1, 24), per_step=bad)
+
+
 def test_load_names_a_bad_device(exported):
     with pytest.raises(ValueError, match="device must be.*'gpu'"):
         load(exported, device="gpu")

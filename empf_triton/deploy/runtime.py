@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import check_spike_step
+from ..ops._common import check_bool, check_spike_step
 from ..ops.binary import PackedWeight
 from ..ops.binary_conv import binary_conv_neuron_plan
 from ..ops.neuron import empf_neuron_plan, parallel_neuron_plan
@@ -633,6 +633,7 @@ class DeployedModel(nn.Module):
             x: `[N, *in_shape]` (static input, as the trained model's eval repeats it over T) or
                 `[T, N, *in_shape]`; cast to the model's dtype and must be on its device.
         """
+        check_bool("per_step", per_step)
         dtype = self.dtype
         x = self.check_input(x)
         self._check_state()
@@ -701,6 +702,7 @@ class GraphedModel:
                 "the model and the input to the GPU first)"
             )
         model.check_input(example)
+        check_bool("per_step", per_step)
         self.model = model
         self.per_step = per_step
         self.input = example.detach().clone()
