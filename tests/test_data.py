@@ -153,6 +153,25 @@ def test_mnist1d_train_transform(mnist1d_cache):
     assert off.train_transform is None
 
 
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"test_fraction": "0.2"}, "test_fraction must be a float in"),  # was torch's '<' error
+        ({"test_fraction": True}, "test_fraction must be a float in"),
+        ({"seed": 1.5}, "seed must be an int in"),  # was numpy's "Cannot cast scalar"
+        ({"seed": "a"}, "seed must be an int in"),
+        ({"seed": -1}, "seed must be an int in"),
+        ({"seed": True}, "seed must be an int in"),  # was taken as seed 1
+    ],
+)
+def test_digits_options_are_named(kw, match):
+    pytest.importorskip("sklearn")
+    from empf_triton.data.digits import load_digits
+
+    with pytest.raises(ValueError, match=match):
+        load_digits(**kw)
+
+
 def test_digits_fixed_stratified_split():
     pytest.importorskip("sklearn")
     train, test, info = load_dataset("digits")

@@ -25,8 +25,11 @@ def load_digits(root=None, test_fraction: float = 0.2, seed: int = 0):
         raise MissingDependencyError(
             "the digits data set needs scikit-learn: pip install 'empf-triton[data]'"
         ) from e
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    real = isinstance(test_fraction, (int, float)) and not isinstance(test_fraction, bool)
+    if not (real and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     d = sk_load_digits()
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int64)
