@@ -50,7 +50,7 @@ NUMERIC_OPTIONS: dict[str, tuple[type, float, bool, float, bool]] = {
     "batch_size": (int, 1, True, math.inf, False),
     "eval_batch_size": (int, 1, True, math.inf, False),
     "stop_after": (int, 1, True, math.inf, False),
-    "threads": (int, 0, True, math.inf, False),
+    "threads": (int, 0, True, 1024, True),  # torch.set_num_threads(100000) segfaults
     "seed": (int, 0, True, 2**62, True),  # the loop seeds generators with seed + a few 1000
     "spike_bits": (int, 1, True, 8, True),
     "lr": (float, 0, False, math.inf, False),
@@ -833,7 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=_path,
         default="reports",
-        help="folder for the PNGs and runs.md (default reports)",
+        help="folder for the PNGs and runs.md (default reports); an earlier report's files "
+        "of the same names are replaced",
     )
     deploy_cli.register(sub, e, r)
     return parser
