@@ -7,7 +7,7 @@ not import triton (the kernels load on first use), and `data`, `models`, `train`
 on first access, so a deployed model runs without importing the training code.
 """
 
-import importlib
+import importlib as _importlib
 
 from . import nn, ops
 from .nn import detach_net, reset_net
@@ -26,5 +26,5 @@ __all__ = [  # noqa: F405
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
