@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -452,3 +453,34 @@ def test_skipped_only_json_goes_to_the_given_path_and_never_over_timed_results(t
     assert list(cwd.rglob("*.json")) == []  # (pytest-benchmark makes its own .benchmarks/)
     assert {b["extra_info"]["case"] for b in docs["timed"]["benchmarks"]} == {"relu"}
     assert docs["skipped"]["benchmarks"] == [] and docs["skipped"]["empf_skipped"]
+
+
+def test_readme_tables_regenerate_from_the_committed_results():
+    """The README's GPU-target table and its host-time table are the generators' output for the
+    result files committed under bench/results/ (README figures are never typed in by hand)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    results = BENCH / "results"
+
+    report = _load_report()
+    # the JSON files the README's "Measured on an H200" paragraph names (update both together)
+    gpu_inputs = [
+        results / "NVIDIA-H200-20261204-1810" / "bench_neuron_targets.json",
+        results / "NVIDIA-H200-20261204-1810" / "bench_models_target.json",
+        results / "NVIDIA-H200-20261204-1835" / "bench_gemm.json",
+    ]
+    gpu = report.readme_table(gpu_inputs)
+    assert "| target | measured | goal | status |" in gpu
+    assert gpu == (results / "NVIDIA-H200-20261204-combined" / "readme_table.md").read_text()
+    assert gpu.strip() in readme
+
+    spec = importlib.util.spec_from_file_location("overhead_table", BENCH / "overhead_table.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    (folder,) = set(re.findall(r"bench/results/(cpu-[\w-]+-overhead-\w+)/", readme))
+    runs = sorted(str(p) for p in (results / folder).glob("overhead-*.json"))
+    assert runs
+    by_case, info = overhead.load(runs)
+    table = overhead.table(by_case, len(runs), info)
+    assert "eager `torch.relu` (the yardstick)" in table
+    assert table == (results / folder / "table.md").read_text()
+    assert table.strip() in readme
