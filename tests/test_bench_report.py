@@ -484,3 +484,26 @@ def test_readme_tables_regenerate_from_the_committed_results():
     assert "eager `torch.relu` (the yardstick)" in table
     assert table == (results / folder / "table.md").read_text()
     assert table.strip() in readme
+
+
+def test_readme_claims_table_matches_the_committed_claims():
+    """Each row of the README's paper-claims table carries the final and best accuracy of the
+    same configuration in the committed claims.md it links to."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (path,) = set(re.findall(r"\]\((bench/results/claims-[\w-]+/claims\.md)\)", readme))
+    claims = {}
+    for line in (ROOT / path).read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[6][:1].isdigit():  # configuration ... final, best, s/epoch
+            claims[cells[0]] = (cells[6], cells[7])
+    table = readme.split("| configuration (mnist1d_cnn, T = 4) |", 1)[1].split("\n\n", 1)[0]
+    rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
+    assert len(rows) == len(claims) == 8
+    for row in rows:
+        label, final, best = (c.strip() for c in row.strip("|").split("|"))
+        neuron, strategy, *extra = (p.strip() for p in label.split(","))
+        key = f"{'empf' if neuron == 'EM-PF' else 'lif'}-{strategy.replace('BPTT', 'bptt')}"
+        key += {"full-precision weights": "-fp32w", "4-bit spikes": "-4bit"}.get(
+            extra[0] if extra else "", ""
+        )
+        assert claims[key] == (final, best), row
