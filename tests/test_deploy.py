@@ -67,7 +67,11 @@ CASES = [
     ("mnist1d_cnn", {"weight_bits": 1.5, "parallel": True, "spike_bits": 2}, (1, 40)),
     ("mnist1d_cnn", {"weight_bits": 32, "mem_bn": True}, (1, 40)),
     ("digits_mlp", {}, (64,)),
-    ("digits_mlp", {"mem_bn": True, "parallel": True, "spike_bits": 4}, (64,)),
+    (
+        "digits_mlp",
+        {"mem_bn": True, "parallel": True, "spike_bits": 4, "hidden": (32, 24, 16)},
+        (64,),
+    ),  # fmt: skip
     ("digits_mlp", {"weight_bits": 1.5, "hidden": (32, 24, 16)}, (64,)),
     ("resnet18", {"width": 4}, (3, 12, 12)),
     ("resnet18", {"width": 4, "mem_bn": True, "parallel": True}, (3, 12, 12)),

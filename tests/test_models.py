@@ -662,3 +662,37 @@ def test_digits_mlp_bad_hidden_raises():
         build_model("digits_mlp", in_shape=(64,), num_classes=3, T=2, hidden=8)
     with pytest.raises(ValueError, match="ints >= 1"):
         build_model("digits_mlp", in_shape=(64,), num_classes=3, T=2, hidden=(8, 2.5))
+
+
+@pytest.mark.parametrize(
+    "name,in_shape,options",
+    [
+        ("digits_mlp", (64,), {}),  # the default hidden=(128, 128): one block
+        ("digits_mlp", (64,), {"hidden": (16,)}),  # no block
+        ("mnist1d_cnn", (1, 40), {"channels": (8, 8)}),
+    ],
+)
+def test_parallel_without_a_second_block_is_refused(name, in_shape, options):
+    """parallel=True makes blocks 1, 3, ... parallel; with fewer than two blocks it silently
+    changed nothing (a digits run with --parallel trained the plain net)."""
+    with pytest.raises(ValueError, match=f"{name}: parallel=True .* so nothing would change"):
+        build_model(name, in_shape=in_shape, num_classes=10, T=2, parallel=True, **options)
+    build_model(name, in_shape=in_shape, num_classes=10, T=2, **options)  # fine without it
+
+
+@pytest.mark.parametrize(
+    "name,in_shape,options",
+    [
+        ("digits_mlp", (64,), {"hidden": (16, 16, 16)}),
+        ("mnist1d_cnn", (1, 40), {"channels": (8, 8, 8)}),
+    ],
+)
+def test_parallel_makes_block_1_parallel(name, in_shape, options):
+    from empf_triton.nn import EMPFNeuron
+
+    model = build_model(name, in_shape=in_shape, num_classes=10, T=2, parallel=True, **options)
+    assert [n.parallel for n in model.modules() if isinstance(n, EMPFNeuron)] == [
+        False,
+        True,
+        False,
+    ]

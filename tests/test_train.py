@@ -725,7 +725,12 @@ def test_a_branch_without_its_best_checkpoint_says_what_best_pt_holds(tmp_path, 
         ("mnist1d_cnn", (1, 40), {"parallel": True, "weight_bits": 1.5}),
         ("mnist1d_cnn", (1, 40), {"weight_bits": 32, "channels": (8, 8, 8)}),
         ("digits_mlp", (64,), {}),
-        ("digits_mlp", (64,), {"spike_bits": 2, "mem_bn": True, "parallel": True}),
+        # three widths: two blocks, so block 1's neuron is parallel (one block has none)
+        (
+            "digits_mlp",
+            (64,),
+            {"spike_bits": 2, "mem_bn": True, "parallel": True, "hidden": (32, 24, 16)},
+        ),  # fmt: skip
     ],
 )
 def test_small_models_step_modes_agree(name, in_shape, options):

@@ -57,7 +57,8 @@ class MNIST1DCNN(SpikingModel):
             exist.
         weight_bits: 1 (binary), 1.5 (ternary) or 32 (full precision) for the block convs.
         spike_bits, spike_step: k-bit spikes (None = float spikes).
-        parallel: make every second block's neuron a parallel (stateless) neuron.
+        parallel: make every second block's neuron (blocks 1, 3, ...) a parallel (stateless)
+            neuron; needs at least two blocks.
         seca: SECA on each block's current (after BN).
         mem_bn: Mem-BN inside each neuron.
         grad_mode, impl: for the neurons (impl also for the binary layers).
@@ -127,6 +128,7 @@ class MNIST1DCNN(SpikingModel):
             alpha=alpha,
             detach_reset=detach_reset,
         )
+        _check_parallel("mnist1d_cnn", "channels", parallel, n_blocks)
         check_flag("seca", seca)
         C0, L = self.in_shape
         self.stem = SeqToANN(
@@ -171,6 +173,17 @@ def _widths(model: str, name: str, widths: object, least: int) -> tuple[int, ...
     ):
         raise ValueError(f"{model}: {name} needs >= {least} widths, ints >= 1, got {widths!r}")
     return tuple(widths)
+
+
+def _check_parallel(model: str, name: str, parallel: bool, n_blocks: int) -> None:
+    """parallel=True makes the neurons of blocks 1, 3, ... parallel: refused where there is no
+    such block (it would silently change nothing)."""
+    if parallel and n_blocks < 2:
+        raise ValueError(
+            f"{model}: parallel=True makes the neuron of every second block parallel (blocks 1, "
+            f"3, ...), and these {name} give {n_blocks} block(s), so nothing would change; give "
+            f"{name} 3 or more widths, or leave parallel off"
+        )
 
 
 def _conv1x3(cin: int, cout: int, weight_bits: float, impl: str) -> nn.Module:
@@ -235,6 +248,7 @@ class DigitsMLP(SpikingModel):
             alpha=alpha,
             detach_reset=detach_reset,
         )
+        _check_parallel("digits_mlp", "hidden", parallel, len(hidden) - 1)
         d_in = 1
         for d in self.in_shape:
             d_in *= d
