@@ -221,7 +221,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="the k-bit spike quantiser's step: a spike is round(s / step) * step, clamped to "
         f"0..(2^k - 1) * step; used only with --spike-bits (default {d.spike_step})",
     )
-    a("--parallel", action="store_true", help="parallel (stateless) neurons where the net allows")
+    a(
+        "--parallel",
+        action="store_true",
+        help="parallel (stateless) neurons in every second block (the net needs two or more)",
+    )
     a("--seca", action="store_true", help="SECA channel attention on the input currents")
     a("--mem-bn", dest="mem_bn", action="store_true", help="Mem-BN (per-step membrane BN)")
     a(
