@@ -224,7 +224,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a(
         "--parallel",
         action="store_true",
-        help="parallel (stateless) neurons in every second block (the net needs two or more)",
+        help="parallel (stateless) neurons: every second one of the net (ResNets: each block's "
+        "second; the small nets need two or more blocks)",
     )
     a("--seca", action="store_true", help="SECA channel attention on the input currents")
     a("--mem-bn", dest="mem_bn", action="store_true", help="Mem-BN (per-step membrane BN)")
