@@ -99,12 +99,13 @@ def launch_options() -> dict:
 
 @triton.jit
 def round_half_even(x):
-    """Round to the nearest integer, ties to even (as `torch.round`); NaN stays NaN."""
+    """Round to the nearest integer, ties to even (as `torch.round`, which keeps the sign of
+    zero: x in [-0.5, 0) gives -0.0, not the +0.0 of floor(x) + 1); NaN stays NaN."""
     r = tl.floor(x)
     d = x - r
     r_odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
     up = (d > 0.5) | ((d == 0.5) & r_odd)
-    return tl.where(up, r + 1.0, r)
+    return tl.where(up, tl.where(r == -1.0, -0.0, r + 1.0), r)
 
 
 @triton.jit

@@ -111,6 +111,19 @@ def test_quantize_ties_round_half_even(device, impl, dtype):
     assert torch.equal(out.double().cpu(), code * step)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_negative_rounds_to_negative_zero_as_reference(device, dtype):
+    # round(s / step) of s in [-step/2, 0) is -0.0 (torch.round keeps the sign), and the clamp
+    # keeps it: the kernels' rounding gave +0.0 there, so the paths differed in the sign bit
+    step = 0.25
+    s = torch.tensor([-0.125, -0.1, -1e-30, -0.0, 0.0, 0.1, -0.13], dtype=dtype, device=device)
+    out = quantize_spikes(s, 4, step, impl="triton")
+    ref = quantize_spikes_ref(s.cpu(), 4, step)
+    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(torch.signbit(out).cpu(), torch.signbit(ref))
+    assert torch.signbit(ref).tolist() == [True, True, True, True, False, False, False]
+
+
 # inf - floor(inf) is NaN inside round_half_even (then discarded); numpy warns in the interpreter.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("impl", ["triton", "reference"])
