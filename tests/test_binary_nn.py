@@ -766,3 +766,23 @@ def test_packed_scale_stays_fp32_under_half(device, cls, dtype):
     )
     layer.float()
     assert torch.equal(layer.packed_scale, scale)
+
+
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+def test_packed_layer_moves_to_and_from_meta(cls):
+    """`.to("meta")` and `.to_empty()` of a packed layer: its kept latent Parameter cannot take a
+    meta tensor in place (a RuntimeError from set_data), so it is replaced, as nn.Module does."""
+    make = (
+        (lambda: BinaryLinear(12, 5, impl="reference"))
+        if cls == "linear"
+        else (lambda: BinaryConv2d(2, 3, 3, impl="reference"))
+    )
+    src = make().pack()
+    layer = copy.deepcopy(src).to("meta")
+    assert layer.packed_words.is_meta
+    layer.to_empty(device="cpu").load_state_dict(src.state_dict())
+    x = torch.randn(2, 12) if cls == "linear" else torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), src.eval()(x))
+    assert torch.equal(layer.unpack().weight.detach(), src.quantized_weight())
+    assert layer.weight.device.type == "cpu"

@@ -25,7 +25,8 @@ w.r.t. the input still flows in eval mode), or `.unpack()` to train again, which
 weight equal to the dequantised one (±α, so training resumes from the deployed weights, not from the
 discarded latent values). `unpack()` puts the values back into the same `nn.Parameter` object
 the layer had before `pack()` (its storage is freed while packed), so an optimizer built before
-`pack()` keeps updating the weight the layer uses.
+`pack()` keeps updating the weight the layer uses (except after a move to or from the meta device,
+`.to("meta")` / `.to_empty()`, which makes a new Parameter, as it does for any nn.Module).
 
 To load a packed checkpoint, build the layer, call `pack()`, then `load_state_dict()`. A packed
 state records the logical weight shape (buffer `packed_shape`); loading it into a layer of
@@ -200,7 +201,11 @@ class _BinaryLayer(nn.Module):
         self.__dict__.pop("_derived_value", None)  # .to() / .cuda() / .half(): new tensors
         latent = self.__dict__.get("_latent_param")
         if latent is not None:  # packed: the kept (empty) Parameter follows dtype and device,
-            latent.data = fn(latent.data)  # so unpack() gives the weight the layer's dtype now
+            new = fn(latent.data)  # so unpack() gives the weight the layer's dtype now
+            if torch._has_compatible_shallow_copy_type(latent, new):
+                latent.data = new
+            else:  # to or from "meta" (.to_empty()): a new Parameter, as nn.Module._apply makes
+                self.__dict__["_latent_param"] = nn.Parameter(new, latent.requires_grad)
         scale = self._buffers.get("packed_scale")
         out = super()._apply(fn, recurse)
         new = self._buffers.get("packed_scale")
