@@ -686,3 +686,18 @@ def test_mem_bn_first_step_builds_no_unused_graph(fold):
             n(x[t]).sum().backward()
     assert meter.peak > 0 and meter.current == 0
     assert n.logits.grad[1, 0] == 0 and n.logits.grad[1, 1] != 0
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("folded", [False, True])
+def test_mem_bn_neuron_continues_in_the_inputs_dtype_after_a_dtype_change(impl, folded):
+    """As without mem_bn: a model converted to fp16 mid-sample continues in fp16 (the kept fp32
+    membrane made Mem-BN refuse the fp16 input, and the folded neuron returned fp32 spikes)."""
+    m = EMPFNeuron(T=3, mem_bn=True, channels=4, impl=impl).eval()
+    if folded:
+        m.fold_mem_bn()
+    x = torch.randn(2, 2, 4, 3) * 2
+    m(x[0])
+    m.half()
+    s = m(x[1].half())
+    assert s.dtype == m.v.dtype == torch.float16

@@ -412,6 +412,8 @@ class EMPFNeuron(StatefulNeuron):
         if not self.parallel:
             self._check_state(x.shape)
         v = None if self.parallel else self._carried_v()
+        if v is not None and v.dtype != x.dtype:  # the model changed dtype mid-sample: continue
+            v = v.to(x.dtype)  # in the input's dtype, as without mem_bn
         # λ_t only where a membrane comes in: an unused sigmoid would leave a graph no backward
         # frees (a leak under saved-tensor hooks that keep the tensor)
         decay = None if v is None else torch.sigmoid(self.decay_logit[t])
