@@ -786,3 +786,40 @@ def test_packed_layer_moves_to_and_from_meta(cls):
         assert torch.equal(layer.eval()(x), src.eval()(x))
     assert torch.equal(layer.unpack().weight.detach(), src.quantized_weight())
     assert layer.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("cls", ["linear", "conv"])
+def test_weight_bits_set_later_changes_the_quantiser(cls):
+    """`layer.weight_bits = 1.5` on a latent layer makes it ternary (before: repr said 1.5 while
+    the forward stayed binary, `bits` unchanged), also inside frozen_weights; a packed layer
+    refuses another kind (its words are of one kind)."""
+    if cls == "linear":
+        make, x = (lambda wb: BinaryLinear(12, 5, weight_bits=wb)), torch.randn(3, 12)
+    else:
+        make, x = (lambda wb: BinaryConv2d(2, 3, 3, weight_bits=wb)), torch.randn(2, 2, 5, 5)
+    layer, ternary = _spread(make(1)).eval(), make(1.5).eval()
+    ternary.load_state_dict(layer.state_dict())
+    with torch.no_grad(), frozen_weights(layer):
+        assert not torch.equal(layer(x), ternary(x))
+        layer.weight_bits = 1.5
+        assert layer.bits == 2 and "weight_bits=1.5" in repr(layer)
+        assert torch.equal(layer(x), ternary(x))
+    layer.pack()
+    with pytest.raises(ValueError, match=r"packed with weight_bits=1.5.*unpack\(\) first"):
+        layer.weight_bits = 1
+    layer.weight_bits = 1.5  # the same kind: nothing changes
+    assert layer.packed_weight().bits == 2
+    layer.unpack().weight_bits = 1
+    assert layer.bits == 1 and layer.pack().packed_words.shape[0] == 1
+
+
+def test_binary_layer_pickled_with_plain_weight_bits_still_loads():
+    """A pickle made when weight_bits and bits were plain attributes still loads."""
+    layer = BinaryLinear(12, 5, weight_bits=1.5)
+    state = layer.__getstate__()
+    state["weight_bits"], state["bits"] = state.pop("_weight_bits"), state.pop("_bits")
+    old = BinaryLinear.__new__(BinaryLinear)
+    old.__setstate__(state)
+    assert old.weight_bits == 1.5 and old.bits == 2
+    x = torch.randn(3, 12)
+    assert torch.equal(old(x), layer(x))

@@ -130,8 +130,7 @@ class _BinaryLayer(nn.Module):
     bias: nn.Parameter | None
 
     def _setup(self, shape: tuple[int, ...], bias: bool, weight_bits, impl, device, dtype):
-        self.weight_bits = 1.5 if _weight_bits(weight_bits) == 2 else 1
-        self.bits = _weight_bits(weight_bits)
+        self.weight_bits = weight_bits
         self.impl = _check_impl(impl)
         check_bool("bias", bias)  # a truthy "False" or 0.0 would silently add a bias
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -142,6 +141,35 @@ class _BinaryLayer(nn.Module):
         self.bias = nn.Parameter(torch.empty(shape[0], **factory)) if bias else None
         self._packed_shape: tuple[int, ...] | None = None
         self.reset_parameters()
+
+    @property
+    def weight_bits(self) -> float:
+        """1 (binary) or 1.5 (ternary). May change on a latent layer (its weight is quantised
+        the new way from the next call on); a packed layer's words are of one kind: unpack()
+        first."""
+        return self._weight_bits
+
+    @weight_bits.setter
+    def weight_bits(self, value: float) -> None:
+        bits = _weight_bits(value)
+        d = self.__dict__
+        if d.get("_packed_shape") is not None and bits != d["_bits"]:
+            raise ValueError(
+                f"{type(self).__name__} is packed with weight_bits={self.weight_bits}: its packed "
+                "words cannot change kind; unpack() first"
+            )
+        d.pop("_derived_value", None)  # quantised the old way
+        d["_weight_bits"], d["_bits"] = (1.5 if bits == 2 else 1), bits
+
+    @property
+    def bits(self) -> int:
+        """Packed bits per weight: 1 (binary) or 2 (ternary); follows `weight_bits`."""
+        return self._bits
+
+    def __setstate__(self, state: dict) -> None:
+        if "weight_bits" in state:  # a pickle from before weight_bits was a checked property
+            state["_weight_bits"], state["_bits"] = state.pop("weight_bits"), state.pop("bits")
+        super().__setstate__(state)
 
     def reset_parameters(self) -> None:
         """As nn.Linear / nn.Conv2d: kaiming-uniform(a=√5) weight, U(±1/√fan_in) bias.
