@@ -517,6 +517,7 @@ def test_a_membrane_on_another_device_than_the_input_is_named(cls):
     to fix it (before: a device error from inside the op). "meta" stands in for a GPU."""
     m = cls(T=3) if cls is EMPFNeuron else cls()
     m(torch.rand(2, 3))
+    m.to("meta")
     with pytest.raises(ValueError, match="holds a membrane on cpu but got an input on meta"):
         m(torch.rand(2, 3, device="meta"))
     reset_net(m)
@@ -701,3 +702,20 @@ def test_mem_bn_neuron_continues_in_the_inputs_dtype_after_a_dtype_change(impl, 
     m.half()
     s = m(x[1].half())
     assert s.dtype == m.v.dtype == torch.float16
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["plain", "parallel"])
+@pytest.mark.parametrize("used", [False, True])
+def test_an_input_on_another_device_than_the_parameters_is_named(impl, kind, used):
+    """EMPFNeuron's parameters on another device than its input: a ValueError naming both, also
+    after a first call validated that input's form (before: an error from inside the op, e.g.
+    Triton reading the logits of another device). "meta" stands in for a GPU."""
+    m = EMPFNeuron(T=3, parallel=kind == "parallel", impl=impl)
+    x = torch.rand(2, 4, 3)
+    if used:
+        m(x)
+        reset_net(m)
+    m.to("meta")
+    with pytest.raises(ValueError, match="input is on cpu but its parameters are on meta"):
+        m(x)

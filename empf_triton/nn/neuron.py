@@ -152,12 +152,22 @@ class StatefulNeuron(nn.Module):
             self._checked, self._resolved_impl = key, impl
         return impl
 
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__["_checked"] = None  # .to() / .half(): the parameters' device may change
+        return super()._apply(fn, recurse)
+
     def _check_device(self, x: torch.Tensor) -> None:
         v = self.__dict__.get("v")
         if v is not None and v.device != x.device:
             raise ValueError(
                 f"{type(self).__name__} holds a membrane on {v.device} but got an input on "
                 f"{x.device}; call empf_triton.reset_net(model) after moving the model"
+            )
+        p = next(iter(self._parameters.values()), None)
+        if p is not None and p.device != x.device:
+            raise ValueError(
+                f"{type(self).__name__} input is on {x.device} but its parameters are on "
+                f"{p.device}: move one of them"
             )
 
     def _check_state(self, step_shape: torch.Size) -> None:
@@ -245,9 +255,10 @@ class EMPFNeuron(StatefulNeuron):
     between calls (at most T calls) until `empf_triton.reset_net(model)`; in step mode "m" each
     call is a whole sequence from v = 0, and a second call without `reset_net` raises a
     RuntimeError (as `LIFNeuron`). A new batch size without `reset_net` raises a ValueError that
-    says so. Inputs are validated on the first call and whenever their shape, dtype or device
-    change; the calls in between go straight to the kernels (on Triton, the kernels read the
-    logits a and b themselves, apply the sigmoid, and return the logits' gradients).
+    says so. Inputs are validated (also against the parameters' device) on the first call,
+    whenever their shape, dtype or device change, and after `.to()`; the calls in between go
+    straight to the kernels (on Triton, the kernels read the logits a and b themselves, apply the
+    sigmoid, and return the logits' gradients).
 
     With mem_bn the charge cannot stay inside the fused kernel, because BN_t needs the batch
     statistics of m[t] before firing. Each step then runs: `m = λ_t v + I` in torch (v detached
