@@ -696,3 +696,38 @@ def test_parallel_makes_block_1_parallel(name, in_shape, options):
         True,
         False,
     ]
+
+
+def _step_mode_holders():
+    from empf_triton.models.layers import SeqToANN
+
+    return {
+        "SECA": lambda: SECA(4),
+        "SeqToANN": lambda: SeqToANN(nn.Identity()),
+        "digits_mlp": lambda: build_model("digits_mlp", in_shape=(64,), num_classes=10, T=2),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_step_mode_holders()))
+def test_step_mode_set_directly_is_checked(name):
+    """`m.step_mode = "S"` on a stateless module or a model (not through set_step_mode) was
+    kept as it was, and every value but "s" then ran as "m"."""
+    m = _step_mode_holders()[name]()
+    for bad in ("S", "multi", None, 1):
+        with pytest.raises(ValueError, match="step_mode must be 's' or 'm'"):
+            m.step_mode = bad
+        assert m.step_mode == "s"
+    m.step_mode = "m"
+    assert m.step_mode == "m"
+
+
+@pytest.mark.parametrize("name", sorted(_step_mode_holders()))
+def test_step_mode_of_an_older_pickle_still_loads(name):
+    """A module pickled when step_mode was a plain attribute loads with it."""
+    m = _step_mode_holders()[name]()
+    m.step_mode = "m"
+    state = dict(m.__getstate__())
+    state["step_mode"] = state.pop("_step_mode")  # the former layout
+    old = type(m).__new__(type(m))
+    old.__setstate__(state)
+    assert old.step_mode == "m" and "step_mode" not in vars(old)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..nn.binary import BinaryConv2d, BinaryLinear
 from ..nn.neuron import (
-    STEP_MODES,
+    CheckedStepMode,
     EMPFNeuron,
     LIFNeuron,
     StatefulNeuron,
@@ -99,13 +99,7 @@ LIF_ONLY_DEFAULTS: dict[str, object] = {
 WEIGHT_BITS = (1, 1.5, 32)
 
 
-def _check_step_mode(mode: object) -> str:
-    if mode not in STEP_MODES:
-        raise ValueError(f"step_mode must be 's' or 'm', got {mode!r}")
-    return mode
-
-
-class SeqToANN(nn.Sequential):
+class SeqToANN(CheckedStepMode, nn.Sequential):
     """Stateless layers applied to one step `[N, *]` (mode "s") or to all steps `[T, N, *]`
     (mode "m", T folded into the batch: `[T*N, *]` through the layers, then split again).
 
@@ -116,7 +110,7 @@ class SeqToANN(nn.Sequential):
 
     def __init__(self, *modules: nn.Module, step_mode: str = "s") -> None:
         super().__init__(*modules)
-        self.step_mode = _check_step_mode(step_mode)
+        self.step_mode = step_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "s":
@@ -348,7 +342,7 @@ def _first_parameter(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-class SpikingModel(nn.Module):
+class SpikingModel(CheckedStepMode, nn.Module):
     """Base of the models: holds `T`, `num_classes`, `in_shape` and `step_mode`, checks inputs.
 
     Subclasses implement `forward_features(x)` (x one step `[N, *in_shape]` or all steps
@@ -370,7 +364,7 @@ class SpikingModel(nn.Module):
         self.T = T
         self.num_classes = num_classes
         self.in_shape = tuple(int(d) for d in in_shape)
-        self.step_mode = _check_step_mode(step_mode)
+        self.step_mode = step_mode
 
     def check_input(self, x: object) -> torch.Tensor:
         """x must be `[N, *in_shape]` in mode "s" and `[T, N, *in_shape]` in mode "m"."""

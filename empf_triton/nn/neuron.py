@@ -60,6 +60,19 @@ def _choice(name: str, choices: tuple[str, ...], say: str) -> property:
     return property(_getter(name), set_)
 
 
+class CheckedStepMode:
+    """Mixin of the modules that run one step or all steps but hold no state (SeqToANN, SECA,
+    the models): `step_mode` is checked whenever it is set, as on the neurons (a direct
+    `m.step_mode = "S"` ran as "m"). Pickles that held it as a plain attribute still load."""
+
+    step_mode = _choice("step_mode", STEP_MODES, "'s' or 'm'")
+
+    def __setstate__(self, state: dict) -> None:
+        if "step_mode" in state:
+            state["_step_mode"] = state.pop("step_mode")
+        super().__setstate__(state)
+
+
 def _fixed(name: str) -> property:
     """A setting kept as `_name` that shapes the parameters: fixed at construction."""
 

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .neuron import CheckedStepMode
+
 __all__ = ["SECA"]
 
 
-class SECA(nn.Module):
+class SECA(CheckedStepMode, nn.Module):
     """Efficient channel attention on currents `[N, C, *]` (one step) or `[T, N, C, *]`.
 
     Args:
@@ -41,8 +43,6 @@ class SECA(nn.Module):
             or kernel_size % 2 == 0
         ):
             raise ValueError(f"SECA: kernel_size must be an odd int >= 1, got {kernel_size!r}")
-        if step_mode not in ("s", "m"):
-            raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
         self.channels, self.kernel_size, self.step_mode = channels, kernel_size, step_mode
         self.weight = nn.Parameter(torch.empty(1, 1, kernel_size))
         self.reset_parameters()
