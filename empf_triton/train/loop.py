@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -1230,7 +1230,3 @@ def _eval_shard(dataset, batch_size: int, dist, device):
     from torch.utils.data import Subset
 
     yield from iterate_batches(Subset(dataset, idx.tolist()), batch_size, device=device)
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
