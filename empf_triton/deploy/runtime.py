@@ -952,7 +952,7 @@ def _shape_neuron(m, node, args, dtype):
     return x
 
 
-def _shape_bconv(m, node, args, dtype, residual=None):
+def _shape_bconv(m, node, args, dtype):
     """`_check_flow`'s bconv: the convolution alone (the fused neuron keeps its shape and its
     [T, O] tensors were checked against the weight at construction)."""
     if node.attrs["neuron"] is None:
