@@ -45,7 +45,8 @@ class ArrayDataset(Dataset):
 
 
 def cache_dir(root: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `root`, else `$EMPF_CACHE_DIR`, else `$XDG_CACHE_HOME/empf_triton`."""
+    """The cache folder: `root`, else `$EMPF_CACHE_DIR`, else `$XDG_CACHE_HOME/empf_triton`, else
+    `~/.cache/empf_triton`."""
     if root is not None:
         return Path(root)
     if os.environ.get("EMPF_CACHE_DIR"):
