@@ -550,12 +550,14 @@ def empf_bwd(
     """Reverse-time pass. Returns (dcurrent [T, N], dv0 [N], dthreshold, ddecay): the tensors in
     `dtype`, the parameter gradients fp32 in the parameter's shape ([TQ] or [T, C]).
 
-    `decay` is needed in bptt mode, for its gradient and with logits; `threshold` (a tensor)
-    when its gradient is needed; None for what is not needed. When both parameter gradients are
-    needed and the parameters have the same form and shape (a module's two [T] logit vectors),
-    both partial-sum buffers share one allocation and one reduction (one launch less); with
-    `stack_param_grads` the result then comes back as one [2, *shape] tensor (θ's gradient,
-    λ's gradient) in the dthreshold slot and None for ddecay, else as two views of it.
+    `decay` is needed in bptt mode, for its gradient and with logits (else a float or None);
+    `threshold` is a tensor when its gradient is needed, else a float. A None threshold is the
+    old positional form: a [T] per-step gradient comes back whatever `need_dthreshold` says.
+    When both parameter gradients are needed and the parameters have the same form and shape (a
+    module's two [T] logit vectors), both partial-sum buffers share one allocation and one
+    reduction (one launch less); with `stack_param_grads` the result then comes back as one
+    [2, *shape] tensor (θ's gradient, λ's gradient) in the dthreshold slot and None for ddecay,
+    else as two views of it.
     dcurrent has the shape `dcur_shape` (any shape of T * N elements; default [T, N]), dv0 the
     shape `dv0_shape` (N elements; default [N]).
     `stacked`: decay and threshold are one [2, TQ] tensor, as in `empf_fwd` (both gradients
