@@ -253,8 +253,9 @@ def lif_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers. Inputs are contiguous [T, *] tensors read as [T, N] (one step [*] with
 # `step_input=True`); spikes, v_last and dcurrent take the caller's shapes (no reshapes in the ops,
-# see kernels/neuron.py); per-step parameters are contiguous fp32 [T]. Launches call
-# `Autotuner.run` directly with one constant options dict (host time).
+# see kernels/neuron.py); per-step parameters are contiguous fp32 [T] tensors or floats (kernel
+# scalars). Launches go through `_launch.launch`, which skips Triton's per-call Python once a
+# signature has been launched (host time).
 
 
 def _partials(T: int, N: int, device) -> torch.Tensor:
