@@ -1,4 +1,5 @@
-"""An exclusive lock on a training run's output folder, and file modes that respect the umask.
+"""An exclusive lock on a training run's output folder. (`default_file_mode`, the file mode that
+respects the umask, lives in `empf_triton._files` now; it is still exported here.)
 
 Two `empf train` runs writing into one folder would leave a config.json, last.pt and best.pt that
 come from different runs. `OutputLock(folder)` takes an OS lock (`fcntl.flock`, exclusive,
