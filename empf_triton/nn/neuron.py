@@ -647,8 +647,8 @@ class LIFNeuron(StatefulNeuron):
     def _run(self, x: torch.Tensor, v: torch.Tensor | None, bptt: bool, step: bool = False):
         """Eager hot path: input validated once per (shape, dtype, device) by the caller. Triton
         takes decay and threshold as kernel scalars; the reference as constant [T] tensors
-        (made once per (T, device, precision)). With `step`, x is one step [N, *] and the
-        outputs are [N, *]."""
+        (`per_step`'s, made once per value, T, dtype and device). With `step`, x is one step
+        [N, *] and the outputs are [N, *]."""
         if self._resolved_impl == "triton":
             return lif_neuron_triton(
                 x, v, self.decay, self.v_threshold, self.surrogate, self._alpha,
