@@ -1,5 +1,6 @@
-"""torch.library registration: the shared helper, opcheck of every neuron/LIF op, and
-`torch.compile(fullgraph=True)` of the neuron modules (no graph break, no recompile per step)."""
+"""torch.library registration: the shared helper, opcheck of every neuron/LIF op (forward and
+backward), and `torch.compile(fullgraph=True)` of the neuron modules (no graph break, no
+recompile per step)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,54 @@ def test_opcheck_lif_fwd(bptt):
     # one of each
     args = (_leaf(T, N), None, None, torch.rand(T).requires_grad_(), "sigmoid", 4.0, 4, 0.5, 0.0)
     torch.library.opcheck(lif_ops._LIF_FWD, args)
+
+
+def _bwd_calls(fwd_op, args, bwd_name: str) -> list[tuple]:
+    """The arguments of each call of the backward op `empf::{bwd_name}` that the forward op's
+    registered autograd makes when `args`' outputs are backpropagated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+    target = getattr(torch.ops.empf, bwd_name).default
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is target:
+                calls.append(tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a
+                                   for a in args))  # fmt: skip
+            return func(*args, **(kwargs or {}))
+
+    outs = fwd_op(*args)
+    loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view_as(o)).sum()
+               for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)  # fmt: skip
+    with Record():
+        loss.backward()
+    assert calls, f"no {bwd_name} call"
+    return calls
+
+
+@pytest.mark.parametrize("bptt", [False, True])
+def test_opcheck_backward_ops(bptt):
+    """The backward custom ops (called by the forward ops' registered autograd, so by every
+    compiled graph's backward) pass opcheck too, with the arguments a real backward gives them."""
+    T, N = 3, 13
+    flags = neuron_ops._BPTT * bptt + 4 + 8
+    fwd = (_leaf(T, N), _leaf(N), torch.rand(T).requires_grad_(), torch.rand(T).requires_grad_(),
+           [0, 1, 1, 4, flags], [0.0, 0.0, 0.25])  # fmt: skip
+    scalars = (_leaf(T, N), None, None, None, [0, 1, 1, 0, neuron_ops._BPTT * bptt + 4],
+               [0.5, 0.3, 0.25])  # fmt: skip
+    lif = (_leaf(T, N), _leaf(N), torch.rand(T).requires_grad_(), torch.rand(T) + 0.5,
+           "sigmoid", 4.0, 2 * bptt + 4, 0.0, 0.0)  # fmt: skip
+    par = (_leaf(T, 11), torch.rand(T).requires_grad_(), [0, 1, 1, 4, 4], [0.0, 0.25])
+    cases = [
+        (neuron_ops._NEURON_FWD, fwd, "neuron_bwd", neuron_ops._NEURON_BWD),
+        (neuron_ops._NEURON_FWD, scalars, "neuron_bwd", neuron_ops._NEURON_BWD),
+        (lif_ops._LIF_FWD, lif, "lif_bwd", lif_ops._LIF_BWD),
+        (neuron_ops._PARALLEL_FWD, par, "parallel_bwd", neuron_ops._PARALLEL_BWD),
+    ]
+    for fwd_op, args, name, bwd_op in cases:
+        for call in _bwd_calls(fwd_op, args, name):
+            torch.library.opcheck(bwd_op, call)
 
 
 def _strided(x):
