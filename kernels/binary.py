@@ -108,7 +108,7 @@ _UNPACK_BLOCK_N = 16
 _UNPACK_BLOCK_K = 256
 
 #: dot modes (see module docstring)
-DOT_IEEE, DOT_FP16, DOT_TF32, DOT_TF32X3 = 0, 1, 2, 3
+DOT_IEEE, DOT_FP16, DOT_TF32, DOT_TF32_SPLIT = 0, 1, 2, 3
 
 
 # Host-side helpers in plain Python: triton.cdiv / triton.next_power_of_2 are constexpr functions
@@ -536,7 +536,7 @@ def _dot_mode(dtype: torch.dtype, scaled_a: bool) -> int:
     if INTERPRET:
         return DOT_IEEE
     if dtype == torch.float32:
-        return DOT_TF32X3
+        return DOT_TF32_SPLIT
     if dtype == torch.float16 and not scaled_a:
         return DOT_FP16
     return DOT_TF32

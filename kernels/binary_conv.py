@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, empty, pick_configs, spike_code
 from ._launch import launch, plan
-from .binary import DOT_FP16, DOT_IEEE, DOT_TF32, DOT_TF32X3, _cdiv, _dot_acc, _pow2, _to_out
+from .binary import DOT_FP16, DOT_IEEE, DOT_TF32, DOT_TF32_SPLIT, _cdiv, _dot_acc, _pow2, _to_out
 
 #: int8 tensor-core dots on int8 tiles with int32 accumulation (codes < 128).
 DOT_I8 = 4
@@ -272,7 +272,7 @@ def dot_mode(x_dtype: torch.dtype, in_bits: int, interpret: bool) -> int:
         return DOT_IEEE if interpret else DOT_FP16
     if interpret:
         return DOT_IEEE
-    return {torch.float16: DOT_FP16, torch.bfloat16: DOT_TF32}.get(x_dtype, DOT_TF32X3)
+    return {torch.float16: DOT_FP16, torch.bfloat16: DOT_TF32}.get(x_dtype, DOT_TF32_SPLIT)
 
 
 def _fp32_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -742,20 +742,20 @@ def test_binary_linear_auto_gpu(bits, M):
     torch.testing.assert_close(gw, rw, atol=5e-2, rtol=1e-2)  # both fp16 GEMMs of g^T x
 
 
-@pytest.mark.parametrize("mode", ["native", "tf32x3"])
+@pytest.mark.parametrize("mode", ["native", "tf32_split"])
 def test_non_finite_and_huge_inputs_match_reference(device, monkeypatch, mode):
     """±inf, NaN and the largest floats in x give the reference's ±inf / NaN / finite outputs.
 
     On a GPU, fp32 at M > 1 splits x into tf32 hi + lo parts; inf - inf in that split once turned
-    every +inf into NaN there (found on the H200, missed by the interpreter's exact dot). "tf32x3"
-    forces that split in the interpreter too.
+    every +inf into NaN there (found on the H200, missed by the interpreter's exact dot).
+    "tf32_split" forces that split in the interpreter too.
     """
     import empf_triton.kernels.binary as kb
 
-    if mode == "tf32x3":
+    if mode == "tf32_split":
         if device != "cpu":
             pytest.skip("the GPU uses the split for fp32 on its own")
-        monkeypatch.setattr(kb, "_dot_mode", lambda dtype, scaled_a: kb.DOT_TF32X3)
+        monkeypatch.setattr(kb, "_dot_mode", lambda dtype, scaled_a: kb.DOT_TF32_SPLIT)
         fresh_launch_caches(monkeypatch)  # a GEMM plan of an earlier test holds its dot mode
     N, K = 7, 40
     packed = pack_weight(_weight(N, K, device), 1)

@@ -232,18 +232,18 @@ def test_float_spikes_currents_within_fp32_summation_bound(x_dtype):
         assert (err <= bound).all(), f"{impl}: worst error/bound {(err / bound).max():.3g}"
 
 
-@pytest.mark.parametrize("mode", ["native", "tf32x3"])
+@pytest.mark.parametrize("mode", ["native", "tf32_split"])
 def test_nan_and_inf_spikes(monkeypatch, mode):
     """NaN propagates to float outputs (and its window) and codes it as 0; +inf is the top code.
 
-    "tf32x3" forces, in the interpreter, the split fp32 dot the GPU uses (where inf - inf once
+    "tf32_split" forces, in the interpreter, the split fp32 dot the GPU uses (where inf - inf once
     made every +inf a NaN, so code 0, on the H200)."""
-    if mode == "tf32x3":
+    if mode == "tf32_split":
         if DEV != "cpu":
             pytest.skip("the GPU uses the split for fp32 spikes on its own")
         import empf_triton.kernels.binary_conv as kc
 
-        monkeypatch.setattr(kc, "dot_mode", lambda x_dtype, in_bits, interpret: kc.DOT_TF32X3)
+        monkeypatch.setattr(kc, "dot_mode", lambda x_dtype, in_bits, interpret: kc.DOT_TF32_SPLIT)
     T, C_in, C_out = 2, 3, 17
     packed = _packed(C_out, C_in, (1, 1), 1)
     # spikes on a 1/16 grid: exact in tf32, so the split dot is exact and outputs compare equal
