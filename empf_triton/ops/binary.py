@@ -33,7 +33,6 @@ implementation is the reference.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
@@ -60,6 +59,7 @@ from ._common import (
     c_apply,
     check_like,
     check_tensor,
+    device_guard,
     functorch_active,
     grad_wanted,
     load_kernels,
@@ -254,20 +254,11 @@ def _route(impl: str, M: int, *tensors: torch.Tensor | None, training: bool = Fa
 # ------------------------------------------------------------------ Triton implementations (raw)
 # Unchecked: callers validated shapes, dtypes and devices. Each returns fresh tensors.
 
-_NULL = contextlib.nullcontext()
-
 
 def _kb():
     # Not cached here: an imported module costs importlib a dict lookup, and tests patch
     # `load_kernels` to see that the kernels really ran.
     return load_kernels("binary")
-
-
-def _on(t: torch.Tensor):
-    """Launch on t's GPU when it is not the current one (Triton launches on the current device)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return _NULL
 
 
 #: Launch plans of the weight kernels (quantise, pack, the STE gradient) by call form: a layer
@@ -289,7 +280,7 @@ def _weight_kernels(w: torch.Tensor, bits: int, write_q: bool, write_pack: bool)
 def _quantize_impl(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Q(w) of a 2-D [N, K] weight, in w's dtype (statistics computed in the kernels)."""
     w = w.contiguous()
-    with _on(w):
+    with device_guard(w):
         if w.numel():
             return _weight_kernels(w, bits, True, False)[0]
         return _kb().quantize_weight(w, bits)
@@ -298,7 +289,7 @@ def _quantize_impl(w: torch.Tensor, bits: int) -> torch.Tensor:
 def _ste_impl(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g where |w| <= 1, else 0, in w's dtype (g, w of the same shape)."""
     g, w = g.contiguous(), w.contiguous()
-    with _on(w):
+    with device_guard(w):
         k = _kb()
         if not w.numel():
             return k.ste_grad(g, w)
@@ -311,7 +302,7 @@ def _ste_impl(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _pack_impl(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(words int32 [bits, N, ceil(K/32)], fp32 scale [N]) of a 2-D [N, K] weight."""
     w = w.contiguous()
-    with _on(w):
+    with device_guard(w):
         if w.numel():
             _, words, scale = _weight_kernels(w, bits, False, True)
             return words, scale
@@ -322,7 +313,7 @@ def _unpack_impl(
     words: torch.Tensor, scale: torch.Tensor, K: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Dense [N, K] = scale[n] · decode(words) in `dtype`."""
-    with _on(words):
+    with device_guard(words):
         return _kb().unpack(words, scale.float().contiguous(), K, dtype)
 
 
@@ -348,14 +339,14 @@ def _gemm_impl(
     x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x [M, K] @ decode(words)^T * scale + bias, [M, N] in x's dtype."""
-    with _on(x):
+    with device_guard(x):
         bias = None if bias is None else bias.contiguous()
         return _bgemm(x, words, scale.float().contiguous(), bias, words.shape[1], x.shape[1], False)
 
 
 def _gemm_t_impl(g: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
     """(g [M, N] * scale) @ decode(words), [M, K] in g's dtype."""
-    with _on(g):
+    with device_guard(g):
         return _bgemm(g, words, scale.float().contiguous(), None, K, words.shape[1], True)
 
 

@@ -27,7 +27,6 @@ host time per call). With the interpreter off, the ops' CPU implementation is th
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -47,6 +46,7 @@ from ._common import (
     c_apply,
     check_spike_step,
     check_tensor,
+    device_guard,
     functorch_active,
     load_kernels,
     resolve_impl,
@@ -74,20 +74,11 @@ def _check_spikes(s: object, impl: str) -> tuple[torch.Tensor, str]:
 
 # ----------------------------------------------------------- Triton implementations (unchecked)
 
-_NULL = contextlib.nullcontext()
-
 
 def _ks():
     # Not cached here: an imported module costs importlib a dict lookup, and tests patch
     # `load_kernels` to see that the kernels really ran.
     return load_kernels("spikes")
-
-
-def _on(t: torch.Tensor):
-    """Launch on t's GPU when it is not the current one (Triton launches on the current device)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return _NULL
 
 
 #: Launch plans of the spike kernels by call form (`ops._common.planned`): a layer's spikes
@@ -103,7 +94,7 @@ def _planned(key: tuple, x: torch.Tensor, launcher, *args) -> torch.Tensor:
 def _quantize_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     """Q(s), contiguous, s's shape and dtype."""
     s = s.contiguous()
-    with _on(s):
+    with device_guard(s):
         k = _ks()
         if not s.numel():
             return k.quantize_spikes_fwd(s, bits, step)
@@ -114,7 +105,7 @@ def _quantize_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
 def _encode_impl(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     """Packed codes of the flattened s, 1-D uint8."""
     s = s.contiguous()
-    with _on(s):
+    with device_guard(s):
         k = _ks()
         if not s.numel():
             return k.encode_spikes_fwd(s, bits, step)
@@ -127,7 +118,7 @@ def _decode_impl(
 ) -> torch.Tensor:
     """The first n decoded spikes, 1-D `dtype`."""
     codes = codes.contiguous()
-    with _on(codes):
+    with device_guard(codes):
         k = _ks()
         if not n:
             return k.decode_spikes_fwd(codes, bits, step, n, dtype)
