@@ -373,12 +373,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         verb = "applies" if len(given) == 1 else "apply"
         raise UsageError(f"{' and '.join(given)} {verb} to --deployed, not to --checkpoint")
     step_mode = args.step_mode or "m"
-    precision = args.precision or "fp32"
     compile_mode = args.compile or "none"
     device = resolve_device(args.device)
     torch.set_num_threads(resolve_threads(args.threads, device))
     ckpt = load_checkpoint(args.checkpoint)
     saved = ckpt.get("extra", {}).get("config", {})
+    # the precision the run evaluated in, so the accuracy is the one its log shows
+    precision = args.precision or saved.get("precision") or "fp32"
     dataset = args.dataset or saved.get("dataset")
     if not dataset:
         raise UsageError(f"{args.checkpoint} does not record its data set; pass --dataset")
@@ -402,7 +403,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         precision=precision,
     )
     print(
-        f"{ckpt['model_name']} on {dataset} (epoch {ckpt['epoch']}, T={T}): test accuracy "
+        f"{ckpt['model_name']} on {dataset} (epoch {ckpt['epoch']}, T={T}"
+        f"{'' if precision == 'fp32' else f', {precision} autocast'}): test accuracy "
         f"{ev['accuracy'] * 100:.2f}% ({ev['correct']}/{ev['samples']}), loss {ev['loss']:.4f}"
     )
     print(
@@ -796,8 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         default=None,
-        help="fp32, or bf16/fp16 autocast for convolutions and linears (default fp32; "
-        "--checkpoint only)",
+        help="fp32, or bf16/fp16 autocast for convolutions and linears (default: the "
+        "precision the run trained in, as its logged test accuracy; --checkpoint only)",
     )
     e.add_argument(
         "--compile",

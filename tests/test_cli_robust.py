@@ -605,6 +605,19 @@ def test_bf16_trains_within_noise_of_fp32(tmp_path, capsys):
     assert f"{acc['bf16'] * 100:.2f}%" in out
 
 
+def test_eval_checkpoint_defaults_to_the_runs_precision(tmp_path, capsys):
+    """`empf eval --checkpoint` of a bf16 run evaluates in bf16, as the run's own evaluation
+    did, so it prints the run's logged test accuracy (it ran fp32 and could differ)."""
+    _ok(capsys, _argv("run", "--precision", "bf16"))
+    acc = json.loads(Path("run/metrics.json").read_text())[-1]["test_accuracy"]
+    out = _ok(capsys, ["eval", "--checkpoint", "run/last.pt", "--json", "e.json"])
+    assert "bf16 autocast" in out and f"{acc * 100:.2f}%" in out
+    rec = json.loads(Path("e.json").read_text())
+    assert rec["precision"] == "bf16" and rec["accuracy"] == acc
+    _ok(capsys, ["eval", "--checkpoint", "run/last.pt", "--precision", "fp32", "--json", "f.json"])
+    assert json.loads(Path("f.json").read_text())["precision"] == "fp32"
+
+
 def test_fp16_uses_grad_scaler_and_resumes(tmp_path, capsys):
     _ok(capsys, _argv("run", "--precision", "fp16"))
     ck = load_checkpoint("run/last.pt")
