@@ -51,7 +51,7 @@ NUMERIC_OPTIONS: dict[str, tuple[type, float, bool, float, bool]] = {
     "eval_batch_size": (int, 1, True, math.inf, False),
     "stop_after": (int, 1, True, math.inf, False),
     "threads": (int, 0, True, 1024, True),  # torch.set_num_threads(100000) segfaults
-    "seed": (int, 0, True, 2**62, True),  # the loop seeds generators with seed + a few 1000
+    "seed": (int, 0, True, 2**32 - 1, True),  # torch's CPU generator keeps a seed's low 32 bits
     "spike_bits": (int, 1, True, 8, True),
     "lr": (float, 0, False, math.inf, False),
     "weight_decay": (float, 0, True, math.inf, False),
@@ -77,9 +77,11 @@ def _number(dest: str, none_words: tuple[str, ...] = ()):
         if text.strip().lower() in none_words:
             return None
         what = "an integer" if kind is int else "a number"
-        rng = f"{'>=' if lo_in else '>'} {lo:g}"
+        fmt = "d" if kind is int else "g"  # 4294967295, not 4.29497e+09
+        a, b = f"{kind(lo):{fmt}}", "" if hi == math.inf else f"{kind(hi):{fmt}}"
+        rng = f"{'>=' if lo_in else '>'} {a}"
         if hi != math.inf:
-            rng = f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            rng = f"in {'[' if lo_in else '('}{a}, {b}{']' if hi_in else ')'}"
         alt = f" or {'/'.join(none_words)}" if none_words else ""
         try:
             v = kind(text)
@@ -295,7 +297,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a("--sync-bn", dest="sync_bn", action="store_true", help="SyncBatchNorm under DDP (CUDA)")
     a("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     a("--threads", type=_number("threads"), help="CPU threads (default 0 = auto: 1 on CPU)")
-    a("--seed", type=_number("seed"), help=f"random seed, 0 to 2^62 (default {d.seed})")
+    a("--seed", type=_number("seed"), help=f"random seed, 0 to 2^32 - 1 (default {d.seed})")
     a(
         "--out",
         type=_path,

@@ -605,6 +605,20 @@ def test_bf16_trains_within_noise_of_fp32(tmp_path, capsys):
     assert f"{acc['bf16'] * 100:.2f}%" in out
 
 
+def test_seed_beyond_32_bits_is_refused(tmp_path, capsys):
+    """torch's CPU generator keeps a seed's low 32 bits, so --seed 2^32 trained seed 0's run
+    again (same init, order and t*); it is refused at the start, 2^32 - 1 still runs."""
+    a = torch.Generator().manual_seed(0)
+    b = torch.Generator().manual_seed(2**32)
+    assert torch.equal(torch.randn(4, generator=a), torch.randn(4, generator=b))
+    _error(capsys, _argv("big", "--seed", str(2**32)), "--seed", "[0, 4294967295]")
+    assert not Path("big").exists()
+    with pytest.raises(ValueError, match="seed must be at most 2"):
+        loop.TrainConfig(seed=2**32).validate()
+    _ok(capsys, _argv("top", "--seed", str(2**32 - 1)))
+    assert json.loads(Path("top/config.json").read_text())["seed"] == 2**32 - 1
+
+
 def test_eval_checkpoint_defaults_to_the_runs_precision(tmp_path, capsys):
     """`empf eval --checkpoint` of a bf16 run evaluates in bf16, as the run's own evaluation
     did, so it prints the run's logged test accuracy (it ran fp32 and could differ)."""

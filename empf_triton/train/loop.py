@@ -257,8 +257,12 @@ class TrainConfig:
                 "(--spike-bits K), float spikes have no step"
             )
         pos_int("seed", self.seed, 0)
-        if self.seed > 2**62:  # generators are seeded with seed + a few 1000 (int64)
-            raise ValueError(f"seed must be at most 2**62, got {self.seed}")
+        if self.seed > 2**32 - 1:
+            # torch's CPU generator keeps only a seed's low 32 bits: 2**32 would rerun seed 0
+            raise ValueError(
+                f"seed must be at most 2**32 - 1 (torch uses a seed's low 32 bits, so a larger "
+                f"one repeats a smaller one's run), got {self.seed}"
+            )
         check_precision(self.precision)
         check_compile(self.compile)
         if self.model_options is not None and not isinstance(self.model_options, dict):
