@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .._files import write_file_atomic
+from ..ops._common import check_bool
 from .errors import DeployError, DeployFormatError
 from .runtime import _DTYPES, DeployedModel
 
@@ -110,8 +111,7 @@ def export(
     from .. import __version__
     from .fold import fold
 
-    if not isinstance(overwrite, bool):  # "False" is truthy: it would replace the file
-        raise TypeError(f"overwrite must be a bool, got {overwrite!r} ({type(overwrite).__name__})")
+    check_bool("overwrite", overwrite)  # "False" is truthy: it would replace the file
     if meta is not None and not isinstance(meta, Mapping):
         raise DeployError(
             f"meta must be a dict of plain JSON data or None, got {type(meta).__name__}"

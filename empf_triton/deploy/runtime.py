@@ -702,7 +702,6 @@ class GraphedModel:
                 "the model and the input to the GPU first)"
             )
         model.check_input(example)
-        check_bool("per_step", per_step)
         self.model = model
         self.per_step = per_step
         self.input = example.detach().clone()

@@ -25,6 +25,25 @@ from ..ops._common import to_float
 __all__ = ["MemBN"]
 
 
+def check_input_dtype(
+    who: str, dtype: torch.dtype, param_dtype: torch.dtype, batch_norm: bool = True
+) -> None:
+    """batch_norm takes an input of its parameters' dtype, or a half-precision input with fp32
+    parameters (autocast), never a wider input than its parameters: a TypeError naming `who`
+    otherwise. Without `batch_norm` (a folded Mem-BN: a per-channel affine map), half-precision
+    parameters take a wider input too."""
+    if (
+        not dtype.is_floating_point
+        or (dtype == torch.float64) != (param_dtype == torch.float64)
+        or (batch_norm and param_dtype in (torch.float16, torch.bfloat16) and dtype != param_dtype)
+    ):
+        raise TypeError(
+            f"{who} input has dtype {dtype}, its parameters {param_dtype}: give a floating "
+            "input of the parameters' dtype (a half-precision input also fits fp32 "
+            "parameters; float64 only with a float64 module, `.double()`)"
+        )
+
+
 class MemBN(nn.Module):
     """Per-step BatchNorm on the membrane with learnable mixing gates.
 
@@ -80,19 +99,7 @@ class MemBN(nn.Module):
                 f"got {tuple(m.shape)}"
             )
         p = self.weight
-        half = (torch.float16, torch.bfloat16)
-        if (
-            not m.is_floating_point()
-            or (m.dtype == torch.float64) != (p.dtype == torch.float64)
-            or (p.dtype in half and m.dtype != p.dtype)
-        ):
-            # batch_norm takes an input of its parameters' dtype, or a half-precision input
-            # with fp32 parameters (autocast), never a wider input than its parameters
-            raise TypeError(
-                f"MemBN input has dtype {m.dtype}, its parameters {p.dtype}: give a floating "
-                "input of the parameters' dtype (a half-precision input also fits fp32 "
-                "parameters; float64 only with a float64 module, `.double()`)"
-            )
+        check_input_dtype("MemBN", m.dtype, p.dtype)
         if m.device != p.device:
             raise ValueError(f"MemBN input is on {m.device} but its parameters are on {p.device}")
 

@@ -30,7 +30,7 @@ from ..ops.neuron import (
 )
 from ..reference.lif import lif_neuron_ref
 from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
-from .membn import MemBN
+from .membn import MemBN, check_input_dtype
 
 STEP_MODES = ("s", "m")
 
@@ -299,14 +299,13 @@ class EMPFNeuron(StatefulNeuron):
             raise ValueError(f"T must be an int >= 1, got {T!r}")
         check_bool("parallel", parallel)
         check_bool("mem_bn", mem_bn)
-        if mem_bn and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+        count = isinstance(channels, int) and not isinstance(channels, bool) and channels >= 1
+        if mem_bn and not count:
             raise ValueError(
                 f"EMPFNeuron(mem_bn=True) needs channels, an int >= 1 (dim 1 of its input "
                 f"[N, C, *]), got {channels!r}"
             )
-        if channels is not None and (
-            isinstance(channels, bool) or not isinstance(channels, int) or channels < 1
-        ):
+        if not (count or channels is None):
             raise ValueError(f"EMPFNeuron channels must be None or an int >= 1, got {channels!r}")
         # Fail at construction, not at the first forward, on a bad quantiser setting.
         check_spike_bits(spike_bits, spike_step)
@@ -413,23 +412,9 @@ class EMPFNeuron(StatefulNeuron):
                 f"EMPFNeuron(mem_bn=True, channels={self.channels}) needs a per-step input "
                 f"[N, {self.channels}, *], got {shape}"
             )
-        pdt = self.threshold_logit.dtype
-        if (
-            not x.is_floating_point()
-            or (x.dtype == torch.float64) != (pdt == torch.float64)
-            or (
-                self.mem_bn is not None
-                and pdt in (torch.float16, torch.bfloat16)
-                and x.dtype != pdt
-            )
-        ):
-            # Mem-BN's batch norm takes an input of its parameters' dtype, or a half-precision
-            # input with fp32 parameters (autocast), never a wider input than its parameters.
-            raise TypeError(
-                f"EMPFNeuron(mem_bn=True) input has dtype {x.dtype}, its parameters {pdt}: give a "
-                "floating input of the parameters' dtype (a half-precision input also fits fp32 "
-                "parameters; float64 only with a float64 module, `.double()`)"
-            )
+        check_input_dtype(
+            "EMPFNeuron(mem_bn=True)", x.dtype, self.logits.dtype, self.mem_bn is not None
+        )
         self._check_device(x)
         th = torch.sigmoid(self.threshold_logit[t])
         q = {"spike_bits": self.spike_bits, "spike_step": self.spike_step, "impl": self.impl}
