@@ -410,3 +410,22 @@ def test_triton_unavailable_never_falls_back(monkeypatch):
     with pytest.raises(TritonUnavailableError):
         decode_spikes(torch.zeros(4, dtype=torch.uint8), 4, impl="triton")
     assert torch.equal(quantize_spikes(s, 4), s)  # auto on CPU is the reference
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_decode_shape_accepts_integer_likes(impl):
+    """numpy integers, a numpy shape array and 0-d integer tensors are sizes, as torch takes them
+    (they were a TypeError); bools, floats and strings are not."""
+    np = pytest.importorskip("numpy")
+    s = torch.tensor([0.0, 0.25, 0.5, 3.75, 1.0, 2.0])
+    codes = encode_spikes(s, 4, 0.25, impl="reference")
+    want = s.reshape(2, 3)
+    for shape in [(np.int64(2), np.int32(3)), np.array([2, 3]), (torch.tensor(2), 3)]:
+        got = decode_spikes(codes, 4, 0.25, shape, impl=impl)
+        assert got.shape == (2, 3) and type(got.shape[0]) is int
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    flat = decode_spikes(codes, 4, 0.25, np.int64(6), impl=impl)
+    torch.testing.assert_close(flat, s, rtol=0, atol=0)
+    for bad in [(True, 6), (2.0, 3), "23", (torch.tensor(2.0), 3), np.float64(6)]:
+        with pytest.raises(TypeError, match="shape"):
+            decode_spikes(codes, 4, 0.25, bad, impl=impl)

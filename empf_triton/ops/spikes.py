@@ -28,6 +28,7 @@ host time per call). With the interpreter off, the ops' CPU implementation is th
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -245,16 +246,25 @@ def encode_spikes(
     return _encode_op(s, bits, step) if _compiling() else _encode_impl(s, bits, step)
 
 
+def _size(d: object) -> int:
+    if isinstance(d, bool):
+        raise TypeError
+    return operator.index(d)  # an int, a numpy integer or a 0-d integer tensor, as torch takes
+
+
 def _check_shape(shape: object) -> tuple[int, ...]:
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        shape = (shape,)
-    if not isinstance(shape, Sequence) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in shape
-    ):
-        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
-    if any(d < 0 for d in shape):
-        raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
-    return tuple(shape)
+    try:
+        try:
+            dims = (_size(shape),)
+        except TypeError:
+            if isinstance(shape, (str, bytes)):
+                raise
+            dims = tuple(_size(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must have non-negative sizes, got {dims}")
+    return dims
 
 
 def decode_spikes(
