@@ -45,7 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import IMPLS, TRITON_DTYPES, check_bool, check_tensor, resolve_impl
+from ..ops._common import (
+    IMPLS,
+    TRITON_DTYPES,
+    check_bool,
+    check_tensor,
+    functorch_active,
+    resolve_impl,
+)
 from ..ops.binary import (
     PackedWeight,
     _route,
@@ -355,14 +362,15 @@ class _BinaryLayer(nn.Module):
         """`check(x)`: a call's checks, raising on bad input, and what they resolve (the route,
         the output size). Run once per call form, then reused: the form is everything the
         checks read (the input's shape, dtype and device; the weight's form; packed or not;
-        training or not; grad mode; impl). Not cached while torch.compile traces (a cache
-        written by the graph would change the next trace's guards)."""
+        training or not; grad mode; impl; a torch.func transform or not). Not cached while
+        torch.compile traces (a cache written by the graph would change the next trace's
+        guards)."""
         if not isinstance(x, torch.Tensor):
             return check(x)
         wt = self.packed_words if self.is_packed else self.weight
         key = (
             x.shape, x.dtype, x.device, wt.shape, wt.dtype, wt.device, self.is_packed,
-            self.training, torch.is_grad_enabled(), self.impl,
+            self.training, torch.is_grad_enabled(), self.impl, functorch_active(),
         )  # fmt: skip
         hit = self.__dict__.get("_checked_form")
         if hit is not None and hit[0] == key:

@@ -17,6 +17,7 @@ from ..ops._common import (
     TRITON_DTYPES,
     check_bool,
     check_spike_bits,
+    functorch_active,
     per_step,
     resolve_impl,
     to_float,
@@ -136,10 +137,10 @@ class StatefulNeuron(nn.Module):
         super().__setstate__(state)
 
     def _check_input(self, x: object, min_dim: int) -> str:
-        """Validate the input once per (shape, dtype, device, impl, step form); returns the
-        resolved impl."""
+        """Validate the input once per (shape, dtype, device, impl, step form, torch.func transform
+        or not); returns the resolved impl."""
         key = (
-            (x.shape, x.dtype, x.device, self.impl, min_dim)
+            (x.shape, x.dtype, x.device, self.impl, min_dim, functorch_active())
             if isinstance(x, torch.Tensor)
             else None
         )

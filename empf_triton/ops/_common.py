@@ -60,8 +60,9 @@ def _interpreter_flag() -> bool:
 def _interpreter_on() -> bool:
     """Whether kernels run in Triton's interpreter here: asked for, and working (it is not when
     triton was imported before TRITON_INTERPRET=1 was set; tried once, never while
-    torch.compile traces: the probe is a launch)."""
-    if torch.compiler.is_compiling():
+    torch.compile traces (the probe is a launch) or under a torch.func transform (where it fails on
+    wrapped tensors)."""
+    if torch.compiler.is_compiling() or functorch_active():
         return _interpreter_flag()
     return _interpreter_flag() and _interpreter_works()
 
@@ -77,6 +78,10 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     """Return "triton" or "reference" for these tensors, or raise if `impl` cannot be honoured."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if functorch_active():  # the reference is plain torch: it runs under the transforms
+        if impl == "triton":
+            raise TritonUnavailableError(FUNC_TRANSFORMS)
+        return "reference"
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if impl == "auto":
         return "triton" if on_cuda and triton_available() else "reference"
@@ -318,9 +323,8 @@ def grad_wanted(*tensors: torch.Tensor | float | None) -> bool:
 def c_apply(fn_cls):
     """`fn_cls.apply` without the Python wrapper of `torch.autograd.Function.apply` (its
     setup_context and functorch checks and its unwrapping of dead functorch wrappers cost ~3 µs a
-    call). Called only while no functorch transform is active (`functorch_active`); the eager
-    Functions define no setup_context, so under vmap/grad the regular apply runs and raises as it
-    always did."""
+    call). Called only while no torch.func transform is active (`functorch_active`): under one,
+    impl resolves to the reference (or 'triton' is refused), and the Triton entry points raise."""
     return super(torch.autograd.Function, fn_cls).apply
 
 
@@ -336,7 +340,15 @@ def refuse_double_backward(op: str) -> None:
 
 
 def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running."""
     return torch._C._are_functorch_transforms_active()
+
+
+FUNC_TRANSFORMS = (
+    "impl='triton' does not run under torch.func transforms (grad, vjp, jacrev, vmap, ...): its "
+    "kernels and autograd Functions take plain tensors; use impl='reference', or impl='auto', "
+    "which runs the reference under a transform"
+)
 
 
 def neuron_param(

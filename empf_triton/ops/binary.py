@@ -53,8 +53,10 @@ from ..reference.binary import (
     unpack_weight_ref,
 )
 from ._common import (
+    FUNC_TRANSFORMS,
     TRITON_DTYPES,
     PlanCache,
+    TritonUnavailableError,
     _interpreter_flag,
     c_apply,
     check_like,
@@ -590,8 +592,8 @@ def quantize_triton(w: torch.Tensor, bits: int) -> torch.Tensor:
         return _OPS.quantize(w2, bits).reshape(w.shape)
     if not grad_wanted(w):
         return _quantize_nd(w, bits)
-    if functorch_active():
-        return _QuantizeFn.apply(w, bits)
+    if functorch_active():  # the public paths resolve impl before this
+        raise TritonUnavailableError(FUNC_TRANSFORMS)
     return _QUANTIZE_APPLY(w, bits)
 
 
@@ -609,8 +611,8 @@ def matmul_triton(
         out = _OPS.gemm(x2, words, scale, bias)
     elif not grad_wanted(x, bias):  # the packed weight (words, scale) is a constant
         out = _gemm_impl(x2, words, scale, bias)  # no graph to record: straight to the kernel
-    elif functorch_active():
-        out = _GemmFn.apply(x2, words, scale, bias)
+    elif functorch_active():  # the public paths resolve impl before this
+        raise TritonUnavailableError(FUNC_TRANSFORMS)
     else:
         out = _GEMM_APPLY(x2, words, scale, bias)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)
@@ -635,8 +637,8 @@ def linear_triton(
         words, scale = _pack_impl(weight.detach(), bits)
         if not grad_wanted(x, weight, bias):
             out = _gemm_impl(x2, words, scale, bias)  # no graph to record
-        elif functorch_active():
-            out = _LinearFn.apply(x2, weight, words, scale, bias)
+        elif functorch_active():  # the public paths resolve impl before this
+            raise TritonUnavailableError(FUNC_TRANSFORMS)
         else:
             out = _LINEAR_APPLY(x2, weight, words, scale, bias)
     return out.reshape(*x.shape[:-1], N) if flat else out

@@ -12,7 +12,9 @@ import torch
 from ..reference.lif import SURROGATES, lif_neuron_ref
 from ._common import (
     _FP32_MAX,
+    FUNC_TRANSFORMS,
     PlanCache,
+    TritonUnavailableError,
     c_apply,
     check_decay_values,
     check_grad_mode,
@@ -312,9 +314,8 @@ def lif_neuron_triton(
         or _learns(th32)
     ):
         plan = (surrogate, float(alpha), detach_reset, bptt, step)
-        if functorch_active():
-            spikes, v_last = _LIFFn.apply(current, v0, decay32, th32, plan)
-            return spikes, (v_last.detach() if state else v_last)
+        if functorch_active():  # the public paths resolve impl before this
+            raise TritonUnavailableError(FUNC_TRANSFORMS)
         if state:
             box = []
             return _LIF_APPLY(current, v0, decay32, th32, plan, box), box[0]

@@ -21,7 +21,9 @@ import torch
 
 from ..reference.neuron import empf_neuron_ref, parallel_neuron_ref
 from ._common import (
+    FUNC_TRANSFORMS,
     PlanCache,
+    TritonUnavailableError,
     c_apply,
     check_decay_values,
     check_grad_mode,
@@ -684,9 +686,8 @@ def empf_neuron_triton(
         or (d_t is not None and d_t.requires_grad)
         or (th_t is not None and th_t.requires_grad)
     ):
-        if functorch_active():
-            spikes, v_last = _NeuronFn.apply(current, v0, d_t, th_t, plan)
-            return spikes, (v_last.detach() if state else v_last)
+        if functorch_active():  # the public paths resolve impl before this
+            raise TritonUnavailableError(FUNC_TRANSFORMS)
         if state:
             box = []
             return _NEURON_APPLY(current, v0, d_t, th_t, plan, box), box[0]
@@ -757,8 +758,8 @@ def parallel_neuron_triton(
     if torch.is_grad_enabled() and (
         current.requires_grad or (th_t is not None and th_t.requires_grad)
     ):
-        if functorch_active():
-            return _ParallelFn.apply(current, th_t, plan)
+        if functorch_active():  # the public paths resolve impl before this
+            raise TritonUnavailableError(FUNC_TRANSFORMS)
         return _PARALLEL_APPLY(current, th_t, plan)
     if not current.is_contiguous():
         current = current.contiguous()

@@ -40,9 +40,11 @@ from ..reference.spikes import (
     spike_codes_ref,
 )
 from ._common import (
+    FUNC_TRANSFORMS,
     REFERENCE_DTYPES,
     TRITON_DTYPES,
     PlanCache,
+    TritonUnavailableError,
     _interpreter_flag,
     c_apply,
     check_spike_step,
@@ -180,8 +182,8 @@ def quantize_spikes_triton(s: torch.Tensor, bits: int, step: float) -> torch.Ten
     """Unchecked Triton `quantize_spikes` (s fp32/fp16/bf16, bits in 1..8, step checked)."""
     if _compiling():
         return _quantize_op(s, bits, step)
-    if functorch_active():
-        return _QuantizeSpikesTriton.apply(s, bits, step)
+    if functorch_active():  # the public paths resolve impl before this
+        raise TritonUnavailableError(FUNC_TRANSFORMS)
     return _QUANTIZE_APPLY(s, bits, step)
 
 

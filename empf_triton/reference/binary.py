@@ -83,12 +83,18 @@ def ternarize_values_ref(w: torch.Tensor) -> torch.Tensor:
 
 
 class _ClippedSTE(torch.autograd.Function):
-    """Forward returns the precomputed quantised weight; backward passes g where |w| <= 1."""
+    """Forward returns the precomputed quantised weight; backward passes g where |w| <= 1.
+    (forward / setup_context and a generated vmap rule: it runs under torch.func transforms.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w)
+    def forward(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return q
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -115,8 +121,7 @@ def _pack_plane(bits: torch.Tensor) -> torch.Tensor:
     """[N, K] bool -> [N, ceil(K/32)] int32, element k at bit k % 32 of word k // 32."""
     N, K = bits.shape
     KW = -(-K // 32)
-    padded = torch.zeros((N, KW * 32), dtype=torch.int64, device=bits.device)
-    padded[:, :K] = bits.to(torch.int64)
+    padded = torch.nn.functional.pad(bits.to(torch.int64), (0, KW * 32 - K))  # (vmap: no in-place)
     words = (padded.reshape(N, KW, 32) << _SHIFTS.to(bits.device)).sum(dim=-1)
     # Values are in [0, 2^32); reinterpret as int32 two's complement.
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

@@ -41,12 +41,19 @@ def _fire(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
 
 
 class _SpikeFunction(torch.autograd.Function):
+    """H(x) forward, the surrogate's derivative backward (forward / setup_context and a generated
+    vmap rule: it runs under torch.func transforms)."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.surrogate = surrogate
-        ctx.alpha = alpha
+    def forward(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
         return _fire(x, surrogate, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, ctx.surrogate, ctx.alpha = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -11,9 +11,18 @@ def spike_codes_ref(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
 
 
 class _QuantizeSTE(torch.autograd.Function):
+    """Q(s) forward, the identity backward (forward / setup_context and a generated vmap rule:
+    it runs under torch.func transforms)."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
+    def forward(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
         return spike_codes_ref(s, bits, step) * step
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
