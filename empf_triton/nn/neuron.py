@@ -216,9 +216,23 @@ class StatefulNeuron(nn.Module):
             d["v"], d["t"] = v, t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            self._refuse_recompute()
         if self.step_mode == "s":
             return self.single_step_forward(x)
         return self.multi_step_forward(x)
+
+    def _refuse_recompute(self) -> None:
+        """A forward inside a backward pass is activation checkpointing's recompute: it would run
+        from the membrane and step count of now, not of the original call, and give other
+        saved tensors, hence wrong gradients (or a misleading step-count error)."""
+        raise RuntimeError(
+            f"{type(self).__name__}.forward ran inside a backward pass (activation checkpointing "
+            "recomputes the forward there): the neuron's membrane and step count have moved on "
+            "since the original call, so the recomputed step would not be the one that ran. "
+            "Checkpoint only stateless layers; online training (grad_mode='online', backward "
+            "after each step) keeps the memory flat in T instead"
+        )
 
     def _carried_v(self) -> torch.Tensor | None:
         """The membrane entering this step; online mode sees it as a constant."""
