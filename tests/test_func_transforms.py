@@ -1,17 +1,20 @@
-"""torch.func transforms (grad, vjp, jacrev, vmap) over the ops and the modules.
+"""torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap) and forward-mode AD
+(`torch.autograd.forward_ad`) over the ops and the modules.
 
 The reference is plain torch and runs under every transform: `impl="auto"` resolves to it there
 (also on CUDA), and its gradients, batched results and per-sample gradients equal the ones
-autograd and a loop over the samples give outside the transform. `impl="triton"` is refused with
-one clear error (its kernels and autograd Functions take plain tensors), and a refusal leaves
-nothing behind: the next plain call runs the kernels as before.
+autograd and a loop over the samples give outside the transform; forward mode gives the same
+derivative as reverse mode (the straight-through and surrogate Functions define both).
+`impl="triton"` is refused with one clear error (its kernels and autograd Functions take plain
+tensors), and a refusal leaves nothing behind: the next plain call runs the kernels as before.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jacrev, vjp, vmap
+import torch.autograd.forward_ad as fwad
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import empf_triton.ops._common as ops_common
 from empf_triton import reset_net
@@ -137,6 +140,26 @@ def test_vmap_and_per_sample_grads_equal_a_loop(name, device):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_forward_mode_equals_reverse_mode(name, device):
+    """jacfwd = jacrev, and torch.func.jvp and a forward_ad dual tensor give the jacobian's
+    product with the tangent (the Functions' jvp is their backward's derivative)."""
+    f, shape = _ops(device)[name]
+    x = _sample(shape, device)[0]
+    tangent = _sample(shape, device, seed=9)[0]
+    jac = jacrev(lambda t: f(t, "auto"))(x)
+    torch.testing.assert_close(jacfwd(lambda t: f(t, "auto"))(x), jac, **CLOSE)
+    want = (jac * tangent).sum(tuple(range(jac.dim() - x.dim(), jac.dim())))
+    out, got = jvp(lambda t: f(t, "auto"), (x,), (tangent,))
+    torch.testing.assert_close(out, f(x, "reference"), **EXACT)
+    torch.testing.assert_close(got, want, **CLOSE)
+    for impl in ("reference", "auto"):
+        with fwad.dual_level():
+            primal, dual = fwad.unpack_dual(f(fwad.make_dual(x, tangent), impl))
+        torch.testing.assert_close(primal, out, **EXACT)
+        torch.testing.assert_close(dual, want, **CLOSE)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_triton_is_refused_under_transforms(name, device):
     f, shape = _ops(device)[name]
     xs = _sample(shape, device)
@@ -147,6 +170,11 @@ def test_triton_is_refused_under_transforms(name, device):
         vmap(lambda t: f(t, "triton"))(xs)
     with torch.no_grad(), pytest.raises(TritonUnavailableError, match=match):
         vmap(lambda t: f(t, "triton"))(xs)  # no autograd node: straight to the kernels before
+    with pytest.raises(TritonUnavailableError, match=match):
+        jvp(lambda t: f(t, "triton"), (xs[0],), (xs[1],))
+    # forward_ad's dual tensors: most ops ran the kernels and returned no tangent at all
+    with fwad.dual_level(), pytest.raises(TritonUnavailableError, match=match):
+        f(fwad.make_dual(xs[0], xs[1]), "triton")
 
 
 def test_spike_codes_under_vmap(device):
@@ -245,4 +273,6 @@ def test_module_per_sample_grads(name, device):
         vmap(lambda t: _run(tri, tri_params, t))(xs)
     with pytest.raises(TritonUnavailableError, match="torch.func"):
         grad(lambda ps: _run(tri, ps, xs[0]).sum())(tri_params)
+    with fwad.dual_level(), pytest.raises(TritonUnavailableError, match="forward-mode"):
+        _run(tri, tri_params, fwad.make_dual(xs[0], xs[1]))
     torch.testing.assert_close(_run(tri, tri_params, xs[0]), before, **EXACT)

@@ -50,8 +50,8 @@ from ..ops._common import (
     TRITON_DTYPES,
     check_bool,
     check_tensor,
-    functorch_active,
     resolve_impl,
+    transform_active,
 )
 from ..ops.binary import (
     PackedWeight,
@@ -370,7 +370,7 @@ class _BinaryLayer(nn.Module):
         wt = self.packed_words if self.is_packed else self.weight
         key = (
             x.shape, x.dtype, x.device, wt.shape, wt.dtype, wt.device, self.is_packed,
-            self.training, torch.is_grad_enabled(), self.impl, functorch_active(),
+            self.training, torch.is_grad_enabled(), self.impl, transform_active(),
         )  # fmt: skip
         hit = self.__dict__.get("_checked_form")
         if hit is not None and hit[0] == key:

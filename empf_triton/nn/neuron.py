@@ -17,10 +17,10 @@ from ..ops._common import (
     TRITON_DTYPES,
     check_bool,
     check_spike_bits,
-    functorch_active,
     per_step,
     resolve_impl,
     to_float,
+    transform_active,
 )
 from ..ops.lif import _check_surrogate, lif_neuron, lif_neuron_step, lif_neuron_triton
 from ..ops.neuron import (
@@ -140,7 +140,7 @@ class StatefulNeuron(nn.Module):
         """Validate the input once per (shape, dtype, device, impl, step form, torch.func transform
         or not); returns the resolved impl."""
         key = (
-            (x.shape, x.dtype, x.device, self.impl, min_dim, functorch_active())
+            (x.shape, x.dtype, x.device, self.impl, min_dim, transform_active())
             if isinstance(x, torch.Tensor)
             else None
         )

@@ -17,6 +17,7 @@ import struct
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 IMPLS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -61,8 +62,8 @@ def _interpreter_on() -> bool:
     """Whether kernels run in Triton's interpreter here: asked for, and working (it is not when
     triton was imported before TRITON_INTERPRET=1 was set; tried once, never while
     torch.compile traces (the probe is a launch) or under a torch.func transform (where it fails on
-    wrapped tensors)."""
-    if torch.compiler.is_compiling() or functorch_active():
+    wrapped tensors) or forward-mode AD."""
+    if torch.compiler.is_compiling() or transform_active():
         return _interpreter_flag()
     return _interpreter_flag() and _interpreter_works()
 
@@ -78,7 +79,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     """Return "triton" or "reference" for these tensors, or raise if `impl` cannot be honoured."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if functorch_active():  # the reference is plain torch: it runs under the transforms
+    if transform_active():  # the reference is plain torch: it runs under the transforms
         if impl == "triton":
             raise TritonUnavailableError(FUNC_TRANSFORMS)
         return "reference"
@@ -323,7 +324,7 @@ def grad_wanted(*tensors: torch.Tensor | float | None) -> bool:
 def c_apply(fn_cls):
     """`fn_cls.apply` without the Python wrapper of `torch.autograd.Function.apply` (its
     setup_context and functorch checks and its unwrapping of dead functorch wrappers cost ~3 µs a
-    call). Called only while no torch.func transform is active (`functorch_active`): under one,
+    call). Called only while no torch.func transform is active (`transform_active`): under one,
     impl resolves to the reference (or 'triton' is refused), and the Triton entry points raise."""
     return super(torch.autograd.Function, fn_cls).apply
 
@@ -339,15 +340,18 @@ def refuse_double_backward(op: str) -> None:
         )
 
 
-def functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running."""
-    return torch._C._are_functorch_transforms_active()
+def transform_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) or a forward-mode AD
+    level (`torch.autograd.forward_ad.dual_level`) is active: the Triton kernels and their
+    autograd Functions take plain tensors and have no forward-mode derivative."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 FUNC_TRANSFORMS = (
-    "impl='triton' does not run under torch.func transforms (grad, vjp, jacrev, vmap, ...): its "
-    "kernels and autograd Functions take plain tensors; use impl='reference', or impl='auto', "
-    "which runs the reference under a transform"
+    "impl='triton' does not run under torch.func transforms (grad, vjp, jacrev, jvp, vmap, ...) "
+    "or forward-mode AD (torch.autograd.forward_ad): its kernels and autograd Functions take "
+    "plain tensors and have no forward-mode derivative; use impl='reference', or impl='auto', "
+    "which runs the reference there"
 )
 
 

@@ -62,11 +62,11 @@ from ._common import (
     check_like,
     check_tensor,
     device_guard,
-    functorch_active,
     grad_wanted,
     load_kernels,
     planned,
     resolve_impl,
+    transform_active,
     triton_available,
 )
 from ._library import register_op
@@ -592,7 +592,7 @@ def quantize_triton(w: torch.Tensor, bits: int) -> torch.Tensor:
         return _OPS.quantize(w2, bits).reshape(w.shape)
     if not grad_wanted(w):
         return _quantize_nd(w, bits)
-    if functorch_active():  # the public paths resolve impl before this
+    if transform_active():  # the public paths resolve impl before this
         raise TritonUnavailableError(FUNC_TRANSFORMS)
     return _QUANTIZE_APPLY(w, bits)
 
@@ -611,7 +611,7 @@ def matmul_triton(
         out = _OPS.gemm(x2, words, scale, bias)
     elif not grad_wanted(x, bias):  # the packed weight (words, scale) is a constant
         out = _gemm_impl(x2, words, scale, bias)  # no graph to record: straight to the kernel
-    elif functorch_active():  # the public paths resolve impl before this
+    elif transform_active():  # the public paths resolve impl before this
         raise TritonUnavailableError(FUNC_TRANSFORMS)
     else:
         out = _GEMM_APPLY(x2, words, scale, bias)
@@ -637,7 +637,7 @@ def linear_triton(
         words, scale = _pack_impl(weight.detach(), bits)
         if not grad_wanted(x, weight, bias):
             out = _gemm_impl(x2, words, scale, bias)  # no graph to record
-        elif functorch_active():  # the public paths resolve impl before this
+        elif transform_active():  # the public paths resolve impl before this
             raise TritonUnavailableError(FUNC_TRANSFORMS)
         else:
             out = _LINEAR_APPLY(x2, weight, words, scale, bias)

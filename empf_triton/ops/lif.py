@@ -24,7 +24,6 @@ from ._common import (
     check_tensor,
     contiguous,
     device_guard,
-    functorch_active,
     grad_wanted,
     load_kernels,
     params_key,
@@ -33,6 +32,7 @@ from ._common import (
     refuse_double_backward,
     resolve_impl,
     to_float,
+    transform_active,
 )
 from ._library import register_op
 
@@ -314,7 +314,7 @@ def lif_neuron_triton(
         or _learns(th32)
     ):
         plan = (surrogate, float(alpha), detach_reset, bptt, step)
-        if functorch_active():  # the public paths resolve impl before this
+        if transform_active():  # the public paths resolve impl before this
             raise TritonUnavailableError(FUNC_TRANSFORMS)
         if state:
             box = []

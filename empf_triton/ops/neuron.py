@@ -34,13 +34,13 @@ from ._common import (
     check_tensor,
     contiguous,
     device_guard,
-    functorch_active,
     load_kernels,
     neuron_param,
     params_key,
     planned,
     refuse_double_backward,
     resolve_impl,
+    transform_active,
 )
 from ._library import register_op
 
@@ -686,7 +686,7 @@ def empf_neuron_triton(
         or (d_t is not None and d_t.requires_grad)
         or (th_t is not None and th_t.requires_grad)
     ):
-        if functorch_active():  # the public paths resolve impl before this
+        if transform_active():  # the public paths resolve impl before this
             raise TritonUnavailableError(FUNC_TRANSFORMS)
         if state:
             box = []
@@ -758,7 +758,7 @@ def parallel_neuron_triton(
     if torch.is_grad_enabled() and (
         current.requires_grad or (th_t is not None and th_t.requires_grad)
     ):
-        if functorch_active():  # the public paths resolve impl before this
+        if transform_active():  # the public paths resolve impl before this
             raise TritonUnavailableError(FUNC_TRANSFORMS)
         return _PARALLEL_APPLY(current, th_t, plan)
     if not current.is_contiguous():

@@ -50,9 +50,9 @@ from ._common import (
     check_spike_step,
     check_tensor,
     device_guard,
-    functorch_active,
     load_kernels,
     resolve_impl,
+    transform_active,
 )
 from ._library import register_op
 
@@ -182,7 +182,7 @@ def quantize_spikes_triton(s: torch.Tensor, bits: int, step: float) -> torch.Ten
     """Unchecked Triton `quantize_spikes` (s fp32/fp16/bf16, bits in 1..8, step checked)."""
     if _compiling():
         return _quantize_op(s, bits, step)
-    if functorch_active():  # the public paths resolve impl before this
+    if transform_active():  # the public paths resolve impl before this
         raise TritonUnavailableError(FUNC_TRANSFORMS)
     return _QUANTIZE_APPLY(s, bits, step)
 

@@ -83,8 +83,9 @@ def ternarize_values_ref(w: torch.Tensor) -> torch.Tensor:
 
 
 class _ClippedSTE(torch.autograd.Function):
-    """Forward returns the precomputed quantised weight; backward passes g where |w| <= 1.
-    (forward / setup_context and a generated vmap rule: it runs under torch.func transforms.)"""
+    """Forward returns the precomputed quantised weight; backward passes g where |w| <= 1 (and
+    forward mode the tangent). Written as forward / setup_context with a generated vmap rule, so
+    it runs under torch.func transforms."""
 
     generate_vmap_rule = True
 
@@ -95,6 +96,13 @@ class _ClippedSTE(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, w_t: torch.Tensor, q_t: torch.Tensor | None) -> torch.Tensor:
+        """Forward mode: the same straight-through derivative, `1[|w| <= 1]`."""
+        (w,) = ctx.saved_tensors
+        return torch.where(w.abs() <= 1, w_t, torch.zeros_like(w_t))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

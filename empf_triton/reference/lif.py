@@ -41,8 +41,8 @@ def _fire(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
 
 
 class _SpikeFunction(torch.autograd.Function):
-    """H(x) forward, the surrogate's derivative backward (forward / setup_context and a generated
-    vmap rule: it runs under torch.func transforms)."""
+    """H(x) forward, the surrogate's derivative backward (and in forward mode). Written as
+    forward / setup_context with a generated vmap rule, so it runs under torch.func transforms."""
 
     generate_vmap_rule = True
 
@@ -54,6 +54,13 @@ class _SpikeFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, ctx.surrogate, ctx.alpha = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def jvp(ctx, x_t: torch.Tensor, *_) -> torch.Tensor:
+        """Forward mode: the tangent times the same surrogate derivative."""
+        (x,) = ctx.saved_tensors
+        return x_t * surrogate_grad_ref(x, ctx.surrogate, ctx.alpha)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

@@ -11,8 +11,8 @@ def spike_codes_ref(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
 
 
 class _QuantizeSTE(torch.autograd.Function):
-    """Q(s) forward, the identity backward (forward / setup_context and a generated vmap rule:
-    it runs under torch.func transforms)."""
+    """Q(s) forward, the identity backward (and in forward mode). Written as forward /
+    setup_context with a generated vmap rule, so it runs under torch.func transforms."""
 
     generate_vmap_rule = True
 
@@ -23,6 +23,10 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         pass
+
+    @staticmethod
+    def jvp(ctx, s_t: torch.Tensor, *_) -> torch.Tensor:
+        return s_t  # forward mode: the same straight-through identity
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
