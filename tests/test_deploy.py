@@ -1206,3 +1206,24 @@ def test_conversion_to_float64_is_refused_before_any_change():
             convert(d)
         assert d.dtype == torch.float32 and torch.equal(d(x), want)
     assert d.to(torch.float16).dtype == torch.float16
+
+
+@pytest.mark.parametrize("options", [{}, {"spike_bits": 4}])
+def test_deployed_model_under_vmap(options):
+    """A deployed model maps over samples under torch.func.vmap with impl='auto' (the reference
+    runs there); impl='triton' is refused there even after a plain call cached its layer plans
+    (a cached Triton plan met the transform's batched tensors: 'Cannot access storage of
+    BatchedTensorImpl'), and the plain call runs on unchanged afterwards."""
+    from torch.func import vmap
+
+    from empf_triton.ops import TritonUnavailableError
+
+    deployed = fold(_small(**options))
+    xs = torch.randn(3, 2, 1, 24)
+    got = vmap(deployed)(xs)
+    torch.testing.assert_close(got, torch.stack([deployed(x) for x in xs]), rtol=1e-6, atol=1e-6)
+    deployed.impl = "triton"
+    plain = deployed(xs[0])
+    with pytest.raises(TritonUnavailableError, match="torch.func"):
+        vmap(deployed)(xs)
+    assert torch.equal(deployed(xs[0]), plain)

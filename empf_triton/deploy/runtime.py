@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import check_bool, check_spike_step
+from ..ops._common import check_bool, check_spike_step, transform_active
 from ..ops.binary import PackedWeight
 from ..ops.binary_conv import binary_conv_neuron_plan
 from ..ops.neuron import empf_neuron_plan, parallel_neuron_plan
@@ -839,7 +839,17 @@ def _run_bconv(m, node, args, dtype, residual=None):
         packed = node.packed = PackedWeight(words, alpha, shape, math.prod(shape[1:]), a["bits"])
     decay, threshold = m._t(node, "decay"), m._t(node, "threshold")
     bias = m._t(node, "bias")
-    key = (x.dtype, x.shape, x.stride(), x.device, in_step, in_bits, dtype, m.impl)
+    key = (
+        x.dtype,
+        x.shape,
+        x.stride(),
+        x.device,
+        in_step,
+        in_bits,
+        dtype,
+        m.impl,
+        transform_active(),
+    )
     if residual is not None:
         key += (residual.shape, residual.stride())
 
@@ -895,7 +905,7 @@ def _run_neuron(m, node, args, dtype):
         x = k.view(view) * x + b.view(view)
         k = b = None
     q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": m.impl}
-    key = (x.dtype, x.shape, x.device, m.impl)
+    key = (x.dtype, x.shape, x.device, m.impl, transform_active())  # (a transform: the reference)
     if decay is None:
         plan = _node_plan(m, node, key, lambda: parallel_neuron_plan(x, threshold=th, **q))
         return plan(x)
