@@ -1227,3 +1227,39 @@ def test_deployed_model_under_vmap(options):
     with pytest.raises(TritonUnavailableError, match="torch.func"):
         vmap(deployed)(xs)
     assert torch.equal(deployed(xs[0]), plain)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_torch_export_and_compile_of_a_deployed_model(impl):
+    """torch.export.export and torch.compile of a deployed model give the eager outputs (the
+    layers trace as the reference's torch ops), and leave the model as it was: exported before
+    its first eager call, it kept layer plans made of the trace's fake tensors, and its eager
+    calls then returned FakeTensors."""
+    model, x = _small(spike_bits=4), torch.randn(2, 1, 24)
+    want = fold(model, impl=impl)(x)
+    deployed = fold(model, impl=impl)  # no eager call before the export
+    exported = torch.export.export(deployed, (x,))
+    compiled = torch.compile(fold(model, impl=impl), backend="aot_eager")  # (graph breaks)
+    for got in (deployed(x), exported.module()(x), deployed(x), compiled(x)):
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    x2 = torch.randn(2, 1, 24)  # the exported graph computes (it is not the trace's constants)
+    torch.testing.assert_close(exported.module()(x2), deployed(x2), rtol=1e-6, atol=1e-6)
+    targets = {  # plain torch ops: the exported graph needs no empf_triton op
+        str(n.target)
+        for gm in exported.graph_module.modules()
+        if isinstance(gm, torch.fx.GraphModule)
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    }
+    assert any("conv" in t for t in targets) and not any("empf" in t for t in targets)
+
+
+def test_torch_export_of_a_triton_deployed_model_is_refused():
+    """impl='triton' layers launch their kernels eagerly: tracing them is one DeployError (was
+    torch's "Cannot access data pointer of Tensor (e.g. FakeTensor ...)" from inside Triton)."""
+    model, x = _small(spike_bits=4), torch.randn(2, 1, 24)
+    deployed = fold(model, impl="triton")
+    with pytest.raises(DeployError, match="impl='triton'.*torch.export"):
+        torch.export.export(deployed, (x,))
+    torch.testing.assert_close(deployed(x), fold(model, impl="reference")(x), rtol=1e-5, atol=1e-5)

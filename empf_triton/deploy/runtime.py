@@ -634,9 +634,17 @@ class DeployedModel(nn.Module):
                 `[T, N, *in_shape]`; cast to the model's dtype and must be on its device.
         """
         check_bool("per_step", per_step)
+        if self.impl == "triton" and torch.compiler.is_compiling():
+            raise DeployError(
+                "a deployed model with impl='triton' launches its layers' kernels eagerly, which "
+                "torch.compile and torch.export cannot trace; trace it with impl='auto' or "
+                "'reference' (the graph then holds the reference's torch ops), or replay the "
+                "eager model from a CUDA graph for speed (model.graphed(example))"
+            )
         dtype = self.dtype
         x = self.check_input(x)
-        self._check_state()
+        if not torch.compiler.is_compiling():  # (for the layer plans, which a trace does not keep)
+            self._check_state()
         tensors = self.__dict__["_buffer_list"]
         if tensors and x.device != tensors[0].device:
             raise DeployError(
@@ -772,6 +780,12 @@ _MAX_PLANS = 8  # per node: input shapes a deployed model is called with
 _VERSION = operator.attrgetter("_version")
 
 
+def _layer_impl(m: DeployedModel) -> str:
+    """The impl the layers run: the model's, or the reference while torch.compile or torch.export
+    traces (the Triton layer plans launch kernels eagerly; forward refuses impl='triton' there)."""
+    return "reference" if torch.compiler.is_compiling() else m.impl
+
+
 def _node_plan(m: DeployedModel, node: _Node, key: tuple, make: Callable) -> Callable:
     """The node's plan for inputs of signature `key` (made by `make()` on first use).
 
@@ -779,8 +793,11 @@ def _node_plan(m: DeployedModel, node: _Node, key: tuple, make: Callable) -> Cal
     costs a launch, not the op's checks. The plans are for the model's tensors as they are
     (`DeployedModel._state`): `.to()`, another tensor in a buffer's place, or an in-place change
     (load_state_dict) drops them (a plan keeps fp32 copies of 16-bit parameters, and would keep
-    old tensors alive).
+    old tensors alive). None is kept while torch.compile or torch.export traces: a plan made there
+    holds the trace's fake tensors, and the next eager call would return fake outputs.
     """
+    if torch.compiler.is_compiling():
+        return make()
     state = m.__dict__["_state"]
     if state != node.plan_state:
         node.plans.clear()
@@ -847,7 +864,7 @@ def _run_bconv(m, node, args, dtype, residual=None):
         in_step,
         in_bits,
         dtype,
-        m.impl,
+        _layer_impl(m),
         transform_active(),
     )
     if residual is not None:
@@ -874,7 +891,7 @@ def _run_bconv(m, node, args, dtype, residual=None):
             in_step=in_step,
             in_bits=in_bits,
             out_dtype=dtype,
-            impl=m.impl,
+            impl=_layer_impl(m),
             residual=residual,
             **kw,
         )
@@ -904,8 +921,9 @@ def _run_neuron(m, node, args, dtype):
         view = (m.T, 1, -1) + (1,) * (x.dim() - 3)
         x = k.view(view) * x + b.view(view)
         k = b = None
-    q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": m.impl}
-    key = (x.dtype, x.shape, x.device, m.impl, transform_active())  # (a transform: the reference)
+    impl = _layer_impl(m)
+    q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": impl}
+    key = (x.dtype, x.shape, x.device, impl, transform_active())  # (a transform: the reference)
     if decay is None:
         plan = _node_plan(m, node, key, lambda: parallel_neuron_plan(x, threshold=th, **q))
         return plan(x)
