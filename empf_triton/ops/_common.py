@@ -17,7 +17,8 @@ import struct
 from types import ModuleType
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
+
+from ..reference._transforms import transform_active
 
 IMPLS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -338,13 +339,6 @@ def refuse_double_backward(op: str) -> None:
             f"{op}: second derivatives (backward with create_graph=True) are not supported on "
             "the Triton path, whose gradients come from a kernel; use impl='reference'"
         )
-
-
-def transform_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) or a forward-mode AD
-    level (`torch.autograd.forward_ad.dual_level`) is active: the Triton kernels and their
-    autograd Functions take plain tensors and have no forward-mode derivative."""
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 FUNC_TRANSFORMS = (

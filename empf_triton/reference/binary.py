@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._transforms import transform_active
+
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
 
@@ -83,9 +85,9 @@ def ternarize_values_ref(w: torch.Tensor) -> torch.Tensor:
 
 
 class _ClippedSTE(torch.autograd.Function):
-    """Forward returns the precomputed quantised weight; backward passes g where |w| <= 1 (and
-    forward mode the tangent). Written as forward / setup_context with a generated vmap rule, so
-    it runs under torch.func transforms."""
+    """Forward returns the precomputed quantised weight; backward passes g where |w| <= 1.
+    Written as forward / setup_context with a generated vmap rule, so it runs under torch.func
+    transforms (forward mode: `_ClippedSTEForward`)."""
 
     generate_vmap_rule = True
 
@@ -96,13 +98,6 @@ class _ClippedSTE(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def jvp(ctx, w_t: torch.Tensor, q_t: torch.Tensor | None) -> torch.Tensor:
-        """Forward mode: the same straight-through derivative, `1[|w| <= 1]`."""
-        (w,) = ctx.saved_tensors
-        return torch.where(w.abs() <= 1, w_t, torch.zeros_like(w_t))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -110,14 +105,33 @@ class _ClippedSTE(torch.autograd.Function):
         return torch.where(w.abs() <= 1, g, torch.zeros_like(g)), None
 
 
+class _ClippedSTEForward(_ClippedSTE):
+    """`_ClippedSTE` with forward mode too (see `_transforms`)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, w_t: torch.Tensor, q_t: torch.Tensor | None) -> torch.Tensor:
+        """The same straight-through derivative, `1[|w| <= 1]`."""
+        (w,) = ctx.saved_tensors
+        return torch.where(w.abs() <= 1, w_t, torch.zeros_like(w_t))
+
+
+def _clipped_ste(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (_ClippedSTEForward if transform_active() else _ClippedSTE).apply(w, q)
+
+
 def binarize_ref(w: torch.Tensor) -> torch.Tensor:
     """Binary weight `α_n · sign(W)` with the clipped straight-through gradient."""
-    return _ClippedSTE.apply(w, binarize_values_ref(w))
+    return _clipped_ste(w, binarize_values_ref(w))
 
 
 def ternarize_ref(w: torch.Tensor) -> torch.Tensor:
     """Ternary (TWN) weight with the clipped straight-through gradient."""
-    return _ClippedSTE.apply(w, ternarize_values_ref(w))
+    return _clipped_ste(w, ternarize_values_ref(w))
 
 
 def quantize_ref(w: torch.Tensor, bits: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from ._transforms import transform_active
+
 #: Surrogate name -> default alpha (for "triangle" alpha is the half-width γ).
 SURROGATES: dict[str, float] = {"sigmoid": 4.0, "atan": 2.0, "triangle": 1.0}
 
@@ -41,8 +43,9 @@ def _fire(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
 
 
 class _SpikeFunction(torch.autograd.Function):
-    """H(x) forward, the surrogate's derivative backward (and in forward mode). Written as
-    forward / setup_context with a generated vmap rule, so it runs under torch.func transforms."""
+    """H(x) forward, the surrogate's derivative backward. Written as forward / setup_context with
+    a generated vmap rule, so it runs under torch.func transforms (forward mode:
+    `_SpikeFunctionForward`)."""
 
     generate_vmap_rule = True
 
@@ -54,13 +57,6 @@ class _SpikeFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, ctx.surrogate, ctx.alpha = inputs
         ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
-
-    @staticmethod
-    def jvp(ctx, x_t: torch.Tensor, *_) -> torch.Tensor:
-        """Forward mode: the tangent times the same surrogate derivative."""
-        (x,) = ctx.saved_tensors
-        return x_t * surrogate_grad_ref(x, ctx.surrogate, ctx.alpha)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -68,11 +64,28 @@ class _SpikeFunction(torch.autograd.Function):
         return g * surrogate_grad_ref(x, ctx.surrogate, ctx.alpha), None, None
 
 
+class _SpikeFunctionForward(_SpikeFunction):
+    """`_SpikeFunction` with forward mode too (see `_transforms`)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, ctx.surrogate, ctx.alpha = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def jvp(ctx, x_t: torch.Tensor, *_) -> torch.Tensor:
+        """The tangent times the same surrogate derivative."""
+        (x,) = ctx.saved_tensors
+        return x_t * surrogate_grad_ref(x, ctx.surrogate, ctx.alpha)
+
+
 def spike_ref(x: torch.Tensor, surrogate: str = "sigmoid", alpha: float | None = None):
     """Heaviside spike `1[x >= 0]` with the surrogate gradient `sg'(x)`."""
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
-    return _SpikeFunction.apply(x, surrogate, SURROGATES[surrogate] if alpha is None else alpha)
+    fn = _SpikeFunctionForward if transform_active() else _SpikeFunction
+    return fn.apply(x, surrogate, SURROGATES[surrogate] if alpha is None else alpha)
 
 
 def lif_neuron_ref(

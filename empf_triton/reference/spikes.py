@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._transforms import transform_active
+
 
 def spike_codes_ref(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     """Integer codes `clamp(round(s / step), 0, 2^bits - 1)`, as floats of s's dtype."""
@@ -11,8 +13,8 @@ def spike_codes_ref(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
 
 
 class _QuantizeSTE(torch.autograd.Function):
-    """Q(s) forward, the identity backward (and in forward mode). Written as forward /
-    setup_context with a generated vmap rule, so it runs under torch.func transforms."""
+    """Q(s) forward, the identity backward. Written as forward / setup_context with a generated
+    vmap rule, so it runs under torch.func transforms (forward mode: `_QuantizeSTEForward`)."""
 
     generate_vmap_rule = True
 
@@ -25,17 +27,21 @@ class _QuantizeSTE(torch.autograd.Function):
         pass
 
     @staticmethod
-    def jvp(ctx, s_t: torch.Tensor, *_) -> torch.Tensor:
-        return s_t  # forward mode: the same straight-through identity
-
-    @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g, None, None
 
 
+class _QuantizeSTEForward(_QuantizeSTE):
+    """`_QuantizeSTE` with forward mode too (see `_transforms`)."""
+
+    @staticmethod
+    def jvp(ctx, s_t: torch.Tensor, *_) -> torch.Tensor:
+        return s_t  # the same straight-through identity
+
+
 def quantize_spikes_ref(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
     """`Q(s) = clamp(round(s / step), 0, 2^bits - 1) * step`; straight-through gradient."""
-    return _QuantizeSTE.apply(s, bits, step)
+    return (_QuantizeSTEForward if transform_active() else _QuantizeSTE).apply(s, bits, step)
 
 
 def encode_spikes_ref(s: torch.Tensor, bits: int, step: float) -> torch.Tensor:
