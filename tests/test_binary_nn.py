@@ -15,6 +15,7 @@ from empf_triton.nn.binary import (
     PackedLayerTrainingError,
     frozen_weights,
 )
+from empf_triton.ops.binary import binary_linear, binary_matmul, pack_weight
 from empf_triton.reference.binary import binarize_ref, ternarize_ref
 
 IMPLS = ["reference", "triton"]
@@ -823,3 +824,50 @@ def test_binary_layer_pickled_with_plain_weight_bits_still_loads():
     assert old.weight_bits == 1.5 and old.bits == 2
     x = torch.randn(3, 12)
     assert torch.equal(old(x), layer(x))
+
+
+def _autocast_cases():
+    torch.manual_seed(4)
+    w = (torch.randn(5, 12) * 0.7).requires_grad_()
+    b = torch.randn(5).requires_grad_()
+    packed = pack_weight(w.detach(), 1, impl="reference")
+    lin, conv = BinaryLinear(12, 5), BinaryConv2d(3, 4, 3, padding=1)
+    packed_lin = BinaryLinear(12, 5).pack().eval()
+
+    def bias(x):  # the ops take a bias of x's dtype (autocast casts both)
+        return b if x.dtype == torch.float32 else b.to(x.dtype)
+
+    return {
+        "binary_linear": (lambda x, i: binary_linear(x, w, bias(x), impl=i), (3, 12), [w, b]),
+        "binary_matmul": (lambda x, i: binary_matmul(x, packed, bias(x), impl=i), (3, 12), [b]),
+        "BinaryLinear": (lambda x, i: _with_impl(lin, i)(x), (2, 3, 12), [*lin.parameters()]),
+        "BinaryLinear packed": (lambda x, i: _with_impl(packed_lin, i)(x), (3, 12), []),
+        "BinaryConv2d": (lambda x, i: _with_impl(conv, i)(x), (2, 3, 5, 5), [*conv.parameters()]),
+    }
+
+
+def _with_impl(module, impl):
+    module.impl = impl
+    return module
+
+
+@pytest.mark.parametrize("name", list(_autocast_cases()))
+def test_packed_paths_follow_autocast(name):
+    """Under autocast the packed Triton path takes x (and the bias) in the autocast dtype, as
+    F.linear does on the reference and dense paths: the output has the reference's dtype and
+    equals the Triton call on inputs cast by hand, and gradients keep the parameters' dtypes.
+    (It ran in fp32 and returned fp32 where the reference returned bf16.)"""
+    f, shape, params = _autocast_cases()[name]
+    x = torch.randn(*shape).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = f(x, "reference")
+        got = f(x, "triton")
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)  # bf16 tolerances (α applied in fp32 by the kernels)
+    grads = torch.autograd.grad(got.float().sum(), [x, *params])
+    assert [g.dtype for g in grads] == [p.dtype for p in [x, *params]]
+    x16 = x.detach().bfloat16().requires_grad_()
+    by_hand = f(x16, "triton")
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=0)
+    (gx16,) = torch.autograd.grad(by_hand.float().sum(), [x16])
+    torch.testing.assert_close(grads[0], gx16.float(), rtol=0, atol=0)

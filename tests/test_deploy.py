@@ -1263,3 +1263,20 @@ def test_torch_export_of_a_triton_deployed_model_is_refused():
     with pytest.raises(DeployError, match="impl='triton'.*torch.export"):
         torch.export.export(deployed, (x,))
     torch.testing.assert_close(deployed(x), fold(model, impl="reference")(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_deployed_model_ignores_autocast(impl):
+    """A deployed model runs in the dtype it was exported in, also inside torch.autocast: before,
+    autocast turned its torch-op layers (the head, SECA's conv, the reference convolutions) to
+    bf16 and not the kernels, and the two impls disagreed (1.1e-3 against 3.2e-4 off the
+    fp32 logits)."""
+    model, x = _small(mem_bn=True, seca=True), torch.randn(2, 1, 24)
+    deployed = fold(model, impl=impl)
+    plain = deployed(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = deployed(x)
+        per_step = deployed(x, per_step=True)
+    assert got.dtype == per_step.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    torch.testing.assert_close(per_step.sum(0), plain, rtol=0, atol=0)

@@ -641,6 +641,12 @@ class DeployedModel(nn.Module):
                 "'reference' (the graph then holds the reference's torch ops), or replay the "
                 "eager model from a CUDA graph for speed (model.graphed(example))"
             )
+        dev = x.device.type if isinstance(x, torch.Tensor) else None
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            # The model runs in its own dtype: autocast would change some layers' (those that
+            # call torch ops) and not the kernels', so the two impls would disagree.
+            with torch.autocast(dev, enabled=False):
+                return self.forward(x, per_step=per_step)
         dtype = self.dtype
         x = self.check_input(x)
         if not torch.compiler.is_compiling():  # (for the layer plans, which a trace does not keep)

@@ -597,6 +597,23 @@ def quantize_triton(w: torch.Tensor, bits: int) -> torch.Tensor:
     return _QUANTIZE_APPLY(w, bits)
 
 
+#: The devices the kernels run on, where autocast may be on (asking about "meta" raises).
+_AUTOCAST = ("cuda", "cpu")
+
+
+def autocast_inputs(
+    x: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x and bias as autocast hands them to `F.linear` (which the reference and the dense route
+    call): in the autocast dtype when autocast is on for x's device and x is fp32, else as they
+    are. The packed kernels then run in that dtype too, and return it."""
+    dev = x.device.type
+    if x.dtype is not torch.float32 or dev not in _AUTOCAST or not torch.is_autocast_enabled(dev):
+        return x, bias
+    dtype = torch.get_autocast_dtype(dev)
+    return x.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
 def matmul_triton(
     x: torch.Tensor,
     words: torch.Tensor,
@@ -606,6 +623,7 @@ def matmul_triton(
     K: int,
 ) -> torch.Tensor:
     """Unchecked packed GEMM `x [*, K] -> [*, N]` (the entry point of the packed layers)."""
+    x, bias = autocast_inputs(x, bias)
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
     if _compiling():
         out = _OPS.gemm(x2, words, scale, bias)
@@ -627,6 +645,7 @@ def linear_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
     """Unchecked Triton `binary_linear` (pack the latent weight, packed GEMM)."""
+    x, bias = autocast_inputs(x, bias)
     N, K = weight.shape
     flat = x.dim() != 2  # a 2-D x as it is (a reshape would add a view node to the graph)
     x2 = x.reshape(math.prod(x.shape[:-1]), K) if flat else x
