@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import check_bool, check_spike_step, transform_active
+from ..ops._common import check_bool, check_dense, check_spike_step, transform_active
 from ..ops.binary import PackedWeight
 from ..ops.binary_conv import binary_conv_neuron_plan
 from ..ops.neuron import empf_neuron_plan, parallel_neuron_plan
@@ -612,6 +612,7 @@ class DeployedModel(nn.Module):
         `[T, N, *in_shape]` (one frame per step, e.g. event data). Returns it as `[T', N, *]`."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"deployed model input must be a torch.Tensor, got {type(x).__name__}")
+        check_dense("deployed model input", x)
         if x.is_complex():
             raise TypeError(f"deployed model input must be real (float, int, bool), got {x.dtype}")
         d = len(self.in_shape)

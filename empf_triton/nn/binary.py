@@ -49,6 +49,7 @@ from ..ops._common import (
     IMPLS,
     TRITON_DTYPES,
     check_bool,
+    check_dense,
     check_tensor,
     resolve_impl,
     transform_active,
@@ -357,6 +358,7 @@ class _BinaryLayer(nn.Module):
     def _check_x(self, x: object) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_dense("x", x)
 
     def _checked(self, x: object, check):
         """`check(x)`: a call's checks, raising on bad input, and what they resolve (the route,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import to_float
+from ..ops._common import check_dense, to_float
 
 __all__ = ["MemBN"]
 
@@ -93,6 +93,7 @@ class MemBN(nn.Module):
             raise ValueError(f"MemBN(T={self.T}): step t must be an int in [0, T), got {t!r}")
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"MemBN input must be a torch.Tensor, got {type(m).__name__}")
+        check_dense("MemBN input", m)
         if m.dim() < 2 or m.shape[1] != self.channels:
             raise ValueError(
                 f"MemBN(channels={self.channels}) needs a membrane [N, {self.channels}, *], "

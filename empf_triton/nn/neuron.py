@@ -16,6 +16,7 @@ from ..ops._common import (
     REFERENCE_DTYPES,
     TRITON_DTYPES,
     check_bool,
+    check_dense,
     check_spike_bits,
     per_step,
     resolve_impl,
@@ -149,6 +150,7 @@ class StatefulNeuron(nn.Module):
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} input must be a torch.Tensor, got {type(x).__name__}")
+        check_dense(f"{name} input", x)
         if x.dim() < min_dim or (min_dim == 2 and x.shape[0] == 0):
             form = "[N, *]" if min_dim == 1 else "[T, N, *] with T >= 1"
             raise ValueError(

@@ -115,10 +115,17 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     return impl
 
 
+def check_dense(name: str, x: torch.Tensor) -> None:
+    """A strided (dense) tensor: sparse, mkldnn and other layouts are a TypeError naming it."""
+    if x.layout is not torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+
+
 def check_tensor(name: str, x: object, impl: str, *, min_dim: int = 0) -> torch.Tensor:
-    """A floating tensor of a dtype `impl` supports, with at least `min_dim` dimensions."""
+    """A dense floating tensor of a dtype `impl` supports, with at least `min_dim` dimensions."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     allowed = TRITON_DTYPES if impl == "triton" else REFERENCE_DTYPES
     if x.dtype not in allowed:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
@@ -142,9 +149,11 @@ def check_sequence(name: str, x: object, impl: str) -> str:
 
 
 def check_step_input(name: str, x: object) -> None:
-    """A single-step input: a tensor with at least one dimension (dtype checked by the op)."""
+    """A single-step input: a dense tensor with at least one dimension (dtype checked by the
+    op)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension, got shape {tuple(x.shape)}")
 
@@ -155,6 +164,7 @@ def check_like(name: str, x: torch.Tensor | None, ref_name: str, ref: torch.Tens
         return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    check_dense(name, x)
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
     if x.dtype != ref.dtype:
@@ -203,7 +213,9 @@ def per_step(
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if not isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        check_dense(name, value)
+    else:
         value = to_float(value, name)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
@@ -372,7 +384,9 @@ def neuron_param(
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if not isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        check_dense(name, value)
+    else:
         value = to_float(value, name)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")

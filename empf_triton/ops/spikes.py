@@ -47,6 +47,7 @@ from ._common import (
     TritonUnavailableError,
     _interpreter_flag,
     c_apply,
+    check_dense,
     check_spike_step,
     check_tensor,
     device_guard,
@@ -301,6 +302,7 @@ def decode_spikes(
     """
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    check_dense("codes", codes)
     impl = resolve_impl(impl, codes)
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must have dtype torch.uint8, got {codes.dtype}")
