@@ -276,3 +276,28 @@ def test_module_per_sample_grads(name, device):
     with fwad.dual_level(), pytest.raises(TritonUnavailableError, match="forward-mode"):
         _run(tri, tri_params, fwad.make_dual(xs[0], xs[1]))
     torch.testing.assert_close(_run(tri, tri_params, xs[0]), before, **EXACT)
+
+
+def test_unchecked_triton_entry_points_refuse_transforms():
+    """The unchecked Triton entry points (what the modules call after their checks) refuse a
+    transform on their autograd path too, as a guard behind `resolve_impl`."""
+    from empf_triton.ops.binary import linear_triton, matmul_triton, quantize_triton
+    from empf_triton.ops.lif import lif_neuron_triton
+    from empf_triton.ops.neuron import empf_neuron_triton, parallel_neuron_triton
+    from empf_triton.ops.spikes import quantize_spikes_triton
+
+    w = torch.randn(5, 6)
+    packed = pack_weight(w, 1, impl="reference")
+    calls = [
+        lambda t: empf_neuron_triton(t, None, 0.5, 0.3, None, 0.25, True)[0],
+        lambda t: parallel_neuron_triton(t, 0.3, None, 0.25),
+        lambda t: lif_neuron_triton(t, None, 0.5, 0.3, "sigmoid", 4.0, False, True)[0],
+        lambda t: quantize_spikes_triton(t, 3, 0.25),
+        lambda t: quantize_triton(t, 1),
+        lambda t: matmul_triton(t[:, :6], packed.words, packed.scale, None, 5, 6),
+        lambda t: linear_triton(t[:, :6], w, None, 1),
+    ]
+    x = torch.randn(3, 6)
+    for call in calls:
+        with pytest.raises(TritonUnavailableError, match="torch.func"):
+            grad(lambda t, call=call: call(t).sum())(x)

@@ -788,8 +788,9 @@ _VERSION = operator.attrgetter("_version")
 
 
 def _layer_impl(m: DeployedModel) -> str:
-    """The impl the layers run: the model's, or the reference while torch.compile or torch.export
-    traces (the Triton layer plans launch kernels eagerly; forward refuses impl='triton' there)."""
+    """The impl a layer's plan is made with: the model's, or the reference while torch.compile or
+    torch.export traces (the Triton layer plans launch kernels eagerly; forward refuses
+    impl='triton' there). Plans are not kept while tracing, so their keys hold `m.impl`."""
     return "reference" if torch.compiler.is_compiling() else m.impl
 
 
@@ -800,10 +801,12 @@ def _node_plan(m: DeployedModel, node: _Node, key: tuple, make: Callable) -> Cal
     costs a launch, not the op's checks. The plans are for the model's tensors as they are
     (`DeployedModel._state`): `.to()`, another tensor in a buffer's place, or an in-place change
     (load_state_dict) drops them (a plan keeps fp32 copies of 16-bit parameters, and would keep
-    old tensors alive). None is kept while torch.compile or torch.export traces: a plan made there
-    holds the trace's fake tensors, and the next eager call would return fake outputs.
+    old tensors alive). None is kept while torch.compile or torch.export traces (a plan made there
+    holds the trace's fake tensors: the next eager call would return fake outputs) or under a
+    torch.func transform (its plan is the reference's; an eager call must not reuse it, and a
+    Triton plan made before must not meet the transform's tensors).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transform_active():
         return make()
     state = m.__dict__["_state"]
     if state != node.plan_state:
@@ -863,17 +866,7 @@ def _run_bconv(m, node, args, dtype, residual=None):
         packed = node.packed = PackedWeight(words, alpha, shape, math.prod(shape[1:]), a["bits"])
     decay, threshold = m._t(node, "decay"), m._t(node, "threshold")
     bias = m._t(node, "bias")
-    key = (
-        x.dtype,
-        x.shape,
-        x.stride(),
-        x.device,
-        in_step,
-        in_bits,
-        dtype,
-        _layer_impl(m),
-        transform_active(),
-    )
+    key = (x.dtype, x.shape, x.stride(), x.device, in_step, in_bits, dtype, m.impl)
     if residual is not None:
         key += (residual.shape, residual.stride())
 
@@ -928,18 +921,20 @@ def _run_neuron(m, node, args, dtype):
         view = (m.T, 1, -1) + (1,) * (x.dim() - 3)
         x = k.view(view) * x + b.view(view)
         k = b = None
-    impl = _layer_impl(m)
-    q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"], "impl": impl}
-    key = (x.dtype, x.shape, x.device, impl, transform_active())  # (a transform: the reference)
+    q = {"spike_bits": a["spike_bits"], "spike_step": a["spike_step"]}
+    key = (x.dtype, x.shape, x.device, m.impl)
     if decay is None:
-        plan = _node_plan(m, node, key, lambda: parallel_neuron_plan(x, threshold=th, **q))
+        plan = _node_plan(
+            m, node, key, lambda: parallel_neuron_plan(x, threshold=th, impl=_layer_impl(m), **q)
+        )
         return plan(x)
     # [T] per step, or [T, C] per channel (a folded Mem-BN's k λ, which may leave [0, 1]): the
     # fused kernel either way
     plan = _node_plan(
         m, node, key,
         lambda: empf_neuron_plan(
-            x, decay=decay, threshold=th, decay_range=False, in_scale=k, in_bias=b, **q
+            x, decay=decay, threshold=th, decay_range=False, in_scale=k, in_bias=b,
+            impl=_layer_impl(m), **q,
         ),
     )  # fmt: skip
     return plan(x)[0]

@@ -62,9 +62,9 @@ def _interpreter_flag() -> bool:
 def _interpreter_on() -> bool:
     """Whether kernels run in Triton's interpreter here: asked for, and working (it is not when
     triton was imported before TRITON_INTERPRET=1 was set; tried once, never while
-    torch.compile traces (the probe is a launch) or under a torch.func transform (where it fails on
-    wrapped tensors) or forward-mode AD."""
-    if torch.compiler.is_compiling() or transform_active():
+    torch.compile traces: the probe is a launch). `resolve_impl`, its caller, refuses 'triton'
+    first under a torch.func transform, where the probe would fail on wrapped tensors."""
+    if torch.compiler.is_compiling():
         return _interpreter_flag()
     return _interpreter_flag() and _interpreter_works()
 

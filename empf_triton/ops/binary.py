@@ -653,11 +653,12 @@ def linear_triton(
         words, scale = _OPS.pack(weight.detach(), bits)
         out = _OPS.linear(x2, weight, words, scale, bias)
     else:
+        record = grad_wanted(x, weight, bias)
+        if record and transform_active():  # (before the packing, whose outputs it would wrap)
+            raise TritonUnavailableError(FUNC_TRANSFORMS)  # the public paths resolve impl first
         words, scale = _pack_impl(weight.detach(), bits)
-        if not grad_wanted(x, weight, bias):
+        if not record:
             out = _gemm_impl(x2, words, scale, bias)  # no graph to record
-        elif transform_active():  # the public paths resolve impl before this
-            raise TritonUnavailableError(FUNC_TRANSFORMS)
         else:
             out = _LINEAR_APPLY(x2, weight, words, scale, bias)
     return out.reshape(*x.shape[:-1], N) if flat else out

@@ -110,7 +110,7 @@ class _ClippedSTEForward(_ClippedSTE):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[0])
+        _ClippedSTE.setup_context(ctx, inputs, output)
         ctx.save_for_forward(inputs[0])
 
     @staticmethod

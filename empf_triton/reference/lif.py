@@ -69,9 +69,8 @@ class _SpikeFunctionForward(_SpikeFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, ctx.surrogate, ctx.alpha = inputs
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
+        _SpikeFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def jvp(ctx, x_t: torch.Tensor, *_) -> torch.Tensor:
